@@ -1,0 +1,54 @@
+-- Identity records. No column holds plaintext: fields are AES-GCM ciphertexts under the
+-- record's data key, which is stored only wrapped by a key-encryption key.
+CREATE TABLE records (
+    record_id      TEXT PRIMARY KEY NOT NULL,
+    version        INTEGER NOT NULL,
+    created_at     INTEGER NOT NULL,
+    updated_at     INTEGER NOT NULL,
+    -- Set when the record is crypto-shredded; the row stays as a tombstone.
+    deleted_at     INTEGER,
+    wrapped_key    BLOB,
+    kek_version    INTEGER,
+    -- HMAC blind indexes; NULL once deleted, so a deleted person's document can be re-used.
+    document_index BLOB,
+    phone_index    BLOB
+);
+CREATE UNIQUE INDEX records_document_index ON records (document_index);
+CREATE INDEX records_phone_index ON records (phone_index);
+CREATE INDEX records_kek_version ON records (kek_version);
+
+CREATE TABLE record_fields (
+    record_id  TEXT NOT NULL REFERENCES records (record_id),
+    field      TEXT NOT NULL,
+    ciphertext BLOB NOT NULL,
+    PRIMARY KEY (record_id, field)
+) WITHOUT ROWID;
+
+-- Idempotency keys of CreateRecord, per caller.
+CREATE TABLE create_requests (
+    caller      TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    record_id   TEXT NOT NULL REFERENCES records (record_id),
+    fingerprint BLOB NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (caller, request_id)
+) WITHOUT ROWID;
+
+-- Audit trail. Holds record ids, caller and purpose names, field names and levels: never
+-- identity values.
+CREATE TABLE audit_events (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id      TEXT NOT NULL UNIQUE,
+    occurred_at   INTEGER NOT NULL,
+    caller        TEXT NOT NULL,
+    peer          TEXT,
+    rpc           TEXT NOT NULL,
+    record_ids    TEXT NOT NULL,
+    purpose       TEXT,
+    justification TEXT,
+    released      TEXT NOT NULL,
+    outcome       TEXT NOT NULL,
+    reason        TEXT,
+    request_id    TEXT
+);
+CREATE INDEX audit_events_caller_time ON audit_events (caller, occurred_at);

@@ -1,0 +1,250 @@
+//! Configuration, layered defaults < file < environment < flags.
+//!
+//! Every layer is merged by figment before anything is validated, so an error names the key
+//! at fault and the layer it came from (`database.max_connections ... in env var
+//! PDVAULT_DATABASE__MAX_CONNECTIONS`). Environment variables are `PDVAULT_` followed by the
+//! key path with `__` between levels.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{CallerConfig, PurposeConfig, default_purposes};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address. Port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+    /// Where the embedded defaults keep their files (SQLite database, keyring, admin token).
+    pub data_dir: PathBuf,
+    pub database: DatabaseConfig,
+    pub keys: KeysConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    /// Purposes by name; merged over the shipped defaults key by key.
+    pub purposes: BTreeMap<String, PurposeConfig>,
+    pub callers: Vec<CallerConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite:...` or `postgres://...`. Unset: `<data_dir>/pdvault.db`.
+    pub url: Option<String>,
+    pub max_connections: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Keyring file. Unset: `<data_dir>/keyring.json`.
+    pub keyring_path: Option<PathBuf>,
+    /// Create a fresh keyring when the file is missing. Turn off in production, where a
+    /// missing keyring means a misconfiguration, not a first start.
+    pub create_if_missing: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Create the initial administrator credential on first start and honour it after.
+    pub enabled: bool,
+    /// Where the administrator token is written (mode 0600). Unset: `<data_dir>/admin.token`.
+    pub token_path: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `pdvault=debug`.
+    pub filter: String,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("pdvault-data"),
+            database: DatabaseConfig {
+                url: None,
+                max_connections: 8,
+            },
+            keys: KeysConfig {
+                keyring_path: None,
+                create_if_missing: true,
+            },
+            admin: AdminConfig {
+                enabled: true,
+                token_path: None,
+            },
+            log: LogConfig {
+                format: LogFormat::Human,
+                filter: "info".into(),
+            },
+            purposes: default_purposes(),
+            callers: Vec::new(),
+        }
+    }
+}
+
+/// The settings command-line flags can override; `None` leaves lower layers alone.
+#[derive(Clone, Debug, Default)]
+pub struct FlagOverrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+}
+
+impl Config {
+    /// Merges defaults, the optional file, `PDVAULT_*` variables and flags, in that order.
+    pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::MissingFile(file.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(
+            Env::prefixed("PDVAULT_")
+                .split("__")
+                // Variables of the command line itself, not configuration keys.
+                .ignore(&["config", "token", "addr"]),
+        );
+        let mut flag_layer = Figment::new();
+        if let Some(listen) = flags.listen {
+            flag_layer = flag_layer.merge(Serialized::default("listen", listen));
+        }
+        if let Some(dir) = &flags.data_dir {
+            flag_layer = flag_layer.merge(Serialized::default("data_dir", dir));
+        }
+        if let Some(url) = &flags.database_url {
+            flag_layer = flag_layer.merge(Serialized::default("database.url", url));
+        }
+        figment = figment.merge(flag_layer);
+        figment
+            .extract::<Config>()
+            .map_err(|e| ConfigError::Invalid(describe_figment_error(e)))
+    }
+
+    pub fn database_url(&self) -> String {
+        match &self.database.url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("pdvault.db").display()),
+        }
+    }
+
+    pub fn keyring_path(&self) -> PathBuf {
+        self.keys
+            .keyring_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keyring.json"))
+    }
+
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.admin
+            .token_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.token"))
+    }
+}
+
+/// One line per problem, each naming its key and source.
+fn describe_figment_error(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+// figment::Jail's closures return figment::Error, whose size is figment's choice.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "pdvault.toml",
+                "listen = \"127.0.0.1:7000\"\n[database]\nmax_connections = 3\n",
+            )?;
+            jail.set_env("PDVAULT_DATABASE__MAX_CONNECTIONS", "5");
+            jail.set_env("PDVAULT_LISTEN", "127.0.0.1:7001");
+            let flags = FlagOverrides {
+                listen: Some("127.0.0.1:7002".parse().unwrap()),
+                ..FlagOverrides::default()
+            };
+            let config = Config::load(Some(Path::new("pdvault.toml")), &flags).unwrap();
+            assert_eq!(config.database.max_connections, 5);
+            assert_eq!(config.listen.port(), 7002);
+            assert_eq!(config.log.filter, "info");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_bad_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PDVAULT_DATABASE__MAX_CONNECTIONS", "many");
+            let err = Config::load(None, &FlagOverrides::default()).unwrap_err();
+            let message = err.to_string();
+            assert!(message.contains("database.max_connections"), "{message}");
+            assert!(
+                message.contains("PDVAULT_DATABASE__MAX_CONNECTIONS"),
+                "{message}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("pdvault.toml", "[database]\nurll = \"sqlite::memory:\"\n")?;
+            let err = Config::load(Some(Path::new("pdvault.toml")), &FlagOverrides::default())
+                .unwrap_err();
+            assert!(err.to_string().contains("urll"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_purposes_merge_over_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "pdvault.toml",
+                "[purposes.customer-support.fields]\nname = \"none\"\n",
+            )?;
+            let config =
+                Config::load(Some(Path::new("pdvault.toml")), &FlagOverrides::default()).unwrap();
+            let support = &config.purposes["customer-support"];
+            assert_eq!(support.fields["name"], crate::policy::ReleaseLevel::None);
+            assert!(config.purposes.contains_key("service-delivery"));
+            Ok(())
+        });
+    }
+}

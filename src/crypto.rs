@@ -1,0 +1,504 @@
+//! Every cryptographic operation pdvault performs: sealing identity fields under a record's
+//! data key, wrapping data keys under a key-encryption key, blind indexes and pseudonyms.
+//!
+//! This module does no I/O and reads no configuration: keys come in as values and bytes go
+//! out. Keeping it pure means it can be reviewed, fuzzed and benchmarked on its own.
+//!
+//! Formats are self-describing so that key rotation and a second cipher suite need no schema
+//! change. A sealed field is
+//! `[format=1][suite][nonce: 12][ciphertext || tag: 16]`, with associated data
+//! `"pdvault.field" || format || suite || record_id || 0x00 || field`. A ciphertext copied
+//! into another record or another field therefore fails to authenticate instead of opening
+//! as the wrong person's data. A wrapped data key is
+//! `[format=1][suite][key_id_len][key_id][kek_version: u32 BE][nonce: 12][wrapped key || tag]`
+//! with associated data binding the header and the record id.
+//!
+//! Key material lives only in [`SecretKey`], which zeroises on drop and whose `Debug` is
+//! redacted.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use zeroize::{Zeroize, Zeroizing};
+
+/// Version of the byte layouts described in the module header.
+const FORMAT_V1: u8 = 1;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+pub const KEY_LEN: usize = 32;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    /// Authentication failed or the bytes are not in a format this build understands. Either
+    /// way the data must not be trusted; callers fail closed.
+    #[error("ciphertext failed to authenticate or is malformed")]
+    Integrity,
+    #[error("key {key_id} version {version} is not available")]
+    UnknownKey { key_id: String, version: u32 },
+    #[error("the operating system's random number generator failed")]
+    Random,
+    #[error("key material has the wrong length")]
+    KeyLength,
+}
+
+/// Cipher suites a ciphertext can name. Only one exists today; the byte is there so a second
+/// (SM4-GCM) can coexist with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Suite {
+    Aes256GcmHmacSha256 = 1,
+}
+
+impl Suite {
+    fn from_byte(byte: u8) -> Result<Suite, CryptoError> {
+        match byte {
+            1 => Ok(Suite::Aes256GcmHmacSha256),
+            _ => Err(CryptoError::Integrity),
+        }
+    }
+}
+
+/// 256 bits of key material. Zeroised on drop; never printed.
+#[derive(Clone)]
+pub struct SecretKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl SecretKey {
+    /// A fresh key from the operating system's CSPRNG.
+    pub fn generate() -> Result<SecretKey, CryptoError> {
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        getrandom::fill(bytes.as_mut()).map_err(|_| CryptoError::Random)?;
+        Ok(SecretKey(bytes))
+    }
+
+    /// Takes ownership of `bytes` and wipes the caller's copy.
+    pub fn from_bytes(bytes: &mut [u8]) -> Result<SecretKey, CryptoError> {
+        if bytes.len() != KEY_LEN {
+            bytes.zeroize();
+            return Err(CryptoError::KeyLength);
+        }
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        key.copy_from_slice(bytes);
+        bytes.zeroize();
+        Ok(SecretKey(key))
+    }
+
+    pub fn expose(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new(self.0.as_ref().into())
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref()).expect("HMAC accepts any key length")
+    }
+}
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+/// A record's own data key (DEK). Exists unwrapped only in memory, only while in use.
+#[derive(Debug)]
+pub struct DataKey(SecretKey);
+
+impl DataKey {
+    pub fn generate() -> Result<DataKey, CryptoError> {
+        SecretKey::generate().map(DataKey)
+    }
+
+    /// Seals one field's canonical value for `record_id`.
+    pub fn seal_field(
+        &self,
+        record_id: &str,
+        field: &str,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        let header = [FORMAT_V1, Suite::Aes256GcmHmacSha256 as u8];
+        let aad = field_aad(&header, record_id, field);
+        let nonce = random_nonce()?;
+        let sealed = self
+            .0
+            .cipher()
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| CryptoError::Integrity)?;
+        let mut out = Vec::with_capacity(header.len() + NONCE_LEN + sealed.len());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// Opens a sealed field. The plaintext is returned in a buffer that wipes itself.
+    pub fn open_field(
+        &self,
+        record_id: &str,
+        field: &str,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        if sealed.len() < 2 + NONCE_LEN + TAG_LEN || sealed[0] != FORMAT_V1 {
+            return Err(CryptoError::Integrity);
+        }
+        Suite::from_byte(sealed[1])?;
+        let (header, rest) = sealed.split_at(2);
+        let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+        let aad = field_aad(header, record_id, field);
+        self.0
+            .cipher()
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: &aad,
+                },
+            )
+            .map(Zeroizing::new)
+            .map_err(|_| CryptoError::Integrity)
+    }
+}
+
+fn field_aad(header: &[u8], record_id: &str, field: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(16 + header.len() + record_id.len() + field.len());
+    aad.extend_from_slice(b"pdvault.field");
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(record_id.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(field.as_bytes());
+    aad
+}
+
+fn random_nonce() -> Result<[u8; NONCE_LEN], CryptoError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|_| CryptoError::Random)?;
+    Ok(nonce)
+}
+
+/// Which key-encryption key wrapped a data key, read from the wrapped bytes themselves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KekRef {
+    pub key_id: String,
+    pub version: u32,
+}
+
+/// One version of a key-encryption key (KEK).
+#[derive(Debug)]
+pub struct Kek {
+    pub key_id: String,
+    pub version: u32,
+    key: SecretKey,
+}
+
+impl Kek {
+    pub fn new(key_id: impl Into<String>, version: u32, key: SecretKey) -> Kek {
+        Kek {
+            key_id: key_id.into(),
+            version,
+            key,
+        }
+    }
+
+    pub fn reference(&self) -> KekRef {
+        KekRef {
+            key_id: self.key_id.clone(),
+            version: self.version,
+        }
+    }
+
+    /// Wraps `dek` for `record_id`; the result names this KEK and version.
+    pub fn wrap(&self, dek: &DataKey, record_id: &str) -> Result<Vec<u8>, CryptoError> {
+        let header = wrap_header(&self.key_id, self.version)?;
+        let nonce = random_nonce()?;
+        let aad = wrap_aad(&header, record_id);
+        let wrapped = self
+            .key
+            .cipher()
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: dek.0.expose(),
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| CryptoError::Integrity)?;
+        let mut out = header;
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&wrapped);
+        Ok(out)
+    }
+
+    /// Unwraps a data key wrapped by [`Kek::wrap`] for the same `record_id`.
+    pub fn unwrap(&self, wrapped: &[u8], record_id: &str) -> Result<DataKey, CryptoError> {
+        let (reference, header_len) = parse_wrap_header(wrapped)?;
+        if reference.key_id != self.key_id || reference.version != self.version {
+            return Err(CryptoError::UnknownKey {
+                key_id: reference.key_id,
+                version: reference.version,
+            });
+        }
+        let (header, rest) = wrapped.split_at(header_len);
+        if rest.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
+            return Err(CryptoError::Integrity);
+        }
+        let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+        let aad = wrap_aad(header, record_id);
+        let mut key = self
+            .key
+            .cipher()
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: &aad,
+                },
+            )
+            .map(Zeroizing::new)
+            .map_err(|_| CryptoError::Integrity)?;
+        SecretKey::from_bytes(&mut key).map(DataKey)
+    }
+}
+
+fn wrap_header(key_id: &str, version: u32) -> Result<Vec<u8>, CryptoError> {
+    let id_len = u8::try_from(key_id.len()).map_err(|_| CryptoError::KeyLength)?;
+    let mut header = Vec::with_capacity(3 + key_id.len() + 4 + NONCE_LEN + KEY_LEN + TAG_LEN);
+    header.extend_from_slice(&[FORMAT_V1, Suite::Aes256GcmHmacSha256 as u8, id_len]);
+    header.extend_from_slice(key_id.as_bytes());
+    header.extend_from_slice(&version.to_be_bytes());
+    Ok(header)
+}
+
+/// Reads which KEK wrapped a data key, and where the header ends.
+pub fn parse_wrap_header(wrapped: &[u8]) -> Result<(KekRef, usize), CryptoError> {
+    let [format, suite, id_len, rest @ ..] = wrapped else {
+        return Err(CryptoError::Integrity);
+    };
+    if *format != FORMAT_V1 {
+        return Err(CryptoError::Integrity);
+    }
+    Suite::from_byte(*suite)?;
+    let id_len = usize::from(*id_len);
+    if rest.len() < id_len + 4 {
+        return Err(CryptoError::Integrity);
+    }
+    let key_id = std::str::from_utf8(&rest[..id_len]).map_err(|_| CryptoError::Integrity)?;
+    let version_bytes: [u8; 4] = rest[id_len..id_len + 4]
+        .try_into()
+        .map_err(|_| CryptoError::Integrity)?;
+    Ok((
+        KekRef {
+            key_id: key_id.to_owned(),
+            version: u32::from_be_bytes(version_bytes),
+        },
+        3 + id_len + 4,
+    ))
+}
+
+fn wrap_aad(header: &[u8], record_id: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(12 + header.len() + record_id.len());
+    aad.extend_from_slice(b"pdvault.dek");
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(record_id.as_bytes());
+    aad
+}
+
+/// Keyed HMAC-SHA256 used for exact-match lookup without decryption. Its key is separate
+/// from every KEK so that index values reveal nothing to someone holding wrapped keys.
+#[derive(Debug)]
+pub struct BlindIndexKey(SecretKey);
+
+impl BlindIndexKey {
+    pub fn new(key: SecretKey) -> BlindIndexKey {
+        BlindIndexKey(key)
+    }
+
+    /// Index of an identity document; the inputs must already be normalised.
+    pub fn document(&self, id_type: &str, id_number: &str) -> Vec<u8> {
+        self.compute(&[b"document", id_type.as_bytes(), id_number.as_bytes()])
+    }
+
+    /// Index of an E.164 phone number.
+    pub fn phone(&self, e164: &str) -> Vec<u8> {
+        self.compute(&[b"phone", e164.as_bytes()])
+    }
+
+    /// Fingerprint of a create request's content, to tell a genuine retry from a reused
+    /// request id without keeping the identity.
+    pub fn fingerprint(&self, parts: &[&[u8]]) -> Vec<u8> {
+        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+        all.push(b"create-request");
+        all.extend_from_slice(parts);
+        self.compute(&all)
+    }
+
+    fn compute(&self, parts: &[&[u8]]) -> Vec<u8> {
+        mac_parts(self.0.mac(), parts)
+    }
+}
+
+/// Keyed tokens that stand for a value: stable for the same value and purpose, unlinkable
+/// across purposes because the purpose is part of the MAC input.
+#[derive(Debug)]
+pub struct PseudonymKey(SecretKey);
+
+impl PseudonymKey {
+    pub fn new(key: SecretKey) -> PseudonymKey {
+        PseudonymKey(key)
+    }
+
+    pub fn pseudonym(&self, purpose: &str, field: &str, value: &str) -> String {
+        let mac = mac_parts(
+            self.0.mac(),
+            &[
+                b"pseudonym",
+                purpose.as_bytes(),
+                field.as_bytes(),
+                value.as_bytes(),
+            ],
+        );
+        // 128 bits are ample for a token that only needs to be collision-free per purpose.
+        format!(
+            "psn_{}",
+            data_encoding::BASE32_NOPAD
+                .encode(&mac[..16])
+                .to_lowercase()
+        )
+    }
+}
+
+/// MACs length-prefixed parts so that ("ab","c") and ("a","bc") never collide.
+fn mac_parts(mut mac: Hmac<Sha256>, parts: &[&[u8]]) -> Vec<u8> {
+    for part in parts {
+        mac.update(&(part.len() as u64).to_be_bytes());
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kek(version: u32) -> Kek {
+        Kek::new("local", version, SecretKey::generate().unwrap())
+    }
+
+    #[test]
+    fn field_round_trips() {
+        let dek = DataKey::generate().unwrap();
+        let sealed = dek.seal_field("r1", "name", "张三".as_bytes()).unwrap();
+        let opened = dek.open_field("r1", "name", &sealed).unwrap();
+        assert_eq!(opened.as_slice(), "张三".as_bytes());
+    }
+
+    #[test]
+    fn sealing_twice_uses_fresh_nonces() {
+        let dek = DataKey::generate().unwrap();
+        let a = dek.seal_field("r1", "name", b"x").unwrap();
+        let b = dek.seal_field("r1", "name", b"x").unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn ciphertext_moved_to_another_record_or_field_fails() {
+        let dek = DataKey::generate().unwrap();
+        let sealed = dek.seal_field("r1", "name", b"x").unwrap();
+        assert_eq!(
+            dek.open_field("r2", "name", &sealed),
+            Err(CryptoError::Integrity)
+        );
+        assert_eq!(
+            dek.open_field("r1", "address", &sealed),
+            Err(CryptoError::Integrity)
+        );
+    }
+
+    #[test]
+    fn tampered_or_truncated_ciphertext_fails() {
+        let dek = DataKey::generate().unwrap();
+        let sealed = dek.seal_field("r1", "name", b"hello").unwrap();
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x01;
+            assert!(dek.open_field("r1", "name", &bad).is_err(), "byte {i}");
+        }
+        for len in 0..sealed.len() {
+            assert!(dek.open_field("r1", "name", &sealed[..len]).is_err());
+        }
+    }
+
+    #[test]
+    fn wrapped_key_round_trips_and_names_its_kek() {
+        let kek = kek(3);
+        let dek = DataKey::generate().unwrap();
+        let sealed = dek.seal_field("r1", "phone", b"+8613812345678").unwrap();
+        let wrapped = kek.wrap(&dek, "r1").unwrap();
+        let (reference, _) = parse_wrap_header(&wrapped).unwrap();
+        assert_eq!(reference, kek.reference());
+        let unwrapped = kek.unwrap(&wrapped, "r1").unwrap();
+        assert_eq!(
+            unwrapped
+                .open_field("r1", "phone", &sealed)
+                .unwrap()
+                .as_slice(),
+            b"+8613812345678"
+        );
+    }
+
+    #[test]
+    fn wrapped_key_is_bound_to_its_record() {
+        let kek = kek(1);
+        let wrapped = kek.wrap(&DataKey::generate().unwrap(), "r1").unwrap();
+        assert!(matches!(
+            kek.unwrap(&wrapped, "r2"),
+            Err(CryptoError::Integrity)
+        ));
+    }
+
+    #[test]
+    fn wrong_kek_version_is_named() {
+        let wrapped = kek(1).wrap(&DataKey::generate().unwrap(), "r1").unwrap();
+        assert_eq!(
+            kek(2).unwrap(&wrapped, "r1").unwrap_err(),
+            CryptoError::UnknownKey {
+                key_id: "local".into(),
+                version: 1
+            }
+        );
+    }
+
+    #[test]
+    fn blind_indexes_are_keyed_and_domain_separated() {
+        let a = BlindIndexKey::new(SecretKey::generate().unwrap());
+        let b = BlindIndexKey::new(SecretKey::generate().unwrap());
+        assert_eq!(a.phone("+8613812345678"), a.phone("+8613812345678"));
+        assert_ne!(a.phone("+8613812345678"), b.phone("+8613812345678"));
+        assert_ne!(a.document("PASSPORT", "E1"), a.document("PASSPOR", "TE1"));
+    }
+
+    #[test]
+    fn pseudonyms_are_stable_per_purpose_and_unlinkable_across() {
+        let key = PseudonymKey::new(SecretKey::generate().unwrap());
+        let p1 = key.pseudonym("audit-research", "name", "张三");
+        assert_eq!(p1, key.pseudonym("audit-research", "name", "张三"));
+        assert_ne!(p1, key.pseudonym("business-analytics", "name", "张三"));
+        assert!(p1.starts_with("psn_") && p1.len() == 4 + 26);
+    }
+
+    #[test]
+    fn debug_never_prints_key_material() {
+        let key = SecretKey::generate().unwrap();
+        let printed = format!("{key:?} {:?}", Kek::new("local", 1, key.clone()));
+        assert!(printed.contains("<redacted>"));
+        let hex: String = key.expose().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!printed.contains(&hex));
+    }
+}

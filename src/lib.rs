@@ -1,0 +1,24 @@
+//! pdvault: the one place where identity data lives and the one gate through which it
+//! leaves. See ARCHITECTURE.md for the bird's-eye view and the invariants.
+
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod domain;
+pub mod grpc;
+pub mod keys;
+pub mod policy;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod vault;
+
+/// Code generated from `proto/pdvault/v1` at build time.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("pdvault.v1");
+
+    /// Encoded descriptors of every pdvault service, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/pdvault_descriptor.bin"));
+}

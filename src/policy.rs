@@ -1,0 +1,499 @@
+//! Who may call what, and what each purpose releases.
+//!
+//! A [`Policy`] is built once from validated configuration and then only read, so request
+//! handling takes no locks to consult it. Callers authenticate with a bearer token; the
+//! policy holds only SHA-256 hashes of tokens and compares them in constant time against
+//! every caller, so timing says nothing about which caller (if any) nearly matched.
+//! Purposes are configuration; the shipped defaults mirror clause 1.3 of the privacy policy.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::domain::{FieldName, supports_generalize, supports_mask};
+
+/// The RPCs a caller can be granted, by their gRPC method names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rpc {
+    CreateRecord,
+    GetRecord,
+    UpdateRecord,
+    DeleteRecord,
+    FindRecords,
+    CheckAccount,
+}
+
+impl Rpc {
+    pub const ALL: [Rpc; 6] = [
+        Rpc::CreateRecord,
+        Rpc::GetRecord,
+        Rpc::UpdateRecord,
+        Rpc::DeleteRecord,
+        Rpc::FindRecords,
+        Rpc::CheckAccount,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rpc::CreateRecord => "CreateRecord",
+            Rpc::GetRecord => "GetRecord",
+            Rpc::UpdateRecord => "UpdateRecord",
+            Rpc::DeleteRecord => "DeleteRecord",
+            Rpc::FindRecords => "FindRecords",
+            Rpc::CheckAccount => "CheckAccount",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Rpc> {
+        Rpc::ALL.into_iter().find(|rpc| rpc.as_str() == name)
+    }
+}
+
+/// How much of a field a purpose may see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReleaseLevel {
+    Plain,
+    Masked,
+    Pseudonym,
+    Generalized,
+    None,
+}
+
+impl ReleaseLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseLevel::Plain => "PLAIN",
+            ReleaseLevel::Masked => "MASKED",
+            ReleaseLevel::Pseudonym => "PSEUDONYM",
+            ReleaseLevel::Generalized => "GENERALIZED",
+            ReleaseLevel::None => "NONE",
+        }
+    }
+}
+
+/// A purpose as written in configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurposeConfig {
+    /// Reads under this purpose must state a justification (e.g. a legal document reference).
+    #[serde(default)]
+    pub requires_justification: bool,
+    /// Releases under this purpose are disclosures the person can later be told about.
+    #[serde(default)]
+    pub disclosure: bool,
+    /// Level per field; a field not listed is not released.
+    #[serde(default)]
+    pub fields: BTreeMap<String, ReleaseLevel>,
+}
+
+/// A caller as written in configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerConfig {
+    pub name: String,
+    /// Hex SHA-256 of the caller's bearer token; the token itself is never configured.
+    pub token_sha256: String,
+    #[serde(default)]
+    pub rpcs: Vec<String>,
+    #[serde(default)]
+    pub purposes: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    /// Configuration that cannot become a policy; `key` is the config path at fault.
+    #[error("{key}: {reason}")]
+    InvalidConfig { key: String, reason: String },
+}
+
+/// An authenticated caller and its grants.
+#[derive(Debug)]
+pub struct Caller {
+    pub name: String,
+    token_hash: [u8; 32],
+    rpcs: BTreeSet<Rpc>,
+    purposes: BTreeSet<String>,
+}
+
+impl Caller {
+    pub fn may_call(&self, rpc: Rpc) -> bool {
+        self.rpcs.contains(&rpc)
+    }
+
+    pub fn has_purpose(&self, purpose: &str) -> bool {
+        self.purposes.contains(purpose)
+    }
+}
+
+#[derive(Debug)]
+pub struct Purpose {
+    pub name: String,
+    pub requires_justification: bool,
+    pub disclosure: bool,
+    levels: BTreeMap<FieldName, ReleaseLevel>,
+}
+
+impl Purpose {
+    /// The level this purpose releases `field` at; `None` level when not listed.
+    pub fn level(&self, field: FieldName) -> ReleaseLevel {
+        self.levels
+            .get(&field)
+            .copied()
+            .unwrap_or(ReleaseLevel::None)
+    }
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    callers: Vec<Arc<Caller>>,
+    purposes: HashMap<String, Purpose>,
+}
+
+impl Policy {
+    /// Validates configuration in full and builds the policy. `extra_callers` are callers
+    /// the vault creates itself (the initial administrator).
+    pub fn build(
+        purposes: &BTreeMap<String, PurposeConfig>,
+        callers: &[CallerConfig],
+    ) -> Result<Policy, PolicyError> {
+        let purposes = purposes
+            .iter()
+            .map(|(name, config)| Ok((name.clone(), build_purpose(name, config)?)))
+            .collect::<Result<HashMap<_, _>, PolicyError>>()?;
+        let mut names = BTreeSet::new();
+        let mut built = Vec::with_capacity(callers.len());
+        for (i, config) in callers.iter().enumerate() {
+            let caller = build_caller(i, config, &purposes)?;
+            if !names.insert(caller.name.clone()) {
+                return Err(invalid(
+                    format!("callers[{i}].name"),
+                    "duplicate caller name",
+                ));
+            }
+            built.push(Arc::new(caller));
+        }
+        Ok(Policy {
+            callers: built,
+            purposes,
+        })
+    }
+
+    /// The caller whose token hashes to a configured hash. Every caller is compared, in
+    /// constant time, whatever matches first.
+    pub fn authenticate(&self, token: &str) -> Option<Arc<Caller>> {
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut found = None;
+        for caller in &self.callers {
+            if bool::from(caller.token_hash.ct_eq(&presented)) {
+                found = Some(Arc::clone(caller));
+            }
+        }
+        found
+    }
+
+    pub fn purpose(&self, name: &str) -> Option<&Purpose> {
+        self.purposes.get(name)
+    }
+
+    pub fn purpose_names(&self) -> impl Iterator<Item = &str> {
+        self.purposes.keys().map(String::as_str)
+    }
+}
+
+/// Hex SHA-256 of a token, as `token_sha256` in configuration expects.
+pub fn token_sha256_hex(token: &str) -> String {
+    data_encoding::HEXLOWER.encode(&Sha256::digest(token.as_bytes()))
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> PolicyError {
+    PolicyError::InvalidConfig {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+fn build_purpose(name: &str, config: &PurposeConfig) -> Result<Purpose, PolicyError> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(invalid(
+            format!("purposes.{name}"),
+            "purpose names use ASCII letters, digits, '-', '_' and '.'",
+        ));
+    }
+    let mut levels = BTreeMap::new();
+    for (field_name, level) in &config.fields {
+        let key = format!("purposes.{name}.fields.{field_name}");
+        let field = FieldName::parse(field_name).ok_or_else(|| invalid(&key, "unknown field"))?;
+        let supported = match level {
+            ReleaseLevel::Masked => supports_mask(field),
+            ReleaseLevel::Generalized => supports_generalize(field),
+            _ => true,
+        };
+        if !supported {
+            return Err(invalid(
+                key,
+                format!("field has no {} form", level.as_str().to_lowercase()),
+            ));
+        }
+        levels.insert(field, *level);
+    }
+    Ok(Purpose {
+        name: name.to_owned(),
+        requires_justification: config.requires_justification,
+        disclosure: config.disclosure,
+        levels,
+    })
+}
+
+fn build_caller(
+    index: usize,
+    config: &CallerConfig,
+    purposes: &HashMap<String, Purpose>,
+) -> Result<Caller, PolicyError> {
+    let key = |suffix: &str| format!("callers[{index}].{suffix}");
+    if config.name.trim().is_empty() {
+        return Err(invalid(key("name"), "must not be empty"));
+    }
+    let hash = data_encoding::HEXLOWER_PERMISSIVE
+        .decode(config.token_sha256.as_bytes())
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .ok_or_else(|| invalid(key("token_sha256"), "must be 64 hex characters (SHA-256)"))?;
+    let rpcs = config
+        .rpcs
+        .iter()
+        .map(|name| {
+            Rpc::parse(name).ok_or_else(|| invalid(key("rpcs"), format!("unknown RPC {name:?}")))
+        })
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    let granted = config
+        .purposes
+        .iter()
+        .map(|name| {
+            if purposes.contains_key(name) {
+                Ok(name.clone())
+            } else {
+                Err(invalid(
+                    key("purposes"),
+                    format!("unknown purpose {name:?}"),
+                ))
+            }
+        })
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    Ok(Caller {
+        name: config.name.clone(),
+        token_hash: hash,
+        rpcs,
+        purposes: granted,
+    })
+}
+
+/// The shipped default purposes, one per use named in clause 1.3 of the privacy policy.
+/// Analytics and research see pseudonyms and generalised values, never identities.
+pub fn default_purposes() -> BTreeMap<String, PurposeConfig> {
+    use ReleaseLevel::*;
+    let purpose =
+        |justification: bool, disclosure: bool, levels: [ReleaseLevel; 10]| PurposeConfig {
+            requires_justification: justification,
+            disclosure,
+            fields: FieldName::ALL
+                .iter()
+                .zip(levels)
+                .filter(|(_, level)| *level != None)
+                .map(|(field, level)| (field.as_str().to_owned(), level))
+                .collect(),
+        };
+    // Column order: name, gender, id_type, id_number, date_of_birth, nationality, phone,
+    // email, address, postal_code (FieldName::ALL).
+    [
+        ("service-delivery", purpose(false, false, [Plain; 10])),
+        (
+            "important-notice",
+            purpose(
+                false,
+                false,
+                [
+                    Plain, None, None, None, None, None, Plain, Plain, Plain, Plain,
+                ],
+            ),
+        ),
+        (
+            "audit-research",
+            purpose(
+                false,
+                false,
+                [
+                    Pseudonym,
+                    Plain,
+                    Plain,
+                    Pseudonym,
+                    Generalized,
+                    Plain,
+                    Pseudonym,
+                    Pseudonym,
+                    Generalized,
+                    Generalized,
+                ],
+            ),
+        ),
+        (
+            "business-analytics",
+            purpose(
+                false,
+                false,
+                [
+                    None,
+                    Plain,
+                    None,
+                    Pseudonym,
+                    Generalized,
+                    Plain,
+                    None,
+                    None,
+                    Generalized,
+                    Generalized,
+                ],
+            ),
+        ),
+        (
+            "fraud-prevention",
+            purpose(
+                false,
+                false,
+                [
+                    Plain, Plain, Plain, Plain, Plain, Plain, Plain, Plain, Masked, Plain,
+                ],
+            ),
+        ),
+        ("legal-compliance", purpose(true, true, [Plain; 10])),
+        (
+            "customer-support",
+            purpose(
+                false,
+                false,
+                [
+                    Masked, Plain, Plain, Masked, Masked, Plain, Masked, Masked, Masked, Masked,
+                ],
+            ),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, config)| (name.to_owned(), config))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(name: &str, token: &str, purposes: &[&str]) -> CallerConfig {
+        CallerConfig {
+            name: name.into(),
+            token_sha256: token_sha256_hex(token),
+            rpcs: vec!["GetRecord".into()],
+            purposes: purposes.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn default_policy_is_valid_and_mirrors_clause_1_3() {
+        let policy = Policy::build(&default_purposes(), &[]).unwrap();
+        let mut names: Vec<_> = policy.purpose_names().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "audit-research",
+                "business-analytics",
+                "customer-support",
+                "fraud-prevention",
+                "important-notice",
+                "legal-compliance",
+                "service-delivery"
+            ]
+        );
+        let legal = policy.purpose("legal-compliance").unwrap();
+        assert!(legal.requires_justification && legal.disclosure);
+        let analytics = policy.purpose("business-analytics").unwrap();
+        for field in [FieldName::Name, FieldName::Phone, FieldName::Email] {
+            assert_eq!(analytics.level(field), ReleaseLevel::None);
+        }
+        // Clause 1.2: analytics never receives an identity, only pseudonyms or generalised values.
+        for field in [
+            FieldName::Name,
+            FieldName::IdNumber,
+            FieldName::DateOfBirth,
+            FieldName::Phone,
+            FieldName::Email,
+            FieldName::Address,
+            FieldName::PostalCode,
+        ] {
+            assert_ne!(analytics.level(field), ReleaseLevel::Plain, "{field:?}");
+        }
+    }
+
+    #[test]
+    fn authenticates_by_token_hash_only() {
+        let policy = Policy::build(
+            &default_purposes(),
+            &[caller("a", "token-a", &[]), caller("b", "token-b", &[])],
+        )
+        .unwrap();
+        assert_eq!(policy.authenticate("token-b").unwrap().name, "b");
+        assert!(policy.authenticate("token-c").is_none());
+        assert!(policy.authenticate("").is_none());
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let mut purposes = default_purposes();
+        purposes
+            .get_mut("customer-support")
+            .unwrap()
+            .fields
+            .insert("nickname".into(), ReleaseLevel::Plain);
+        let err = Policy::build(&purposes, &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "purposes.customer-support.fields.nickname: unknown field"
+        );
+
+        let mut purposes = default_purposes();
+        purposes
+            .get_mut("customer-support")
+            .unwrap()
+            .fields
+            .insert("gender".into(), ReleaseLevel::Generalized);
+        let err = Policy::build(&purposes, &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("purposes.customer-support.fields.gender:")
+        );
+
+        let err =
+            Policy::build(&default_purposes(), &[caller("a", "t", &["marketing"])]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("callers[0].purposes: unknown purpose")
+        );
+
+        let mut bad_hash = caller("a", "t", &[]);
+        bad_hash.token_sha256 = "abc".into();
+        let err = Policy::build(&default_purposes(), &[bad_hash]).unwrap_err();
+        assert!(err.to_string().starts_with("callers[0].token_sha256:"));
+
+        let err = Policy::build(
+            &default_purposes(),
+            &[caller("a", "t", &[]), caller("a", "u", &[])],
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "callers[1].name: duplicate caller name");
+    }
+}

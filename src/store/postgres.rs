@@ -1,0 +1,49 @@
+//! PostgreSQL backend: the production store, which several vault instances may share.
+//!
+//! Correctness never rests on this process's memory: uniqueness of live documents and of
+//! request ids are unique indexes, updates are conditional on the row's version, and
+//! migrations take sqlx's advisory lock so instances starting together apply them once.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::StoreError;
+use super::shared::{Backend, impl_store};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl Backend for PostgresStore {
+    type Db = Postgres;
+}
+
+impl PostgresStore {
+    /// Connects to a `postgres://` URL.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<PostgresStore, StoreError> {
+        let options = PgConnectOptions::from_str(url)?.application_name("pdvault");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(PostgresStore { pool })
+    }
+
+    fn migrator() -> &'static Migrator {
+        &MIGRATOR
+    }
+
+    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        self.pool.begin().await
+    }
+}
+
+impl_store!(PostgresStore);

@@ -1,0 +1,50 @@
+//! SQL both backends run unchanged. sqlx binds `$N` placeholders on SQLite as well as on
+//! PostgreSQL, so only statements whose dialects really differ live in the backend modules.
+
+pub const SELECT_CREATE_REQUEST: &str =
+    "SELECT record_id, fingerprint FROM create_requests WHERE caller = $1 AND request_id = $2";
+
+pub const INSERT_CREATE_REQUEST: &str = "INSERT INTO create_requests \
+     (caller, request_id, record_id, fingerprint, created_at) VALUES ($1, $2, $3, $4, $5)";
+
+pub const INSERT_RECORD: &str = "INSERT INTO records \
+     (record_id, version, created_at, updated_at, wrapped_key, kek_version, document_index, phone_index) \
+     VALUES ($1, 1, $2, $2, $3, $4, $5, $6)";
+
+pub const INSERT_FIELD: &str =
+    "INSERT INTO record_fields (record_id, field, ciphertext) VALUES ($1, $2, $3)";
+
+pub const DELETE_FIELDS: &str = "DELETE FROM record_fields WHERE record_id = $1";
+
+/// One statement, so the metadata and the fields come from the same snapshot.
+pub const SELECT_LIVE_RECORD: &str = "SELECT r.version, r.created_at, r.updated_at, r.wrapped_key, \
+            f.field, f.ciphertext \
+     FROM records r LEFT JOIN record_fields f ON f.record_id = r.record_id \
+     WHERE r.record_id = $1 AND r.deleted_at IS NULL ORDER BY f.field";
+
+pub const SELECT_FIELD_NAMES: &str =
+    "SELECT field FROM record_fields WHERE record_id = $1 ORDER BY field";
+
+pub const SELECT_META: &str =
+    "SELECT version, created_at, updated_at FROM records WHERE record_id = $1";
+
+pub const UPDATE_RECORD: &str = "UPDATE records \
+     SET version = version + 1, updated_at = $3, document_index = $4, phone_index = $5 \
+     WHERE record_id = $1 AND version = $2 AND deleted_at IS NULL RETURNING created_at";
+
+pub const SELECT_STATE: &str = "SELECT deleted_at FROM records WHERE record_id = $1";
+
+pub const SHRED_RECORD: &str = "UPDATE records \
+     SET deleted_at = $2, updated_at = $2, version = version + 1, wrapped_key = NULL, \
+         kek_version = NULL, document_index = NULL, phone_index = NULL \
+     WHERE record_id = $1 AND deleted_at IS NULL";
+
+pub const FIND_BY_DOCUMENT: &str =
+    "SELECT record_id FROM records WHERE document_index = $1 AND deleted_at IS NULL";
+
+pub const FIND_BY_PHONE: &str = "SELECT record_id FROM records WHERE phone_index = $1 AND deleted_at IS NULL ORDER BY record_id";
+
+pub const INSERT_AUDIT_EVENT: &str = "INSERT INTO audit_events \
+     (event_id, occurred_at, caller, peer, rpc, record_ids, purpose, justification, released, \
+      outcome, reason, request_id) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";

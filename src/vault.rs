@@ -1,0 +1,787 @@
+//! The vault's use cases, independent of gRPC: create, read for a purpose, update, delete,
+//! find and check. This is where the policy meets the data.
+//!
+//! Order of operations on a read is the heart of the design: grant checks first, then the
+//! record is opened, the release computed, the audit event durably committed, and only then
+//! is anything returned. If the audit write fails, nothing is released
+//! ([`VaultError::AuditUnavailable`]). Denials are audited too, on a best-effort basis: a
+//! denial releases nothing, so failing to record it must not turn it into an outage.
+//!
+//! Plaintext exists here only transiently, inside buffers that wipe themselves, and never
+//! in an error: every error variant carries field names and reasons, not values.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
+use zeroize::Zeroizing;
+
+use crate::crypto::{CryptoError, DataKey};
+use crate::domain::{
+    FieldName, IdDocument, IdType, Identity, IdentityInput, PhoneNumber, Violation, generalize,
+    mask,
+};
+use crate::keys::Keyring;
+use crate::policy::{Caller, Policy, Purpose, ReleaseLevel, Rpc};
+use crate::store::{
+    AuditEvent, CreateRequestKey, InsertOutcome, Micros, NewRecord, RecordMeta, RecordState,
+    RecordUpdate, SealedField, Store, StoreError,
+};
+
+const MAX_REQUEST_ID_LEN: usize = 128;
+const MAX_FREE_TEXT_LEN: usize = 512;
+const RECORD_ID_PREFIX: &str = "rec_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("invalid request: {}", describe_violations(.0))]
+    InvalidArgument(Vec<Violation>),
+    #[error("caller may not call {0}")]
+    OperationNotGranted(&'static str),
+    #[error("purpose {0:?} is not granted to this caller")]
+    PurposeNotGranted(String),
+    #[error("record not found")]
+    NotFound,
+    #[error("a live record already holds this identity document")]
+    DuplicateIdentity,
+    #[error("etag does not match the record's current version")]
+    EtagMismatch,
+    #[error("stored data failed authentication; refusing to release it")]
+    DataLoss,
+    #[error("the audit trail cannot be written; nothing is released")]
+    AuditUnavailable,
+    #[error("storage unavailable: {0}")]
+    Storage(StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for VaultError {
+    fn from(error: StoreError) -> VaultError {
+        match error {
+            StoreError::NotFound => VaultError::NotFound,
+            StoreError::DuplicateDocument => VaultError::DuplicateIdentity,
+            StoreError::VersionConflict => VaultError::EtagMismatch,
+            other => VaultError::Storage(other),
+        }
+    }
+}
+
+impl From<CryptoError> for VaultError {
+    fn from(error: CryptoError) -> VaultError {
+        match error {
+            CryptoError::Integrity => VaultError::DataLoss,
+            other => VaultError::Internal(other.to_string()),
+        }
+    }
+}
+
+fn describe_violations(violations: &[Violation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.reason))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn violation(field: &str, reason: &str) -> VaultError {
+    VaultError::InvalidArgument(vec![Violation {
+        field: field.to_owned(),
+        reason: reason.to_owned(),
+    }])
+}
+
+/// Wall-clock time, injectable so tests can stand on any date.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// Who is asking, from where: everything about a call except its arguments.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub caller: Arc<Caller>,
+    pub peer: Option<String>,
+    pub request_id: Option<String>,
+}
+
+/// A released field: the value at the level the purpose allows.
+#[derive(Clone)]
+pub struct ReleasedValue {
+    pub value: String,
+    pub level: ReleaseLevel,
+}
+
+pub struct Release {
+    pub record_id: String,
+    pub etag: String,
+    pub fields: Vec<(FieldName, ReleasedValue)>,
+}
+
+/// What `FindRecords` looks up by.
+pub enum LookupKey {
+    Document {
+        id_type: Option<IdType>,
+        id_number: String,
+    },
+    Phone(String),
+}
+
+pub struct Vault {
+    store: Arc<dyn Store>,
+    keys: Arc<Keyring>,
+    policy: Arc<Policy>,
+    clock: Arc<dyn Clock>,
+    /// The time zone dates are judged in (China Standard Time has had no DST since 1991).
+    zone: FixedOffset,
+}
+
+impl Vault {
+    pub fn new(
+        store: Arc<dyn Store>,
+        keys: Arc<Keyring>,
+        policy: Arc<Policy>,
+        clock: Arc<dyn Clock>,
+    ) -> Vault {
+        Vault {
+            store,
+            keys,
+            policy,
+            clock,
+            zone: FixedOffset::east_opt(8 * 3600).expect("UTC+8 is a valid offset"),
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn now_micros(&self) -> Micros {
+        self.clock.now().timestamp_micros()
+    }
+
+    fn today(&self) -> NaiveDate {
+        self.clock.now().with_timezone(&self.zone).date_naive()
+    }
+
+    fn authorize(&self, ctx: &CallContext, rpc: Rpc) -> Result<(), VaultError> {
+        if ctx.caller.may_call(rpc) {
+            Ok(())
+        } else {
+            Err(VaultError::OperationNotGranted(rpc.as_str()))
+        }
+    }
+
+    pub async fn create_record(
+        &self,
+        ctx: &CallContext,
+        input: IdentityInput,
+        request_id: Option<String>,
+    ) -> Result<RecordMeta, VaultError> {
+        self.authorize(ctx, Rpc::CreateRecord)?;
+        if let Some(id) = &request_id {
+            check_free_text("request_id", id, MAX_REQUEST_ID_LEN)?;
+        }
+        let identity = Identity::parse(input, self.today()).map_err(VaultError::InvalidArgument)?;
+        if identity.is_empty() {
+            return Err(violation(
+                "identity",
+                "at least one identity field is required",
+            ));
+        }
+        let record_id = new_record_id()?;
+        let dek = DataKey::generate()?;
+        let canonical = identity.canonical_fields();
+        let fields = seal_all(&dek, &record_id, &canonical)?;
+        let request = request_id.map(|request_id| CreateRequestKey {
+            caller: ctx.caller.name.clone(),
+            fingerprint: self.request_fingerprint(&canonical),
+            request_id,
+        });
+        let now = self.now_micros();
+        let record = NewRecord {
+            wrapped_key: self.keys.wrap(&dek, &record_id)?,
+            kek_version: self.keys.active_kek().version,
+            document_index: self.document_index(&identity),
+            phone_index: identity
+                .phone()
+                .map(|p| self.keys.blind_index().phone(p.e164())),
+            fields,
+            created_at: now,
+            record_id: record_id.clone(),
+        };
+        let audit = self.event(ctx, Rpc::CreateRecord, vec![record_id], "OK", None);
+        match self.store.insert_record(record, request, &audit).await? {
+            InsertOutcome::Inserted(meta) => Ok(meta),
+            InsertOutcome::Replayed {
+                meta,
+                same_request: true,
+            } => Ok(meta),
+            InsertOutcome::Replayed {
+                same_request: false,
+                ..
+            } => Err(violation(
+                "request_id",
+                "already used for a different identity by this caller",
+            )),
+        }
+    }
+
+    pub async fn get_record(
+        &self,
+        ctx: &CallContext,
+        record_id: &str,
+        purpose: &str,
+        justification: &str,
+        requested: &[String],
+    ) -> Result<Release, VaultError> {
+        let audit_ids = vec![record_id.to_owned()];
+        let outcome = self
+            .release(ctx, record_id, purpose, justification, requested)
+            .await;
+        match outcome {
+            Ok((release, mut event)) => {
+                event.released = release
+                    .fields
+                    .iter()
+                    .map(|(field, value)| {
+                        (field.as_str().to_owned(), value.level.as_str().to_owned())
+                    })
+                    .collect();
+                self.store
+                    .append_audit(std::slice::from_ref(&event))
+                    .await
+                    .map_err(|error| {
+                        tracing::error!(%error, "audit write failed; refusing to release");
+                        VaultError::AuditUnavailable
+                    })?;
+                Ok(release)
+            }
+            Err(error) => {
+                self.audit_refusal(
+                    ctx,
+                    Rpc::GetRecord,
+                    audit_ids,
+                    purpose,
+                    justification,
+                    &error,
+                )
+                .await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Everything a read does before its audit event: grants, decryption, levels.
+    async fn release(
+        &self,
+        ctx: &CallContext,
+        record_id: &str,
+        purpose_name: &str,
+        justification: &str,
+        requested: &[String],
+    ) -> Result<(Release, AuditEvent), VaultError> {
+        self.authorize(ctx, Rpc::GetRecord)?;
+        check_record_id(record_id)?;
+        let purpose = self.granted_purpose(ctx, purpose_name, justification)?;
+        let wanted = requested_fields(requested)?;
+        let stored = self
+            .store
+            .get_record(record_id)
+            .await?
+            .ok_or(VaultError::NotFound)?;
+        let dek = self.keys.unwrap(&stored.wrapped_key, record_id)?;
+        let mut fields = Vec::new();
+        for sealed in &stored.fields {
+            let field = FieldName::parse(&sealed.field)
+                .ok_or_else(|| VaultError::Internal("stored field has an unknown name".into()))?;
+            let level = purpose.level(field);
+            if level == ReleaseLevel::None || !wanted.as_ref().is_none_or(|w| w.contains(&field)) {
+                continue;
+            }
+            let plaintext = dek.open_field(record_id, &sealed.field, &sealed.ciphertext)?;
+            let canonical = std::str::from_utf8(&plaintext).map_err(|_| VaultError::DataLoss)?;
+            if let Some(value) = self.apply_level(purpose, field, level, canonical) {
+                fields.push((field, ReleasedValue { value, level }));
+            }
+        }
+        let mut event = self.event(ctx, Rpc::GetRecord, vec![record_id.to_owned()], "OK", None);
+        event.purpose = Some(purpose.name.clone());
+        event.justification = non_empty(justification);
+        Ok((
+            Release {
+                record_id: record_id.to_owned(),
+                etag: stored.meta.version.to_string(),
+                fields,
+            },
+            event,
+        ))
+    }
+
+    /// The value released for `level`, or `None` when the value has no such form (for
+    /// instance an address whose region cannot be recognised): then nothing is released.
+    fn apply_level(
+        &self,
+        purpose: &Purpose,
+        field: FieldName,
+        level: ReleaseLevel,
+        canonical: &str,
+    ) -> Option<String> {
+        match level {
+            ReleaseLevel::Plain => Some(canonical.to_owned()),
+            ReleaseLevel::Masked => mask(field, canonical),
+            ReleaseLevel::Generalized => generalize(field, canonical),
+            ReleaseLevel::Pseudonym => Some(self.keys.pseudonym().pseudonym(
+                &purpose.name,
+                field.as_str(),
+                canonical,
+            )),
+            ReleaseLevel::None => None,
+        }
+    }
+
+    fn granted_purpose(
+        &self,
+        ctx: &CallContext,
+        purpose: &str,
+        justification: &str,
+    ) -> Result<&Purpose, VaultError> {
+        if purpose.is_empty() {
+            return Err(violation("purpose", "is required"));
+        }
+        let granted = self
+            .policy
+            .purpose(purpose)
+            .filter(|_| ctx.caller.has_purpose(purpose))
+            .ok_or_else(|| VaultError::PurposeNotGranted(truncate(purpose, 64)))?;
+        check_free_text("justification", justification, MAX_FREE_TEXT_LEN)?;
+        if granted.requires_justification && justification.trim().is_empty() {
+            return Err(violation("justification", "is required for this purpose"));
+        }
+        Ok(granted)
+    }
+
+    pub async fn update_record(
+        &self,
+        ctx: &CallContext,
+        record_id: &str,
+        input: IdentityInput,
+        mask: &[String],
+        etag: &str,
+    ) -> Result<RecordMeta, VaultError> {
+        self.authorize(ctx, Rpc::UpdateRecord)?;
+        check_record_id(record_id)?;
+        let expected_version: i64 = etag.parse().map_err(|_| {
+            violation(
+                "etag",
+                "is required and must be an etag returned by the vault",
+            )
+        })?;
+        let replaced = update_paths(mask, &input)?;
+        let stored = self
+            .store
+            .get_record(record_id)
+            .await?
+            .ok_or(VaultError::NotFound)?;
+        if stored.meta.version != expected_version {
+            return Err(VaultError::EtagMismatch);
+        }
+        let dek = self.keys.unwrap(&stored.wrapped_key, record_id)?;
+        let mut current = Vec::with_capacity(stored.fields.len());
+        for sealed in &stored.fields {
+            let field = FieldName::parse(&sealed.field)
+                .ok_or_else(|| VaultError::Internal("stored field has an unknown name".into()))?;
+            let plaintext = dek.open_field(record_id, &sealed.field, &sealed.ciphertext)?;
+            let value = String::from_utf8(plaintext.to_vec()).map_err(|_| VaultError::DataLoss)?;
+            current.push((field, value));
+        }
+        let mut merged = Identity::input_from_canonical(&current);
+        for (_, value) in current.iter_mut() {
+            zeroize::Zeroize::zeroize(value);
+        }
+        replace_fields(&mut merged, input, &replaced);
+        let identity =
+            Identity::parse(merged, self.today()).map_err(VaultError::InvalidArgument)?;
+        if identity.is_empty() {
+            return Err(violation("identity", "an update may not clear every field"));
+        }
+        let fields = seal_all(&dek, record_id, &identity.canonical_fields())?;
+        let update = RecordUpdate {
+            record_id: record_id.to_owned(),
+            expected_version,
+            updated_at: self.now_micros(),
+            document_index: self.document_index(&identity),
+            phone_index: identity
+                .phone()
+                .map(|p| self.keys.blind_index().phone(p.e164())),
+            fields,
+        };
+        let audit = self.event(
+            ctx,
+            Rpc::UpdateRecord,
+            vec![record_id.to_owned()],
+            "OK",
+            None,
+        );
+        Ok(self.store.update_record(update, &audit).await?)
+    }
+
+    pub async fn delete_record(
+        &self,
+        ctx: &CallContext,
+        record_id: &str,
+        reason: &str,
+    ) -> Result<Micros, VaultError> {
+        self.authorize(ctx, Rpc::DeleteRecord)?;
+        check_record_id(record_id)?;
+        check_free_text("reason", reason, MAX_FREE_TEXT_LEN)?;
+        let now = self.now_micros();
+        let mut audit = self.event(
+            ctx,
+            Rpc::DeleteRecord,
+            vec![record_id.to_owned()],
+            "OK",
+            None,
+        );
+        audit.justification = non_empty(reason);
+        self.store.delete_record(record_id, now, &audit).await?;
+        Ok(now)
+    }
+
+    pub async fn find_records(
+        &self,
+        ctx: &CallContext,
+        purpose: &str,
+        justification: &str,
+        key: LookupKey,
+    ) -> Result<Vec<String>, VaultError> {
+        let result = self.lookup(ctx, purpose, justification, key).await;
+        match result {
+            Ok(record_ids) => {
+                let mut event = self.event(ctx, Rpc::FindRecords, record_ids.clone(), "OK", None);
+                event.purpose = Some(purpose.to_owned());
+                event.justification = non_empty(justification);
+                self.store
+                    .append_audit(std::slice::from_ref(&event))
+                    .await
+                    .map_err(|error| {
+                        tracing::error!(%error, "audit write failed; refusing to answer");
+                        VaultError::AuditUnavailable
+                    })?;
+                Ok(record_ids)
+            }
+            Err(error) => {
+                self.audit_refusal(
+                    ctx,
+                    Rpc::FindRecords,
+                    Vec::new(),
+                    purpose,
+                    justification,
+                    &error,
+                )
+                .await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn lookup(
+        &self,
+        ctx: &CallContext,
+        purpose: &str,
+        justification: &str,
+        key: LookupKey,
+    ) -> Result<Vec<String>, VaultError> {
+        self.authorize(ctx, Rpc::FindRecords)?;
+        self.granted_purpose(ctx, purpose, justification)?;
+        let today = self.today();
+        match key {
+            LookupKey::Document { id_type, id_number } => {
+                let id_type =
+                    id_type.ok_or_else(|| violation("document.id_type", "is required"))?;
+                let document = IdDocument::parse(id_type, &id_number, today)
+                    .map_err(|reason| violation("document.id_number", &reason))?;
+                let index = self
+                    .keys
+                    .blind_index()
+                    .document(document.id_type().as_str(), document.number());
+                Ok(self.store.find_by_document(&index).await?)
+            }
+            LookupKey::Phone(raw) => {
+                let phone =
+                    PhoneNumber::parse(&raw).map_err(|reason| violation("phone", &reason))?;
+                let index = self.keys.blind_index().phone(phone.e164());
+                Ok(self.store.find_by_phone(&index).await?)
+            }
+        }
+    }
+
+    pub async fn check_account(
+        &self,
+        ctx: &CallContext,
+        record_id: &str,
+    ) -> Result<RecordState, VaultError> {
+        self.authorize(ctx, Rpc::CheckAccount)?;
+        check_record_id(record_id)?;
+        self.store
+            .record_state(record_id)
+            .await?
+            .ok_or(VaultError::NotFound)
+    }
+
+    fn document_index(&self, identity: &Identity) -> Option<Vec<u8>> {
+        identity.id_document().map(|doc| {
+            self.keys
+                .blind_index()
+                .document(doc.id_type().as_str(), doc.number())
+        })
+    }
+
+    fn request_fingerprint(&self, canonical: &[(FieldName, String)]) -> Vec<u8> {
+        let parts: Vec<&[u8]> = canonical
+            .iter()
+            .flat_map(|(field, value)| [field.as_str().as_bytes(), value.as_bytes()])
+            .collect();
+        self.keys.blind_index().fingerprint(&parts)
+    }
+
+    fn event(
+        &self,
+        ctx: &CallContext,
+        rpc: Rpc,
+        record_ids: Vec<String>,
+        outcome: &str,
+        reason: Option<String>,
+    ) -> AuditEvent {
+        AuditEvent {
+            event_id: new_event_id(),
+            occurred_at: self.now_micros(),
+            caller: ctx.caller.name.clone(),
+            peer: ctx.peer.clone(),
+            rpc: rpc.as_str().to_owned(),
+            record_ids,
+            purpose: None,
+            justification: None,
+            released: Vec::new(),
+            outcome: outcome.to_owned(),
+            reason,
+            request_id: ctx.request_id.clone(),
+        }
+    }
+
+    /// Records a refused read. Input errors carry field names only, never values.
+    async fn audit_refusal(
+        &self,
+        ctx: &CallContext,
+        rpc: Rpc,
+        record_ids: Vec<String>,
+        purpose: &str,
+        justification: &str,
+        error: &VaultError,
+    ) {
+        let (outcome, reason) = refusal_reason(error);
+        let mut event = self.event(ctx, rpc, record_ids, outcome, Some(reason));
+        event.purpose = non_empty(&truncate(purpose, 64));
+        event.justification = non_empty(&truncate(justification, MAX_FREE_TEXT_LEN));
+        if let Err(error) = self.store.append_audit(std::slice::from_ref(&event)).await {
+            tracing::error!(%error, "could not audit a refused request");
+        }
+    }
+}
+
+/// The outcome and reason an audit event records for a refusal.
+fn refusal_reason(error: &VaultError) -> (&'static str, String) {
+    match error {
+        VaultError::InvalidArgument(violations) => (
+            "INVALID_ARGUMENT",
+            violations
+                .iter()
+                .map(|v| v.field.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        VaultError::OperationNotGranted(_) => ("DENIED", "OPERATION_NOT_GRANTED".into()),
+        VaultError::PurposeNotGranted(_) => ("DENIED", "PURPOSE_NOT_GRANTED".into()),
+        VaultError::NotFound => ("NOT_FOUND", "NOT_FOUND".into()),
+        VaultError::DataLoss => ("ERROR", "DATA_LOSS".into()),
+        VaultError::AuditUnavailable => ("ERROR", "AUDIT_UNAVAILABLE".into()),
+        VaultError::DuplicateIdentity => ("ERROR", "DUPLICATE_IDENTITY".into()),
+        VaultError::EtagMismatch => ("ERROR", "ETAG_MISMATCH".into()),
+        VaultError::Storage(_) | VaultError::Internal(_) => ("ERROR", "INTERNAL".into()),
+    }
+}
+
+fn seal_all(
+    dek: &DataKey,
+    record_id: &str,
+    canonical: &[(FieldName, String)],
+) -> Result<Vec<SealedField>, VaultError> {
+    canonical
+        .iter()
+        .map(|(field, value)| {
+            Ok(SealedField {
+                field: field.as_str().to_owned(),
+                ciphertext: dek.seal_field(record_id, field.as_str(), value.as_bytes())?,
+            })
+        })
+        .collect()
+}
+
+/// Field names a read asks for; `None` means all the purpose allows.
+fn requested_fields(requested: &[String]) -> Result<Option<BTreeSet<FieldName>>, VaultError> {
+    if requested.is_empty() {
+        return Ok(None);
+    }
+    requested
+        .iter()
+        .map(|name| {
+            FieldName::parse(name).ok_or_else(|| violation("fields", "names an unknown field"))
+        })
+        .collect::<Result<BTreeSet<_>, _>>()
+        .map(Some)
+}
+
+/// The identity fields an update replaces: the mask's paths (`name` or `identity.name`), or
+/// every field the request sets when the mask is empty.
+fn update_paths(mask: &[String], input: &IdentityInput) -> Result<Vec<FieldName>, VaultError> {
+    if mask.is_empty() {
+        let set = present_fields(input);
+        if set.is_empty() {
+            return Err(violation("update_mask", "nothing to update"));
+        }
+        return Ok(set);
+    }
+    mask.iter()
+        .map(|path| {
+            let name = path.strip_prefix("identity.").unwrap_or(path);
+            FieldName::parse(name)
+                .ok_or_else(|| violation("update_mask", "names an unknown identity field"))
+        })
+        .collect()
+}
+
+fn present_fields(input: &IdentityInput) -> Vec<FieldName> {
+    let IdentityInput {
+        name,
+        gender,
+        id_type,
+        id_number,
+        date_of_birth,
+        nationality,
+        phone,
+        email,
+        address,
+        postal_code,
+    } = input;
+    [
+        (FieldName::Name, name.is_some()),
+        (FieldName::Gender, gender.is_some()),
+        (FieldName::IdType, id_type.is_some()),
+        (FieldName::IdNumber, id_number.is_some()),
+        (FieldName::DateOfBirth, date_of_birth.is_some()),
+        (FieldName::Nationality, nationality.is_some()),
+        (FieldName::Phone, phone.is_some()),
+        (FieldName::Email, email.is_some()),
+        (FieldName::Address, address.is_some()),
+        (FieldName::PostalCode, postal_code.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(field, present)| present.then_some(field))
+    .collect()
+}
+
+/// Copies `fields` from `source` into `target`; a field absent in `source` is cleared.
+fn replace_fields(target: &mut IdentityInput, source: IdentityInput, fields: &[FieldName]) {
+    let mut source = source;
+    for field in fields {
+        match field {
+            FieldName::Name => target.name = source.name.take(),
+            FieldName::Gender => target.gender = source.gender.take(),
+            FieldName::IdType => target.id_type = source.id_type.take(),
+            FieldName::IdNumber => target.id_number = source.id_number.take(),
+            FieldName::DateOfBirth => target.date_of_birth = source.date_of_birth.take(),
+            FieldName::Nationality => target.nationality = source.nationality.take(),
+            FieldName::Phone => target.phone = source.phone.take(),
+            FieldName::Email => target.email = source.email.take(),
+            FieldName::Address => target.address = source.address.take(),
+            FieldName::PostalCode => target.postal_code = source.postal_code.take(),
+        }
+    }
+}
+
+fn check_record_id(record_id: &str) -> Result<(), VaultError> {
+    if record_id.is_empty() {
+        return Err(violation("record_id", "is required"));
+    }
+    let well_formed = record_id
+        .strip_prefix(RECORD_ID_PREFIX)
+        .is_some_and(|rest| {
+            rest.len() == 26 && rest.bytes().all(|b| matches!(b, b'a'..=b'z' | b'2'..=b'7'))
+        });
+    if well_formed {
+        Ok(())
+    } else {
+        Err(violation(
+            "record_id",
+            "is not a record id issued by this vault",
+        ))
+    }
+}
+
+fn check_free_text(field: &str, value: &str, max_chars: usize) -> Result<(), VaultError> {
+    if value.chars().count() > max_chars {
+        return Err(violation(
+            field,
+            &format!("must be at most {max_chars} characters"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(violation(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn non_empty(value: &str) -> Option<String> {
+    (!value.is_empty()).then(|| value.to_owned())
+}
+
+fn truncate(value: &str, max_chars: usize) -> String {
+    value.chars().take(max_chars).collect()
+}
+
+fn random_token() -> Result<String, VaultError> {
+    let mut bytes = Zeroizing::new([0u8; 16]);
+    getrandom::fill(bytes.as_mut())
+        .map_err(|_| VaultError::Internal("random number generator failed".into()))?;
+    Ok(data_encoding::BASE32_NOPAD
+        .encode(bytes.as_ref())
+        .to_lowercase())
+}
+
+/// A random record id: 128 bits, never derived from identity.
+fn new_record_id() -> Result<String, VaultError> {
+    Ok(format!("{RECORD_ID_PREFIX}{}", random_token()?))
+}
+
+fn new_event_id() -> String {
+    // An event id only needs to be unique. Should the OS generator fail, the time and a
+    // process-wide counter still are (and the read fails later anyway, needing it too).
+    static FALLBACK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let token = random_token().unwrap_or_else(|_| {
+        let n = FALLBACK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("t{}n{n}", Utc::now().timestamp_micros())
+    });
+    format!("evt_{token}")
+}

@@ -1,0 +1,355 @@
+//! Test harness: spawns the real application on an ephemeral port, per test, on either
+//! backend, and hands out gRPC clients authenticated as configured callers.
+//!
+//! PostgreSQL tests are mandatory by default. Each test gets a fresh database on the server
+//! named by `PDVAULT_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`);
+//! when that server cannot be reached the test fails and says so. Skipping PostgreSQL needs
+//! an explicit `PDVAULT_TEST_SKIP_POSTGRES=1`, which CI never sets.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeZone, Utc};
+use pdvault::config::Config;
+use pdvault::policy::{CallerConfig, token_sha256_hex};
+use pdvault::proto::vault_client::VaultClient;
+use pdvault::startup::Application;
+use pdvault::vault::Clock;
+use sqlx::Connection;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A caller configured in every test app, with its token.
+pub struct TestCaller {
+    pub name: &'static str,
+    pub token: &'static str,
+    pub rpcs: &'static [&'static str],
+    pub purposes: &'static [&'static str],
+}
+
+const ALL_RPCS: &[&str] = &[
+    "CreateRecord",
+    "GetRecord",
+    "UpdateRecord",
+    "DeleteRecord",
+    "FindRecords",
+    "CheckAccount",
+];
+
+/// A claims service: full record lifecycle, but only service delivery and support reads.
+pub const CLAIMS: TestCaller = TestCaller {
+    name: "claims",
+    token: "claims-token-0123456789",
+    rpcs: ALL_RPCS,
+    purposes: &["service-delivery", "customer-support"],
+};
+
+/// An analytics job: reads for research and analytics only.
+pub const ANALYTICS: TestCaller = TestCaller {
+    name: "analytics",
+    token: "analytics-token-0123456789",
+    rpcs: &["GetRecord", "FindRecords"],
+    purposes: &["audit-research", "business-analytics"],
+};
+
+/// Compliance staff: lawful disclosure.
+pub const COMPLIANCE: TestCaller = TestCaller {
+    name: "compliance",
+    token: "compliance-token-0123456789",
+    rpcs: &["GetRecord", "FindRecords"],
+    purposes: &["legal-compliance", "fraud-prevention"],
+};
+
+/// The login path: CheckAccount only.
+pub const LOGIN: TestCaller = TestCaller {
+    name: "login",
+    token: "login-token-0123456789",
+    rpcs: &["CheckAccount"],
+    purposes: &[],
+};
+
+pub const CALLERS: [&TestCaller; 4] = [&CLAIMS, &ANALYTICS, &COMPLIANCE, &LOGIN];
+
+/// A fixed instant (2026-06-01 12:00 in Beijing), so dates in tests never drift.
+pub struct FixedClock(pub DateTime<Utc>);
+
+impl Clock for FixedClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.0
+    }
+}
+
+pub fn fixed_clock() -> Arc<FixedClock> {
+    Arc::new(FixedClock(
+        Utc.with_ymd_and_hms(2026, 6, 1, 4, 0, 0).single().unwrap(),
+    ))
+}
+
+pub struct TestApp {
+    pub backend: Backend,
+    pub addr: std::net::SocketAddr,
+    pub data_dir: tempfile::TempDir,
+    pub database_url: String,
+    pub admin_token: String,
+    postgres: Option<PostgresDatabase>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+struct PostgresDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl TestApp {
+    /// Starts a vault on `backend`, or returns `None` when PostgreSQL was explicitly skipped.
+    pub async fn spawn(backend: Backend) -> Option<TestApp> {
+        TestApp::spawn_with(backend, |_| {}).await
+    }
+
+    pub async fn spawn_with(backend: Backend, adjust: impl FnOnce(&mut Config)) -> Option<TestApp> {
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.data_dir = data_dir.path().join("data");
+        config.log.filter = "warn".into();
+        config.callers = CALLERS
+            .iter()
+            .map(|caller| CallerConfig {
+                name: caller.name.into(),
+                token_sha256: token_sha256_hex(caller.token),
+                rpcs: caller.rpcs.iter().map(|s| s.to_string()).collect(),
+                purposes: caller.purposes.iter().map(|s| s.to_string()).collect(),
+            })
+            .collect();
+        let postgres = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(PostgresDatabase::create().await?),
+        };
+        if let Some(pg) = &postgres {
+            config.database.url = Some(pg.url());
+        }
+        adjust(&mut config);
+        let database_url = config.database_url();
+        pdvault::telemetry::init(&config.log);
+        let app = Application::build_with_clock(config, fixed_clock())
+            .await
+            .expect("application builds");
+        let addr = app.local_addr();
+        let admin_token = std::fs::read_to_string(app.admin_token_path().unwrap())
+            .unwrap()
+            .trim()
+            .to_owned();
+        let (tx, rx) = oneshot::channel();
+        let server = tokio::spawn(async move {
+            app.run_until(async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        Some(TestApp {
+            backend,
+            addr,
+            data_dir,
+            database_url,
+            admin_token,
+            postgres,
+            shutdown: Some(tx),
+            server: Some(server),
+        })
+    }
+
+    pub async fn client(&self) -> VaultClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects to the test server");
+        VaultClient::new(channel)
+    }
+
+    /// Path of the SQLite database file (SQLite backend only).
+    pub fn sqlite_path(&self) -> PathBuf {
+        PathBuf::from(self.database_url.trim_start_matches("sqlite://"))
+    }
+
+    /// Runs a statement directly against the vault's database, bypassing the vault.
+    pub async fn execute_sql(&self, sql: &str) {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+            }
+        }
+    }
+
+    /// The single integer a query returns, read directly from the vault's database.
+    pub async fn count(&self, sql: &str) -> i64 {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+            }
+        }
+    }
+
+    /// Every byte the vault's database holds, as the backend would hand it to a thief:
+    /// the SQLite files themselves, or a `pg_dump` of the database.
+    pub async fn raw_database_bytes(&self) -> Vec<u8> {
+        match self.backend {
+            Backend::Sqlite => {
+                let path = self.sqlite_path();
+                let mut bytes = Vec::new();
+                for suffix in ["", "-wal", "-shm"] {
+                    let file = PathBuf::from(format!("{}{suffix}", path.display()));
+                    if let Ok(mut content) = std::fs::read(&file) {
+                        bytes.append(&mut content);
+                    }
+                }
+                assert!(!bytes.is_empty(), "the SQLite file exists");
+                bytes
+            }
+            Backend::Postgres => {
+                let output = tokio::process::Command::new("pg_dump")
+                    .arg("--no-owner")
+                    .arg(&self.database_url)
+                    .output()
+                    .await
+                    .expect("pg_dump runs (install postgresql-client)");
+                assert!(
+                    output.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                output.stdout
+            }
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+        if let Some(pg) = self.postgres.take() {
+            pg.drop_database().await;
+        }
+    }
+}
+
+impl PostgresDatabase {
+    async fn create() -> Option<PostgresDatabase> {
+        if std::env::var("PDVAULT_TEST_SKIP_POSTGRES").is_ok_and(|v| v == "1") {
+            eprintln!("PostgreSQL test skipped: PDVAULT_TEST_SKIP_POSTGRES=1");
+            return None;
+        }
+        let admin_url = std::env::var("PDVAULT_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let mut conn = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is required for this test and not reachable at {admin_url}: {e}. \
+                 Start it, point PDVAULT_TEST_POSTGRES_URL at one, or set \
+                 PDVAULT_TEST_SKIP_POSTGRES=1 to skip explicitly."
+                )
+            });
+        let name = format!("pdvault_test_{}", random_suffix());
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        Some(PostgresDatabase { admin_url, name })
+    }
+
+    fn url(&self) -> String {
+        let base = self
+            .admin_url
+            .rsplit_once('/')
+            .map(|(base, _)| base)
+            .unwrap_or(&self.admin_url);
+        format!("{base}/{}", self.name)
+    }
+
+    async fn drop_database(self) {
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
+            let _ = sqlx::raw_sql(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await;
+        }
+    }
+}
+
+fn random_suffix() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).unwrap();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Wraps a message with a caller's bearer token.
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// Generates one `#[tokio::test]` per backend for each scenario function.
+#[macro_export]
+macro_rules! for_each_backend {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    if let Some(app) = $crate::support::TestApp::spawn($crate::support::Backend::Sqlite).await {
+                        super::$scenario(&app).await;
+                        app.stop().await;
+                    }
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    if let Some(app) = $crate::support::TestApp::spawn($crate::support::Backend::Postgres).await {
+                        super::$scenario(&app).await;
+                        app.stop().await;
+                    }
+                }
+            )*
+        }
+    };
+}
