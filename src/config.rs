@@ -174,7 +174,19 @@ impl Config {
 fn describe_figment_error(error: figment::Error) -> String {
     error
         .into_iter()
-        .map(|e| e.to_string())
+        .map(|e| {
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            if from_env && !e.path.is_empty() {
+                // Figment names the key; operators set a variable, so name that too.
+                let variable = format!("PDVAULT_{}", e.path.join("__").to_uppercase());
+                format!("{e} (variable {variable})")
+            } else {
+                e.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -211,10 +223,10 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("PDVAULT_DATABASE__MAX_CONNECTIONS", "many");
             let err = Config::load(None, &FlagOverrides::default()).unwrap_err();
-            let message = err.to_string();
+            let message = err.to_string().to_lowercase();
             assert!(message.contains("database.max_connections"), "{message}");
             assert!(
-                message.contains("PDVAULT_DATABASE__MAX_CONNECTIONS"),
+                message.contains("pdvault_database__max_connections"),
                 "{message}"
             );
             Ok(())

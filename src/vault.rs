@@ -407,10 +407,12 @@ impl Vault {
             let value = String::from_utf8(plaintext.to_vec()).map_err(|_| VaultError::DataLoss)?;
             current.push((field, value));
         }
-        let mut merged = Identity::input_from_canonical(&current);
+        // Stored values were canonical when sealed; one that no longer parses is corruption.
+        let merged = IdentityInput::try_from_canonical(&current).map_err(|_| VaultError::DataLoss);
         for (_, value) in current.iter_mut() {
             zeroize::Zeroize::zeroize(value);
         }
+        let mut merged = merged?;
         replace_fields(&mut merged, input, &replaced);
         let identity =
             Identity::parse(merged, self.today()).map_err(VaultError::InvalidArgument)?;

@@ -171,7 +171,10 @@ fn six_digits(code: &str) -> Option<&str> {
 /// the new foreign permanent residence ID alike.
 fn division_code(number: &str) -> Option<&str> {
     let bytes = number.as_bytes();
+    // A leading 9 is a foreign permanent residence ID: its prefix is a province and a
+    // nationality, not a division code, and would disclose the nationality.
     let shape_ok = bytes.len() == 18
+        && bytes[0] != b'9'
         && bytes
             .iter()
             .enumerate()
@@ -181,41 +184,13 @@ fn division_code(number: &str) -> Option<&str> {
 
 /// Province-level divisions, by full official name; a list because the province level is
 /// fixed and its suffixes (市 for municipalities) are too ambiguous to match on their own.
+#[rustfmt::skip]
 const PROVINCES: [&str; 34] = [
-    "北京市",
-    "天津市",
-    "上海市",
-    "重庆市",
-    "河北省",
-    "山西省",
-    "辽宁省",
-    "吉林省",
-    "黑龙江省",
-    "江苏省",
-    "浙江省",
-    "安徽省",
-    "福建省",
-    "江西省",
-    "山东省",
-    "河南省",
-    "湖北省",
-    "湖南省",
-    "广东省",
-    "海南省",
-    "四川省",
-    "贵州省",
-    "云南省",
-    "陕西省",
-    "甘肃省",
-    "青海省",
-    "台湾省",
-    "内蒙古自治区",
-    "广西壮族自治区",
-    "西藏自治区",
-    "宁夏回族自治区",
-    "新疆维吾尔自治区",
-    "香港特别行政区",
-    "澳门特别行政区",
+    "北京市", "天津市", "上海市", "重庆市", "河北省", "山西省", "辽宁省", "吉林省",
+    "黑龙江省", "江苏省", "浙江省", "安徽省", "福建省", "江西省", "山东省", "河南省",
+    "湖北省", "湖南省", "广东省", "海南省", "四川省", "贵州省", "云南省", "陕西省",
+    "甘肃省", "青海省", "台湾省", "内蒙古自治区", "广西壮族自治区", "西藏自治区",
+    "宁夏回族自治区", "新疆维吾尔自治区", "香港特别行政区", "澳门特别行政区",
 ];
 
 /// Province-level divisions with no prefecture level below them.
@@ -238,10 +213,9 @@ const MAX_CITY_CHARS: usize = 12;
 const MAX_COUNTY_CHARS: usize = 16;
 
 /// Characters that occur in street addresses but not (after the first char) in division
-/// names; a candidate containing one is a street fragment, not a division.
-const STREET_CHARS: [char; 11] = [
-    '路', '道', '街', '巷', '弄', '村', '号', '楼', '栋', '幢', '室',
-];
+/// names; a candidate containing one is a street fragment, not a division. ("楼" is not
+/// here: 鼓楼区 and 钟楼区 are real districts.)
+const STREET_CHARS: [char; 10] = ['路', '道', '街', '巷', '弄', '村', '号', '栋', '幢', '室'];
 /// Place words that end like a division but are not one.
 const NON_DIVISION_ENDINGS: [&str; 14] = [
     "小区",
@@ -350,4 +324,300 @@ fn is_division_name(name: &str) -> bool {
 /// CJK Unified Ideographs and Extension A: division names are written in Han characters only.
 fn is_han(c: char) -> bool {
     matches!(c, '\u{4E00}'..='\u{9FFF}' | '\u{3400}'..='\u{4DBF}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn m(field: FieldName, value: &str) -> String {
+        mask(field, value).unwrap()
+    }
+
+    #[test]
+    fn foreign_permanent_residence_ids_have_no_division_code_to_generalise_to() {
+        // 9 + province 45 + nationality code 840: generalising would disclose nationality.
+        assert_eq!(generalize(FieldName::IdNumber, "945840199001011234"), None);
+        assert_eq!(
+            generalize(FieldName::IdNumber, "450102199003071234").as_deref(),
+            Some("450102")
+        );
+    }
+
+    fn address_mask(address: &str) -> String {
+        m(FieldName::Address, address)
+    }
+
+    #[test]
+    fn chinese_names_keep_the_surname() {
+        assert_eq!(m(FieldName::Name, "张"), "*");
+        assert_eq!(m(FieldName::Name, "张三"), "张*");
+        assert_eq!(m(FieldName::Name, "张小三"), "张*三");
+        assert_eq!(m(FieldName::Name, "欧阳娜娜"), "欧**娜");
+        assert_eq!(m(FieldName::Name, "阿卜杜拉·买买提"), "阿******提");
+    }
+
+    #[test]
+    fn latin_names_keep_each_initial() {
+        assert_eq!(m(FieldName::Name, "John Smith"), "J*** S****");
+        assert_eq!(m(FieldName::Name, "Madonna"), "M******");
+        assert_eq!(m(FieldName::Name, "Иван Петров"), "И*** П*****");
+        // One-letter words would otherwise be shown whole.
+        assert_eq!(m(FieldName::Name, "A B"), "A**");
+        assert_eq!(m(FieldName::Name, "A"), "*");
+    }
+
+    #[test]
+    fn id_numbers_hide_the_birth_date() {
+        assert_eq!(
+            m(FieldName::IdNumber, "450102199003071234"),
+            "450***********1234"
+        );
+        assert_eq!(
+            m(FieldName::IdNumber, "11010519491231002X"),
+            "110***********002X"
+        );
+        assert_eq!(m(FieldName::IdNumber, "KAZ110090123105"), "KAZ********3105");
+    }
+
+    #[test]
+    fn short_document_numbers_hide_at_least_half() {
+        assert_eq!(m(FieldName::IdNumber, "H12345678"), "H******78");
+        assert_eq!(m(FieldName::IdNumber, "E1234"), "E***4");
+        assert_eq!(m(FieldName::IdNumber, "12345678"), "1*****78");
+        assert_eq!(m(FieldName::IdNumber, "AB"), "A*");
+        assert_eq!(m(FieldName::IdNumber, "A"), "*");
+        assert_eq!(m(FieldName::IdNumber, "军官证123"), "军***23");
+    }
+
+    #[test]
+    fn phones_show_in_national_display_form() {
+        assert_eq!(m(FieldName::Phone, "+8613812341234"), "138****1234");
+        assert_eq!(m(FieldName::Phone, "+8677156785678"), "0771****5678");
+        assert_eq!(m(FieldName::Phone, "+867715601234"), "0771****1234");
+        assert_eq!(m(FieldName::Phone, "+861062345678"), "010****5678");
+        assert_eq!(m(FieldName::Phone, "+862087654321"), "020****4321");
+        for unexpected in ["13812341234", "+86", "+86abc", "+8612345"] {
+            assert_eq!(m(FieldName::Phone, unexpected), "****", "{unexpected}");
+        }
+    }
+
+    #[test]
+    fn emails_keep_the_first_character_and_the_domain() {
+        assert_eq!(
+            m(FieldName::Email, "zhangsan@example.com"),
+            "z***@example.com"
+        );
+        assert_eq!(m(FieldName::Email, "张三@例子.中国"), "张***@例子.中国");
+        assert_eq!(m(FieldName::Email, "no-at-sign"), "****");
+        assert_eq!(m(FieldName::Email, "@example.com"), "****");
+    }
+
+    #[test]
+    fn dates_and_postal_codes() {
+        assert_eq!(m(FieldName::DateOfBirth, "1990-03-07"), "1990-**-**");
+        assert_eq!(m(FieldName::DateOfBirth, "1990/03/07"), "****");
+        assert_eq!(m(FieldName::PostalCode, "530022"), "530***");
+        assert_eq!(m(FieldName::PostalCode, "5300"), "****");
+    }
+
+    #[test]
+    fn addresses_keep_the_administrative_prefix() {
+        let cases = [
+            (
+                "广西壮族自治区南宁市青秀区民族大道100号",
+                "广西壮族自治区南宁市青秀区****",
+            ),
+            (
+                "广西壮族自治区南宁市西乡塘区大学东路",
+                "广西壮族自治区南宁市西乡塘区****",
+            ),
+            ("北京市朝阳区望京花园小区3号楼", "北京市朝阳区****"),
+            ("上海市浦东新区世纪大道1号", "上海市浦东新区****"),
+            ("重庆市渝中区解放碑", "重庆市渝中区****"),
+            ("湖北省荆州市沙市区北京路", "湖北省荆州市沙市区****"),
+            ("山东省济南市市中区经四路", "山东省济南市市中区****"),
+            ("江苏省南京市鼓楼区中山路", "江苏省南京市鼓楼区****"),
+            ("湖北省仙桃市沙嘴街道杨林小区", "湖北省仙桃市****"),
+            ("湖北省神农架林区松柏镇", "湖北省神农架林区****"),
+            (
+                "海南省琼中黎族苗族自治县营根镇",
+                "海南省琼中黎族苗族自治县****",
+            ),
+            (
+                "内蒙古自治区锡林郭勒盟锡林浩特市额尔敦路",
+                "内蒙古自治区锡林郭勒盟锡林浩特市****",
+            ),
+            (
+                "内蒙古自治区鄂尔多斯市乌审旗嘎鲁图镇",
+                "内蒙古自治区鄂尔多斯市乌审旗****",
+            ),
+            (
+                "新疆维吾尔自治区克孜勒苏柯尔克孜自治州阿图什市",
+                "新疆维吾尔自治区克孜勒苏柯尔克孜自治州阿图什市****",
+            ),
+            (
+                "西藏自治区阿里地区噶尔县狮泉河镇",
+                "西藏自治区阿里地区噶尔县****",
+            ),
+            (
+                "香港特别行政区油尖旺区弥敦道1号",
+                "香港特别行政区油尖旺区****",
+            ),
+            ("南宁市青秀区民族大道100号", "南宁市青秀区****"),
+            (
+                "广西壮族自治区南宁市人民路东区5号",
+                "广西壮族自治区南宁市****",
+            ),
+            ("广西壮族自治区", "广西壮族自治区****"),
+        ];
+        for (address, masked) in cases {
+            assert_eq!(address_mask(address), masked, "{address}");
+        }
+    }
+
+    #[test]
+    fn addresses_without_a_recognised_prefix_are_fully_hidden() {
+        for address in [
+            "民族大道100号",
+            "青秀区民族大道100号",
+            "阳光花园东区5栋",
+            "城市花园3栋",
+            "1600 Amphitheatre Parkway, Mountain View",
+            "",
+        ] {
+            assert_eq!(address_mask(address), "****", "{address}");
+        }
+    }
+
+    #[test]
+    fn unmaskable_fields() {
+        for f in [FieldName::Gender, FieldName::IdType, FieldName::Nationality] {
+            assert_eq!(mask(f, "MALE"), None);
+            assert!(!supports_mask(f));
+        }
+        for f in FieldName::ALL {
+            assert_eq!(supports_mask(f), mask(f, "x").is_some());
+        }
+    }
+
+    #[test]
+    fn generalisations() {
+        let g = |f, v| generalize(f, v);
+        assert_eq!(
+            g(FieldName::DateOfBirth, "1990-03-07").as_deref(),
+            Some("1990")
+        );
+        assert_eq!(g(FieldName::DateOfBirth, "1990"), None);
+        assert_eq!(
+            g(
+                FieldName::Address,
+                "广西壮族自治区南宁市青秀区民族大道100号"
+            )
+            .as_deref(),
+            Some("广西壮族自治区南宁市")
+        );
+        assert_eq!(
+            g(FieldName::Address, "北京市朝阳区望京").as_deref(),
+            Some("北京市")
+        );
+        assert_eq!(
+            g(FieldName::Address, "南宁市青秀区").as_deref(),
+            Some("南宁市")
+        );
+        assert_eq!(g(FieldName::Address, "民族大道100号"), None);
+        assert_eq!(
+            g(FieldName::IdNumber, "450102199003071234").as_deref(),
+            Some("450102")
+        );
+        assert_eq!(
+            g(FieldName::IdNumber, "11010519491231002X").as_deref(),
+            Some("110105")
+        );
+        assert_eq!(
+            g(FieldName::IdNumber, "810000199003071241").as_deref(),
+            Some("810000")
+        );
+        assert_eq!(g(FieldName::IdNumber, "911398199012310021"), None);
+        for other in [
+            "H12345678",
+            "E12345678",
+            "KAZ110090123105",
+            "1101051949123100XX",
+            "11010519491231002",
+        ] {
+            assert_eq!(g(FieldName::IdNumber, other), None, "{other}");
+        }
+        assert_eq!(
+            g(FieldName::PostalCode, "530022").as_deref(),
+            Some("530000")
+        );
+        assert_eq!(g(FieldName::PostalCode, "53002"), None);
+        for f in [
+            FieldName::Name,
+            FieldName::Gender,
+            FieldName::IdType,
+            FieldName::Nationality,
+            FieldName::Phone,
+            FieldName::Email,
+        ] {
+            assert_eq!(g(f, "MALE"), None);
+            assert!(!supports_generalize(f));
+        }
+        for f in [
+            FieldName::DateOfBirth,
+            FieldName::Address,
+            FieldName::IdNumber,
+            FieldName::PostalCode,
+        ] {
+            assert!(supports_generalize(f));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn total_on_any_string(value in any::<String>(), field in proptest::sample::select(FieldName::ALL.to_vec())) {
+            let masked = mask(field, &value);
+            prop_assert_eq!(masked.is_some(), supports_mask(field));
+            if let Some(masked) = masked {
+                // A value with something to hide is never shown whole.
+                if value.chars().count() >= 2 && !value.contains('*') {
+                    prop_assert_ne!(masked, value.clone());
+                }
+            }
+            if generalize(field, &value).is_some() {
+                prop_assert!(supports_generalize(field));
+            }
+        }
+
+        #[test]
+        fn document_masks_keep_length_and_hide_at_least_half(number in "[0-9A-Z]{1,18}|\\PC{1,64}") {
+            let masked = m(FieldName::IdNumber, &number);
+            let len = number.chars().count();
+            prop_assert_eq!(masked.chars().count(), len);
+            let hidden = masked.chars().zip(number.chars()).filter(|(m, n)| m != n || *m == '*').count();
+            prop_assert!(hidden * 2 >= len);
+        }
+
+        #[test]
+        fn birth_digits_of_18_char_numbers_are_always_hidden(number in "[0-9]{17}[0-9X]") {
+            let masked = m(FieldName::IdNumber, &number);
+            prop_assert!(masked.chars().skip(6).take(8).all(|c| c == '*'));
+            let expected = (!number.starts_with('9')).then(|| number[..6].to_owned());
+            prop_assert_eq!(generalize(FieldName::IdNumber, &number), expected);
+        }
+
+        #[test]
+        fn mobile_masks_show_three_and_four(national in "1[3-9][0-9]{9}") {
+            let masked = m(FieldName::Phone, &format!("+86{national}"));
+            prop_assert_eq!(masked, format!("{}****{}", &national[..3], &national[7..]));
+        }
+
+        #[test]
+        fn address_masks_never_reveal_beyond_the_prefix(street in "[0-9A-Za-z路号楼栋室大道街]{0,20}") {
+            let address = format!("广西壮族自治区南宁市青秀区{street}");
+            prop_assert_eq!(address_mask(&address), "广西壮族自治区南宁市青秀区****");
+        }
+    }
 }

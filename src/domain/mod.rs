@@ -92,7 +92,9 @@ pub struct Violation {
 }
 
 impl Violation {
-    fn new(field: FieldName, reason: Reason) -> Violation {
+    /// The reason is `'static` so that callers elsewhere in the crate cannot interpolate a
+    /// submitted value into it either.
+    pub fn new(field: FieldName, reason: &'static str) -> Violation {
         Violation {
             field: field.as_str().to_owned(),
             reason: reason.to_owned(),
