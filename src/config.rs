@@ -129,8 +129,10 @@ impl Config {
         figment = figment.merge(
             Env::prefixed("PDVAULT_")
                 .split("__")
-                // Variables of the command line itself, not configuration keys.
-                .ignore(&["config", "token", "addr"]),
+                // Variables of the command line itself and of the test suite
+                // (PDVAULT_TEST_*), not configuration keys.
+                .ignore(&["config", "token", "addr"])
+                .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_")),
         );
         let mut flag_layer = Figment::new();
         if let Some(listen) = flags.listen {
@@ -206,6 +208,7 @@ mod tests {
             )?;
             jail.set_env("PDVAULT_DATABASE__MAX_CONNECTIONS", "5");
             jail.set_env("PDVAULT_LISTEN", "127.0.0.1:7001");
+            jail.set_env("PDVAULT_TEST_POSTGRES_URL", "postgres://ignored");
             let flags = FlagOverrides {
                 listen: Some("127.0.0.1:7002".parse().unwrap()),
                 ..FlagOverrides::default()
