@@ -8,9 +8,13 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use std::sync::Arc;
+
 use crate::config::{Config, FlagOverrides};
+use crate::keys::Keyring;
 use crate::policy::token_sha256_hex;
 use crate::startup::{Application, generate_token, open_store};
+use crate::store::Store;
 
 #[derive(Debug, Parser)]
 #[command(name = "pdvault", version, about = "Personal-data vault")]
@@ -28,6 +32,17 @@ enum Command {
     /// Make caller credentials for the `callers` section of the config.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Inspect the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Walk every chain, checkpoint and expiry marker; exit 1 on the first sign of tampering.
+    Verify(ConfigArgs),
+    /// Sign a checkpoint of every chain's head now.
+    Checkpoint(ConfigArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +88,8 @@ pub async fn run() -> ExitCode {
         Command::Migrate(args) => migrate(args).await,
         Command::Token(TokenCommand::Generate) => token_generate(),
         Command::Token(TokenCommand::Hash) => token_hash(),
+        Command::Audit(AuditCommand::Verify(args)) => audit_verify(args).await,
+        Command::Audit(AuditCommand::Checkpoint(args)) => audit_checkpoint(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,6 +119,49 @@ async fn migrate(args: ConfigArgs) -> Result<(), String> {
     let store = open_store(&config).await.map_err(|e| e.to_string())?;
     store.migrate().await.map_err(|e| e.to_string())?;
     println!("migrations applied");
+    Ok(())
+}
+
+/// The store and keyring of an installation, opened without creating anything.
+async fn open_existing(args: &ConfigArgs) -> Result<(Arc<dyn Store>, Keyring), String> {
+    let config = args.load()?;
+    crate::telemetry::init(&config.log);
+    let store = open_store(&config).await.map_err(|e| e.to_string())?;
+    store.migrate().await.map_err(|e| e.to_string())?;
+    let keys = Keyring::load(&config.keyring_path()).map_err(|e| e.to_string())?;
+    Ok((store, keys))
+}
+
+async fn audit_verify(args: ConfigArgs) -> Result<(), String> {
+    let (store, keys) = open_existing(&args).await?;
+    let report = crate::audit::verify(store.as_ref(), keys.audit_signing())
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "chains: {}  events: {}  checkpoints: {}",
+        report.chains, report.events, report.checkpoints
+    );
+    for problem in &report.problems {
+        println!("PROBLEM: {problem}");
+    }
+    if report.ok() {
+        println!("audit trail verified");
+        Ok(())
+    } else {
+        Err(format!(
+            "{} problem(s) found in the audit trail",
+            report.problems.len()
+        ))
+    }
+}
+
+async fn audit_checkpoint(args: ConfigArgs) -> Result<(), String> {
+    let (store, keys) = open_existing(&args).await?;
+    let now = chrono::Utc::now().timestamp_micros();
+    let checkpoint = crate::audit::write_checkpoint(store.as_ref(), keys.audit_signing(), now)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("checkpoint of {} chain(s) written", checkpoint.heads.len());
     Ok(())
 }
 

@@ -33,6 +33,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub keys: KeysConfig,
     pub admin: AdminConfig,
+    pub audit: AuditConfig,
     pub log: LogConfig,
     /// Purposes by name; merged over the shipped defaults key by key.
     pub purposes: BTreeMap<String, PurposeConfig>,
@@ -66,6 +67,17 @@ pub struct AdminConfig {
     pub token_path: Option<PathBuf>,
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Seconds between signed checkpoints of every chain's head. A tail cut off after the
+    /// last checkpoint is not detectable, so this bounds that window.
+    pub checkpoint_interval_secs: u64,
+    /// Days audit events are kept; older checkpointed segments are removed (default three
+    /// years). Deleting a record never deletes its trail.
+    pub retention_days: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -97,6 +109,10 @@ impl Default for Config {
             admin: AdminConfig {
                 enabled: true,
                 token_path: None,
+            },
+            audit: AuditConfig {
+                checkpoint_interval_secs: 60,
+                retention_days: 3 * 365,
             },
             log: LogConfig {
                 format: LogFormat::Human,

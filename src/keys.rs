@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::crypto::{
-    BlindIndexKey, CryptoError, DataKey, Kek, PseudonymKey, SecretKey, parse_wrap_header,
+    AuditSigningKey, BlindIndexKey, CryptoError, DataKey, Kek, PseudonymKey, SecretKey,
+    parse_wrap_header,
 };
 
 /// Name under which the local keyring's KEKs appear in wrapped keys.
@@ -47,6 +48,7 @@ pub struct Keyring {
     active_version: u32,
     blind_index: BlindIndexKey,
     pseudonym: PseudonymKey,
+    audit_signing: AuditSigningKey,
 }
 
 impl Keyring {
@@ -102,11 +104,14 @@ impl Keyring {
             .map_err(|_| malformed("blind_index_key is not a base64 256-bit key".into()))?;
         let pseudonym = decode_key(&file.pseudonym_key)
             .map_err(|_| malformed("pseudonym_key is not a base64 256-bit key".into()))?;
+        let audit_signing = decode_key(&file.audit_signing_key)
+            .map_err(|_| malformed("audit_signing_key is not a base64 256-bit seed".into()))?;
         Ok(Keyring {
             keks,
             active_version: file.active_version,
             blind_index: BlindIndexKey::new(blind_index),
             pseudonym: PseudonymKey::new(pseudonym),
+            audit_signing: AuditSigningKey::new(audit_signing),
         })
     }
 
@@ -119,6 +124,7 @@ impl Keyring {
             active_version: 1,
             blind_index: BlindIndexKey::new(SecretKey::generate()?),
             pseudonym: PseudonymKey::new(SecretKey::generate()?),
+            audit_signing: AuditSigningKey::new(SecretKey::generate()?),
         })
     }
 
@@ -150,6 +156,10 @@ impl Keyring {
     pub fn pseudonym(&self) -> &PseudonymKey {
         &self.pseudonym
     }
+
+    pub fn audit_signing(&self) -> &AuditSigningKey {
+        &self.audit_signing
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -159,6 +169,8 @@ struct KeyringFile {
     keks: Vec<KekEntry>,
     blind_index_key: Zeroizing<String>,
     pseudonym_key: Zeroizing<String>,
+    /// Ed25519 seed that signs audit checkpoints.
+    audit_signing_key: Zeroizing<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -192,6 +204,7 @@ fn write_new_keyring(path: &Path) -> Result<(), KeyringError> {
         }],
         blind_index_key: encode_key(&SecretKey::generate()?),
         pseudonym_key: encode_key(&SecretKey::generate()?),
+        audit_signing_key: encode_key(&SecretKey::generate()?),
     };
     let json = Zeroizing::new(serde_json::to_string_pretty(&file).map_err(|e| {
         KeyringError::Malformed {
@@ -295,5 +308,6 @@ mod tests {
         let printed = format!("{ring:?}");
         // One KEK, the blind-index key and the pseudonym key, each redacted.
         assert_eq!(printed.matches("SecretKey(<redacted>)").count(), 3);
+        assert!(printed.contains("AuditSigningKey(<redacted>)"));
     }
 }

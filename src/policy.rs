@@ -52,6 +52,33 @@ impl Rpc {
     }
 }
 
+/// Grants beyond the Vault RPCs, each guarding a whole service or command family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Grant {
+    /// `pdvault.v1.Audit`: read the trail, list disclosures, verify chains.
+    AuditRead,
+    /// `pdvault.v1.AccountSecurity`: suspend and reinstate accounts.
+    AccountsSuspend,
+    /// `pdvault.v1.KeyManagement`: rotate, rewrap, retire and destroy keys.
+    KeysRotate,
+}
+
+impl Grant {
+    pub const ALL: [Grant; 3] = [Grant::AuditRead, Grant::AccountsSuspend, Grant::KeysRotate];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::AuditRead => "audit.read",
+            Grant::AccountsSuspend => "accounts.suspend",
+            Grant::KeysRotate => "keys.rotate",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Grant> {
+        Grant::ALL.into_iter().find(|grant| grant.as_str() == name)
+    }
+}
+
 /// How much of a field a purpose may see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -101,6 +128,9 @@ pub struct CallerConfig {
     pub rpcs: Vec<String>,
     #[serde(default)]
     pub purposes: Vec<String>,
+    /// Grants such as `audit.read`, `accounts.suspend`, `keys.rotate`.
+    #[serde(default)]
+    pub grants: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -117,11 +147,16 @@ pub struct Caller {
     token_hash: [u8; 32],
     rpcs: BTreeSet<Rpc>,
     purposes: BTreeSet<String>,
+    grants: BTreeSet<Grant>,
 }
 
 impl Caller {
     pub fn may_call(&self, rpc: Rpc) -> bool {
         self.rpcs.contains(&rpc)
+    }
+
+    pub fn has_grant(&self, grant: Grant) -> bool {
+        self.grants.contains(&grant)
     }
 
     pub fn has_purpose(&self, purpose: &str) -> bool {
@@ -197,6 +232,18 @@ impl Policy {
 
     pub fn purpose(&self, name: &str) -> Option<&Purpose> {
         self.purposes.get(name)
+    }
+
+    /// Purposes whose releases are disclosures the person can be told about.
+    pub fn disclosure_purposes(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .purposes
+            .values()
+            .filter(|p| p.disclosure)
+            .map(|p| p.name.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     pub fn purpose_names(&self) -> impl Iterator<Item = &str> {
@@ -287,11 +334,20 @@ fn build_caller(
             }
         })
         .collect::<Result<BTreeSet<_>, _>>()?;
+    let grants = config
+        .grants
+        .iter()
+        .map(|name| {
+            Grant::parse(name)
+                .ok_or_else(|| invalid(key("grants"), format!("unknown grant {name:?}")))
+        })
+        .collect::<Result<BTreeSet<_>, _>>()?;
     Ok(Caller {
         name: config.name.clone(),
         token_hash: hash,
         rpcs,
         purposes: granted,
+        grants,
     })
 }
 
@@ -399,6 +455,7 @@ mod tests {
             token_sha256: token_sha256_hex(token),
             rpcs: vec!["GetRecord".into()],
             purposes: purposes.iter().map(|p| p.to_string()).collect(),
+            grants: vec![],
         }
     }
 
@@ -482,6 +539,14 @@ mod tests {
         assert!(
             err.to_string()
                 .starts_with("callers[0].purposes: unknown purpose")
+        );
+
+        let mut bad_grant = caller("a", "t", &[]);
+        bad_grant.grants = vec!["audit.write".into()];
+        let err = Policy::build(&default_purposes(), &[bad_grant]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("callers[0].grants: unknown grant")
         );
 
         let mut bad_hash = caller("a", "t", &[]);

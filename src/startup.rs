@@ -4,8 +4,11 @@
 //!
 //! [`Application::build`] binds before it returns, so with `listen = 127.0.0.1:0` tests
 //! learn the real port from [`Application::local_addr`] and talk to a fully started server.
-//! Shutdown: [`Application::run_until`] stops accepting connections when its signal fires
-//! and waits for in-flight calls to finish before returning.
+//!
+//! Shutdown, in order: [`Application::run_until`] stops accepting connections when its
+//! signal fires and waits for in-flight calls to finish; dropping the last vault handle
+//! closes the audit queue, whose writer flushes what is left and stops; the maintenance task
+//! is stopped; a last signed checkpoint seals every chain's head; then it returns.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,10 +18,12 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::config::Config;
-use crate::grpc::VaultService;
+use crate::audit::AuditLog;
+use crate::config::{AuditConfig, Config};
+use crate::grpc::{AuditService, VaultService};
 use crate::keys::{Keyring, KeyringError, write_private_file};
-use crate::policy::{CallerConfig, Policy, PolicyError, Rpc, token_sha256_hex};
+use crate::policy::{CallerConfig, Grant, Policy, PolicyError, Rpc, token_sha256_hex};
+use crate::proto::audit_server::AuditServer;
 use crate::proto::vault_server::VaultServer;
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
 use crate::vault::{Clock, SystemClock, Vault};
@@ -54,6 +59,11 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     vault: Arc<Vault>,
+    store: Arc<dyn Store>,
+    keys: Arc<Keyring>,
+    clock: Arc<dyn Clock>,
+    audit_writer: tokio::task::JoinHandle<()>,
+    audit_config: AuditConfig,
     admin_token_path: Option<PathBuf>,
 }
 
@@ -80,7 +90,16 @@ impl Application {
             None
         };
         let policy = Policy::build(&config.purposes, &callers)?;
-        let vault = Arc::new(Vault::new(store, Arc::new(keys), Arc::new(policy), clock));
+        let keys = Arc::new(keys);
+        let (audit, audit_writer) =
+            AuditLog::start(Arc::clone(&store), clock.now().timestamp_micros()).await?;
+        let vault = Arc::new(Vault::new(
+            Arc::clone(&store),
+            Arc::clone(&keys),
+            Arc::new(policy),
+            Arc::clone(&clock),
+            audit,
+        ));
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -96,6 +115,11 @@ impl Application {
             listener,
             local_addr,
             vault,
+            store,
+            keys,
+            clock,
+            audit_writer,
+            audit_config: config.audit,
             admin_token_path,
         })
     }
@@ -124,13 +148,69 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartupError> {
         tracing::info!(addr = %self.local_addr, "pdvault listening");
-        let service = VaultServer::new(VaultService::new(self.vault));
-        tonic::transport::Server::builder()
-            .add_service(service)
+        let maintenance = tokio::spawn(audit_maintenance(
+            Arc::clone(&self.store),
+            Arc::clone(&self.keys),
+            Arc::clone(&self.clock),
+            self.audit_config.clone(),
+        ));
+        let served = tonic::transport::Server::builder()
+            .add_service(VaultServer::new(VaultService::new(Arc::clone(&self.vault))))
+            .add_service(AuditServer::new(AuditService::new(Arc::clone(&self.vault))))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
-            .await?;
+            .await;
+        // The server has dropped its services; dropping ours closes the audit queue.
+        drop(self.vault);
+        if self.audit_writer.await.is_err() {
+            tracing::error!("audit writer task failed");
+        }
+        maintenance.abort();
+        let now = self.clock.now().timestamp_micros();
+        match crate::audit::write_checkpoint(self.store.as_ref(), self.keys.audit_signing(), now)
+            .await
+        {
+            Ok(_) => tracing::info!("final audit checkpoint written"),
+            Err(error) => tracing::error!(%error, "could not write the final audit checkpoint"),
+        }
+        served?;
         tracing::info!("pdvault stopped");
         Ok(())
+    }
+}
+
+/// Signs checkpoints every `checkpoint_interval_secs` and, about hourly, removes audit
+/// segments past retention. Failures are logged and retried on the next tick: a missed
+/// checkpoint widens the window a cut tail could go unseen, but must not stop serving.
+async fn audit_maintenance(
+    store: Arc<dyn Store>,
+    keys: Arc<Keyring>,
+    clock: Arc<dyn Clock>,
+    config: AuditConfig,
+) {
+    let interval = std::time::Duration::from_secs(config.checkpoint_interval_secs.max(1));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let ticks_per_expiry = (3600 / config.checkpoint_interval_secs.max(1)).max(1);
+    let retention_micros = i64::try_from(config.retention_days)
+        .unwrap_or(i64::MAX / 86_400_000_000)
+        .saturating_mul(86_400_000_000);
+    for tick in 1u64.. {
+        ticker.tick().await;
+        let now = clock.now().timestamp_micros();
+        if let Err(error) =
+            crate::audit::write_checkpoint(store.as_ref(), keys.audit_signing(), now).await
+        {
+            tracing::error!(%error, "audit checkpoint failed");
+        }
+        if tick % ticks_per_expiry == 0 {
+            let cutoff = now.saturating_sub(retention_micros);
+            match crate::audit::expire(store.as_ref(), keys.audit_signing(), cutoff, now).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "expired audit events past retention"),
+                Err(error) => tracing::error!(%error, "audit retention failed"),
+            }
+        }
     }
 }
 
@@ -169,6 +249,7 @@ fn admin_caller(path: &Path, config: &Config) -> Result<CallerConfig, StartupErr
         token_sha256: token_sha256_hex(token.trim()),
         rpcs: Rpc::ALL.iter().map(|rpc| rpc.as_str().to_owned()).collect(),
         purposes: config.purposes.keys().cloned().collect(),
+        grants: Grant::ALL.iter().map(|g| g.as_str().to_owned()).collect(),
     })
 }
 

@@ -16,15 +16,16 @@ use std::sync::Arc;
 use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
 use zeroize::Zeroizing;
 
+use crate::audit::{AuditEvent, AuditLog, StoredEvent, VerifyReport};
 use crate::crypto::{CryptoError, DataKey};
 use crate::domain::{
     FieldName, IdDocument, IdType, Identity, IdentityInput, PhoneNumber, Violation, generalize,
     mask,
 };
 use crate::keys::Keyring;
-use crate::policy::{Caller, Policy, Purpose, ReleaseLevel, Rpc};
+use crate::policy::{Caller, Grant, Policy, Purpose, ReleaseLevel, Rpc};
 use crate::store::{
-    AuditEvent, CreateRequestKey, InsertOutcome, Micros, NewRecord, RecordMeta, RecordState,
+    AuditQuery, CreateRequestKey, InsertOutcome, Micros, NewRecord, RecordMeta, RecordState,
     RecordUpdate, SealedField, Store, StoreError,
 };
 
@@ -111,6 +112,7 @@ pub struct CallContext {
     pub caller: Arc<Caller>,
     pub peer: Option<String>,
     pub request_id: Option<String>,
+    pub trace_id: Option<String>,
 }
 
 /// A released field: the value at the level the purpose allows.
@@ -140,6 +142,7 @@ pub struct Vault {
     keys: Arc<Keyring>,
     policy: Arc<Policy>,
     clock: Arc<dyn Clock>,
+    audit: AuditLog,
     /// The time zone dates are judged in (China Standard Time has had no DST since 1991).
     zone: FixedOffset,
 }
@@ -150,12 +153,14 @@ impl Vault {
         keys: Arc<Keyring>,
         policy: Arc<Policy>,
         clock: Arc<dyn Clock>,
+        audit: AuditLog,
     ) -> Vault {
         Vault {
             store,
             keys,
             policy,
             clock,
+            audit,
             zone: FixedOffset::east_opt(8 * 3600).expect("UTC+8 is a valid offset"),
         }
     }
@@ -166,6 +171,10 @@ impl Vault {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     fn now_micros(&self) -> Micros {
@@ -222,7 +231,7 @@ impl Vault {
             created_at: now,
             record_id: record_id.clone(),
         };
-        let audit = self.event(ctx, Rpc::CreateRecord, vec![record_id], "OK", None);
+        let audit = self.event(ctx, Rpc::CreateRecord.as_str(), vec![record_id], "OK", None);
         match self.store.insert_record(record, request, &audit).await? {
             InsertOutcome::Inserted(meta) => Ok(meta),
             InsertOutcome::Replayed {
@@ -260,13 +269,10 @@ impl Vault {
                         (field.as_str().to_owned(), value.level.as_str().to_owned())
                     })
                     .collect();
-                self.store
-                    .append_audit(std::slice::from_ref(&event))
-                    .await
-                    .map_err(|error| {
-                        tracing::error!(%error, "audit write failed; refusing to release");
-                        VaultError::AuditUnavailable
-                    })?;
+                self.audit.record(event).await.map_err(|error| {
+                    tracing::error!(%error, "audit write failed; refusing to release");
+                    VaultError::AuditUnavailable
+                })?;
                 Ok(release)
             }
             Err(error) => {
@@ -317,7 +323,13 @@ impl Vault {
                 fields.push((field, ReleasedValue { value, level }));
             }
         }
-        let mut event = self.event(ctx, Rpc::GetRecord, vec![record_id.to_owned()], "OK", None);
+        let mut event = self.event(
+            ctx,
+            Rpc::GetRecord.as_str(),
+            vec![record_id.to_owned()],
+            "OK",
+            None,
+        );
         event.purpose = Some(purpose.name.clone());
         event.justification = non_empty(justification);
         Ok((
@@ -432,7 +444,7 @@ impl Vault {
         };
         let audit = self.event(
             ctx,
-            Rpc::UpdateRecord,
+            Rpc::UpdateRecord.as_str(),
             vec![record_id.to_owned()],
             "OK",
             None,
@@ -452,7 +464,7 @@ impl Vault {
         let now = self.now_micros();
         let mut audit = self.event(
             ctx,
-            Rpc::DeleteRecord,
+            Rpc::DeleteRecord.as_str(),
             vec![record_id.to_owned()],
             "OK",
             None,
@@ -472,16 +484,19 @@ impl Vault {
         let result = self.lookup(ctx, purpose, justification, key).await;
         match result {
             Ok(record_ids) => {
-                let mut event = self.event(ctx, Rpc::FindRecords, record_ids.clone(), "OK", None);
+                let mut event = self.event(
+                    ctx,
+                    Rpc::FindRecords.as_str(),
+                    record_ids.clone(),
+                    "OK",
+                    None,
+                );
                 event.purpose = Some(purpose.to_owned());
                 event.justification = non_empty(justification);
-                self.store
-                    .append_audit(std::slice::from_ref(&event))
-                    .await
-                    .map_err(|error| {
-                        tracing::error!(%error, "audit write failed; refusing to answer");
-                        VaultError::AuditUnavailable
-                    })?;
+                self.audit.record(event).await.map_err(|error| {
+                    tracing::error!(%error, "audit write failed; refusing to answer");
+                    VaultError::AuditUnavailable
+                })?;
                 Ok(record_ids)
             }
             Err(error) => {
@@ -543,6 +558,70 @@ impl Vault {
             .ok_or(VaultError::NotFound)
     }
 
+    fn require_grant(&self, ctx: &CallContext, grant: Grant) -> Result<(), VaultError> {
+        if ctx.caller.has_grant(grant) {
+            Ok(())
+        } else {
+            Err(VaultError::OperationNotGranted(grant.as_str()))
+        }
+    }
+
+    /// Audit events for compliance staff. Reading the trail is itself audited.
+    pub async fn list_audit_events(
+        &self,
+        ctx: &CallContext,
+        query: AuditQuery,
+    ) -> Result<Vec<StoredEvent>, VaultError> {
+        self.require_grant(ctx, Grant::AuditRead)?;
+        if query.plaintext_only && query.caller.is_none() {
+            return Err(violation("caller", "is required with plaintext_only"));
+        }
+        let events = self.store.list_audit_events(&query).await?;
+        self.audit_read(ctx, "ListAuditEvents", query.record_id)
+            .await?;
+        Ok(events)
+    }
+
+    /// Releases of one person's data under purposes flagged as disclosures.
+    pub async fn list_disclosures(
+        &self,
+        ctx: &CallContext,
+        record_id: &str,
+        limit: u32,
+        after: Option<(Micros, String)>,
+    ) -> Result<Vec<StoredEvent>, VaultError> {
+        self.require_grant(ctx, Grant::AuditRead)?;
+        check_record_id(record_id)?;
+        let purposes = self.policy.disclosure_purposes();
+        let events = self
+            .store
+            .list_disclosures(record_id, &purposes, limit, after)
+            .await?;
+        self.audit_read(ctx, "ListDisclosures", Some(record_id.to_owned()))
+            .await?;
+        Ok(events)
+    }
+
+    pub async fn verify_audit(&self, ctx: &CallContext) -> Result<VerifyReport, VaultError> {
+        self.require_grant(ctx, Grant::AuditRead)?;
+        let report = crate::audit::verify(self.store.as_ref(), self.keys.audit_signing()).await?;
+        self.audit_read(ctx, "VerifyAuditChain", None).await?;
+        Ok(report)
+    }
+
+    async fn audit_read(
+        &self,
+        ctx: &CallContext,
+        rpc: &str,
+        record_id: Option<String>,
+    ) -> Result<(), VaultError> {
+        let event = self.event(ctx, rpc, record_id.into_iter().collect(), "OK", None);
+        self.audit
+            .record(event)
+            .await
+            .map_err(|_| VaultError::AuditUnavailable)
+    }
+
     fn document_index(&self, identity: &Identity) -> Option<Vec<u8>> {
         identity.id_document().map(|doc| {
             self.keys
@@ -562,7 +641,7 @@ impl Vault {
     fn event(
         &self,
         ctx: &CallContext,
-        rpc: Rpc,
+        rpc: &str,
         record_ids: Vec<String>,
         outcome: &str,
         reason: Option<String>,
@@ -570,9 +649,10 @@ impl Vault {
         AuditEvent {
             event_id: new_event_id(),
             occurred_at: self.now_micros(),
+            chain_id: self.audit.chain_id().to_owned(),
             caller: ctx.caller.name.clone(),
             peer: ctx.peer.clone(),
-            rpc: rpc.as_str().to_owned(),
+            rpc: rpc.to_owned(),
             record_ids,
             purpose: None,
             justification: None,
@@ -580,6 +660,7 @@ impl Vault {
             outcome: outcome.to_owned(),
             reason,
             request_id: ctx.request_id.clone(),
+            trace_id: ctx.trace_id.clone(),
         }
     }
 
@@ -594,10 +675,10 @@ impl Vault {
         error: &VaultError,
     ) {
         let (outcome, reason) = refusal_reason(error);
-        let mut event = self.event(ctx, rpc, record_ids, outcome, Some(reason));
+        let mut event = self.event(ctx, rpc.as_str(), record_ids, outcome, Some(reason));
         event.purpose = non_empty(&truncate(purpose, 64));
         event.justification = non_empty(&truncate(justification, MAX_FREE_TEXT_LEN));
-        if let Err(error) = self.store.append_audit(std::slice::from_ref(&event)).await {
+        if let Err(error) = self.audit.record(event).await {
             tracing::error!(%error, "could not audit a refused request");
         }
     }

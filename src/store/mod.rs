@@ -15,6 +15,8 @@ mod sqlite;
 
 use async_trait::async_trait;
 
+use crate::audit::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
+
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -112,23 +114,21 @@ pub enum RecordState {
     Deleted,
 }
 
-/// One audit event. Holds no identity: record ids, names of fields and levels, caller and
-/// purpose names, never values.
-#[derive(Debug, Clone)]
-pub struct AuditEvent {
-    pub event_id: String,
-    pub occurred_at: Micros,
-    pub caller: String,
-    pub peer: Option<String>,
-    pub rpc: String,
-    pub record_ids: Vec<String>,
+/// Filters of an audit listing; `None` matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub record_id: Option<String>,
+    pub caller: Option<String>,
     pub purpose: Option<String>,
-    pub justification: Option<String>,
-    /// (field, level) pairs actually released.
-    pub released: Vec<(String, String)>,
-    pub outcome: String,
-    pub reason: Option<String>,
-    pub request_id: Option<String>,
+    pub outcome: Option<String>,
+    /// Inclusive lower and exclusive upper bound on `occurred_at`.
+    pub from: Option<Micros>,
+    pub to: Option<Micros>,
+    /// Only events that released plaintext; needs `caller` (the breach question).
+    pub plaintext_only: bool,
+    pub limit: u32,
+    /// Keyset cursor: continue after this (occurred_at, event_id), newest first.
+    pub after: Option<(Micros, String)>,
 }
 
 #[async_trait]
@@ -173,8 +173,53 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the record exists and is live; reads no identity.
     async fn record_state(&self, record_id: &str) -> Result<Option<RecordState>, StoreError>;
 
-    /// Durably appends audit events in one transaction.
+    /// Starts a new audit chain at its genesis hash.
+    async fn register_chain(
+        &self,
+        chain_id: &str,
+        started_at: Micros,
+        genesis: &[u8],
+    ) -> Result<(), StoreError>;
+
+    /// Durably appends audit events, linked into their chain, in one transaction (one flush
+    /// however many events: the group commit).
     async fn append_audit(&self, events: &[AuditEvent]) -> Result<(), StoreError>;
+
+    /// Audit events matching `query`, newest first.
+    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Events that released fields of `record_id` under one of `purposes`, newest first.
+    async fn list_disclosures(
+        &self,
+        record_id: &str,
+        purposes: &[String],
+        limit: u32,
+        after: Option<(Micros, String)>,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Every chain known: registered, with events, or expired.
+    async fn chain_ids(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Heads of all registered chains.
+    async fn chain_heads(&self) -> Result<Vec<ChainHead>, StoreError>;
+
+    /// Up to `limit` events of `chain_id` after `after_seq`, in sequence order.
+    async fn chain_events(
+        &self,
+        chain_id: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    async fn insert_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), StoreError>;
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
+
+    async fn expiry_markers(&self) -> Result<Vec<ExpiryMarker>, StoreError>;
+
+    /// Deletes the chain's events up to the marker's sequence and records the marker, in
+    /// one transaction.
+    async fn expire_chain_prefix(&self, marker: &ExpiryMarker) -> Result<u64, StoreError>;
 
     /// Round trip to the database, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;

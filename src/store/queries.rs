@@ -44,7 +44,87 @@ pub const FIND_BY_DOCUMENT: &str =
 
 pub const FIND_BY_PHONE: &str = "SELECT record_id FROM records WHERE phone_index = $1 AND deleted_at IS NULL ORDER BY record_id";
 
+/// Reserves `$2` sequence numbers on chain `$1`; returns the new head sequence and the
+/// previous head hash, and holds the chain's row lock until commit (on SQLite the write
+/// transaction is exclusive anyway).
+pub const ADVANCE_CHAIN: &str = "UPDATE audit_chains SET head_seq = head_seq + $2 \
+     WHERE chain_id = $1 RETURNING head_seq, head_hash";
+
+pub const SET_CHAIN_HASH: &str = "UPDATE audit_chains SET head_hash = $2 WHERE chain_id = $1";
+
+pub const REGISTER_CHAIN: &str = "INSERT INTO audit_chains (chain_id, started_at, head_seq, head_hash) \
+     VALUES ($1, $2, 0, $3)";
+
 pub const INSERT_AUDIT_EVENT: &str = "INSERT INTO audit_events \
-     (event_id, occurred_at, caller, peer, rpc, record_ids, purpose, justification, released, \
-      outcome, reason, request_id) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+     (chain_id, seq, event_id, occurred_at, caller, peer, rpc, record_id, record_ids, purpose, \
+      justification, released, plaintext, outcome, reason, request_id, trace_id, prev_hash, hash) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)";
+
+const EVENT_COLUMNS: &str = "chain_id, seq, event_id, occurred_at, caller, peer, rpc, record_ids, \
+     purpose, justification, released, outcome, reason, request_id, trace_id, prev_hash, hash";
+
+/// Newest first, keyset-paginated on (occurred_at, event_id); `NULL` filters match all.
+pub fn list_audit_events() -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM audit_events \
+         WHERE ($1 IS NULL OR record_id = $1) AND ($2 IS NULL OR caller = $2) \
+           AND ($3 IS NULL OR purpose = $3) AND ($4 IS NULL OR outcome = $4) \
+           AND occurred_at >= $5 AND occurred_at < $6 \
+           AND (occurred_at < $7 OR (occurred_at = $7 AND event_id < $8)) \
+         ORDER BY occurred_at DESC, event_id DESC LIMIT $9"
+    )
+}
+
+/// The breach question, answered from the partial index `audit_events_plaintext_releases`.
+pub fn plaintext_releases() -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM audit_events \
+         WHERE caller = $1 AND plaintext = 1 AND occurred_at >= $2 AND occurred_at < $3 \
+           AND (occurred_at < $4 OR (occurred_at = $4 AND event_id < $5)) \
+         ORDER BY occurred_at DESC, event_id DESC LIMIT $6"
+    )
+}
+
+/// Released fields of one record under the given purposes, newest first. `$3..` are the
+/// purposes, spliced in as numbered placeholders.
+pub fn disclosures(purposes: usize) -> String {
+    let placeholders: Vec<String> = (0..purposes).map(|i| format!("${}", i + 5)).collect();
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM audit_events \
+         WHERE record_id = $1 AND outcome = 'OK' AND released <> '[]' \
+           AND (occurred_at < $2 OR (occurred_at = $2 AND event_id < $3)) \
+           AND purpose IN ({}) \
+         ORDER BY occurred_at DESC, event_id DESC LIMIT $4",
+        placeholders.join(", ")
+    )
+}
+
+pub fn chain_events() -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM audit_events WHERE chain_id = $1 AND seq > $2 \
+         ORDER BY seq LIMIT $3"
+    )
+}
+
+pub const CHAIN_HEADS: &str =
+    "SELECT chain_id, head_seq, head_hash FROM audit_chains ORDER BY chain_id";
+
+pub const CHAIN_IDS: &str = "SELECT chain_id FROM audit_chains \
+     UNION SELECT DISTINCT chain_id FROM audit_events \
+     UNION SELECT chain_id FROM audit_expiry_markers";
+
+pub const INSERT_CHECKPOINT: &str =
+    "INSERT INTO audit_checkpoints (created_at, heads, signature) VALUES ($1, $2, $3)";
+
+pub const CHECKPOINTS: &str =
+    "SELECT id, created_at, heads, signature FROM audit_checkpoints ORDER BY id";
+
+pub const EXPIRY_MARKERS: &str =
+    "SELECT chain_id, up_to_seq, hash, expired_at, signature FROM audit_expiry_markers";
+
+pub const DELETE_CHAIN_PREFIX: &str = "DELETE FROM audit_events WHERE chain_id = $1 AND seq <= $2";
+
+pub const UPSERT_EXPIRY_MARKER: &str = "INSERT INTO audit_expiry_markers \
+     (chain_id, up_to_seq, hash, expired_at, signature) VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (chain_id) DO UPDATE SET up_to_seq = excluded.up_to_seq, hash = excluded.hash, \
+     expired_at = excluded.expired_at, signature = excluded.signature";

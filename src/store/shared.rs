@@ -20,7 +20,7 @@ macro_rules! impl_store {
                 &self,
                 record: $crate::store::NewRecord,
                 request: Option<$crate::store::CreateRequestKey>,
-                audit: &$crate::store::AuditEvent,
+                audit: &$crate::audit::AuditEvent,
             ) -> Result<$crate::store::InsertOutcome, $crate::store::StoreError> {
                 use $crate::store::{queries, InsertOutcome, RecordMeta, StoreError};
                 if let Some(request) = &request {
@@ -57,7 +57,7 @@ macro_rules! impl_store {
                             .execute(&mut *tx)
                             .await?;
                     }
-                    insert_audit_event(&mut *tx, audit).await?;
+                    insert_audit_events(&mut *tx, std::slice::from_ref(audit)).await?;
                     Ok::<(), sqlx::Error>(())
                 }
                 .await;
@@ -128,7 +128,7 @@ macro_rules! impl_store {
             async fn update_record(
                 &self,
                 update: $crate::store::RecordUpdate,
-                audit: &$crate::store::AuditEvent,
+                audit: &$crate::audit::AuditEvent,
             ) -> Result<$crate::store::RecordMeta, $crate::store::StoreError> {
                 use $crate::store::{queries, RecordMeta, StoreError};
                 let mut tx = self.begin_write().await?;
@@ -156,7 +156,7 @@ macro_rules! impl_store {
                             .execute(&mut *tx)
                             .await?;
                     }
-                    insert_audit_event(&mut *tx, audit).await?;
+                    insert_audit_events(&mut *tx, std::slice::from_ref(audit)).await?;
                     Ok::<Option<i64>, sqlx::Error>(Some(created_at))
                 }
                 .await;
@@ -192,7 +192,7 @@ macro_rules! impl_store {
                 &self,
                 record_id: &str,
                 deleted_at: $crate::store::Micros,
-                audit: &$crate::store::AuditEvent,
+                audit: &$crate::audit::AuditEvent,
             ) -> Result<(), $crate::store::StoreError> {
                 use $crate::store::{queries, StoreError};
                 let mut tx = self.begin_write().await?;
@@ -210,7 +210,7 @@ macro_rules! impl_store {
                     .bind(record_id)
                     .execute(&mut *tx)
                     .await?;
-                insert_audit_event(&mut *tx, audit).await?;
+                insert_audit_events(&mut *tx, std::slice::from_ref(audit)).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -251,16 +251,217 @@ macro_rules! impl_store {
                 }))
             }
 
+            async fn register_chain(
+                &self,
+                chain_id: &str,
+                started_at: $crate::store::Micros,
+                genesis: &[u8],
+            ) -> Result<(), $crate::store::StoreError> {
+                sqlx::query($crate::store::queries::REGISTER_CHAIN)
+                    .bind(chain_id)
+                    .bind(started_at)
+                    .bind(genesis)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
             async fn append_audit(
                 &self,
-                events: &[$crate::store::AuditEvent],
+                events: &[$crate::audit::AuditEvent],
             ) -> Result<(), $crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
-                for event in events {
-                    insert_audit_event(&mut *tx, event).await?;
-                }
+                insert_audit_events(&mut *tx, events).await?;
                 tx.commit().await?;
                 Ok(())
+            }
+
+            async fn list_audit_events(
+                &self,
+                query: &$crate::store::AuditQuery,
+            ) -> Result<Vec<$crate::audit::StoredEvent>, $crate::store::StoreError> {
+                let (cursor_time, cursor_id) = query
+                    .after
+                    .clone()
+                    .unwrap_or((i64::MAX, String::new()));
+                let from = query.from.unwrap_or(i64::MIN);
+                let to = query.to.unwrap_or(i64::MAX);
+                let rows = match (&query.caller, query.plaintext_only) {
+                    (Some(caller), true) => {
+                        let sql = $crate::store::queries::plaintext_releases();
+                        sqlx::query(&sql)
+                            .bind(caller)
+                            .bind(from)
+                            .bind(to)
+                            .bind(cursor_time)
+                            .bind(&cursor_id)
+                            .bind(i64::from(query.limit))
+                            .fetch_all(&self.pool)
+                            .await?
+                    }
+                    _ => {
+                        let sql = $crate::store::queries::list_audit_events();
+                        sqlx::query(&sql)
+                            .bind(&query.record_id)
+                            .bind(&query.caller)
+                            .bind(&query.purpose)
+                            .bind(&query.outcome)
+                            .bind(from)
+                            .bind(to)
+                            .bind(cursor_time)
+                            .bind(&cursor_id)
+                            .bind(i64::from(query.limit))
+                            .fetch_all(&self.pool)
+                            .await?
+                    }
+                };
+                rows.iter().map(decode_event).collect()
+            }
+
+            async fn list_disclosures(
+                &self,
+                record_id: &str,
+                purposes: &[String],
+                limit: u32,
+                after: Option<($crate::store::Micros, String)>,
+            ) -> Result<Vec<$crate::audit::StoredEvent>, $crate::store::StoreError> {
+                if purposes.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let (cursor_time, cursor_id) = after.unwrap_or((i64::MAX, String::new()));
+                let sql = $crate::store::queries::disclosures(purposes.len());
+                let mut query = sqlx::query(&sql)
+                    .bind(record_id)
+                    .bind(cursor_time)
+                    .bind(cursor_id)
+                    .bind(i64::from(limit));
+                for purpose in purposes {
+                    query = query.bind(purpose);
+                }
+                let rows = query.fetch_all(&self.pool).await?;
+                rows.iter().map(decode_event).collect()
+            }
+
+            async fn chain_ids(&self) -> Result<Vec<String>, $crate::store::StoreError> {
+                Ok(sqlx::query_scalar($crate::store::queries::CHAIN_IDS)
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn chain_heads(
+                &self,
+            ) -> Result<Vec<$crate::audit::ChainHead>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query($crate::store::queries::CHAIN_HEADS)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok($crate::audit::ChainHead {
+                            chain_id: row.try_get("chain_id")?,
+                            seq: row.try_get("head_seq")?,
+                            hash: row.try_get("head_hash")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn chain_events(
+                &self,
+                chain_id: &str,
+                after_seq: i64,
+                limit: u32,
+            ) -> Result<Vec<$crate::audit::StoredEvent>, $crate::store::StoreError> {
+                let sql = $crate::store::queries::chain_events();
+                let rows = sqlx::query(&sql)
+                    .bind(chain_id)
+                    .bind(after_seq)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(decode_event).collect()
+            }
+
+            async fn insert_checkpoint(
+                &self,
+                checkpoint: &$crate::audit::Checkpoint,
+            ) -> Result<(), $crate::store::StoreError> {
+                let heads = serde_json::to_string(&checkpoint.heads)
+                    .map_err(|e| $crate::store::StoreError::Corrupt(e.to_string()))?;
+                let mut tx = self.begin_write().await?;
+                sqlx::query($crate::store::queries::INSERT_CHECKPOINT)
+                    .bind(checkpoint.created_at)
+                    .bind(heads)
+                    .bind(&checkpoint.signature)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn checkpoints(
+                &self,
+            ) -> Result<Vec<$crate::audit::Checkpoint>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query($crate::store::queries::CHECKPOINTS)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        let heads: String = row.try_get("heads")?;
+                        Ok($crate::audit::Checkpoint {
+                            id: row.try_get("id")?,
+                            created_at: row.try_get("created_at")?,
+                            heads: serde_json::from_str(&heads).map_err(|e| {
+                                $crate::store::StoreError::Corrupt(format!("checkpoint heads: {e}"))
+                            })?,
+                            signature: row.try_get("signature")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn expiry_markers(
+                &self,
+            ) -> Result<Vec<$crate::audit::ExpiryMarker>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query($crate::store::queries::EXPIRY_MARKERS)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok($crate::audit::ExpiryMarker {
+                            chain_id: row.try_get("chain_id")?,
+                            up_to_seq: row.try_get("up_to_seq")?,
+                            hash: row.try_get("hash")?,
+                            expired_at: row.try_get("expired_at")?,
+                            signature: row.try_get("signature")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn expire_chain_prefix(
+                &self,
+                marker: &$crate::audit::ExpiryMarker,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let deleted = sqlx::query($crate::store::queries::DELETE_CHAIN_PREFIX)
+                    .bind(&marker.chain_id)
+                    .bind(marker.up_to_seq)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query($crate::store::queries::UPSERT_EXPIRY_MARKER)
+                    .bind(&marker.chain_id)
+                    .bind(marker.up_to_seq)
+                    .bind(&marker.hash)
+                    .bind(marker.expired_at)
+                    .bind(&marker.signature)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(deleted)
             }
 
             async fn ping(&self) -> Result<(), $crate::store::StoreError> {
@@ -320,26 +521,90 @@ macro_rules! impl_store {
             }
         }
 
-        async fn insert_audit_event(
+        /// Appends events to their chain inside the caller's transaction: reserves sequence
+        /// numbers on the chain's head row (which stays locked until commit), links each
+        /// event to its predecessor, and moves the head.
+        async fn insert_audit_events(
             conn: &mut <<$store as $crate::store::shared::Backend>::Db as sqlx::Database>::Connection,
-            event: &$crate::store::AuditEvent,
+            events: &[$crate::audit::AuditEvent],
         ) -> Result<(), sqlx::Error> {
-            sqlx::query($crate::store::queries::INSERT_AUDIT_EVENT)
-                .bind(&event.event_id)
-                .bind(event.occurred_at)
-                .bind(&event.caller)
-                .bind(&event.peer)
-                .bind(&event.rpc)
-                .bind($crate::store::encode_json_list(&event.record_ids))
-                .bind(&event.purpose)
-                .bind(&event.justification)
-                .bind($crate::store::encode_json_list(&event.released))
-                .bind(&event.outcome)
-                .bind(&event.reason)
-                .bind(&event.request_id)
-                .execute(conn)
+            use sqlx::Row;
+            let Some(first) = events.first() else {
+                return Ok(());
+            };
+            let chain_id = &first.chain_id;
+            debug_assert!(events.iter().all(|e| &e.chain_id == chain_id));
+            let head = sqlx::query($crate::store::queries::ADVANCE_CHAIN)
+                .bind(chain_id)
+                .bind(events.len() as i64)
+                .fetch_one(&mut *conn)
+                .await?;
+            let head_seq: i64 = head.try_get("head_seq")?;
+            let mut prev_hash: Vec<u8> = head.try_get("head_hash")?;
+            let mut seq = head_seq - events.len() as i64;
+            for event in events {
+                seq += 1;
+                let hash = $crate::audit::link(event, seq, &prev_hash);
+                sqlx::query($crate::store::queries::INSERT_AUDIT_EVENT)
+                    .bind(chain_id)
+                    .bind(seq)
+                    .bind(&event.event_id)
+                    .bind(event.occurred_at)
+                    .bind(&event.caller)
+                    .bind(&event.peer)
+                    .bind(&event.rpc)
+                    .bind(event.subject())
+                    .bind($crate::store::encode_json_list(&event.record_ids))
+                    .bind(&event.purpose)
+                    .bind(&event.justification)
+                    .bind($crate::store::encode_json_list(&event.released))
+                    .bind(i64::from(event.released_plaintext()))
+                    .bind(&event.outcome)
+                    .bind(&event.reason)
+                    .bind(&event.request_id)
+                    .bind(&event.trace_id)
+                    .bind(&prev_hash)
+                    .bind(hash.as_slice())
+                    .execute(&mut *conn)
+                    .await?;
+                prev_hash = hash.to_vec();
+            }
+            sqlx::query($crate::store::queries::SET_CHAIN_HASH)
+                .bind(chain_id)
+                .bind(&prev_hash)
+                .execute(&mut *conn)
                 .await?;
             Ok(())
+        }
+
+        fn decode_event(
+            row: &<<$store as $crate::store::shared::Backend>::Db as sqlx::Database>::Row,
+        ) -> Result<$crate::audit::StoredEvent, $crate::store::StoreError> {
+            use sqlx::Row;
+            let corrupt = |what: &str| $crate::store::StoreError::Corrupt(format!("audit event {what}"));
+            let record_ids: String = row.try_get("record_ids")?;
+            let released: String = row.try_get("released")?;
+            Ok($crate::audit::StoredEvent {
+                event: $crate::audit::AuditEvent {
+                    event_id: row.try_get("event_id")?,
+                    occurred_at: row.try_get("occurred_at")?,
+                    chain_id: row.try_get("chain_id")?,
+                    caller: row.try_get("caller")?,
+                    peer: row.try_get("peer")?,
+                    rpc: row.try_get("rpc")?,
+                    record_ids: serde_json::from_str(&record_ids).map_err(|_| corrupt("record_ids"))?,
+                    purpose: row.try_get("purpose")?,
+                    justification: row.try_get("justification")?,
+                    released: serde_json::from_str(&released).map_err(|_| corrupt("released"))?,
+                    outcome: row.try_get("outcome")?,
+                    reason: row.try_get("reason")?,
+                    request_id: row.try_get("request_id")?,
+                    trace_id: row.try_get("trace_id")?,
+                },
+                seq: row.try_get("seq")?,
+                prev_hash: row.try_get("prev_hash")?,
+                hash: row.try_get("hash")?,
+            })
         }
 
         fn is_unique_violation(error: &sqlx::Error) -> bool {

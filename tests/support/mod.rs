@@ -8,8 +8,11 @@
 
 #![allow(dead_code)]
 
+pub mod fixtures;
+
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use chrono::{DateTime, TimeZone, Utc};
 use pdvault::config::Config;
@@ -33,6 +36,7 @@ pub struct TestCaller {
     pub token: &'static str,
     pub rpcs: &'static [&'static str],
     pub purposes: &'static [&'static str],
+    pub grants: &'static [&'static str],
 }
 
 const ALL_RPCS: &[&str] = &[
@@ -50,6 +54,7 @@ pub const CLAIMS: TestCaller = TestCaller {
     token: "claims-token-0123456789",
     rpcs: ALL_RPCS,
     purposes: &["service-delivery", "customer-support"],
+    grants: &[],
 };
 
 /// An analytics job: reads for research and analytics only.
@@ -58,6 +63,7 @@ pub const ANALYTICS: TestCaller = TestCaller {
     token: "analytics-token-0123456789",
     rpcs: &["GetRecord", "FindRecords"],
     purposes: &["audit-research", "business-analytics"],
+    grants: &[],
 };
 
 /// Compliance staff: lawful disclosure.
@@ -66,6 +72,7 @@ pub const COMPLIANCE: TestCaller = TestCaller {
     token: "compliance-token-0123456789",
     rpcs: &["GetRecord", "FindRecords"],
     purposes: &["legal-compliance", "fraud-prevention"],
+    grants: &["audit.read"],
 };
 
 /// The login path: CheckAccount only.
@@ -74,27 +81,34 @@ pub const LOGIN: TestCaller = TestCaller {
     token: "login-token-0123456789",
     rpcs: &["CheckAccount"],
     purposes: &[],
+    grants: &[],
 };
 
 pub const CALLERS: [&TestCaller; 4] = [&CLAIMS, &ANALYTICS, &COMPLIANCE, &LOGIN];
 
-/// A fixed instant (2026-06-01 12:00 in Beijing), so dates in tests never drift.
-pub struct FixedClock(pub DateTime<Utc>);
+/// Starts at a fixed instant (2026-06-01 12:00 in Beijing) and moves one millisecond per
+/// reading, so dates never drift with the wall clock yet events keep their order.
+pub struct SteppingClock {
+    micros: AtomicI64,
+}
 
-impl Clock for FixedClock {
+impl Clock for SteppingClock {
     fn now(&self) -> DateTime<Utc> {
-        self.0
+        let micros = self.micros.fetch_add(1_000, Ordering::Relaxed);
+        DateTime::from_timestamp_micros(micros).unwrap()
     }
 }
 
-pub fn fixed_clock() -> Arc<FixedClock> {
-    Arc::new(FixedClock(
-        Utc.with_ymd_and_hms(2026, 6, 1, 4, 0, 0).single().unwrap(),
-    ))
+pub fn test_clock() -> Arc<SteppingClock> {
+    let start = Utc.with_ymd_and_hms(2026, 6, 1, 4, 0, 0).single().unwrap();
+    Arc::new(SteppingClock {
+        micros: AtomicI64::new(start.timestamp_micros()),
+    })
 }
 
 pub struct TestApp {
     pub backend: Backend,
+    pub config: Config,
     pub addr: std::net::SocketAddr,
     pub data_dir: tempfile::TempDir,
     pub database_url: String,
@@ -130,6 +144,7 @@ impl TestApp {
                 token_sha256: token_sha256_hex(caller.token),
                 rpcs: caller.rpcs.iter().map(|s| s.to_string()).collect(),
                 purposes: caller.purposes.iter().map(|s| s.to_string()).collect(),
+                grants: caller.grants.iter().map(|s| s.to_string()).collect(),
             })
             .collect();
         let postgres = match backend {
@@ -142,7 +157,7 @@ impl TestApp {
         adjust(&mut config);
         let database_url = config.database_url();
         pdvault::telemetry::init(&config.log);
-        let app = Application::build_with_clock(config, fixed_clock())
+        let app = Application::build_with_clock(config.clone(), test_clock())
             .await
             .expect("application builds");
         let addr = app.local_addr();
@@ -160,6 +175,7 @@ impl TestApp {
         });
         Some(TestApp {
             backend,
+            config,
             addr,
             data_dir,
             database_url,
@@ -177,6 +193,16 @@ impl TestApp {
             .await
             .expect("connects to the test server");
         VaultClient::new(channel)
+    }
+
+    /// A second handle on the vault's database, for what tests do behind the vault's back.
+    pub async fn store(&self) -> Arc<dyn pdvault::store::Store> {
+        pdvault::startup::open_store(&self.config).await.unwrap()
+    }
+
+    /// The vault's keyring, loaded from its file.
+    pub fn keyring(&self) -> pdvault::keys::Keyring {
+        pdvault::keys::Keyring::load(&self.config.keyring_path()).unwrap()
     }
 
     /// Path of the SQLite database file (SQLite backend only).
@@ -216,6 +242,39 @@ impl TestApp {
                     .await
                     .unwrap();
                 sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+            }
+        }
+    }
+
+    /// The database's plan for `sql`, as text.
+    pub async fn query_plan(&self, sql: &str) -> String {
+        use sqlx::Row;
+        match self.backend {
+            Backend::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+                rows.iter()
+                    .map(|row| row.get::<String, _>("detail"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                let rows = sqlx::query(&format!("EXPLAIN {sql}"))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+                rows.iter()
+                    .map(|row| row.get::<String, _>(0))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             }
         }
     }

@@ -33,22 +33,3 @@ CREATE TABLE create_requests (
     created_at  BIGINT NOT NULL,
     PRIMARY KEY (caller, request_id)
 );
-
--- Audit trail. Holds record ids, caller and purpose names, field names and levels: never
--- identity values.
-CREATE TABLE audit_events (
-    seq           BIGSERIAL PRIMARY KEY,
-    event_id      TEXT NOT NULL UNIQUE,
-    occurred_at   BIGINT NOT NULL,
-    caller        TEXT NOT NULL,
-    peer          TEXT,
-    rpc           TEXT NOT NULL,
-    record_ids    TEXT NOT NULL,
-    purpose       TEXT,
-    justification TEXT,
-    released      TEXT NOT NULL,
-    outcome       TEXT NOT NULL,
-    reason        TEXT,
-    request_id    TEXT
-);
-CREATE INDEX audit_events_caller_time ON audit_events (caller, occurred_at);

@@ -12,6 +12,10 @@ use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+mod audit;
+
+pub use audit::AuditService;
+
 use crate::domain::{Gender, IdType, IdentityInput, Violation};
 use crate::proto;
 use crate::store::{Micros, RecordMeta, RecordState};
@@ -32,33 +36,43 @@ impl VaultService {
         VaultService { vault }
     }
 
-    /// Authenticates the bearer token and captures who is calling from where.
     fn context<T>(&self, request: &Request<T>) -> Result<CallContext, Status> {
-        let token = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|token| !token.is_empty())
-            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
-        let caller = self
-            .vault
-            .policy()
-            .authenticate(token)
-            .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
-        let request_id = request
-            .metadata()
-            .get("x-request-id")
-            .and_then(|value| value.to_str().ok())
-            .filter(|id| id.len() <= MAX_REQUEST_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic()))
-            .map(str::to_owned);
-        Ok(CallContext {
-            caller,
-            peer: request.remote_addr().map(|addr| addr.to_string()),
-            request_id,
-        })
+        call_context(&self.vault, request)
     }
+}
+
+/// Authenticates the bearer token and captures who is calling from where.
+pub(crate) fn call_context<T>(vault: &Vault, request: &Request<T>) -> Result<CallContext, Status> {
+    let metadata = request.metadata();
+    let token = metadata
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+    let caller = vault
+        .policy()
+        .authenticate(token)
+        .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
+    let request_id = metadata
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| id.len() <= MAX_REQUEST_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned);
+    // W3C trace context: version-traceid-parentid-flags; keep the 32-hex-digit trace id.
+    let trace_id = metadata
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split('-').nth(1))
+        .filter(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_ascii_lowercase);
+    Ok(CallContext {
+        caller,
+        peer: request.remote_addr().map(|addr| addr.to_string()),
+        request_id,
+        trace_id,
+    })
 }
 
 #[tonic::async_trait]
@@ -246,7 +260,7 @@ fn id_type(value: i32, field: &str) -> Result<Option<IdType>, Vec<Violation>> {
     }
 }
 
-fn release_level(level: crate::policy::ReleaseLevel) -> proto::ReleaseLevel {
+pub(crate) fn release_level(level: crate::policy::ReleaseLevel) -> proto::ReleaseLevel {
     use crate::policy::ReleaseLevel as L;
     match level {
         L::Plain => proto::ReleaseLevel::Plain,
@@ -267,7 +281,7 @@ fn record_message(meta: RecordMeta) -> proto::Record {
     }
 }
 
-fn timestamp(micros: Micros) -> prost_types::Timestamp {
+pub(crate) fn timestamp(micros: Micros) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: micros.div_euclid(1_000_000),
         nanos: (micros.rem_euclid(1_000_000) * 1_000) as i32,
@@ -278,14 +292,14 @@ fn non_empty(value: String) -> Option<String> {
     (!value.is_empty()).then_some(value)
 }
 
-fn violation(field: &str, reason: &str) -> Violation {
+pub(crate) fn violation(field: &str, reason: &str) -> Violation {
     Violation {
         field: field.to_owned(),
         reason: reason.to_owned(),
     }
 }
 
-fn invalid(violations: Vec<Violation>) -> Status {
+pub(crate) fn invalid(violations: Vec<Violation>) -> Status {
     to_status(VaultError::InvalidArgument(violations))
 }
 

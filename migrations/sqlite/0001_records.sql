@@ -33,22 +33,3 @@ CREATE TABLE create_requests (
     created_at  INTEGER NOT NULL,
     PRIMARY KEY (caller, request_id)
 ) WITHOUT ROWID;
-
--- Audit trail. Holds record ids, caller and purpose names, field names and levels: never
--- identity values.
-CREATE TABLE audit_events (
-    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id      TEXT NOT NULL UNIQUE,
-    occurred_at   INTEGER NOT NULL,
-    caller        TEXT NOT NULL,
-    peer          TEXT,
-    rpc           TEXT NOT NULL,
-    record_ids    TEXT NOT NULL,
-    purpose       TEXT,
-    justification TEXT,
-    released      TEXT NOT NULL,
-    outcome       TEXT NOT NULL,
-    reason        TEXT,
-    request_id    TEXT
-);
-CREATE INDEX audit_events_caller_time ON audit_events (caller, occurred_at);

@@ -1,0 +1,193 @@
+//! `pdvault.v1.Audit`: the trail for compliance staff. Paging is keyset-based on
+//! (time, event id), carried in an opaque page token, so deep pages cost no more than the
+//! first.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tonic::{Request, Response, Status};
+
+use super::{call_context, invalid, timestamp, to_status, violation};
+use crate::audit::StoredEvent;
+use crate::proto;
+use crate::store::{AuditQuery, Micros};
+use crate::vault::Vault;
+
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+#[derive(Clone)]
+pub struct AuditService {
+    vault: Arc<Vault>,
+}
+
+impl AuditService {
+    pub fn new(vault: Arc<Vault>) -> AuditService {
+        AuditService { vault }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::audit_server::Audit for AuditService {
+    async fn list_audit_events(
+        &self,
+        request: Request<proto::ListAuditEventsRequest>,
+    ) -> Result<Response<proto::ListAuditEventsResponse>, Status> {
+        let ctx = call_context(&self.vault, &request)?;
+        let request = request.into_inner();
+        let limit = page_size(request.page_size)?;
+        let query = AuditQuery {
+            record_id: non_empty(request.record_id),
+            caller: non_empty(request.caller),
+            purpose: non_empty(request.purpose),
+            outcome: non_empty(request.outcome),
+            from: request.start_time.map(micros),
+            to: request.end_time.map(micros),
+            plaintext_only: request.plaintext_only,
+            limit,
+            after: decode_page_token(&request.page_token)?,
+        };
+        let events = self
+            .vault
+            .list_audit_events(&ctx, query)
+            .await
+            .map_err(to_status)?;
+        let next_page_token = next_token(&events, limit);
+        Ok(Response::new(proto::ListAuditEventsResponse {
+            events: events.into_iter().map(event_message).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn list_disclosures(
+        &self,
+        request: Request<proto::ListDisclosuresRequest>,
+    ) -> Result<Response<proto::ListDisclosuresResponse>, Status> {
+        let ctx = call_context(&self.vault, &request)?;
+        let request = request.into_inner();
+        let limit = page_size(request.page_size)?;
+        let after = decode_page_token(&request.page_token)?;
+        let events = self
+            .vault
+            .list_disclosures(&ctx, &request.record_id, limit, after)
+            .await
+            .map_err(to_status)?;
+        let next_page_token = next_token(&events, limit);
+        let disclosures = events
+            .into_iter()
+            .map(|stored| {
+                let event = stored.event;
+                proto::Disclosure {
+                    time: Some(timestamp(event.occurred_at)),
+                    fields: field_releases(&event.released),
+                    event_id: event.event_id,
+                    caller: event.caller,
+                    purpose: event.purpose.unwrap_or_default(),
+                    basis: event.justification.unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::ListDisclosuresResponse {
+            disclosures,
+            next_page_token,
+        }))
+    }
+
+    async fn verify_audit_chain(
+        &self,
+        request: Request<proto::VerifyAuditChainRequest>,
+    ) -> Result<Response<proto::VerifyAuditChainResponse>, Status> {
+        let ctx = call_context(&self.vault, &request)?;
+        let report = self.vault.verify_audit(&ctx).await.map_err(to_status)?;
+        Ok(Response::new(proto::VerifyAuditChainResponse {
+            ok: report.ok(),
+            chains: report.chains as i64,
+            events: report.events as i64,
+            checkpoints: report.checkpoints as i64,
+            problems: report.problems.iter().map(ToString::to_string).collect(),
+        }))
+    }
+}
+
+fn page_size(requested: i32) -> Result<u32, Status> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE),
+        n if n < 0 => Err(invalid(vec![violation(
+            "page_size",
+            "must not be negative",
+        )])),
+        n => Ok((n as u32).min(MAX_PAGE)),
+    }
+}
+
+fn next_token(events: &[StoredEvent], limit: u32) -> String {
+    match events.last() {
+        Some(last) if events.len() == limit as usize => URL_SAFE_NO_PAD.encode(format!(
+            "{}:{}",
+            last.event.occurred_at, last.event.event_id
+        )),
+        _ => String::new(),
+    }
+}
+
+fn decode_page_token(token: &str) -> Result<Option<(Micros, String)>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || {
+        invalid(vec![violation(
+            "page_token",
+            "is not a token this service issued",
+        )])
+    };
+    let decoded = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(decoded).map_err(|_| bad())?;
+    let (time, event_id) = text.split_once(':').ok_or_else(bad)?;
+    Ok(Some((
+        time.parse().map_err(|_| bad())?,
+        event_id.to_owned(),
+    )))
+}
+
+fn micros(time: prost_types::Timestamp) -> Micros {
+    time.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(time.nanos) / 1_000)
+}
+
+fn non_empty(value: String) -> Option<String> {
+    (!value.is_empty()).then_some(value)
+}
+
+fn field_releases(released: &[(String, String)]) -> Vec<proto::FieldRelease> {
+    released
+        .iter()
+        .map(|(field, level)| proto::FieldRelease {
+            field: field.clone(),
+            level: proto::ReleaseLevel::from_str_name(&format!("RELEASE_LEVEL_{level}"))
+                .unwrap_or(proto::ReleaseLevel::Unspecified) as i32,
+        })
+        .collect()
+}
+
+fn event_message(stored: StoredEvent) -> proto::AuditEvent {
+    let event = stored.event;
+    proto::AuditEvent {
+        time: Some(timestamp(event.occurred_at)),
+        released: field_releases(&event.released),
+        event_id: event.event_id,
+        chain_id: event.chain_id,
+        seq: stored.seq,
+        caller: event.caller,
+        peer: event.peer.unwrap_or_default(),
+        rpc: event.rpc,
+        record_ids: event.record_ids,
+        purpose: event.purpose.unwrap_or_default(),
+        justification: event.justification.unwrap_or_default(),
+        outcome: event.outcome,
+        reason: event.reason.unwrap_or_default(),
+        request_id: event.request_id.unwrap_or_default(),
+        trace_id: event.trace_id.unwrap_or_default(),
+    }
+}

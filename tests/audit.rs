@@ -1,0 +1,501 @@
+//! End-to-end tests of the audit trail: durable before release, exactly once under
+//! concurrency, tamper-evident, queryable, and expiring without breaking verification.
+//! Every scenario runs on SQLite and on PostgreSQL.
+
+mod support;
+
+use pdvault::audit::{AuditEvent, Problem};
+use pdvault::proto::audit_client::AuditClient;
+use pdvault::proto::{
+    DeleteRecordRequest, ListAuditEventsRequest, ListDisclosuresRequest, VerifyAuditChainRequest,
+};
+use support::fixtures::*;
+use support::{Backend, CLAIMS, COMPLIANCE, TestApp, authed};
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn audit_client(app: &TestApp) -> AuditClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    AuditClient::new(channel)
+}
+
+async fn verify(app: &TestApp) -> pdvault::audit::VerifyReport {
+    pdvault::audit::verify(app.store().await.as_ref(), app.keyring().audit_signing())
+        .await
+        .unwrap()
+}
+
+async fn checkpoint(app: &TestApp) {
+    pdvault::audit::write_checkpoint(
+        app.store().await.as_ref(),
+        app.keyring().audit_signing(),
+        chrono::Utc::now().timestamp_micros(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Makes every insert into the audit table fail, as an unwritable audit store would.
+async fn block_audit_writes(app: &TestApp) {
+    let sql = match app.backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER block_audit BEFORE INSERT ON audit_events \
+             BEGIN SELECT RAISE(ABORT, 'audit store unwritable'); END;"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION block_audit() RETURNS trigger LANGUAGE plpgsql AS \
+               $$ BEGIN RAISE EXCEPTION 'audit store unwritable'; END $$; \
+             CREATE TRIGGER block_audit BEFORE INSERT ON audit_events \
+               FOR EACH ROW EXECUTE FUNCTION block_audit();"
+        }
+    };
+    app.execute_sql(sql).await;
+}
+
+async fn unblock_audit_writes(app: &TestApp) {
+    let sql = match app.backend {
+        Backend::Sqlite => "DROP TRIGGER block_audit;",
+        Backend::Postgres => {
+            "DROP TRIGGER block_audit ON audit_events; DROP FUNCTION block_audit();"
+        }
+    };
+    app.execute_sql(sql).await;
+}
+
+async fn nothing_is_released_when_the_audit_store_is_unwritable(app: &TestApp) {
+    let record = create(app, zhang_san()).await;
+    block_audit_writes(app).await;
+    let status = get(app, CLAIMS.token, &record.record_id, "service-delivery", "")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(reason(&status), "AUDIT_UNAVAILABLE");
+    assert!(!status.message().contains("张"));
+    unblock_audit_writes(app).await;
+    let response = get(app, CLAIMS.token, &record.record_id, "service-delivery", "")
+        .await
+        .unwrap();
+    assert_eq!(value(&response, "name").0, "张小三");
+}
+
+async fn every_granted_read_has_exactly_one_event_under_load(app: &TestApp) {
+    let record = create(app, zhang_san()).await;
+    let client = app.client().await;
+    let reads = 300;
+    let mut tasks = Vec::new();
+    for i in 0..reads {
+        let mut client = client.clone();
+        let record_id = record.record_id.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut request = authed(
+                CLAIMS.token,
+                pdvault::proto::GetRecordRequest {
+                    record_id,
+                    purpose: "service-delivery".into(),
+                    ..Default::default()
+                },
+            );
+            request
+                .metadata_mut()
+                .insert("x-request-id", format!("load-{i}").parse().unwrap());
+            client.get_record(request).await.is_ok()
+        }));
+    }
+    let mut granted = 0;
+    for task in tasks {
+        if task.await.unwrap() {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, reads);
+    let events = app
+        .count(
+            "SELECT COUNT(*) FROM audit_events \
+             WHERE rpc = 'GetRecord' AND outcome = 'OK' AND request_id LIKE 'load-%'",
+        )
+        .await;
+    assert_eq!(events, reads as i64);
+    let distinct = app
+        .count(
+            "SELECT COUNT(DISTINCT request_id) FROM audit_events \
+             WHERE rpc = 'GetRecord' AND request_id LIKE 'load-%'",
+        )
+        .await;
+    assert_eq!(distinct, reads as i64, "one event per read, none twice");
+    let report = verify(app).await;
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+/// A trail with a few events and a checkpoint, verified intact.
+async fn trail(app: &TestApp) -> String {
+    let record = create(app, zhang_san()).await;
+    for _ in 0..4 {
+        get(app, CLAIMS.token, &record.record_id, "service-delivery", "")
+            .await
+            .unwrap();
+    }
+    checkpoint(app).await;
+    let report = verify(app).await;
+    assert!(report.ok(), "{:?}", report.problems);
+    assert!(report.events >= 5 && report.checkpoints == 1);
+    app.store().await.chain_ids().await.unwrap().remove(0)
+}
+
+async fn an_edited_event_is_detected(app: &TestApp) {
+    let chain = trail(app).await;
+    app.execute_sql(&format!(
+        "UPDATE audit_events SET caller = 'nobody' WHERE chain_id = '{chain}' AND seq = 3"
+    ))
+    .await;
+    assert_eq!(
+        verify(app).await.problems,
+        [Problem::Altered {
+            chain_id: chain,
+            seq: 3
+        }]
+    );
+}
+
+async fn a_deleted_event_is_detected(app: &TestApp) {
+    let chain = trail(app).await;
+    app.execute_sql(&format!(
+        "DELETE FROM audit_events WHERE chain_id = '{chain}' AND seq = 2"
+    ))
+    .await;
+    assert_eq!(
+        verify(app).await.problems,
+        [Problem::Missing {
+            chain_id: chain,
+            expected_seq: 2,
+            found_seq: 3
+        }]
+    );
+}
+
+async fn reordered_events_are_detected(app: &TestApp) {
+    let chain = trail(app).await;
+    app.execute_sql(&format!(
+        "UPDATE audit_events SET seq = -1 WHERE chain_id = '{chain}' AND seq = 2; \
+         UPDATE audit_events SET seq = 2 WHERE chain_id = '{chain}' AND seq = 3; \
+         UPDATE audit_events SET seq = 3 WHERE chain_id = '{chain}' AND seq = -1;"
+    ))
+    .await;
+    assert_eq!(
+        verify(app).await.problems,
+        [Problem::BrokenLink {
+            chain_id: chain,
+            seq: 2
+        }]
+    );
+}
+
+async fn a_truncated_tail_is_detected(app: &TestApp) {
+    let chain = trail(app).await;
+    // Cut the tail and move the head back, as someone covering their tracks would.
+    app.execute_sql(&format!(
+        "DELETE FROM audit_events WHERE chain_id = '{chain}' AND seq > 3; \
+         UPDATE audit_chains SET head_seq = 3, \
+           head_hash = (SELECT hash FROM audit_events WHERE chain_id = '{chain}' AND seq = 3) \
+         WHERE chain_id = '{chain}';"
+    ))
+    .await;
+    let problems = verify(app).await.problems;
+    assert!(
+        matches!(
+            problems.as_slice(),
+            [Problem::Truncated { chain_id, last_seq: 3, .. }] if *chain_id == chain
+        ),
+        "{problems:?}"
+    );
+}
+
+async fn a_forged_checkpoint_is_detected(app: &TestApp) {
+    trail(app).await;
+    app.execute_sql("UPDATE audit_checkpoints SET created_at = created_at + 1")
+        .await;
+    let problems = verify(app).await.problems;
+    assert!(
+        matches!(problems.as_slice(), [Problem::BadSignature { .. }]),
+        "{problems:?}"
+    );
+}
+
+async fn verification_is_served_over_grpc_to_audit_readers_only(app: &TestApp) {
+    trail(app).await;
+    let mut client = audit_client(app).await;
+    let report = client
+        .verify_audit_chain(authed(COMPLIANCE.token, VerifyAuditChainRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.ok, "{:?}", report.problems);
+    assert!(report.events >= 5);
+    let status = client
+        .verify_audit_chain(authed(CLAIMS.token, VerifyAuditChainRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "OPERATION_NOT_GRANTED");
+}
+
+async fn disclosures_list_lawful_releases_and_survive_deletion(app: &TestApp) {
+    let record = create(app, zhang_san()).await;
+    get(app, CLAIMS.token, &record.record_id, "service-delivery", "")
+        .await
+        .unwrap();
+    let basis = "(2026)桂0102刑初88号 协助查询通知书";
+    get(
+        app,
+        COMPLIANCE.token,
+        &record.record_id,
+        "legal-compliance",
+        basis,
+    )
+    .await
+    .unwrap();
+    app.client()
+        .await
+        .delete_record(authed(
+            CLAIMS.token,
+            DeleteRecordRequest {
+                record_id: record.record_id.clone(),
+                reason: "closed".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let mut client = audit_client(app).await;
+    let disclosures = client
+        .list_disclosures(authed(
+            COMPLIANCE.token,
+            ListDisclosuresRequest {
+                record_id: record.record_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .disclosures;
+    assert_eq!(
+        disclosures.len(),
+        1,
+        "only the legal-compliance read is a disclosure"
+    );
+    let disclosure = &disclosures[0];
+    assert_eq!(disclosure.caller, "compliance");
+    assert_eq!(disclosure.purpose, "legal-compliance");
+    assert_eq!(disclosure.basis, basis);
+    assert_eq!(disclosure.fields.len(), 10);
+
+    // The person's whole trail outlives the record, newest first.
+    let events = client
+        .list_audit_events(authed(
+            COMPLIANCE.token,
+            ListAuditEventsRequest {
+                record_id: record.record_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let rpcs: Vec<&str> = events.iter().map(|e| e.rpc.as_str()).collect();
+    assert_eq!(
+        rpcs,
+        [
+            "ListDisclosures",
+            "DeleteRecord",
+            "GetRecord",
+            "GetRecord",
+            "CreateRecord"
+        ]
+    );
+    assert!(
+        events.iter().all(|e| !e.peer.is_empty()),
+        "network address kept"
+    );
+}
+
+async fn listing_pages_through_the_trail(app: &TestApp) {
+    let record = create(app, zhang_san()).await;
+    for _ in 0..7 {
+        get(app, CLAIMS.token, &record.record_id, "service-delivery", "")
+            .await
+            .unwrap();
+    }
+    let mut client = audit_client(app).await;
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_audit_events(authed(
+                COMPLIANCE.token,
+                ListAuditEventsRequest {
+                    caller: "claims".into(),
+                    purpose: "service-delivery".into(),
+                    page_size: 3,
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.events.into_iter().map(|e| e.event_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((seen.len(), unique.len()), (7, 7));
+
+    let status = client
+        .list_audit_events(authed(
+            COMPLIANCE.token,
+            ListAuditEventsRequest {
+                page_token: "not-a-token".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["page_token"]);
+}
+
+fn synthetic_event(chain_id: &str, i: usize, caller: &str, occurred_at: i64) -> AuditEvent {
+    AuditEvent {
+        event_id: format!("evt_synthetic_{i}"),
+        occurred_at,
+        chain_id: chain_id.to_owned(),
+        caller: caller.to_owned(),
+        peer: Some("10.0.0.1:5000".into()),
+        rpc: "GetRecord".into(),
+        record_ids: vec![format!("rec_{i:026}")],
+        purpose: Some("service-delivery".into()),
+        justification: None,
+        released: vec![("name".into(), "PLAIN".into())],
+        outcome: "OK".into(),
+        reason: None,
+        request_id: None,
+        trace_id: None,
+    }
+}
+
+async fn the_breach_question_is_answered_from_an_index(app: &TestApp) {
+    // A large trail: 30 000 releases by 30 callers over 30 000 seconds.
+    let store = app.store().await;
+    let chain = "chn_breach_test";
+    store
+        .register_chain(chain, 0, &pdvault::audit::genesis(chain))
+        .await
+        .unwrap();
+    let second = 1_000_000i64;
+    for batch in 0..30 {
+        let events: Vec<AuditEvent> = (batch * 1000..(batch + 1) * 1000)
+            .map(|i| synthetic_event(chain, i, &format!("svc-{}", i % 30), i as i64 * second))
+            .collect();
+        store.append_audit(&events).await.unwrap();
+    }
+    let analyze = match app.backend {
+        Backend::Sqlite => "ANALYZE",
+        Backend::Postgres => "ANALYZE audit_events",
+    };
+    app.execute_sql(analyze).await;
+
+    // svc-7 between t=1000s and t=2000s: i in [1000, 2000) with i % 30 == 7.
+    let query = pdvault::store::AuditQuery {
+        caller: Some("svc-7".into()),
+        plaintext_only: true,
+        from: Some(1000 * second),
+        to: Some(2000 * second),
+        limit: 1000,
+        ..Default::default()
+    };
+    let found = store.list_audit_events(&query).await.unwrap();
+    let expected = (1000..2000).filter(|i| i % 30 == 7).count();
+    assert_eq!(found.len(), expected);
+    assert!(found.iter().all(|e| e.event.caller == "svc-7"));
+
+    let plan = app
+        .query_plan(&format!(
+            "SELECT event_id FROM audit_events WHERE caller = 'svc-7' AND plaintext = 1 \
+             AND occurred_at >= {} AND occurred_at < {} \
+             AND (occurred_at < {} OR (occurred_at = {} AND event_id < '')) \
+             ORDER BY occurred_at DESC, event_id DESC LIMIT 1000",
+            1000 * second,
+            2000 * second,
+            i64::MAX,
+            i64::MAX
+        ))
+        .await;
+    assert!(
+        plan.contains("audit_events_plaintext_releases"),
+        "the breach query must use its index, not scan:\n{plan}"
+    );
+}
+
+async fn retention_removes_old_segments_and_verification_still_passes(app: &TestApp) {
+    let chain = trail(app).await;
+    let store = app.store().await;
+    let keys = app.keyring();
+    let before = app.count("SELECT COUNT(*) FROM audit_events").await;
+    // Everything checkpointed so far is older than a cut-off in the future.
+    let far_future = chrono::Utc::now().timestamp_micros() * 2;
+    let removed = pdvault::audit::expire(store.as_ref(), keys.audit_signing(), far_future, 1)
+        .await
+        .unwrap();
+    assert!(removed >= 5, "removed {removed}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM audit_events").await,
+        before - removed as i64
+    );
+    // New events continue the chain after the marker.
+    let record = create(
+        app,
+        pdvault::proto::Identity {
+            name: "王五".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    get(app, CLAIMS.token, &record.record_id, "service-delivery", "")
+        .await
+        .unwrap();
+    let report = verify(app).await;
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(
+        app.count(&format!(
+            "SELECT COUNT(*) FROM audit_expiry_markers WHERE chain_id = '{chain}'"
+        ))
+        .await,
+        1
+    );
+    // A forged marker (moved further along) is caught.
+    app.execute_sql("UPDATE audit_expiry_markers SET up_to_seq = up_to_seq + 1")
+        .await;
+    assert!(!verify(app).await.ok());
+}
+
+for_each_backend!(
+    nothing_is_released_when_the_audit_store_is_unwritable,
+    every_granted_read_has_exactly_one_event_under_load,
+    an_edited_event_is_detected,
+    a_deleted_event_is_detected,
+    reordered_events_are_detected,
+    a_truncated_tail_is_detected,
+    a_forged_checkpoint_is_detected,
+    verification_is_served_over_grpc_to_audit_readers_only,
+    disclosures_list_lawful_releases_and_survive_deletion,
+    listing_pages_through_the_trail,
+    the_breach_question_is_answered_from_an_index,
+    retention_removes_old_segments_and_verification_still_passes,
+);
