@@ -35,6 +35,55 @@ enum Command {
     /// Inspect the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Account-security team: suspend, reinstate, inspect accounts on a running vault.
+    Accounts(AccountsArgs),
+}
+
+#[derive(Debug, Args)]
+struct AccountsArgs {
+    /// The vault's gRPC address.
+    #[arg(long, env = "PDVAULT_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Bearer token of a caller with the `accounts.suspend` grant.
+    #[arg(long, env = "PDVAULT_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(subcommand)]
+    command: AccountsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountsCommand {
+    /// Suspend an account.
+    Suspend {
+        record_id: String,
+        #[arg(long, value_enum)]
+        reason: ReasonArg,
+        #[arg(long, default_value = "")]
+        note: String,
+        #[arg(long, default_value = "")]
+        ticket: String,
+    },
+    /// Lift a suspension.
+    Reinstate {
+        record_id: String,
+        #[arg(long, default_value = "")]
+        note: String,
+        #[arg(long, default_value = "")]
+        ticket: String,
+    },
+    /// Show an account's status and flags (needs the CheckAccount RPC).
+    Status { record_id: String },
+    /// List an account's suspension and consent history, oldest first.
+    History { record_id: String },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ReasonArg {
+    UserRequest,
+    CredentialCompromise,
+    PolicyViolation,
+    LegalOrder,
+    Other,
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,6 +139,7 @@ pub async fn run() -> ExitCode {
         Command::Token(TokenCommand::Hash) => token_hash(),
         Command::Audit(AuditCommand::Verify(args)) => audit_verify(args).await,
         Command::Audit(AuditCommand::Checkpoint(args)) => audit_checkpoint(args).await,
+        Command::Accounts(args) => accounts(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -163,6 +213,163 @@ async fn audit_checkpoint(args: ConfigArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     println!("checkpoint of {} chain(s) written", checkpoint.heads.len());
     Ok(())
+}
+
+/// The account-security client: one gRPC call per command, printed for a terminal.
+async fn accounts(args: AccountsArgs) -> Result<(), String> {
+    use crate::proto;
+    use crate::proto::account_security_client::AccountSecurityClient;
+    use crate::proto::vault_client::VaultClient;
+
+    let channel = tonic::transport::Endpoint::from_shared(args.addr.clone())
+        .map_err(|e| format!("--addr: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {}: {e}", args.addr))?;
+    let bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+        format!("Bearer {}", args.token)
+            .parse()
+            .map_err(|_| "PDVAULT_TOKEN is not a valid header value".to_owned())?;
+    let describe = |status: tonic::Status| format!("{:?}: {}", status.code(), status.message());
+    let mut security = AccountSecurityClient::new(channel.clone());
+    match args.command {
+        AccountsCommand::Suspend {
+            record_id,
+            reason,
+            note,
+            ticket,
+        } => {
+            let reason = match reason {
+                ReasonArg::UserRequest => proto::SuspensionReason::UserRequest,
+                ReasonArg::CredentialCompromise => proto::SuspensionReason::CredentialCompromise,
+                ReasonArg::PolicyViolation => proto::SuspensionReason::PolicyViolation,
+                ReasonArg::LegalOrder => proto::SuspensionReason::LegalOrder,
+                ReasonArg::Other => proto::SuspensionReason::Other,
+            };
+            let response = security
+                .suspend_account(with_token(
+                    &bearer,
+                    proto::SuspendAccountRequest {
+                        record_id,
+                        reason: reason as i32,
+                        note,
+                        ticket,
+                    },
+                ))
+                .await
+                .map_err(describe)?
+                .into_inner();
+            print_action(&response);
+        }
+        AccountsCommand::Reinstate {
+            record_id,
+            note,
+            ticket,
+        } => {
+            let response = security
+                .reinstate_account(with_token(
+                    &bearer,
+                    proto::ReinstateAccountRequest {
+                        record_id,
+                        note,
+                        ticket,
+                    },
+                ))
+                .await
+                .map_err(describe)?
+                .into_inner();
+            print_action(&response);
+        }
+        AccountsCommand::Status { record_id } => {
+            let state = VaultClient::new(channel)
+                .check_account(with_token(
+                    &bearer,
+                    proto::CheckAccountRequest { record_id },
+                ))
+                .await
+                .map_err(describe)?
+                .into_inner();
+            println!(
+                "{} {} minor={} under_14={} guardian_consent_required={} policy_reconsent_required={}",
+                state.record_id,
+                state
+                    .status()
+                    .as_str_name()
+                    .trim_start_matches("ACCOUNT_STATUS_"),
+                state.minor,
+                state.under_14,
+                state.guardian_consent_required,
+                state.policy_reconsent_required
+            );
+        }
+        AccountsCommand::History { record_id } => {
+            let mut page_token = String::new();
+            loop {
+                let page = security
+                    .list_account_events(with_token(
+                        &bearer,
+                        proto::ListAccountEventsRequest {
+                            record_id: record_id.clone(),
+                            page_size: 0,
+                            page_token: page_token.clone(),
+                        },
+                    ))
+                    .await
+                    .map_err(describe)?
+                    .into_inner();
+                for event in &page.events {
+                    let time = event
+                        .time
+                        .as_ref()
+                        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32))
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_default();
+                    println!(
+                        "{time} {} by {} reason={} ticket={} consent={} note={}",
+                        event
+                            .kind()
+                            .as_str_name()
+                            .trim_start_matches("ACCOUNT_EVENT_KIND_"),
+                        event.actor,
+                        event
+                            .reason()
+                            .as_str_name()
+                            .trim_start_matches("SUSPENSION_REASON_"),
+                        event.ticket,
+                        event.consent_id,
+                        event.note
+                    );
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn with_token<T>(
+    bearer: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    message: T,
+) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.clone());
+    request
+}
+
+fn print_action(response: &crate::proto::AccountActionResponse) {
+    if response.changed {
+        println!("{} is now {}", response.record_id, response.status);
+    } else {
+        println!(
+            "{} was already {}; nothing changed",
+            response.record_id, response.status
+        );
+    }
 }
 
 fn token_generate() -> Result<(), String> {

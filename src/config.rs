@@ -34,6 +34,9 @@ pub struct Config {
     pub keys: KeysConfig,
     pub admin: AdminConfig,
     pub audit: AuditConfig,
+    pub accounts: AccountsConfig,
+    pub minors: MinorsConfig,
+    pub privacy_policy: PrivacyPolicyConfig,
     pub log: LogConfig,
     /// Purposes by name; merged over the shipped defaults key by key.
     pub purposes: BTreeMap<String, PurposeConfig>,
@@ -78,6 +81,34 @@ pub struct AuditConfig {
     pub retention_days: u64,
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsConfig {
+    /// Purposes still served while an account is suspended.
+    pub suspended_allowed_purposes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MinorsConfig {
+    /// Below this age (周岁) a person is a minor and needs a guardian's consent on file.
+    pub age_of_majority: u32,
+    /// PIPL's line for sensitive personal information, reported as `under_14`.
+    pub sensitive_age: u32,
+    /// IANA time zone in which birthdays turn over.
+    pub time_zone: String,
+    /// Purposes that do not need a guardian's consent.
+    pub consent_exempt_purposes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyPolicyConfig {
+    /// The privacy-policy version in force; records that accepted another one are flagged
+    /// `policy_reconsent_required`. Empty: no version is tracked.
+    pub current_version: String,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -113,6 +144,21 @@ impl Default for Config {
             audit: AuditConfig {
                 checkpoint_interval_secs: 60,
                 retention_days: 3 * 365,
+            },
+            accounts: AccountsConfig {
+                suspended_allowed_purposes: vec![
+                    "fraud-prevention".into(),
+                    "legal-compliance".into(),
+                ],
+            },
+            minors: MinorsConfig {
+                age_of_majority: 18,
+                sensitive_age: 14,
+                time_zone: "Asia/Shanghai".into(),
+                consent_exempt_purposes: vec!["legal-compliance".into()],
+            },
+            privacy_policy: PrivacyPolicyConfig {
+                current_version: String::new(),
             },
             log: LogConfig {
                 format: LogFormat::Human,

@@ -330,6 +330,14 @@ impl BlindIndexKey {
         self.compute(&[b"phone", e164.as_bytes()])
     }
 
+    /// The key that seals account state the login path reads (the age gate). Derived, not
+    /// stored, so it lives and rotates with this key, and is domain-separated from indexes.
+    pub fn derive_state_key(&self) -> DataKey {
+        let mut derived = self.compute(&[b"pdvault.state-key.v1"]);
+        let key = SecretKey::from_bytes(&mut derived).expect("HMAC-SHA256 output is 32 bytes");
+        DataKey(key)
+    }
+
     /// Fingerprint of a create request's content, to tell a genuine retry from a reused
     /// request id without keeping the identity.
     pub fn fingerprint(&self, parts: &[&[u8]]) -> Vec<u8> {
@@ -518,6 +526,27 @@ mod tests {
         assert_eq!(a.phone("+8613812345678"), a.phone("+8613812345678"));
         assert_ne!(a.phone("+8613812345678"), b.phone("+8613812345678"));
         assert_ne!(a.document("PASSPORT", "E1"), a.document("PASSPOR", "TE1"));
+    }
+
+    #[test]
+    fn the_state_key_is_stable_and_distinct_from_record_keys() {
+        let index = BlindIndexKey::new(SecretKey::generate().unwrap());
+        let sealed = index
+            .derive_state_key()
+            .seal_field("r1", "state.date_of_birth", b"2010-01-01")
+            .unwrap();
+        let opened = index
+            .derive_state_key()
+            .open_field("r1", "state.date_of_birth", &sealed)
+            .unwrap();
+        assert_eq!(opened.as_slice(), b"2010-01-01");
+        let other = BlindIndexKey::new(SecretKey::generate().unwrap());
+        assert!(
+            other
+                .derive_state_key()
+                .open_field("r1", "state.date_of_birth", &sealed)
+                .is_err()
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! pdvault: the one place where identity data lives and the one gate through which it
 //! leaves. See ARCHITECTURE.md for the bird's-eye view and the invariants.
 
+pub mod accounts;
 pub mod audit;
 pub mod cli;
 pub mod config;

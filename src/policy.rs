@@ -24,16 +24,20 @@ pub enum Rpc {
     DeleteRecord,
     FindRecords,
     CheckAccount,
+    RecordGuardianConsent,
+    RevokeGuardianConsent,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 6] = [
+    pub const ALL: [Rpc; 8] = [
         Rpc::CreateRecord,
         Rpc::GetRecord,
         Rpc::UpdateRecord,
         Rpc::DeleteRecord,
         Rpc::FindRecords,
         Rpc::CheckAccount,
+        Rpc::RecordGuardianConsent,
+        Rpc::RevokeGuardianConsent,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +48,8 @@ impl Rpc {
             Rpc::DeleteRecord => "DeleteRecord",
             Rpc::FindRecords => "FindRecords",
             Rpc::CheckAccount => "CheckAccount",
+            Rpc::RecordGuardianConsent => "RecordGuardianConsent",
+            Rpc::RevokeGuardianConsent => "RevokeGuardianConsent",
         }
     }
 

@@ -18,11 +18,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::accounts::AccountRules;
 use crate::audit::AuditLog;
 use crate::config::{AuditConfig, Config};
-use crate::grpc::{AuditService, VaultService};
+use crate::grpc::{AccountSecurityService, AuditService, VaultService};
 use crate::keys::{Keyring, KeyringError, write_private_file};
 use crate::policy::{CallerConfig, Grant, Policy, PolicyError, Rpc, token_sha256_hex};
+use crate::proto::account_security_server::AccountSecurityServer;
 use crate::proto::audit_server::AuditServer;
 use crate::proto::vault_server::VaultServer;
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
@@ -90,6 +92,7 @@ impl Application {
             None
         };
         let policy = Policy::build(&config.purposes, &callers)?;
+        let rules = AccountRules::from_config(&config)?;
         let keys = Arc::new(keys);
         let (audit, audit_writer) =
             AuditLog::start(Arc::clone(&store), clock.now().timestamp_micros()).await?;
@@ -99,6 +102,7 @@ impl Application {
             Arc::new(policy),
             Arc::clone(&clock),
             audit,
+            rules,
         ));
         let listener =
             TcpListener::bind(config.listen)
@@ -157,6 +161,9 @@ impl Application {
         let served = tonic::transport::Server::builder()
             .add_service(VaultServer::new(VaultService::new(Arc::clone(&self.vault))))
             .add_service(AuditServer::new(AuditService::new(Arc::clone(&self.vault))))
+            .add_service(AccountSecurityServer::new(AccountSecurityService::new(
+                Arc::clone(&self.vault),
+            )))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
             .await;
         // The server has dropped its services; dropping ours closes the audit queue.

@@ -13,9 +13,10 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use zeroize::Zeroizing;
 
+use crate::accounts::AccountRules;
 use crate::audit::{AuditEvent, AuditLog, StoredEvent, VerifyReport};
 use crate::crypto::{CryptoError, DataKey};
 use crate::domain::{
@@ -25,13 +26,14 @@ use crate::domain::{
 use crate::keys::Keyring;
 use crate::policy::{Caller, Grant, Policy, Purpose, ReleaseLevel, Rpc};
 use crate::store::{
-    AuditQuery, CreateRequestKey, InsertOutcome, Micros, NewRecord, RecordMeta, RecordState,
-    RecordUpdate, SealedField, Store, StoreError,
+    AuditQuery, CreateRequestKey, InsertOutcome, Micros, NewRecord, RecordMeta, RecordUpdate,
+    SealedField, Store, StoreError,
 };
 
 const MAX_REQUEST_ID_LEN: usize = 128;
 const MAX_FREE_TEXT_LEN: usize = 512;
 const RECORD_ID_PREFIX: &str = "rec_";
+const MAX_POLICY_VERSION_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -47,6 +49,14 @@ pub enum VaultError {
     DuplicateIdentity,
     #[error("etag does not match the record's current version")]
     EtagMismatch,
+    #[error("the account is suspended")]
+    AccountSuspended,
+    #[error("the person is a minor and no guardian consent is on record")]
+    GuardianConsentRequired,
+    #[error("the guardian is not an adult, or their age cannot be established")]
+    GuardianNotAdult,
+    #[error("the person is not a minor")]
+    NotAMinor,
     #[error("stored data failed authentication; refusing to release it")]
     DataLoss,
     #[error("the audit trail cannot be written; nothing is released")]
@@ -63,6 +73,7 @@ impl From<StoreError> for VaultError {
             StoreError::NotFound => VaultError::NotFound,
             StoreError::DuplicateDocument => VaultError::DuplicateIdentity,
             StoreError::VersionConflict => VaultError::EtagMismatch,
+            StoreError::Suspended => VaultError::AccountSuspended,
             other => VaultError::Storage(other),
         }
     }
@@ -85,7 +96,7 @@ fn describe_violations(violations: &[Violation]) -> String {
         .join("; ")
 }
 
-fn violation(field: &str, reason: &str) -> VaultError {
+pub(crate) fn violation(field: &str, reason: &str) -> VaultError {
     VaultError::InvalidArgument(vec![Violation {
         field: field.to_owned(),
         reason: reason.to_owned(),
@@ -138,13 +149,13 @@ pub enum LookupKey {
 }
 
 pub struct Vault {
-    store: Arc<dyn Store>,
-    keys: Arc<Keyring>,
-    policy: Arc<Policy>,
-    clock: Arc<dyn Clock>,
-    audit: AuditLog,
-    /// The time zone dates are judged in (China Standard Time has had no DST since 1991).
-    zone: FixedOffset,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) keys: Arc<Keyring>,
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) audit: AuditLog,
+    /// Suspension, minors and policy-version rules.
+    pub(crate) rules: AccountRules,
 }
 
 impl Vault {
@@ -154,6 +165,7 @@ impl Vault {
         policy: Arc<Policy>,
         clock: Arc<dyn Clock>,
         audit: AuditLog,
+        rules: AccountRules,
     ) -> Vault {
         Vault {
             store,
@@ -161,7 +173,7 @@ impl Vault {
             policy,
             clock,
             audit,
-            zone: FixedOffset::east_opt(8 * 3600).expect("UTC+8 is a valid offset"),
+            rules,
         }
     }
 
@@ -177,15 +189,19 @@ impl Vault {
         &self.audit
     }
 
-    fn now_micros(&self) -> Micros {
+    pub(crate) fn now_micros(&self) -> Micros {
         self.clock.now().timestamp_micros()
     }
 
-    fn today(&self) -> NaiveDate {
-        self.clock.now().with_timezone(&self.zone).date_naive()
+    /// Today's date where birthdays turn over (the configured zone, Asia/Shanghai by default).
+    pub(crate) fn today(&self) -> NaiveDate {
+        self.clock
+            .now()
+            .with_timezone(&self.rules.zone)
+            .date_naive()
     }
 
-    fn authorize(&self, ctx: &CallContext, rpc: Rpc) -> Result<(), VaultError> {
+    pub(crate) fn authorize(&self, ctx: &CallContext, rpc: Rpc) -> Result<(), VaultError> {
         if ctx.caller.may_call(rpc) {
             Ok(())
         } else {
@@ -198,10 +214,14 @@ impl Vault {
         ctx: &CallContext,
         input: IdentityInput,
         request_id: Option<String>,
+        policy_version: Option<String>,
     ) -> Result<RecordMeta, VaultError> {
         self.authorize(ctx, Rpc::CreateRecord)?;
         if let Some(id) = &request_id {
             check_free_text("request_id", id, MAX_REQUEST_ID_LEN)?;
+        }
+        if let Some(version) = &policy_version {
+            check_free_text("policy_version", version, MAX_POLICY_VERSION_LEN)?;
         }
         let identity = Identity::parse(input, self.today()).map_err(VaultError::InvalidArgument)?;
         if identity.is_empty() {
@@ -228,6 +248,8 @@ impl Vault {
                 .phone()
                 .map(|p| self.keys.blind_index().phone(p.e164())),
             fields,
+            age_gate: self.seal_age_gate(&record_id, identity.date_of_birth())?,
+            policy_version,
             created_at: now,
             record_id: record_id.clone(),
         };
@@ -308,6 +330,7 @@ impl Vault {
             .get_record(record_id)
             .await?
             .ok_or(VaultError::NotFound)?;
+        self.check_release_allowed(record_id, purpose, &stored.account)?;
         let dek = self.keys.unwrap(&stored.wrapped_key, record_id)?;
         let mut fields = Vec::new();
         for sealed in &stored.fields {
@@ -392,6 +415,7 @@ impl Vault {
         input: IdentityInput,
         mask: &[String],
         etag: &str,
+        policy_version: Option<String>,
     ) -> Result<RecordMeta, VaultError> {
         self.authorize(ctx, Rpc::UpdateRecord)?;
         check_record_id(record_id)?;
@@ -401,12 +425,25 @@ impl Vault {
                 "is required and must be an etag returned by the vault",
             )
         })?;
-        let replaced = update_paths(mask, &input)?;
+        if let Some(version) = &policy_version {
+            check_free_text("policy_version", version, MAX_POLICY_VERSION_LEN)?;
+        }
+        // Accepting a new policy version alone is an update with nothing else to replace.
+        let replaced =
+            if mask.is_empty() && present_fields(&input).is_empty() && policy_version.is_some() {
+                Vec::new()
+            } else {
+                update_paths(mask, &input)?
+            };
+        let override_suspension = ctx.caller.has_grant(Grant::AccountsSuspend);
         let stored = self
             .store
             .get_record(record_id)
             .await?
             .ok_or(VaultError::NotFound)?;
+        if stored.account.suspended && !override_suspension {
+            return Err(VaultError::AccountSuspended);
+        }
         if stored.meta.version != expected_version {
             return Err(VaultError::EtagMismatch);
         }
@@ -441,6 +478,9 @@ impl Vault {
                 .phone()
                 .map(|p| self.keys.blind_index().phone(p.e164())),
             fields,
+            age_gate: self.seal_age_gate(record_id, identity.date_of_birth())?,
+            policy_version,
+            override_suspension,
         };
         let audit = self.event(
             ctx,
@@ -470,7 +510,10 @@ impl Vault {
             None,
         );
         audit.justification = non_empty(reason);
-        self.store.delete_record(record_id, now, &audit).await?;
+        let override_suspension = ctx.caller.has_grant(Grant::AccountsSuspend);
+        self.store
+            .delete_record(record_id, now, override_suspension, &audit)
+            .await?;
         Ok(now)
     }
 
@@ -522,9 +565,9 @@ impl Vault {
         key: LookupKey,
     ) -> Result<Vec<String>, VaultError> {
         self.authorize(ctx, Rpc::FindRecords)?;
-        self.granted_purpose(ctx, purpose, justification)?;
+        let purpose = self.granted_purpose(ctx, purpose, justification)?;
         let today = self.today();
-        match key {
+        let matches = match key {
             LookupKey::Document { id_type, id_number } => {
                 let id_type =
                     id_type.ok_or_else(|| violation("document.id_type", "is required"))?;
@@ -534,31 +577,22 @@ impl Vault {
                     .keys
                     .blind_index()
                     .document(document.id_type().as_str(), document.number());
-                Ok(self.store.find_by_document(&index).await?)
+                self.store.find_by_document(&index).await?
             }
             LookupKey::Phone(raw) => {
                 let phone =
                     PhoneNumber::parse(&raw).map_err(|reason| violation("phone", &reason))?;
                 let index = self.keys.blind_index().phone(phone.e164());
-                Ok(self.store.find_by_phone(&index).await?)
+                self.store.find_by_phone(&index).await?
             }
+        };
+        for found in &matches {
+            self.check_release_allowed(&found.record_id, purpose, &found.account)?;
         }
+        Ok(matches.into_iter().map(|m| m.record_id).collect())
     }
 
-    pub async fn check_account(
-        &self,
-        ctx: &CallContext,
-        record_id: &str,
-    ) -> Result<RecordState, VaultError> {
-        self.authorize(ctx, Rpc::CheckAccount)?;
-        check_record_id(record_id)?;
-        self.store
-            .record_state(record_id)
-            .await?
-            .ok_or(VaultError::NotFound)
-    }
-
-    fn require_grant(&self, ctx: &CallContext, grant: Grant) -> Result<(), VaultError> {
+    pub(crate) fn require_grant(&self, ctx: &CallContext, grant: Grant) -> Result<(), VaultError> {
         if ctx.caller.has_grant(grant) {
             Ok(())
         } else {
@@ -638,7 +672,7 @@ impl Vault {
         self.keys.blind_index().fingerprint(&parts)
     }
 
-    fn event(
+    pub(crate) fn event(
         &self,
         ctx: &CallContext,
         rpc: &str,
@@ -702,6 +736,10 @@ fn refusal_reason(error: &VaultError) -> (&'static str, String) {
         VaultError::AuditUnavailable => ("ERROR", "AUDIT_UNAVAILABLE".into()),
         VaultError::DuplicateIdentity => ("ERROR", "DUPLICATE_IDENTITY".into()),
         VaultError::EtagMismatch => ("ERROR", "ETAG_MISMATCH".into()),
+        VaultError::AccountSuspended => ("DENIED", "ACCOUNT_SUSPENDED".into()),
+        VaultError::GuardianConsentRequired => ("DENIED", "GUARDIAN_CONSENT_REQUIRED".into()),
+        VaultError::GuardianNotAdult => ("DENIED", "GUARDIAN_NOT_ADULT".into()),
+        VaultError::NotAMinor => ("DENIED", "NOT_A_MINOR".into()),
         VaultError::Storage(_) | VaultError::Internal(_) => ("ERROR", "INTERNAL".into()),
     }
 }
@@ -804,7 +842,7 @@ fn replace_fields(target: &mut IdentityInput, source: IdentityInput, fields: &[F
     }
 }
 
-fn check_record_id(record_id: &str) -> Result<(), VaultError> {
+pub(crate) fn check_record_id(record_id: &str) -> Result<(), VaultError> {
     if record_id.is_empty() {
         return Err(violation("record_id", "is required"));
     }
@@ -823,7 +861,11 @@ fn check_record_id(record_id: &str) -> Result<(), VaultError> {
     }
 }
 
-fn check_free_text(field: &str, value: &str, max_chars: usize) -> Result<(), VaultError> {
+pub(crate) fn check_free_text(
+    field: &str,
+    value: &str,
+    max_chars: usize,
+) -> Result<(), VaultError> {
     if value.chars().count() > max_chars {
         return Err(violation(
             field,
@@ -836,7 +878,7 @@ fn check_free_text(field: &str, value: &str, max_chars: usize) -> Result<(), Vau
     Ok(())
 }
 
-fn non_empty(value: &str) -> Option<String> {
+pub(crate) fn non_empty(value: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_owned())
 }
 
@@ -844,7 +886,7 @@ fn truncate(value: &str, max_chars: usize) -> String {
     value.chars().take(max_chars).collect()
 }
 
-fn random_token() -> Result<String, VaultError> {
+pub(crate) fn random_token() -> Result<String, VaultError> {
     let mut bytes = Zeroizing::new([0u8; 16]);
     getrandom::fill(bytes.as_mut())
         .map_err(|_| VaultError::Internal("random number generator failed".into()))?;

@@ -12,6 +12,7 @@
 //!   cannot contain any part of the input; and every type that holds an identity value has a
 //!   hand-written `Debug` that redacts it and no `Display`.
 
+pub mod age;
 mod contact;
 mod disclosure;
 mod id_document;

@@ -4,18 +4,13 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tonic::{Request, Response, Status};
 
-use super::{call_context, invalid, timestamp, to_status, violation};
+use super::{call_context, decode_page_token, encode_page_token, page_size, timestamp, to_status};
 use crate::audit::StoredEvent;
 use crate::proto;
 use crate::store::{AuditQuery, Micros};
 use crate::vault::Vault;
-
-const DEFAULT_PAGE: u32 = 100;
-const MAX_PAGE: u32 = 1000;
 
 #[derive(Clone)]
 pub struct AuditService {
@@ -110,44 +105,13 @@ impl proto::audit_server::Audit for AuditService {
     }
 }
 
-fn page_size(requested: i32) -> Result<u32, Status> {
-    match requested {
-        0 => Ok(DEFAULT_PAGE),
-        n if n < 0 => Err(invalid(vec![violation(
-            "page_size",
-            "must not be negative",
-        )])),
-        n => Ok((n as u32).min(MAX_PAGE)),
-    }
-}
-
 fn next_token(events: &[StoredEvent], limit: u32) -> String {
     match events.last() {
-        Some(last) if events.len() == limit as usize => URL_SAFE_NO_PAD.encode(format!(
-            "{}:{}",
-            last.event.occurred_at, last.event.event_id
-        )),
+        Some(last) if events.len() == limit as usize => {
+            encode_page_token(last.event.occurred_at, &last.event.event_id)
+        }
         _ => String::new(),
     }
-}
-
-fn decode_page_token(token: &str) -> Result<Option<(Micros, String)>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || {
-        invalid(vec![violation(
-            "page_token",
-            "is not a token this service issued",
-        )])
-    };
-    let decoded = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
-    let text = String::from_utf8(decoded).map_err(|_| bad())?;
-    let (time, event_id) = text.split_once(':').ok_or_else(bad)?;
-    Ok(Some((
-        time.parse().map_err(|_| bad())?,
-        event_id.to_owned(),
-    )))
 }
 
 fn micros(time: prost_types::Timestamp) -> Micros {

@@ -9,16 +9,21 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+mod account;
 mod audit;
 
+pub use account::AccountSecurityService;
 pub use audit::AuditService;
 
+use crate::accounts::{AccountStatus, ConsentRequest, Guardian, Relationship};
 use crate::domain::{Gender, IdType, IdentityInput, Violation};
 use crate::proto;
-use crate::store::{Micros, RecordMeta, RecordState};
+use crate::store::{Micros, RecordMeta};
 use crate::vault::{CallContext, LookupKey, Vault, VaultError};
 
 /// ErrorInfo domain for every error this service raises.
@@ -86,7 +91,12 @@ impl proto::vault_server::Vault for VaultService {
         let input = identity_input(request.identity.unwrap_or_default()).map_err(invalid)?;
         let meta = self
             .vault
-            .create_record(&ctx, input, non_empty(request.request_id))
+            .create_record(
+                &ctx,
+                input,
+                non_empty(request.request_id),
+                non_empty(request.policy_version),
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(record_message(meta)))
@@ -139,7 +149,14 @@ impl proto::vault_server::Vault for VaultService {
         let mask = request.update_mask.map(|m| m.paths).unwrap_or_default();
         let meta = self
             .vault
-            .update_record(&ctx, &request.record_id, input, &mask, &request.etag)
+            .update_record(
+                &ctx,
+                &request.record_id,
+                input,
+                &mask,
+                &request.etag,
+                non_empty(request.policy_version),
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(record_message(meta)))
@@ -195,18 +212,108 @@ impl proto::vault_server::Vault for VaultService {
     ) -> Result<Response<proto::CheckAccountResponse>, Status> {
         let ctx = self.context(&request)?;
         let request = request.into_inner();
-        let state = self
+        let view = self
             .vault
             .check_account(&ctx, &request.record_id)
             .await
             .map_err(to_status)?;
-        let status = match state {
-            RecordState::Active => proto::AccountStatus::Active,
-            RecordState::Deleted => proto::AccountStatus::Deleted,
+        let status = match view.status {
+            AccountStatus::Active => proto::AccountStatus::Active,
+            AccountStatus::Suspended => proto::AccountStatus::Suspended,
+            AccountStatus::Deleted => proto::AccountStatus::Deleted,
         };
         Ok(Response::new(proto::CheckAccountResponse {
             record_id: request.record_id,
             status: status as i32,
+            minor: view.minor,
+            under_14: view.under_14,
+            guardian_consent_required: view.guardian_consent_required,
+            policy_reconsent_required: view.policy_reconsent_required,
+        }))
+    }
+
+    async fn record_guardian_consent(
+        &self,
+        request: Request<proto::RecordGuardianConsentRequest>,
+    ) -> Result<Response<proto::GuardianConsent>, Status> {
+        use proto::record_guardian_consent_request::Guardian as ProtoGuardian;
+        let ctx = self.context(&request)?;
+        let request = request.into_inner();
+        let guardian = match request.guardian {
+            Some(ProtoGuardian::GuardianRecordId(id)) => Guardian::Record(id),
+            Some(ProtoGuardian::GuardianIdentity(identity)) => {
+                let id_type =
+                    id_type(identity.id_type, "guardian_identity.id_type").map_err(invalid)?;
+                Guardian::Identity(IdentityInput {
+                    name: non_empty(identity.name),
+                    id_type,
+                    id_number: non_empty(identity.id_number),
+                    phone: non_empty(identity.phone),
+                    ..IdentityInput::default()
+                })
+            }
+            None => {
+                return Err(invalid(vec![violation(
+                    "guardian",
+                    "exactly one of guardian_record_id or guardian_identity is required",
+                )]));
+            }
+        };
+        let relationship = match proto::GuardianRelationship::try_from(request.relationship) {
+            Ok(proto::GuardianRelationship::Parent) => Relationship::Parent,
+            Ok(proto::GuardianRelationship::LegalGuardian) => Relationship::LegalGuardian,
+            Ok(proto::GuardianRelationship::Other) => Relationship::Other,
+            _ => {
+                return Err(invalid(vec![violation(
+                    "relationship",
+                    "must be PARENT, LEGAL_GUARDIAN or OTHER",
+                )]));
+            }
+        };
+        let consent = self
+            .vault
+            .record_guardian_consent(
+                &ctx,
+                ConsentRequest {
+                    record_id: request.record_id,
+                    guardian,
+                    relationship,
+                    evidence_ref: request.evidence_ref,
+                    policy_version: request.policy_version,
+                },
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::GuardianConsent {
+            consent_id: consent.consent_id,
+            record_id: consent.record_id,
+            relationship: request.relationship,
+            evidence_ref: consent.evidence_ref,
+            policy_version: consent.policy_version,
+            grant_time: Some(timestamp(consent.granted_at)),
+            guardian_record_id: consent.guardian_record_id.unwrap_or_default(),
+        }))
+    }
+
+    async fn revoke_guardian_consent(
+        &self,
+        request: Request<proto::RevokeGuardianConsentRequest>,
+    ) -> Result<Response<proto::RevokeGuardianConsentResponse>, Status> {
+        let ctx = self.context(&request)?;
+        let request = request.into_inner();
+        let consent_id = non_empty(request.consent_id);
+        let revoked_consent_ids = self
+            .vault
+            .revoke_guardian_consent(
+                &ctx,
+                &request.record_id,
+                consent_id.as_deref(),
+                &request.note,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::RevokeGuardianConsentResponse {
+            revoked_consent_ids,
         }))
     }
 }
@@ -288,7 +395,7 @@ pub(crate) fn timestamp(micros: Micros) -> prost_types::Timestamp {
     }
 }
 
-fn non_empty(value: String) -> Option<String> {
+pub(crate) fn non_empty(value: String) -> Option<String> {
     (!value.is_empty()).then_some(value)
 }
 
@@ -301,6 +408,39 @@ pub(crate) fn violation(field: &str, reason: &str) -> Violation {
 
 pub(crate) fn invalid(violations: Vec<Violation>) -> Status {
     to_status(VaultError::InvalidArgument(violations))
+}
+
+/// Keyset cursors travel as opaque page tokens: base64url of "<micros>:<id>".
+pub(crate) fn encode_page_token(time: Micros, id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{time}:{id}"))
+}
+
+pub(crate) fn decode_page_token(token: &str) -> Result<Option<(Micros, String)>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || {
+        invalid(vec![violation(
+            "page_token",
+            "is not a token this service issued",
+        )])
+    };
+    let decoded = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(decoded).map_err(|_| bad())?;
+    let (time, id) = text.split_once(':').ok_or_else(bad)?;
+    Ok(Some((time.parse().map_err(|_| bad())?, id.to_owned())))
+}
+
+/// A requested page size: 0 means 100, at most 1000.
+pub(crate) fn page_size(requested: i32) -> Result<u32, Status> {
+    match requested {
+        0 => Ok(100),
+        n if n < 0 => Err(invalid(vec![violation(
+            "page_size",
+            "must not be negative",
+        )])),
+        n => Ok((n as u32).min(1000)),
+    }
 }
 
 fn error_info(code: Code, message: &str, reason: &str) -> Status {
@@ -340,6 +480,24 @@ pub fn to_status(error: VaultError) -> Status {
             "DUPLICATE_IDENTITY",
         ),
         VaultError::EtagMismatch => error_info(Code::Aborted, &error.to_string(), "ETAG_MISMATCH"),
+        VaultError::AccountSuspended => error_info(
+            Code::FailedPrecondition,
+            &error.to_string(),
+            "ACCOUNT_SUSPENDED",
+        ),
+        VaultError::GuardianConsentRequired => error_info(
+            Code::FailedPrecondition,
+            &error.to_string(),
+            "GUARDIAN_CONSENT_REQUIRED",
+        ),
+        VaultError::GuardianNotAdult => error_info(
+            Code::FailedPrecondition,
+            &error.to_string(),
+            "GUARDIAN_NOT_ADULT",
+        ),
+        VaultError::NotAMinor => {
+            error_info(Code::FailedPrecondition, &error.to_string(), "NOT_A_MINOR")
+        }
         VaultError::DataLoss => {
             tracing::error!("a stored ciphertext failed authentication");
             error_info(Code::DataLoss, &error.to_string(), "CIPHERTEXT_INVALID")

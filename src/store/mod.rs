@@ -30,6 +30,9 @@ pub enum StoreError {
     /// A live record already holds this identity document.
     #[error("a live record already holds this identity document")]
     DuplicateDocument,
+    /// The record is suspended and the write did not override it.
+    #[error("the account is suspended")]
+    Suspended,
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
@@ -51,6 +54,9 @@ pub struct NewRecord {
     pub document_index: Option<Vec<u8>>,
     pub phone_index: Option<Vec<u8>>,
     pub fields: Vec<SealedField>,
+    /// The birth date sealed under the state key, when known.
+    pub age_gate: Option<Vec<u8>>,
+    pub policy_version: Option<String>,
 }
 
 /// One identity field's ciphertext.
@@ -95,6 +101,56 @@ pub struct StoredRecord {
     pub meta: RecordMeta,
     pub wrapped_key: Vec<u8>,
     pub fields: Vec<SealedField>,
+    pub account: AccountState,
+}
+
+/// What the login path and every release check need, read without opening identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountState {
+    pub deleted: bool,
+    pub suspended: bool,
+    /// The birth date sealed under the state key.
+    pub age_gate: Option<Vec<u8>>,
+    pub policy_version: Option<String>,
+    pub active_consents: i64,
+}
+
+/// A record a lookup matched, with its account state.
+#[derive(Debug, Clone)]
+pub struct LookupMatch {
+    pub record_id: String,
+    pub account: AccountState,
+}
+
+/// One entry of an account's history.
+#[derive(Debug, Clone)]
+pub struct AccountEventRow {
+    pub event_id: String,
+    pub record_id: String,
+    pub occurred_at: Micros,
+    /// SUSPENDED, REINSTATED, CONSENT_RECORDED or CONSENT_REVOKED.
+    pub kind: String,
+    pub actor: String,
+    pub reason: Option<String>,
+    /// Sealed under the record's data key.
+    pub note: Option<Vec<u8>>,
+    pub ticket: Option<String>,
+    pub consent_id: Option<String>,
+}
+
+/// A guardian's consent for a minor.
+#[derive(Debug, Clone)]
+pub struct ConsentRow {
+    pub consent_id: String,
+    pub record_id: String,
+    pub guardian_record_id: Option<String>,
+    /// A guardian without a record: their identity sealed under the minor's data key.
+    pub guardian_sealed: Option<Vec<u8>>,
+    pub relationship: String,
+    pub evidence_ref: String,
+    pub policy_version: String,
+    pub granted_at: Micros,
+    pub granted_by: String,
 }
 
 /// Replaces a record's sealed fields and indexes if its version is still `expected_version`.
@@ -106,12 +162,11 @@ pub struct RecordUpdate {
     pub document_index: Option<Vec<u8>>,
     pub phone_index: Option<Vec<u8>>,
     pub fields: Vec<SealedField>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecordState {
-    Active,
-    Deleted,
+    pub age_gate: Option<Vec<u8>>,
+    /// `None` keeps the accepted policy version as it is.
+    pub policy_version: Option<String>,
+    /// Let the write through a suspension (the account-security role).
+    pub override_suspension: bool,
 }
 
 /// Filters of an audit listing; `None` matches everything.
@@ -155,23 +210,61 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEvent,
     ) -> Result<RecordMeta, StoreError>;
 
-    /// Crypto-shreds a live record: removes its wrapped key, ciphertexts and indexes, keeps a
-    /// tombstone, and writes the audit event in the same transaction.
+    /// Crypto-shreds a live record: removes its wrapped key, ciphertexts, indexes and sealed
+    /// guardian identities, keeps a tombstone, and writes the audit event in the same
+    /// transaction. A suspended record is refused (`Suspended`) unless `override_suspension`.
     async fn delete_record(
         &self,
         record_id: &str,
         deleted_at: Micros,
+        override_suspension: bool,
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
 
     /// Live records whose document blind index equals `index`.
-    async fn find_by_document(&self, index: &[u8]) -> Result<Vec<String>, StoreError>;
+    async fn find_by_document(&self, index: &[u8]) -> Result<Vec<LookupMatch>, StoreError>;
 
     /// Live records whose phone blind index equals `index`.
-    async fn find_by_phone(&self, index: &[u8]) -> Result<Vec<String>, StoreError>;
+    async fn find_by_phone(&self, index: &[u8]) -> Result<Vec<LookupMatch>, StoreError>;
 
-    /// Whether the record exists and is live; reads no identity.
-    async fn record_state(&self, record_id: &str) -> Result<Option<RecordState>, StoreError>;
+    /// The account state of a record (live or deleted); reads no identity.
+    async fn account_state(&self, record_id: &str) -> Result<Option<AccountState>, StoreError>;
+
+    /// Suspends (`true`) or reinstates a live record, with its history entry and audit event.
+    /// `Ok(false)` when it already was in that state (nothing written).
+    async fn set_suspended(
+        &self,
+        record_id: &str,
+        suspended: bool,
+        history: &AccountEventRow,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError>;
+
+    /// An account's history, oldest first, after the (occurred_at, event_id) cursor.
+    async fn list_account_events(
+        &self,
+        record_id: &str,
+        limit: u32,
+        after: Option<(Micros, String)>,
+    ) -> Result<Vec<AccountEventRow>, StoreError>;
+
+    /// Records a consent with its history entry and audit event.
+    async fn insert_consent(
+        &self,
+        consent: &ConsentRow,
+        history: &AccountEventRow,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    /// Revokes one active consent, or all of them when `consent_id` is `None`; writes one
+    /// history entry per revoked consent (ids `<history.event_id>_<n>`) and the audit event.
+    async fn revoke_consents(
+        &self,
+        record_id: &str,
+        consent_id: Option<&str>,
+        history: &AccountEventRow,
+        audit: &AuditEvent,
+    ) -> Result<Vec<String>, StoreError>;
 
     /// Starts a new audit chain at its genesis hash.
     async fn register_chain(

@@ -8,8 +8,18 @@ pub const INSERT_CREATE_REQUEST: &str = "INSERT INTO create_requests \
      (caller, request_id, record_id, fingerprint, created_at) VALUES ($1, $2, $3, $4, $5)";
 
 pub const INSERT_RECORD: &str = "INSERT INTO records \
-     (record_id, version, created_at, updated_at, wrapped_key, kek_version, document_index, phone_index) \
-     VALUES ($1, 1, $2, $2, $3, $4, $5, $6)";
+     (record_id, version, created_at, updated_at, wrapped_key, kek_version, document_index, \
+      phone_index, age_gate, policy_version) \
+     VALUES ($1, 1, $2, $2, $3, $4, $5, $6, $7, $8)";
+
+/// The account-state columns of `records r`, as [`super::AccountState`] decodes them.
+macro_rules! account_columns {
+    () => {
+        "r.deleted_at, r.suspended_at, r.age_gate, r.policy_version, \
+         (SELECT COUNT(*) FROM guardian_consents c \
+          WHERE c.record_id = r.record_id AND c.revoked_at IS NULL) AS active_consents"
+    };
+}
 
 pub const INSERT_FIELD: &str =
     "INSERT INTO record_fields (record_id, field, ciphertext) VALUES ($1, $2, $3)";
@@ -17,10 +27,12 @@ pub const INSERT_FIELD: &str =
 pub const DELETE_FIELDS: &str = "DELETE FROM record_fields WHERE record_id = $1";
 
 /// One statement, so the metadata and the fields come from the same snapshot.
-pub const SELECT_LIVE_RECORD: &str = "SELECT r.version, r.created_at, r.updated_at, r.wrapped_key, \
-            f.field, f.ciphertext \
-     FROM records r LEFT JOIN record_fields f ON f.record_id = r.record_id \
-     WHERE r.record_id = $1 AND r.deleted_at IS NULL ORDER BY f.field";
+pub const SELECT_LIVE_RECORD: &str = concat!(
+    "SELECT r.version, r.created_at, r.updated_at, r.wrapped_key, f.field, f.ciphertext, ",
+    account_columns!(),
+    " FROM records r LEFT JOIN record_fields f ON f.record_id = r.record_id \
+     WHERE r.record_id = $1 AND r.deleted_at IS NULL ORDER BY f.field"
+);
 
 pub const SELECT_FIELD_NAMES: &str =
     "SELECT field FROM record_fields WHERE record_id = $1 ORDER BY field";
@@ -28,21 +40,64 @@ pub const SELECT_FIELD_NAMES: &str =
 pub const SELECT_META: &str =
     "SELECT version, created_at, updated_at FROM records WHERE record_id = $1";
 
+/// `$8 = 1` lets the write through a suspension (the account-security role).
 pub const UPDATE_RECORD: &str = "UPDATE records \
-     SET version = version + 1, updated_at = $3, document_index = $4, phone_index = $5 \
-     WHERE record_id = $1 AND version = $2 AND deleted_at IS NULL RETURNING created_at";
+     SET version = version + 1, updated_at = $3, document_index = $4, phone_index = $5, \
+         age_gate = $6, policy_version = COALESCE($7, policy_version) \
+     WHERE record_id = $1 AND version = $2 AND deleted_at IS NULL \
+       AND (suspended_at IS NULL OR $8 = 1) \
+     RETURNING created_at";
 
-pub const SELECT_STATE: &str = "SELECT deleted_at FROM records WHERE record_id = $1";
+pub const SELECT_ACCOUNT_STATE: &str = concat!(
+    "SELECT ",
+    account_columns!(),
+    " FROM records r WHERE r.record_id = $1"
+);
 
 pub const SHRED_RECORD: &str = "UPDATE records \
      SET deleted_at = $2, updated_at = $2, version = version + 1, wrapped_key = NULL, \
-         kek_version = NULL, document_index = NULL, phone_index = NULL \
-     WHERE record_id = $1 AND deleted_at IS NULL";
+         kek_version = NULL, document_index = NULL, phone_index = NULL, age_gate = NULL \
+     WHERE record_id = $1 AND deleted_at IS NULL AND (suspended_at IS NULL OR $3 = 1)";
 
-pub const FIND_BY_DOCUMENT: &str =
-    "SELECT record_id FROM records WHERE document_index = $1 AND deleted_at IS NULL";
+pub const SHRED_GUARDIANS: &str =
+    "UPDATE guardian_consents SET guardian_sealed = NULL WHERE record_id = $1";
 
-pub const FIND_BY_PHONE: &str = "SELECT record_id FROM records WHERE phone_index = $1 AND deleted_at IS NULL ORDER BY record_id";
+pub const FIND_BY_DOCUMENT: &str = concat!(
+    "SELECT r.record_id, ",
+    account_columns!(),
+    " FROM records r WHERE r.document_index = $1 AND r.deleted_at IS NULL"
+);
+
+pub const FIND_BY_PHONE: &str = concat!(
+    "SELECT r.record_id, ",
+    account_columns!(),
+    " FROM records r WHERE r.phone_index = $1 AND r.deleted_at IS NULL ORDER BY r.record_id"
+);
+
+pub const SUSPEND: &str = "UPDATE records SET suspended_at = $2 \
+     WHERE record_id = $1 AND deleted_at IS NULL AND suspended_at IS NULL";
+
+pub const REINSTATE: &str = "UPDATE records SET suspended_at = NULL \
+     WHERE record_id = $1 AND deleted_at IS NULL AND suspended_at IS NOT NULL";
+
+pub const INSERT_ACCOUNT_EVENT: &str = "INSERT INTO account_events \
+     (event_id, record_id, occurred_at, kind, actor, reason, note, ticket, consent_id) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// Oldest first, keyset-paginated on (occurred_at, event_id).
+pub const LIST_ACCOUNT_EVENTS: &str = "SELECT event_id, record_id, occurred_at, kind, actor, \
+     reason, note, ticket, consent_id FROM account_events \
+     WHERE record_id = $1 AND (occurred_at > $2 OR (occurred_at = $2 AND event_id > $3)) \
+     ORDER BY occurred_at, event_id LIMIT $4";
+
+pub const INSERT_CONSENT: &str = "INSERT INTO guardian_consents \
+     (consent_id, record_id, guardian_record_id, guardian_sealed, relationship, evidence_ref, \
+      policy_version, granted_at, granted_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// Revokes one active consent (`$2`) or, with `$2` NULL, every active consent of `$1`.
+pub const REVOKE_CONSENTS: &str = "UPDATE guardian_consents SET revoked_at = $3, revoked_by = $4 \
+     WHERE record_id = $1 AND ($2 IS NULL OR consent_id = $2) AND revoked_at IS NULL \
+     RETURNING consent_id";
 
 /// Reserves `$2` sequence numbers on chain `$1`; returns the new head sequence and the
 /// previous head hash, and holds the chain's row lock until commit (on SQLite the write

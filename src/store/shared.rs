@@ -37,6 +37,8 @@ macro_rules! impl_store {
                         .bind(i64::from(record.kek_version))
                         .bind(&record.document_index)
                         .bind(&record.phone_index)
+                        .bind(&record.age_gate)
+                        .bind(&record.policy_version)
                         .execute(&mut *tx)
                         .await?;
                     for field in &record.fields {
@@ -122,6 +124,7 @@ macro_rules! impl_store {
                     },
                     wrapped_key,
                     fields,
+                    account: decode_account(first)?,
                 }))
             }
 
@@ -139,6 +142,9 @@ macro_rules! impl_store {
                         .bind(update.updated_at)
                         .bind(&update.document_index)
                         .bind(&update.phone_index)
+                        .bind(&update.age_gate)
+                        .bind(&update.policy_version)
+                        .bind(i64::from(update.override_suspension))
                         .fetch_optional(&mut *tx)
                         .await?;
                     let Some(created_at) = created_at else {
@@ -173,11 +179,13 @@ macro_rules! impl_store {
                     }
                     Ok(None) => {
                         tx.rollback().await?;
-                        match self.record_state(&update.record_id).await? {
-                            Some($crate::store::RecordState::Active) => {
-                                Err(StoreError::VersionConflict)
+                        match self.account_state(&update.record_id).await? {
+                            None => Err(StoreError::NotFound),
+                            Some(state) if state.deleted => Err(StoreError::NotFound),
+                            Some(state) if state.suspended && !update.override_suspension => {
+                                Err(StoreError::Suspended)
                             }
-                            _ => Err(StoreError::NotFound),
+                            Some(_) => Err(StoreError::VersionConflict),
                         }
                     }
                     Err(error) if is_unique_violation(&error) => {
@@ -192,6 +200,7 @@ macro_rules! impl_store {
                 &self,
                 record_id: &str,
                 deleted_at: $crate::store::Micros,
+                override_suspension: bool,
                 audit: &$crate::audit::AuditEvent,
             ) -> Result<(), $crate::store::StoreError> {
                 use $crate::store::{queries, StoreError};
@@ -199,14 +208,24 @@ macro_rules! impl_store {
                 let shredded = sqlx::query(queries::SHRED_RECORD)
                     .bind(record_id)
                     .bind(deleted_at)
+                    .bind(i64::from(override_suspension))
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
                 if shredded == 0 {
                     tx.rollback().await?;
-                    return Err(StoreError::NotFound);
+                    return match self.account_state(record_id).await? {
+                        Some(state) if !state.deleted && state.suspended => {
+                            Err(StoreError::Suspended)
+                        }
+                        _ => Err(StoreError::NotFound),
+                    };
                 }
                 sqlx::query(queries::DELETE_FIELDS)
+                    .bind(record_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(queries::SHRED_GUARDIANS)
                     .bind(record_id)
                     .execute(&mut *tx)
                     .await?;
@@ -218,37 +237,157 @@ macro_rules! impl_store {
             async fn find_by_document(
                 &self,
                 index: &[u8],
-            ) -> Result<Vec<String>, $crate::store::StoreError> {
-                Ok(sqlx::query_scalar($crate::store::queries::FIND_BY_DOCUMENT)
+            ) -> Result<Vec<$crate::store::LookupMatch>, $crate::store::StoreError> {
+                let rows = sqlx::query($crate::store::queries::FIND_BY_DOCUMENT)
                     .bind(index)
                     .fetch_all(&self.pool)
-                    .await?)
+                    .await?;
+                rows.iter().map(decode_match).collect()
             }
 
             async fn find_by_phone(
                 &self,
                 index: &[u8],
-            ) -> Result<Vec<String>, $crate::store::StoreError> {
-                Ok(sqlx::query_scalar($crate::store::queries::FIND_BY_PHONE)
+            ) -> Result<Vec<$crate::store::LookupMatch>, $crate::store::StoreError> {
+                let rows = sqlx::query($crate::store::queries::FIND_BY_PHONE)
                     .bind(index)
                     .fetch_all(&self.pool)
-                    .await?)
+                    .await?;
+                rows.iter().map(decode_match).collect()
             }
 
-            async fn record_state(
+            async fn account_state(
                 &self,
                 record_id: &str,
-            ) -> Result<Option<$crate::store::RecordState>, $crate::store::StoreError> {
-                use $crate::store::RecordState;
-                let deleted_at: Option<Option<i64>> =
-                    sqlx::query_scalar($crate::store::queries::SELECT_STATE)
+            ) -> Result<Option<$crate::store::AccountState>, $crate::store::StoreError> {
+                let row = sqlx::query($crate::store::queries::SELECT_ACCOUNT_STATE)
+                    .bind(record_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(decode_account).transpose()
+            }
+
+            async fn set_suspended(
+                &self,
+                record_id: &str,
+                suspended: bool,
+                history: &$crate::store::AccountEventRow,
+                audit: &$crate::audit::AuditEvent,
+            ) -> Result<bool, $crate::store::StoreError> {
+                use $crate::store::{queries, StoreError};
+                let mut tx = self.begin_write().await?;
+                let changed = if suspended {
+                    sqlx::query(queries::SUSPEND)
                         .bind(record_id)
-                        .fetch_optional(&self.pool)
-                        .await?;
-                Ok(deleted_at.map(|deleted_at| match deleted_at {
-                    None => RecordState::Active,
-                    Some(_) => RecordState::Deleted,
-                }))
+                        .bind(history.occurred_at)
+                } else {
+                    sqlx::query(queries::REINSTATE).bind(record_id)
+                }
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if changed == 0 {
+                    tx.rollback().await?;
+                    return match self.account_state(record_id).await? {
+                        Some(state) if !state.deleted => Ok(false),
+                        _ => Err(StoreError::NotFound),
+                    };
+                }
+                insert_account_event(&mut *tx, history).await?;
+                insert_audit_events(&mut *tx, std::slice::from_ref(audit)).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn list_account_events(
+                &self,
+                record_id: &str,
+                limit: u32,
+                after: Option<($crate::store::Micros, String)>,
+            ) -> Result<Vec<$crate::store::AccountEventRow>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let (time, event_id) = after.unwrap_or((i64::MIN, String::new()));
+                let rows = sqlx::query($crate::store::queries::LIST_ACCOUNT_EVENTS)
+                    .bind(record_id)
+                    .bind(time)
+                    .bind(event_id)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok($crate::store::AccountEventRow {
+                            event_id: row.try_get("event_id")?,
+                            record_id: row.try_get("record_id")?,
+                            occurred_at: row.try_get("occurred_at")?,
+                            kind: row.try_get("kind")?,
+                            actor: row.try_get("actor")?,
+                            reason: row.try_get("reason")?,
+                            note: row.try_get("note")?,
+                            ticket: row.try_get("ticket")?,
+                            consent_id: row.try_get("consent_id")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn insert_consent(
+                &self,
+                consent: &$crate::store::ConsentRow,
+                history: &$crate::store::AccountEventRow,
+                audit: &$crate::audit::AuditEvent,
+            ) -> Result<(), $crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                sqlx::query($crate::store::queries::INSERT_CONSENT)
+                    .bind(&consent.consent_id)
+                    .bind(&consent.record_id)
+                    .bind(&consent.guardian_record_id)
+                    .bind(&consent.guardian_sealed)
+                    .bind(&consent.relationship)
+                    .bind(&consent.evidence_ref)
+                    .bind(&consent.policy_version)
+                    .bind(consent.granted_at)
+                    .bind(&consent.granted_by)
+                    .execute(&mut *tx)
+                    .await?;
+                insert_account_event(&mut *tx, history).await?;
+                insert_audit_events(&mut *tx, std::slice::from_ref(audit)).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn revoke_consents(
+                &self,
+                record_id: &str,
+                consent_id: Option<&str>,
+                history: &$crate::store::AccountEventRow,
+                audit: &$crate::audit::AuditEvent,
+            ) -> Result<Vec<String>, $crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let revoked: Vec<String> = sqlx::query_scalar($crate::store::queries::REVOKE_CONSENTS)
+                    .bind(record_id)
+                    .bind(consent_id)
+                    .bind(history.occurred_at)
+                    .bind(&history.actor)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                if revoked.is_empty() {
+                    tx.rollback().await?;
+                    return Ok(revoked);
+                }
+                for (n, consent) in revoked.iter().enumerate() {
+                    let entry = $crate::store::AccountEventRow {
+                        event_id: format!("{}_{n}", history.event_id),
+                        consent_id: Some(consent.clone()),
+                        ..history.clone()
+                    };
+                    insert_account_event(&mut *tx, &entry).await?;
+                }
+                let mut audit = audit.clone();
+                audit.record_ids = vec![record_id.to_owned()];
+                insert_audit_events(&mut *tx, std::slice::from_ref(&audit)).await?;
+                tx.commit().await?;
+                Ok(revoked)
             }
 
             async fn register_chain(
@@ -575,6 +714,50 @@ macro_rules! impl_store {
                 .execute(&mut *conn)
                 .await?;
             Ok(())
+        }
+
+        async fn insert_account_event(
+            conn: &mut <<$store as $crate::store::shared::Backend>::Db as sqlx::Database>::Connection,
+            event: &$crate::store::AccountEventRow,
+        ) -> Result<(), sqlx::Error> {
+            sqlx::query($crate::store::queries::INSERT_ACCOUNT_EVENT)
+                .bind(&event.event_id)
+                .bind(&event.record_id)
+                .bind(event.occurred_at)
+                .bind(&event.kind)
+                .bind(&event.actor)
+                .bind(&event.reason)
+                .bind(&event.note)
+                .bind(&event.ticket)
+                .bind(&event.consent_id)
+                .execute(conn)
+                .await?;
+            Ok(())
+        }
+
+        fn decode_account(
+            row: &<<$store as $crate::store::shared::Backend>::Db as sqlx::Database>::Row,
+        ) -> Result<$crate::store::AccountState, $crate::store::StoreError> {
+            use sqlx::Row;
+            let deleted_at: Option<i64> = row.try_get("deleted_at")?;
+            let suspended_at: Option<i64> = row.try_get("suspended_at")?;
+            Ok($crate::store::AccountState {
+                deleted: deleted_at.is_some(),
+                suspended: suspended_at.is_some(),
+                age_gate: row.try_get("age_gate")?,
+                policy_version: row.try_get("policy_version")?,
+                active_consents: row.try_get("active_consents")?,
+            })
+        }
+
+        fn decode_match(
+            row: &<<$store as $crate::store::shared::Backend>::Db as sqlx::Database>::Row,
+        ) -> Result<$crate::store::LookupMatch, $crate::store::StoreError> {
+            use sqlx::Row;
+            Ok($crate::store::LookupMatch {
+                record_id: row.try_get("record_id")?,
+                account: decode_account(row)?,
+            })
         }
 
         fn decode_event(

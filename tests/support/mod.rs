@@ -46,6 +46,8 @@ const ALL_RPCS: &[&str] = &[
     "DeleteRecord",
     "FindRecords",
     "CheckAccount",
+    "RecordGuardianConsent",
+    "RevokeGuardianConsent",
 ];
 
 /// A claims service: full record lifecycle, but only service delivery and support reads.
@@ -84,7 +86,16 @@ pub const LOGIN: TestCaller = TestCaller {
     grants: &[],
 };
 
-pub const CALLERS: [&TestCaller; 4] = [&CLAIMS, &ANALYTICS, &COMPLIANCE, &LOGIN];
+/// The account-security team.
+pub const SECURITY: TestCaller = TestCaller {
+    name: "security",
+    token: "security-token-0123456789",
+    rpcs: &["CheckAccount", "UpdateRecord"],
+    purposes: &[],
+    grants: &["accounts.suspend"],
+};
+
+pub const CALLERS: [&TestCaller; 5] = [&CLAIMS, &ANALYTICS, &COMPLIANCE, &LOGIN, &SECURITY];
 
 /// Starts at a fixed instant (2026-06-01 12:00 in Beijing) and moves one millisecond per
 /// reading, so dates never drift with the wall clock yet events keep their order.
@@ -99,6 +110,14 @@ impl Clock for SteppingClock {
     }
 }
 
+impl SteppingClock {
+    /// Moves the clock to `instant`; it keeps stepping from there.
+    pub fn set(&self, instant: DateTime<Utc>) {
+        self.micros
+            .store(instant.timestamp_micros(), Ordering::Relaxed);
+    }
+}
+
 pub fn test_clock() -> Arc<SteppingClock> {
     let start = Utc.with_ymd_and_hms(2026, 6, 1, 4, 0, 0).single().unwrap();
     Arc::new(SteppingClock {
@@ -109,6 +128,7 @@ pub fn test_clock() -> Arc<SteppingClock> {
 pub struct TestApp {
     pub backend: Backend,
     pub config: Config,
+    pub clock: Arc<SteppingClock>,
     pub addr: std::net::SocketAddr,
     pub data_dir: tempfile::TempDir,
     pub database_url: String,
@@ -137,6 +157,7 @@ impl TestApp {
             ..Config::default()
         };
         config.log.filter = "warn".into();
+        config.privacy_policy.current_version = "2025-01".into();
         config.callers = CALLERS
             .iter()
             .map(|caller| CallerConfig {
@@ -157,7 +178,8 @@ impl TestApp {
         adjust(&mut config);
         let database_url = config.database_url();
         pdvault::telemetry::init(&config.log);
-        let app = Application::build_with_clock(config.clone(), test_clock())
+        let clock = test_clock();
+        let app = Application::build_with_clock(config.clone(), clock.clone())
             .await
             .expect("application builds");
         let addr = app.local_addr();
@@ -176,6 +198,7 @@ impl TestApp {
         Some(TestApp {
             backend,
             config,
+            clock,
             addr,
             data_dir,
             database_url,

@@ -1,0 +1,145 @@
+//! `pdvault.v1.AccountSecurity`: suspension, reinstatement and account history for the
+//! account-security team.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    call_context, decode_page_token, encode_page_token, invalid, page_size, timestamp, to_status,
+    violation,
+};
+use crate::accounts::{AccountAction, AccountHistoryEntry, SuspensionReason};
+use crate::proto;
+use crate::vault::Vault;
+
+#[derive(Clone)]
+pub struct AccountSecurityService {
+    vault: Arc<Vault>,
+}
+
+impl AccountSecurityService {
+    pub fn new(vault: Arc<Vault>) -> AccountSecurityService {
+        AccountSecurityService { vault }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::account_security_server::AccountSecurity for AccountSecurityService {
+    async fn suspend_account(
+        &self,
+        request: Request<proto::SuspendAccountRequest>,
+    ) -> Result<Response<proto::AccountActionResponse>, Status> {
+        let ctx = call_context(&self.vault, &request)?;
+        let request = request.into_inner();
+        let reason = suspension_reason(request.reason)?;
+        let record_id = request.record_id;
+        let action = AccountAction {
+            record_id: record_id.clone(),
+            reason: Some(reason),
+            note: request.note,
+            ticket: request.ticket,
+        };
+        let changed = self
+            .vault
+            .set_suspension(&ctx, action, true)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::AccountActionResponse {
+            record_id,
+            changed,
+            status: "SUSPENDED".into(),
+        }))
+    }
+
+    async fn reinstate_account(
+        &self,
+        request: Request<proto::ReinstateAccountRequest>,
+    ) -> Result<Response<proto::AccountActionResponse>, Status> {
+        let ctx = call_context(&self.vault, &request)?;
+        let request = request.into_inner();
+        let record_id = request.record_id;
+        let action = AccountAction {
+            record_id: record_id.clone(),
+            reason: None,
+            note: request.note,
+            ticket: request.ticket,
+        };
+        let changed = self
+            .vault
+            .set_suspension(&ctx, action, false)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::AccountActionResponse {
+            record_id,
+            changed,
+            status: "ACTIVE".into(),
+        }))
+    }
+
+    async fn list_account_events(
+        &self,
+        request: Request<proto::ListAccountEventsRequest>,
+    ) -> Result<Response<proto::ListAccountEventsResponse>, Status> {
+        let ctx = call_context(&self.vault, &request)?;
+        let request = request.into_inner();
+        let limit = page_size(request.page_size)?;
+        let after = decode_page_token(&request.page_token)?;
+        let entries = self
+            .vault
+            .account_history(&ctx, &request.record_id, limit, after)
+            .await
+            .map_err(to_status)?;
+        let next_page_token = match entries.last() {
+            Some(last) if entries.len() == limit as usize => {
+                encode_page_token(last.row.occurred_at, &last.row.event_id)
+            }
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListAccountEventsResponse {
+            events: entries.into_iter().map(event_message).collect(),
+            next_page_token,
+        }))
+    }
+}
+
+fn suspension_reason(value: i32) -> Result<SuspensionReason, Status> {
+    use proto::SuspensionReason as P;
+    match P::try_from(value) {
+        Ok(P::UserRequest) => Ok(SuspensionReason::UserRequest),
+        Ok(P::CredentialCompromise) => Ok(SuspensionReason::CredentialCompromise),
+        Ok(P::PolicyViolation) => Ok(SuspensionReason::PolicyViolation),
+        Ok(P::LegalOrder) => Ok(SuspensionReason::LegalOrder),
+        Ok(P::Other) => Ok(SuspensionReason::Other),
+        _ => Err(invalid(vec![violation(
+            "reason",
+            "must be one of USER_REQUEST, CREDENTIAL_COMPROMISE, POLICY_VIOLATION, LEGAL_ORDER, OTHER",
+        )])),
+    }
+}
+
+fn event_message(entry: AccountHistoryEntry) -> proto::AccountEvent {
+    let row = entry.row;
+    let kind = match row.kind.as_str() {
+        "SUSPENDED" => proto::AccountEventKind::Suspended,
+        "REINSTATED" => proto::AccountEventKind::Reinstated,
+        "CONSENT_RECORDED" => proto::AccountEventKind::ConsentRecorded,
+        "CONSENT_REVOKED" => proto::AccountEventKind::ConsentRevoked,
+        _ => proto::AccountEventKind::Unspecified,
+    };
+    let reason = row
+        .reason
+        .as_deref()
+        .and_then(|r| proto::SuspensionReason::from_str_name(&format!("SUSPENSION_REASON_{r}")))
+        .unwrap_or(proto::SuspensionReason::Unspecified);
+    proto::AccountEvent {
+        event_id: row.event_id,
+        kind: kind as i32,
+        time: Some(timestamp(row.occurred_at)),
+        actor: row.actor,
+        reason: reason as i32,
+        note: entry.note.unwrap_or_default(),
+        ticket: row.ticket.unwrap_or_default(),
+        consent_id: row.consent_id.unwrap_or_default(),
+    }
+}
