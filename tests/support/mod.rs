@@ -176,6 +176,34 @@ impl TestApp {
             config.database.url = Some(pg.url());
         }
         adjust(&mut config);
+        Some(TestApp::start(backend, config, data_dir, postgres).await)
+    }
+
+    /// A second vault process sharing this one's database and keyring, as several instances
+    /// share one PostgreSQL in production. Its own data directory, port and audit chain.
+    pub async fn spawn_sibling(&self) -> TestApp {
+        let data_dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: data_dir.path().join("data"),
+            database: pdvault::config::DatabaseConfig {
+                url: Some(self.database_url.clone()),
+                ..self.config.database.clone()
+            },
+            keys: pdvault::config::KeysConfig {
+                keyring_path: Some(self.config.keyring_path()),
+                create_if_missing: false,
+            },
+            ..self.config.clone()
+        };
+        TestApp::start(self.backend, config, data_dir, None).await
+    }
+
+    async fn start(
+        backend: Backend,
+        config: Config,
+        data_dir: tempfile::TempDir,
+        postgres: Option<PostgresDatabase>,
+    ) -> TestApp {
         let database_url = config.database_url();
         pdvault::telemetry::init(&config.log);
         let clock = test_clock();
@@ -195,7 +223,7 @@ impl TestApp {
             .await
             .expect("server runs");
         });
-        Some(TestApp {
+        TestApp {
             backend,
             config,
             clock,
@@ -206,7 +234,7 @@ impl TestApp {
             postgres,
             shutdown: Some(tx),
             server: Some(server),
-        })
+        }
     }
 
     pub async fn client(&self) -> VaultClient<Channel> {
