@@ -6,7 +6,10 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/pdvault/v1/vault.proto"];
+    let protos = [
+        "proto/pdvault/v1/vault.proto",
+        "proto/pdvault/v1/admin.proto",
+    ];
     let descriptors = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(

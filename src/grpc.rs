@@ -5,6 +5,11 @@
 //! `Status`, each with the richer error model's details: a `google.rpc.BadRequest` naming
 //! every bad field, or a `google.rpc.ErrorInfo` (domain `pdvault`) whose reason clients can
 //! switch on. Messages name fields and reasons, never values.
+//!
+//! A caller proves who it is with a bearer token, a client certificate mapped to it in
+//! config, or both; when both are presented they must name the same caller.
+
+pub mod admin;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,40 +18,47 @@ use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use crate::domain::{Gender, IdType, IdentityInput, Violation};
+use crate::limits::CallerRateLimiter;
+use crate::policy::{Caller, CertificateMatch, Policy};
 use crate::proto;
 use crate::store::{Micros, RecordMeta, RecordState};
 use crate::vault::{CallContext, LookupKey, Vault, VaultError};
 
 /// ErrorInfo domain for every error this service raises.
 pub const ERROR_DOMAIN: &str = "pdvault";
-const MAX_REQUEST_ID_LEN: usize = 128;
+const MAX_REQUEST_ID_LEN: usize = crate::telemetry::MAX_REQUEST_ID_LEN;
+/// Repeated request fields name identity fields, so more entries than fields is abuse.
+const MAX_LISTED_FIELDS: usize = crate::domain::FieldName::ALL.len();
+const MAX_PURPOSE_LEN: usize = 128;
 
 /// `pdvault.v1.Vault` over a shared [`Vault`].
 #[derive(Clone)]
 pub struct VaultService {
     vault: Arc<Vault>,
+    limiter: Arc<CallerRateLimiter>,
 }
 
 impl VaultService {
     pub fn new(vault: Arc<Vault>) -> VaultService {
-        VaultService { vault }
+        VaultService::with_rate_limiter(vault, Arc::new(CallerRateLimiter::unlimited()))
     }
 
-    /// Authenticates the bearer token and captures who is calling from where.
+    pub fn with_rate_limiter(vault: Arc<Vault>, limiter: Arc<CallerRateLimiter>) -> VaultService {
+        VaultService { vault, limiter }
+    }
+
+    /// Authenticates the caller, charges its rate limit and captures who is calling from
+    /// where.
     fn context<T>(&self, request: &Request<T>) -> Result<CallContext, Status> {
-        let token = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|token| !token.is_empty())
-            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
-        let caller = self
-            .vault
-            .policy()
-            .authenticate(token)
-            .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
+        let (policy, caller) = authenticate(&self.vault, request)?;
+        if !self.limiter.check(&caller.name) {
+            crate::metrics::record_denial("RATE_LIMITED");
+            return Err(error_info(
+                Code::ResourceExhausted,
+                "caller rate limit exceeded; retry later",
+                "RATE_LIMITED",
+            ));
+        }
         let request_id = request
             .metadata()
             .get("x-request-id")
@@ -55,10 +67,72 @@ impl VaultService {
             .map(str::to_owned);
         Ok(CallContext {
             caller,
+            policy,
             peer: request.remote_addr().map(|addr| addr.to_string()),
             request_id,
         })
     }
+}
+
+/// The caller a request authenticates as, and the policy snapshot that says so.
+pub(crate) fn authenticate<T>(
+    vault: &Vault,
+    request: &Request<T>,
+) -> Result<(Arc<Policy>, Arc<Caller>), Status> {
+    let policy = vault.policy();
+    let token = request
+        .metadata()
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty());
+    let by_token = match token {
+        Some(token) => Some(
+            policy
+                .authenticate(token)
+                .ok_or_else(|| unauthenticated("invalid bearer token", "INVALID_TOKEN"))?,
+        ),
+        None => None,
+    };
+    // rustls has verified the chain; the leaf is first.
+    let certificate = request.peer_certs().and_then(|chain| {
+        chain
+            .first()
+            .and_then(|leaf| crate::tls::certificate_identity(leaf))
+    });
+    let by_certificate =
+        match certificate.map(|identity| policy.authenticate_certificate(&identity)) {
+            Some(CertificateMatch::Caller(caller)) => Some(caller),
+            Some(CertificateMatch::Ambiguous) => {
+                return Err(unauthenticated(
+                    "client certificate names more than one caller",
+                    "CERTIFICATE_AMBIGUOUS",
+                ));
+            }
+            Some(CertificateMatch::Unmapped) | None => None,
+        };
+    let caller = match (by_token, by_certificate) {
+        (Some(token), Some(certificate)) if token.name != certificate.name => {
+            return Err(unauthenticated(
+                "bearer token and client certificate name different callers",
+                "CALLER_MISMATCH",
+            ));
+        }
+        (Some(caller), _) | (None, Some(caller)) => caller,
+        (None, None) => {
+            return Err(unauthenticated(
+                "missing bearer token or mapped client certificate",
+                "UNAUTHENTICATED",
+            ));
+        }
+    };
+    Ok((policy, caller))
+}
+
+fn unauthenticated(message: &str, reason: &'static str) -> Status {
+    crate::metrics::record_denial(reason);
+    error_info(Code::Unauthenticated, message, reason)
 }
 
 #[tonic::async_trait]
@@ -84,6 +158,10 @@ impl proto::vault_server::Vault for VaultService {
     ) -> Result<Response<proto::GetRecordResponse>, Status> {
         let ctx = self.context(&request)?;
         let request = request.into_inner();
+        bounded(&[
+            ("purpose", request.purpose.len(), MAX_PURPOSE_LEN),
+            ("fields", request.fields.len(), MAX_LISTED_FIELDS),
+        ])?;
         let release = self
             .vault
             .get_record(
@@ -95,6 +173,13 @@ impl proto::vault_server::Vault for VaultService {
             )
             .await
             .map_err(to_status)?;
+        crate::metrics::record_release(
+            &request.purpose,
+            release
+                .fields
+                .iter()
+                .map(|(_, released)| released.level.as_str()),
+        );
         let fields = release
             .fields
             .into_iter()
@@ -123,6 +208,7 @@ impl proto::vault_server::Vault for VaultService {
         let request = request.into_inner();
         let input = identity_input(request.identity.unwrap_or_default()).map_err(invalid)?;
         let mask = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        bounded(&[("update_mask", mask.len(), MAX_LISTED_FIELDS)])?;
         let meta = self
             .vault
             .update_record(&ctx, &request.record_id, input, &mask, &request.etag)
@@ -154,6 +240,7 @@ impl proto::vault_server::Vault for VaultService {
     ) -> Result<Response<proto::FindRecordsResponse>, Status> {
         let ctx = self.context(&request)?;
         let request = request.into_inner();
+        bounded(&[("purpose", request.purpose.len(), MAX_PURPOSE_LEN)])?;
         let key = match request.key {
             Some(proto::find_records_request::Key::Document(document)) => LookupKey::Document {
                 id_type: id_type(document.id_type, "document.id_type").map_err(invalid)?,
@@ -285,6 +372,23 @@ fn violation(field: &str, reason: &str) -> Violation {
     }
 }
 
+/// Refuses oversized strings and lists before any work is done on them: `(field, length,
+/// maximum)`.
+fn bounded(checks: &[(&str, usize, usize)]) -> Result<(), Status> {
+    let violations: Vec<Violation> = checks
+        .iter()
+        .filter(|(_, len, max)| len > max)
+        .map(|(field, _, max)| {
+            violation(field, &format!("must have at most {max} entries or bytes"))
+        })
+        .collect();
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid(violations))
+    }
+}
+
 fn invalid(violations: Vec<Violation>) -> Status {
     to_status(VaultError::InvalidArgument(violations))
 }
@@ -295,6 +399,11 @@ fn error_info(code: Code, message: &str, reason: &str) -> Status {
         message,
         ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new()),
     )
+}
+
+fn denied(reason: &'static str, status: Status) -> Status {
+    crate::metrics::record_denial(reason);
+    status
 }
 
 /// The one place a domain error becomes a gRPC status.
@@ -309,15 +418,21 @@ pub fn to_status(error: VaultError) -> Status {
             );
             Status::with_error_details(Code::InvalidArgument, error.to_string(), details)
         }
-        VaultError::OperationNotGranted(_) => error_info(
-            Code::PermissionDenied,
-            &error.to_string(),
+        VaultError::OperationNotGranted(_) => denied(
             "OPERATION_NOT_GRANTED",
+            error_info(
+                Code::PermissionDenied,
+                &error.to_string(),
+                "OPERATION_NOT_GRANTED",
+            ),
         ),
-        VaultError::PurposeNotGranted(_) => error_info(
-            Code::PermissionDenied,
-            &error.to_string(),
+        VaultError::PurposeNotGranted(_) => denied(
             "PURPOSE_NOT_GRANTED",
+            error_info(
+                Code::PermissionDenied,
+                &error.to_string(),
+                "PURPOSE_NOT_GRANTED",
+            ),
         ),
         VaultError::NotFound => error_info(Code::NotFound, &error.to_string(), "RECORD_NOT_FOUND"),
         VaultError::DuplicateIdentity => error_info(

@@ -13,6 +13,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
 use zeroize::Zeroizing;
 
@@ -109,6 +110,9 @@ impl Clock for SystemClock {
 #[derive(Debug, Clone)]
 pub struct CallContext {
     pub caller: Arc<Caller>,
+    /// The policy the caller was authenticated against; the whole call is judged by it even
+    /// if a reload swaps in another meanwhile.
+    pub policy: Arc<Policy>,
     pub peer: Option<String>,
     pub request_id: Option<String>,
 }
@@ -138,7 +142,8 @@ pub enum LookupKey {
 pub struct Vault {
     store: Arc<dyn Store>,
     keys: Arc<Keyring>,
-    policy: Arc<Policy>,
+    /// Swapped whole by a live reload; calls take a snapshot when they authenticate.
+    policy: ArcSwap<Policy>,
     clock: Arc<dyn Clock>,
     /// The time zone dates are judged in (China Standard Time has had no DST since 1991).
     zone: FixedOffset,
@@ -154,14 +159,24 @@ impl Vault {
         Vault {
             store,
             keys,
-            policy,
+            policy: ArcSwap::new(policy),
             clock,
             zone: FixedOffset::east_opt(8 * 3600).expect("UTC+8 is a valid offset"),
         }
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Puts `policy` in force for every call that authenticates from now on.
+    pub fn replace_policy(&self, policy: Arc<Policy>) {
+        self.policy.store(policy);
+    }
+
+    pub fn keys(&self) -> &Arc<Keyring> {
+        &self.keys
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -352,16 +367,16 @@ impl Vault {
         }
     }
 
-    fn granted_purpose(
+    fn granted_purpose<'c>(
         &self,
-        ctx: &CallContext,
+        ctx: &'c CallContext,
         purpose: &str,
         justification: &str,
-    ) -> Result<&Purpose, VaultError> {
+    ) -> Result<&'c Purpose, VaultError> {
         if purpose.is_empty() {
             return Err(violation("purpose", "is required"));
         }
-        let granted = self
+        let granted = ctx
             .policy
             .purpose(purpose)
             .filter(|_| ctx.caller.has_purpose(purpose))

@@ -8,6 +8,9 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+pub mod proxy;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -15,6 +18,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use pdvault::config::Config;
 use pdvault::policy::{CallerConfig, token_sha256_hex};
 use pdvault::proto::vault_client::VaultClient;
+use pdvault::reload::ConfigSource;
 use pdvault::startup::Application;
 use pdvault::vault::Clock;
 use sqlx::Connection;
@@ -96,6 +100,7 @@ pub fn fixed_clock() -> Arc<FixedClock> {
 pub struct TestApp {
     pub backend: Backend,
     pub addr: std::net::SocketAddr,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub data_dir: tempfile::TempDir,
     pub database_url: String,
     pub admin_token: String,
@@ -104,7 +109,8 @@ pub struct TestApp {
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
-struct PostgresDatabase {
+/// A fresh PostgreSQL database for one test, dropped by [`PostgresDatabase::drop_database`].
+pub struct PostgresDatabase {
     admin_url: String,
     name: String,
 }
@@ -116,10 +122,22 @@ impl TestApp {
     }
 
     pub async fn spawn_with(backend: Backend, adjust: impl FnOnce(&mut Config)) -> Option<TestApp> {
+        TestApp::spawn_full(backend, adjust, |_| None).await
+    }
+
+    /// As [`TestApp::spawn_with`]; `reload` may write the final config to a file and return
+    /// it as the source `Admin.ReloadPolicy` re-reads.
+    pub async fn spawn_full(
+        backend: Backend,
+        adjust: impl FnOnce(&mut Config),
+        reload: impl FnOnce(&Config) -> Option<ConfigSource>,
+    ) -> Option<TestApp> {
         let data_dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.data_dir = data_dir.path().join("data");
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: data_dir.path().join("data"),
+            ..Config::default()
+        };
         config.log.filter = "warn".into();
         config.callers = CALLERS
             .iter()
@@ -128,6 +146,7 @@ impl TestApp {
                 token_sha256: token_sha256_hex(caller.token),
                 rpcs: caller.rpcs.iter().map(|s| s.to_string()).collect(),
                 purposes: caller.purposes.iter().map(|s| s.to_string()).collect(),
+                ..CallerConfig::default()
             })
             .collect();
         let postgres = match backend {
@@ -140,10 +159,15 @@ impl TestApp {
         adjust(&mut config);
         let database_url = config.database_url();
         pdvault::telemetry::init(&config.log);
-        let app = Application::build_with_clock(config, fixed_clock())
+        let source = reload(&config);
+        let mut app = Application::build_with_clock(config, fixed_clock())
             .await
             .expect("application builds");
+        if let Some(source) = source {
+            app = app.with_reload(source);
+        }
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let admin_token = std::fs::read_to_string(app.admin_token_path().unwrap())
             .unwrap()
             .trim()
@@ -159,6 +183,7 @@ impl TestApp {
         Some(TestApp {
             backend,
             addr,
+            metrics_addr,
             data_dir,
             database_url,
             admin_token,
@@ -264,8 +289,25 @@ impl TestApp {
     }
 }
 
+/// The configured callers, as TOML `[[callers]]` tables for a config file.
+pub fn callers_toml() -> String {
+    CALLERS
+        .iter()
+        .map(|caller| {
+            format!(
+                "[[callers]]\nname = {:?}\ntoken_sha256 = {:?}\nrpcs = {:?}\npurposes = {:?}\n\n",
+                caller.name,
+                token_sha256_hex(caller.token),
+                caller.rpcs,
+                caller.purposes
+            )
+        })
+        .collect()
+}
+
 impl PostgresDatabase {
-    async fn create() -> Option<PostgresDatabase> {
+    /// `None` when PostgreSQL was explicitly skipped.
+    pub async fn create() -> Option<PostgresDatabase> {
         if std::env::var("PDVAULT_TEST_SKIP_POSTGRES").is_ok_and(|v| v == "1") {
             eprintln!("PostgreSQL test skipped: PDVAULT_TEST_SKIP_POSTGRES=1");
             return None;
@@ -289,7 +331,7 @@ impl PostgresDatabase {
         Some(PostgresDatabase { admin_url, name })
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         let base = self
             .admin_url
             .rsplit_once('/')
@@ -298,7 +340,7 @@ impl PostgresDatabase {
         format!("{base}/{}", self.name)
     }
 
-    async fn drop_database(self) {
+    pub async fn drop_database(self) {
         if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
             let _ = sqlx::raw_sql(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
