@@ -222,6 +222,8 @@ impl Config {
         }
         figment = figment.merge(
             Env::prefixed("PDVAULT_")
+                // The test suite's own switches (PDVAULT_TEST_*), not configuration keys.
+                .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
                 .split("__")
                 // Variables of the command line itself, not configuration keys.
                 .ignore(&["config", "token", "addr"]),

@@ -55,9 +55,12 @@ impl ServerProcess {
             let logs = Arc::clone(&logs);
             let new_line = Arc::clone(&new_line);
             tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    logs.lock().unwrap().push(line);
+                // Split on bytes, not UTF-8 lines, so a stray byte cannot end the capture.
+                let mut lines = BufReader::new(stderr).split(b'\n');
+                while let Ok(Some(line)) = lines.next_segment().await {
+                    logs.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&line).into_owned());
                     new_line.notify_waiters();
                 }
                 // End of output: wake waiters so they can see the process is gone.
