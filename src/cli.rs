@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::config::{Config, FlagOverrides};
 use crate::keys::Keyring;
 use crate::policy::token_sha256_hex;
+use crate::reload::ConfigSource;
 use crate::startup::{Application, generate_token, open_store};
 use crate::store::Store;
 
@@ -119,13 +120,20 @@ struct ConfigArgs {
 }
 
 impl ConfigArgs {
+    fn source(&self) -> ConfigSource {
+        ConfigSource {
+            file: self.config.clone(),
+            flags: FlagOverrides {
+                listen: self.listen,
+                data_dir: self.data_dir.clone(),
+                database_url: self.database_url.clone(),
+            },
+        }
+    }
+
     fn load(&self) -> Result<Config, String> {
-        let flags = FlagOverrides {
-            listen: self.listen,
-            data_dir: self.data_dir.clone(),
-            database_url: self.database_url.clone(),
-        };
-        Config::load(self.config.as_deref(), &flags).map_err(|e| e.to_string())
+        let source = self.source();
+        Config::load(source.file.as_deref(), &source.flags).map_err(|e| e.to_string())
     }
 }
 
@@ -155,7 +163,8 @@ async fn serve(args: ConfigArgs) -> Result<(), String> {
     crate::telemetry::init(&config.log);
     let app = Application::build(config)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .with_reload(args.source());
     if let Some(path) = app.admin_token_path() {
         tracing::info!(path = %path.display(), "administrator token file");
     }

@@ -38,6 +38,11 @@ pub struct Config {
     pub minors: MinorsConfig,
     pub privacy_policy: PrivacyPolicyConfig,
     pub log: LogConfig,
+    pub tls: TlsConfig,
+    pub health: HealthConfig,
+    pub metrics: MetricsConfig,
+    pub limits: LimitsConfig,
+    pub shutdown: ShutdownConfig,
     /// Purposes by name; merged over the shipped defaults key by key.
     pub purposes: BTreeMap<String, PurposeConfig>,
     pub callers: Vec<CallerConfig>,
@@ -124,6 +129,90 @@ pub struct LogConfig {
     pub filter: String,
 }
 
+/// Transport security. TLS is on when `cert_path` is set; client certificates are asked
+/// for when `client_ca_path` is set too.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain the server presents.
+    pub cert_path: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub key_path: Option<PathBuf>,
+    /// PEM CA bundle client certificates must chain to (turns on mTLS).
+    pub client_ca_path: Option<PathBuf>,
+    /// Let clients without a certificate connect (they then need a bearer token).
+    pub client_auth_optional: bool,
+    /// Allow plaintext gRPC on a non-loopback address. Only behind a trusted proxy.
+    pub allow_insecure: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// How often the database and key provider are probed, in milliseconds.
+    pub interval_ms: u64,
+    /// How long one probe may take before it counts as a failure, in milliseconds.
+    pub probe_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus HTTP listener (`GET /metrics`). Unset: no listener.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Longest a call may run before it fails with DEADLINE_EXCEEDED, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Calls served at once across all connections; more are refused with UNAVAILABLE.
+    pub max_concurrent_requests: usize,
+    /// Sustained calls per minute per caller; 0 turns the limit off.
+    pub caller_requests_per_minute: u32,
+    /// Calls a caller may make in a burst above its sustained rate.
+    pub caller_burst: u32,
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long in-flight calls may run after SIGTERM or SIGINT, in milliseconds.
+    pub grace_period_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> HealthConfig {
+        HealthConfig {
+            interval_ms: 5_000,
+            probe_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> LimitsConfig {
+        LimitsConfig {
+            request_timeout_ms: 10_000,
+            max_concurrent_requests: 256,
+            caller_requests_per_minute: 0,
+            caller_burst: 50,
+            max_message_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> ShutdownConfig {
+        ShutdownConfig {
+            grace_period_ms: 20_000,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -164,6 +253,11 @@ impl Default for Config {
                 format: LogFormat::Human,
                 filter: "info".into(),
             },
+            tls: TlsConfig::default(),
+            health: HealthConfig::default(),
+            metrics: MetricsConfig::default(),
+            limits: LimitsConfig::default(),
+            shutdown: ShutdownConfig::default(),
             purposes: default_purposes(),
             callers: Vec::new(),
         }
@@ -190,6 +284,8 @@ impl Config {
         }
         figment = figment.merge(
             Env::prefixed("PDVAULT_")
+                // The test suite's own switches (PDVAULT_TEST_*), not configuration keys.
+                .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
                 .split("__")
                 // Variables of the command line itself and of the test suite
                 // (PDVAULT_TEST_*), not configuration keys.

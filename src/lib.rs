@@ -8,11 +8,16 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod grpc;
+pub mod health;
 pub mod keys;
+pub mod limits;
+pub mod metrics;
 pub mod policy;
+pub mod reload;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod vault;
 
 /// Code generated from `proto/pdvault/v1` at build time.

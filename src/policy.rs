@@ -4,6 +4,8 @@
 //! handling takes no locks to consult it. Callers authenticate with a bearer token; the
 //! policy holds only SHA-256 hashes of tokens and compares them in constant time against
 //! every caller, so timing says nothing about which caller (if any) nearly matched.
+//! Over mutual TLS a caller can instead be named by its client certificate (a SAN URI such
+//! as a SPIFFE id, or the subject CN); the TLS handshake has already proven possession.
 //! Purposes are configuration; the shipped defaults mirror clause 1.3 of the privacy policy.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -26,10 +28,11 @@ pub enum Rpc {
     CheckAccount,
     RecordGuardianConsent,
     RevokeGuardianConsent,
+    ReloadPolicy,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 8] = [
+    pub const ALL: [Rpc; 9] = [
         Rpc::CreateRecord,
         Rpc::GetRecord,
         Rpc::UpdateRecord,
@@ -38,6 +41,7 @@ impl Rpc {
         Rpc::CheckAccount,
         Rpc::RecordGuardianConsent,
         Rpc::RevokeGuardianConsent,
+        Rpc::ReloadPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +54,7 @@ impl Rpc {
             Rpc::CheckAccount => "CheckAccount",
             Rpc::RecordGuardianConsent => "RecordGuardianConsent",
             Rpc::RevokeGuardianConsent => "RevokeGuardianConsent",
+            Rpc::ReloadPolicy => "ReloadPolicy",
         }
     }
 
@@ -123,13 +128,23 @@ pub struct PurposeConfig {
     pub fields: BTreeMap<String, ReleaseLevel>,
 }
 
-/// A caller as written in configuration.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A caller as written in configuration. It needs a token hash, a certificate identity, or
+/// both.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallerConfig {
     pub name: String,
     /// Hex SHA-256 of the caller's bearer token; the token itself is never configured.
+    /// Empty: the caller cannot use a token.
+    #[serde(default)]
     pub token_sha256: String,
+    /// A URI subject alternative name of the caller's client certificate, such as
+    /// `spiffe://example.org/ns/claims/sa/api`.
+    #[serde(default)]
+    pub certificate_uri: Option<String>,
+    /// The subject common name of the caller's client certificate, when it has no URI.
+    #[serde(default)]
+    pub certificate_cn: Option<String>,
     #[serde(default)]
     pub rpcs: Vec<String>,
     #[serde(default)]
@@ -146,11 +161,30 @@ pub enum PolicyError {
     InvalidConfig { key: String, reason: String },
 }
 
+/// What a verified client certificate says about its holder.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CertificateIdentity {
+    pub uris: Vec<String>,
+    pub common_name: Option<String>,
+}
+
+/// Whom a client certificate names.
+#[derive(Debug)]
+pub enum CertificateMatch {
+    Caller(Arc<Caller>),
+    /// No configured caller claims the certificate.
+    Unmapped,
+    /// Its URI and its CN name different callers: trusting either would be a guess.
+    Ambiguous,
+}
+
 /// An authenticated caller and its grants.
 #[derive(Debug)]
 pub struct Caller {
     pub name: String,
-    token_hash: [u8; 32],
+    token_hash: Option<[u8; 32]>,
+    certificate_uri: Option<String>,
+    certificate_cn: Option<String>,
     rpcs: BTreeSet<Rpc>,
     purposes: BTreeSet<String>,
     grants: BTreeSet<Grant>,
@@ -206,6 +240,7 @@ impl Policy {
             .map(|(name, config)| Ok((name.clone(), build_purpose(name, config)?)))
             .collect::<Result<HashMap<_, _>, PolicyError>>()?;
         let mut names = BTreeSet::new();
+        let mut certificate_names = BTreeSet::new();
         let mut built = Vec::with_capacity(callers.len());
         for (i, config) in callers.iter().enumerate() {
             let caller = build_caller(i, config, &purposes)?;
@@ -214,6 +249,18 @@ impl Policy {
                     format!("callers[{i}].name"),
                     "duplicate caller name",
                 ));
+            }
+            let certificate_keys = [
+                ("certificate_uri", caller.certificate_uri.as_ref()),
+                ("certificate_cn", caller.certificate_cn.as_ref()),
+            ];
+            for (key, value) in certificate_keys {
+                if value.is_some_and(|v| !certificate_names.insert((key, v.clone()))) {
+                    return Err(invalid(
+                        format!("callers[{i}].{key}"),
+                        "already names another caller",
+                    ));
+                }
             }
             built.push(Arc::new(caller));
         }
@@ -229,11 +276,42 @@ impl Policy {
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
         for caller in &self.callers {
-            if bool::from(caller.token_hash.ct_eq(&presented)) {
+            let matches = caller
+                .token_hash
+                .as_ref()
+                .is_some_and(|hash| bool::from(hash.ct_eq(&presented)));
+            if matches {
                 found = Some(Arc::clone(caller));
             }
         }
         found
+    }
+
+    /// The caller a verified client certificate names, by any of its URI SANs or its CN.
+    pub fn authenticate_certificate(&self, identity: &CertificateIdentity) -> CertificateMatch {
+        let mut matched: Option<&Arc<Caller>> = None;
+        for caller in &self.callers {
+            let by_uri = caller
+                .certificate_uri
+                .as_ref()
+                .is_some_and(|uri| identity.uris.iter().any(|u| u == uri));
+            let by_cn =
+                caller.certificate_cn.is_some() && caller.certificate_cn == identity.common_name;
+            if by_uri || by_cn {
+                if matched.is_some_and(|m| m.name != caller.name) {
+                    return CertificateMatch::Ambiguous;
+                }
+                matched = Some(caller);
+            }
+        }
+        match matched {
+            Some(caller) => CertificateMatch::Caller(Arc::clone(caller)),
+            None => CertificateMatch::Unmapped,
+        }
+    }
+
+    pub fn caller_names(&self) -> impl Iterator<Item = &str> {
+        self.callers.iter().map(|caller| caller.name.as_str())
     }
 
     pub fn purpose(&self, name: &str) -> Option<&Purpose> {
@@ -314,11 +392,27 @@ fn build_caller(
     if config.name.trim().is_empty() {
         return Err(invalid(key("name"), "must not be empty"));
     }
-    let hash = data_encoding::HEXLOWER_PERMISSIVE
-        .decode(config.token_sha256.as_bytes())
-        .ok()
-        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-        .ok_or_else(|| invalid(key("token_sha256"), "must be 64 hex characters (SHA-256)"))?;
+    let hash = if config.token_sha256.is_empty() {
+        None
+    } else {
+        Some(
+            data_encoding::HEXLOWER_PERMISSIVE
+                .decode(config.token_sha256.as_bytes())
+                .ok()
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                .ok_or_else(|| {
+                    invalid(key("token_sha256"), "must be 64 hex characters (SHA-256)")
+                })?,
+        )
+    };
+    let certificate_uri = non_blank(&config.certificate_uri, || key("certificate_uri"))?;
+    let certificate_cn = non_blank(&config.certificate_cn, || key("certificate_cn"))?;
+    if hash.is_none() && certificate_uri.is_none() && certificate_cn.is_none() {
+        return Err(invalid(
+            key("token_sha256"),
+            "a caller needs a token hash or a certificate identity",
+        ));
+    }
     let rpcs = config
         .rpcs
         .iter()
@@ -351,10 +445,22 @@ fn build_caller(
     Ok(Caller {
         name: config.name.clone(),
         token_hash: hash,
+        certificate_uri,
+        certificate_cn,
         rpcs,
         purposes: granted,
         grants,
     })
+}
+
+fn non_blank(
+    value: &Option<String>,
+    key: impl FnOnce() -> String,
+) -> Result<Option<String>, PolicyError> {
+    match value {
+        Some(v) if v.trim().is_empty() => Err(invalid(key(), "must not be empty when set")),
+        other => Ok(other.clone()),
+    }
 }
 
 /// The shipped default purposes, one per use named in clause 1.3 of the privacy policy.
@@ -461,7 +567,7 @@ mod tests {
             token_sha256: token_sha256_hex(token),
             rpcs: vec!["GetRecord".into()],
             purposes: purposes.iter().map(|p| p.to_string()).collect(),
-            grants: vec![],
+            ..CallerConfig::default()
         }
     }
 
@@ -566,5 +672,59 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "callers[1].name: duplicate caller name");
+    }
+
+    #[test]
+    fn certificates_name_callers_by_uri_or_cn() {
+        let mut by_uri = caller("claims", "t1", &[]);
+        by_uri.certificate_uri = Some("spiffe://test/claims".into());
+        let mut by_cn = caller("analytics", "", &[]);
+        by_cn.token_sha256 = String::new();
+        by_cn.certificate_cn = Some("analytics".into());
+        let policy = Policy::build(&default_purposes(), &[by_uri, by_cn]).unwrap();
+        let name = |identity: CertificateIdentity| match policy.authenticate_certificate(&identity)
+        {
+            CertificateMatch::Caller(caller) => caller.name.clone(),
+            CertificateMatch::Unmapped => "<unmapped>".into(),
+            CertificateMatch::Ambiguous => "<ambiguous>".into(),
+        };
+        let identity = |uris: &[&str], cn: Option<&str>| CertificateIdentity {
+            uris: uris.iter().map(|u| u.to_string()).collect(),
+            common_name: cn.map(str::to_owned),
+        };
+        assert_eq!(name(identity(&["spiffe://test/claims"], None)), "claims");
+        assert_eq!(name(identity(&[], Some("analytics"))), "analytics");
+        assert_eq!(
+            name(identity(&["spiffe://test/claims"], Some("claims"))),
+            "claims"
+        );
+        assert_eq!(
+            name(identity(&["spiffe://test/claims"], Some("analytics"))),
+            "<ambiguous>"
+        );
+        assert_eq!(name(identity(&["spiffe://test/other"], None)), "<unmapped>");
+        // A certificate-only caller has no token to guess.
+        assert!(policy.authenticate("").is_none());
+    }
+
+    #[test]
+    fn callers_need_a_credential_and_unique_certificates() {
+        let mut none = caller("a", "t", &[]);
+        none.token_sha256 = String::new();
+        let err = Policy::build(&default_purposes(), &[none]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("callers[0].token_sha256:"),
+            "{err}"
+        );
+
+        let mut a = caller("a", "t", &[]);
+        a.certificate_uri = Some("spiffe://test/a".into());
+        let mut b = caller("b", "u", &[]);
+        b.certificate_uri = Some("spiffe://test/a".into());
+        let err = Policy::build(&default_purposes(), &[a, b]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "callers[1].certificate_uri: already names another caller"
+        );
     }
 }

@@ -1,33 +1,46 @@
 //! Builds a running vault from configuration: opens the store and applies migrations,
 //! loads the keyring, creates the initial administrator credential on first start, builds
-//! the policy and binds the listener.
+//! the policy, checks transport security and binds the listeners.
 //!
 //! [`Application::build`] binds before it returns, so with `listen = 127.0.0.1:0` tests
 //! learn the real port from [`Application::local_addr`] and talk to a fully started server.
 //!
-//! Shutdown, in order: [`Application::run_until`] stops accepting connections when its
-//! signal fires and waits for in-flight calls to finish; dropping the last vault handle
-//! closes the audit queue, whose writer flushes what is left and stops; the maintenance task
-//! is stopped; a last signed checkpoint seals every chain's head; then it returns.
+//! Serving stacks every gRPC service (vault, audit, account security, admin, health,
+//! reflection) behind the same layers: request ids and metrics outermost, then the
+//! concurrency cap, then the timeout.
+//!
+//! Shutdown, in order: [`Application::run_until`] marks health NOT_SERVING, stops accepting
+//! connections when its signal fires and lets in-flight calls finish within the grace
+//! period (each call commits its audit event before it answers); the audit writer is closed,
+//! flushes what is still queued and stops; a last signed checkpoint seals every chain's
+//! head; then the database pool closes.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::ServerTlsConfig;
 
 use crate::accounts::AccountRules;
 use crate::audit::AuditLog;
 use crate::config::{AuditConfig, Config};
+use crate::grpc::admin::AdminService;
 use crate::grpc::{AccountSecurityService, AuditService, VaultService};
 use crate::keys::{Keyring, KeyringError, write_private_file};
+use crate::limits::{CallerRateLimiter, ConcurrencyLimitLayer, TimeoutLayer};
 use crate::policy::{CallerConfig, Grant, Policy, PolicyError, Rpc, token_sha256_hex};
 use crate::proto::account_security_server::AccountSecurityServer;
+use crate::proto::admin_server::AdminServer;
 use crate::proto::audit_server::AuditServer;
 use crate::proto::vault_server::VaultServer;
+use crate::reload::{ConfigSource, PolicyReloader};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
+use crate::telemetry::RequestLayer;
+use crate::tls::TlsError;
 use crate::vault::{Clock, SystemClock, Vault};
 
 /// The caller name of the credential created on first start.
@@ -55,17 +68,21 @@ pub enum StartupError {
     },
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    metrics_listener: Option<TcpListener>,
+    tls: Option<ServerTlsConfig>,
+    config: Config,
     vault: Arc<Vault>,
-    store: Arc<dyn Store>,
-    keys: Arc<Keyring>,
-    clock: Arc<dyn Clock>,
     audit_writer: tokio::task::JoinHandle<()>,
-    audit_config: AuditConfig,
+    reloader: Option<Arc<PolicyReloader>>,
     admin_token_path: Option<PathBuf>,
 }
 
@@ -79,53 +96,57 @@ impl Application {
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> Result<Application, StartupError> {
+        crate::tls::check_listen(config.listen, &config.tls)?;
+        let tls = crate::tls::server_tls_config(&config.tls)?;
         create_private_dir(&config.data_dir)?;
         let store = open_store(&config).await?;
         store.migrate().await?;
         let keys = Keyring::load_or_create(&config.keyring_path(), config.keys.create_if_missing)?;
-        let mut callers = config.callers.clone();
-        let admin_token_path = if config.admin.enabled {
-            let path = config.admin_token_path();
-            callers.push(admin_caller(&path, &config)?);
-            Some(path)
-        } else {
-            None
-        };
-        let policy = Policy::build(&config.purposes, &callers)?;
+        let policy = build_policy(&config)?;
         let rules = AccountRules::from_config(&config)?;
-        let keys = Arc::new(keys);
+        let admin_token_path = config.admin.enabled.then(|| config.admin_token_path());
         let (audit, audit_writer) =
             AuditLog::start(Arc::clone(&store), clock.now().timestamp_micros()).await?;
         let vault = Arc::new(Vault::new(
-            Arc::clone(&store),
-            Arc::clone(&keys),
+            store,
+            Arc::new(keys),
             Arc::new(policy),
-            Arc::clone(&clock),
+            clock,
             audit,
             rules,
         ));
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartupError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let local_addr = listener.local_addr().map_err(|source| StartupError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let (listener, local_addr) = bind(config.listen).await?;
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(bind(addr).await?.0),
+            None => None,
+        };
         Ok(Application {
             listener,
             local_addr,
+            metrics_listener,
+            tls,
+            config,
             vault,
-            store,
-            keys,
-            clock,
             audit_writer,
-            audit_config: config.audit,
+            reloader: None,
             admin_token_path,
         })
+    }
+
+    /// Lets SIGHUP and `Admin.ReloadPolicy` re-read the configuration from `source`.
+    pub fn with_reload(mut self, source: ConfigSource) -> Application {
+        self.reloader = Some(Arc::new(PolicyReloader::new(
+            source,
+            Arc::clone(&self.vault),
+        )));
+        self
+    }
+
+    /// The address of the Prometheus listener, when one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -141,59 +162,159 @@ impl Application {
         &self.vault
     }
 
-    /// Serves until SIGINT or SIGTERM.
+    /// Serves until SIGINT or SIGTERM, reloading the policy on SIGHUP.
     pub async fn run_until_stopped(self) -> Result<(), StartupError> {
-        self.run_until(shutdown_signal()).await
+        #[cfg(unix)]
+        let hangup = self
+            .reloader
+            .clone()
+            .map(|reloader| tokio::spawn(crate::reload::reload_on_sighup(reloader)));
+        let result = self.run_until(shutdown_signal()).await;
+        #[cfg(unix)]
+        if let Some(hangup) = hangup {
+            hangup.abort();
+        }
+        result
     }
 
-    /// Serves until `shutdown` completes, then drains in-flight calls.
+    /// Serves until `shutdown` completes, then drains in-flight calls for at most the
+    /// grace period and closes the store.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartupError> {
-        tracing::info!(addr = %self.local_addr, "pdvault listening");
+        let config = self.config;
+        let limits = &config.limits;
         let maintenance = tokio::spawn(audit_maintenance(
-            Arc::clone(&self.store),
-            Arc::clone(&self.keys),
-            Arc::clone(&self.clock),
-            self.audit_config.clone(),
+            Arc::clone(&self.vault),
+            config.audit.clone(),
         ));
-        let served = tonic::transport::Server::builder()
-            .add_service(VaultServer::new(VaultService::new(Arc::clone(&self.vault))))
-            .add_service(AuditServer::new(AuditService::new(Arc::clone(&self.vault))))
-            .add_service(AccountSecurityServer::new(AccountSecurityService::new(
-                Arc::clone(&self.vault),
-            )))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
-            .await;
-        // The server has dropped its services; dropping ours closes the audit queue.
-        drop(self.vault);
-        if self.audit_writer.await.is_err() {
-            tracing::error!("audit writer task failed");
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        // Not serving until the first probe says otherwise.
+        crate::health::set_not_serving(&reporter).await;
+        let monitor = tokio::spawn(crate::health::monitor(
+            reporter.clone(),
+            Arc::clone(&self.vault),
+            config.health.clone(),
+        ));
+        let metrics = self.metrics_listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "metrics listening");
+            }
+            tokio::spawn(crate::metrics::serve(listener, crate::metrics::install()))
+        });
+        // Installed even without a listener, so the hooks always have a recorder.
+        crate::metrics::install();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let limiter = Arc::new(CallerRateLimiter::new(limits));
+        let vault_service = VaultServer::new(VaultService::with_rate_limiter(
+            Arc::clone(&self.vault),
+            limiter,
+        ))
+        .max_decoding_message_size(limits.max_message_bytes);
+        let audit_service = AuditServer::new(AuditService::new(Arc::clone(&self.vault)))
+            .max_decoding_message_size(limits.max_message_bytes);
+        let account_service =
+            AccountSecurityServer::new(AccountSecurityService::new(Arc::clone(&self.vault)))
+                .max_decoding_message_size(limits.max_message_bytes);
+        let admin_service = AdminServer::new(AdminService::new(
+            Arc::clone(&self.vault),
+            self.reloader.clone(),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes);
+        let layers = tower::ServiceBuilder::new()
+            .layer(RequestLayer)
+            .layer(ConcurrencyLimitLayer::new(limits.max_concurrent_requests))
+            .layer(TimeoutLayer::new(Duration::from_millis(
+                limits.request_timeout_ms,
+            )));
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let router = builder
+            .layer(layers)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(vault_service)
+            .add_service(audit_service)
+            .add_service(account_service)
+            .add_service(admin_service);
+
+        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+        let signal = {
+            let reporter = reporter.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: no new connections; draining in-flight calls");
+                monitor.abort();
+                crate::health::set_not_serving(&reporter).await;
+                let _ = stopping_tx.send(true);
+            }
+        };
+        let grace = Duration::from_millis(config.shutdown.grace_period_ms);
+        let grace_elapsed = async move {
+            let _ = stopping_rx.wait_for(|stopping| *stopping).await;
+            tokio::time::sleep(grace).await;
+        };
+        tracing::info!(addr = %self.local_addr, tls = config.tls.cert_path.is_some(), "pdvault listening");
+        let served =
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), signal);
+        let result = tokio::select! {
+            result = served => result.map_err(StartupError::from),
+            () = grace_elapsed => {
+                tracing::warn!(
+                    grace_ms = config.shutdown.grace_period_ms,
+                    "grace period over with calls still in flight; abandoning them"
+                );
+                Ok(())
+            }
+        };
+        if let Some(metrics) = metrics {
+            metrics.abort();
         }
         maintenance.abort();
-        let now = self.clock.now().timestamp_micros();
-        match crate::audit::write_checkpoint(self.store.as_ref(), self.keys.audit_signing(), now)
+        // Calls still holding a vault handle now get AUDIT_UNAVAILABLE: nothing leaves
+        // unaudited. What is queued is flushed before the writer stops.
+        self.vault.audit().close();
+        if tokio::time::timeout(grace, self.audit_writer)
             .await
+            .is_err()
+        {
+            tracing::error!("audit writer did not drain within the grace period");
+        }
+        let now = self.vault.now_micros();
+        match crate::audit::write_checkpoint(
+            self.vault.store().as_ref(),
+            self.vault.keys().audit_signing(),
+            now,
+        )
+        .await
         {
             Ok(_) => tracing::info!("final audit checkpoint written"),
             Err(error) => tracing::error!(%error, "could not write the final audit checkpoint"),
         }
-        served?;
+        // A call abandoned at the end of the grace period may still hold a connection;
+        // closing waits for it no longer than the grace period either.
+        if tokio::time::timeout(grace, self.vault.store().close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database pool did not close within the grace period");
+        }
         tracing::info!("pdvault stopped");
-        Ok(())
+        result
     }
 }
 
 /// Signs checkpoints every `checkpoint_interval_secs` and, about hourly, removes audit
 /// segments past retention. Failures are logged and retried on the next tick: a missed
 /// checkpoint widens the window a cut tail could go unseen, but must not stop serving.
-async fn audit_maintenance(
-    store: Arc<dyn Store>,
-    keys: Arc<Keyring>,
-    clock: Arc<dyn Clock>,
-    config: AuditConfig,
-) {
+async fn audit_maintenance(vault: Arc<Vault>, config: AuditConfig) {
+    let (store, keys) = (vault.store(), vault.keys());
     let interval = std::time::Duration::from_secs(config.checkpoint_interval_secs.max(1));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -204,7 +325,7 @@ async fn audit_maintenance(
         .saturating_mul(86_400_000_000);
     for tick in 1u64.. {
         ticker.tick().await;
-        let now = clock.now().timestamp_micros();
+        let now = vault.now_micros();
         if let Err(error) =
             crate::audit::write_checkpoint(store.as_ref(), keys.audit_signing(), now).await
         {
@@ -219,6 +340,24 @@ async fn audit_maintenance(
             }
         }
     }
+}
+
+/// The policy `config` describes, with the administrator caller when enabled (creating its
+/// token on first start). Startup and live reload both build it here, so both validate the
+/// same way.
+pub fn build_policy(config: &Config) -> Result<Policy, StartupError> {
+    let mut callers = config.callers.clone();
+    if config.admin.enabled {
+        callers.push(admin_caller(&config.admin_token_path(), config)?);
+    }
+    Ok(Policy::build(&config.purposes, &callers)?)
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
+    let bind_error = |source| StartupError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
 }
 
 /// Opens the store `database.url` names (or the embedded SQLite default).
@@ -257,6 +396,7 @@ fn admin_caller(path: &Path, config: &Config) -> Result<CallerConfig, StartupErr
         rpcs: Rpc::ALL.iter().map(|rpc| rpc.as_str().to_owned()).collect(),
         purposes: config.purposes.keys().cloned().collect(),
         grants: Grant::ALL.iter().map(|g| g.as_str().to_owned()).collect(),
+        ..CallerConfig::default()
     })
 }
 
@@ -306,5 +446,4 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
-    tracing::info!("shutdown requested; draining in-flight calls");
 }

@@ -13,6 +13,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use chrono::{DateTime, NaiveDate, Utc};
 use zeroize::Zeroizing;
 
@@ -121,6 +122,9 @@ impl Clock for SystemClock {
 #[derive(Debug, Clone)]
 pub struct CallContext {
     pub caller: Arc<Caller>,
+    /// The policy the caller was authenticated against; the whole call is judged by it even
+    /// if a reload swaps in another meanwhile.
+    pub policy: Arc<Policy>,
     pub peer: Option<String>,
     pub request_id: Option<String>,
     pub trace_id: Option<String>,
@@ -151,7 +155,8 @@ pub enum LookupKey {
 pub struct Vault {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) keys: Arc<Keyring>,
-    pub(crate) policy: Arc<Policy>,
+    /// Swapped whole by a live reload; calls take a snapshot when they authenticate.
+    policy: ArcSwap<Policy>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) audit: AuditLog,
     /// Suspension, minors and policy-version rules.
@@ -170,15 +175,25 @@ impl Vault {
         Vault {
             store,
             keys,
-            policy,
+            policy: ArcSwap::new(policy),
             clock,
             audit,
             rules,
         }
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Puts `policy` in force for every call that authenticates from now on.
+    pub fn replace_policy(&self, policy: Arc<Policy>) {
+        self.policy.store(policy);
+    }
+
+    pub fn keys(&self) -> &Arc<Keyring> {
+        &self.keys
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -387,16 +402,16 @@ impl Vault {
         }
     }
 
-    fn granted_purpose(
+    fn granted_purpose<'c>(
         &self,
-        ctx: &CallContext,
+        ctx: &'c CallContext,
         purpose: &str,
         justification: &str,
-    ) -> Result<&Purpose, VaultError> {
+    ) -> Result<&'c Purpose, VaultError> {
         if purpose.is_empty() {
             return Err(violation("purpose", "is required"));
         }
-        let granted = self
+        let granted = ctx
             .policy
             .purpose(purpose)
             .filter(|_| ctx.caller.has_purpose(purpose))
@@ -626,7 +641,7 @@ impl Vault {
     ) -> Result<Vec<StoredEvent>, VaultError> {
         self.require_grant(ctx, Grant::AuditRead)?;
         check_record_id(record_id)?;
-        let purposes = self.policy.disclosure_purposes();
+        let purposes = ctx.policy.disclosure_purposes();
         let events = self
             .store
             .list_disclosures(record_id, &purposes, limit, after)

@@ -12,8 +12,10 @@
 //! Both paths link events into this process's chain through the chain's head row in the
 //! database, never through memory, so they interleave safely.
 //!
-//! Shutdown: the writer drains the channel and exits once every [`AuditLog`] handle is
-//! dropped; the join handle [`AuditLog::start`] returns resolves then, after the last flush.
+//! Shutdown: [`AuditLog::close`] (or dropping every handle) stops new events from entering;
+//! the writer flushes what is already queued and exits, and the join handle
+//! [`AuditLog::start`] returned resolves after that last flush. Events offered after close
+//! fail with [`AuditError::Stopped`], so a late call releases nothing.
 
 mod chain;
 mod checkpoint;
@@ -45,7 +47,7 @@ pub enum AuditError {
     Stopped,
 }
 
-/// Counters of the group commit, for logs and metrics.
+/// Counters of the group commit, for logs and benchmarks (metrics get the same figures).
 #[derive(Debug, Default)]
 pub struct BatchStats {
     batches: AtomicU64,
@@ -85,6 +87,7 @@ pub struct AuditLog {
     chain_id: Arc<str>,
     jobs: mpsc::Sender<Job>,
     stats: Arc<BatchStats>,
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl AuditLog {
@@ -100,13 +103,15 @@ impl AuditLog {
             .await?;
         let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
         let stats = Arc::new(BatchStats::default());
-        let writer = tokio::spawn(run_writer(store, queue, Arc::clone(&stats)));
+        let (closing, closed) = tokio::sync::watch::channel(false);
+        let writer = tokio::spawn(run_writer(store, queue, closed, Arc::clone(&stats)));
         tracing::info!(chain_id, "audit chain started");
         Ok((
             AuditLog {
                 chain_id: chain_id.into(),
                 jobs,
                 stats,
+                closing: Arc::new(closing),
             },
             writer,
         ))
@@ -120,6 +125,11 @@ impl AuditLog {
         &self.stats
     }
 
+    /// Stops accepting events; what is queued is still flushed.
+    pub fn close(&self) {
+        let _ = self.closing.send(true);
+    }
+
     /// Returns once `event` is committed to durable storage, or why it could not be.
     pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
         let (done, committed) = oneshot::channel();
@@ -131,15 +141,38 @@ impl AuditLog {
     }
 }
 
-async fn run_writer(store: Arc<dyn Store>, mut queue: mpsc::Receiver<Job>, stats: Arc<BatchStats>) {
+async fn run_writer(
+    store: Arc<dyn Store>,
+    mut queue: mpsc::Receiver<Job>,
+    mut closed: tokio::sync::watch::Receiver<bool>,
+    stats: Arc<BatchStats>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    loop {
+        let closing = tokio::select! {
+            received = queue.recv_many(&mut batch, MAX_BATCH) => {
+                if received == 0 {
+                    break;
+                }
+                false
+            }
+            _ = closed.wait_for(|closed| *closed) => true,
+        };
+        if closing {
+            // Nothing new gets in; what is already queued is still taken.
+            queue.close();
+            if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                break;
+            }
+        }
         let (events, waiters): (Vec<AuditEvent>, Vec<_>) =
             batch.drain(..).map(|job| (job.event, job.done)).unzip();
         let started = Instant::now();
         let outcome = store.append_audit(&events).await;
         let flush = started.elapsed();
         stats.record(events.len(), flush);
+        crate::metrics::record_audit_batch(events.len());
+        crate::metrics::record_audit_flush(flush);
         tracing::debug!(
             batch = events.len(),
             flush_us = flush.as_micros() as u64,

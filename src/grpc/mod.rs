@@ -5,6 +5,11 @@
 //! `Status`, each with the richer error model's details: a `google.rpc.BadRequest` naming
 //! every bad field, or a `google.rpc.ErrorInfo` (domain `pdvault`) whose reason clients can
 //! switch on. Messages name fields and reasons, never values.
+//!
+//! A caller proves who it is with a bearer token, a client certificate mapped to it in
+//! config, or both; when both are presented they must name the same caller.
+
+pub mod admin;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,44 +27,54 @@ pub use audit::AuditService;
 
 use crate::accounts::{AccountStatus, ConsentRequest, Guardian, Relationship};
 use crate::domain::{Gender, IdType, IdentityInput, Violation};
+use crate::limits::CallerRateLimiter;
+use crate::policy::{Caller, CertificateMatch, Policy};
 use crate::proto;
 use crate::store::{Micros, RecordMeta};
 use crate::vault::{CallContext, LookupKey, Vault, VaultError};
 
 /// ErrorInfo domain for every error this service raises.
 pub const ERROR_DOMAIN: &str = "pdvault";
-const MAX_REQUEST_ID_LEN: usize = 128;
+const MAX_REQUEST_ID_LEN: usize = crate::telemetry::MAX_REQUEST_ID_LEN;
+/// Repeated request fields name identity fields, so more entries than fields is abuse.
+const MAX_LISTED_FIELDS: usize = crate::domain::FieldName::ALL.len();
+const MAX_PURPOSE_LEN: usize = 128;
 
 /// `pdvault.v1.Vault` over a shared [`Vault`].
 #[derive(Clone)]
 pub struct VaultService {
     vault: Arc<Vault>,
+    limiter: Arc<CallerRateLimiter>,
 }
 
 impl VaultService {
     pub fn new(vault: Arc<Vault>) -> VaultService {
-        VaultService { vault }
+        VaultService::with_rate_limiter(vault, Arc::new(CallerRateLimiter::unlimited()))
     }
 
+    pub fn with_rate_limiter(vault: Arc<Vault>, limiter: Arc<CallerRateLimiter>) -> VaultService {
+        VaultService { vault, limiter }
+    }
+
+    /// Authenticates the caller and charges its rate limit.
     fn context<T>(&self, request: &Request<T>) -> Result<CallContext, Status> {
-        call_context(&self.vault, request)
+        let ctx = call_context(&self.vault, request)?;
+        if !self.limiter.check(&ctx.caller.name) {
+            crate::metrics::record_denial("RATE_LIMITED");
+            return Err(error_info(
+                Code::ResourceExhausted,
+                "caller rate limit exceeded; retry later",
+                "RATE_LIMITED",
+            ));
+        }
+        Ok(ctx)
     }
 }
 
-/// Authenticates the bearer token and captures who is calling from where.
+/// Authenticates the caller and captures who is calling from where, under which policy.
 pub(crate) fn call_context<T>(vault: &Vault, request: &Request<T>) -> Result<CallContext, Status> {
+    let (policy, caller) = authenticate(vault, request)?;
     let metadata = request.metadata();
-    let token = metadata
-        .get("authorization")
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|token| !token.is_empty())
-        .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
-    let caller = vault
-        .policy()
-        .authenticate(token)
-        .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
     let request_id = metadata
         .get("x-request-id")
         .and_then(|value| value.to_str().ok())
@@ -74,10 +89,72 @@ pub(crate) fn call_context<T>(vault: &Vault, request: &Request<T>) -> Result<Cal
         .map(str::to_ascii_lowercase);
     Ok(CallContext {
         caller,
+        policy,
         peer: request.remote_addr().map(|addr| addr.to_string()),
         request_id,
         trace_id,
     })
+}
+
+/// The caller a request authenticates as, and the policy snapshot that says so.
+pub(crate) fn authenticate<T>(
+    vault: &Vault,
+    request: &Request<T>,
+) -> Result<(Arc<Policy>, Arc<Caller>), Status> {
+    let policy = vault.policy();
+    let token = request
+        .metadata()
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty());
+    let by_token = match token {
+        Some(token) => Some(
+            policy
+                .authenticate(token)
+                .ok_or_else(|| unauthenticated("invalid bearer token", "INVALID_TOKEN"))?,
+        ),
+        None => None,
+    };
+    // rustls has verified the chain; the leaf is first.
+    let certificate = request.peer_certs().and_then(|chain| {
+        chain
+            .first()
+            .and_then(|leaf| crate::tls::certificate_identity(leaf))
+    });
+    let by_certificate =
+        match certificate.map(|identity| policy.authenticate_certificate(&identity)) {
+            Some(CertificateMatch::Caller(caller)) => Some(caller),
+            Some(CertificateMatch::Ambiguous) => {
+                return Err(unauthenticated(
+                    "client certificate names more than one caller",
+                    "CERTIFICATE_AMBIGUOUS",
+                ));
+            }
+            Some(CertificateMatch::Unmapped) | None => None,
+        };
+    let caller = match (by_token, by_certificate) {
+        (Some(token), Some(certificate)) if token.name != certificate.name => {
+            return Err(unauthenticated(
+                "bearer token and client certificate name different callers",
+                "CALLER_MISMATCH",
+            ));
+        }
+        (Some(caller), _) | (None, Some(caller)) => caller,
+        (None, None) => {
+            return Err(unauthenticated(
+                "missing bearer token or mapped client certificate",
+                "UNAUTHENTICATED",
+            ));
+        }
+    };
+    Ok((policy, caller))
+}
+
+fn unauthenticated(message: &str, reason: &'static str) -> Status {
+    crate::metrics::record_denial(reason);
+    error_info(Code::Unauthenticated, message, reason)
 }
 
 #[tonic::async_trait]
@@ -108,6 +185,10 @@ impl proto::vault_server::Vault for VaultService {
     ) -> Result<Response<proto::GetRecordResponse>, Status> {
         let ctx = self.context(&request)?;
         let request = request.into_inner();
+        bounded(&[
+            ("purpose", request.purpose.len(), MAX_PURPOSE_LEN),
+            ("fields", request.fields.len(), MAX_LISTED_FIELDS),
+        ])?;
         let release = self
             .vault
             .get_record(
@@ -119,6 +200,13 @@ impl proto::vault_server::Vault for VaultService {
             )
             .await
             .map_err(to_status)?;
+        crate::metrics::record_release(
+            &request.purpose,
+            release
+                .fields
+                .iter()
+                .map(|(_, released)| released.level.as_str()),
+        );
         let fields = release
             .fields
             .into_iter()
@@ -147,6 +235,7 @@ impl proto::vault_server::Vault for VaultService {
         let request = request.into_inner();
         let input = identity_input(request.identity.unwrap_or_default()).map_err(invalid)?;
         let mask = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        bounded(&[("update_mask", mask.len(), MAX_LISTED_FIELDS)])?;
         let meta = self
             .vault
             .update_record(
@@ -185,6 +274,7 @@ impl proto::vault_server::Vault for VaultService {
     ) -> Result<Response<proto::FindRecordsResponse>, Status> {
         let ctx = self.context(&request)?;
         let request = request.into_inner();
+        bounded(&[("purpose", request.purpose.len(), MAX_PURPOSE_LEN)])?;
         let key = match request.key {
             Some(proto::find_records_request::Key::Document(document)) => LookupKey::Document {
                 id_type: id_type(document.id_type, "document.id_type").map_err(invalid)?,
@@ -406,6 +496,23 @@ pub(crate) fn violation(field: &str, reason: &str) -> Violation {
     }
 }
 
+/// Refuses oversized strings and lists before any work is done on them: `(field, length,
+/// maximum)`.
+fn bounded(checks: &[(&str, usize, usize)]) -> Result<(), Status> {
+    let violations: Vec<Violation> = checks
+        .iter()
+        .filter(|(_, len, max)| len > max)
+        .map(|(field, _, max)| {
+            violation(field, &format!("must have at most {max} entries or bytes"))
+        })
+        .collect();
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid(violations))
+    }
+}
+
 pub(crate) fn invalid(violations: Vec<Violation>) -> Status {
     to_status(VaultError::InvalidArgument(violations))
 }
@@ -453,69 +560,46 @@ fn error_info(code: Code, message: &str, reason: &str) -> Status {
 
 /// The one place a domain error becomes a gRPC status.
 pub fn to_status(error: VaultError) -> Status {
-    match &error {
-        VaultError::InvalidArgument(violations) => {
+    use VaultError as E;
+    let (code, reason) = match &error {
+        E::InvalidArgument(violations) => {
             let details = ErrorDetails::with_bad_request(
                 violations
                     .iter()
                     .map(|v| FieldViolation::new(v.field.clone(), v.reason.clone()))
                     .collect::<Vec<_>>(),
             );
-            Status::with_error_details(Code::InvalidArgument, error.to_string(), details)
+            return Status::with_error_details(Code::InvalidArgument, error.to_string(), details);
         }
-        VaultError::OperationNotGranted(_) => error_info(
-            Code::PermissionDenied,
-            &error.to_string(),
-            "OPERATION_NOT_GRANTED",
-        ),
-        VaultError::PurposeNotGranted(_) => error_info(
-            Code::PermissionDenied,
-            &error.to_string(),
-            "PURPOSE_NOT_GRANTED",
-        ),
-        VaultError::NotFound => error_info(Code::NotFound, &error.to_string(), "RECORD_NOT_FOUND"),
-        VaultError::DuplicateIdentity => error_info(
-            Code::AlreadyExists,
-            &error.to_string(),
-            "DUPLICATE_IDENTITY",
-        ),
-        VaultError::EtagMismatch => error_info(Code::Aborted, &error.to_string(), "ETAG_MISMATCH"),
-        VaultError::AccountSuspended => error_info(
-            Code::FailedPrecondition,
-            &error.to_string(),
-            "ACCOUNT_SUSPENDED",
-        ),
-        VaultError::GuardianConsentRequired => error_info(
-            Code::FailedPrecondition,
-            &error.to_string(),
-            "GUARDIAN_CONSENT_REQUIRED",
-        ),
-        VaultError::GuardianNotAdult => error_info(
-            Code::FailedPrecondition,
-            &error.to_string(),
-            "GUARDIAN_NOT_ADULT",
-        ),
-        VaultError::NotAMinor => {
-            error_info(Code::FailedPrecondition, &error.to_string(), "NOT_A_MINOR")
-        }
-        VaultError::DataLoss => {
+        E::OperationNotGranted(_) => (Code::PermissionDenied, "OPERATION_NOT_GRANTED"),
+        E::PurposeNotGranted(_) => (Code::PermissionDenied, "PURPOSE_NOT_GRANTED"),
+        E::AccountSuspended => (Code::FailedPrecondition, "ACCOUNT_SUSPENDED"),
+        E::GuardianConsentRequired => (Code::FailedPrecondition, "GUARDIAN_CONSENT_REQUIRED"),
+        E::GuardianNotAdult => (Code::FailedPrecondition, "GUARDIAN_NOT_ADULT"),
+        E::NotAMinor => (Code::FailedPrecondition, "NOT_A_MINOR"),
+        E::NotFound => (Code::NotFound, "RECORD_NOT_FOUND"),
+        E::DuplicateIdentity => (Code::AlreadyExists, "DUPLICATE_IDENTITY"),
+        E::EtagMismatch => (Code::Aborted, "ETAG_MISMATCH"),
+        E::AuditUnavailable => (Code::Unavailable, "AUDIT_UNAVAILABLE"),
+        E::DataLoss => {
             tracing::error!("a stored ciphertext failed authentication");
-            error_info(Code::DataLoss, &error.to_string(), "CIPHERTEXT_INVALID")
+            (Code::DataLoss, "CIPHERTEXT_INVALID")
         }
-        VaultError::AuditUnavailable => {
-            error_info(Code::Unavailable, &error.to_string(), "AUDIT_UNAVAILABLE")
-        }
-        VaultError::Storage(cause) => {
+        E::Storage(cause) => {
             tracing::error!(error = %cause, "storage failure");
-            error_info(
+            return error_info(
                 Code::Unavailable,
                 "storage unavailable",
                 "STORAGE_UNAVAILABLE",
-            )
+            );
         }
-        VaultError::Internal(cause) => {
+        E::Internal(cause) => {
             tracing::error!(error = %cause, "internal error");
-            Status::internal("internal error")
+            return Status::internal("internal error");
         }
+    };
+    if matches!(code, Code::PermissionDenied | Code::FailedPrecondition) {
+        crate::metrics::record_denial(reason);
     }
+    error_info(code, &error.to_string(), reason)
 }

@@ -316,6 +316,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Round trip to the database, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Closes the pool on shutdown, after the last call: waits for checked-out connections
+    /// to come back, then closes them all so the database sees an orderly goodbye.
+    async fn close(&self);
 }
 
 pub(crate) fn present_fields(fields: &[SealedField]) -> Vec<String> {

@@ -607,6 +607,10 @@ macro_rules! impl_store {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
             }
+
+            async fn close(&self) {
+                self.pool.close().await;
+            }
         }
 
         impl $store {

@@ -9,6 +9,8 @@
 #![allow(dead_code)]
 
 pub mod fixtures;
+pub mod process;
+pub mod proxy;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use pdvault::config::Config;
 use pdvault::policy::{CallerConfig, token_sha256_hex};
 use pdvault::proto::vault_client::VaultClient;
+use pdvault::reload::ConfigSource;
 use pdvault::startup::Application;
 use pdvault::vault::Clock;
 use sqlx::Connection;
@@ -130,6 +133,7 @@ pub struct TestApp {
     pub config: Config,
     pub clock: Arc<SteppingClock>,
     pub addr: std::net::SocketAddr,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub data_dir: tempfile::TempDir,
     pub database_url: String,
     pub admin_token: String,
@@ -138,7 +142,8 @@ pub struct TestApp {
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
-struct PostgresDatabase {
+/// A fresh PostgreSQL database for one test, dropped by [`PostgresDatabase::drop_database`].
+pub struct PostgresDatabase {
     admin_url: String,
     name: String,
 }
@@ -150,6 +155,16 @@ impl TestApp {
     }
 
     pub async fn spawn_with(backend: Backend, adjust: impl FnOnce(&mut Config)) -> Option<TestApp> {
+        TestApp::spawn_full(backend, adjust, |_| None).await
+    }
+
+    /// As [`TestApp::spawn_with`]; `reload` may write the final config to a file and return
+    /// it as the source `Admin.ReloadPolicy` re-reads.
+    pub async fn spawn_full(
+        backend: Backend,
+        adjust: impl FnOnce(&mut Config),
+        reload: impl FnOnce(&Config) -> Option<ConfigSource>,
+    ) -> Option<TestApp> {
         let data_dir = tempfile::tempdir().unwrap();
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -166,6 +181,7 @@ impl TestApp {
                 rpcs: caller.rpcs.iter().map(|s| s.to_string()).collect(),
                 purposes: caller.purposes.iter().map(|s| s.to_string()).collect(),
                 grants: caller.grants.iter().map(|s| s.to_string()).collect(),
+                ..CallerConfig::default()
             })
             .collect();
         let postgres = match backend {
@@ -176,7 +192,8 @@ impl TestApp {
             config.database.url = Some(pg.url());
         }
         adjust(&mut config);
-        Some(TestApp::start(backend, config, data_dir, postgres).await)
+        let source = reload(&config);
+        Some(TestApp::start(backend, config, data_dir, postgres, source).await)
     }
 
     /// A second vault process sharing this one's database and keyring, as several instances
@@ -195,7 +212,7 @@ impl TestApp {
             },
             ..self.config.clone()
         };
-        TestApp::start(self.backend, config, data_dir, None).await
+        TestApp::start(self.backend, config, data_dir, None, None).await
     }
 
     async fn start(
@@ -203,14 +220,19 @@ impl TestApp {
         config: Config,
         data_dir: tempfile::TempDir,
         postgres: Option<PostgresDatabase>,
+        source: Option<ConfigSource>,
     ) -> TestApp {
         let database_url = config.database_url();
         pdvault::telemetry::init(&config.log);
         let clock = test_clock();
-        let app = Application::build_with_clock(config.clone(), clock.clone())
+        let mut app = Application::build_with_clock(config.clone(), clock.clone())
             .await
             .expect("application builds");
+        if let Some(source) = source {
+            app = app.with_reload(source);
+        }
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let admin_token = std::fs::read_to_string(app.admin_token_path().unwrap())
             .unwrap()
             .trim()
@@ -228,6 +250,7 @@ impl TestApp {
             config,
             clock,
             addr,
+            metrics_addr,
             data_dir,
             database_url,
             admin_token,
@@ -376,8 +399,25 @@ impl TestApp {
     }
 }
 
+/// The configured callers, as TOML `[[callers]]` tables for a config file.
+pub fn callers_toml() -> String {
+    CALLERS
+        .iter()
+        .map(|caller| {
+            format!(
+                "[[callers]]\nname = {:?}\ntoken_sha256 = {:?}\nrpcs = {:?}\npurposes = {:?}\n\n",
+                caller.name,
+                token_sha256_hex(caller.token),
+                caller.rpcs,
+                caller.purposes
+            )
+        })
+        .collect()
+}
+
 impl PostgresDatabase {
-    async fn create() -> Option<PostgresDatabase> {
+    /// `None` when PostgreSQL was explicitly skipped.
+    pub async fn create() -> Option<PostgresDatabase> {
         if std::env::var("PDVAULT_TEST_SKIP_POSTGRES").is_ok_and(|v| v == "1") {
             eprintln!("PostgreSQL test skipped: PDVAULT_TEST_SKIP_POSTGRES=1");
             return None;
@@ -401,7 +441,7 @@ impl PostgresDatabase {
         Some(PostgresDatabase { admin_url, name })
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         let base = self
             .admin_url
             .rsplit_once('/')
@@ -410,7 +450,7 @@ impl PostgresDatabase {
         format!("{base}/{}", self.name)
     }
 
-    async fn drop_database(self) {
+    pub async fn drop_database(self) {
         if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
             let _ = sqlx::raw_sql(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",

@@ -1,0 +1,66 @@
+//! `pdvault.v1.Admin`: operator calls, authenticated and granted like every other RPC.
+
+use std::sync::Arc;
+
+use tonic::{Code, Request, Response, Status};
+
+use super::{authenticate, error_info, to_status};
+use crate::policy::Rpc;
+use crate::proto;
+use crate::reload::{PolicyReloader, ReloadError};
+use crate::vault::{Vault, VaultError};
+
+pub struct AdminService {
+    vault: Arc<Vault>,
+    reloader: Option<Arc<PolicyReloader>>,
+}
+
+impl AdminService {
+    /// `reloader` is `None` when the server was not started from configuration it can
+    /// read again (tests that build the config in code).
+    pub fn new(vault: Arc<Vault>, reloader: Option<Arc<PolicyReloader>>) -> AdminService {
+        AdminService { vault, reloader }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::admin_server::Admin for AdminService {
+    async fn reload_policy(
+        &self,
+        request: Request<proto::ReloadPolicyRequest>,
+    ) -> Result<Response<proto::ReloadPolicyResponse>, Status> {
+        let (_, caller) = authenticate(&self.vault, &request)?;
+        if !caller.may_call(Rpc::ReloadPolicy) {
+            return Err(to_status(VaultError::OperationNotGranted(
+                Rpc::ReloadPolicy.as_str(),
+            )));
+        }
+        let reloader = self.reloader.as_ref().ok_or_else(|| {
+            error_info(
+                Code::FailedPrecondition,
+                "this server has no configuration source to reload from",
+                "RELOAD_UNAVAILABLE",
+            )
+        })?;
+        tracing::info!(caller = %caller.name, "policy reload requested");
+        let reloaded = reloader.reload().await.map_err(reload_status)?;
+        let mut purposes: Vec<String> =
+            reloaded.policy.purpose_names().map(str::to_owned).collect();
+        purposes.sort();
+        Ok(Response::new(proto::ReloadPolicyResponse {
+            generation: reloaded.generation,
+            callers: reloaded.policy.caller_names().map(str::to_owned).collect(),
+            purposes,
+        }))
+    }
+}
+
+/// Configuration errors name keys and sources, never identity values, so they are safe to
+/// return to an administrator.
+fn reload_status(error: ReloadError) -> Status {
+    error_info(
+        Code::FailedPrecondition,
+        &format!("configuration refused: {error}"),
+        "POLICY_INVALID",
+    )
+}

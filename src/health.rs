@@ -1,0 +1,93 @@
+//! `grpc.health.v1.Health`: what load balancers and `grpc_health_probe` ask before sending
+//! traffic. The vault is serving only while both things every call needs answer: the
+//! database (a round trip on a pooled connection) and the key provider (a data key wrapped
+//! and unwrapped under the active key, exactly as a create and a read would use it).
+//!
+//! Probes run on a timer rather than per health request, so a storm of probes cannot load
+//! the database, and each has a timeout: a database that hangs is as unhealthy as one that
+//! refuses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::HealthConfig;
+use crate::crypto::DataKey;
+use crate::vault::Vault;
+
+/// The service names health is reported for: the server as a whole ("") and the vault.
+const SERVICES: [&str; 2] = ["", "pdvault.v1.Vault"];
+const PROBE_RECORD_ID: &str = "health-probe";
+
+/// Why a probe failed; logged, never returned to clients.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("database: {0}")]
+    Database(String),
+    #[error("key provider: {0}")]
+    Keys(String),
+    #[error("{0} probe timed out")]
+    Timeout(&'static str),
+}
+
+/// Probes the vault's dependencies every `interval_ms` and publishes the result, forever.
+/// Status changes are logged once each, not on every probe.
+pub async fn monitor(reporter: HealthReporter, vault: Arc<Vault>, config: HealthConfig) {
+    let interval = Duration::from_millis(config.interval_ms.max(10));
+    let timeout = Duration::from_millis(config.probe_timeout_ms.max(1));
+    let mut last: Option<bool> = None;
+    loop {
+        let result = probe(&vault, timeout).await;
+        let serving = result.is_ok();
+        if last != Some(serving) {
+            match &result {
+                Ok(()) => tracing::info!("health: serving"),
+                Err(error) => tracing::warn!(%error, "health: not serving"),
+            }
+            set_all(&reporter, serving).await;
+            last = Some(serving);
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Marks every service NOT_SERVING, as on shutdown.
+pub async fn set_not_serving(reporter: &HealthReporter) {
+    set_all(reporter, false).await;
+}
+
+async fn set_all(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for service in SERVICES {
+        reporter.set_service_status(service, status).await;
+    }
+}
+
+/// One round of probes.
+pub async fn probe(vault: &Vault, timeout: Duration) -> Result<(), ProbeError> {
+    tokio::time::timeout(timeout, vault.store().ping())
+        .await
+        .map_err(|_| ProbeError::Timeout("database"))?
+        .map_err(|e| ProbeError::Database(e.to_string()))?;
+    let keys = Arc::clone(vault.keys());
+    let round_trip = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let dek = DataKey::generate().map_err(|e| e.to_string())?;
+        let wrapped = keys
+            .wrap(&dek, PROBE_RECORD_ID)
+            .map_err(|e| e.to_string())?;
+        keys.unwrap(&wrapped, PROBE_RECORD_ID)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    tokio::time::timeout(timeout, round_trip)
+        .await
+        .map_err(|_| ProbeError::Timeout("key provider"))?
+        .map_err(|e| ProbeError::Keys(e.to_string()))?
+        .map_err(ProbeError::Keys)
+}
