@@ -56,8 +56,9 @@ impl PolicyReloader {
         }
     }
 
-    /// Reads, validates and swaps in the policy, or changes nothing and says why.
-    pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
+    /// Reads, validates and swaps in the policy, or changes nothing and says why. Either
+    /// way the attempt is an audit event naming `actor`.
+    pub async fn reload(&self, actor: &str) -> Result<Reloaded, ReloadError> {
         let _running = self.running.lock().await;
         let result = Config::load(self.source.file.as_deref(), &self.source.flags)
             .map_err(ReloadError::from)
@@ -73,12 +74,25 @@ impl PolicyReloader {
                     purposes = policy.purpose_names().count(),
                     "policy reloaded"
                 );
+                self.audit(actor, "OK", None).await;
                 Ok(Reloaded { generation, policy })
             }
             Err(error) => {
                 tracing::error!(%error, "policy reload refused; the running policy stays in force");
+                self.audit(actor, "INVALID", Some("POLICY_INVALID".into()))
+                    .await;
                 Err(error)
             }
+        }
+    }
+
+    async fn audit(&self, actor: &str, outcome: &str, reason: Option<String>) {
+        if let Err(error) = self
+            .vault
+            .audit_operation(actor, "ReloadPolicy", outcome, reason)
+            .await
+        {
+            tracing::error!(%error, "could not audit a policy reload");
         }
     }
 }
@@ -97,6 +111,6 @@ pub async fn reload_on_sighup(reloader: Arc<PolicyReloader>) {
     while hangup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the policy");
         // The outcome is logged by reload itself.
-        let _ = reloader.reload().await;
+        let _ = reloader.reload("signal:SIGHUP").await;
     }
 }

@@ -607,6 +607,37 @@ impl Vault {
         Ok(matches.into_iter().map(|m| m.record_id).collect())
     }
 
+    /// Records an operator action that has no call of its own behind it (a signal, a job)
+    /// or that happens outside the Vault services (a policy reload).
+    pub(crate) async fn audit_operation(
+        &self,
+        actor: &str,
+        operation: &str,
+        outcome: &str,
+        reason: Option<String>,
+    ) -> Result<(), VaultError> {
+        let event = AuditEvent {
+            event_id: new_event_id(),
+            occurred_at: self.now_micros(),
+            chain_id: self.audit.chain_id().to_owned(),
+            caller: actor.to_owned(),
+            peer: None,
+            rpc: operation.to_owned(),
+            record_ids: Vec::new(),
+            purpose: None,
+            justification: None,
+            released: Vec::new(),
+            outcome: outcome.to_owned(),
+            reason,
+            request_id: None,
+            trace_id: None,
+        };
+        self.audit
+            .record(event)
+            .await
+            .map_err(|_| VaultError::AuditUnavailable)
+    }
+
     pub(crate) fn require_grant(&self, ctx: &CallContext, grant: Grant) -> Result<(), VaultError> {
         if ctx.caller.has_grant(grant) {
             Ok(())

@@ -507,5 +507,20 @@ async fn admin_reload_applies_new_grants_and_refuses_bad_files() {
     // The next call is judged by the new grants: the record is looked for, not refused.
     let status = vault.get_record(analytics_read()).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+    // Both attempts are in the audit trail, with who asked.
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM audit_events WHERE rpc = 'ReloadPolicy' AND caller = 'admin'"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM audit_events WHERE rpc = 'ReloadPolicy' AND outcome = 'INVALID'"
+        )
+        .await,
+        1
+    );
     app.stop().await;
 }

@@ -43,7 +43,7 @@ impl proto::admin_server::Admin for AdminService {
             )
         })?;
         tracing::info!(caller = %caller.name, "policy reload requested");
-        let reloaded = reloader.reload().await.map_err(reload_status)?;
+        let reloaded = reloader.reload(&caller.name).await.map_err(reload_status)?;
         let mut purposes: Vec<String> =
             reloaded.policy.purpose_names().map(str::to_owned).collect();
         purposes.sort();
