@@ -524,3 +524,56 @@ async fn admin_reload_applies_new_grants_and_refuses_bad_files() {
     );
     app.stop().await;
 }
+
+/// The audit acceptance with the database really gone: PostgreSQL stopped (the proxy cut),
+/// a granted read releases nothing; PostgreSQL back, reads work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_releases_nothing_and_recovers() {
+    use support::fixtures::{create, get, zhang_san};
+    let Some((app, proxy)) = spawn_behind_proxy(|_| {}).await else {
+        return;
+    };
+    let record = create(&app, zhang_san()).await;
+    get(
+        &app,
+        CLAIMS.token,
+        &record.record_id,
+        "service-delivery",
+        "",
+    )
+    .await
+    .unwrap();
+    proxy.set(ProxyState::Down);
+    let status = get(
+        &app,
+        CLAIMS.token,
+        &record.record_id,
+        "service-delivery",
+        "",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(!status.message().contains("张"));
+    proxy.set(ProxyState::Forward);
+    // The pool reconnects on its own; a bounded number of attempts, no timing asserted.
+    let mut recovered = false;
+    for _ in 0..50 {
+        if get(
+            &app,
+            CLAIMS.token,
+            &record.record_id,
+            "service-delivery",
+            "",
+        )
+        .await
+        .is_ok()
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "reads work again once the database is back");
+    app.stop().await;
+}
