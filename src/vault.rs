@@ -1,5 +1,6 @@
 //! The vault's use cases, independent of gRPC: create, read for a purpose, update, delete,
-//! find and check. This is where the policy meets the data.
+//! find, and reading the audit trail. This is where the policy meets the data. Account
+//! state (suspension, minors, consent) extends [`Vault`] from `crate::accounts`.
 //!
 //! Order of operations on a read is the heart of the design: grant checks first, then the
 //! record is opened, the release computed, the audit event durably committed, and only then

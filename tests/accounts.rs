@@ -524,12 +524,6 @@ async fn the_command_line_drives_a_running_vault(app: &TestApp) {
     assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"));
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|window| window == needle)
-}
-
 for_each_backend!(
     suspension_blocks_service_reads_but_not_fraud_prevention,
     ordinary_callers_cannot_suspend,

@@ -605,12 +605,6 @@ async fn check_account_reports_state_without_identity(app: &TestApp) {
     assert_eq!(bad_fields(&status), ["record_id"]);
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|window| window == needle)
-}
-
 for_each_backend!(
     create_then_get_releases_plaintext_for_a_granted_purpose,
     customer_support_sees_masked_values,

@@ -108,3 +108,10 @@ pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
         .map(|v| v.field)
         .collect()
 }
+
+/// Whether `needle` occurs anywhere in `haystack`: for scanning raw database bytes.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
