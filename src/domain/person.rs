@@ -185,7 +185,7 @@ mod tests {
             name("<script>"),
             Err("may contain only letters, spaces and the marks · • . - '")
         );
-        assert_eq!(name("张_三").is_err(), true);
+        assert!(name("张_三").is_err());
         assert_eq!(name("---"), Err("must contain a letter"));
         assert_eq!(name(""), Err("must not be empty"));
         assert_eq!(name("张\t三"), Err("must not contain control characters"));

@@ -1,0 +1,474 @@
+//! Keys: the keyring file, the providers that hold key-encryption keys (KEKs), and the key
+//! lifecycle (rotate, rewrap, retire, destroy).
+//!
+//! # Where key material and key state live
+//!
+//! *State* (which KEK version is `ACTIVE`, `DECRYPT_ONLY`, `RETIRED` or `DESTROYED`) lives in
+//! the database, table `key_versions`, because every instance sharing a database must agree
+//! on it; a partial unique index keeps exactly one version active. *Material* never enters
+//! the database: a database backup must not carry the keys that open it, or destroying a
+//! version would not reach the backups. Material lives with a [`KekProvider`]:
+//!
+//! - the local keyring file (mode 0600, [`local`]), the embedded default. Instances that
+//!   share a database must share the keyring file too (one host, or a shared secret mount
+//!   such as a Kubernetes secret volume or an NFS path only the vault can read). Rotation
+//!   appends the new version to that file while holding the database's key-admin lock, and
+//!   only then commits the new state, so the database never names a version whose material
+//!   was not written first.
+//! - a PKCS#11 module ([`crate::hsm`]), where material never leaves the module.
+//!
+//! # How an instance learns about a version another instance created
+//!
+//! Lazily and safely. Each instance caches the active version number. Every write of a
+//! wrapped key checks, in its own transaction, that the version it wrapped under is still
+//! `ACTIVE`, taking a share lock on that `key_versions` row (PostgreSQL; SQLite has a single
+//! writer). A stale instance gets [`crate::store::StoreError::StaleKeyVersion`], re-reads the
+//! active version from the database, re-reads the keyring file if it does not hold that
+//! version, re-wraps and retries. On a read, a wrapped key naming a version the provider
+//! does not hold makes the provider re-read its material once before failing. So no record
+//! is ever written under a version that is being retired, and no instance needs a restart.
+//!
+//! # Destruction and backups
+//!
+//! `DestroyKeyVersion` removes the version's material from the provider (rewriting the
+//! keyring file atomically, or destroying the module's object). A deleted record's wrapped
+//! key is gone from the live database, and once every KEK version that ever wrapped it has
+//! been destroyed, no copy of the database, however old, can be opened for that person.
+//! Records that still exist keep their data key across rewraps, so their ciphertexts in an
+//! old copy open with the key the live database holds. This holds only if the keyring file
+//! itself is not backed up with the database; keep it out of database backups.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::crypto::{
+    BlindIndexKey, CryptoError, DataKey, Kek, PseudonymKey, SecretKey, parse_wrap_header,
+};
+
+pub mod local;
+pub mod manager;
+
+pub use local::LocalKekProvider;
+pub use manager::{
+    KeyError, KeyManager, KeyStatus, KeyVersionInfo, KeyVersionState, RotateOutcome,
+};
+
+/// Holds KEK material and performs wrap and unwrap with it. Implementations are
+/// synchronous: the local provider reads a small file and the PKCS#11 one calls into the
+/// module, both brief enough to run on the async workers.
+pub trait KekProvider: Send + Sync + 'static {
+    /// The name wrapped keys carry for this provider (`local`, `hsm`).
+    fn key_id(&self) -> &str;
+    /// Versions whose material this provider holds right now.
+    fn versions(&self) -> Vec<u32>;
+    /// Wraps `dek` for `record_id` under `version`.
+    fn wrap(&self, version: u32, dek: &DataKey, record_id: &str) -> Result<Vec<u8>, KeyError>;
+    /// Unwraps with the version the bytes name.
+    fn unwrap(&self, wrapped: &[u8], record_id: &str) -> Result<DataKey, KeyError>;
+    /// Creates material for a new `version`, replacing any orphan left by a rotation whose
+    /// database commit failed. Called under the database's key-admin lock.
+    fn provision(&self, version: u32) -> Result<(), KeyError>;
+    /// Erases `version`'s material irreversibly. Idempotent.
+    fn destroy(&self, version: u32) -> Result<(), KeyError>;
+    /// Re-reads material another instance may have added or removed.
+    fn refresh(&self) -> Result<(), KeyError>;
+}
+
+/// Name under which the local keyring's KEKs appear in wrapped keys.
+pub const LOCAL_KEY_ID: &str = "local";
+const KEYRING_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("keyring file {path} does not exist and keys.create_if_missing is false")]
+    Missing { path: PathBuf },
+    #[error("cannot read or write keyring file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("keyring file {path} is malformed: {reason}")]
+    Malformed { path: PathBuf, reason: String },
+    #[error("keyring file {path} is readable by group or others (mode {mode:o}); chmod 600 it")]
+    Permissions { path: PathBuf, mode: u32 },
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+/// The keys the vault holds in memory. Every key zeroises on drop.
+#[derive(Debug)]
+pub struct Keyring {
+    keks: BTreeMap<u32, Kek>,
+    active_version: u32,
+    blind_index: BlindIndexKey,
+    pseudonym: PseudonymKey,
+}
+
+impl Keyring {
+    /// Loads the keyring at `path`, creating a fresh one there first when allowed.
+    pub fn load_or_create(path: &Path, create_if_missing: bool) -> Result<Keyring, KeyringError> {
+        if !path.exists() {
+            if !create_if_missing {
+                return Err(KeyringError::Missing {
+                    path: path.to_owned(),
+                });
+            }
+            write_new_keyring(path)?;
+            tracing::info!(path = %path.display(), "created a new local keyring");
+        }
+        Keyring::load(path)
+    }
+
+    pub fn load(path: &Path) -> Result<Keyring, KeyringError> {
+        check_permissions(path)?;
+        let text =
+            Zeroizing::new(
+                std::fs::read_to_string(path).map_err(|source| KeyringError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?,
+            );
+        let malformed = |reason: String| KeyringError::Malformed {
+            path: path.to_owned(),
+            reason,
+        };
+        let file: KeyringFile =
+            serde_json::from_str(&text).map_err(|e| malformed(format!("{e}")))?;
+        if file.format != KEYRING_FORMAT {
+            return Err(malformed(format!("unknown format {}", file.format)));
+        }
+        let mut keks = BTreeMap::new();
+        for entry in &file.keks {
+            let key = decode_key(&entry.key).map_err(|_| {
+                malformed(format!(
+                    "KEK version {} is not a base64 256-bit key",
+                    entry.version
+                ))
+            })?;
+            keks.insert(entry.version, Kek::new(LOCAL_KEY_ID, entry.version, key));
+        }
+        if !keks.contains_key(&file.active_version) {
+            return Err(malformed(format!(
+                "active_version {} has no key",
+                file.active_version
+            )));
+        }
+        let blind_index = decode_key(&file.blind_index_key)
+            .map_err(|_| malformed("blind_index_key is not a base64 256-bit key".into()))?;
+        let pseudonym = decode_key(&file.pseudonym_key)
+            .map_err(|_| malformed("pseudonym_key is not a base64 256-bit key".into()))?;
+        Ok(Keyring {
+            keks,
+            active_version: file.active_version,
+            blind_index: BlindIndexKey::new(blind_index),
+            pseudonym: PseudonymKey::new(pseudonym),
+        })
+    }
+
+    /// A keyring that lives only in memory, for tests and benchmarks.
+    pub fn ephemeral() -> Result<Keyring, CryptoError> {
+        let mut keks = BTreeMap::new();
+        keks.insert(1, Kek::new(LOCAL_KEY_ID, 1, SecretKey::generate()?));
+        Ok(Keyring {
+            keks,
+            active_version: 1,
+            blind_index: BlindIndexKey::new(SecretKey::generate()?),
+            pseudonym: PseudonymKey::new(SecretKey::generate()?),
+        })
+    }
+
+    /// The version the file names as active: only a seed for an empty `key_versions` table;
+    /// afterwards the database decides.
+    pub fn active_version(&self) -> u32 {
+        self.active_version
+    }
+
+    /// Splits the keyring into its KEKs and the blind-index and pseudonym keys.
+    pub fn into_parts(self) -> (BTreeMap<u32, Kek>, BlindIndexKey, PseudonymKey) {
+        (self.keks, self.blind_index, self.pseudonym)
+    }
+
+    pub fn active_kek(&self) -> &Kek {
+        &self.keks[&self.active_version]
+    }
+
+    /// Wraps a record's data key under the active KEK.
+    pub fn wrap(&self, dek: &DataKey, record_id: &str) -> Result<Vec<u8>, CryptoError> {
+        self.active_kek().wrap(dek, record_id)
+    }
+
+    /// Unwraps with whichever KEK version the wrapped bytes name.
+    pub fn unwrap(&self, wrapped: &[u8], record_id: &str) -> Result<DataKey, CryptoError> {
+        let (reference, _) = parse_wrap_header(wrapped)?;
+        match self.keks.get(&reference.version) {
+            Some(kek) if reference.key_id == LOCAL_KEY_ID => kek.unwrap(wrapped, record_id),
+            _ => Err(CryptoError::UnknownKey {
+                key_id: reference.key_id,
+                version: reference.version,
+            }),
+        }
+    }
+
+    pub fn blind_index(&self) -> &BlindIndexKey {
+        &self.blind_index
+    }
+
+    pub fn pseudonym(&self) -> &PseudonymKey {
+        &self.pseudonym
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyringFile {
+    format: u32,
+    active_version: u32,
+    keks: Vec<KekEntry>,
+    blind_index_key: Zeroizing<String>,
+    pseudonym_key: Zeroizing<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KekEntry {
+    version: u32,
+    created_at: String,
+    key: Zeroizing<String>,
+}
+
+fn decode_key(encoded: &str) -> Result<SecretKey, CryptoError> {
+    let mut bytes = Zeroizing::new(
+        BASE64
+            .decode(encoded.trim())
+            .map_err(|_| CryptoError::KeyLength)?,
+    );
+    SecretKey::from_bytes(&mut bytes)
+}
+
+fn encode_key(key: &SecretKey) -> Zeroizing<String> {
+    Zeroizing::new(BASE64.encode(key.expose()))
+}
+
+fn write_new_keyring(path: &Path) -> Result<(), KeyringError> {
+    let file = KeyringFile {
+        format: KEYRING_FORMAT,
+        active_version: 1,
+        keks: vec![KekEntry {
+            version: 1,
+            created_at: chrono::Utc::now().to_rfc3339(),
+            key: encode_key(&SecretKey::generate()?),
+        }],
+        blind_index_key: encode_key(&SecretKey::generate()?),
+        pseudonym_key: encode_key(&SecretKey::generate()?),
+    };
+    let json = Zeroizing::new(serde_json::to_string_pretty(&file).map_err(|e| {
+        KeyringError::Malformed {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }
+    })?);
+    write_private_file(path, json.as_bytes()).map_err(|source| KeyringError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Adds fresh material for KEK `version` to the keyring file and names it active there,
+/// replacing an entry of the same version (an orphan of a rotation that never committed).
+pub fn add_kek_version(path: &Path, version: u32) -> Result<(), KeyringError> {
+    edit_keyring_file(path, |file| {
+        file.keks.retain(|entry| entry.version != version);
+        file.keks.push(KekEntry {
+            version,
+            created_at: chrono::Utc::now().to_rfc3339(),
+            key: encode_key(&SecretKey::generate()?),
+        });
+        file.active_version = version;
+        Ok(())
+    })
+}
+
+/// Removes KEK `version`'s material from the keyring file. Removing a version the file does
+/// not hold is not an error, so a destroy that failed after this step can be retried.
+pub fn remove_kek_version(path: &Path, version: u32) -> Result<(), KeyringError> {
+    edit_keyring_file(path, |file| {
+        if file.active_version == version {
+            return Err(KeyringError::Malformed {
+                path: path.to_owned(),
+                reason: format!("refusing to remove version {version}, the file's active one"),
+            });
+        }
+        file.keks.retain(|entry| entry.version != version);
+        Ok(())
+    })
+}
+
+/// Read, change, and atomically replace the keyring file: the new content is written to a
+/// private temporary file, synced, and renamed over the old one, so a crash leaves either
+/// the old file or the new one, never a torn one.
+fn edit_keyring_file(
+    path: &Path,
+    change: impl FnOnce(&mut KeyringFile) -> Result<(), KeyringError>,
+) -> Result<(), KeyringError> {
+    let io = |source| KeyringError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    check_permissions(path)?;
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+    let mut file: KeyringFile =
+        serde_json::from_str(&text).map_err(|e| KeyringError::Malformed {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    change(&mut file)?;
+    let json = Zeroizing::new(serde_json::to_string_pretty(&file).map_err(|e| {
+        KeyringError::Malformed {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }
+    })?);
+    let temporary = path.with_extension("json.tmp");
+    match std::fs::remove_file(&temporary) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
+        _ => {}
+    }
+    write_private_file(&temporary, json.as_bytes()).map_err(io)?;
+    std::fs::rename(&temporary, path).map_err(io)?;
+    if let Some(parent) = path.parent() {
+        // Makes the rename itself durable.
+        std::fs::File::open(parent)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Creates `path` with mode 0600 from the start (never world-readable, not even briefly) and
+/// refuses to overwrite an existing file.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+fn check_permissions(path: &Path) -> Result<(), KeyringError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let metadata = std::fs::metadata(path).map_err(|source| KeyringError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyringError::Permissions {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+    }
+    let _ = path;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_keyring_is_private_and_reloads_the_same_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        let first = Keyring::load_or_create(&path, true).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let dek = DataKey::generate().unwrap();
+        let wrapped = first.wrap(&dek, "r1").unwrap();
+        let second = Keyring::load_or_create(&path, true).unwrap();
+        assert!(second.unwrap(&wrapped, "r1").is_ok());
+        assert_eq!(
+            first.blind_index().phone("+8613812345678"),
+            second.blind_index().phone("+8613812345678")
+        );
+    }
+
+    #[test]
+    fn missing_keyring_is_an_error_when_creation_is_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Keyring::load_or_create(&dir.path().join("k.json"), false).unwrap_err();
+        assert!(matches!(err, KeyringError::Missing { .. }));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn group_readable_keyring_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        Keyring::load_or_create(&path, true).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            Keyring::load(&path),
+            Err(KeyringError::Permissions { .. })
+        ));
+    }
+
+    #[test]
+    fn added_versions_reload_and_removed_ones_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        let first = Keyring::load_or_create(&path, true).unwrap();
+        let dek = DataKey::generate().unwrap();
+        let under_v1 = first.wrap(&dek, "r1").unwrap();
+        add_kek_version(&path, 2).unwrap();
+        let second = Keyring::load(&path).unwrap();
+        assert_eq!(second.active_version(), 2);
+        assert!(second.unwrap(&under_v1, "r1").is_ok());
+        assert!(
+            remove_kek_version(&path, 2).is_err(),
+            "the active one stays"
+        );
+        remove_kek_version(&path, 1).unwrap();
+        remove_kek_version(&path, 1).unwrap();
+        let third = Keyring::load(&path).unwrap();
+        assert!(matches!(
+            third.unwrap(&under_v1, "r1"),
+            Err(CryptoError::UnknownKey { version: 1, .. })
+        ));
+        // The rewritten file is still private, and no temporary file is left behind.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        assert!(!path.with_extension("json.tmp").exists());
+    }
+
+    #[test]
+    fn debug_is_redacted() {
+        let ring = Keyring::ephemeral().unwrap();
+        let printed = format!("{ring:?}");
+        // One KEK, the blind-index key and the pseudonym key, each redacted.
+        assert_eq!(printed.matches("SecretKey(<redacted>)").count(), 3);
+    }
+}
