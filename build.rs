@@ -6,7 +6,10 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/pdvault/v1/vault.proto"];
+    let protos = [
+        "proto/pdvault/v1/vault.proto",
+        "proto/pdvault/v1/keys.proto",
+    ];
     let descriptors = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(
@@ -18,5 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_fds(descriptors)?;
     println!("cargo:rerun-if-changed=proto");
+    // Worktrees sharing one target dir share this build script's output directory (cargo
+    // hashes path packages by their workspace-relative path); a change of working tree must
+    // regenerate the code.
+    println!("cargo:rerun-if-env-changed=PWD");
     Ok(())
 }

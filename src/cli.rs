@@ -1,5 +1,7 @@
-//! The command line: `serve`, `migrate` and `token`. Parsing is clap's; every command
-//! loads configuration the same way (defaults < file < environment < flags).
+//! The command line: `serve`, `migrate`, `token`, and `keys`. Parsing is clap's; every
+//! server-side command loads configuration the same way (defaults < file < environment <
+//! flags). The `keys` commands are gRPC clients of a running vault (see [`crate::key_cli`]),
+//! so scheduled jobs need only an address and a token holding the `keys.rotate` grant.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -28,6 +30,8 @@ enum Command {
     /// Make caller credentials for the `callers` section of the config.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Key lifecycle against a running vault: rotate, rewrap, status, retire, destroy.
+    Keys(crate::key_cli::KeysArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +77,7 @@ pub async fn run() -> ExitCode {
         Command::Migrate(args) => migrate(args).await,
         Command::Token(TokenCommand::Generate) => token_generate(),
         Command::Token(TokenCommand::Hash) => token_hash(),
+        Command::Keys(args) => crate::key_cli::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -34,31 +34,36 @@ impl VaultService {
 
     /// Authenticates the bearer token and captures who is calling from where.
     fn context<T>(&self, request: &Request<T>) -> Result<CallContext, Status> {
-        let token = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|token| !token.is_empty())
-            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
-        let caller = self
-            .vault
-            .policy()
-            .authenticate(token)
-            .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
-        let request_id = request
-            .metadata()
-            .get("x-request-id")
-            .and_then(|value| value.to_str().ok())
-            .filter(|id| id.len() <= MAX_REQUEST_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic()))
-            .map(str::to_owned);
-        Ok(CallContext {
-            caller,
-            peer: request.remote_addr().map(|addr| addr.to_string()),
-            request_id,
-        })
+        call_context(&self.vault, request)
     }
+}
+
+/// Authenticates a call's bearer token against the vault's policy and captures who is
+/// calling from where; every service of the server shares it.
+pub(crate) fn call_context<T>(vault: &Vault, request: &Request<T>) -> Result<CallContext, Status> {
+    let token = request
+        .metadata()
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+    let caller = vault
+        .policy()
+        .authenticate(token)
+        .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
+    let request_id = request
+        .metadata()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| id.len() <= MAX_REQUEST_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned);
+    Ok(CallContext {
+        caller,
+        peer: request.remote_addr().map(|addr| addr.to_string()),
+        request_id,
+    })
 }
 
 #[tonic::async_trait]
@@ -267,7 +272,7 @@ fn record_message(meta: RecordMeta) -> proto::Record {
     }
 }
 
-fn timestamp(micros: Micros) -> prost_types::Timestamp {
+pub(crate) fn timestamp(micros: Micros) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: micros.div_euclid(1_000_000),
         nanos: (micros.rem_euclid(1_000_000) * 1_000) as i32,
@@ -289,7 +294,7 @@ fn invalid(violations: Vec<Violation>) -> Status {
     to_status(VaultError::InvalidArgument(violations))
 }
 
-fn error_info(code: Code, message: &str, reason: &str) -> Status {
+pub(crate) fn error_info(code: Code, message: &str, reason: &str) -> Status {
     Status::with_error_details(
         code,
         message,
@@ -345,5 +350,6 @@ pub fn to_status(error: VaultError) -> Status {
             tracing::error!(error = %cause, "internal error");
             Status::internal("internal error")
         }
+        VaultError::Key(cause) => crate::grpc_keys::key_status(cause),
     }
 }

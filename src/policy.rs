@@ -15,7 +15,8 @@ use subtle::ConstantTimeEq;
 
 use crate::domain::{FieldName, supports_generalize, supports_mask};
 
-/// The RPCs a caller can be granted, by their gRPC method names.
+/// The RPCs a caller can be granted, by their gRPC method names, and grants that cover a
+/// whole family of RPCs (`keys.rotate`, `records.purge`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rpc {
     CreateRecord,
@@ -24,16 +25,23 @@ pub enum Rpc {
     DeleteRecord,
     FindRecords,
     CheckAccount,
+    /// Every RPC of `pdvault.v1.KeyManagement` but the purge: rotation, rewrap, status,
+    /// retirement, destruction, re-keying.
+    KeysRotate,
+    /// Crypto-shredding records past their retention deadline.
+    RecordsPurge,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 6] = [
+    pub const ALL: [Rpc; 8] = [
         Rpc::CreateRecord,
         Rpc::GetRecord,
         Rpc::UpdateRecord,
         Rpc::DeleteRecord,
         Rpc::FindRecords,
         Rpc::CheckAccount,
+        Rpc::KeysRotate,
+        Rpc::RecordsPurge,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +52,8 @@ impl Rpc {
             Rpc::DeleteRecord => "DeleteRecord",
             Rpc::FindRecords => "FindRecords",
             Rpc::CheckAccount => "CheckAccount",
+            Rpc::KeysRotate => "keys.rotate",
+            Rpc::RecordsPurge => "records.purge",
         }
     }
 

@@ -17,8 +17,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::Config;
 use crate::grpc::VaultService;
-use crate::keys::{Keyring, KeyringError, write_private_file};
+use crate::grpc_keys::KeyManagementService;
+use crate::key_admin::KeyAdmin;
+use crate::keys::{
+    KeyError, KeyManager, Keyring, KeyringError, LocalKekProvider, write_private_file,
+};
 use crate::policy::{CallerConfig, Policy, PolicyError, Rpc, token_sha256_hex};
+use crate::proto::key_management_server::KeyManagementServer;
 use crate::proto::vault_server::VaultServer;
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
 use crate::vault::{Clock, SystemClock, Vault};
@@ -32,6 +37,8 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error("keyring: {0}")]
     Keyring(#[from] KeyringError),
+    #[error("keys: {0}")]
+    Keys(#[from] KeyError),
     #[error("policy: {0}")]
     Policy(#[from] PolicyError),
     #[error("database.url: unsupported scheme (use sqlite: or postgres://)")]
@@ -70,7 +77,7 @@ impl Application {
         create_private_dir(&config.data_dir)?;
         let store = open_store(&config).await?;
         store.migrate().await?;
-        let keys = Keyring::load_or_create(&config.keyring_path(), config.keys.create_if_missing)?;
+        let keys = open_keys(&config, &store, clock.now().timestamp_micros()).await?;
         let mut callers = config.callers.clone();
         let admin_token_path = if config.admin.enabled {
             let path = config.admin_token_path();
@@ -80,7 +87,7 @@ impl Application {
             None
         };
         let policy = Policy::build(&config.purposes, &callers)?;
-        let vault = Arc::new(Vault::new(store, Arc::new(keys), Arc::new(policy), clock));
+        let vault = Arc::new(Vault::new(store, keys, Arc::new(policy), clock));
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -124,14 +131,39 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartupError> {
         tracing::info!(addr = %self.local_addr, "pdvault listening");
-        let service = VaultServer::new(VaultService::new(self.vault));
+        let service = VaultServer::new(VaultService::new(self.vault.clone()));
+        let keys = KeyManagementServer::new(KeyManagementService::new(KeyAdmin::new(self.vault)));
         tonic::transport::Server::builder()
             .add_service(service)
+            .add_service(keys)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
             .await?;
         tracing::info!("pdvault stopped");
         Ok(())
     }
+}
+
+/// Loads the keyring and connects it to the key state in the database.
+pub async fn open_keys(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    now: i64,
+) -> Result<Arc<KeyManager>, StartupError> {
+    let path = config.keyring_path();
+    let keyring = Keyring::load_or_create(&path, config.keys.create_if_missing)?;
+    let seed_active = keyring.active_version();
+    let (keks, blind_index, pseudonym) = keyring.into_parts();
+    let provider = Box::new(LocalKekProvider::new(&path, keks));
+    let manager = KeyManager::open(
+        provider,
+        seed_active,
+        blind_index,
+        pseudonym,
+        store.clone(),
+        now,
+    )
+    .await?;
+    Ok(Arc::new(manager))
 }
 
 /// Opens the store `database.url` names (or the embedded SQLite default).

@@ -21,7 +21,7 @@ use crate::domain::{
     FieldName, IdDocument, IdType, Identity, IdentityInput, PhoneNumber, Violation, generalize,
     mask,
 };
-use crate::keys::Keyring;
+use crate::keys::{KeyError, KeyManager};
 use crate::policy::{Caller, Policy, Purpose, ReleaseLevel, Rpc};
 use crate::store::{
     AuditEvent, CreateRequestKey, InsertOutcome, Micros, NewRecord, RecordMeta, RecordState,
@@ -52,6 +52,8 @@ pub enum VaultError {
     AuditUnavailable,
     #[error("storage unavailable: {0}")]
     Storage(StoreError),
+    #[error("keys: {0}")]
+    Key(KeyError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -63,6 +65,16 @@ impl From<StoreError> for VaultError {
             StoreError::DuplicateDocument => VaultError::DuplicateIdentity,
             StoreError::VersionConflict => VaultError::EtagMismatch,
             other => VaultError::Storage(other),
+        }
+    }
+}
+
+impl From<KeyError> for VaultError {
+    fn from(error: KeyError) -> VaultError {
+        match error {
+            KeyError::Crypto(error) => error.into(),
+            KeyError::Store(error) => error.into(),
+            other => VaultError::Key(other),
         }
     }
 }
@@ -137,7 +149,7 @@ pub enum LookupKey {
 
 pub struct Vault {
     store: Arc<dyn Store>,
-    keys: Arc<Keyring>,
+    keys: Arc<KeyManager>,
     policy: Arc<Policy>,
     clock: Arc<dyn Clock>,
     /// The time zone dates are judged in (China Standard Time has had no DST since 1991).
@@ -147,7 +159,7 @@ pub struct Vault {
 impl Vault {
     pub fn new(
         store: Arc<dyn Store>,
-        keys: Arc<Keyring>,
+        keys: Arc<KeyManager>,
         policy: Arc<Policy>,
         clock: Arc<dyn Clock>,
     ) -> Vault {
@@ -166,6 +178,14 @@ impl Vault {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub fn keys(&self) -> &Arc<KeyManager> {
+        &self.keys
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     fn now_micros(&self) -> Micros {
@@ -211,19 +231,35 @@ impl Vault {
             request_id,
         });
         let now = self.now_micros();
-        let record = NewRecord {
-            wrapped_key: self.keys.wrap(&dek, &record_id)?,
-            kek_version: self.keys.active_kek().version,
-            document_index: self.document_index(&identity),
-            phone_index: identity
-                .phone()
-                .map(|p| self.keys.blind_index().phone(p.e164())),
-            fields,
-            created_at: now,
-            record_id: record_id.clone(),
+        let audit = self.event(ctx, Rpc::CreateRecord, vec![record_id.clone()], "OK", None);
+        let mut refreshed = false;
+        let outcome = loop {
+            let (wrapped_key, kek_version) = self.keys.wrap(&dek, &record_id)?;
+            let record = NewRecord {
+                wrapped_key,
+                kek_version,
+                document_index: self.document_index(&identity),
+                phone_index: identity
+                    .phone()
+                    .map(|p| self.keys.blind_index().phone(p.e164())),
+                fields: fields.clone(),
+                created_at: now,
+                record_id: record_id.clone(),
+            };
+            match self
+                .store
+                .insert_record(record, request.clone(), &audit)
+                .await
+            {
+                // Another instance rotated: learn the new active version and wrap again.
+                Err(StoreError::StaleKeyVersion(_)) if !refreshed => {
+                    refreshed = true;
+                    self.keys.refresh_active().await?;
+                }
+                other => break other?,
+            }
         };
-        let audit = self.event(ctx, Rpc::CreateRecord, vec![record_id], "OK", None);
-        match self.store.insert_record(record, request, &audit).await? {
+        match outcome {
             InsertOutcome::Inserted(meta) => Ok(meta),
             InsertOutcome::Replayed {
                 meta,
@@ -620,6 +656,7 @@ fn refusal_reason(error: &VaultError) -> (&'static str, String) {
         VaultError::DuplicateIdentity => ("ERROR", "DUPLICATE_IDENTITY".into()),
         VaultError::EtagMismatch => ("ERROR", "ETAG_MISMATCH".into()),
         VaultError::Storage(_) | VaultError::Internal(_) => ("ERROR", "INTERNAL".into()),
+        VaultError::Key(_) => ("ERROR", "KEY_UNAVAILABLE".into()),
     }
 }
 
@@ -775,7 +812,7 @@ fn new_record_id() -> Result<String, VaultError> {
     Ok(format!("{RECORD_ID_PREFIX}{}", random_token()?))
 }
 
-fn new_event_id() -> String {
+pub(crate) fn new_event_id() -> String {
     // An event id only needs to be unique. Should the OS generator fail, the time and a
     // process-wide counter still are (and the read fails later anyway, needing it too).
     static FALLBACK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
