@@ -81,7 +81,7 @@ impl Deployment {
     /// Starts `pdvault serve` and waits until it answers.
     async fn start(&self) -> Server {
         let addr = free_port();
-        let child = Command::new(BINARY)
+        let mut child = Command::new(BINARY)
             .arg("serve")
             .env("PDVAULT_LISTEN", addr.to_string())
             .env("PDVAULT_DATA_DIR", self.data_dir())
@@ -98,6 +98,8 @@ impl Deployment {
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("pdvault did not start listening on {addr}");
     }
 
