@@ -1,4 +1,4 @@
-//! The command line: `serve`, `migrate`, `token`, and `keys`. Parsing is clap's; every
+//! The command line: `serve`, `migrate`, `token`, `keys` and `purge`. Parsing is clap's; every
 //! server-side command loads configuration the same way (defaults < file < environment <
 //! flags). The `keys` commands are gRPC clients of a running vault (see [`crate::key_cli`]),
 //! so scheduled jobs need only an address and a token holding the `keys.rotate` grant.
@@ -32,6 +32,8 @@ enum Command {
     Token(TokenCommand),
     /// Key lifecycle against a running vault: rotate, rewrap, status, retire, destroy.
     Keys(crate::key_cli::KeysArgs),
+    /// Crypto-shred records past their retention deadline, on a running vault.
+    Purge(crate::key_cli::PurgeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +80,7 @@ pub async fn run() -> ExitCode {
         Command::Token(TokenCommand::Generate) => token_generate(),
         Command::Token(TokenCommand::Hash) => token_hash(),
         Command::Keys(args) => crate::key_cli::run(args).await,
+        Command::Purge(args) => crate::key_cli::purge(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

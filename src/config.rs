@@ -37,6 +37,20 @@ pub struct Config {
     /// Purposes by name; merged over the shipped defaults key by key.
     pub purposes: BTreeMap<String, PurposeConfig>,
     pub callers: Vec<CallerConfig>,
+    pub retention: RetentionConfig,
+}
+
+/// How long records are kept before `pdvault purge` crypto-shreds them. Days count from
+/// creation; 0 means no deadline.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Deadline for records whose document type has no entry in `id_types`.
+    pub default_days: u32,
+    /// Per document type (`RESIDENT_ID`, `PASSPORT`, ...): overrides `default_days`.
+    pub id_types: BTreeMap<String, u32>,
+    /// The longest retention a caller may ask for on create; 0 means callers may not.
+    pub max_days: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -104,6 +118,7 @@ impl Default for Config {
             },
             purposes: default_purposes(),
             callers: Vec::new(),
+            retention: RetentionConfig::default(),
         }
     }
 }

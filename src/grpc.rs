@@ -75,9 +75,15 @@ impl proto::vault_server::Vault for VaultService {
         let ctx = self.context(&request)?;
         let request = request.into_inner();
         let input = identity_input(request.identity.unwrap_or_default()).map_err(invalid)?;
+        let retention_days = (request.retention_days != 0).then_some(request.retention_days);
         let meta = self
             .vault
-            .create_record(&ctx, input, non_empty(request.request_id))
+            .create_record_with_retention(
+                &ctx,
+                input,
+                non_empty(request.request_id),
+                retention_days,
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(record_message(meta)))

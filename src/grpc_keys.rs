@@ -129,6 +129,42 @@ impl KeyManagement for KeyManagementService {
             .map_err(admin_status)?;
         Ok(Response::new(key_version(info)))
     }
+
+    async fn rekey_record(
+        &self,
+        request: Request<proto::RekeyRecordRequest>,
+    ) -> Result<Response<proto::RekeyRecordResponse>, Status> {
+        let ctx = call_context(self.admin.vault(), &request)?;
+        let request = request.into_inner();
+        let (meta, kek_version) = self
+            .admin
+            .vault()
+            .rekey_record(&ctx, &request.record_id, &request.reason)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::RekeyRecordResponse {
+            record_id: meta.record_id,
+            etag: meta.version.to_string(),
+            kek_version,
+        }))
+    }
+
+    async fn purge_expired_records(
+        &self,
+        request: Request<proto::PurgeExpiredRecordsRequest>,
+    ) -> Result<Response<proto::PurgeExpiredRecordsResponse>, Status> {
+        let ctx = call_context(self.admin.vault(), &request)?;
+        let limit = request.into_inner().limit;
+        let purged_record_ids = self
+            .admin
+            .vault()
+            .purge_expired(&ctx, (limit != 0).then_some(limit))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::PurgeExpiredRecordsResponse {
+            purged_record_ids,
+        }))
+    }
 }
 
 fn key_version(info: KeyVersionInfo) -> proto::KeyVersion {

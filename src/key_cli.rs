@@ -1,5 +1,5 @@
-//! `pdvault keys ...`: a gRPC client of `pdvault.v1.KeyManagement` for operators and
-//! scheduled jobs. It holds no keys and opens no database: the server does the work, so the
+//! `pdvault keys ...` and `pdvault purge`: gRPC clients of `pdvault.v1.KeyManagement` for
+//! operators and scheduled jobs. It holds no keys and opens no database: the server does the work, so the
 //! command behaves the same whichever instance it reaches.
 //!
 //! Every failure ends in a message on standard error and a non-zero exit, which is what a
@@ -14,8 +14,9 @@ use tonic::transport::Channel;
 use crate::proto::key_management_client::KeyManagementClient;
 use crate::proto::{self, KeyVersionState};
 
+/// Where the vault is and who is calling.
 #[derive(Debug, Args)]
-pub struct KeysArgs {
+pub struct Connection {
     /// Address of a running vault.
     #[arg(long, env = "PDVAULT_ADDR", default_value = "http://127.0.0.1:50051")]
     addr: String,
@@ -26,8 +27,71 @@ pub struct KeysArgs {
     /// File holding the token (e.g. the data directory's admin.token).
     #[arg(long, conflicts_with = "token")]
     token_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    #[command(flatten)]
+    connection: Connection,
     #[command(subcommand)]
     command: KeysCommand,
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Most records to purge in this run (default: every one that is due).
+    #[arg(long)]
+    limit: Option<u32>,
+}
+
+impl Connection {
+    /// The token, and a client connected to the vault.
+    async fn connect(
+        &self,
+    ) -> Result<(zeroize::Zeroizing<String>, KeyManagementClient<Channel>), String> {
+        let token = zeroize::Zeroizing::new(match (&self.token, &self.token_file) {
+            (Some(token), _) => token.trim().to_owned(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+            (None, None) => {
+                return Err("a token is required: --token-file or PDVAULT_TOKEN".into());
+            }
+        });
+        let channel = Channel::from_shared(self.addr.clone())
+            .map_err(|e| format!("--addr: {e}"))?
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {}: {e}", self.addr))?;
+        Ok((token, KeyManagementClient::new(channel)))
+    }
+}
+
+/// Runs `pdvault purge`: crypto-shreds records past their retention deadline.
+pub async fn purge(args: PurgeArgs) -> Result<(), String> {
+    let (token, mut client) = args.connection.connect().await?;
+    let purged = client
+        .purge_expired_records(authed(
+            &token,
+            proto::PurgeExpiredRecordsRequest {
+                limit: args.limit.unwrap_or(0),
+            },
+        )?)
+        .await
+        .map_err(describe)?
+        .into_inner()
+        .purged_record_ids;
+    println!(
+        "purged {} records past their retention deadline",
+        purged.len()
+    );
+    for record_id in &purged {
+        println!("{record_id}");
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,20 +119,7 @@ enum KeysCommand {
 
 /// Runs a `keys` subcommand; `Err` becomes the message and the non-zero exit.
 pub async fn run(args: KeysArgs) -> Result<(), String> {
-    let token = zeroize::Zeroizing::new(match (&args.token, &args.token_file) {
-        (Some(token), _) => token.trim().to_owned(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .trim()
-            .to_owned(),
-        (None, None) => return Err("a token is required: --token-file or PDVAULT_TOKEN".into()),
-    });
-    let channel = Channel::from_shared(args.addr.clone())
-        .map_err(|e| format!("--addr: {e}"))?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach {}: {e}", args.addr))?;
-    let mut client = KeyManagementClient::new(channel);
+    let (token, mut client) = args.connection.connect().await?;
     match args.command {
         KeysCommand::Rotate { expect_active } => {
             let response = client

@@ -11,6 +11,7 @@ pub mod key_admin;
 pub mod key_cli;
 pub mod keys;
 pub mod policy;
+pub mod retention;
 pub mod rewrap;
 pub mod startup;
 pub mod store;

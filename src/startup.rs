@@ -39,6 +39,8 @@ pub enum StartupError {
     Keyring(#[from] KeyringError),
     #[error("keys: {0}")]
     Keys(#[from] KeyError),
+    #[error("{0}")]
+    Retention(#[from] crate::retention::RetentionError),
     #[error("policy: {0}")]
     Policy(#[from] PolicyError),
     #[error("database.url: unsupported scheme (use sqlite: or postgres://)")]
@@ -87,7 +89,9 @@ impl Application {
             None
         };
         let policy = Policy::build(&config.purposes, &callers)?;
-        let vault = Arc::new(Vault::new(store, keys, Arc::new(policy), clock));
+        let retention = crate::retention::Retention::build(&config.retention)?;
+        let vault =
+            Arc::new(Vault::new(store, keys, Arc::new(policy), clock).with_retention(retention));
         let listener =
             TcpListener::bind(config.listen)
                 .await

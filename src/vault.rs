@@ -23,10 +23,13 @@ use crate::domain::{
 };
 use crate::keys::{KeyError, KeyManager};
 use crate::policy::{Caller, Policy, Purpose, ReleaseLevel, Rpc};
+use crate::retention::Retention;
 use crate::store::{
     AuditEvent, CreateRequestKey, InsertOutcome, Micros, NewRecord, RecordMeta, RecordState,
     RecordUpdate, SealedField, Store, StoreError,
 };
+
+mod lifecycle;
 
 const MAX_REQUEST_ID_LEN: usize = 128;
 const MAX_FREE_TEXT_LEN: usize = 512;
@@ -154,6 +157,7 @@ pub struct Vault {
     clock: Arc<dyn Clock>,
     /// The time zone dates are judged in (China Standard Time has had no DST since 1991).
     zone: FixedOffset,
+    retention: Retention,
 }
 
 impl Vault {
@@ -169,7 +173,14 @@ impl Vault {
             policy,
             clock,
             zone: FixedOffset::east_opt(8 * 3600).expect("UTC+8 is a valid offset"),
+            retention: Retention::default(),
         }
+    }
+
+    /// Sets the retention rules records get their deadlines from (none by default).
+    pub fn with_retention(mut self, retention: Retention) -> Vault {
+        self.retention = retention;
+        self
     }
 
     pub fn policy(&self) -> &Policy {
@@ -210,6 +221,19 @@ impl Vault {
         input: IdentityInput,
         request_id: Option<String>,
     ) -> Result<RecordMeta, VaultError> {
+        self.create_record_with_retention(ctx, input, request_id, None)
+            .await
+    }
+
+    /// As [`Vault::create_record`], with a retention period the caller asks for (within the
+    /// configured limit) instead of the configured one.
+    pub async fn create_record_with_retention(
+        &self,
+        ctx: &CallContext,
+        input: IdentityInput,
+        request_id: Option<String>,
+        retention_days: Option<u32>,
+    ) -> Result<RecordMeta, VaultError> {
         self.authorize(ctx, Rpc::CreateRecord)?;
         if let Some(id) = &request_id {
             check_free_text("request_id", id, MAX_REQUEST_ID_LEN)?;
@@ -231,6 +255,14 @@ impl Vault {
             request_id,
         });
         let now = self.now_micros();
+        let retain_until = self
+            .retention
+            .deadline(
+                now,
+                identity.id_document().map(|doc| doc.id_type()),
+                retention_days,
+            )
+            .map_err(lifecycle::retention_violation)?;
         let audit = self.event(ctx, Rpc::CreateRecord, vec![record_id.clone()], "OK", None);
         let mut refreshed = false;
         let outcome = loop {
@@ -243,6 +275,7 @@ impl Vault {
                     .phone()
                     .map(|p| self.keys.blind_index().phone(p.e164())),
                 fields: fields.clone(),
+                retain_until,
                 created_at: now,
                 record_id: record_id.clone(),
             };

@@ -55,6 +55,7 @@ async fn create(app: &TestApp, identity: Identity) -> proto::Record {
             CreateRecordRequest {
                 identity: Some(identity),
                 request_id: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -280,6 +281,7 @@ async fn rpcs_must_be_granted(app: &TestApp) {
             CreateRecordRequest {
                 identity: Some(zhang_san()),
                 request_id: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -325,6 +327,7 @@ async fn invalid_identities_are_refused_field_by_field(app: &TestApp) {
                 CreateRecordRequest {
                     identity: Some(identity),
                     request_id: String::new(),
+                    ..Default::default()
                 },
             ))
             .await
@@ -349,6 +352,7 @@ async fn invalid_identities_are_refused_field_by_field(app: &TestApp) {
             CreateRecordRequest {
                 identity: Some(identity),
                 request_id: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -409,6 +413,7 @@ async fn duplicate_documents_are_refused_without_naming_the_other_record(app: &T
                     ..zhang_san()
                 }),
                 request_id: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -426,6 +431,7 @@ async fn retried_creates_are_idempotent(app: &TestApp) {
             CreateRecordRequest {
                 identity: Some(identity),
                 request_id: "req-42".into(),
+                ..Default::default()
             },
         )
     };

@@ -1,14 +1,15 @@
 //! End-to-end tests of `pdvault.v1.KeyManagement`: rotation, rewrap, retirement and
 //! destruction, on both backends, with several instances sharing one database where the
-//! scenario is about instances.
+//! scenario is about instances; re-keying and the retention purge.
 
 mod support;
 
 use pdvault::proto::key_management_client::KeyManagementClient;
 use pdvault::proto::{
     self, CreateRecordRequest, DeleteRecordRequest, DestroyKeyVersionRequest, GetKeyStatusRequest,
-    GetRecordRequest, Identity, KeyVersionState, RetireKeyVersionRequest, RewrapRecordsRequest,
-    RotateKeyEncryptionKeyRequest, UpdateRecordRequest,
+    GetRecordRequest, Identity, KeyVersionState, PurgeExpiredRecordsRequest, RekeyRecordRequest,
+    RetireKeyVersionRequest, RewrapRecordsRequest, RotateKeyEncryptionKeyRequest,
+    UpdateRecordRequest,
 };
 use support::{Backend, CLAIMS, TestApp, authed};
 use tonic::Code;
@@ -46,6 +47,7 @@ async fn create(app: &TestApp, i: usize) -> String {
             CreateRecordRequest {
                 identity: Some(person(i)),
                 request_id: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -619,7 +621,242 @@ async fn join_all<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> Vec<F:
     results.into_iter().map(Option::unwrap).collect()
 }
 
+async fn rekey_replaces_the_data_key_and_every_ciphertext(app: &TestApp) {
+    let id = create(app, 7).await;
+    assert!(rotate(app, 1).await.created);
+    let store = open(&app.database_url).await;
+    let before = store.get_record(&id).await.unwrap().unwrap();
+    let keyring = pdvault::keys::Keyring::load(&keyring_path(app)).unwrap();
+    let old_key = keyring.unwrap(&before.wrapped_key, &id).unwrap();
+
+    let denied = keys_client(app)
+        .await
+        .rekey_record(authed(
+            CLAIMS.token,
+            RekeyRecordRequest {
+                record_id: id.clone(),
+                reason: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&denied), "OPERATION_NOT_GRANTED");
+
+    let rekeyed = keys_client(app)
+        .await
+        .rekey_record(authed(
+            &app.admin_token,
+            RekeyRecordRequest {
+                record_id: id.clone(),
+                reason: "INC-2026-0042 key suspected exposed".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rekeyed.kek_version, 2, "moves to the active KEK version");
+    assert_ne!(rekeyed.etag, before.meta.version.to_string());
+
+    let after = store.get_record(&id).await.unwrap().unwrap();
+    assert_ne!(after.wrapped_key, before.wrapped_key);
+    assert_eq!(after.fields.len(), before.fields.len());
+    for (new, old) in after.fields.iter().zip(&before.fields) {
+        assert_eq!(new.field, old.field);
+        assert_ne!(new.ciphertext, old.ciphertext);
+        // The old data key opens nothing the record now holds.
+        assert!(
+            old_key
+                .open_field(&id, &new.field, &new.ciphertext)
+                .is_err()
+        );
+    }
+    assert_eq!(email_of(app, &id).await.unwrap(), "person7@example.com");
+    assert_eq!(version_state(app, 1).await.1, 0);
+
+    // An update made with the etag from before the re-key is refused, not written under
+    // the old key.
+    let stale = app
+        .client()
+        .await
+        .update_record(authed(
+            CLAIMS.token,
+            UpdateRecordRequest {
+                record_id: id.clone(),
+                identity: Some(Identity {
+                    name: "李四".into(),
+                    ..Identity::default()
+                }),
+                update_mask: None,
+                etag: before.meta.version.to_string(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM audit_events WHERE rpc = 'RekeyRecord'")
+            .await,
+        1
+    );
+    let missing = keys_client(app)
+        .await
+        .rekey_record(authed(
+            &app.admin_token,
+            RekeyRecordRequest {
+                record_id: "rec_aaaaaaaaaaaaaaaaaaaaaaaaaa".into(),
+                reason: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+}
+
+fn with_retention(config: &mut pdvault::config::Config) {
+    config.retention = pdvault::config::RetentionConfig {
+        default_days: 30,
+        id_types: [("PASSPORT".to_owned(), 10)].into(),
+        max_days: 365,
+    };
+}
+
+async fn retain_until(app: &TestApp, id: &str) -> i64 {
+    app.count(&format!(
+        "SELECT retain_until - created_at FROM records WHERE record_id = '{id}'"
+    ))
+    .await
+}
+
+async fn create_with(
+    app: &TestApp,
+    identity: Identity,
+    retention_days: u32,
+) -> Result<String, tonic::Status> {
+    app.client()
+        .await
+        .create_record(authed(
+            CLAIMS.token,
+            CreateRecordRequest {
+                identity: Some(identity),
+                request_id: String::new(),
+                retention_days,
+            },
+        ))
+        .await
+        .map(|r| r.into_inner().record_id)
+}
+
+async fn retention_deadlines_and_the_purge(backend: Backend) {
+    let Some(app) = TestApp::spawn_with(backend, with_retention).await else {
+        return;
+    };
+    const DAY: i64 = 86_400_000_000;
+    let plain = create(&app, 1).await;
+    let passport = create_with(
+        &app,
+        Identity {
+            id_type: proto::IdType::Passport as i32,
+            id_number: "E12345678".into(),
+            ..person(2)
+        },
+        0,
+    )
+    .await
+    .unwrap();
+    let chosen = create_with(&app, person(3), 365).await.unwrap();
+    assert_eq!(retain_until(&app, &plain).await, 30 * DAY);
+    assert_eq!(retain_until(&app, &passport).await, 10 * DAY);
+    assert_eq!(retain_until(&app, &chosen).await, 365 * DAY);
+    let too_long = create_with(&app, person(4), 366).await.unwrap_err();
+    assert_eq!(too_long.code(), Code::InvalidArgument);
+    assert_eq!(
+        too_long.get_details_bad_request().unwrap().field_violations[0].field,
+        "retention_days"
+    );
+
+    let mut client = keys_client(&app).await;
+    let purge = |limit| PurgeExpiredRecordsRequest { limit };
+    let denied = client
+        .purge_expired_records(authed(CLAIMS.token, purge(0)))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&denied), "OPERATION_NOT_GRANTED");
+    let nothing_due = client
+        .purge_expired_records(authed(&app.admin_token, purge(0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(nothing_due.purged_record_ids.is_empty());
+
+    // Time passes for two of them (the test clock stands still, so the deadlines move).
+    app.execute_sql(&format!(
+        "UPDATE records SET retain_until = 1 WHERE record_id = '{plain}'; \
+         UPDATE records SET retain_until = 2 WHERE record_id = '{passport}'"
+    ))
+    .await;
+    let first = client
+        .purge_expired_records(authed(&app.admin_token, purge(1)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        first.purged_record_ids,
+        std::slice::from_ref(&plain),
+        "the most overdue first"
+    );
+    let rest = client
+        .purge_expired_records(authed(&app.admin_token, purge(0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.purged_record_ids, std::slice::from_ref(&passport));
+
+    for id in [&plain, &passport] {
+        assert_eq!(email_of(&app, id).await.unwrap_err().code(), Code::NotFound);
+        // A tombstone without key, ciphertexts or indexes remains.
+        assert_eq!(
+            app.count(&format!(
+                "SELECT COUNT(*) FROM records WHERE record_id = '{id}' \
+                 AND deleted_at IS NOT NULL AND wrapped_key IS NULL AND document_index IS NULL"
+            ))
+            .await,
+            1
+        );
+        assert_eq!(
+            app.count(&format!(
+                "SELECT COUNT(*) FROM record_fields WHERE record_id = '{id}'"
+            ))
+            .await,
+            0
+        );
+    }
+    assert_eq!(
+        email_of(&app, &chosen).await.unwrap(),
+        "person3@example.com"
+    );
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM audit_events WHERE rpc = 'PurgeExpiredRecords' \
+             AND reason = 'RETENTION_DEADLINE_PASSED'"
+        )
+        .await,
+        2
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_retention_deadlines_and_the_purge() {
+    retention_deadlines_and_the_purge(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_retention_deadlines_and_the_purge() {
+    retention_deadlines_and_the_purge(Backend::Postgres).await;
+}
+
 for_each_backend!(
+    rekey_replaces_the_data_key_and_every_ciphertext,
     lifecycle_rotate_rewrap_retire_destroy,
     key_management_needs_the_keys_rotate_grant,
     concurrent_rotations_on_two_instances_make_one_version,

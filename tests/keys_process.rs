@@ -1,6 +1,6 @@
 //! The key lifecycle through the real `pdvault` binary: the server killed with SIGKILL in
 //! the middle of a rewrap and restarted, and the `pdvault keys` commands a scheduler runs,
-//! with their exit codes. Runs on both backends.
+//! and `pdvault purge`, with their exit codes. Runs on both backends.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -126,6 +126,20 @@ impl Deployment {
         }
     }
 
+    async fn execute(&self, sql: &str) {
+        if self.postgres.is_some() {
+            let mut conn = sqlx::PgConnection::connect(&self.database_url)
+                .await
+                .unwrap();
+            sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+        } else {
+            let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
+                .await
+                .unwrap();
+            sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+        }
+    }
+
     async fn count(&self, sql: &str) -> i64 {
         if self.postgres.is_some() {
             let mut conn = sqlx::PgConnection::connect(&self.database_url)
@@ -193,6 +207,7 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
                                 ..Identity::default()
                             }),
                             request_id: String::new(),
+                            ..Default::default()
                         },
                     ))
                     .await
@@ -280,6 +295,35 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
             .into_inner();
         assert_eq!(record.fields["email"].value, format!("p{i}@example.com"));
     }
+
+    // `pdvault purge` shreds what is past its deadline and says what it did.
+    let overdue = &ids[0].1;
+    deployment
+        .execute(&format!(
+            "UPDATE records SET retain_until = 1 WHERE record_id = '{overdue}'"
+        ))
+        .await;
+    let purge = Command::new(BINARY)
+        .args(["purge", "--addr", &format!("http://{}", server.addr)])
+        .arg("--token-file")
+        .arg(deployment.token_file())
+        .output()
+        .unwrap();
+    assert!(purge.status.success(), "{}", text(&purge));
+    assert!(
+        text(&purge).contains("purged 1 records"),
+        "{}",
+        text(&purge)
+    );
+    assert!(text(&purge).contains(overdue.as_str()));
+    assert_eq!(
+        deployment
+            .count(&format!(
+                "SELECT COUNT(*) FROM records WHERE record_id = '{overdue}' AND deleted_at IS NOT NULL"
+            ))
+            .await,
+        1
+    );
 
     // Failures exit non-zero: a wrong token, and an unreachable server.
     let bad = Command::new(BINARY)

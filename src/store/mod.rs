@@ -62,6 +62,8 @@ pub struct NewRecord {
     pub document_index: Option<Vec<u8>>,
     pub phone_index: Option<Vec<u8>>,
     pub fields: Vec<SealedField>,
+    /// When the record must be crypto-shredded; `None` keeps it until deleted.
+    pub retain_until: Option<Micros>,
 }
 
 /// One identity field's ciphertext.
@@ -105,6 +107,17 @@ pub enum InsertOutcome {
 pub struct StoredRecord {
     pub meta: RecordMeta,
     pub wrapped_key: Vec<u8>,
+    pub fields: Vec<SealedField>,
+}
+
+/// A record's fields re-sealed under a fresh data key, and that key wrapped.
+#[derive(Debug)]
+pub struct RecordRekey {
+    pub record_id: String,
+    pub expected_version: i64,
+    pub updated_at: Micros,
+    pub wrapped_key: Vec<u8>,
+    pub kek_version: u32,
     pub fields: Vec<SealedField>,
 }
 
@@ -309,6 +322,17 @@ pub trait Store: Send + Sync + 'static {
         state: &str,
         now: Micros,
     ) -> Result<(), StoreError>;
+
+    /// Gives a live record a new data key: replaces its wrapped key and every ciphertext if
+    /// its version is still `expected_version`, re-checking that `kek_version` is active.
+    async fn rekey_record(
+        &self,
+        rekey: RecordRekey,
+        audit: &AuditEvent,
+    ) -> Result<RecordMeta, StoreError>;
+
+    /// Up to `limit` live records whose retention deadline is at or before `now`.
+    async fn expired_records(&self, now: Micros, limit: i64) -> Result<Vec<String>, StoreError>;
 
     /// A job's (rewrapped, failed) counters and state.
     async fn rewrap_job(&self, job_id: &str) -> Result<Option<(i64, i64, String)>, StoreError>;

@@ -8,8 +8,9 @@ pub const INSERT_CREATE_REQUEST: &str = "INSERT INTO create_requests \
      (caller, request_id, record_id, fingerprint, created_at) VALUES ($1, $2, $3, $4, $5)";
 
 pub const INSERT_RECORD: &str = "INSERT INTO records \
-     (record_id, version, created_at, updated_at, wrapped_key, kek_version, document_index, phone_index) \
-     VALUES ($1, 1, $2, $2, $3, $4, $5, $6)";
+     (record_id, version, created_at, updated_at, wrapped_key, kek_version, document_index, phone_index, \
+      retain_until) \
+     VALUES ($1, 1, $2, $2, $3, $4, $5, $6, $7)";
 
 pub const INSERT_FIELD: &str =
     "INSERT INTO record_fields (record_id, field, ciphertext) VALUES ($1, $2, $3)";
@@ -104,3 +105,10 @@ pub const FINISH_REWRAP_JOB: &str =
 
 pub const SELECT_REWRAP_JOB: &str =
     "SELECT rewrapped, failed, state FROM rewrap_jobs WHERE job_id = $1";
+
+pub const REKEY_RECORD: &str = "UPDATE records \
+     SET version = version + 1, updated_at = $3, wrapped_key = $4, kek_version = $5 \
+     WHERE record_id = $1 AND version = $2 AND deleted_at IS NULL RETURNING created_at";
+
+pub const SELECT_EXPIRED: &str = "SELECT record_id FROM records \
+     WHERE retain_until <= $1 AND deleted_at IS NULL ORDER BY retain_until, record_id LIMIT $2";

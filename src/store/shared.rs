@@ -41,6 +41,7 @@ macro_rules! impl_store {
                         .bind(i64::from(record.kek_version))
                         .bind(&record.document_index)
                         .bind(&record.phone_index)
+                        .bind(record.retain_until)
                         .execute(&mut *tx)
                         .await?;
                     for field in &record.fields {
@@ -556,6 +557,67 @@ macro_rules! impl_store {
                     .execute(&self.pool)
                     .await?;
                 Ok(())
+            }
+
+            async fn rekey_record(
+                &self,
+                rekey: $crate::store::RecordRekey,
+                audit: &$crate::store::AuditEvent,
+            ) -> Result<$crate::store::RecordMeta, $crate::store::StoreError> {
+                use $crate::store::{queries, RecordMeta, StoreError};
+                let mut tx = self.begin_write().await?;
+                if !kek_writable(&mut tx, rekey.kek_version).await? {
+                    tx.rollback().await?;
+                    return Err(StoreError::StaleKeyVersion(rekey.kek_version));
+                }
+                let created_at: Option<i64> = sqlx::query_scalar(queries::REKEY_RECORD)
+                    .bind(&rekey.record_id)
+                    .bind(rekey.expected_version)
+                    .bind(rekey.updated_at)
+                    .bind(&rekey.wrapped_key)
+                    .bind(i64::from(rekey.kek_version))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(created_at) = created_at else {
+                    tx.rollback().await?;
+                    return match self.record_state(&rekey.record_id).await? {
+                        Some($crate::store::RecordState::Active) => Err(StoreError::VersionConflict),
+                        _ => Err(StoreError::NotFound),
+                    };
+                };
+                sqlx::query(queries::DELETE_FIELDS)
+                    .bind(&rekey.record_id)
+                    .execute(&mut *tx)
+                    .await?;
+                for field in &rekey.fields {
+                    sqlx::query(queries::INSERT_FIELD)
+                        .bind(&rekey.record_id)
+                        .bind(&field.field)
+                        .bind(&field.ciphertext)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                insert_audit_event(&mut *tx, audit).await?;
+                tx.commit().await?;
+                Ok(RecordMeta {
+                    record_id: rekey.record_id,
+                    version: rekey.expected_version + 1,
+                    created_at,
+                    updated_at: rekey.updated_at,
+                    present_fields: $crate::store::present_fields(&rekey.fields),
+                })
+            }
+
+            async fn expired_records(
+                &self,
+                now: $crate::store::Micros,
+                limit: i64,
+            ) -> Result<Vec<String>, $crate::store::StoreError> {
+                Ok(sqlx::query_scalar($crate::store::queries::SELECT_EXPIRED)
+                    .bind(now)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?)
             }
 
             async fn rewrap_job(
