@@ -69,6 +69,15 @@ pub struct KeysConfig {
     /// Create a fresh keyring when the file is missing. Turn off in production, where a
     /// missing keyring means a misconfiguration, not a first start.
     pub create_if_missing: bool,
+    /// Cipher suite for new data keys: `aes256gcm-hmacsha256` or `sm4gcm-hmacsm3`. Records
+    /// keep the suite they were sealed with until re-keyed. The blind-index and pseudonym
+    /// MAC is the suite of the deployment's first start (recorded in the database).
+    #[serde(default = "default_suite")]
+    pub suite: String,
+}
+
+fn default_suite() -> String {
+    crate::crypto::Suite::default().as_str().to_owned()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -107,6 +116,7 @@ impl Default for Config {
             keys: KeysConfig {
                 keyring_path: None,
                 create_if_missing: true,
+                suite: default_suite(),
             },
             admin: AdminConfig {
                 enabled: true,

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::Config;
+use crate::crypto::Suite;
 use crate::grpc::VaultService;
 use crate::grpc_keys::KeyManagementService;
 use crate::key_admin::KeyAdmin;
@@ -43,6 +44,8 @@ pub enum StartupError {
     Retention(#[from] crate::retention::RetentionError),
     #[error("policy: {0}")]
     Policy(#[from] PolicyError),
+    #[error("keys.suite: unknown cipher suite (use aes256gcm-hmacsha256 or sm4gcm-hmacsm3)")]
+    UnknownSuite,
     #[error("database.url: unsupported scheme (use sqlite: or postgres://)")]
     UnsupportedDatabase,
     #[error("{path}: {source}")]
@@ -158,11 +161,12 @@ pub async fn open_keys(
     let seed_active = keyring.active_version();
     let (keks, blind_index, pseudonym) = keyring.into_parts();
     let provider = Box::new(LocalKekProvider::new(&path, keks));
+    let suite = Suite::parse(&config.keys.suite).ok_or(StartupError::UnknownSuite)?;
     let manager = KeyManager::open(
         provider,
         seed_active,
-        blind_index,
-        pseudonym,
+        suite,
+        (blind_index, pseudonym),
         store.clone(),
         now,
     )

@@ -246,7 +246,7 @@ impl Vault {
             ));
         }
         let record_id = new_record_id()?;
-        let dek = DataKey::generate()?;
+        let dek = self.keys.generate_data_key()?;
         let canonical = identity.canonical_fields();
         let fields = seal_all(&dek, &record_id, &canonical)?;
         let request = request_id.map(|request_id| CreateRequestKey {

@@ -331,7 +331,7 @@ async fn concurrent_rotations_on_two_instances_make_one_version(app: &TestApp) {
     assert_eq!(status.active_version, 2);
     assert_eq!(status.versions.len(), 2);
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM key_versions WHERE state = 'ACTIVE'")
+        app.count("SELECT COUNT(*) FROM key_versions WHERE key_kind = 'kek' AND state = 'ACTIVE'")
             .await,
         1
     );
@@ -855,7 +855,117 @@ async fn postgres_retention_deadlines_and_the_purge() {
     retention_deadlines_and_the_purge(Backend::Postgres).await;
 }
 
+/// The suite byte of a record's wrapped key and of each of its fields.
+async fn suites_of(app: &TestApp, id: &str) -> (u8, Vec<u8>) {
+    let stored = open(&app.database_url)
+        .await
+        .get_record(id)
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        stored.wrapped_key[1],
+        stored.fields.iter().map(|f| f.ciphertext[1]).collect(),
+    )
+}
+
+/// A deployment whose second instance is switched to the other suite: both suites are read
+/// side by side, lookups keep working, and re-keying moves a record to the other suite.
+/// The first instance runs the default suite, the second SM4; under an SM4-wide test run
+/// (`PDVAULT_TEST_SUITE`) the two trade places.
+async fn suites_coexist_and_rekeying_migrates_a_record(app: &TestApp) {
+    let sm4_first = std::env::var("PDVAULT_TEST_SUITE").is_ok_and(|s| s == "sm4gcm-hmacsm3");
+    let (first, second, other_suite) = if sm4_first {
+        (2u8, 1u8, "aes256gcm-hmacsha256")
+    } else {
+        (1u8, 2u8, "sm4gcm-hmacsm3")
+    };
+    let url = app.database_url.clone();
+    let keyring = keyring_path(app);
+    let token = app.data_dir.path().join("data").join("admin.token");
+    let sm4 = TestApp::spawn_with(app.backend, move |config| {
+        config.database.url = Some(url);
+        config.keys.keyring_path = Some(keyring);
+        config.admin.token_path = Some(token);
+        config.keys.suite = other_suite.into();
+    })
+    .await
+    .unwrap();
+    let old = create(app, 1).await;
+    let new = app_create_phone(&sm4, "13900001111").await;
+    assert_eq!(suites_of(app, &old).await, (first, vec![first, first]));
+    let (wrap, fields) = suites_of(app, &new).await;
+    assert_eq!(wrap, second);
+    assert!(fields.iter().all(|&s| s == second));
+    assert_eq!(email_of(&sm4, &old).await.unwrap(), "person1@example.com");
+    assert_eq!(email_of(app, &new).await.unwrap(), "new@example.com");
+    // One index MAC for the whole deployment: either instance finds the record.
+    for instance in [app, &sm4] {
+        let found = instance
+            .client()
+            .await
+            .find_records(authed(
+                CLAIMS.token,
+                proto::FindRecordsRequest {
+                    purpose: "service-delivery".into(),
+                    justification: String::new(),
+                    key: Some(proto::find_records_request::Key::Phone(
+                        "13900001111".into(),
+                    )),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .record_ids;
+        assert_eq!(found, std::slice::from_ref(&new));
+    }
+    keys_client(&sm4)
+        .await
+        .rekey_record(authed(
+            &sm4.admin_token,
+            RekeyRecordRequest {
+                record_id: old.clone(),
+                reason: "migrate to second".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(suites_of(app, &old).await, (second, vec![second, second]));
+    assert_eq!(email_of(app, &old).await.unwrap(), "person1@example.com");
+    // A KEK rewrap keeps each record's suite.
+    assert!(rotate(app, 1).await.created);
+    let another = create(app, 2).await;
+    rewrap(app, 0).await.unwrap();
+    assert_eq!(suites_of(app, &new).await.0, second);
+    assert_eq!(suites_of(app, &another).await.0, first);
+    assert_eq!(email_of(&sm4, &new).await.unwrap(), "new@example.com");
+    sm4.stop().await;
+}
+
+async fn app_create_phone(app: &TestApp, phone: &str) -> String {
+    app.client()
+        .await
+        .create_record(authed(
+            CLAIMS.token,
+            CreateRecordRequest {
+                identity: Some(Identity {
+                    phone: phone.into(),
+                    email: "new@example.com".into(),
+                    ..Identity::default()
+                }),
+                request_id: String::new(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .record_id
+}
+
 for_each_backend!(
+    suites_coexist_and_rekeying_migrates_a_record,
     rekey_replaces_the_data_key_and_every_ciphertext,
     lifecycle_rotate_rewrap_retire_destroy,
     key_management_needs_the_keys_rotate_grant,

@@ -20,6 +20,14 @@ struct Server {
     addr: SocketAddr,
 }
 
+/// A failing assertion must not leave a server running.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Where one vault's files and database live, across restarts.
 struct Deployment {
     dir: tempfile::TempDir,
@@ -241,6 +249,7 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
     server.child.kill().unwrap(); // SIGKILL
     server.child.wait().unwrap();
     drop(stream);
+    drop(server);
 
     let server = deployment.start().await;
     // Retiring now would strand what the killed job did not reach.
@@ -350,13 +359,8 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
         .unwrap();
     assert!(!unreachable.status.success());
 
-    stop(server);
+    drop(server);
     deployment.drop_database().await;
-}
-
-fn stop(mut server: Server) {
-    let _ = server.child.kill();
-    let _ = server.child.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

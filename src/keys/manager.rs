@@ -8,13 +8,16 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::crypto::{BlindIndexKey, CryptoError, DataKey, PseudonymKey, parse_wrap_header};
+use crate::crypto::{BlindIndexKey, CryptoError, DataKey, PseudonymKey, Suite, parse_wrap_header};
 use crate::store::{KeyVersionRow, Micros, Rotation, Store, StoreError};
 
 use super::{KekProvider, KeyringError};
 
 /// The `key_versions.key_kind` of key-encryption keys.
 pub const KEK_KIND: &str = "kek";
+/// The `key_versions.key_kind` whose one row pins the blind-index and pseudonym MAC suite
+/// (in `provider`): indexes computed with one MAC cannot be matched with another.
+pub const INDEX_KIND: &str = "index";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -129,6 +132,7 @@ pub struct KeyManager {
     provider: Box<dyn KekProvider>,
     store: Arc<dyn Store>,
     active: AtomicU32,
+    suite: Suite,
     blind_index: BlindIndexKey,
     pseudonym: PseudonymKey,
 }
@@ -146,14 +150,36 @@ impl KeyManager {
     /// Connects the provider to the database's key state: on the first start after the
     /// key-lifecycle migration the versions the provider holds are recorded (the seed's
     /// active one active, the others decrypt-only); afterwards the database decides.
+    /// New data keys use `suite`; the index MAC is the suite recorded at the first start.
     pub async fn open(
         provider: Box<dyn KekProvider>,
         seed_active: u32,
-        blind_index: BlindIndexKey,
-        pseudonym: PseudonymKey,
+        suite: Suite,
+        (blind_index, pseudonym): (BlindIndexKey, PseudonymKey),
         store: Arc<dyn Store>,
         now: Micros,
     ) -> Result<KeyManager, KeyError> {
+        store
+            .seed_key_versions(INDEX_KIND, suite.as_str(), &[(1, "ACTIVE")], now)
+            .await?;
+        let pinned = store
+            .key_versions(INDEX_KIND)
+            .await?
+            .into_iter()
+            .find_map(|row| Suite::parse(&row.provider))
+            .ok_or_else(|| {
+                KeyError::Store(StoreError::Corrupt("no index MAC suite recorded".into()))
+            })?;
+        if pinned != suite {
+            tracing::warn!(
+                data_keys = suite.as_str(),
+                indexes = pinned.as_str(),
+                "new data keys use the configured suite; blind indexes and pseudonyms keep \
+                 the suite they were first computed with"
+            );
+        }
+        let blind_index = blind_index.for_suite(pinned);
+        let pseudonym = pseudonym.for_suite(pinned);
         let seed: Vec<(u32, &str)> = provider
             .versions()
             .into_iter()
@@ -175,6 +201,7 @@ impl KeyManager {
             provider,
             store,
             active: AtomicU32::new(0),
+            suite,
             blind_index,
             pseudonym,
         };
@@ -198,6 +225,16 @@ impl KeyManager {
         }
         self.active.store(active, Ordering::Release);
         Ok(active)
+    }
+
+    /// The suite new data keys are made for.
+    pub fn suite(&self) -> Suite {
+        self.suite
+    }
+
+    /// A fresh data key of the configured suite.
+    pub fn generate_data_key(&self) -> Result<DataKey, KeyError> {
+        Ok(DataKey::generate_for(self.suite)?)
     }
 
     /// The active version as this instance last saw it.

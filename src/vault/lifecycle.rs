@@ -2,7 +2,6 @@
 //! purge. These live beside the vault's other use cases because they open and reseal
 //! records with the same care (plaintext only in wiping buffers, never in errors).
 
-use crate::crypto::DataKey;
 use crate::domain::FieldName;
 use crate::policy::Rpc;
 use crate::retention::RetentionError;
@@ -45,7 +44,8 @@ impl Vault {
             canonical.push((field, value));
         }
         drop(old);
-        let fresh = DataKey::generate()?;
+        // The configured suite: re-keying is how a record moves from one suite to another.
+        let fresh = self.keys.generate_data_key()?;
         let fields = seal_all(&fresh, record_id, &canonical);
         for (_, value) in canonical.iter_mut() {
             zeroize::Zeroize::zeroize(value);

@@ -1,6 +1,9 @@
 //! Test harness: spawns the real application on an ephemeral port, per test, on either
 //! backend, and hands out gRPC clients authenticated as configured callers.
 //!
+//! `PDVAULT_TEST_SUITE` (e.g. `sm4gcm-hmacsm3`) sets the cipher suite of every test app, so
+//! the same tests cover both suites.
+//!
 //! PostgreSQL tests are mandatory by default. Each test gets a fresh database on the server
 //! named by `PDVAULT_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`);
 //! when that server cannot be reached the test fails and says so. Skipping PostgreSQL needs
@@ -138,6 +141,10 @@ impl TestApp {
         };
         if let Some(pg) = &postgres {
             config.database.url = Some(pg.url());
+        }
+        // CI runs the suite once per cipher suite.
+        if let Ok(suite) = std::env::var("PDVAULT_TEST_SUITE") {
+            config.keys.suite = suite;
         }
         adjust(&mut config);
         let database_url = config.database_url();
