@@ -74,6 +74,49 @@ pub struct KeysConfig {
     /// MAC is the suite of the deployment's first start (recorded in the database).
     #[serde(default = "default_suite")]
     pub suite: String,
+    /// Where KEKs live: `local` (the keyring file) or `pkcs11` (a hardware module, see
+    /// `keys.pkcs11`). All instances sharing a database must use the same provider.
+    #[serde(default = "default_provider")]
+    pub provider: String,
+    #[serde(default)]
+    pub pkcs11: Option<Pkcs11Config>,
+}
+
+/// A PKCS#11 module holding the KEKs (`keys.provider = "pkcs11"`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// The module's shared library, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// Label of the token that holds the KEKs.
+    pub token_label: String,
+    /// File holding the user PIN (mode 0600); the PIN is never put in configuration.
+    pub pin_file: PathBuf,
+    /// KEK objects are labelled `<prefix><version>`.
+    #[serde(default = "default_key_label_prefix")]
+    pub key_label_prefix: String,
+    /// Unwrapped data keys kept in memory, at most this many...
+    #[serde(default = "default_cache_entries")]
+    pub cache_max_entries: usize,
+    /// ...for at most this long. 0 turns the cache off.
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl_seconds: u64,
+}
+
+fn default_provider() -> String {
+    "local".to_owned()
+}
+
+fn default_key_label_prefix() -> String {
+    "pdvault-kek-v".to_owned()
+}
+
+fn default_cache_entries() -> usize {
+    10_000
+}
+
+fn default_cache_ttl() -> u64 {
+    300
 }
 
 fn default_suite() -> String {
@@ -117,6 +160,8 @@ impl Default for Config {
                 keyring_path: None,
                 create_if_missing: true,
                 suite: default_suite(),
+                provider: default_provider(),
+                pkcs11: None,
             },
             admin: AdminConfig {
                 enabled: true,

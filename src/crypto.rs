@@ -220,6 +220,24 @@ impl DataKey {
         self.suite
     }
 
+    /// A data key from material unwrapped elsewhere (a hardware module).
+    pub fn from_secret(key: SecretKey, suite: Suite) -> DataKey {
+        DataKey { key, suite }
+    }
+
+    /// The key material, for a provider that wraps it outside this module.
+    pub fn secret(&self) -> &SecretKey {
+        &self.key
+    }
+
+    /// A second copy, for a bounded cache of unwrapped keys; both copies zeroise on drop.
+    pub fn duplicate(&self) -> DataKey {
+        DataKey {
+            key: self.key.clone(),
+            suite: self.suite,
+        }
+    }
+
     /// Seals one field's canonical value for `record_id`.
     pub fn seal_field(
         &self,
@@ -285,7 +303,8 @@ fn field_aad(header: &[u8], record_id: &str, field: &str) -> Vec<u8> {
     aad
 }
 
-fn random_nonce() -> Result<[u8; NONCE_LEN], CryptoError> {
+/// A fresh 96-bit nonce from the operating system's CSPRNG.
+pub fn random_nonce() -> Result<[u8; NONCE_LEN], CryptoError> {
     let mut nonce = [0u8; NONCE_LEN];
     getrandom::fill(&mut nonce).map_err(|_| CryptoError::Random)?;
     Ok(nonce)
@@ -375,13 +394,43 @@ impl Kek {
     }
 }
 
-fn wrap_header(suite: Suite, key_id: &str, version: u32) -> Result<Vec<u8>, CryptoError> {
+/// The header of a wrapped key: format, the data key's suite, KEK id and version. Public
+/// for KEK providers that wrap outside this module (a PKCS#11 module).
+pub fn wrap_header(suite: Suite, key_id: &str, version: u32) -> Result<Vec<u8>, CryptoError> {
     let id_len = u8::try_from(key_id.len()).map_err(|_| CryptoError::KeyLength)?;
     let mut header = Vec::with_capacity(3 + key_id.len() + 4 + NONCE_LEN + KEY_LEN + TAG_LEN);
     header.extend_from_slice(&[FORMAT_V1, suite as u8, id_len]);
     header.extend_from_slice(key_id.as_bytes());
     header.extend_from_slice(&version.to_be_bytes());
     Ok(header)
+}
+
+/// The parts of a wrapped key, for providers that unwrap outside this module.
+pub struct WrappedParts<'a> {
+    pub reference: KekRef,
+    pub suite: Suite,
+    pub header: &'a [u8],
+    pub nonce: &'a [u8],
+    /// The wrapped key followed by the 128-bit tag.
+    pub ciphertext: &'a [u8],
+}
+
+/// Splits a wrapped key into header, nonce and ciphertext, checking its layout.
+pub fn split_wrapped(wrapped: &[u8]) -> Result<WrappedParts<'_>, CryptoError> {
+    let (reference, header_len) = parse_wrap_header(wrapped)?;
+    let suite = Suite::from_byte(wrapped[1])?;
+    let (header, rest) = wrapped.split_at(header_len);
+    if rest.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
+        return Err(CryptoError::Integrity);
+    }
+    let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+    Ok(WrappedParts {
+        reference,
+        suite,
+        header,
+        nonce,
+        ciphertext,
+    })
 }
 
 /// Reads which KEK wrapped a data key, and where the header ends.
@@ -410,7 +459,8 @@ pub fn parse_wrap_header(wrapped: &[u8]) -> Result<(KekRef, usize), CryptoError>
     ))
 }
 
-fn wrap_aad(header: &[u8], record_id: &str) -> Vec<u8> {
+/// The associated data a wrap authenticates: its header and the record it belongs to.
+pub fn wrap_aad(header: &[u8], record_id: &str) -> Vec<u8> {
     let mut aad = Vec::with_capacity(12 + header.len() + record_id.len());
     aad.extend_from_slice(b"pdvault.dek");
     aad.extend_from_slice(header);

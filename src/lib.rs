@@ -7,6 +7,7 @@ pub mod crypto;
 pub mod domain;
 pub mod grpc;
 pub mod grpc_keys;
+pub mod hsm;
 pub mod key_admin;
 pub mod key_cli;
 pub mod keys;

@@ -19,9 +19,10 @@ use crate::config::Config;
 use crate::crypto::Suite;
 use crate::grpc::VaultService;
 use crate::grpc_keys::KeyManagementService;
+use crate::hsm::Pkcs11KekProvider;
 use crate::key_admin::KeyAdmin;
 use crate::keys::{
-    KeyError, KeyManager, Keyring, KeyringError, LocalKekProvider, write_private_file,
+    KekProvider, KeyError, KeyManager, Keyring, KeyringError, LocalKekProvider, write_private_file,
 };
 use crate::policy::{CallerConfig, Policy, PolicyError, Rpc, token_sha256_hex};
 use crate::proto::key_management_server::KeyManagementServer;
@@ -44,6 +45,10 @@ pub enum StartupError {
     Retention(#[from] crate::retention::RetentionError),
     #[error("policy: {0}")]
     Policy(#[from] PolicyError),
+    #[error("keys.provider: unknown KEK provider (use local or pkcs11)")]
+    UnknownProvider,
+    #[error("keys.pkcs11: required when keys.provider is pkcs11")]
+    MissingPkcs11,
     #[error("keys.suite: unknown cipher suite (use aes256gcm-hmacsha256 or sm4gcm-hmacsm3)")]
     UnknownSuite,
     #[error("database.url: unsupported scheme (use sqlite: or postgres://)")]
@@ -160,7 +165,30 @@ pub async fn open_keys(
     let keyring = Keyring::load_or_create(&path, config.keys.create_if_missing)?;
     let seed_active = keyring.active_version();
     let (keks, blind_index, pseudonym) = keyring.into_parts();
-    let provider = Box::new(LocalKekProvider::new(&path, keks));
+    // With a hardware module the keyring file still holds the blind-index and pseudonym
+    // keys (lookups need them in memory), and its KEK entries are not used.
+    let provider: Box<dyn KekProvider> = match config.keys.provider.as_str() {
+        "local" => Box::new(LocalKekProvider::new(&path, keks)),
+        "pkcs11" => {
+            let pkcs11 = config
+                .keys
+                .pkcs11
+                .as_ref()
+                .ok_or(StartupError::MissingPkcs11)?;
+            let provider = Pkcs11KekProvider::open(pkcs11)?;
+            if provider.versions()?.is_empty() {
+                drop(keks);
+                provider.provision(1)?;
+            }
+            Box::new(provider)
+        }
+        _ => return Err(StartupError::UnknownProvider),
+    };
+    let seed_active = if config.keys.provider == "local" {
+        seed_active
+    } else {
+        provider.versions()?.into_iter().max().unwrap_or(1)
+    };
     let suite = Suite::parse(&config.keys.suite).ok_or(StartupError::UnknownSuite)?;
     let manager = KeyManager::open(
         provider,

@@ -47,13 +47,14 @@ impl KekProvider for LocalKekProvider {
         LOCAL_KEY_ID
     }
 
-    fn versions(&self) -> Vec<u32> {
-        self.keks
+    fn versions(&self) -> Result<Vec<u32>, KeyError> {
+        Ok(self
+            .keks
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .keys()
             .copied()
-            .collect()
+            .collect())
     }
 
     fn wrap(&self, version: u32, dek: &DataKey, record_id: &str) -> Result<Vec<u8>, KeyError> {

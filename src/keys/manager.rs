@@ -181,7 +181,7 @@ impl KeyManager {
         let blind_index = blind_index.for_suite(pinned);
         let pseudonym = pseudonym.for_suite(pinned);
         let seed: Vec<(u32, &str)> = provider
-            .versions()
+            .versions()?
             .into_iter()
             .map(|v| {
                 (
@@ -217,9 +217,9 @@ impl KeyManager {
             .active_key_version(KEK_KIND)
             .await?
             .ok_or_else(|| KeyError::Store(StoreError::Corrupt("no active KEK version".into())))?;
-        if !self.provider.versions().contains(&active) {
+        if !self.provider.versions()?.contains(&active) {
             self.provider.refresh()?;
-            if !self.provider.versions().contains(&active) {
+            if !self.provider.versions()?.contains(&active) {
                 return Err(KeyError::MaterialMissing { version: active });
             }
         }

@@ -66,7 +66,7 @@ pub trait KekProvider: Send + Sync + 'static {
     /// The name wrapped keys carry for this provider (`local`, `hsm`).
     fn key_id(&self) -> &str;
     /// Versions whose material this provider holds right now.
-    fn versions(&self) -> Vec<u32>;
+    fn versions(&self) -> Result<Vec<u32>, KeyError>;
     /// Wraps `dek` for `record_id` under `version`.
     fn wrap(&self, version: u32, dek: &DataKey, record_id: &str) -> Result<Vec<u8>, KeyError>;
     /// Unwraps with the version the bytes name.

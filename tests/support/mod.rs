@@ -2,7 +2,8 @@
 //! backend, and hands out gRPC clients authenticated as configured callers.
 //!
 //! `PDVAULT_TEST_SUITE` (e.g. `sm4gcm-hmacsm3`) sets the cipher suite of every test app, so
-//! the same tests cover both suites.
+//! the same tests cover both suites; `PDVAULT_TEST_KEK_PROVIDER=pkcs11` keeps every test
+//! app's KEKs in a SoftHSM2 token instead of the keyring file.
 //!
 //! PostgreSQL tests are mandatory by default. Each test gets a fresh database on the server
 //! named by `PDVAULT_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`);
@@ -10,6 +11,8 @@
 //! an explicit `PDVAULT_TEST_SKIP_POSTGRES=1`, which CI never sets.
 
 #![allow(dead_code)]
+
+pub mod softhsm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -142,11 +145,16 @@ impl TestApp {
         if let Some(pg) = &postgres {
             config.database.url = Some(pg.url());
         }
-        // CI runs the suite once per cipher suite.
+        // CI runs the suite once per cipher suite, and once with KEKs in SoftHSM2.
         if let Ok(suite) = std::env::var("PDVAULT_TEST_SUITE") {
             config.keys.suite = suite;
         }
+        let hsm = std::env::var("PDVAULT_TEST_KEK_PROVIDER").is_ok_and(|p| p == "pkcs11");
         adjust(&mut config);
+        if hsm || config.keys.provider == "pkcs11" {
+            config.keys.provider = "pkcs11".into();
+            config.keys.pkcs11 = Some(softhsm::config(&config.database_url()));
+        }
         let database_url = config.database_url();
         pdvault::telemetry::init(&config.log);
         let app = Application::build_with_clock(config, fixed_clock())
