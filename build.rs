@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/pdvault/v1/audit.proto",
         "proto/pdvault/v1/account.proto",
         "proto/pdvault/v1/admin.proto",
+        "proto/pdvault/v1/keys.proto",
     ];
     let descriptors = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);

@@ -1,5 +1,7 @@
-//! The command line: `serve`, `migrate` and `token`. Parsing is clap's; every command
-//! loads configuration the same way (defaults < file < environment < flags).
+//! The command line: `serve`, `migrate`, `token`, `keys` and `purge`. Parsing is clap's; every
+//! server-side command loads configuration the same way (defaults < file < environment <
+//! flags). The `keys` commands are gRPC clients of a running vault (see [`crate::key_cli`]),
+//! so scheduled jobs need only an address and a token holding the `keys.rotate` grant.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -38,6 +40,10 @@ enum Command {
     Audit(AuditCommand),
     /// Account-security team: suspend, reinstate, inspect accounts on a running vault.
     Accounts(AccountsArgs),
+    /// Key lifecycle against a running vault: rotate, rewrap, status, retire, destroy.
+    Keys(crate::key_cli::KeysArgs),
+    /// Crypto-shred records past their retention deadline, on a running vault.
+    Purge(crate::key_cli::PurgeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +154,8 @@ pub async fn run() -> ExitCode {
         Command::Audit(AuditCommand::Verify(args)) => audit_verify(args).await,
         Command::Audit(AuditCommand::Checkpoint(args)) => audit_checkpoint(args).await,
         Command::Accounts(args) => accounts(args).await,
+        Command::Keys(args) => crate::key_cli::run(args).await,
+        Command::Purge(args) => crate::key_cli::purge(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

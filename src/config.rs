@@ -46,6 +46,20 @@ pub struct Config {
     /// Purposes by name; merged over the shipped defaults key by key.
     pub purposes: BTreeMap<String, PurposeConfig>,
     pub callers: Vec<CallerConfig>,
+    pub retention: RetentionConfig,
+}
+
+/// How long records are kept before `pdvault purge` crypto-shreds them. Days count from
+/// creation; 0 means no deadline.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Deadline for records whose document type has no entry in `id_types`.
+    pub default_days: u32,
+    /// Per document type (`RESIDENT_ID`, `PASSPORT`, ...): overrides `default_days`.
+    pub id_types: BTreeMap<String, u32>,
+    /// The longest retention a caller may ask for on create; 0 means callers may not.
+    pub max_days: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -64,6 +78,58 @@ pub struct KeysConfig {
     /// Create a fresh keyring when the file is missing. Turn off in production, where a
     /// missing keyring means a misconfiguration, not a first start.
     pub create_if_missing: bool,
+    /// Cipher suite for new data keys: `aes256gcm-hmacsha256` or `sm4gcm-hmacsm3`. Records
+    /// keep the suite they were sealed with until re-keyed. The blind-index and pseudonym
+    /// MAC is the suite of the deployment's first start (recorded in the database).
+    #[serde(default = "default_suite")]
+    pub suite: String,
+    /// Where KEKs live: `local` (the keyring file) or `pkcs11` (a hardware module, see
+    /// `keys.pkcs11`). All instances sharing a database must use the same provider.
+    #[serde(default = "default_provider")]
+    pub provider: String,
+    #[serde(default)]
+    pub pkcs11: Option<Pkcs11Config>,
+}
+
+/// A PKCS#11 module holding the KEKs (`keys.provider = "pkcs11"`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// The module's shared library, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// Label of the token that holds the KEKs.
+    pub token_label: String,
+    /// File holding the user PIN (mode 0600); the PIN is never put in configuration.
+    pub pin_file: PathBuf,
+    /// KEK objects are labelled `<prefix><version>`.
+    #[serde(default = "default_key_label_prefix")]
+    pub key_label_prefix: String,
+    /// Unwrapped data keys kept in memory, at most this many...
+    #[serde(default = "default_cache_entries")]
+    pub cache_max_entries: usize,
+    /// ...for at most this long. 0 turns the cache off.
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl_seconds: u64,
+}
+
+fn default_provider() -> String {
+    "local".to_owned()
+}
+
+fn default_key_label_prefix() -> String {
+    "pdvault-kek-v".to_owned()
+}
+
+fn default_cache_entries() -> usize {
+    10_000
+}
+
+fn default_cache_ttl() -> u64 {
+    300
+}
+
+fn default_suite() -> String {
+    crate::crypto::Suite::default().as_str().to_owned()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -225,6 +291,9 @@ impl Default for Config {
             keys: KeysConfig {
                 keyring_path: None,
                 create_if_missing: true,
+                suite: default_suite(),
+                provider: default_provider(),
+                pkcs11: None,
             },
             admin: AdminConfig {
                 enabled: true,
@@ -260,6 +329,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             purposes: default_purposes(),
             callers: Vec::new(),
+            retention: RetentionConfig::default(),
         }
     }
 }

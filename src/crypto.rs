@@ -13,13 +13,24 @@
 //! `[format=1][suite][key_id_len][key_id][kek_version: u32 BE][nonce: 12][wrapped key || tag]`
 //! with associated data binding the header and the record id.
 //!
+//! Two cipher suites coexist: `aes256gcm-hmacsha256` (suite byte 1, the default) and
+//! `sm4gcm-hmacsm3` (suite byte 2: SM4 in GCM mode as RFC 8998 uses it, with a 96-bit nonce
+//! and a 128-bit tag, and HMAC-SM3 for blind indexes and pseudonyms), for deployments that
+//! must use the Chinese commercial algorithms (GB/T 39786-2021). A data key carries the suite
+//! it seals under, and its wrapped form names it, so a record keeps its suite across KEK
+//! rewraps and changes it only when re-keyed. Keys are 256 random bits either way; SM4 uses
+//! the first 128 of them, which are as random as the whole.
+//!
 //! Key material lives only in [`SecretKey`], which zeroises on drop and whose `Debug` is
 //! redacted.
 
+use aes_gcm::aead::consts::U12;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::{Aes256Gcm, AesGcm, Nonce};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use sm3::Sm3;
+use sm4::Sm4;
 use zeroize::{Zeroize, Zeroizing};
 
 /// Version of the byte layouts described in the module header.
@@ -42,19 +53,87 @@ pub enum CryptoError {
     KeyLength,
 }
 
-/// Cipher suites a ciphertext can name. Only one exists today; the byte is there so a second
-/// (SM4-GCM) can coexist with it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Cipher suites a ciphertext can name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Suite {
+    /// AES-256-GCM and HMAC-SHA-256.
+    #[default]
     Aes256GcmHmacSha256 = 1,
+    /// SM4-GCM (GB/T 32907, RFC 8998) and HMAC-SM3 (GB/T 32905).
+    Sm4GcmHmacSm3 = 2,
 }
 
 impl Suite {
+    pub const ALL: [Suite; 2] = [Suite::Aes256GcmHmacSha256, Suite::Sm4GcmHmacSm3];
+
     fn from_byte(byte: u8) -> Result<Suite, CryptoError> {
         match byte {
             1 => Ok(Suite::Aes256GcmHmacSha256),
+            2 => Ok(Suite::Sm4GcmHmacSm3),
             _ => Err(CryptoError::Integrity),
+        }
+    }
+
+    /// The name configuration uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Suite::Aes256GcmHmacSha256 => "aes256gcm-hmacsha256",
+            Suite::Sm4GcmHmacSm3 => "sm4gcm-hmacsm3",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Suite> {
+        Suite::ALL.into_iter().find(|suite| suite.as_str() == name)
+    }
+}
+
+type Sm4Gcm = AesGcm<Sm4, U12>;
+
+/// An AEAD of either suite: both take a 96-bit nonce and produce a 128-bit tag.
+enum Cipher {
+    Aes(Box<Aes256Gcm>),
+    Sm4(Box<Sm4Gcm>),
+}
+
+impl Cipher {
+    fn encrypt(&self, nonce: &[u8], payload: Payload<'_, '_>) -> Result<Vec<u8>, CryptoError> {
+        let nonce = Nonce::from_slice(nonce);
+        match self {
+            Cipher::Aes(cipher) => cipher.encrypt(nonce, payload),
+            Cipher::Sm4(cipher) => cipher.encrypt(nonce, payload),
+        }
+        .map_err(|_| CryptoError::Integrity)
+    }
+
+    fn decrypt(&self, nonce: &[u8], payload: Payload<'_, '_>) -> Result<Vec<u8>, CryptoError> {
+        let nonce = Nonce::from_slice(nonce);
+        match self {
+            Cipher::Aes(cipher) => cipher.decrypt(nonce, payload),
+            Cipher::Sm4(cipher) => cipher.decrypt(nonce, payload),
+        }
+        .map_err(|_| CryptoError::Integrity)
+    }
+}
+
+/// A keyed MAC of either suite.
+enum Mac256 {
+    Sha256(Hmac<Sha256>),
+    Sm3(Hmac<Sm3>),
+}
+
+impl Mac256 {
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Mac256::Sha256(mac) => mac.update(bytes),
+            Mac256::Sm3(mac) => mac.update(bytes),
+        }
+    }
+
+    fn finalize(self) -> Vec<u8> {
+        match self {
+            Mac256::Sha256(mac) => mac.finalize().into_bytes().to_vec(),
+            Mac256::Sm3(mac) => mac.finalize().into_bytes().to_vec(),
         }
     }
 }
@@ -87,12 +166,26 @@ impl SecretKey {
         &self.0
     }
 
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(self.0.as_ref().into())
+    fn cipher(&self, suite: Suite) -> Cipher {
+        match suite {
+            Suite::Aes256GcmHmacSha256 => {
+                Cipher::Aes(Box::new(Aes256Gcm::new(self.0.as_ref().into())))
+            }
+            Suite::Sm4GcmHmacSm3 => Cipher::Sm4(Box::new(Sm4Gcm::new(self.0[..16].into()))),
+        }
     }
 
-    fn mac(&self) -> Hmac<Sha256> {
-        <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref()).expect("HMAC accepts any key length")
+    fn mac(&self, suite: Suite) -> Mac256 {
+        match suite {
+            Suite::Aes256GcmHmacSha256 => Mac256::Sha256(
+                <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref())
+                    .expect("HMAC accepts any key length"),
+            ),
+            Suite::Sm4GcmHmacSm3 => Mac256::Sm3(
+                <Hmac<Sm3> as Mac>::new_from_slice(self.0.as_ref())
+                    .expect("HMAC accepts any key length"),
+            ),
+        }
     }
 }
 
@@ -102,13 +195,47 @@ impl std::fmt::Debug for SecretKey {
     }
 }
 
-/// A record's own data key (DEK). Exists unwrapped only in memory, only while in use.
+/// A record's own data key (DEK) and the suite it seals under. Exists unwrapped only in
+/// memory, only while in use.
 #[derive(Debug)]
-pub struct DataKey(SecretKey);
+pub struct DataKey {
+    key: SecretKey,
+    suite: Suite,
+}
 
 impl DataKey {
+    /// A fresh data key of the default suite.
     pub fn generate() -> Result<DataKey, CryptoError> {
-        SecretKey::generate().map(DataKey)
+        DataKey::generate_for(Suite::default())
+    }
+
+    pub fn generate_for(suite: Suite) -> Result<DataKey, CryptoError> {
+        Ok(DataKey {
+            key: SecretKey::generate()?,
+            suite,
+        })
+    }
+
+    pub fn suite(&self) -> Suite {
+        self.suite
+    }
+
+    /// A data key from material unwrapped elsewhere (a hardware module).
+    pub fn from_secret(key: SecretKey, suite: Suite) -> DataKey {
+        DataKey { key, suite }
+    }
+
+    /// The key material, for a provider that wraps it outside this module.
+    pub fn secret(&self) -> &SecretKey {
+        &self.key
+    }
+
+    /// A second copy, for a bounded cache of unwrapped keys; both copies zeroise on drop.
+    pub fn duplicate(&self) -> DataKey {
+        DataKey {
+            key: self.key.clone(),
+            suite: self.suite,
+        }
     }
 
     /// Seals one field's canonical value for `record_id`.
@@ -118,20 +245,16 @@ impl DataKey {
         field: &str,
         plaintext: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
-        let header = [FORMAT_V1, Suite::Aes256GcmHmacSha256 as u8];
+        let header = [FORMAT_V1, self.suite as u8];
         let aad = field_aad(&header, record_id, field);
         let nonce = random_nonce()?;
-        let sealed = self
-            .0
-            .cipher()
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| CryptoError::Integrity)?;
+        let sealed = self.key.cipher(self.suite).encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )?;
         let mut out = Vec::with_capacity(header.len() + NONCE_LEN + sealed.len());
         out.extend_from_slice(&header);
         out.extend_from_slice(&nonce);
@@ -149,21 +272,24 @@ impl DataKey {
         if sealed.len() < 2 + NONCE_LEN + TAG_LEN || sealed[0] != FORMAT_V1 {
             return Err(CryptoError::Integrity);
         }
-        Suite::from_byte(sealed[1])?;
+        // A field opens only under the suite its key was made for: the suite byte is
+        // authenticated, but a mismatch is refused before any decryption is attempted.
+        if Suite::from_byte(sealed[1])? != self.suite {
+            return Err(CryptoError::Integrity);
+        }
         let (header, rest) = sealed.split_at(2);
         let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
         let aad = field_aad(header, record_id, field);
-        self.0
-            .cipher()
+        self.key
+            .cipher(self.suite)
             .decrypt(
-                Nonce::from_slice(nonce),
+                nonce,
                 Payload {
                     msg: ciphertext,
                     aad: &aad,
                 },
             )
             .map(Zeroizing::new)
-            .map_err(|_| CryptoError::Integrity)
     }
 }
 
@@ -177,7 +303,8 @@ fn field_aad(header: &[u8], record_id: &str, field: &str) -> Vec<u8> {
     aad
 }
 
-fn random_nonce() -> Result<[u8; NONCE_LEN], CryptoError> {
+/// A fresh 96-bit nonce from the operating system's CSPRNG.
+pub fn random_nonce() -> Result<[u8; NONCE_LEN], CryptoError> {
     let mut nonce = [0u8; NONCE_LEN];
     getrandom::fill(&mut nonce).map_err(|_| CryptoError::Random)?;
     Ok(nonce)
@@ -214,22 +341,19 @@ impl Kek {
         }
     }
 
-    /// Wraps `dek` for `record_id`; the result names this KEK and version.
+    /// Wraps `dek` for `record_id`, with the data key's own suite; the result names this KEK,
+    /// its version and that suite.
     pub fn wrap(&self, dek: &DataKey, record_id: &str) -> Result<Vec<u8>, CryptoError> {
-        let header = wrap_header(&self.key_id, self.version)?;
+        let header = wrap_header(dek.suite, &self.key_id, self.version)?;
         let nonce = random_nonce()?;
         let aad = wrap_aad(&header, record_id);
-        let wrapped = self
-            .key
-            .cipher()
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: dek.0.expose(),
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| CryptoError::Integrity)?;
+        let wrapped = self.key.cipher(dek.suite).encrypt(
+            &nonce,
+            Payload {
+                msg: dek.key.expose(),
+                aad: &aad,
+            },
+        )?;
         let mut out = header;
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&wrapped);
@@ -239,6 +363,7 @@ impl Kek {
     /// Unwraps a data key wrapped by [`Kek::wrap`] for the same `record_id`.
     pub fn unwrap(&self, wrapped: &[u8], record_id: &str) -> Result<DataKey, CryptoError> {
         let (reference, header_len) = parse_wrap_header(wrapped)?;
+        let suite = Suite::from_byte(wrapped[1])?;
         if reference.key_id != self.key_id || reference.version != self.version {
             return Err(CryptoError::UnknownKey {
                 key_id: reference.key_id,
@@ -253,27 +378,59 @@ impl Kek {
         let aad = wrap_aad(header, record_id);
         let mut key = self
             .key
-            .cipher()
+            .cipher(suite)
             .decrypt(
-                Nonce::from_slice(nonce),
+                nonce,
                 Payload {
                     msg: ciphertext,
                     aad: &aad,
                 },
             )
-            .map(Zeroizing::new)
-            .map_err(|_| CryptoError::Integrity)?;
-        SecretKey::from_bytes(&mut key).map(DataKey)
+            .map(Zeroizing::new)?;
+        Ok(DataKey {
+            key: SecretKey::from_bytes(&mut key)?,
+            suite,
+        })
     }
 }
 
-fn wrap_header(key_id: &str, version: u32) -> Result<Vec<u8>, CryptoError> {
+/// The header of a wrapped key: format, the data key's suite, KEK id and version. Public
+/// for KEK providers that wrap outside this module (a PKCS#11 module).
+pub fn wrap_header(suite: Suite, key_id: &str, version: u32) -> Result<Vec<u8>, CryptoError> {
     let id_len = u8::try_from(key_id.len()).map_err(|_| CryptoError::KeyLength)?;
     let mut header = Vec::with_capacity(3 + key_id.len() + 4 + NONCE_LEN + KEY_LEN + TAG_LEN);
-    header.extend_from_slice(&[FORMAT_V1, Suite::Aes256GcmHmacSha256 as u8, id_len]);
+    header.extend_from_slice(&[FORMAT_V1, suite as u8, id_len]);
     header.extend_from_slice(key_id.as_bytes());
     header.extend_from_slice(&version.to_be_bytes());
     Ok(header)
+}
+
+/// The parts of a wrapped key, for providers that unwrap outside this module.
+pub struct WrappedParts<'a> {
+    pub reference: KekRef,
+    pub suite: Suite,
+    pub header: &'a [u8],
+    pub nonce: &'a [u8],
+    /// The wrapped key followed by the 128-bit tag.
+    pub ciphertext: &'a [u8],
+}
+
+/// Splits a wrapped key into header, nonce and ciphertext, checking its layout.
+pub fn split_wrapped(wrapped: &[u8]) -> Result<WrappedParts<'_>, CryptoError> {
+    let (reference, header_len) = parse_wrap_header(wrapped)?;
+    let suite = Suite::from_byte(wrapped[1])?;
+    let (header, rest) = wrapped.split_at(header_len);
+    if rest.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
+        return Err(CryptoError::Integrity);
+    }
+    let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+    Ok(WrappedParts {
+        reference,
+        suite,
+        header,
+        nonce,
+        ciphertext,
+    })
 }
 
 /// Reads which KEK wrapped a data key, and where the header ends.
@@ -302,7 +459,8 @@ pub fn parse_wrap_header(wrapped: &[u8]) -> Result<(KekRef, usize), CryptoError>
     ))
 }
 
-fn wrap_aad(header: &[u8], record_id: &str) -> Vec<u8> {
+/// The associated data a wrap authenticates: its header and the record it belongs to.
+pub fn wrap_aad(header: &[u8], record_id: &str) -> Vec<u8> {
     let mut aad = Vec::with_capacity(12 + header.len() + record_id.len());
     aad.extend_from_slice(b"pdvault.dek");
     aad.extend_from_slice(header);
@@ -310,14 +468,24 @@ fn wrap_aad(header: &[u8], record_id: &str) -> Vec<u8> {
     aad
 }
 
-/// Keyed HMAC-SHA256 used for exact-match lookup without decryption. Its key is separate
-/// from every KEK so that index values reveal nothing to someone holding wrapped keys.
+/// Keyed HMAC (SHA-256 or SM3, by suite) used for exact-match lookup without decryption.
+/// Its key is separate from every KEK so that index values reveal nothing to someone
+/// holding wrapped keys.
 #[derive(Debug)]
-pub struct BlindIndexKey(SecretKey);
+pub struct BlindIndexKey(SecretKey, Suite);
 
 impl BlindIndexKey {
     pub fn new(key: SecretKey) -> BlindIndexKey {
-        BlindIndexKey(key)
+        BlindIndexKey(key, Suite::default())
+    }
+
+    pub fn with_suite(key: SecretKey, suite: Suite) -> BlindIndexKey {
+        BlindIndexKey(key, suite)
+    }
+
+    /// The same key, MACing with `suite`'s HMAC.
+    pub fn for_suite(self, suite: Suite) -> BlindIndexKey {
+        BlindIndexKey(self.0, suite)
     }
 
     /// Index of an identity document; the inputs must already be normalised.
@@ -334,8 +502,12 @@ impl BlindIndexKey {
     /// stored, so it lives and rotates with this key, and is domain-separated from indexes.
     pub fn derive_state_key(&self) -> DataKey {
         let mut derived = self.compute(&[b"pdvault.state-key.v1"]);
-        let key = SecretKey::from_bytes(&mut derived).expect("HMAC-SHA256 output is 32 bytes");
-        DataKey(key)
+        // Both MACs (HMAC-SHA256, HMAC-SM3) give 32 bytes; AES-256-GCM takes them all.
+        let key = SecretKey::from_bytes(&mut derived).expect("HMAC output is 32 bytes");
+        DataKey {
+            key,
+            suite: Suite::Aes256GcmHmacSha256,
+        }
     }
 
     /// Fingerprint of a create request's content, to tell a genuine retry from a reused
@@ -348,23 +520,32 @@ impl BlindIndexKey {
     }
 
     fn compute(&self, parts: &[&[u8]]) -> Vec<u8> {
-        mac_parts(self.0.mac(), parts)
+        mac_parts(self.0.mac(self.1), parts)
     }
 }
 
 /// Keyed tokens that stand for a value: stable for the same value and purpose, unlinkable
 /// across purposes because the purpose is part of the MAC input.
 #[derive(Debug)]
-pub struct PseudonymKey(SecretKey);
+pub struct PseudonymKey(SecretKey, Suite);
 
 impl PseudonymKey {
     pub fn new(key: SecretKey) -> PseudonymKey {
-        PseudonymKey(key)
+        PseudonymKey(key, Suite::default())
+    }
+
+    pub fn with_suite(key: SecretKey, suite: Suite) -> PseudonymKey {
+        PseudonymKey(key, suite)
+    }
+
+    /// The same key, MACing with `suite`'s HMAC.
+    pub fn for_suite(self, suite: Suite) -> PseudonymKey {
+        PseudonymKey(self.0, suite)
     }
 
     pub fn pseudonym(&self, purpose: &str, field: &str, value: &str) -> String {
         let mac = mac_parts(
-            self.0.mac(),
+            self.0.mac(self.1),
             &[
                 b"pseudonym",
                 purpose.as_bytes(),
@@ -419,12 +600,12 @@ impl std::fmt::Debug for AuditSigningKey {
 }
 
 /// MACs length-prefixed parts so that ("ab","c") and ("a","bc") never collide.
-fn mac_parts(mut mac: Hmac<Sha256>, parts: &[&[u8]]) -> Vec<u8> {
+fn mac_parts(mut mac: Mac256, parts: &[&[u8]]) -> Vec<u8> {
     for part in parts {
         mac.update(&(part.len() as u64).to_be_bytes());
         mac.update(part);
     }
-    mac.finalize().into_bytes().to_vec()
+    mac.finalize()
 }
 
 #[cfg(test)]
@@ -556,6 +737,103 @@ mod tests {
         assert_eq!(p1, key.pseudonym("audit-research", "name", "张三"));
         assert_ne!(p1, key.pseudonym("business-analytics", "name", "张三"));
         assert!(p1.starts_with("psn_") && p1.len() == 4 + 26);
+    }
+
+    fn hex(text: &str) -> Vec<u8> {
+        data_encoding::HEXUPPER_PERMISSIVE
+            .decode(text.as_bytes())
+            .unwrap()
+    }
+
+    /// RFC 8998, appendix A.1: SM4-GCM.
+    #[test]
+    fn sm4_gcm_matches_rfc_8998() {
+        let cipher = Sm4Gcm::new(hex("0123456789ABCDEFFEDCBA9876543210").as_slice().into());
+        let nonce = hex("00001234567800000000ABCD");
+        let aad = hex("FEEDFACEDEADBEEFFEEDFACEDEADBEEFABADDAD2");
+        let plaintext = hex(
+            "AAAAAAAAAAAAAAAABBBBBBBBBBBBBBBBCCCCCCCCCCCCCCCCDDDDDDDDDDDDDDDD\
+             EEEEEEEEEEEEEEEEFFFFFFFFFFFFFFFFEEEEEEEEEEEEEEEEAAAAAAAAAAAAAAAA",
+        );
+        let expected = hex(
+            "17F399F08C67D5EE19D0DC9969C4BB7D5FD46FD3756489069157B282BB200735\
+             D82710CA5C22F0CCFA7CBF93D496AC15A56834CBCF98C397B4024A2691233B8D\
+             83DE3541E4C2B58177E065A9BF7B62EC",
+        );
+        let sealed = cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &plaintext,
+                    aad: &aad,
+                },
+            )
+            .unwrap();
+        assert_eq!(sealed, expected);
+        let opened = cipher
+            .decrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &sealed,
+                    aad: &aad,
+                },
+            )
+            .unwrap();
+        assert_eq!(opened, plaintext);
+    }
+
+    /// GB/T 32905-2016, appendix A: SM3 of "abc" and of "abcd" repeated 16 times.
+    #[test]
+    fn sm3_matches_gb_t_32905() {
+        use sm3::Digest;
+        assert_eq!(
+            Sm3::digest(b"abc").to_vec(),
+            hex("66C7F0F462EEEDD9D1F2D46BDC10E4E24167C4875CF2F7A2297DA02B8F4BA8E0")
+        );
+        assert_eq!(
+            Sm3::digest(b"abcd".repeat(16)).to_vec(),
+            hex("DEBE9FF92275B8A138604889C18E5A4D6FDB70E5387E5765293DCBA39C0C5732")
+        );
+    }
+
+    #[test]
+    fn sm4_suite_round_trips_and_names_itself() {
+        let kek = kek(1);
+        let dek = DataKey::generate_for(Suite::Sm4GcmHmacSm3).unwrap();
+        let sealed = dek.seal_field("r1", "name", "张三".as_bytes()).unwrap();
+        assert_eq!(sealed[1], Suite::Sm4GcmHmacSm3 as u8);
+        let wrapped = kek.wrap(&dek, "r1").unwrap();
+        assert_eq!(wrapped[1], Suite::Sm4GcmHmacSm3 as u8);
+        let unwrapped = kek.unwrap(&wrapped, "r1").unwrap();
+        assert_eq!(unwrapped.suite(), Suite::Sm4GcmHmacSm3);
+        assert_eq!(
+            unwrapped
+                .open_field("r1", "name", &sealed)
+                .unwrap()
+                .as_slice(),
+            "张三".as_bytes()
+        );
+        // The suite byte is authenticated: relabelling a field fails closed.
+        let mut relabelled = sealed.clone();
+        relabelled[1] = Suite::Aes256GcmHmacSha256 as u8;
+        assert!(unwrapped.open_field("r1", "name", &relabelled).is_err());
+    }
+
+    #[test]
+    fn blind_indexes_differ_by_suite() {
+        let key = SecretKey::generate().unwrap();
+        let sha = BlindIndexKey::with_suite(key.clone(), Suite::Aes256GcmHmacSha256);
+        let sm3 = BlindIndexKey::with_suite(key, Suite::Sm4GcmHmacSm3);
+        assert_ne!(sha.phone("+8613812345678"), sm3.phone("+8613812345678"));
+        assert_eq!(sm3.phone("+8613812345678").len(), 32);
+    }
+
+    #[test]
+    fn suites_parse_by_their_configured_names() {
+        for suite in Suite::ALL {
+            assert_eq!(Suite::parse(suite.as_str()), Some(suite));
+        }
+        assert_eq!(Suite::parse("sm4"), None);
     }
 
     #[test]

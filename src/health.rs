@@ -14,7 +14,6 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::HealthConfig;
-use crate::crypto::DataKey;
 use crate::vault::Vault;
 
 /// The service names health is reported for: the server as a whole ("") and the vault.
@@ -77,8 +76,8 @@ pub async fn probe(vault: &Vault, timeout: Duration) -> Result<(), ProbeError> {
         .map_err(|e| ProbeError::Database(e.to_string()))?;
     let keys = Arc::clone(vault.keys());
     let round_trip = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let dek = DataKey::generate().map_err(|e| e.to_string())?;
-        let wrapped = keys
+        let dek = keys.generate_data_key().map_err(|e| e.to_string())?;
+        let (wrapped, _) = keys
             .wrap(&dek, PROBE_RECORD_ID)
             .map_err(|e| e.to_string())?;
         keys.unwrap(&wrapped, PROBE_RECORD_ID)

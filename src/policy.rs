@@ -17,7 +17,8 @@ use subtle::ConstantTimeEq;
 
 use crate::domain::{FieldName, supports_generalize, supports_mask};
 
-/// The RPCs a caller can be granted, by their gRPC method names.
+/// The RPCs a caller can be granted, by their gRPC method names, and grants that cover a
+/// whole family of RPCs (`keys.rotate`, `records.purge`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rpc {
     CreateRecord,
@@ -70,18 +71,26 @@ pub enum Grant {
     AuditRead,
     /// `pdvault.v1.AccountSecurity`: suspend and reinstate accounts.
     AccountsSuspend,
-    /// `pdvault.v1.KeyManagement`: rotate, rewrap, retire and destroy keys.
+    /// `pdvault.v1.KeyManagement`: rotate, rewrap, retire and destroy keys, re-key records.
     KeysRotate,
+    /// Crypto-shred records past their retention deadline (`pdvault purge`).
+    RecordsPurge,
 }
 
 impl Grant {
-    pub const ALL: [Grant; 3] = [Grant::AuditRead, Grant::AccountsSuspend, Grant::KeysRotate];
+    pub const ALL: [Grant; 4] = [
+        Grant::AuditRead,
+        Grant::AccountsSuspend,
+        Grant::KeysRotate,
+        Grant::RecordsPurge,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Grant::AuditRead => "audit.read",
             Grant::AccountsSuspend => "accounts.suspend",
             Grant::KeysRotate => "keys.rotate",
+            Grant::RecordsPurge => "records.purge",
         }
     }
 

@@ -28,14 +28,21 @@ use tonic::transport::ServerTlsConfig;
 use crate::accounts::AccountRules;
 use crate::audit::AuditLog;
 use crate::config::{AuditConfig, Config};
+use crate::crypto::Suite;
 use crate::grpc::admin::AdminService;
+use crate::grpc::keys::KeyManagementService;
 use crate::grpc::{AccountSecurityService, AuditService, VaultService};
-use crate::keys::{Keyring, KeyringError, write_private_file};
+use crate::hsm::Pkcs11KekProvider;
+use crate::key_admin::KeyAdmin;
+use crate::keys::{
+    KekProvider, KeyError, KeyManager, Keyring, KeyringError, LocalKekProvider, write_private_file,
+};
 use crate::limits::{CallerRateLimiter, ConcurrencyLimitLayer, TimeoutLayer};
 use crate::policy::{CallerConfig, Grant, Policy, PolicyError, Rpc, token_sha256_hex};
 use crate::proto::account_security_server::AccountSecurityServer;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::audit_server::AuditServer;
+use crate::proto::key_management_server::KeyManagementServer;
 use crate::proto::vault_server::VaultServer;
 use crate::reload::{ConfigSource, PolicyReloader};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
@@ -52,8 +59,18 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error("keyring: {0}")]
     Keyring(#[from] KeyringError),
+    #[error("keys: {0}")]
+    Keys(#[from] KeyError),
+    #[error("{0}")]
+    Retention(#[from] crate::retention::RetentionError),
     #[error("policy: {0}")]
     Policy(#[from] PolicyError),
+    #[error("keys.provider: unknown KEK provider (use local or pkcs11)")]
+    UnknownProvider,
+    #[error("keys.pkcs11: required when keys.provider is pkcs11")]
+    MissingPkcs11,
+    #[error("keys.suite: unknown cipher suite (use aes256gcm-hmacsha256 or sm4gcm-hmacsm3)")]
+    UnknownSuite,
     #[error("database.url: unsupported scheme (use sqlite: or postgres://)")]
     UnsupportedDatabase,
     #[error("{path}: {source}")]
@@ -101,20 +118,17 @@ impl Application {
         create_private_dir(&config.data_dir)?;
         let store = open_store(&config).await?;
         store.migrate().await?;
-        let keys = Keyring::load_or_create(&config.keyring_path(), config.keys.create_if_missing)?;
+        let keys = open_keys(&config, &store, clock.now().timestamp_micros()).await?;
         let policy = build_policy(&config)?;
         let rules = AccountRules::from_config(&config)?;
         let admin_token_path = config.admin.enabled.then(|| config.admin_token_path());
         let (audit, audit_writer) =
             AuditLog::start(Arc::clone(&store), clock.now().timestamp_micros()).await?;
-        let vault = Arc::new(Vault::new(
-            store,
-            Arc::new(keys),
-            Arc::new(policy),
-            clock,
-            audit,
-            rules,
-        ));
+        let retention = crate::retention::Retention::build(&config.retention)?;
+        let vault = Arc::new(
+            Vault::new(store, keys, Arc::new(policy), clock, audit, rules)
+                .with_retention(retention),
+        );
         let (listener, local_addr) = bind(config.listen).await?;
         let metrics_listener = match config.metrics.listen {
             Some(addr) => Some(bind(addr).await?.0),
@@ -220,6 +234,10 @@ impl Application {
         let account_service =
             AccountSecurityServer::new(AccountSecurityService::new(Arc::clone(&self.vault)))
                 .max_decoding_message_size(limits.max_message_bytes);
+        let key_service = KeyManagementServer::new(KeyManagementService::new(KeyAdmin::new(
+            Arc::clone(&self.vault),
+        )))
+        .max_decoding_message_size(limits.max_message_bytes);
         let admin_service = AdminServer::new(AdminService::new(
             Arc::clone(&self.vault),
             self.reloader.clone(),
@@ -242,6 +260,7 @@ impl Application {
             .add_service(vault_service)
             .add_service(audit_service)
             .add_service(account_service)
+            .add_service(key_service)
             .add_service(admin_service);
 
         let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
@@ -358,6 +377,46 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupErro
     let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
     Ok((listener, local))
+}
+
+/// Loads the keyring and connects it to the key state in the database.
+pub async fn open_keys(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    now: i64,
+) -> Result<Arc<KeyManager>, StartupError> {
+    let path = config.keyring_path();
+    let keyring = Keyring::load_or_create(&path, config.keys.create_if_missing)?;
+    let seed_active = keyring.active_version();
+    let (keks, resident) = keyring.into_parts();
+    // With a hardware module the keyring file still holds the blind-index and pseudonym
+    // keys (lookups need them in memory), and its KEK entries are not used.
+    let provider: Box<dyn KekProvider> = match config.keys.provider.as_str() {
+        "local" => Box::new(LocalKekProvider::new(&path, keks)),
+        "pkcs11" => {
+            let pkcs11 = config
+                .keys
+                .pkcs11
+                .as_ref()
+                .ok_or(StartupError::MissingPkcs11)?;
+            let provider = Pkcs11KekProvider::open(pkcs11)?;
+            if provider.versions()?.is_empty() {
+                drop(keks);
+                provider.provision(1)?;
+            }
+            Box::new(provider)
+        }
+        _ => return Err(StartupError::UnknownProvider),
+    };
+    let seed_active = if config.keys.provider == "local" {
+        seed_active
+    } else {
+        provider.versions()?.into_iter().max().unwrap_or(1)
+    };
+    let suite = Suite::parse(&config.keys.suite).ok_or(StartupError::UnknownSuite)?;
+    let manager =
+        KeyManager::open(provider, seed_active, suite, resident, store.clone(), now).await?;
+    Ok(Arc::new(manager))
 }
 
 /// Opens the store `database.url` names (or the embedded SQLite default).

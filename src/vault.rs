@@ -25,12 +25,15 @@ use crate::domain::{
     FieldName, IdDocument, IdType, Identity, IdentityInput, PhoneNumber, Violation, generalize,
     mask,
 };
-use crate::keys::Keyring;
+use crate::keys::{KeyError, KeyManager};
 use crate::policy::{Caller, Grant, Policy, Purpose, ReleaseLevel, Rpc};
+use crate::retention::Retention;
 use crate::store::{
     AuditQuery, CreateRequestKey, InsertOutcome, Micros, NewRecord, RecordMeta, RecordUpdate,
     SealedField, Store, StoreError,
 };
+
+mod lifecycle;
 
 const MAX_REQUEST_ID_LEN: usize = 128;
 const MAX_FREE_TEXT_LEN: usize = 512;
@@ -65,6 +68,8 @@ pub enum VaultError {
     AuditUnavailable,
     #[error("storage unavailable: {0}")]
     Storage(StoreError),
+    #[error("keys: {0}")]
+    Key(KeyError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -77,6 +82,16 @@ impl From<StoreError> for VaultError {
             StoreError::VersionConflict => VaultError::EtagMismatch,
             StoreError::Suspended => VaultError::AccountSuspended,
             other => VaultError::Storage(other),
+        }
+    }
+}
+
+impl From<KeyError> for VaultError {
+    fn from(error: KeyError) -> VaultError {
+        match error {
+            KeyError::Crypto(error) => error.into(),
+            KeyError::Store(error) => error.into(),
+            other => VaultError::Key(other),
         }
     }
 }
@@ -155,19 +170,20 @@ pub enum LookupKey {
 
 pub struct Vault {
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) keys: Arc<Keyring>,
+    pub(crate) keys: Arc<KeyManager>,
     /// Swapped whole by a live reload; calls take a snapshot when they authenticate.
     policy: ArcSwap<Policy>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) audit: AuditLog,
     /// Suspension, minors and policy-version rules.
     pub(crate) rules: AccountRules,
+    retention: Retention,
 }
 
 impl Vault {
     pub fn new(
         store: Arc<dyn Store>,
-        keys: Arc<Keyring>,
+        keys: Arc<KeyManager>,
         policy: Arc<Policy>,
         clock: Arc<dyn Clock>,
         audit: AuditLog,
@@ -180,7 +196,14 @@ impl Vault {
             clock,
             audit,
             rules,
+            retention: Retention::default(),
         }
+    }
+
+    /// Sets the retention rules records get their deadlines from (none by default).
+    pub fn with_retention(mut self, retention: Retention) -> Vault {
+        self.retention = retention;
+        self
     }
 
     /// The policy in force now.
@@ -193,7 +216,7 @@ impl Vault {
         self.policy.store(policy);
     }
 
-    pub fn keys(&self) -> &Arc<Keyring> {
+    pub fn keys(&self) -> &Arc<KeyManager> {
         &self.keys
     }
 
@@ -203,6 +226,10 @@ impl Vault {
 
     pub fn audit(&self) -> &AuditLog {
         &self.audit
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     pub(crate) fn now_micros(&self) -> Micros {
@@ -231,6 +258,7 @@ impl Vault {
         input: IdentityInput,
         request_id: Option<String>,
         policy_version: Option<String>,
+        retention_days: Option<u32>,
     ) -> Result<RecordMeta, VaultError> {
         self.authorize(ctx, Rpc::CreateRecord)?;
         if let Some(id) = &request_id {
@@ -247,7 +275,7 @@ impl Vault {
             ));
         }
         let record_id = new_record_id()?;
-        let dek = DataKey::generate()?;
+        let dek = self.keys.generate_data_key()?;
         let canonical = identity.canonical_fields();
         let fields = seal_all(&dek, &record_id, &canonical)?;
         let request = request_id.map(|request_id| CreateRequestKey {
@@ -256,21 +284,53 @@ impl Vault {
             request_id,
         });
         let now = self.now_micros();
-        let record = NewRecord {
-            wrapped_key: self.keys.wrap(&dek, &record_id)?,
-            kek_version: self.keys.active_kek().version,
-            document_index: self.document_index(&identity),
-            phone_index: identity
-                .phone()
-                .map(|p| self.keys.blind_index().phone(p.e164())),
-            fields,
-            age_gate: self.seal_age_gate(&record_id, identity.date_of_birth())?,
-            policy_version,
-            created_at: now,
-            record_id: record_id.clone(),
+        let retain_until = self
+            .retention
+            .deadline(
+                now,
+                identity.id_document().map(|doc| doc.id_type()),
+                retention_days,
+            )
+            .map_err(lifecycle::retention_violation)?;
+        let age_gate = self.seal_age_gate(&record_id, identity.date_of_birth())?;
+        let audit = self.event(
+            ctx,
+            Rpc::CreateRecord.as_str(),
+            vec![record_id.clone()],
+            "OK",
+            None,
+        );
+        let mut refreshed = false;
+        let outcome = loop {
+            let (wrapped_key, kek_version) = self.keys.wrap(&dek, &record_id)?;
+            let record = NewRecord {
+                wrapped_key,
+                kek_version,
+                document_index: self.document_index(&identity),
+                phone_index: identity
+                    .phone()
+                    .map(|p| self.keys.blind_index().phone(p.e164())),
+                fields: fields.clone(),
+                age_gate: age_gate.clone(),
+                policy_version: policy_version.clone(),
+                retain_until,
+                created_at: now,
+                record_id: record_id.clone(),
+            };
+            match self
+                .store
+                .insert_record(record, request.clone(), &audit)
+                .await
+            {
+                // Another instance rotated: learn the new active version and wrap again.
+                Err(StoreError::StaleKeyVersion(_)) if !refreshed => {
+                    refreshed = true;
+                    self.keys.refresh_active().await?;
+                }
+                other => break other?,
+            }
         };
-        let audit = self.event(ctx, Rpc::CreateRecord.as_str(), vec![record_id], "OK", None);
-        match self.store.insert_record(record, request, &audit).await? {
+        match outcome {
             InsertOutcome::Inserted(meta) => Ok(meta),
             InsertOutcome::Replayed {
                 meta,
@@ -788,6 +848,7 @@ fn refusal_reason(error: &VaultError) -> (&'static str, String) {
         VaultError::GuardianNotAdult => ("DENIED", "GUARDIAN_NOT_ADULT".into()),
         VaultError::NotAMinor => ("DENIED", "NOT_A_MINOR".into()),
         VaultError::Storage(_) | VaultError::Internal(_) => ("ERROR", "INTERNAL".into()),
+        VaultError::Key(_) => ("ERROR", "KEY_UNAVAILABLE".into()),
     }
 }
 
@@ -947,7 +1008,7 @@ fn new_record_id() -> Result<String, VaultError> {
     Ok(format!("{RECORD_ID_PREFIX}{}", random_token()?))
 }
 
-fn new_event_id() -> String {
+pub(crate) fn new_event_id() -> String {
     // An event id only needs to be unique. Should the OS generator fail, the time and a
     // process-wide counter still are (and the read fails later anyway, needing it too).
     static FALLBACK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

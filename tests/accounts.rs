@@ -193,7 +193,7 @@ async fn writes_to_a_suspended_record_need_the_security_role(app: &TestApp) {
                     paths: vec!["phone".into()],
                 }),
                 etag: record.etag.clone(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         )
     };
@@ -429,8 +429,8 @@ async fn policy_version_acceptance_is_tracked(app: &TestApp) {
             CLAIMS.token,
             proto::CreateRecordRequest {
                 identity: Some(zhang_san()),
-                request_id: String::new(),
                 policy_version: "2023-07".into(),
+                ..Default::default()
             },
         ))
         .await

@@ -178,7 +178,7 @@ async fn rpcs_must_be_granted(app: &TestApp) {
             CreateRecordRequest {
                 identity: Some(zhang_san()),
                 request_id: String::new(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -224,7 +224,7 @@ async fn invalid_identities_are_refused_field_by_field(app: &TestApp) {
                 CreateRecordRequest {
                     identity: Some(identity),
                     request_id: String::new(),
-                    policy_version: String::new(),
+                    ..Default::default()
                 },
             ))
             .await
@@ -249,7 +249,7 @@ async fn invalid_identities_are_refused_field_by_field(app: &TestApp) {
             CreateRecordRequest {
                 identity: Some(identity),
                 request_id: String::new(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -310,7 +310,7 @@ async fn duplicate_documents_are_refused_without_naming_the_other_record(app: &T
                     ..zhang_san()
                 }),
                 request_id: String::new(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -328,7 +328,7 @@ async fn retried_creates_are_idempotent(app: &TestApp) {
             CreateRecordRequest {
                 identity: Some(identity),
                 request_id: "req-42".into(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         )
     };
@@ -363,7 +363,7 @@ async fn updates_need_the_current_etag_and_move_the_indexes(app: &TestApp) {
                     paths: vec!["phone".into()],
                 }),
                 etag: etag.into(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         )
     };

@@ -137,6 +137,7 @@ async fn reflection_lists_the_services() {
             "pdvault.v1.AccountSecurity",
             "pdvault.v1.Admin",
             "pdvault.v1.Audit",
+            "pdvault.v1.KeyManagement",
             "pdvault.v1.Vault"
         ]
     );
@@ -169,7 +170,7 @@ async fn request_ids_are_echoed_or_generated_and_audited() {
                     ..Identity::default()
                 }),
                 request_id: String::new(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         );
         if let Some(id) = request_id {
@@ -327,7 +328,7 @@ async fn oversized_requests_are_refused() {
                     ..Identity::default()
                 }),
                 request_id: String::new(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -390,7 +391,7 @@ async fn metrics_count_calls_releases_and_denials_without_identity() {
                     ..Identity::default()
                 }),
                 request_id: String::new(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         ))
         .await

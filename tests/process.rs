@@ -86,7 +86,7 @@ async fn sigterm_under_load_loses_no_audit_event(database: Option<&str>) {
                             ..Identity::default()
                         }),
                         request_id: String::new(),
-                        policy_version: String::new(),
+                        ..Default::default()
                     },
                 );
                 match client.create_record(request).await {
@@ -171,7 +171,7 @@ async fn sighup_reloads_grants_and_keeps_them_on_a_broken_file() {
                     ..Identity::default()
                 }),
                 request_id: String::new(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -248,7 +248,7 @@ async fn logs_of_a_full_scenario_hold_no_identity_value() {
         CreateRecordRequest {
             identity: Some(identity.clone()),
             request_id: "scenario-1".into(),
-            policy_version: String::new(),
+            ..Default::default()
         },
     );
     request
@@ -286,7 +286,7 @@ async fn logs_of_a_full_scenario_hold_no_identity_value() {
                     ..identity.clone()
                 }),
                 request_id: String::new(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -318,7 +318,7 @@ async fn logs_of_a_full_scenario_hold_no_identity_value() {
                     paths: vec!["phone".into()],
                 }),
                 etag: record.etag.clone(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         ))
         .await

@@ -128,7 +128,7 @@ fn create_request() -> CreateRecordRequest {
             ..Identity::default()
         }),
         request_id: String::new(),
-        policy_version: String::new(),
+        ..Default::default()
     }
 }
 

@@ -10,6 +10,7 @@
 //! config, or both; when both are presented they must name the same caller.
 
 pub mod admin;
+pub mod keys;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -173,6 +174,7 @@ impl proto::vault_server::Vault for VaultService {
                 input,
                 non_empty(request.request_id),
                 non_empty(request.policy_version),
+                (request.retention_days != 0).then_some(request.retention_days),
             )
             .await
             .map_err(to_status)?;
@@ -597,6 +599,7 @@ pub fn to_status(error: VaultError) -> Status {
             tracing::error!(error = %cause, "internal error");
             return Status::internal("internal error");
         }
+        E::Key(cause) => return keys::key_status(cause),
     };
     if matches!(code, Code::PermissionDenied | Code::FailedPrecondition) {
         crate::metrics::record_denial(reason);

@@ -37,6 +37,18 @@ impl PostgresStore {
         Ok(PostgresStore { pool })
     }
 
+    // Row locks make instances sharing the database take turns: key administration locks
+    // its kind's row in `key_admin_locks`; a write locks the active version's row in share
+    // mode, so a rotation or retirement waits for writes in flight under that version; a
+    // rewrap batch skips rows another job or a writer holds instead of waiting for them.
+    const LOCK_KEY_ADMIN: &'static str =
+        "SELECT key_kind FROM key_admin_locks WHERE key_kind = $1 FOR UPDATE";
+    const LOCK_ACTIVE_KEK: &'static str = "SELECT version FROM key_versions \
+         WHERE key_kind = 'kek' AND version = $1 AND state = 'ACTIVE' FOR SHARE";
+    const SELECT_REWRAP_BATCH: &'static str = "SELECT record_id, wrapped_key FROM records \
+         WHERE kek_version < $1 AND record_id > $2 AND deleted_at IS NULL \
+         ORDER BY record_id LIMIT $3 FOR UPDATE SKIP LOCKED";
+
     fn migrator() -> &'static Migrator {
         &MIGRATOR
     }

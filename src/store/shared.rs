@@ -29,6 +29,10 @@ macro_rules! impl_store {
                     }
                 }
                 let mut tx = self.begin_write().await?;
+                if !kek_writable(&mut tx, record.kek_version).await? {
+                    tx.rollback().await?;
+                    return Err(StoreError::StaleKeyVersion(record.kek_version));
+                }
                 let inserted = async {
                     sqlx::query(queries::INSERT_RECORD)
                         .bind(&record.record_id)
@@ -39,6 +43,7 @@ macro_rules! impl_store {
                         .bind(&record.phone_index)
                         .bind(&record.age_gate)
                         .bind(&record.policy_version)
+                        .bind(record.retain_until)
                         .execute(&mut *tx)
                         .await?;
                     for field in &record.fields {
@@ -611,9 +616,387 @@ macro_rules! impl_store {
             async fn close(&self) {
                 self.pool.close().await;
             }
+
+            async fn seed_key_versions(
+                &self,
+                kind: &str,
+                provider: &str,
+                versions: &[(u32, &str)],
+                now: $crate::store::Micros,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::store::queries;
+                let mut tx = self.begin_write().await?;
+                sqlx::query(Self::LOCK_KEY_ADMIN)
+                    .bind(kind)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let known: i64 = sqlx::query_scalar(queries::COUNT_KEY_VERSIONS)
+                    .bind(kind)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if known == 0 {
+                    for (version, state) in versions {
+                        sqlx::query(queries::INSERT_KEY_VERSION)
+                            .bind(kind)
+                            .bind(i64::from(*version))
+                            .bind(*state)
+                            .bind(provider)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn active_key_version(
+                &self,
+                kind: &str,
+            ) -> Result<Option<u32>, $crate::store::StoreError> {
+                let version: Option<i64> =
+                    sqlx::query_scalar($crate::store::queries::SELECT_ACTIVE_KEY_VERSION)
+                        .bind(kind)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                version.map(to_version).transpose()
+            }
+
+            async fn key_versions(
+                &self,
+                kind: &str,
+            ) -> Result<Vec<$crate::store::KeyVersionRow>, $crate::store::StoreError> {
+                let rows = sqlx::query($crate::store::queries::SELECT_KEY_VERSIONS)
+                    .bind(kind)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(key_version_row).collect()
+            }
+
+            async fn rotate_key(
+                &self,
+                kind: &str,
+                expected_active: u32,
+                provider: &str,
+                now: $crate::store::Micros,
+                provision: &$crate::store::ProvisionFn<'_>,
+            ) -> Result<$crate::store::Rotation, $crate::store::StoreError> {
+                use $crate::store::{queries, Rotation, StoreError};
+                let mut tx = self.begin_write().await?;
+                sqlx::query(Self::LOCK_KEY_ADMIN)
+                    .bind(kind)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                // Read after taking the lock: a rotation that committed while this one
+                // waited is visible now.
+                let active: Option<i64> = sqlx::query_scalar(queries::SELECT_ACTIVE_KEY_VERSION)
+                    .bind(kind)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let active = active
+                    .map(to_version)
+                    .transpose()?
+                    .ok_or_else(|| StoreError::Corrupt(format!("no active {kind} version")))?;
+                if active != expected_active {
+                    tx.rollback().await?;
+                    return Ok(Rotation::NotRotated { active });
+                }
+                let max: Option<i64> = sqlx::query_scalar(queries::SELECT_MAX_KEY_VERSION)
+                    .bind(kind)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let version = to_version(max.unwrap_or(0) + 1)?;
+                // Material first, state second: the database never names a version whose
+                // material was not written. If the commit fails, the material is an orphan
+                // that the next rotation to this number replaces.
+                if let Err(reason) = provision(version) {
+                    tx.rollback().await?;
+                    return Err(StoreError::KeyProvider(reason));
+                }
+                sqlx::query(queries::SET_KEY_VERSION_STATE)
+                    .bind(kind)
+                    .bind(i64::from(active))
+                    .bind("DECRYPT_ONLY")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(queries::INSERT_KEY_VERSION)
+                    .bind(kind)
+                    .bind(i64::from(version))
+                    .bind("ACTIVE")
+                    .bind(provider)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Rotation::Rotated {
+                    version,
+                    previous: active,
+                })
+            }
+
+            async fn retire_key_version(
+                &self,
+                kind: &str,
+                version: u32,
+                now: $crate::store::Micros,
+            ) -> Result<$crate::store::KeyVersionRow, $crate::store::StoreError> {
+                use $crate::store::{queries, StoreError};
+                let mut tx = self.begin_write().await?;
+                sqlx::query(Self::LOCK_KEY_ADMIN)
+                    .bind(kind)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let state = key_version_state(&mut tx, kind, version).await?;
+                if state != "DECRYPT_ONLY" {
+                    tx.rollback().await?;
+                    return Err(StoreError::KeyVersionState { version, state });
+                }
+                // The rotation that made this version decrypt-only waited for every write
+                // in flight under it (they hold a share lock on its row), and no write
+                // passes the active check since: this count cannot grow afterwards.
+                let records: i64 = sqlx::query_scalar(queries::COUNT_UNDER_KEK_VERSION)
+                    .bind(i64::from(version))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if kind == "kek" && records > 0 {
+                    tx.rollback().await?;
+                    return Err(StoreError::KeyVersionInUse { version, records });
+                }
+                sqlx::query(queries::RETIRE_KEY_VERSION)
+                    .bind(kind)
+                    .bind(i64::from(version))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                self.key_version(kind, version).await
+            }
+
+            async fn destroy_key_version(
+                &self,
+                kind: &str,
+                version: u32,
+                now: $crate::store::Micros,
+                destroy: &$crate::store::ProvisionFn<'_>,
+            ) -> Result<$crate::store::KeyVersionRow, $crate::store::StoreError> {
+                use $crate::store::{queries, StoreError};
+                let mut tx = self.begin_write().await?;
+                sqlx::query(Self::LOCK_KEY_ADMIN)
+                    .bind(kind)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let state = key_version_state(&mut tx, kind, version).await?;
+                if state != "RETIRED" {
+                    tx.rollback().await?;
+                    return Err(StoreError::KeyVersionState { version, state });
+                }
+                if let Err(reason) = destroy(version) {
+                    tx.rollback().await?;
+                    return Err(StoreError::KeyProvider(reason));
+                }
+                sqlx::query(queries::DESTROY_KEY_VERSION)
+                    .bind(kind)
+                    .bind(i64::from(version))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                self.key_version(kind, version).await
+            }
+
+            async fn start_rewrap_job(
+                &self,
+                job_id: &str,
+                target: u32,
+                now: $crate::store::Micros,
+            ) -> Result<(), $crate::store::StoreError> {
+                sqlx::query($crate::store::queries::INSERT_REWRAP_JOB)
+                    .bind(job_id)
+                    .bind(i64::from(target))
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn rewrap_batch(
+                &self,
+                job_id: &str,
+                target: u32,
+                after: &str,
+                limit: i64,
+                now: $crate::store::Micros,
+                rewrap: &$crate::store::RewrapFn<'_>,
+            ) -> Result<$crate::store::RewrapBatch, $crate::store::StoreError> {
+                use sqlx::Row;
+                use $crate::store::{queries, RewrapBatch};
+                let mut tx = self.begin_write().await?;
+                if !kek_writable(&mut tx, target).await? {
+                    tx.rollback().await?;
+                    return Ok(RewrapBatch {
+                        target_inactive: true,
+                        ..RewrapBatch::default()
+                    });
+                }
+                let rows = sqlx::query(Self::SELECT_REWRAP_BATCH)
+                    .bind(i64::from(target))
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let mut batch = RewrapBatch {
+                    selected: rows.len(),
+                    ..RewrapBatch::default()
+                };
+                for row in &rows {
+                    let record_id: String = row.try_get("record_id")?;
+                    let wrapped: Vec<u8> = row.try_get("wrapped_key")?;
+                    match rewrap(&record_id, &wrapped) {
+                        Some(rewrapped) => {
+                            let changed = sqlx::query(queries::REWRAP_RECORD)
+                                .bind(&record_id)
+                                .bind(&rewrapped)
+                                .bind(i64::from(target))
+                                .bind(&wrapped)
+                                .execute(&mut *tx)
+                                .await?
+                                .rows_affected();
+                            batch.rewrapped += changed;
+                        }
+                        None => batch.failed += 1,
+                    }
+                    batch.last_record_id = Some(record_id);
+                }
+                sqlx::query(queries::ADVANCE_REWRAP_JOB)
+                    .bind(job_id)
+                    .bind(batch.rewrapped as i64)
+                    .bind(batch.failed as i64)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(batch)
+            }
+
+            async fn count_older_than(
+                &self,
+                target: u32,
+            ) -> Result<i64, $crate::store::StoreError> {
+                Ok(sqlx::query_scalar($crate::store::queries::COUNT_OLDER_THAN)
+                    .bind(i64::from(target))
+                    .fetch_one(&self.pool)
+                    .await?)
+            }
+
+            async fn finish_rewrap_job(
+                &self,
+                job_id: &str,
+                state: &str,
+                now: $crate::store::Micros,
+            ) -> Result<(), $crate::store::StoreError> {
+                sqlx::query($crate::store::queries::FINISH_REWRAP_JOB)
+                    .bind(job_id)
+                    .bind(state)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn rekey_record(
+                &self,
+                rekey: $crate::store::RecordRekey,
+                audit: &$crate::store::AuditEvent,
+            ) -> Result<$crate::store::RecordMeta, $crate::store::StoreError> {
+                use $crate::store::{queries, RecordMeta, StoreError};
+                let mut tx = self.begin_write().await?;
+                if !kek_writable(&mut tx, rekey.kek_version).await? {
+                    tx.rollback().await?;
+                    return Err(StoreError::StaleKeyVersion(rekey.kek_version));
+                }
+                let created_at: Option<i64> = sqlx::query_scalar(queries::REKEY_RECORD)
+                    .bind(&rekey.record_id)
+                    .bind(rekey.expected_version)
+                    .bind(rekey.updated_at)
+                    .bind(&rekey.wrapped_key)
+                    .bind(i64::from(rekey.kek_version))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(created_at) = created_at else {
+                    tx.rollback().await?;
+                    return match self.account_state(&rekey.record_id).await? {
+                        Some(state) if !state.deleted => Err(StoreError::VersionConflict),
+                        _ => Err(StoreError::NotFound),
+                    };
+                };
+                sqlx::query(queries::DELETE_FIELDS)
+                    .bind(&rekey.record_id)
+                    .execute(&mut *tx)
+                    .await?;
+                for field in &rekey.fields {
+                    sqlx::query(queries::INSERT_FIELD)
+                        .bind(&rekey.record_id)
+                        .bind(&field.field)
+                        .bind(&field.ciphertext)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                insert_audit_events(&mut *tx, std::slice::from_ref(audit)).await?;
+                tx.commit().await?;
+                Ok(RecordMeta {
+                    record_id: rekey.record_id,
+                    version: rekey.expected_version + 1,
+                    created_at,
+                    updated_at: rekey.updated_at,
+                    present_fields: $crate::store::present_fields(&rekey.fields),
+                })
+            }
+
+            async fn expired_records(
+                &self,
+                now: $crate::store::Micros,
+                limit: i64,
+            ) -> Result<Vec<String>, $crate::store::StoreError> {
+                Ok(sqlx::query_scalar($crate::store::queries::SELECT_EXPIRED)
+                    .bind(now)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn rewrap_job(
+                &self,
+                job_id: &str,
+            ) -> Result<Option<(i64, i64, String)>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let row = sqlx::query($crate::store::queries::SELECT_REWRAP_JOB)
+                    .bind(job_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(|row| {
+                    Ok((
+                        row.try_get("rewrapped")?,
+                        row.try_get("failed")?,
+                        row.try_get("state")?,
+                    ))
+                })
+                .transpose()
+            }
         }
 
         impl $store {
+            async fn key_version(
+                &self,
+                kind: &str,
+                version: u32,
+            ) -> Result<$crate::store::KeyVersionRow, $crate::store::StoreError> {
+                $crate::store::Store::key_versions(self, kind)
+                    .await?
+                    .into_iter()
+                    .find(|row| row.version == version)
+                    .ok_or($crate::store::StoreError::NotFound)
+            }
+
             /// The record an earlier create with the same request key made, if any.
             async fn replayed_request(
                 &self,
@@ -791,6 +1174,52 @@ macro_rules! impl_store {
                 seq: row.try_get("seq")?,
                 prev_hash: row.try_get("prev_hash")?,
                 hash: row.try_get("hash")?,
+            })
+        }
+
+        /// Whether `version` is still the active KEK, locking its row (see the backend) so
+        /// that it stays active until this transaction ends.
+        async fn kek_writable(
+            tx: &mut sqlx::Transaction<'static, <$store as $crate::store::shared::Backend>::Db>,
+            version: u32,
+        ) -> Result<bool, sqlx::Error> {
+            let found: Option<i64> = sqlx::query_scalar(<$store>::LOCK_ACTIVE_KEK)
+                .bind(i64::from(version))
+                .fetch_optional(&mut **tx)
+                .await?;
+            Ok(found.is_some())
+        }
+
+        async fn key_version_state(
+            tx: &mut sqlx::Transaction<'static, <$store as $crate::store::shared::Backend>::Db>,
+            kind: &str,
+            version: u32,
+        ) -> Result<String, $crate::store::StoreError> {
+            let state: Option<String> =
+                sqlx::query_scalar($crate::store::queries::SELECT_KEY_VERSION_STATE)
+                    .bind(kind)
+                    .bind(i64::from(version))
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            state.ok_or($crate::store::StoreError::NotFound)
+        }
+
+        fn key_version_row(
+            row: &<<$store as $crate::store::shared::Backend>::Db as sqlx::Database>::Row,
+        ) -> Result<$crate::store::KeyVersionRow, $crate::store::StoreError> {
+            use sqlx::Row;
+            Ok($crate::store::KeyVersionRow {
+                version: to_version(row.try_get("version")?)?,
+                state: row.try_get("state")?,
+                provider: row.try_get("provider")?,
+                created_at: row.try_get("created_at")?,
+                records: row.try_get("records")?,
+            })
+        }
+
+        fn to_version(value: i64) -> Result<u32, $crate::store::StoreError> {
+            u32::try_from(value).map_err(|_| {
+                $crate::store::StoreError::Corrupt(format!("key version {value} out of range"))
             })
         }
 

@@ -58,6 +58,15 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
+    // SQLite has a single writer and every write transaction begins IMMEDIATE, holding the
+    // write lock from its first statement: the same statements need no row locks.
+    const LOCK_KEY_ADMIN: &'static str = "SELECT key_kind FROM key_admin_locks WHERE key_kind = $1";
+    const LOCK_ACTIVE_KEK: &'static str = "SELECT version FROM key_versions \
+         WHERE key_kind = 'kek' AND version = $1 AND state = 'ACTIVE'";
+    const SELECT_REWRAP_BATCH: &'static str = "SELECT record_id, wrapped_key FROM records \
+         WHERE kek_version < $1 AND record_id > $2 AND deleted_at IS NULL \
+         ORDER BY record_id LIMIT $3";
+
     fn migrator() -> &'static Migrator {
         &MIGRATOR
     }

@@ -50,7 +50,7 @@ pub async fn create(app: &TestApp, identity: Identity) -> proto::Record {
             CreateRecordRequest {
                 identity: Some(identity),
                 request_id: String::new(),
-                policy_version: String::new(),
+                ..Default::default()
             },
         ))
         .await

@@ -1,6 +1,10 @@
 //! Test harness: spawns the real application on an ephemeral port, per test, on either
 //! backend, and hands out gRPC clients authenticated as configured callers.
 //!
+//! `PDVAULT_TEST_SUITE` (e.g. `sm4gcm-hmacsm3`) sets the cipher suite of every test app, so
+//! the same tests cover both suites; `PDVAULT_TEST_KEK_PROVIDER=pkcs11` keeps every test
+//! app's KEKs in a SoftHSM2 token instead of the keyring file.
+//!
 //! PostgreSQL tests are mandatory by default. Each test gets a fresh database on the server
 //! named by `PDVAULT_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`);
 //! when that server cannot be reached the test fails and says so. Skipping PostgreSQL needs
@@ -11,6 +15,7 @@
 pub mod fixtures;
 pub mod process;
 pub mod proxy;
+pub mod softhsm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -191,7 +196,16 @@ impl TestApp {
         if let Some(pg) = &postgres {
             config.database.url = Some(pg.url());
         }
+        // CI runs the suite once per cipher suite, and once with KEKs in SoftHSM2.
+        if let Ok(suite) = std::env::var("PDVAULT_TEST_SUITE") {
+            config.keys.suite = suite;
+        }
+        let hsm = std::env::var("PDVAULT_TEST_KEK_PROVIDER").is_ok_and(|p| p == "pkcs11");
         adjust(&mut config);
+        if hsm || config.keys.provider == "pkcs11" {
+            config.keys.provider = "pkcs11".into();
+            config.keys.pkcs11 = Some(softhsm::config(&config.database_url()));
+        }
         let source = reload(&config);
         Some(TestApp::start(backend, config, data_dir, postgres, source).await)
     }
@@ -209,6 +223,7 @@ impl TestApp {
             keys: pdvault::config::KeysConfig {
                 keyring_path: Some(self.config.keyring_path()),
                 create_if_missing: false,
+                ..self.config.keys.clone()
             },
             ..self.config.clone()
         };

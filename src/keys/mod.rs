@@ -1,10 +1,42 @@
-//! The key ring: which key-encryption keys exist, which one wraps new data keys, and the
-//! separate keys for blind indexes and pseudonyms.
+//! Keys: the keyring file, the providers that hold key-encryption keys (KEKs), and the key
+//! lifecycle (rotate, rewrap, retire, destroy).
 //!
-//! Key material is loaded from a keyring file. In the embedded default the file is created
-//! on first start inside the data directory with mode 0600; in production it is provisioned
-//! out of band and named in config (`keys.keyring_path`, `keys.create_if_missing = false`).
-//! This module owns that file I/O so that [`crate::crypto`] never touches the filesystem.
+//! # Where key material and key state live
+//!
+//! *State* (which KEK version is `ACTIVE`, `DECRYPT_ONLY`, `RETIRED` or `DESTROYED`) lives in
+//! the database, table `key_versions`, because every instance sharing a database must agree
+//! on it; a partial unique index keeps exactly one version active. *Material* never enters
+//! the database: a database backup must not carry the keys that open it, or destroying a
+//! version would not reach the backups. Material lives with a [`KekProvider`]:
+//!
+//! - the local keyring file (mode 0600, [`local`]), the embedded default. Instances that
+//!   share a database must share the keyring file too (one host, or a shared secret mount
+//!   such as a Kubernetes secret volume or an NFS path only the vault can read). Rotation
+//!   appends the new version to that file while holding the database's key-admin lock, and
+//!   only then commits the new state, so the database never names a version whose material
+//!   was not written first.
+//! - a PKCS#11 module ([`crate::hsm`]), where material never leaves the module.
+//!
+//! # How an instance learns about a version another instance created
+//!
+//! Lazily and safely. Each instance caches the active version number. Every write of a
+//! wrapped key checks, in its own transaction, that the version it wrapped under is still
+//! `ACTIVE`, taking a share lock on that `key_versions` row (PostgreSQL; SQLite has a single
+//! writer). A stale instance gets [`crate::store::StoreError::StaleKeyVersion`], re-reads the
+//! active version from the database, re-reads the keyring file if it does not hold that
+//! version, re-wraps and retries. On a read, a wrapped key naming a version the provider
+//! does not hold makes the provider re-read its material once before failing. So no record
+//! is ever written under a version that is being retired, and no instance needs a restart.
+//!
+//! # Destruction and backups
+//!
+//! `DestroyKeyVersion` removes the version's material from the provider (rewriting the
+//! keyring file atomically, or destroying the module's object). A deleted record's wrapped
+//! key is gone from the live database, and once every KEK version that ever wrapped it has
+//! been destroyed, no copy of the database, however old, can be opened for that person.
+//! Records that still exist keep their data key across rewraps, so their ciphertexts in an
+//! old copy open with the key the live database holds. This holds only if the keyring file
+//! itself is not backed up with the database; keep it out of database backups.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -19,6 +51,35 @@ use crate::crypto::{
     AuditSigningKey, BlindIndexKey, CryptoError, DataKey, Kek, PseudonymKey, SecretKey,
     parse_wrap_header,
 };
+
+pub mod local;
+pub mod manager;
+
+pub use local::LocalKekProvider;
+pub use manager::{
+    KeyError, KeyManager, KeyStatus, KeyVersionInfo, KeyVersionState, RotateOutcome,
+};
+
+/// Holds KEK material and performs wrap and unwrap with it. Implementations are
+/// synchronous: the local provider reads a small file and the PKCS#11 one calls into the
+/// module, both brief enough to run on the async workers.
+pub trait KekProvider: Send + Sync + 'static {
+    /// The name wrapped keys carry for this provider (`local`, `hsm`).
+    fn key_id(&self) -> &str;
+    /// Versions whose material this provider holds right now.
+    fn versions(&self) -> Result<Vec<u32>, KeyError>;
+    /// Wraps `dek` for `record_id` under `version`.
+    fn wrap(&self, version: u32, dek: &DataKey, record_id: &str) -> Result<Vec<u8>, KeyError>;
+    /// Unwraps with the version the bytes name.
+    fn unwrap(&self, wrapped: &[u8], record_id: &str) -> Result<DataKey, KeyError>;
+    /// Creates material for a new `version`, replacing any orphan left by a rotation whose
+    /// database commit failed. Called under the database's key-admin lock.
+    fn provision(&self, version: u32) -> Result<(), KeyError>;
+    /// Erases `version`'s material irreversibly. Idempotent.
+    fn destroy(&self, version: u32) -> Result<(), KeyError>;
+    /// Re-reads material another instance may have added or removed.
+    fn refresh(&self) -> Result<(), KeyError>;
+}
 
 /// Name under which the local keyring's KEKs appear in wrapped keys.
 pub const LOCAL_KEY_ID: &str = "local";
@@ -39,6 +100,15 @@ pub enum KeyringError {
     Permissions { path: PathBuf, mode: u32 },
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+}
+
+/// Keys the vault needs in memory whatever provider holds its KEKs: lookups and pseudonyms
+/// need the MAC keys, and audit checkpoints the signing key.
+#[derive(Debug)]
+pub struct ResidentKeys {
+    pub blind_index: BlindIndexKey,
+    pub pseudonym: PseudonymKey,
+    pub audit_signing: AuditSigningKey,
 }
 
 /// The keys the vault holds in memory. Every key zeroises on drop.
@@ -126,6 +196,24 @@ impl Keyring {
             pseudonym: PseudonymKey::new(SecretKey::generate()?),
             audit_signing: AuditSigningKey::new(SecretKey::generate()?),
         })
+    }
+
+    /// The version the file names as active: only a seed for an empty `key_versions` table;
+    /// afterwards the database decides.
+    pub fn active_version(&self) -> u32 {
+        self.active_version
+    }
+
+    /// Splits the keyring into its KEKs and the keys that always stay in memory.
+    pub fn into_parts(self) -> (BTreeMap<u32, Kek>, ResidentKeys) {
+        (
+            self.keks,
+            ResidentKeys {
+                blind_index: self.blind_index,
+                pseudonym: self.pseudonym,
+                audit_signing: self.audit_signing,
+            },
+        )
     }
 
     pub fn active_kek(&self) -> &Kek {
@@ -218,6 +306,77 @@ fn write_new_keyring(path: &Path) -> Result<(), KeyringError> {
     })
 }
 
+/// Adds fresh material for KEK `version` to the keyring file and names it active there,
+/// replacing an entry of the same version (an orphan of a rotation that never committed).
+pub fn add_kek_version(path: &Path, version: u32) -> Result<(), KeyringError> {
+    edit_keyring_file(path, |file| {
+        file.keks.retain(|entry| entry.version != version);
+        file.keks.push(KekEntry {
+            version,
+            created_at: chrono::Utc::now().to_rfc3339(),
+            key: encode_key(&SecretKey::generate()?),
+        });
+        file.active_version = version;
+        Ok(())
+    })
+}
+
+/// Removes KEK `version`'s material from the keyring file. Removing a version the file does
+/// not hold is not an error, so a destroy that failed after this step can be retried.
+pub fn remove_kek_version(path: &Path, version: u32) -> Result<(), KeyringError> {
+    edit_keyring_file(path, |file| {
+        if file.active_version == version {
+            return Err(KeyringError::Malformed {
+                path: path.to_owned(),
+                reason: format!("refusing to remove version {version}, the file's active one"),
+            });
+        }
+        file.keks.retain(|entry| entry.version != version);
+        Ok(())
+    })
+}
+
+/// Read, change, and atomically replace the keyring file: the new content is written to a
+/// private temporary file, synced, and renamed over the old one, so a crash leaves either
+/// the old file or the new one, never a torn one.
+fn edit_keyring_file(
+    path: &Path,
+    change: impl FnOnce(&mut KeyringFile) -> Result<(), KeyringError>,
+) -> Result<(), KeyringError> {
+    let io = |source| KeyringError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    check_permissions(path)?;
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+    let mut file: KeyringFile =
+        serde_json::from_str(&text).map_err(|e| KeyringError::Malformed {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    change(&mut file)?;
+    let json = Zeroizing::new(serde_json::to_string_pretty(&file).map_err(|e| {
+        KeyringError::Malformed {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }
+    })?);
+    let temporary = path.with_extension("json.tmp");
+    match std::fs::remove_file(&temporary) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
+        _ => {}
+    }
+    write_private_file(&temporary, json.as_bytes()).map_err(io)?;
+    std::fs::rename(&temporary, path).map_err(io)?;
+    if let Some(parent) = path.parent() {
+        // Makes the rename itself durable.
+        std::fs::File::open(parent)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
 /// Creates `path` with mode 0600 from the start (never world-readable, not even briefly) and
 /// refuses to overwrite an existing file.
 pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -300,6 +459,38 @@ mod tests {
             Keyring::load(&path),
             Err(KeyringError::Permissions { .. })
         ));
+    }
+
+    #[test]
+    fn added_versions_reload_and_removed_ones_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        let first = Keyring::load_or_create(&path, true).unwrap();
+        let dek = DataKey::generate().unwrap();
+        let under_v1 = first.wrap(&dek, "r1").unwrap();
+        add_kek_version(&path, 2).unwrap();
+        let second = Keyring::load(&path).unwrap();
+        assert_eq!(second.active_version(), 2);
+        assert!(second.unwrap(&under_v1, "r1").is_ok());
+        assert!(
+            remove_kek_version(&path, 2).is_err(),
+            "the active one stays"
+        );
+        remove_kek_version(&path, 1).unwrap();
+        remove_kek_version(&path, 1).unwrap();
+        let third = Keyring::load(&path).unwrap();
+        assert!(matches!(
+            third.unwrap(&under_v1, "r1"),
+            Err(CryptoError::UnknownKey { version: 1, .. })
+        ));
+        // The rewritten file is still private, and no temporary file is left behind.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        assert!(!path.with_extension("json.tmp").exists());
     }
 
     #[test]

@@ -1,0 +1,267 @@
+//! The gRPC edge of key administration: `pdvault.v1.KeyManagement` over [`KeyAdmin`].
+//!
+//! Part of the gRPC layer, so it is where key and rewrap errors become `Status`, each with
+//! an ErrorInfo in domain `pdvault`. Messages carry versions and counts, never material.
+
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status};
+
+use crate::grpc::{call_context, error_info, timestamp, to_status};
+use crate::key_admin::{AdminError, KeyAdmin};
+use crate::keys::{KeyError, KeyVersionInfo, KeyVersionState};
+use crate::proto;
+use crate::proto::key_management_server::KeyManagement;
+use crate::rewrap::{MAX_BATCH_SIZE, Progress, RewrapError};
+
+/// `pdvault.v1.KeyManagement`.
+#[derive(Clone)]
+pub struct KeyManagementService {
+    admin: KeyAdmin,
+}
+
+impl KeyManagementService {
+    pub fn new(admin: KeyAdmin) -> KeyManagementService {
+        KeyManagementService { admin }
+    }
+}
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<proto::RewrapProgress, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl KeyManagement for KeyManagementService {
+    async fn rotate_key_encryption_key(
+        &self,
+        request: Request<proto::RotateKeyEncryptionKeyRequest>,
+    ) -> Result<Response<proto::RotateKeyEncryptionKeyResponse>, Status> {
+        let ctx = call_context(self.admin.vault(), &request)?;
+        let expected = request.into_inner().expected_active_version;
+        let (outcome, active) = self
+            .admin
+            .rotate(&ctx, (expected != 0).then_some(expected))
+            .await
+            .map_err(admin_status)?;
+        Ok(Response::new(proto::RotateKeyEncryptionKeyResponse {
+            active: Some(key_version(active)),
+            created: outcome.created,
+        }))
+    }
+
+    type RewrapRecordsStream = ProgressStream;
+
+    async fn rewrap_records(
+        &self,
+        request: Request<proto::RewrapRecordsRequest>,
+    ) -> Result<Response<Self::RewrapRecordsStream>, Status> {
+        let ctx = call_context(self.admin.vault(), &request)?;
+        let batch_size = request.into_inner().batch_size;
+        if batch_size > MAX_BATCH_SIZE {
+            return Err(to_status(crate::vault::VaultError::InvalidArgument(vec![
+                crate::domain::Violation {
+                    field: "batch_size".into(),
+                    reason: format!("must be at most {MAX_BATCH_SIZE}"),
+                },
+            ])));
+        }
+        let (out, stream) = mpsc::channel::<Result<proto::RewrapProgress, Status>>(8);
+        let admin = self.admin.clone();
+        tokio::spawn(async move {
+            let (progress_tx, mut progress_rx) = mpsc::channel::<Progress>(8);
+            let job = admin.rewrap(&ctx, batch_size, progress_tx);
+            let forward = {
+                let out = out.clone();
+                async move {
+                    while let Some(progress) = progress_rx.recv().await {
+                        if out.send(Ok(progress_message(progress))).await.is_err() {
+                            // The client went away: dropping the receiver cancels the job.
+                            break;
+                        }
+                    }
+                }
+            };
+            let (result, ()) = tokio::join!(job, forward);
+            if let Err(error) = result {
+                let _ = out.send(Err(admin_status(error))).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+    }
+
+    async fn get_key_status(
+        &self,
+        request: Request<proto::GetKeyStatusRequest>,
+    ) -> Result<Response<proto::KeyStatus>, Status> {
+        let ctx = call_context(self.admin.vault(), &request)?;
+        let status = self.admin.status(&ctx).await.map_err(admin_status)?;
+        Ok(Response::new(proto::KeyStatus {
+            active_version: status.active_version,
+            versions: status.versions.into_iter().map(key_version).collect(),
+        }))
+    }
+
+    async fn retire_key_version(
+        &self,
+        request: Request<proto::RetireKeyVersionRequest>,
+    ) -> Result<Response<proto::KeyVersion>, Status> {
+        let ctx = call_context(self.admin.vault(), &request)?;
+        let version = request.into_inner().version;
+        let info = self
+            .admin
+            .retire(&ctx, version)
+            .await
+            .map_err(admin_status)?;
+        Ok(Response::new(key_version(info)))
+    }
+
+    async fn destroy_key_version(
+        &self,
+        request: Request<proto::DestroyKeyVersionRequest>,
+    ) -> Result<Response<proto::KeyVersion>, Status> {
+        let ctx = call_context(self.admin.vault(), &request)?;
+        let version = request.into_inner().version;
+        let info = self
+            .admin
+            .destroy(&ctx, version)
+            .await
+            .map_err(admin_status)?;
+        Ok(Response::new(key_version(info)))
+    }
+
+    async fn rekey_record(
+        &self,
+        request: Request<proto::RekeyRecordRequest>,
+    ) -> Result<Response<proto::RekeyRecordResponse>, Status> {
+        let ctx = call_context(self.admin.vault(), &request)?;
+        let request = request.into_inner();
+        let (meta, kek_version) = self
+            .admin
+            .vault()
+            .rekey_record(&ctx, &request.record_id, &request.reason)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::RekeyRecordResponse {
+            record_id: meta.record_id,
+            etag: meta.version.to_string(),
+            kek_version,
+        }))
+    }
+
+    async fn purge_expired_records(
+        &self,
+        request: Request<proto::PurgeExpiredRecordsRequest>,
+    ) -> Result<Response<proto::PurgeExpiredRecordsResponse>, Status> {
+        let ctx = call_context(self.admin.vault(), &request)?;
+        let limit = request.into_inner().limit;
+        let purged_record_ids = self
+            .admin
+            .vault()
+            .purge_expired(&ctx, (limit != 0).then_some(limit))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::PurgeExpiredRecordsResponse {
+            purged_record_ids,
+        }))
+    }
+}
+
+fn key_version(info: KeyVersionInfo) -> proto::KeyVersion {
+    let state = match info.state {
+        KeyVersionState::Active => proto::KeyVersionState::Active,
+        KeyVersionState::DecryptOnly => proto::KeyVersionState::DecryptOnly,
+        KeyVersionState::Retired => proto::KeyVersionState::Retired,
+        KeyVersionState::Destroyed => proto::KeyVersionState::Destroyed,
+    };
+    proto::KeyVersion {
+        version: info.version,
+        state: state as i32,
+        record_count: info.records,
+        create_time: Some(timestamp(info.created_at)),
+        provider: info.provider,
+    }
+}
+
+fn progress_message(progress: Progress) -> proto::RewrapProgress {
+    proto::RewrapProgress {
+        job_id: progress.job_id,
+        target_version: progress.target_version,
+        total: progress.total,
+        rewrapped: progress.rewrapped as i64,
+        failed: progress.failed as i64,
+        remaining: progress.remaining,
+        done: progress.done,
+    }
+}
+
+fn admin_status(error: AdminError) -> Status {
+    match error {
+        AdminError::NotGranted(_) => error_info(
+            Code::PermissionDenied,
+            &error.to_string(),
+            "OPERATION_NOT_GRANTED",
+        ),
+        AdminError::Key(error) => key_status(&error),
+        AdminError::Vault(error) => to_status(error),
+        AdminError::AuditUnavailable => {
+            error_info(Code::Unavailable, &error.to_string(), "AUDIT_UNAVAILABLE")
+        }
+        AdminError::Rewrap(RewrapError::Key(error)) => key_status(&error),
+        AdminError::Rewrap(RewrapError::Store(error)) => {
+            to_status(crate::vault::VaultError::from(error))
+        }
+        AdminError::Rewrap(error @ (RewrapError::Failed { .. } | RewrapError::Stalled { .. })) => {
+            error_info(
+                Code::FailedPrecondition,
+                &error.to_string(),
+                "REWRAP_INCOMPLETE",
+            )
+        }
+        AdminError::Rewrap(RewrapError::Cancelled) => {
+            error_info(Code::Cancelled, "the rewrap job was cancelled", "CANCELLED")
+        }
+    }
+}
+
+/// The status of a key error, wherever it surfaced.
+pub(crate) fn key_status(error: &KeyError) -> Status {
+    let message = error.to_string();
+    match error {
+        KeyError::NoSuchVersion(_) => error_info(Code::NotFound, &message, "KEY_VERSION_NOT_FOUND"),
+        KeyError::WrongState { .. } => {
+            error_info(Code::FailedPrecondition, &message, "KEY_VERSION_STATE")
+        }
+        KeyError::InUse { .. } => {
+            error_info(Code::FailedPrecondition, &message, "KEY_VERSION_IN_USE")
+        }
+        KeyError::MaterialMissing { .. } => {
+            tracing::error!(error = %message, "key material unavailable");
+            error_info(Code::Unavailable, &message, "KEY_UNAVAILABLE")
+        }
+        KeyError::Crypto(crate::crypto::CryptoError::Integrity) => {
+            tracing::error!("a wrapped key failed authentication");
+            error_info(
+                Code::DataLoss,
+                "stored data failed authentication",
+                "CIPHERTEXT_INVALID",
+            )
+        }
+        KeyError::Store(cause) => {
+            tracing::error!(error = %cause, "storage failure");
+            error_info(
+                Code::Unavailable,
+                "storage unavailable",
+                "STORAGE_UNAVAILABLE",
+            )
+        }
+        KeyError::Keyring(_) | KeyError::Crypto(_) | KeyError::Hsm(_) => {
+            tracing::error!(error = %message, "key provider failure");
+            error_info(
+                Code::Unavailable,
+                "key provider unavailable",
+                "KEY_UNAVAILABLE",
+            )
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Retention deadlines: how long a record may be kept, from configuration per document type
+//! or from the caller within a configured limit.
+//!
+//! A deadline is fixed when the record is created and stored with it (`retain_until`), so a
+//! later configuration change does not silently shorten or extend what was promised for
+//! records already held. `pdvault purge` crypto-shreds records past their deadline.
+
+use std::collections::HashMap;
+
+use crate::config::RetentionConfig;
+use crate::domain::IdType;
+use crate::store::Micros;
+
+const MICROS_PER_DAY: i64 = 86_400 * 1_000_000;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RetentionError {
+    #[error("retention.id_types: unknown document type {0:?}")]
+    UnknownIdType(String),
+    #[error("retention_days: callers may not set a retention period here")]
+    CallerRetentionDisabled,
+    #[error("retention_days: must be between 1 and {max}")]
+    OutOfRange { max: u32 },
+}
+
+/// Validated retention rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    default_days: u32,
+    by_id_type: HashMap<IdType, u32>,
+    max_days: u32,
+}
+
+impl Retention {
+    pub fn build(config: &RetentionConfig) -> Result<Retention, RetentionError> {
+        let by_id_type = config
+            .id_types
+            .iter()
+            .map(|(name, days)| {
+                IdType::parse(name)
+                    .map(|id_type| (id_type, *days))
+                    .ok_or_else(|| RetentionError::UnknownIdType(name.clone()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Retention {
+            default_days: config.default_days,
+            by_id_type,
+            max_days: config.max_days,
+        })
+    }
+
+    /// The deadline of a record created at `created_at`: the caller's period when given
+    /// (within `max_days`), else the configured one for its document type; `None` when no
+    /// rule applies.
+    pub fn deadline(
+        &self,
+        created_at: Micros,
+        id_type: Option<IdType>,
+        requested_days: Option<u32>,
+    ) -> Result<Option<Micros>, RetentionError> {
+        let days = match requested_days {
+            Some(_) if self.max_days == 0 => return Err(RetentionError::CallerRetentionDisabled),
+            Some(days) if days == 0 || days > self.max_days => {
+                return Err(RetentionError::OutOfRange { max: self.max_days });
+            }
+            Some(days) => days,
+            None => id_type
+                .and_then(|t| self.by_id_type.get(&t).copied())
+                .unwrap_or(self.default_days),
+        };
+        Ok((days > 0).then(|| created_at.saturating_add(i64::from(days) * MICROS_PER_DAY)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Retention {
+        Retention::build(&RetentionConfig {
+            default_days: 30,
+            id_types: [("PASSPORT".to_owned(), 10)].into(),
+            max_days: 365,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn document_type_overrides_the_default_and_callers_stay_within_the_limit() {
+        let rules = rules();
+        assert_eq!(rules.deadline(0, None, None), Ok(Some(30 * MICROS_PER_DAY)));
+        assert_eq!(
+            rules.deadline(0, Some(IdType::Passport), None),
+            Ok(Some(10 * MICROS_PER_DAY))
+        );
+        assert_eq!(
+            rules.deadline(5, Some(IdType::Passport), Some(365)),
+            Ok(Some(5 + 365 * MICROS_PER_DAY))
+        );
+        assert_eq!(
+            rules.deadline(0, None, Some(366)),
+            Err(RetentionError::OutOfRange { max: 365 })
+        );
+        assert_eq!(
+            rules.deadline(0, None, Some(0)),
+            Err(RetentionError::OutOfRange { max: 365 })
+        );
+    }
+
+    #[test]
+    fn no_rule_means_no_deadline_and_no_caller_periods() {
+        let none = Retention::default();
+        assert_eq!(none.deadline(0, Some(IdType::ResidentId), None), Ok(None));
+        assert_eq!(
+            none.deadline(0, None, Some(1)),
+            Err(RetentionError::CallerRetentionDisabled)
+        );
+    }
+
+    #[test]
+    fn unknown_document_types_are_refused() {
+        let config = RetentionConfig {
+            id_types: [("DRIVING_LICENCE".to_owned(), 1)].into(),
+            ..RetentionConfig::default()
+        };
+        assert_eq!(
+            Retention::build(&config),
+            Err(RetentionError::UnknownIdType("DRIVING_LICENCE".into()))
+        );
+    }
+}

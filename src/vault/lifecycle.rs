@@ -1,0 +1,144 @@
+//! Record-level key lifecycle: re-keying a record under a fresh data key, and the retention
+//! purge. These live beside the vault's other use cases because they open and reseal
+//! records with the same care (plaintext only in wiping buffers, never in errors).
+
+use crate::domain::FieldName;
+use crate::policy::Grant;
+use crate::retention::RetentionError;
+use crate::store::{RecordMeta, RecordRekey, StoreError};
+
+use super::{
+    CallContext, MAX_FREE_TEXT_LEN, Vault, VaultError, check_free_text, check_record_id, non_empty,
+    seal_all, violation,
+};
+
+/// Records a purge looks at per query; it loops until nothing due is left (or `limit`).
+const PURGE_BATCH: i64 = 500;
+
+impl Vault {
+    /// Gives a record a fresh data key: every field is opened, resealed under the new key,
+    /// the new key is wrapped under the active KEK, and the old wrapped key is replaced, so
+    /// nothing the old data key opens remains. The etag changes; a concurrent update made
+    /// with the old etag is refused rather than written under the old key.
+    pub async fn rekey_record(
+        &self,
+        ctx: &CallContext,
+        record_id: &str,
+        reason: &str,
+    ) -> Result<(RecordMeta, u32), VaultError> {
+        self.require_grant(ctx, Grant::KeysRotate)?;
+        check_record_id(record_id)?;
+        check_free_text("reason", reason, MAX_FREE_TEXT_LEN)?;
+        let stored = self
+            .store
+            .get_record(record_id)
+            .await?
+            .ok_or(VaultError::NotFound)?;
+        let old = self.keys.unwrap(&stored.wrapped_key, record_id)?;
+        let mut canonical = Vec::with_capacity(stored.fields.len());
+        for sealed in &stored.fields {
+            let field = FieldName::parse(&sealed.field)
+                .ok_or_else(|| VaultError::Internal("stored field has an unknown name".into()))?;
+            let plaintext = old.open_field(record_id, &sealed.field, &sealed.ciphertext)?;
+            let value = String::from_utf8(plaintext.to_vec()).map_err(|_| VaultError::DataLoss)?;
+            canonical.push((field, value));
+        }
+        drop(old);
+        // The configured suite: re-keying is how a record moves from one suite to another.
+        let fresh = self.keys.generate_data_key()?;
+        let fields = seal_all(&fresh, record_id, &canonical);
+        for (_, value) in canonical.iter_mut() {
+            zeroize::Zeroize::zeroize(value);
+        }
+        let fields = fields?;
+        let mut audit = self.event(ctx, "RekeyRecord", vec![record_id.to_owned()], "OK", None);
+        audit.justification = non_empty(reason);
+        let mut refreshed = false;
+        loop {
+            let (wrapped_key, kek_version) = self.keys.wrap(&fresh, record_id)?;
+            let rekey = RecordRekey {
+                record_id: record_id.to_owned(),
+                expected_version: stored.meta.version,
+                updated_at: self.now_micros(),
+                wrapped_key,
+                kek_version,
+                fields: fields.clone(),
+            };
+            match self.store.rekey_record(rekey, &audit).await {
+                Err(StoreError::StaleKeyVersion(_)) if !refreshed => {
+                    refreshed = true;
+                    self.keys.refresh_active().await?;
+                }
+                Err(StoreError::VersionConflict) => {
+                    // Changed between the read and the write; the caller may simply retry.
+                    return Err(VaultError::EtagMismatch);
+                }
+                other => return Ok((other?, kek_version)),
+            }
+        }
+    }
+
+    /// Crypto-shreds live records whose retention deadline has passed, each in its own
+    /// transaction with its own audit event, leaving tombstones. Safe beside normal traffic
+    /// and beside another purge: a record deleted meanwhile is simply skipped.
+    pub async fn purge_expired(
+        &self,
+        ctx: &CallContext,
+        limit: Option<u32>,
+    ) -> Result<Vec<String>, VaultError> {
+        self.require_grant(ctx, Grant::RecordsPurge)?;
+        let now = self.now_micros();
+        let mut purged = Vec::new();
+        loop {
+            let room = limit.map_or(PURGE_BATCH, |l| {
+                (i64::from(l) - purged.len() as i64).min(PURGE_BATCH)
+            });
+            if room <= 0 {
+                break;
+            }
+            let due = self.store.expired_records(now, room).await?;
+            if due.is_empty() {
+                break;
+            }
+            for record_id in due {
+                let mut audit = self.event(
+                    ctx,
+                    "PurgeExpiredRecords",
+                    vec![record_id.clone()],
+                    "OK",
+                    None,
+                );
+                audit.reason = Some("RETENTION_DEADLINE_PASSED".to_owned());
+                match self
+                    .store
+                    .delete_record(&record_id, now, true, &audit)
+                    .await
+                {
+                    Ok(()) => purged.push(record_id),
+                    // Deleted meanwhile, by its owner or another purge.
+                    Err(StoreError::NotFound) => {}
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        }
+        if !purged.is_empty() {
+            tracing::info!(
+                count = purged.len(),
+                "purged records past their retention deadline"
+            );
+        }
+        Ok(purged)
+    }
+}
+
+/// The violation a refused retention period becomes.
+pub(super) fn retention_violation(error: RetentionError) -> VaultError {
+    let reason = match error {
+        RetentionError::CallerRetentionDisabled => {
+            "may not be set: no retention limit is configured".to_owned()
+        }
+        RetentionError::OutOfRange { max } => format!("must be between 1 and {max} days"),
+        RetentionError::UnknownIdType(_) => "is not valid".to_owned(),
+    };
+    violation("retention_days", &reason)
+}

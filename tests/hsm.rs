@@ -1,0 +1,265 @@
+//! The PKCS#11 KEK provider against SoftHSM2, on both backends: KEKs are created, used and
+//! destroyed inside the token, never leave it, and two instances share them through it.
+//! (`PDVAULT_TEST_KEK_PROVIDER=pkcs11` runs the other integration tests on it too.)
+
+mod support;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use pdvault::proto::key_management_client::KeyManagementClient;
+use pdvault::proto::{
+    CreateRecordRequest, DestroyKeyVersionRequest, GetKeyStatusRequest, GetRecordRequest, Identity,
+    RekeyRecordRequest, RetireKeyVersionRequest, RewrapRecordsRequest,
+    RotateKeyEncryptionKeyRequest,
+};
+use support::{Backend, CLAIMS, TestApp, authed, softhsm};
+use tonic::transport::Channel;
+
+async fn spawn(
+    backend: Backend,
+    url: Option<String>,
+    token: Option<std::path::PathBuf>,
+) -> TestApp {
+    TestApp::spawn_with(backend, move |config| {
+        config.keys.provider = "pkcs11".into();
+        if let Some(url) = url {
+            config.database.url = Some(url);
+        }
+        if let Some(token) = token {
+            config.admin.token_path = Some(token);
+        }
+    })
+    .await
+    .expect("spawns")
+}
+
+async fn keys(app: &TestApp) -> KeyManagementClient<Channel> {
+    KeyManagementClient::new(
+        Channel::from_shared(format!("http://{}", app.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
+}
+
+async fn create(app: &TestApp, i: usize) -> String {
+    app.client()
+        .await
+        .create_record(authed(
+            CLAIMS.token,
+            CreateRecordRequest {
+                identity: Some(Identity {
+                    email: format!("h{i}@example.com"),
+                    ..Identity::default()
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .record_id
+}
+
+async fn email(app: &TestApp, id: &str) -> String {
+    app.client()
+        .await
+        .get_record(authed(
+            CLAIMS.token,
+            GetRecordRequest {
+                record_id: id.into(),
+                purpose: "service-delivery".into(),
+                justification: String::new(),
+                fields: vec!["email".into()],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .fields["email"]
+        .value
+        .clone()
+}
+
+/// A session of the test's own on the token, to look at what the vault left there.
+fn token_session(config: &pdvault::config::Pkcs11Config) -> Session {
+    let module = Pkcs11::new(&config.module).unwrap();
+    // The vault in this process initialised the library already.
+    let _ = module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = module
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| module.get_token_info(*slot).unwrap().label().trim_end() == config.token_label)
+        .unwrap();
+    let session = module.open_ro_session(slot).unwrap();
+    let _ = session.login(UserType::User, Some(&AuthPin::from("1234".to_owned())));
+    session
+}
+
+fn kek_objects(session: &Session, prefix: &str, version: u32) -> usize {
+    session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(format!("{prefix}{version}").into_bytes()),
+        ])
+        .unwrap()
+        .len()
+}
+
+async fn hsm_lifecycle(backend: Backend) {
+    let Some(app) = TestApp::spawn_with(backend, |c| c.keys.provider = "pkcs11".into()).await
+    else {
+        return;
+    };
+    let config = softhsm::config(&app.database_url);
+    let session = token_session(&config);
+    let prefix = config.key_label_prefix.clone();
+    assert_eq!(
+        kek_objects(&session, &prefix, 1),
+        1,
+        "first start made version 1"
+    );
+
+    // The KEK never leaves the module: its value cannot be read, by design of its attributes.
+    let kek = session
+        .find_objects(&[Attribute::Label(format!("{prefix}1").into_bytes())])
+        .unwrap()[0];
+    let attributes = session
+        .get_attributes(kek, &[AttributeType::Sensitive, AttributeType::Extractable])
+        .unwrap();
+    assert!(attributes.contains(&Attribute::Sensitive(true)));
+    assert!(attributes.contains(&Attribute::Extractable(false)));
+    assert!(
+        session
+            .get_attributes(kek, &[AttributeType::Value])
+            .map(|values| values.iter().all(|a| !matches!(a, Attribute::Value(_))))
+            .unwrap_or(true)
+    );
+
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(create(&app, i).await);
+    }
+    // Wrapped keys name the module, not the keyring file.
+    let stored = pdvault::startup::open_store(&{
+        let mut c = pdvault::config::Config::default();
+        c.database.url = Some(app.database_url.clone());
+        c
+    })
+    .await
+    .unwrap();
+    let wrapped = stored
+        .get_record(&ids[0])
+        .await
+        .unwrap()
+        .unwrap()
+        .wrapped_key;
+    assert_eq!(
+        pdvault::crypto::parse_wrap_header(&wrapped)
+            .unwrap()
+            .0
+            .key_id,
+        "hsm"
+    );
+
+    // A second instance rotates; the first learns of version 2 through the database and
+    // finds its key in the token by label.
+    let other = spawn(
+        backend,
+        Some(app.database_url.clone()),
+        Some(app.data_dir.path().join("data/admin.token")),
+    )
+    .await;
+    let rotated = keys(&other)
+        .await
+        .rotate_key_encryption_key(authed(
+            &app.admin_token,
+            RotateKeyEncryptionKeyRequest {
+                expected_active_version: 1,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rotated.created);
+    assert_eq!(kek_objects(&session, &prefix, 2), 1);
+    let fresh = create(&app, 100).await;
+    assert_eq!(email(&other, &fresh).await, "h100@example.com");
+
+    let mut stream = keys(&app)
+        .await
+        .rewrap_records(authed(
+            &app.admin_token,
+            RewrapRecordsRequest { batch_size: 6 },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(progress) = stream.message().await.unwrap() {
+        last = Some(progress);
+    }
+    let last = last.unwrap();
+    assert!(last.done);
+    assert_eq!(last.rewrapped, 20);
+
+    let mut client = keys(&app).await;
+    client
+        .retire_key_version(authed(
+            &app.admin_token,
+            RetireKeyVersionRequest { version: 1 },
+        ))
+        .await
+        .unwrap();
+    client
+        .destroy_key_version(authed(
+            &app.admin_token,
+            DestroyKeyVersionRequest { version: 1 },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        kek_objects(&session, &prefix, 1),
+        0,
+        "destroyed inside the token"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(email(&app, id).await, format!("h{i}@example.com"));
+        assert_eq!(email(&other, id).await, format!("h{i}@example.com"));
+    }
+    let rekeyed = client
+        .rekey_record(authed(
+            &app.admin_token,
+            RekeyRecordRequest {
+                record_id: ids[0].clone(),
+                reason: "exposure drill".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rekeyed.kek_version, 2);
+    assert_eq!(email(&other, &ids[0]).await, "h0@example.com");
+    let status = client
+        .get_key_status(authed(&app.admin_token, GetKeyStatusRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.versions.iter().all(|v| v.provider == "hsm"));
+    other.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_hsm_lifecycle() {
+    hsm_lifecycle(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_hsm_lifecycle() {
+    hsm_lifecycle(Backend::Postgres).await;
+}
