@@ -523,6 +523,12 @@ impl Backup {
                 app.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").await;
                 let copy = dir.path().join("backup.db");
                 std::fs::copy(app.sqlite_path(), &copy).unwrap();
+                // Should a reader have kept the checkpoint from finishing, the WAL holds
+                // the rest: copy it too, as a file-level backup tool would.
+                let wal = format!("{}-wal", app.sqlite_path().display());
+                if std::path::Path::new(&wal).exists() {
+                    std::fs::copy(&wal, dir.path().join("backup.db-wal")).unwrap();
+                }
                 Backup {
                     url: format!("sqlite://{}", copy.display()),
                     admin_url: None,
