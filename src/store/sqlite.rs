@@ -1,6 +1,8 @@
 //! SQLite backend: the embedded default.
 //!
-//! WAL lets readers run beside the single writer. `synchronous = FULL` makes every commit,
+//! WAL lets readers run beside the single writer. `secure_delete` zeroes freed content, so
+//! a crypto-shredded record's wrapped key does not survive in free pages of the live file.
+//! `synchronous = FULL` makes every commit,
 //! audit events included, durable before it returns. Write transactions start with
 //! `BEGIN IMMEDIATE` so that a transaction that reads before it writes queues on the
 //! busy timeout instead of failing with SQLITE_BUSY when it upgrades its lock.
@@ -49,6 +51,9 @@ impl SqliteStore {
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
+            // A deleted record's wrapped key must not linger in free pages, where the live
+            // KEK could still open it: overwrite freed content with zeros.
+            .pragma("secure_delete", "ON")
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()

@@ -335,6 +335,24 @@ impl TestApp {
         }
     }
 
+    /// The single blob a query returns, read directly from the vault's database.
+    pub async fn bytes(&self, sql: &str) -> Vec<u8> {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+            }
+        }
+    }
+
     /// The database's plan for `sql`, as text.
     pub async fn query_plan(&self, sql: &str) -> String {
         use sqlx::Row;
