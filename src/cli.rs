@@ -1,4 +1,4 @@
-//! The command line: `serve`, `migrate` and `token`. Parsing is clap's; every command
+//! The command line: `serve`, `migrate`, `token`, `audit`, `accounts` and `bench`. Parsing is clap's; every command
 //! loads configuration the same way (defaults < file < environment < flags).
 
 use std::io::Read;
@@ -37,6 +37,63 @@ enum Command {
     Audit(AuditCommand),
     /// Account-security team: suspend, reinstate, inspect accounts on a running vault.
     Accounts(AccountsArgs),
+    /// Load-test a vault over gRPC (a running one with --addr, else one started here).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// A running vault's gRPC address; without it a vault is started in this process on a
+    /// temporary data directory.
+    #[arg(long)]
+    addr: Option<String>,
+    /// Bearer token for --addr (a caller allowed the RPCs of the mix and the purpose).
+    #[arg(long, env = "PDVAULT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the token for --addr, when --token is not given.
+    #[arg(long, default_value = "pdvault-data/admin.token")]
+    token_file: PathBuf,
+    /// Database of the vault started here (default: SQLite in the temporary data directory).
+    #[arg(long, conflicts_with = "addr")]
+    database_url: Option<String>,
+    /// HTTP/2 connections to spread requests over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Requests in flight at once, over all connections.
+    #[arg(long, default_value_t = 32)]
+    in_flight: usize,
+    /// Seconds measured per phase.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds run before measuring, per phase.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// RPC mix for a single phase, e.g. `get=70,find=10,check=15,create=5`. Without it every
+    /// RPC gets a phase of its own, then GetRecord runs at half its peak rate.
+    #[arg(long)]
+    mix: Option<String>,
+    /// Pace the --mix phase at this many requests per second in total (open loop).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Synthetic identities to create before measuring.
+    #[arg(long, default_value_t = 1000)]
+    seed: u64,
+    /// Also drive a do-nothing echo service on the same gRPC stack and print ratios to it.
+    #[arg(long)]
+    baseline: bool,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Purpose of GetRecord and FindRecords.
+    #[arg(long, default_value = crate::bench::DEFAULT_PURPOSE)]
+    purpose: String,
+    /// Fields GetRecord asks for, comma-separated; empty asks for all the purpose releases.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "name,id_number,phone,email"
+    )]
+    fields: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +197,7 @@ pub async fn run() -> ExitCode {
         Command::Audit(AuditCommand::Verify(args)) => audit_verify(args).await,
         Command::Audit(AuditCommand::Checkpoint(args)) => audit_checkpoint(args).await,
         Command::Accounts(args) => accounts(args).await,
+        Command::Bench(args) => bench(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -346,6 +404,64 @@ async fn accounts(args: AccountsArgs) -> Result<(), String> {
                 page_token = page.next_page_token;
             }
         }
+    }
+    Ok(())
+}
+
+async fn bench(args: BenchArgs) -> Result<(), String> {
+    use crate::bench::{BenchOptions, Mix, TargetSpec};
+    let seconds = |flag: &str, value: f64| {
+        std::time::Duration::try_from_secs_f64(value)
+            .map_err(|_| format!("--{flag} must be a non-negative number of seconds"))
+    };
+    let target = match args.addr {
+        Some(addr) => {
+            let token = match args.token {
+                Some(token) => zeroize::Zeroizing::new(token),
+                None => zeroize::Zeroizing::new(
+                    std::fs::read_to_string(&args.token_file).map_err(|e| {
+                        format!(
+                            "--addr needs --token, PDVAULT_TOKEN or a readable --token-file ({}: {e})",
+                            args.token_file.display()
+                        )
+                    })?,
+                ),
+            };
+            TargetSpec::External {
+                addr,
+                token: token.trim().to_owned(),
+            }
+        }
+        None => TargetSpec::InProcess {
+            database_url: args.database_url,
+        },
+    };
+    let options = BenchOptions {
+        target,
+        connections: args.connections,
+        in_flight: args.in_flight,
+        duration: seconds("duration", args.duration)?,
+        warmup: seconds("warmup", args.warmup)?,
+        mix: args
+            .mix
+            .as_deref()
+            .map(Mix::parse)
+            .transpose()
+            .map_err(|e| e.to_string())?,
+        rate: args.rate,
+        seed: args.seed,
+        baseline: args.baseline,
+        purpose: args.purpose,
+        fields: args.fields.into_iter().filter(|f| !f.is_empty()).collect(),
+    };
+    let report = crate::bench::run(options)
+        .await
+        .map_err(|e| e.to_string())?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        println!("{json}");
+    } else {
+        print!("{}", report.to_text());
     }
     Ok(())
 }
