@@ -303,6 +303,7 @@ async fn drive(
             &name,
             &mix,
             rate,
+            vault,
             &vault_clients,
             echo_clients.as_deref(),
             &workload,
@@ -331,6 +332,7 @@ async fn drive(
                 "get@half-peak",
                 &mix,
                 Some(peak / 2.0),
+                vault,
                 &vault_clients,
                 None,
                 &workload,
@@ -353,6 +355,7 @@ async fn run_phase(
     name: &str,
     mix: &Mix,
     rate: Option<f64>,
+    server: &Server,
     vault: &[VaultClient<Channel>],
     echo: Option<&[VaultClient<Channel>]>,
     workload: &Arc<Workload>,
@@ -370,7 +373,13 @@ async fn run_phase(
         None => None,
     };
     progress(&format!("phase {describe}: vault"));
+    let before = server.audit.as_ref().map(|s| s.snapshot());
     let vault_results = drive_load(options, mix, rate, vault, workload).await;
+    let audit = server
+        .audit
+        .as_ref()
+        .zip(before)
+        .map(|(stats, before)| report::AuditReport::between(before, stats.snapshot()));
     let rpcs = mix
         .rpcs()
         .map(|rpc| {
@@ -384,6 +393,7 @@ async fn run_phase(
         mix: mix.describe(),
         rate_limit: rate,
         rpcs,
+        audit,
     })
 }
 
@@ -738,6 +748,8 @@ struct Server {
     addr: String,
     token: String,
     running: Option<Running>,
+    /// Group-commit counters of a vault started here.
+    audit: Option<Arc<crate::audit::BatchStats>>,
 }
 
 struct Running {
@@ -752,6 +764,7 @@ impl Server {
             addr,
             token,
             running: None,
+            audit: None,
         }
     }
 
@@ -782,7 +795,8 @@ impl Server {
                     let _ = ready_tx.send(Err(error.to_string()));
                 }
                 Ok(app) => {
-                    let _ = ready_tx.send(Ok(app.local_addr()));
+                    let stats = app.vault().audit().shared_stats();
+                    let _ = ready_tx.send(Ok((app.local_addr(), stats)));
                     let stopped = app
                         .run_until(async {
                             let _ = shutdown_rx.await;
@@ -800,10 +814,11 @@ impl Server {
             data_dir: Some(data_dir),
         };
         match ready_rx.await {
-            Ok(Ok(addr)) => Ok(Server {
+            Ok(Ok((addr, stats))) => Ok(Server {
                 addr: addr.to_string(),
                 token,
                 running: Some(running),
+                audit: Some(stats),
             }),
             Ok(Err(error)) => {
                 Server::finish(running).await;
@@ -845,6 +860,7 @@ impl Server {
                 addr: addr.to_string(),
                 token: String::new(),
                 running: Some(running),
+                audit: None,
             }),
             Ok(Err(error)) => {
                 Server::finish(running).await;

@@ -83,6 +83,32 @@ pub struct PhaseReport {
     /// Total requests per second the phase was paced at; `None` ran flat out.
     pub rate_limit: Option<f64>,
     pub rpcs: Vec<RpcReport>,
+    /// The vault's audit group commit during the phase (warm-up included), when it runs here.
+    pub audit: Option<AuditReport>,
+}
+
+/// What the audit writer did: how many events each flush carried and what a flush cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditReport {
+    pub batches: u64,
+    pub events: u64,
+    pub mean_batch: f64,
+    pub mean_flush_ms: f64,
+}
+
+impl AuditReport {
+    /// The difference of two `BatchStats::snapshot`s.
+    pub fn between(before: (u64, u64, u64, u64), after: (u64, u64, u64, u64)) -> AuditReport {
+        let batches = after.0.saturating_sub(before.0);
+        let events = after.1.saturating_sub(before.1);
+        let flush_us = after.3.saturating_sub(before.3);
+        AuditReport {
+            batches,
+            events,
+            mean_batch: events as f64 / batches.max(1) as f64,
+            mean_flush_ms: flush_us as f64 / 1000.0 / batches.max(1) as f64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -230,6 +256,13 @@ impl Report {
                     echo_p99,
                     ratio,
                     failures_note(&v.failures),
+                );
+            }
+            if let Some(audit) = phase.audit.as_ref().filter(|a| a.batches > 0) {
+                let _ = writeln!(
+                    out,
+                    "{:<16}   audit: {} events in {} group commits, mean batch {:.1}, mean flush {:.2} ms",
+                    "", audit.events, audit.batches, audit.mean_batch, audit.mean_flush_ms
                 );
             }
         }
