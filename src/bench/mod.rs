@@ -298,11 +298,14 @@ async fn drive(
     };
     let mut result = Ok(());
     for (name, mix, rate) in specs {
+        let spec = PhaseSpec {
+            name: &name,
+            mix: &mix,
+            rate,
+        };
         match run_phase(
             options,
-            &name,
-            &mix,
-            rate,
+            spec,
             vault,
             &vault_clients,
             echo_clients.as_deref(),
@@ -327,18 +330,12 @@ async fn drive(
             .unwrap_or(0.0);
         if peak > 0.0 {
             let mix = Mix::only(Rpc::Get);
-            match run_phase(
-                options,
-                "get@half-peak",
-                &mix,
-                Some(peak / 2.0),
-                vault,
-                &vault_clients,
-                None,
-                &workload,
-            )
-            .await
-            {
+            let spec = PhaseSpec {
+                name: "get@half-peak",
+                mix: &mix,
+                rate: Some(peak / 2.0),
+            };
+            match run_phase(options, spec, vault, &vault_clients, None, &workload).await {
                 Ok(phase) => phases.push(phase),
                 Err(error) => result = Err(error),
             }
@@ -350,11 +347,16 @@ async fn drive(
     result.map(|()| (seed, phases))
 }
 
+/// One measured phase: its name, mix and optional pacing.
+struct PhaseSpec<'a> {
+    name: &'a str,
+    mix: &'a Mix,
+    rate: Option<f64>,
+}
+
 async fn run_phase(
     options: &BenchOptions,
-    name: &str,
-    mix: &Mix,
-    rate: Option<f64>,
+    PhaseSpec { name, mix, rate }: PhaseSpec<'_>,
     server: &Server,
     vault: &[VaultClient<Channel>],
     echo: Option<&[VaultClient<Channel>]>,
