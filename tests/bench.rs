@@ -28,7 +28,12 @@ fn options(target: TargetSpec) -> BenchOptions {
 
 fn assert_all_succeeded(report: &Report) {
     let seed = report.seed.as_ref().expect("a seed report");
-    assert_eq!((seed.requested, seed.created), (25, 25), "{:?}", seed.failures);
+    assert_eq!(
+        (seed.requested, seed.created),
+        (25, 25),
+        "{:?}",
+        seed.failures
+    );
     for phase in &report.phases {
         for rpc in &phase.rpcs {
             assert!(
@@ -60,13 +65,23 @@ async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
     let methods: Vec<&str> = report.phases.iter().map(|p| p.rpcs[0].rpc).collect();
     assert_eq!(
         methods,
-        ["GetRecord", "CreateRecord", "FindRecords", "CheckAccount", "GetRecord"]
+        [
+            "GetRecord",
+            "CreateRecord",
+            "FindRecords",
+            "CheckAccount",
+            "GetRecord"
+        ]
     );
     for phase in &report.phases[..4] {
         let rpc = &phase.rpcs[0];
         let echo = rpc.echo.as_ref().expect("an echo figure");
         assert!(echo.failures.is_empty() && echo.requests > 0);
-        assert!(rpc.ratio.is_some_and(|r| r > 0.0), "{} has a ratio", rpc.rpc);
+        assert!(
+            rpc.ratio.is_some_and(|r| r > 0.0),
+            "{} has a ratio",
+            rpc.rpc
+        );
         assert!(phase.rate_limit.is_none());
     }
     let half = &report.phases[4];
@@ -88,7 +103,14 @@ async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
     }
     assert!(first["ratio"].is_number());
     let text = report.to_text();
-    for header in ["req/s", "p50 ms", "p99 ms", "echo req/s", "ratio", "GetRecord"] {
+    for header in [
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "echo req/s",
+        "ratio",
+        "GetRecord",
+    ] {
         assert!(text.contains(header), "table shows {header}:\n{text}");
     }
 }
