@@ -1,7 +1,7 @@
-//! The command line: `serve`, `migrate`, `token`, `keys` and `purge`. Parsing is clap's; every
-//! server-side command loads configuration the same way (defaults < file < environment <
-//! flags). The `keys` commands are gRPC clients of a running vault (see [`crate::key_cli`]),
-//! so scheduled jobs need only an address and a token holding the `keys.rotate` grant.
+//! The command line: `serve`, `migrate`, `token`, `audit`, `accounts`, `keys`, `purge` and
+//! `bench`. Parsing is clap's; every server-side command loads configuration the same way
+//! (defaults < file < environment < flags). `accounts`, `keys` and `purge` are gRPC clients
+//! of a running vault, so scheduled jobs need only an address and a token with the grant.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -44,6 +44,63 @@ enum Command {
     Keys(crate::key_cli::KeysArgs),
     /// Crypto-shred records past their retention deadline, on a running vault.
     Purge(crate::key_cli::PurgeArgs),
+    /// Load-test a vault over gRPC (a running one with --addr, else one started here).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// A running vault's gRPC address; without it a vault is started in this process on a
+    /// temporary data directory.
+    #[arg(long)]
+    addr: Option<String>,
+    /// Bearer token for --addr (a caller allowed the RPCs of the mix and the purpose).
+    #[arg(long, env = "PDVAULT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the token for --addr, when --token is not given.
+    #[arg(long, default_value = "pdvault-data/admin.token")]
+    token_file: PathBuf,
+    /// Database of the vault started here (default: SQLite in the temporary data directory).
+    #[arg(long, conflicts_with = "addr")]
+    database_url: Option<String>,
+    /// HTTP/2 connections to spread requests over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Requests in flight at once, over all connections.
+    #[arg(long, default_value_t = 32)]
+    in_flight: usize,
+    /// Seconds measured per phase.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds run before measuring, per phase.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// RPC mix for a single phase, e.g. `get=70,find=10,check=15,create=5`. Without it every
+    /// RPC gets a phase of its own, then GetRecord runs at half its peak rate.
+    #[arg(long)]
+    mix: Option<String>,
+    /// Pace the --mix phase at this many requests per second in total (open loop).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Synthetic identities to create before measuring.
+    #[arg(long, default_value_t = 1000)]
+    seed: u64,
+    /// Also drive a do-nothing echo service on the same gRPC stack and print ratios to it.
+    #[arg(long)]
+    baseline: bool,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Purpose of GetRecord and FindRecords.
+    #[arg(long, default_value = crate::bench::DEFAULT_PURPOSE)]
+    purpose: String,
+    /// Fields GetRecord asks for, comma-separated; empty asks for all the purpose releases.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "name,id_number,phone,email"
+    )]
+    fields: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -156,6 +213,7 @@ pub async fn run() -> ExitCode {
         Command::Accounts(args) => accounts(args).await,
         Command::Keys(args) => crate::key_cli::run(args).await,
         Command::Purge(args) => crate::key_cli::purge(args).await,
+        Command::Bench(args) => bench(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -363,6 +421,64 @@ async fn accounts(args: AccountsArgs) -> Result<(), String> {
                 page_token = page.next_page_token;
             }
         }
+    }
+    Ok(())
+}
+
+async fn bench(args: BenchArgs) -> Result<(), String> {
+    use crate::bench::{BenchOptions, Mix, TargetSpec};
+    let seconds = |flag: &str, value: f64| {
+        std::time::Duration::try_from_secs_f64(value)
+            .map_err(|_| format!("--{flag} must be a non-negative number of seconds"))
+    };
+    let target = match args.addr {
+        Some(addr) => {
+            let token = match args.token {
+                Some(token) => zeroize::Zeroizing::new(token),
+                None => zeroize::Zeroizing::new(
+                    std::fs::read_to_string(&args.token_file).map_err(|e| {
+                        format!(
+                            "--addr needs --token, PDVAULT_TOKEN or a readable --token-file ({}: {e})",
+                            args.token_file.display()
+                        )
+                    })?,
+                ),
+            };
+            TargetSpec::External {
+                addr,
+                token: token.trim().to_owned(),
+            }
+        }
+        None => TargetSpec::InProcess {
+            database_url: args.database_url,
+        },
+    };
+    let options = BenchOptions {
+        target,
+        connections: args.connections,
+        in_flight: args.in_flight,
+        duration: seconds("duration", args.duration)?,
+        warmup: seconds("warmup", args.warmup)?,
+        mix: args
+            .mix
+            .as_deref()
+            .map(Mix::parse)
+            .transpose()
+            .map_err(|e| e.to_string())?,
+        rate: args.rate,
+        seed: args.seed,
+        baseline: args.baseline,
+        purpose: args.purpose,
+        fields: args.fields.into_iter().filter(|f| !f.is_empty()).collect(),
+    };
+    let report = crate::bench::run(options)
+        .await
+        .map_err(|e| e.to_string())?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        println!("{json}");
+    } else {
+        print!("{}", report.to_text());
     }
     Ok(())
 }

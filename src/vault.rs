@@ -857,15 +857,19 @@ fn seal_all(
     record_id: &str,
     canonical: &[(FieldName, String)],
 ) -> Result<Vec<SealedField>, VaultError> {
-    canonical
+    let plaintexts: Vec<(&str, &[u8])> = canonical
         .iter()
-        .map(|(field, value)| {
-            Ok(SealedField {
-                field: field.as_str().to_owned(),
-                ciphertext: dek.seal_field(record_id, field.as_str(), value.as_bytes())?,
-            })
+        .map(|(field, value)| (field.as_str(), value.as_bytes()))
+        .collect();
+    let sealed = dek.seal_fields(record_id, &plaintexts)?;
+    Ok(canonical
+        .iter()
+        .zip(sealed)
+        .map(|((field, _), ciphertext)| SealedField {
+            field: field.as_str().to_owned(),
+            ciphertext,
         })
-        .collect()
+        .collect())
 }
 
 /// Field names a read asks for; `None` means all the purpose allows.

@@ -486,7 +486,50 @@ async fn retention_removes_old_segments_and_verification_still_passes(app: &Test
     assert!(!verify(app).await.ok());
 }
 
+/// A batch whose size is no power of two is written in several multi-row statements; the
+/// chain must link across the statement boundaries exactly as one row at a time would.
+async fn a_large_batch_links_across_statement_chunks(app: &TestApp) {
+    let store = app.store().await;
+    let chain = "chn_batchchunks";
+    store
+        .register_chain(chain, 0, &pdvault::audit::genesis(chain))
+        .await
+        .unwrap();
+    let event = |i: usize| AuditEvent {
+        event_id: format!("evt_chunk_{i}"),
+        occurred_at: i as i64,
+        chain_id: chain.to_owned(),
+        caller: "test".into(),
+        peer: None,
+        rpc: "GetRecord".into(),
+        record_ids: vec![format!("rec_{i}")],
+        purpose: Some("service-delivery".into()),
+        justification: None,
+        released: vec![("name".into(), "PLAIN".into())],
+        outcome: "OK".into(),
+        reason: None,
+        request_id: None,
+        trace_id: None,
+    };
+    // 301 = 128 + 128 + 32 + 8 + 4 + 1, then a second batch continuing the chain.
+    let first: Vec<AuditEvent> = (0..301).map(event).collect();
+    store.append_audit(&first).await.unwrap();
+    let second: Vec<AuditEvent> = (301..304).map(event).collect();
+    store.append_audit(&second).await.unwrap();
+    let stored = store.chain_events(chain, 0, 1000).await.unwrap();
+    let seqs: Vec<i64> = stored.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=304).collect::<Vec<i64>>());
+    let ids: Vec<&str> = stored.iter().map(|e| e.event.event_id.as_str()).collect();
+    assert_eq!(
+        ids[127..130],
+        ["evt_chunk_127", "evt_chunk_128", "evt_chunk_129"]
+    );
+    let report = verify(app).await;
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
 for_each_backend!(
+    a_large_batch_links_across_statement_chunks,
     nothing_is_released_when_the_audit_store_is_unwritable,
     every_granted_read_has_exactly_one_event_under_load,
     an_edited_event_is_detected,

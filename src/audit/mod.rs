@@ -130,6 +130,11 @@ impl AuditLog {
         let _ = self.closing.send(true);
     }
 
+    /// The counters, kept readable after every handle (and so the writer) is gone.
+    pub fn shared_stats(&self) -> Arc<BatchStats> {
+        Arc::clone(&self.stats)
+    }
+
     /// Returns once `event` is committed to durable storage, or why it could not be.
     pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
         let (done, committed) = oneshot::channel();

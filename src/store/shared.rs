@@ -1066,38 +1066,55 @@ macro_rules! impl_store {
                 .fetch_one(&mut *conn)
                 .await?;
             let head_seq: i64 = head.try_get("head_seq")?;
-            let mut prev_hash: Vec<u8> = head.try_get("head_hash")?;
-            let mut seq = head_seq - events.len() as i64;
-            for event in events {
-                seq += 1;
-                let hash = $crate::audit::link(event, seq, &prev_hash);
-                sqlx::query($crate::store::queries::INSERT_AUDIT_EVENT)
-                    .bind(chain_id)
-                    .bind(seq)
-                    .bind(&event.event_id)
-                    .bind(event.occurred_at)
-                    .bind(&event.caller)
-                    .bind(&event.peer)
-                    .bind(&event.rpc)
-                    .bind(event.subject())
-                    .bind($crate::store::encode_json_list(&event.record_ids))
-                    .bind(&event.purpose)
-                    .bind(&event.justification)
-                    .bind($crate::store::encode_json_list(&event.released))
-                    .bind(i64::from(event.released_plaintext()))
-                    .bind(&event.outcome)
-                    .bind(&event.reason)
-                    .bind(&event.request_id)
-                    .bind(&event.trace_id)
-                    .bind(&prev_hash)
-                    .bind(hash.as_slice())
-                    .execute(&mut *conn)
-                    .await?;
-                prev_hash = hash.to_vec();
+            let head_hash: Vec<u8> = head.try_get("head_hash")?;
+            let first_seq = head_seq - events.len() as i64 + 1;
+            // Link every event first, then write them a chunk per statement.
+            let mut hashes: Vec<Vec<u8>> = Vec::with_capacity(events.len());
+            for (seq, event) in (first_seq..).zip(events) {
+                let prev = hashes.last().unwrap_or(&head_hash);
+                let hash = $crate::audit::link(event, seq, prev).to_vec();
+                hashes.push(hash);
             }
+            let mut done = 0;
+            while done < events.len() {
+                let left = events.len() - done;
+                let rows = if left >= $crate::store::queries::AUDIT_INSERT_MAX_ROWS {
+                    $crate::store::queries::AUDIT_INSERT_MAX_ROWS
+                } else {
+                    1 << left.ilog2()
+                };
+                let mut insert = sqlx::query($crate::store::queries::insert_audit_events(rows));
+                for i in done..done + rows {
+                    let event = &events[i];
+                    let prev_hash = if i == 0 { &head_hash } else { &hashes[i - 1] };
+                    insert = insert
+                        .bind(chain_id)
+                        .bind(first_seq + i as i64)
+                        .bind(&event.event_id)
+                        .bind(event.occurred_at)
+                        .bind(&event.caller)
+                        .bind(&event.peer)
+                        .bind(&event.rpc)
+                        .bind(event.subject())
+                        .bind($crate::store::encode_json_list(&event.record_ids))
+                        .bind(&event.purpose)
+                        .bind(&event.justification)
+                        .bind($crate::store::encode_json_list(&event.released))
+                        .bind(i64::from(event.released_plaintext()))
+                        .bind(&event.outcome)
+                        .bind(&event.reason)
+                        .bind(&event.request_id)
+                        .bind(&event.trace_id)
+                        .bind(prev_hash)
+                        .bind(&hashes[i]);
+                }
+                insert.execute(&mut *conn).await?;
+                done += rows;
+            }
+            let new_head = hashes.last().unwrap_or(&head_hash);
             sqlx::query($crate::store::queries::SET_CHAIN_HASH)
                 .bind(chain_id)
-                .bind(&prev_hash)
+                .bind(new_head)
                 .execute(&mut *conn)
                 .await?;
             Ok(())

@@ -56,8 +56,11 @@ impl SqliteStore {
             .pragma("secure_delete", "ON")
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        // No ping before each acquire: a SQLite connection is a file handle that cannot go
+        // stale, and the ping is a round trip to the connection's worker thread per query.
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         Ok(SqliteStore { pool })
