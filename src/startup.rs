@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::ServerTlsConfig;
 
 use crate::accounts::AccountRules;
@@ -281,7 +280,7 @@ impl Application {
         };
         tracing::info!(addr = %self.local_addr, tls = config.tls.cert_path.is_some(), "pdvault listening");
         let served =
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), signal);
+            router.serve_with_incoming_shutdown(incoming(self.listener), signal);
         let result = tokio::select! {
             result = served => result.map_err(StartupError::from),
             () = grace_elapsed => {
@@ -370,6 +369,13 @@ pub fn build_policy(config: &Config) -> Result<Policy, StartupError> {
         callers.push(admin_caller(&config.admin_token_path(), config)?);
     }
     Ok(Policy::build(&config.purposes, &callers)?)
+}
+
+/// Accepted connections with Nagle's algorithm off: gRPC writes small frames, and Nagle
+/// against the peer's delayed ACK stalls a response for up to 40 ms. tonic's own
+/// `tcp_nodelay` setting does not reach a listener handed in like this one.
+pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::proto;
@@ -157,6 +156,6 @@ pub async fn bind(
     // Built exactly as `startup::Application::run_until` builds the vault's server.
     let serve = tonic::transport::Server::builder()
         .add_service(VaultServer::new(EchoVault))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(crate::startup::incoming(listener), shutdown);
     Ok((addr, serve))
 }
