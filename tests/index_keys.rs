@@ -477,6 +477,16 @@ async fn another_instance_follows_an_index_rotation(app: &TestApp) {
     );
     let (_, versions) = index_versions(app).await;
     assert_eq!(versions[1], (2, KeyVersionState::Active, 3));
+    // Version 1 retired and destroyed on the first instance: the second one stops computing
+    // under it and keeps working.
+    retire_index(app, 1).await.unwrap();
+    destroy_index(app, 1).await.unwrap();
+    assert_eq!(
+        find_document(&other, &id_number).await,
+        vec![record.clone()]
+    );
+    assert_duplicate(&other, person(&id_number, "13900000000")).await;
+    assert_minor(&other, &minor).await;
     other.stop().await;
 }
 

@@ -267,6 +267,11 @@ impl KeyManager {
     /// file when it lacks one of them. Returns the active index version.
     pub async fn refresh_index(&self) -> Result<u32, KeyError> {
         let view = self.read_index_view().await?;
+        if view != self.index_view() {
+            // Versions were added or retired (perhaps destroyed) elsewhere: re-read the
+            // file, which also drops destroyed keys from this instance's memory.
+            self.index.refresh()?;
+        }
         for &version in &view.live {
             self.index.get(version)?;
         }
@@ -309,10 +314,10 @@ impl KeyManager {
     pub async fn index_view_is_current(&self) -> Result<bool, KeyError> {
         let current = self.read_index_view().await?;
         let mine = self.index_view();
-        let covered = current.live.iter().all(|v| mine.live.contains(v));
-        if covered && current.active == mine.active {
+        if current == mine {
             return Ok(true);
         }
+        let covered = current.live.iter().all(|v| mine.live.contains(v));
         self.refresh_index().await?;
         Ok(covered)
     }
