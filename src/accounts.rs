@@ -6,8 +6,21 @@
 //! suspension, consent or coming of age takes effect on the next call on every instance,
 //! with nothing to run. The login path ([`Vault::check_account`]) reads account state only:
 //! it unwraps no record key and opens no identity field. To tell minors it opens the record's
-//! age gate, the birth date sealed under the vault's state key (derived from the blind-index
-//! key), one in-memory AES-GCM open.
+//! age gate, the birth date sealed under a state key, one in-memory AES-GCM open.
+//!
+//! # The state key and index-key rotation
+//!
+//! The state key is derived from a blind-index key (`BlindIndexKey::derive_state_key`), so
+//! it is versioned with the index keys rather than being one more key to keep forever. A
+//! record's age gate is sealed under the state key of the record's `index_version`, the
+//! same version its blind indexes were computed with: a write seals it under the active
+//! index version, and the re-index pass of the rewrap job (`crate::reindex`) opens it under
+//! the old version and re-seals it under the new one in the same compare-and-swap that
+//! replaces the indexes. Reading it takes the state key of the version the row names, so a
+//! minor stays a minor before, during and after a re-index, and an index version can be
+//! destroyed once nothing is indexed (or gated) under it. The alternative, a separate state
+//! key that never rotates, would have left age gates sealed under a key that outlives
+//! every rotation.
 
 use std::collections::BTreeSet;
 
@@ -19,6 +32,7 @@ use crate::config::Config;
 use crate::crypto::DataKey;
 use crate::domain::age::has_reached;
 use crate::domain::{FieldName, Identity, IdentityInput, Violation};
+use crate::keys::IndexKeyPair;
 use crate::policy::{Grant, PolicyError, Purpose, Rpc};
 use crate::store::{AccountEventRow, AccountState, ConsentRow, Micros};
 use crate::vault::{
@@ -29,7 +43,7 @@ use crate::vault::{
 const MAX_NOTE_LEN: usize = 1000;
 const MAX_REF_LEN: usize = 128;
 /// Associated-data name of the sealed birth date.
-const AGE_GATE_FIELD: &str = "state.date_of_birth";
+pub(crate) const AGE_GATE_FIELD: &str = "state.date_of_birth";
 
 /// Suspension, minors and policy-version rules, validated against the configured purposes.
 #[derive(Debug, Clone)]
@@ -186,16 +200,18 @@ pub struct ConsentRequest {
 }
 
 impl Vault {
-    /// Seals a birth date under the state key, bound to the record.
+    /// Seals a birth date under the state key of `index_keys` (the active index version's,
+    /// which the write also stores as the record's index version), bound to the record.
     pub(crate) fn seal_age_gate(
         &self,
+        index_keys: &IndexKeyPair,
         record_id: &str,
         birth: Option<NaiveDate>,
     ) -> Result<Option<Vec<u8>>, VaultError> {
         let Some(birth) = birth else {
             return Ok(None);
         };
-        let sealed = self.state_key().seal_field(
+        let sealed = index_keys.blind_index.derive_state_key().seal_field(
             record_id,
             AGE_GATE_FIELD,
             birth.format("%Y-%m-%d").to_string().as_bytes(),
@@ -203,8 +219,13 @@ impl Vault {
         Ok(Some(sealed))
     }
 
-    fn state_key(&self) -> DataKey {
-        self.keys.blind_index().derive_state_key()
+    /// The state key a record's age gate is sealed under: its index version's.
+    fn state_key(&self, state: &AccountState) -> Result<DataKey, VaultError> {
+        Ok(self
+            .keys
+            .index_keys(state.index_version)?
+            .blind_index
+            .derive_state_key())
     }
 
     fn birth_date(
@@ -216,7 +237,7 @@ impl Vault {
             return Ok(None);
         };
         let opened = self
-            .state_key()
+            .state_key(state)?
             .open_field(record_id, AGE_GATE_FIELD, gate)?;
         let text = std::str::from_utf8(&opened).map_err(|_| VaultError::DataLoss)?;
         NaiveDate::parse_from_str(text, "%Y-%m-%d")
@@ -555,13 +576,8 @@ impl Vault {
         if !has_reached(birth, self.rules.age_of_majority, self.today()) {
             return Err(VaultError::GuardianNotAdult);
         }
-        let index = self
-            .keys
-            .blind_index()
-            .document(document.id_type().as_str(), document.number());
         let same_person = self
-            .store
-            .find_by_document(&index)
+            .find_by_document(document)
             .await?
             .iter()
             .any(|found| found.record_id == minor_id);

@@ -1,6 +1,9 @@
 //! Key-lifecycle use cases, independent of gRPC: who may rotate, rewrap, retire and destroy
 //! keys, and the audit events those operations leave.
 //!
+//! KEKs and index (blind-index and pseudonym) keys go through the same operations, told
+//! apart by [`KeyKind`]; events name the kind (`kek_version=`, `index_version=`).
+//!
 //! Every operation needs the `keys.rotate` grant. Each one that changes something is
 //! audited through the vault's audit log after it took effect; should that
 //! write fail, the caller is told ([`AdminError::AuditUnavailable`]) even though the key
@@ -11,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::keys::{KeyError, KeyStatus, KeyVersionInfo, RotateOutcome};
+use crate::keys::{KeyError, KeyKind, KeyStatus, KeyVersionInfo, RotateOutcome};
 use crate::policy::Grant;
 use crate::rewrap::{self, Progress, RewrapError};
 use crate::vault::{CallContext, Vault, VaultError};
@@ -75,41 +78,52 @@ impl KeyAdmin {
     pub async fn rotate(
         &self,
         ctx: &CallContext,
+        kind: KeyKind,
         expected_active: Option<u32>,
     ) -> Result<(RotateOutcome, KeyVersionInfo), AdminError> {
         self.authorize(ctx, Grant::KeysRotate)?;
         let keys = self.vault.keys();
-        let outcome = keys.rotate(expected_active, self.now()).await?;
+        let outcome = keys.rotate(kind, expected_active, self.now()).await?;
         if outcome.created {
+            let rpc = match kind {
+                KeyKind::Kek => "RotateKeyEncryptionKey",
+                KeyKind::Index => "RotateIndexKey",
+            };
             self.audit(
                 ctx,
-                "RotateKeyEncryptionKey",
+                rpc,
                 Vec::new(),
-                format!("kek_version={}", outcome.active_version),
+                format!("{}={}", version_label(kind), outcome.active_version),
             )
             .await?;
         }
-        let active = self.version(outcome.active_version).await?;
+        let active = self.version(kind, outcome.active_version).await?;
         Ok((outcome, active))
     }
 
-    pub async fn status(&self, ctx: &CallContext) -> Result<KeyStatus, AdminError> {
+    /// The KEK versions and the index versions.
+    pub async fn status(&self, ctx: &CallContext) -> Result<(KeyStatus, KeyStatus), AdminError> {
         self.authorize(ctx, Grant::KeysRotate)?;
-        Ok(self.vault.keys().status().await?)
+        let keys = self.vault.keys();
+        Ok((
+            keys.status(KeyKind::Kek).await?,
+            keys.status(KeyKind::Index).await?,
+        ))
     }
 
     pub async fn retire(
         &self,
         ctx: &CallContext,
+        kind: KeyKind,
         version: u32,
     ) -> Result<KeyVersionInfo, AdminError> {
         self.authorize(ctx, Grant::KeysRotate)?;
-        let info = self.vault.keys().retire(version, self.now()).await?;
+        let info = self.vault.keys().retire(kind, version, self.now()).await?;
         self.audit(
             ctx,
             "RetireKeyVersion",
             Vec::new(),
-            format!("kek_version={version}"),
+            format!("{}={version}", version_label(kind)),
         )
         .await?;
         Ok(info)
@@ -118,15 +132,16 @@ impl KeyAdmin {
     pub async fn destroy(
         &self,
         ctx: &CallContext,
+        kind: KeyKind,
         version: u32,
     ) -> Result<KeyVersionInfo, AdminError> {
         self.authorize(ctx, Grant::KeysRotate)?;
-        let info = self.vault.keys().destroy(version, self.now()).await?;
+        let info = self.vault.keys().destroy(kind, version, self.now()).await?;
         self.audit(
             ctx,
             "DestroyKeyVersion",
             Vec::new(),
-            format!("kek_version={version}"),
+            format!("{}={version}", version_label(kind)),
         )
         .await?;
         Ok(info)
@@ -159,8 +174,12 @@ impl KeyAdmin {
         .await;
         let summary = match &result {
             Ok(done) => format!(
-                "job_id={job_id} kek_version={} rewrapped={} outcome=DONE",
-                done.target_version, done.rewrapped
+                "job_id={job_id} kek_version={} rewrapped={} index_version={} reindexed={} \
+                 outcome=DONE",
+                done.kek.target_version,
+                done.kek.moved,
+                done.index.target_version,
+                done.index.moved
             ),
             Err(error) => format!("job_id={job_id} outcome=ERROR error={error}"),
         };
@@ -169,12 +188,19 @@ impl KeyAdmin {
         Ok(result?)
     }
 
-    async fn version(&self, version: u32) -> Result<KeyVersionInfo, AdminError> {
-        let status = self.vault.keys().status().await?;
+    async fn version(&self, kind: KeyKind, version: u32) -> Result<KeyVersionInfo, AdminError> {
+        let status = self.vault.keys().status(kind).await?;
         status
             .versions
             .into_iter()
             .find(|v| v.version == version)
             .ok_or(AdminError::Key(KeyError::NoSuchVersion(version)))
+    }
+}
+
+fn version_label(kind: KeyKind) -> &'static str {
+    match kind {
+        KeyKind::Kek => "kek_version",
+        KeyKind::Index => "index_version",
     }
 }

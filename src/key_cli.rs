@@ -96,32 +96,87 @@ pub async fn purge(args: PurgeArgs) -> Result<(), String> {
 
 #[derive(Debug, Subcommand)]
 enum KeysCommand {
-    /// Create a new KEK version and make it active.
+    /// Create a new KEK version (or, with --index, blind-index and pseudonym key version)
+    /// and make it active.
     Rotate {
         /// Rotate only if this version is still the active one (for jobs that may run on
         /// several hosts at once: exactly one of them rotates).
         #[arg(long)]
         expect_active: Option<u32>,
+        /// Rotate the blind-index and pseudonym keys instead of the KEK. Released
+        /// pseudonyms change; run `keys rewrap` afterwards to re-index old records.
+        #[arg(long)]
+        index: bool,
     },
-    /// Rewrap every data key under an older KEK version to the active one.
+    /// Rewrap every data key under an older KEK version to the active one, then re-index
+    /// every record under an older index version.
     Rewrap {
         /// Records per transaction (server default 500).
         #[arg(long, default_value_t = 0)]
         batch_size: u32,
     },
-    /// Show every KEK version, its state and how many records it wraps.
+    /// Show every KEK and index version, its state and how many records use it.
     Status,
-    /// Retire a decrypt-only version that wraps nothing any more.
-    Retire { version: u32 },
+    /// Retire a decrypt-only version that nothing uses any more.
+    Retire {
+        version: u32,
+        /// An index version rather than a KEK version.
+        #[arg(long)]
+        index: bool,
+    },
     /// Destroy a retired version's material, irreversibly.
-    Destroy { version: u32 },
+    Destroy {
+        version: u32,
+        /// An index version rather than a KEK version.
+        #[arg(long)]
+        index: bool,
+    },
+}
+
+fn kind_of(index: bool) -> (proto::KeyKind, &'static str) {
+    if index {
+        (proto::KeyKind::Index, "index")
+    } else {
+        (proto::KeyKind::Kek, "KEK")
+    }
 }
 
 /// Runs a `keys` subcommand; `Err` becomes the message and the non-zero exit.
 pub async fn run(args: KeysArgs) -> Result<(), String> {
     let (token, mut client) = args.connection.connect().await?;
     match args.command {
-        KeysCommand::Rotate { expect_active } => {
+        KeysCommand::Rotate {
+            expect_active,
+            index: true,
+        } => {
+            let response = client
+                .rotate_index_key(authed(
+                    &token,
+                    proto::RotateIndexKeyRequest {
+                        expected_active_version: expect_active.unwrap_or(0),
+                    },
+                )?)
+                .await
+                .map_err(describe)?
+                .into_inner();
+            let active = response.active.unwrap_or_default();
+            if response.created {
+                println!(
+                    "rotated: index version {} is active; run `pdvault keys rewrap` to re-index",
+                    active.version
+                );
+            } else {
+                println!(
+                    "not rotated: another rotation made index version {} active",
+                    active.version
+                );
+            }
+            Ok(())
+        }
+        KeysCommand::Rotate {
+            expect_active,
+            index: false,
+        } => {
             let response = client
                 .rotate_key_encryption_key(authed(
                     &token,
@@ -178,14 +233,24 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
             match last {
                 Some(progress) if progress.done => {
                     println!(
-                        "rewrap done: {} records rewrapped to KEK version {} (job {})",
-                        progress.rewrapped, progress.target_version, progress.job_id
+                        "rewrap done: {} records rewrapped to KEK version {}, {} re-indexed \
+                         to index version {} (job {})",
+                        progress.rewrapped,
+                        progress.target_version,
+                        progress.reindexed,
+                        progress.target_index_version,
+                        progress.job_id
                     );
                     Ok(())
                 }
                 Some(progress) => Err(format!(
-                    "rewrap ended early: {} rewrapped, {} remaining (job {})",
-                    progress.rewrapped, progress.remaining, progress.job_id
+                    "rewrap ended early: {} rewrapped, {} remaining; {} re-indexed, {} \
+                     remaining (job {})",
+                    progress.rewrapped,
+                    progress.remaining,
+                    progress.reindexed,
+                    progress.index_remaining,
+                    progress.job_id
                 )),
                 None => Err("rewrap ended without reporting progress".into()),
             }
@@ -196,53 +261,74 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
                 .await
                 .map_err(describe)?
                 .into_inner();
-            println!(
-                "{:>8}  {:<13} {:>10}  {:<8} created",
-                "version", "state", "records", "provider"
-            );
-            for version in &status.versions {
-                let created = version
-                    .create_time
-                    .as_ref()
-                    .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32))
-                    .map(|t| t.to_rfc3339())
-                    .unwrap_or_default();
-                println!(
-                    "{:>8}  {:<13} {:>10}  {:<8} {created}",
-                    version.version,
-                    state_name(version.state()),
-                    version.record_count,
-                    version.provider
-                );
-            }
+            print_versions(&status.versions);
+            println!("\nindex (blind-index and pseudonym) versions:");
+            print_versions(&status.index_versions);
             Ok(())
         }
-        KeysCommand::Retire { version } => {
+        KeysCommand::Retire { version, index } => {
+            let (kind, name) = kind_of(index);
             let retired = client
-                .retire_key_version(authed(&token, proto::RetireKeyVersionRequest { version })?)
+                .retire_key_version(authed(
+                    &token,
+                    proto::RetireKeyVersionRequest {
+                        version,
+                        kind: kind as i32,
+                    },
+                )?)
                 .await
                 .map_err(describe)?
                 .into_inner();
             println!(
-                "KEK version {} is {}",
+                "{name} version {} is {}",
                 retired.version,
                 state_name(retired.state())
             );
             Ok(())
         }
-        KeysCommand::Destroy { version } => {
+        KeysCommand::Destroy { version, index } => {
+            let (kind, name) = kind_of(index);
             let destroyed = client
-                .destroy_key_version(authed(&token, proto::DestroyKeyVersionRequest { version })?)
+                .destroy_key_version(authed(
+                    &token,
+                    proto::DestroyKeyVersionRequest {
+                        version,
+                        kind: kind as i32,
+                    },
+                )?)
                 .await
                 .map_err(describe)?
                 .into_inner();
             println!(
-                "KEK version {} is {}",
+                "{name} version {} is {}",
                 destroyed.version,
                 state_name(destroyed.state())
             );
             Ok(())
         }
+    }
+}
+
+/// One line per version: number, state, records using it, provider, creation time.
+fn print_versions(versions: &[proto::KeyVersion]) {
+    println!(
+        "{:>8}  {:<13} {:>10}  {:<8} created",
+        "version", "state", "records", "provider"
+    );
+    for version in versions {
+        let created = version
+            .create_time
+            .as_ref()
+            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32))
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default();
+        println!(
+            "{:>8}  {:<13} {:>10}  {:<8} {created}",
+            version.version,
+            state_name(version.state()),
+            version.record_count,
+            version.provider
+        );
     }
 }
 

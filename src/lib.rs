@@ -17,6 +17,7 @@ pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
+pub mod reindex;
 pub mod reload;
 pub mod retention;
 pub mod rewrap;

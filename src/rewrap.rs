@@ -1,13 +1,17 @@
 //! The rewrap job: moves every data key still wrapped under an older KEK version to the
-//! active one, without decrypting any field.
+//! active one, without decrypting any field; then, in a second pass, re-computes the blind
+//! indexes (and re-seals the age gate) of every record still under an older index version
+//! with the active index keys. That pass does decrypt the identity fields indexes are made
+//! from, inside the vault only ([`crate::reindex`]).
 //!
 //! Progress lives in the database, not here: a record needs rewrapping exactly when its
-//! `kek_version` is older than the active one, and each batch changes those rows and the
-//! job's counters in one transaction. A job killed at any point therefore loses at most
+//! `kek_version` is older than the active one (re-indexing, when its `index_version` is),
+//! and each batch changes those rows and the job's counters in one transaction. A job killed at any point therefore loses at most
 //! the batch in flight, and running the job again finishes the rest. Two jobs at once are
 //! safe: on PostgreSQL each batch skips rows another job holds (`FOR UPDATE SKIP LOCKED`),
 //! on SQLite the single writer serialises batches, and every update is a compare-and-swap
-//! on the wrapped key, so no record is rewrapped from a stale read. Memory is one batch,
+//! (on the wrapped key; for re-indexing, on the record's version and index version), so no
+//! record is rewrapped or re-indexed from a stale read. Memory is one batch,
 //! whatever the record count: batches walk the records in id order (keyset pagination).
 
 use std::time::Duration;
@@ -15,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::keys::{KeyError, KeyManager};
-use crate::store::{Micros, StoreError};
+use crate::store::{Micros, RewrapBatch, Store, StoreError};
 
 /// Largest batch a caller may ask for; bounds memory and transaction length.
 pub const MAX_BATCH_SIZE: u32 = 5_000;
@@ -31,8 +35,11 @@ pub enum RewrapError {
     Key(#[from] KeyError),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
-    /// Some data keys could not be unwrapped; they are left as they were.
-    #[error("{failed} data keys could not be rewrapped; {remaining} remain under older versions")]
+    /// Some data keys could not be unwrapped (or records re-indexed); they are left as
+    /// they were.
+    #[error(
+        "{failed} records could not be rewrapped or re-indexed; {remaining} remain under older versions"
+    )]
     Failed { failed: u64, remaining: i64 },
     /// Rows stayed locked by other transactions for the whole retry budget.
     #[error("{remaining} records stayed locked by other transactions")]
@@ -42,22 +49,88 @@ pub enum RewrapError {
     Cancelled,
 }
 
+/// One pass's progress: the KEK rewrap or the re-index.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PassProgress {
+    pub target_version: u32,
+    /// Records under older versions when the pass started.
+    pub total: i64,
+    /// Records rewrapped (or re-indexed) so far.
+    pub moved: u64,
+    /// Records the current sweep could not move.
+    pub failed: u64,
+    pub remaining: i64,
+}
+
 /// A job's progress, as sent after every batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Progress {
     pub job_id: String,
-    pub target_version: u32,
-    /// Records under older versions when the job started.
-    pub total: i64,
-    pub rewrapped: u64,
-    /// Records the current pass could not rewrap.
-    pub failed: u64,
-    pub remaining: i64,
+    /// Data keys under older KEK versions.
+    pub kek: PassProgress,
+    /// Blind indexes under older index versions.
+    pub index: PassProgress,
     pub done: bool,
 }
 
-/// Runs one rewrap job to the end, sending progress after every batch. `now` stamps the
-/// job's heartbeat.
+/// Which pass a loop runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    Kek,
+    Index,
+}
+
+impl Pass {
+    async fn refresh(self, keys: &KeyManager) -> Result<u32, KeyError> {
+        match self {
+            Pass::Kek => keys.refresh_active().await,
+            Pass::Index => keys.refresh_index().await,
+        }
+    }
+
+    async fn count(self, store: &dyn Store, target: u32) -> Result<i64, StoreError> {
+        match self {
+            Pass::Kek => store.count_older_than(target).await,
+            Pass::Index => store.count_index_older_than(target).await,
+        }
+    }
+
+    async fn batch(
+        self,
+        keys: &KeyManager,
+        job_id: &str,
+        target: u32,
+        after: &str,
+        limit: i64,
+        now: Micros,
+    ) -> Result<RewrapBatch, RewrapError> {
+        let store = keys.store();
+        Ok(match self {
+            Pass::Kek => {
+                let rewrap = keys.rewrapper(target);
+                store
+                    .rewrap_batch(job_id, target, after, limit, now, &rewrap)
+                    .await?
+            }
+            Pass::Index => {
+                let reindex = crate::reindex::reindexer(keys, target)?;
+                store
+                    .reindex_batch(job_id, target, after, limit, now, &reindex)
+                    .await?
+            }
+        })
+    }
+
+    fn of(self, state: &mut Progress) -> &mut PassProgress {
+        match self {
+            Pass::Kek => &mut state.kek,
+            Pass::Index => &mut state.index,
+        }
+    }
+}
+
+/// Runs one rewrap job to the end (the KEK pass, then the re-index pass), sending progress
+/// after every batch. `now` stamps the job's heartbeat.
 pub async fn run(
     keys: &KeyManager,
     job_id: String,
@@ -67,71 +140,34 @@ pub async fn run(
 ) -> Result<Progress, RewrapError> {
     let store = keys.store().clone();
     let batch_size = i64::from(batch_size.clamp(1, MAX_BATCH_SIZE));
-    let mut target = keys.refresh_active().await?;
-    store.start_rewrap_job(&job_id, target, now()).await?;
-    let total = store.count_older_than(target).await?;
+    let kek_target = keys.refresh_active().await?;
+    let index_target = keys.refresh_index().await?;
+    store.start_rewrap_job(&job_id, kek_target, now()).await?;
+    let kek_total = store.count_older_than(kek_target).await?;
+    let index_total = store.count_index_older_than(index_target).await?;
     let mut state = Progress {
         job_id: job_id.clone(),
-        target_version: target,
-        total,
-        rewrapped: 0,
-        failed: 0,
-        remaining: total,
+        kek: PassProgress {
+            target_version: kek_target,
+            total: kek_total,
+            remaining: kek_total,
+            ..PassProgress::default()
+        },
+        index: PassProgress {
+            target_version: index_target,
+            total: index_total,
+            remaining: index_total,
+            ..PassProgress::default()
+        },
         done: false,
     };
     let outcome = async {
         send(progress, &state).await?;
-        let mut idle_passes = 0;
-        loop {
-            let mut cursor = String::new();
-            let mut pass_rewrapped = 0;
-            state.failed = 0;
-            loop {
-                let rewrap = keys.rewrapper(target);
-                let batch = store
-                    .rewrap_batch(&job_id, target, &cursor, batch_size, now(), &rewrap)
-                    .await?;
-                if batch.target_inactive {
-                    // Someone rotated meanwhile: aim at the new version from the start.
-                    target = keys.refresh_active().await?;
-                    state.target_version = target;
-                    state.total = state.rewrapped as i64 + store.count_older_than(target).await?;
-                    cursor.clear();
-                    continue;
-                }
-                let Some(last) = batch.last_record_id else {
-                    break;
-                };
-                cursor = last;
-                pass_rewrapped += batch.rewrapped;
-                state.rewrapped += batch.rewrapped;
-                state.failed += batch.failed;
-                state.remaining = (state.total - state.rewrapped as i64).max(0);
-                send(progress, &state).await?;
-            }
-            let remaining = store.count_older_than(target).await?;
-            state.remaining = remaining;
-            if remaining == 0 {
-                state.done = true;
-                return Ok(());
-            }
-            if pass_rewrapped == 0 && state.failed > 0 {
-                return Err(RewrapError::Failed {
-                    failed: state.failed,
-                    remaining,
-                });
-            }
-            if pass_rewrapped == 0 {
-                // Everything left is held by another job or a writer right now.
-                idle_passes += 1;
-                if idle_passes > LOCKED_ROWS_RETRIES {
-                    return Err(RewrapError::Stalled { remaining });
-                }
-                tokio::time::sleep(LOCKED_ROWS_PAUSE).await;
-            } else {
-                idle_passes = 0;
-            }
+        for pass in [Pass::Kek, Pass::Index] {
+            run_pass(keys, pass, &job_id, batch_size, now, progress, &mut state).await?;
         }
+        state.done = true;
+        Ok(())
     }
     .await;
     let final_state = match &outcome {
@@ -145,6 +181,75 @@ pub async fn run(
     outcome?;
     let _ = progress.send(state.clone()).await;
     Ok(state)
+}
+
+/// Sweeps the records in id order until none is left under an older version of `pass`'s
+/// key, starting over when a rotation moved the target, and pausing when every row left is
+/// held by someone else.
+async fn run_pass(
+    keys: &KeyManager,
+    pass: Pass,
+    job_id: &str,
+    batch_size: i64,
+    now: &(dyn Fn() -> Micros + Send + Sync),
+    progress: &mpsc::Sender<Progress>,
+    state: &mut Progress,
+) -> Result<(), RewrapError> {
+    let store = keys.store().clone();
+    let mut idle_passes = 0;
+    loop {
+        let mut cursor = String::new();
+        let mut pass_moved = 0;
+        pass.of(state).failed = 0;
+        loop {
+            let target = pass.of(state).target_version;
+            let batch = pass
+                .batch(keys, job_id, target, &cursor, batch_size, now())
+                .await?;
+            if batch.target_inactive {
+                // Someone rotated meanwhile: aim at the new version from the start.
+                let target = pass.refresh(keys).await?;
+                let older = pass.count(store.as_ref(), target).await?;
+                let this = pass.of(state);
+                this.target_version = target;
+                this.total = this.moved as i64 + older;
+                cursor.clear();
+                continue;
+            }
+            let Some(last) = batch.last_record_id else {
+                break;
+            };
+            cursor = last;
+            pass_moved += batch.rewrapped;
+            let this = pass.of(state);
+            this.moved += batch.rewrapped;
+            this.failed += batch.failed;
+            this.remaining = (this.total - this.moved as i64).max(0);
+            send(progress, state).await?;
+        }
+        let this = pass.of(state);
+        let remaining = pass.count(store.as_ref(), this.target_version).await?;
+        this.remaining = remaining;
+        if remaining == 0 {
+            return Ok(());
+        }
+        if pass_moved == 0 && this.failed > 0 {
+            return Err(RewrapError::Failed {
+                failed: this.failed,
+                remaining,
+            });
+        }
+        if pass_moved == 0 {
+            // Everything left is held by another job or a writer right now.
+            idle_passes += 1;
+            if idle_passes > LOCKED_ROWS_RETRIES {
+                return Err(RewrapError::Stalled { remaining });
+            }
+            tokio::time::sleep(LOCKED_ROWS_PAUSE).await;
+        } else {
+            idle_passes = 0;
+        }
+    }
 }
 
 async fn send(progress: &mpsc::Sender<Progress>, state: &Progress) -> Result<(), RewrapError> {

@@ -396,7 +396,8 @@ pub async fn open_keys(
     let seed_active = keyring.active_version();
     let (keks, resident) = keyring.into_parts();
     // With a hardware module the keyring file still holds the blind-index and pseudonym
-    // keys (lookups need them in memory), and its KEK entries are not used.
+    // keys of every index version (lookups need them in memory), and its KEK entries are
+    // not used.
     let provider: Box<dyn KekProvider> = match config.keys.provider.as_str() {
         "local" => Box::new(LocalKekProvider::new(&path, keks)),
         "pkcs11" => {
@@ -420,8 +421,16 @@ pub async fn open_keys(
         provider.versions()?.into_iter().max().unwrap_or(1)
     };
     let suite = Suite::parse(&config.keys.suite).ok_or(StartupError::UnknownSuite)?;
-    let manager =
-        KeyManager::open(provider, seed_active, suite, resident, store.clone(), now).await?;
+    let manager = KeyManager::open(
+        provider,
+        seed_active,
+        suite,
+        resident,
+        Some(&path),
+        store.clone(),
+        now,
+    )
+    .await?;
     Ok(Arc::new(manager))
 }
 

@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::accounts::AccountRules;
 use crate::audit::{AuditEvent, AuditLog, StoredEvent, VerifyReport};
-use crate::crypto::{CryptoError, DataKey};
+use crate::crypto::{BlindIndexKey, CryptoError, DataKey, PseudonymKey};
 use crate::domain::{
     FieldName, IdDocument, IdType, Identity, IdentityInput, PhoneNumber, Violation, generalize,
     mask,
@@ -29,8 +29,8 @@ use crate::keys::{KeyError, KeyManager};
 use crate::policy::{Caller, Grant, Policy, Purpose, ReleaseLevel, Rpc};
 use crate::retention::Retention;
 use crate::store::{
-    AuditQuery, CreateRequestKey, InsertOutcome, Micros, NewRecord, RecordMeta, RecordUpdate,
-    SealedField, Store, StoreError,
+    AuditQuery, CreateRequestKey, InsertOutcome, LookupMatch, Micros, NewRecord, RecordIndexes,
+    RecordMeta, RecordUpdate, SealedField, Store, StoreError,
 };
 
 mod lifecycle;
@@ -39,6 +39,9 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 const MAX_FREE_TEXT_LEN: usize = 512;
 const RECORD_ID_PREFIX: &str = "rec_";
 const MAX_POLICY_VERSION_LEN: usize = 64;
+/// How often a write or lookup catches up with a key rotation another instance made before
+/// it gives up (one is the norm; more means rotations are racing it).
+const KEY_REFRESH_ATTEMPTS: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -278,11 +281,6 @@ impl Vault {
         let dek = self.keys.generate_data_key()?;
         let canonical = identity.canonical_fields();
         let fields = seal_all(&dek, &record_id, &canonical)?;
-        let request = request_id.map(|request_id| CreateRequestKey {
-            caller: ctx.caller.name.clone(),
-            fingerprint: self.request_fingerprint(&canonical),
-            request_id,
-        });
         let now = self.now_micros();
         let retain_until = self
             .retention
@@ -292,7 +290,6 @@ impl Vault {
                 retention_days,
             )
             .map_err(lifecycle::retention_violation)?;
-        let age_gate = self.seal_age_gate(&record_id, identity.date_of_birth())?;
         let audit = self.event(
             ctx,
             Rpc::CreateRecord.as_str(),
@@ -300,32 +297,34 @@ impl Vault {
             "OK",
             None,
         );
-        let mut refreshed = false;
+        let mut attempts = 0;
         let outcome = loop {
+            attempts += 1;
             let (wrapped_key, kek_version) = self.keys.wrap(&dek, &record_id)?;
+            let (indexes, age_gate) = self.write_indexes(&record_id, &identity)?;
+            let request = match &request_id {
+                Some(request_id) => Some(self.request_key(ctx, request_id, &canonical)?),
+                None => None,
+            };
             let record = NewRecord {
                 wrapped_key,
                 kek_version,
-                document_index: self.document_index(&identity),
-                phone_index: identity
-                    .phone()
-                    .map(|p| self.keys.blind_index().phone(p.e164())),
+                indexes,
                 fields: fields.clone(),
-                age_gate: age_gate.clone(),
+                age_gate,
                 policy_version: policy_version.clone(),
                 retain_until,
                 created_at: now,
                 record_id: record_id.clone(),
             };
-            match self
-                .store
-                .insert_record(record, request.clone(), &audit)
-                .await
-            {
+            match self.store.insert_record(record, request, &audit).await {
                 // Another instance rotated: learn the new active version and wrap again.
-                Err(StoreError::StaleKeyVersion(_)) if !refreshed => {
-                    refreshed = true;
+                Err(StoreError::StaleKeyVersion(_)) if attempts < KEY_REFRESH_ATTEMPTS => {
                     self.keys.refresh_active().await?;
+                }
+                // Another instance rotated the index key: index under the new version.
+                Err(StoreError::StaleIndexVersion(_)) if attempts < KEY_REFRESH_ATTEMPTS => {
+                    self.keys.refresh_index().await?;
                 }
                 other => break other?,
             }
@@ -408,6 +407,9 @@ impl Vault {
             .ok_or(VaultError::NotFound)?;
         self.check_release_allowed(record_id, purpose, &stored.account)?;
         let dek = self.keys.unwrap(&stored.wrapped_key, record_id)?;
+        // Pseudonyms are always those of the active index version: they change when the
+        // index key is rotated.
+        let (_, index_keys) = self.keys.active_index()?;
         let mut fields = Vec::new();
         for sealed in &stored.fields {
             let field = FieldName::parse(&sealed.field)
@@ -418,7 +420,9 @@ impl Vault {
             }
             let plaintext = dek.open_field(record_id, &sealed.field, &sealed.ciphertext)?;
             let canonical = std::str::from_utf8(&plaintext).map_err(|_| VaultError::DataLoss)?;
-            if let Some(value) = self.apply_level(purpose, field, level, canonical) {
+            if let Some(value) =
+                apply_level(&index_keys.pseudonym, purpose, field, level, canonical)
+            {
                 fields.push((field, ReleasedValue { value, level }));
             }
         }
@@ -439,28 +443,6 @@ impl Vault {
             },
             event,
         ))
-    }
-
-    /// The value released for `level`, or `None` when the value has no such form (for
-    /// instance an address whose region cannot be recognised): then nothing is released.
-    fn apply_level(
-        &self,
-        purpose: &Purpose,
-        field: FieldName,
-        level: ReleaseLevel,
-        canonical: &str,
-    ) -> Option<String> {
-        match level {
-            ReleaseLevel::Plain => Some(canonical.to_owned()),
-            ReleaseLevel::Masked => mask(field, canonical),
-            ReleaseLevel::Generalized => generalize(field, canonical),
-            ReleaseLevel::Pseudonym => Some(self.keys.pseudonym().pseudonym(
-                &purpose.name,
-                field.as_str(),
-                canonical,
-            )),
-            ReleaseLevel::None => None,
-        }
     }
 
     fn granted_purpose<'c>(
@@ -545,19 +527,6 @@ impl Vault {
             return Err(violation("identity", "an update may not clear every field"));
         }
         let fields = seal_all(&dek, record_id, &identity.canonical_fields())?;
-        let update = RecordUpdate {
-            record_id: record_id.to_owned(),
-            expected_version,
-            updated_at: self.now_micros(),
-            document_index: self.document_index(&identity),
-            phone_index: identity
-                .phone()
-                .map(|p| self.keys.blind_index().phone(p.e164())),
-            fields,
-            age_gate: self.seal_age_gate(record_id, identity.date_of_birth())?,
-            policy_version,
-            override_suspension,
-        };
         let audit = self.event(
             ctx,
             Rpc::UpdateRecord.as_str(),
@@ -565,7 +534,28 @@ impl Vault {
             "OK",
             None,
         );
-        Ok(self.store.update_record(update, &audit).await?)
+        let updated_at = self.now_micros();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (indexes, age_gate) = self.write_indexes(record_id, &identity)?;
+            let update = RecordUpdate {
+                record_id: record_id.to_owned(),
+                expected_version,
+                updated_at,
+                indexes,
+                fields: fields.clone(),
+                age_gate,
+                policy_version: policy_version.clone(),
+                override_suspension,
+            };
+            match self.store.update_record(update, &audit).await {
+                Err(StoreError::StaleIndexVersion(_)) if attempts < KEY_REFRESH_ATTEMPTS => {
+                    self.keys.refresh_index().await?;
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     pub async fn delete_record(
@@ -649,17 +639,13 @@ impl Vault {
                     id_type.ok_or_else(|| violation("document.id_type", "is required"))?;
                 let document = IdDocument::parse(id_type, &id_number, today)
                     .map_err(|reason| violation("document.id_number", &reason))?;
-                let index = self
-                    .keys
-                    .blind_index()
-                    .document(document.id_type().as_str(), document.number());
-                self.store.find_by_document(&index).await?
+                self.find_by_document(&document).await?
             }
             LookupKey::Phone(raw) => {
                 let phone =
                     PhoneNumber::parse(&raw).map_err(|reason| violation("phone", &reason))?;
-                let index = self.keys.blind_index().phone(phone.e164());
-                self.store.find_by_phone(&index).await?
+                self.find_indexed(IndexedKey::Phone, |key| key.phone(phone.e164()))
+                    .await?
             }
         };
         for found in &matches {
@@ -763,20 +749,102 @@ impl Vault {
             .map_err(|_| VaultError::AuditUnavailable)
     }
 
-    fn document_index(&self, identity: &Identity) -> Option<Vec<u8>> {
-        identity.id_document().map(|doc| {
-            self.keys
-                .blind_index()
-                .document(doc.id_type().as_str(), doc.number())
-        })
+    /// A write's blind indexes under the active index version (with the document's index
+    /// under the other live versions, for the uniqueness check), and its age gate sealed
+    /// under the active version's state key.
+    fn write_indexes(
+        &self,
+        record_id: &str,
+        identity: &Identity,
+    ) -> Result<(RecordIndexes, Option<Vec<u8>>), VaultError> {
+        let live = self.keys.live_index_keys()?;
+        let ((version, active), others) = live
+            .split_first()
+            .ok_or_else(|| VaultError::Internal("no live index version".into()))?;
+        let document = |key: &BlindIndexKey| {
+            identity
+                .id_document()
+                .map(|doc| key.document(doc.id_type().as_str(), doc.number()))
+        };
+        let indexes = RecordIndexes {
+            version: *version,
+            document: document(&active.blind_index),
+            phone: identity.phone().map(|p| active.blind_index.phone(p.e164())),
+            document_elsewhere: others
+                .iter()
+                .filter_map(|(_, keys)| document(&keys.blind_index))
+                .collect(),
+            computed_for: live.iter().map(|(v, _)| *v).collect(),
+        };
+        let age_gate = self.seal_age_gate(active, record_id, identity.date_of_birth())?;
+        Ok((indexes, age_gate))
     }
 
-    fn request_fingerprint(&self, canonical: &[(FieldName, String)]) -> Vec<u8> {
+    /// The idempotency key of a create: its content's MAC under the active index version,
+    /// and under the other live ones so that a retry spanning a rotation still matches.
+    fn request_key(
+        &self,
+        ctx: &CallContext,
+        request_id: &str,
+        canonical: &[(FieldName, String)],
+    ) -> Result<CreateRequestKey, VaultError> {
         let parts: Vec<&[u8]> = canonical
             .iter()
             .flat_map(|(field, value)| [field.as_str().as_bytes(), value.as_bytes()])
             .collect();
-        self.keys.blind_index().fingerprint(&parts)
+        let mut fingerprints = self
+            .keys
+            .live_index_keys()?
+            .into_iter()
+            .map(|(_, keys)| keys.blind_index.fingerprint(&parts));
+        let fingerprint = fingerprints
+            .next()
+            .ok_or_else(|| VaultError::Internal("no live index version".into()))?;
+        Ok(CreateRequestKey {
+            caller: ctx.caller.name.clone(),
+            request_id: request_id.to_owned(),
+            fingerprint,
+            fingerprint_elsewhere: fingerprints.collect(),
+        })
+    }
+
+    /// Live records holding this document under any live index version.
+    pub(crate) async fn find_by_document(
+        &self,
+        document: &IdDocument,
+    ) -> Result<Vec<LookupMatch>, VaultError> {
+        self.find_indexed(IndexedKey::Document, |key| {
+            key.document(document.id_type().as_str(), document.number())
+        })
+        .await
+    }
+
+    /// Looks a key up under every live index version in one statement, then checks that no
+    /// index version became live meanwhile that the lookup did not compute for (another
+    /// instance rotated, and the re-index may have moved records to it); if one did, looks
+    /// up again with it.
+    async fn find_indexed(
+        &self,
+        key: IndexedKey,
+        index: impl Fn(&BlindIndexKey) -> Vec<u8>,
+    ) -> Result<Vec<LookupMatch>, VaultError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let candidates: Vec<Vec<u8>> = self
+                .keys
+                .live_index_keys()?
+                .iter()
+                .map(|(_, keys)| index(&keys.blind_index))
+                .collect();
+            let matches = match key {
+                IndexedKey::Document => self.store.find_by_document(&candidates).await?,
+                IndexedKey::Phone => self.store.find_by_phone(&candidates).await?,
+            };
+            if self.keys.index_view_is_current().await? || attempts >= KEY_REFRESH_ATTEMPTS {
+                return Ok(matches);
+            }
+        }
     }
 
     pub(crate) fn event(
@@ -870,6 +938,33 @@ fn seal_all(
             ciphertext,
         })
         .collect())
+}
+
+/// Which blind index a lookup reads.
+#[derive(Clone, Copy)]
+enum IndexedKey {
+    Document,
+    Phone,
+}
+
+/// The value released for `level`, or `None` when the value has no such form (for instance
+/// an address whose region cannot be recognised): then nothing is released.
+fn apply_level(
+    pseudonyms: &PseudonymKey,
+    purpose: &Purpose,
+    field: FieldName,
+    level: ReleaseLevel,
+    canonical: &str,
+) -> Option<String> {
+    match level {
+        ReleaseLevel::Plain => Some(canonical.to_owned()),
+        ReleaseLevel::Masked => mask(field, canonical),
+        ReleaseLevel::Generalized => generalize(field, canonical),
+        ReleaseLevel::Pseudonym => {
+            Some(pseudonyms.pseudonym(&purpose.name, field.as_str(), canonical))
+        }
+        ReleaseLevel::None => None,
+    }
 }
 
 /// Field names a read asks for; `None` means all the purpose allows.

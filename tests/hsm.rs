@@ -211,14 +211,20 @@ async fn hsm_lifecycle(backend: Backend) {
     client
         .retire_key_version(authed(
             &app.admin_token,
-            RetireKeyVersionRequest { version: 1 },
+            RetireKeyVersionRequest {
+                version: 1,
+                ..Default::default()
+            },
         ))
         .await
         .unwrap();
     client
         .destroy_key_version(authed(
             &app.admin_token,
-            DestroyKeyVersionRequest { version: 1 },
+            DestroyKeyVersionRequest {
+                version: 1,
+                ..Default::default()
+            },
         ))
         .await
         .unwrap();

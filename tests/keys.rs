@@ -133,7 +133,10 @@ async fn retire(app: &TestApp, version: u32) -> Result<proto::KeyVersion, tonic:
         .await
         .retire_key_version(authed(
             &app.admin_token,
-            RetireKeyVersionRequest { version },
+            RetireKeyVersionRequest {
+                version,
+                ..Default::default()
+            },
         ))
         .await
         .map(|r| r.into_inner())
@@ -144,7 +147,10 @@ async fn destroy(app: &TestApp, version: u32) -> Result<proto::KeyVersion, tonic
         .await
         .destroy_key_version(authed(
             &app.admin_token,
-            DestroyKeyVersionRequest { version },
+            DestroyKeyVersionRequest {
+                version,
+                ..Default::default()
+            },
         ))
         .await
         .map(|r| r.into_inner())
@@ -299,7 +305,10 @@ async fn key_management_needs_the_keys_rotate_grant(app: &TestApp) {
     let denied = client
         .destroy_key_version(authed(
             CLAIMS.token,
-            DestroyKeyVersionRequest { version: 1 },
+            DestroyKeyVersionRequest {
+                version: 1,
+                ..Default::default()
+            },
         ))
         .await
         .unwrap_err();

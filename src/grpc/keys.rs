@@ -12,7 +12,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::grpc::{call_context, error_info, timestamp, to_status};
 use crate::key_admin::{AdminError, KeyAdmin};
-use crate::keys::{KeyError, KeyVersionInfo, KeyVersionState};
+use crate::keys::{KeyError, KeyKind, KeyVersionInfo, KeyVersionState};
 use crate::proto;
 use crate::proto::key_management_server::KeyManagement;
 use crate::rewrap::{MAX_BATCH_SIZE, Progress, RewrapError};
@@ -41,10 +41,27 @@ impl KeyManagement for KeyManagementService {
         let expected = request.into_inner().expected_active_version;
         let (outcome, active) = self
             .admin
-            .rotate(&ctx, (expected != 0).then_some(expected))
+            .rotate(&ctx, KeyKind::Kek, (expected != 0).then_some(expected))
             .await
             .map_err(admin_status)?;
         Ok(Response::new(proto::RotateKeyEncryptionKeyResponse {
+            active: Some(key_version(active)),
+            created: outcome.created,
+        }))
+    }
+
+    async fn rotate_index_key(
+        &self,
+        request: Request<proto::RotateIndexKeyRequest>,
+    ) -> Result<Response<proto::RotateIndexKeyResponse>, Status> {
+        let ctx = call_context(self.admin.vault(), &request)?;
+        let expected = request.into_inner().expected_active_version;
+        let (outcome, active) = self
+            .admin
+            .rotate(&ctx, KeyKind::Index, (expected != 0).then_some(expected))
+            .await
+            .map_err(admin_status)?;
+        Ok(Response::new(proto::RotateIndexKeyResponse {
             active: Some(key_version(active)),
             created: outcome.created,
         }))
@@ -95,10 +112,12 @@ impl KeyManagement for KeyManagementService {
         request: Request<proto::GetKeyStatusRequest>,
     ) -> Result<Response<proto::KeyStatus>, Status> {
         let ctx = call_context(self.admin.vault(), &request)?;
-        let status = self.admin.status(&ctx).await.map_err(admin_status)?;
+        let (keks, index) = self.admin.status(&ctx).await.map_err(admin_status)?;
         Ok(Response::new(proto::KeyStatus {
-            active_version: status.active_version,
-            versions: status.versions.into_iter().map(key_version).collect(),
+            active_version: keks.active_version,
+            versions: keks.versions.into_iter().map(key_version).collect(),
+            active_index_version: index.active_version,
+            index_versions: index.versions.into_iter().map(key_version).collect(),
         }))
     }
 
@@ -107,10 +126,11 @@ impl KeyManagement for KeyManagementService {
         request: Request<proto::RetireKeyVersionRequest>,
     ) -> Result<Response<proto::KeyVersion>, Status> {
         let ctx = call_context(self.admin.vault(), &request)?;
-        let version = request.into_inner().version;
+        let request = request.into_inner();
+        let (version, kind) = (request.version, key_kind(request.kind()));
         let info = self
             .admin
-            .retire(&ctx, version)
+            .retire(&ctx, kind, version)
             .await
             .map_err(admin_status)?;
         Ok(Response::new(key_version(info)))
@@ -121,10 +141,11 @@ impl KeyManagement for KeyManagementService {
         request: Request<proto::DestroyKeyVersionRequest>,
     ) -> Result<Response<proto::KeyVersion>, Status> {
         let ctx = call_context(self.admin.vault(), &request)?;
-        let version = request.into_inner().version;
+        let request = request.into_inner();
+        let (version, kind) = (request.version, key_kind(request.kind()));
         let info = self
             .admin
-            .destroy(&ctx, version)
+            .destroy(&ctx, kind, version)
             .await
             .map_err(admin_status)?;
         Ok(Response::new(key_version(info)))
@@ -183,15 +204,28 @@ fn key_version(info: KeyVersionInfo) -> proto::KeyVersion {
     }
 }
 
+/// Unspecified is the KEK, as before kinds existed.
+fn key_kind(kind: proto::KeyKind) -> KeyKind {
+    match kind {
+        proto::KeyKind::Index => KeyKind::Index,
+        proto::KeyKind::Kek | proto::KeyKind::Unspecified => KeyKind::Kek,
+    }
+}
+
 fn progress_message(progress: Progress) -> proto::RewrapProgress {
     proto::RewrapProgress {
         job_id: progress.job_id,
-        target_version: progress.target_version,
-        total: progress.total,
-        rewrapped: progress.rewrapped as i64,
-        failed: progress.failed as i64,
-        remaining: progress.remaining,
+        target_version: progress.kek.target_version,
+        total: progress.kek.total,
+        rewrapped: progress.kek.moved as i64,
+        failed: progress.kek.failed as i64,
+        remaining: progress.kek.remaining,
         done: progress.done,
+        target_index_version: progress.index.target_version,
+        index_total: progress.index.total,
+        reindexed: progress.index.moved as i64,
+        index_failed: progress.index.failed as i64,
+        index_remaining: progress.index.remaining,
     }
 }
 
@@ -235,7 +269,7 @@ pub(crate) fn key_status(error: &KeyError) -> Status {
         KeyError::InUse { .. } => {
             error_info(Code::FailedPrecondition, &message, "KEY_VERSION_IN_USE")
         }
-        KeyError::MaterialMissing { .. } => {
+        KeyError::MaterialMissing { .. } | KeyError::IndexMaterialMissing { .. } => {
             tracing::error!(error = %message, "key material unavailable");
             error_info(Code::Unavailable, &message, "KEY_UNAVAILABLE")
         }

@@ -28,6 +28,17 @@
 //! does not hold makes the provider re-read its material once before failing. So no record
 //! is ever written under a version that is being retired, and no instance needs a restart.
 //!
+//! # Blind-index and pseudonym keys
+//!
+//! They are versioned too (`key_versions` kind `index`), and [`index`] holds them. Their
+//! material is always in the keyring file, whatever holds the KEKs: lookups MAC in memory.
+//! A record names the index version its blind indexes were computed with; lookups compute
+//! the candidate index under every live version, the rewrap job moves records to the active
+//! one (`crate::reindex`), and a version nothing uses any more can be retired and destroyed
+//! like a KEK version. Keyring files written before index keys had versions (a single
+//! `blind_index_key` and `pseudonym_key`) read as index version 1, and are rewritten in the
+//! versioned form on their first edit.
+//!
 //! # Destruction and backups
 //!
 //! `DestroyKeyVersion` removes the version's material from the provider (rewriting the
@@ -52,12 +63,14 @@ use crate::crypto::{
     parse_wrap_header,
 };
 
+pub mod index;
 pub mod local;
 pub mod manager;
 
+pub use index::{IndexKeyPair, IndexKeys};
 pub use local::LocalKekProvider;
 pub use manager::{
-    KeyError, KeyManager, KeyStatus, KeyVersionInfo, KeyVersionState, RotateOutcome,
+    KeyError, KeyKind, KeyManager, KeyStatus, KeyVersionInfo, KeyVersionState, RotateOutcome,
 };
 
 /// Holds KEK material and performs wrap and unwrap with it. Implementations are
@@ -83,7 +96,9 @@ pub trait KekProvider: Send + Sync + 'static {
 
 /// Name under which the local keyring's KEKs appear in wrapped keys.
 pub const LOCAL_KEY_ID: &str = "local";
-const KEYRING_FORMAT: u32 = 1;
+/// Format 1 held one blind-index and one pseudonym key; format 2 holds index versions.
+const KEYRING_FORMAT: u32 = 2;
+const KEYRING_FORMAT_SINGLE_INDEX_KEY: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
@@ -103,11 +118,13 @@ pub enum KeyringError {
 }
 
 /// Keys the vault needs in memory whatever provider holds its KEKs: lookups and pseudonyms
-/// need the MAC keys, and audit checkpoints the signing key.
+/// need the MAC keys (every index version the file holds), and audit checkpoints the
+/// signing key.
 #[derive(Debug)]
 pub struct ResidentKeys {
-    pub blind_index: BlindIndexKey,
-    pub pseudonym: PseudonymKey,
+    pub index: BTreeMap<u32, IndexKeyPair>,
+    /// The index version the file names as active: only a seed for an empty database.
+    pub active_index_version: u32,
     pub audit_signing: AuditSigningKey,
 }
 
@@ -116,8 +133,8 @@ pub struct ResidentKeys {
 pub struct Keyring {
     keks: BTreeMap<u32, Kek>,
     active_version: u32,
-    blind_index: BlindIndexKey,
-    pseudonym: PseudonymKey,
+    index: BTreeMap<u32, IndexKeyPair>,
+    active_index_version: u32,
     audit_signing: AuditSigningKey,
 }
 
@@ -149,11 +166,9 @@ impl Keyring {
             path: path.to_owned(),
             reason,
         };
-        let file: KeyringFile =
+        let mut file: KeyringFile =
             serde_json::from_str(&text).map_err(|e| malformed(format!("{e}")))?;
-        if file.format != KEYRING_FORMAT {
-            return Err(malformed(format!("unknown format {}", file.format)));
-        }
+        file.upgrade().map_err(malformed)?;
         let mut keks = BTreeMap::new();
         for entry in &file.keks {
             let key = decode_key(&entry.key).map_err(|_| {
@@ -170,17 +185,38 @@ impl Keyring {
                 file.active_version
             )));
         }
-        let blind_index = decode_key(&file.blind_index_key)
-            .map_err(|_| malformed("blind_index_key is not a base64 256-bit key".into()))?;
-        let pseudonym = decode_key(&file.pseudonym_key)
-            .map_err(|_| malformed("pseudonym_key is not a base64 256-bit key".into()))?;
+        let mut index = BTreeMap::new();
+        for entry in &file.index_keys {
+            let bad = |what: &str| {
+                malformed(format!(
+                    "index version {} {what} is not a base64 256-bit key",
+                    entry.version
+                ))
+            };
+            let blind_index =
+                decode_key(&entry.blind_index_key).map_err(|_| bad("blind_index_key"))?;
+            let pseudonym = decode_key(&entry.pseudonym_key).map_err(|_| bad("pseudonym_key"))?;
+            index.insert(
+                entry.version,
+                IndexKeyPair {
+                    blind_index: BlindIndexKey::new(blind_index),
+                    pseudonym: PseudonymKey::new(pseudonym),
+                },
+            );
+        }
+        let active_index_version = file.active_index_version.unwrap_or(1);
+        if !index.contains_key(&active_index_version) {
+            return Err(malformed(format!(
+                "active_index_version {active_index_version} has no key"
+            )));
+        }
         let audit_signing = decode_key(&file.audit_signing_key)
             .map_err(|_| malformed("audit_signing_key is not a base64 256-bit seed".into()))?;
         Ok(Keyring {
             keks,
             active_version: file.active_version,
-            blind_index: BlindIndexKey::new(blind_index),
-            pseudonym: PseudonymKey::new(pseudonym),
+            index,
+            active_index_version,
             audit_signing: AuditSigningKey::new(audit_signing),
         })
     }
@@ -189,11 +225,19 @@ impl Keyring {
     pub fn ephemeral() -> Result<Keyring, CryptoError> {
         let mut keks = BTreeMap::new();
         keks.insert(1, Kek::new(LOCAL_KEY_ID, 1, SecretKey::generate()?));
+        let mut index = BTreeMap::new();
+        index.insert(
+            1,
+            IndexKeyPair {
+                blind_index: BlindIndexKey::new(SecretKey::generate()?),
+                pseudonym: PseudonymKey::new(SecretKey::generate()?),
+            },
+        );
         Ok(Keyring {
             keks,
             active_version: 1,
-            blind_index: BlindIndexKey::new(SecretKey::generate()?),
-            pseudonym: PseudonymKey::new(SecretKey::generate()?),
+            index,
+            active_index_version: 1,
             audit_signing: AuditSigningKey::new(SecretKey::generate()?),
         })
     }
@@ -209,8 +253,8 @@ impl Keyring {
         (
             self.keks,
             ResidentKeys {
-                blind_index: self.blind_index,
-                pseudonym: self.pseudonym,
+                index: self.index,
+                active_index_version: self.active_index_version,
                 audit_signing: self.audit_signing,
             },
         )
@@ -237,12 +281,19 @@ impl Keyring {
         }
     }
 
-    pub fn blind_index(&self) -> &BlindIndexKey {
-        &self.blind_index
+    /// The index version the file names as active.
+    pub fn active_index_version(&self) -> u32 {
+        self.active_index_version
     }
 
-    pub fn pseudonym(&self) -> &PseudonymKey {
-        &self.pseudonym
+    /// The blind-index and pseudonym keys of one index version.
+    pub fn index_keys(&self, version: u32) -> Option<&IndexKeyPair> {
+        self.index.get(&version)
+    }
+
+    /// Splits off the index keys, for the index-key holder that re-reads the file.
+    pub(crate) fn into_index_keys(self) -> BTreeMap<u32, IndexKeyPair> {
+        self.index
     }
 
     pub fn audit_signing(&self) -> &AuditSigningKey {
@@ -255,10 +306,59 @@ struct KeyringFile {
     format: u32,
     active_version: u32,
     keks: Vec<KekEntry>,
-    blind_index_key: Zeroizing<String>,
-    pseudonym_key: Zeroizing<String>,
+    /// Format 1 only: the one blind-index key, read as index version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    blind_index_key: Option<Zeroizing<String>>,
+    /// Format 1 only: the one pseudonym key, read as index version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pseudonym_key: Option<Zeroizing<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    active_index_version: Option<u32>,
+    #[serde(default)]
+    index_keys: Vec<IndexKeyEntry>,
     /// Ed25519 seed that signs audit checkpoints.
     audit_signing_key: Zeroizing<String>,
+}
+
+impl KeyringFile {
+    /// Brings a format-1 file (single index keys) to format 2 in memory: its keys become
+    /// index version 1. Writing the result back is up to the caller.
+    fn upgrade(&mut self) -> Result<(), String> {
+        match self.format {
+            KEYRING_FORMAT => {
+                if self.index_keys.is_empty() || self.active_index_version.is_none() {
+                    return Err("format 2 without index_keys or active_index_version".into());
+                }
+                Ok(())
+            }
+            KEYRING_FORMAT_SINGLE_INDEX_KEY => {
+                let (Some(blind_index_key), Some(pseudonym_key)) =
+                    (self.blind_index_key.take(), self.pseudonym_key.take())
+                else {
+                    return Err("format 1 without blind_index_key and pseudonym_key".into());
+                };
+                self.index_keys = vec![IndexKeyEntry {
+                    version: 1,
+                    created_at: String::new(),
+                    blind_index_key,
+                    pseudonym_key,
+                }];
+                self.active_index_version = Some(1);
+                self.format = KEYRING_FORMAT;
+                Ok(())
+            }
+            other => Err(format!("unknown format {other}")),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct IndexKeyEntry {
+    version: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    created_at: String,
+    blind_index_key: Zeroizing<String>,
+    pseudonym_key: Zeroizing<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -290,8 +390,10 @@ fn write_new_keyring(path: &Path) -> Result<(), KeyringError> {
             created_at: chrono::Utc::now().to_rfc3339(),
             key: encode_key(&SecretKey::generate()?),
         }],
-        blind_index_key: encode_key(&SecretKey::generate()?),
-        pseudonym_key: encode_key(&SecretKey::generate()?),
+        blind_index_key: None,
+        pseudonym_key: None,
+        active_index_version: Some(1),
+        index_keys: vec![new_index_entry(1)?],
         audit_signing_key: encode_key(&SecretKey::generate()?),
     };
     let json = Zeroizing::new(serde_json::to_string_pretty(&file).map_err(|e| {
@@ -317,6 +419,43 @@ pub fn add_kek_version(path: &Path, version: u32) -> Result<(), KeyringError> {
             key: encode_key(&SecretKey::generate()?),
         });
         file.active_version = version;
+        Ok(())
+    })
+}
+
+fn new_index_entry(version: u32) -> Result<IndexKeyEntry, CryptoError> {
+    Ok(IndexKeyEntry {
+        version,
+        created_at: chrono::Utc::now().to_rfc3339(),
+        blind_index_key: encode_key(&SecretKey::generate()?),
+        pseudonym_key: encode_key(&SecretKey::generate()?),
+    })
+}
+
+/// Adds fresh blind-index and pseudonym keys for index `version` to the keyring file and
+/// names it active there, replacing an orphan of the same version.
+pub fn add_index_version(path: &Path, version: u32) -> Result<(), KeyringError> {
+    edit_keyring_file(path, |file| {
+        file.index_keys.retain(|entry| entry.version != version);
+        file.index_keys.push(new_index_entry(version)?);
+        file.active_index_version = Some(version);
+        Ok(())
+    })
+}
+
+/// Removes index `version`'s keys from the keyring file; removing one the file does not
+/// hold is not an error, so a destroy can be retried.
+pub fn remove_index_version(path: &Path, version: u32) -> Result<(), KeyringError> {
+    edit_keyring_file(path, |file| {
+        if file.active_index_version == Some(version) {
+            return Err(KeyringError::Malformed {
+                path: path.to_owned(),
+                reason: format!(
+                    "refusing to remove index version {version}, the file's active one"
+                ),
+            });
+        }
+        file.index_keys.retain(|entry| entry.version != version);
         Ok(())
     })
 }
@@ -349,11 +488,13 @@ fn edit_keyring_file(
     };
     check_permissions(path)?;
     let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+    let malformed = |reason: String| KeyringError::Malformed {
+        path: path.to_owned(),
+        reason,
+    };
     let mut file: KeyringFile =
-        serde_json::from_str(&text).map_err(|e| KeyringError::Malformed {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+        serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
+    file.upgrade().map_err(malformed)?;
     change(&mut file)?;
     let json = Zeroizing::new(serde_json::to_string_pretty(&file).map_err(|e| {
         KeyringError::Malformed {
@@ -434,10 +575,13 @@ mod tests {
         let wrapped = first.wrap(&dek, "r1").unwrap();
         let second = Keyring::load_or_create(&path, true).unwrap();
         assert!(second.unwrap(&wrapped, "r1").is_ok());
-        assert_eq!(
-            first.blind_index().phone("+8613812345678"),
-            second.blind_index().phone("+8613812345678")
-        );
+        let phone = |ring: &Keyring| {
+            ring.index_keys(1)
+                .unwrap()
+                .blind_index
+                .phone("+8613812345678")
+        };
+        assert_eq!(phone(&first), phone(&second));
     }
 
     #[test]
@@ -491,6 +635,52 @@ mod tests {
             assert_eq!(mode, 0o600);
         }
         assert!(!path.with_extension("json.tmp").exists());
+    }
+
+    #[test]
+    fn a_single_index_key_file_reads_as_index_version_1_and_gains_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        let first = Keyring::load_or_create(&path, true).unwrap();
+        // Rewrite the file the way keyrings were written before index keys had versions.
+        let mut file: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let index = file["index_keys"][0].clone();
+        let object = file.as_object_mut().unwrap();
+        object.remove("index_keys");
+        object.remove("active_index_version");
+        object.insert("format".into(), 1.into());
+        object.insert("blind_index_key".into(), index["blind_index_key"].clone());
+        object.insert("pseudonym_key".into(), index["pseudonym_key"].clone());
+        std::fs::remove_file(&path).unwrap();
+        write_private_file(&path, file.to_string().as_bytes()).unwrap();
+
+        let old = Keyring::load(&path).unwrap();
+        assert_eq!(old.active_index_version(), 1);
+        let phone = |ring: &Keyring, version| {
+            ring.index_keys(version)
+                .unwrap()
+                .blind_index
+                .phone("+8613812345678")
+        };
+        assert_eq!(phone(&old, 1), phone(&first, 1));
+
+        add_index_version(&path, 2).unwrap();
+        let upgraded: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(upgraded["format"], 2);
+        assert!(upgraded.get("blind_index_key").is_none());
+        let both = Keyring::load(&path).unwrap();
+        assert_eq!(both.active_index_version(), 2);
+        assert_eq!(phone(&both, 1), phone(&first, 1), "version 1 kept its key");
+        assert_ne!(phone(&both, 2), phone(&first, 1));
+        assert!(
+            remove_index_version(&path, 2).is_err(),
+            "the active one stays"
+        );
+        remove_index_version(&path, 1).unwrap();
+        remove_index_version(&path, 1).unwrap();
+        assert!(Keyring::load(&path).unwrap().index_keys(1).is_none());
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub enum StoreError {
     /// Retiring a version that still wraps data keys.
     #[error("key version {version} still wraps {records} records")]
     KeyVersionInUse { version: u32, records: i64 },
+    /// The index versions a write computed its blind indexes for are no longer the live
+    /// ones (another instance rotated the index key): the caller refreshes and retries.
+    #[error("index key version {0} is no longer active, or another version is live")]
+    StaleIndexVersion(u32),
     /// The key provider failed while the database held the key-admin lock.
     #[error("key provider: {0}")]
     KeyProvider(String),
@@ -64,14 +68,34 @@ pub struct NewRecord {
     pub created_at: Micros,
     pub wrapped_key: Vec<u8>,
     pub kek_version: u32,
-    pub document_index: Option<Vec<u8>>,
-    pub phone_index: Option<Vec<u8>>,
+    pub indexes: RecordIndexes,
     pub fields: Vec<SealedField>,
-    /// The birth date sealed under the state key, when known.
+    /// The birth date sealed under the state key of `indexes.version`, when known.
     pub age_gate: Option<Vec<u8>>,
     pub policy_version: Option<String>,
     /// When the record must be crypto-shredded; `None` keeps it until deleted.
     pub retain_until: Option<Micros>,
+}
+
+/// A write's blind indexes, computed under the active index version, and what the database
+/// needs to keep live documents unique across index versions.
+///
+/// Documents indexed under different versions have different index values, so the unique
+/// index alone cannot see a duplicate across versions. The write therefore also carries the
+/// document's index under every other live version, and the database refuses it when a
+/// live record holds one of those; it re-checks, in the same transaction and under a share
+/// lock on the active version's row, that `version` is still active and that no other
+/// version is live (see the store backends). Two writers then either compute the same
+/// active index (and meet at the unique index) or one sees the other's committed row.
+#[derive(Debug, Clone, Default)]
+pub struct RecordIndexes {
+    pub version: u32,
+    pub document: Option<Vec<u8>>,
+    pub phone: Option<Vec<u8>>,
+    /// The document's index under each live version other than `version`.
+    pub document_elsewhere: Vec<Vec<u8>>,
+    /// Every live index version the vault computed for, `version` included.
+    pub computed_for: Vec<u32>,
 }
 
 /// One identity field's ciphertext.
@@ -86,7 +110,11 @@ pub struct SealedField {
 pub struct CreateRequestKey {
     pub caller: String,
     pub request_id: String,
+    /// Stored with the request: the MAC under the active index version.
     pub fingerprint: Vec<u8>,
+    /// The same MAC under the other live index versions: a retry spanning an index rotation
+    /// still matches the fingerprint its first attempt stored.
+    pub fingerprint_elsewhere: Vec<Vec<u8>>,
 }
 
 /// Metadata of a live record: nothing here identifies the person.
@@ -124,8 +152,10 @@ pub struct StoredRecord {
 pub struct AccountState {
     pub deleted: bool,
     pub suspended: bool,
-    /// The birth date sealed under the state key.
+    /// The birth date sealed under the state key of `index_version`.
     pub age_gate: Option<Vec<u8>>,
+    /// The index version of the record's blind indexes and age gate.
+    pub index_version: u32,
     pub policy_version: Option<String>,
     pub active_consents: i64,
 }
@@ -185,9 +215,9 @@ pub struct RecordUpdate {
     pub record_id: String,
     pub expected_version: i64,
     pub updated_at: Micros,
-    pub document_index: Option<Vec<u8>>,
-    pub phone_index: Option<Vec<u8>>,
+    pub indexes: RecordIndexes,
     pub fields: Vec<SealedField>,
+    /// Sealed under the state key of `indexes.version`.
     pub age_gate: Option<Vec<u8>>,
     /// `None` keeps the accepted policy version as it is.
     pub policy_version: Option<String>,
@@ -240,6 +270,29 @@ pub type ProvisionFn<'a> = dyn Fn(u32) -> Result<(), String> + Send + Sync + 'a;
 /// unwrapped (the record is left as it is and counted as failed).
 pub type RewrapFn<'a> = dyn Fn(&str, &[u8]) -> Option<Vec<u8>> + Send + Sync + 'a;
 
+/// A live record under an older index version, as a re-index batch reads it: still
+/// sealed. `fields` holds only what indexes are computed from (`id_type`, `id_number`,
+/// `phone`).
+#[derive(Debug)]
+pub struct ReindexRow {
+    pub record_id: String,
+    pub index_version: u32,
+    pub wrapped_key: Vec<u8>,
+    pub fields: Vec<SealedField>,
+    pub age_gate: Option<Vec<u8>>,
+}
+
+/// A record's blind indexes and age gate re-computed under the target index version.
+#[derive(Debug)]
+pub struct Reindexed {
+    pub document_index: Option<Vec<u8>>,
+    pub phone_index: Option<Vec<u8>>,
+    pub age_gate: Option<Vec<u8>>,
+}
+
+/// Re-computes one record's indexes; `None` when it cannot (left as it is, counted failed).
+pub type ReindexFn<'a> = dyn Fn(&ReindexRow) -> Option<Reindexed> + Send + Sync + 'a;
+
 /// What one rewrap batch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RewrapBatch {
@@ -288,11 +341,12 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
 
-    /// Live records whose document blind index equals `index`.
-    async fn find_by_document(&self, index: &[u8]) -> Result<Vec<LookupMatch>, StoreError>;
+    /// Live records whose document blind index is one of `indexes` (the same document
+    /// under each live index version), in one statement so one snapshot answers.
+    async fn find_by_document(&self, indexes: &[Vec<u8>]) -> Result<Vec<LookupMatch>, StoreError>;
 
-    /// Live records whose phone blind index equals `index`.
-    async fn find_by_phone(&self, index: &[u8]) -> Result<Vec<LookupMatch>, StoreError>;
+    /// Live records whose phone blind index is one of `indexes`, in record-id order.
+    async fn find_by_phone(&self, indexes: &[Vec<u8>]) -> Result<Vec<LookupMatch>, StoreError>;
 
     /// The account state of a record (live or deleted); reads no identity.
     async fn account_state(&self, record_id: &str) -> Result<Option<AccountState>, StoreError>;
@@ -400,6 +454,9 @@ pub trait Store: Send + Sync + 'static {
     /// The active version of `kind`, if any.
     async fn active_key_version(&self, kind: &str) -> Result<Option<u32>, StoreError>;
 
+    /// Every version of `kind` and its state, oldest first; cheap (counts nothing).
+    async fn key_version_states(&self, kind: &str) -> Result<Vec<(u32, String)>, StoreError>;
+
     /// Every version of `kind`, oldest first, with the records each wraps.
     async fn key_versions(&self, kind: &str) -> Result<Vec<KeyVersionRow>, StoreError>;
 
@@ -455,6 +512,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Live records whose key is wrapped under a version older than `target`.
     async fn count_older_than(&self, target: u32) -> Result<i64, StoreError>;
+
+    /// Re-indexes up to `limit` live records under an index version older than `target`,
+    /// with ids after `after`, in one transaction that also advances the job's counters.
+    /// Each update is a compare-and-swap on the record's version and index version; rows
+    /// another job or a writer holds are skipped.
+    async fn reindex_batch(
+        &self,
+        job_id: &str,
+        target: u32,
+        after: &str,
+        limit: i64,
+        now: Micros,
+        reindex: &ReindexFn<'_>,
+    ) -> Result<RewrapBatch, StoreError>;
+
+    /// Live records whose blind indexes are under an index version older than `target`.
+    async fn count_index_older_than(&self, target: u32) -> Result<i64, StoreError>;
 
     /// Closes a rewrap job with its final state.
     async fn finish_rewrap_job(

@@ -48,6 +48,12 @@ impl PostgresStore {
     const SELECT_REWRAP_BATCH: &'static str = "SELECT record_id, wrapped_key FROM records \
          WHERE kek_version < $1 AND record_id > $2 AND deleted_at IS NULL \
          ORDER BY record_id LIMIT $3 FOR UPDATE SKIP LOCKED";
+    const LOCK_ACTIVE_INDEX: &'static str = "SELECT version FROM key_versions \
+         WHERE key_kind = 'index' AND version = $1 AND state = 'ACTIVE' FOR SHARE";
+    const SELECT_REINDEX_BATCH: &'static str = "SELECT record_id, version, index_version, \
+         wrapped_key, age_gate FROM records \
+         WHERE index_version < $1 AND record_id > $2 AND deleted_at IS NULL \
+         ORDER BY record_id LIMIT $3 FOR UPDATE SKIP LOCKED";
 
     fn migrator() -> &'static Migrator {
         &MIGRATOR

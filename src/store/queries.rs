@@ -9,13 +9,13 @@ pub const INSERT_CREATE_REQUEST: &str = "INSERT INTO create_requests \
 
 pub const INSERT_RECORD: &str = "INSERT INTO records \
      (record_id, version, created_at, updated_at, wrapped_key, kek_version, document_index, \
-      phone_index, age_gate, policy_version, retain_until) \
-     VALUES ($1, 1, $2, $2, $3, $4, $5, $6, $7, $8, $9)";
+      phone_index, age_gate, policy_version, retain_until, index_version) \
+     VALUES ($1, 1, $2, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 /// The account-state columns of `records r`, as [`super::AccountState`] decodes them.
 macro_rules! account_columns {
     () => {
-        "r.deleted_at, r.suspended_at, r.age_gate, r.policy_version, \
+        "r.deleted_at, r.suspended_at, r.age_gate, r.index_version, r.policy_version, \
          (SELECT COUNT(*) FROM guardian_consents c \
           WHERE c.record_id = r.record_id AND c.revoked_at IS NULL) AS active_consents"
     };
@@ -43,7 +43,7 @@ pub const SELECT_META: &str =
 /// `$8 = 1` lets the write through a suspension (the account-security role).
 pub const UPDATE_RECORD: &str = "UPDATE records \
      SET version = version + 1, updated_at = $3, document_index = $4, phone_index = $5, \
-         age_gate = $6, policy_version = COALESCE($7, policy_version) \
+         age_gate = $6, policy_version = COALESCE($7, policy_version), index_version = $9 \
      WHERE record_id = $1 AND version = $2 AND deleted_at IS NULL \
        AND (suspended_at IS NULL OR $8 = 1) \
      RETURNING created_at";
@@ -62,17 +62,39 @@ pub const SHRED_RECORD: &str = "UPDATE records \
 pub const SHRED_GUARDIANS: &str =
     "UPDATE guardian_consents SET guardian_sealed = NULL WHERE record_id = $1";
 
-pub const FIND_BY_DOCUMENT: &str = concat!(
-    "SELECT r.record_id, ",
-    account_columns!(),
-    " FROM records r WHERE r.document_index = $1 AND r.deleted_at IS NULL"
-);
+/// `$1, $2, ..., $n`.
+fn placeholders(n: usize, first: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
-pub const FIND_BY_PHONE: &str = concat!(
-    "SELECT r.record_id, ",
-    account_columns!(),
-    " FROM records r WHERE r.phone_index = $1 AND r.deleted_at IS NULL ORDER BY r.record_id"
-);
+/// Live records whose `column` (`document_index` or `phone_index`) is one of `n` values:
+/// the same key under each live index version.
+pub fn find_by_index(column: &str, n: usize) -> String {
+    assert!(matches!(column, "document_index" | "phone_index"));
+    format!(
+        "SELECT r.record_id, {} FROM records r WHERE r.{column} IN ({}) \
+         AND r.deleted_at IS NULL ORDER BY r.record_id",
+        account_columns!(),
+        placeholders(n.max(1), 1)
+    )
+}
+
+/// Whether another live record (not `$1`) holds one of `n` document indexes (`$2..`).
+pub fn document_held_elsewhere(n: usize) -> String {
+    format!(
+        "SELECT COUNT(*) FROM records WHERE document_index IN ({}) \
+         AND deleted_at IS NULL AND record_id <> $1",
+        placeholders(n, 2)
+    )
+}
+
+/// Index versions a write must have computed for: the active one and the decrypt-only ones
+/// that may still index records.
+pub const SELECT_LIVE_INDEX_VERSIONS: &str = "SELECT version FROM key_versions \
+     WHERE key_kind = 'index' AND state IN ('ACTIVE', 'DECRYPT_ONLY')";
 
 pub const SUSPEND: &str = "UPDATE records SET suspended_at = $2 \
      WHERE record_id = $1 AND deleted_at IS NULL AND suspended_at IS NULL";
@@ -234,12 +256,17 @@ pub const SELECT_ACTIVE_KEY_VERSION: &str =
 pub const SELECT_MAX_KEY_VERSION: &str =
     "SELECT MAX(version) FROM key_versions WHERE key_kind = $1";
 
-/// Per version, the live records it wraps. Only KEKs wrap record keys, so other kinds
-/// count nothing.
+/// Per version, the live records it wraps (KEKs) or indexes (index keys).
 pub const SELECT_KEY_VERSIONS: &str = "SELECT v.version, v.state, v.provider, v.created_at, \
        CASE WHEN v.key_kind = 'kek' THEN (SELECT COUNT(*) FROM records r \
-            WHERE r.kek_version = v.version AND r.deleted_at IS NULL) ELSE 0 END AS records \
+            WHERE r.kek_version = v.version AND r.deleted_at IS NULL) \
+          WHEN v.key_kind = 'index' THEN (SELECT COUNT(*) FROM records r \
+            WHERE r.index_version = v.version AND r.deleted_at IS NULL) \
+          ELSE 0 END AS records \
      FROM key_versions v WHERE v.key_kind = $1 ORDER BY v.version";
+
+pub const SELECT_KEY_VERSION_STATES: &str =
+    "SELECT version, state FROM key_versions WHERE key_kind = $1 ORDER BY version";
 
 pub const SELECT_KEY_VERSION_STATE: &str =
     "SELECT state FROM key_versions WHERE key_kind = $1 AND version = $2";
@@ -255,6 +282,26 @@ pub const DESTROY_KEY_VERSION: &str = "UPDATE key_versions \
 
 pub const COUNT_UNDER_KEK_VERSION: &str =
     "SELECT COUNT(*) FROM records WHERE kek_version = $1 AND deleted_at IS NULL";
+
+pub const COUNT_UNDER_INDEX_VERSION: &str =
+    "SELECT COUNT(*) FROM records WHERE index_version = $1 AND deleted_at IS NULL";
+
+pub const COUNT_INDEX_OLDER_THAN: &str =
+    "SELECT COUNT(*) FROM records WHERE index_version < $1 AND deleted_at IS NULL";
+
+/// The fields a re-index computes indexes from.
+pub const SELECT_INDEXED_FIELDS: &str = "SELECT field, ciphertext FROM record_fields \
+     WHERE record_id = $1 AND field IN ('id_type', 'id_number', 'phone') ORDER BY field";
+
+/// Compare-and-swap on the record's version and index version: a record updated, re-keyed
+/// or deleted since the batch read it keeps what its writer gave it.
+pub const REINDEX_RECORD: &str = "UPDATE records \
+     SET document_index = $2, phone_index = $3, age_gate = $4, index_version = $5 \
+     WHERE record_id = $1 AND version = $6 AND index_version = $7 AND deleted_at IS NULL";
+
+pub const ADVANCE_REINDEX_JOB: &str = "UPDATE rewrap_jobs \
+     SET reindexed = reindexed + $2, failed = failed + $3, updated_at = $4, \
+         target_index_version = $5 WHERE job_id = $1";
 
 pub const COUNT_OLDER_THAN: &str =
     "SELECT COUNT(*) FROM records WHERE kek_version < $1 AND deleted_at IS NULL";

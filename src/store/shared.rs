@@ -33,17 +33,31 @@ macro_rules! impl_store {
                     tx.rollback().await?;
                     return Err(StoreError::StaleKeyVersion(record.kek_version));
                 }
+                if let Some(refused) =
+                    index_writable(&mut tx, &record.record_id, &record.indexes).await?
+                {
+                    tx.rollback().await?;
+                    // A retry of the same request whose first attempt indexed under
+                    // another version is a replay, not a duplicate.
+                    if let (StoreError::DuplicateDocument, Some(request)) = (&refused, &request) {
+                        if let Some(outcome) = self.replayed_request(request).await? {
+                            return Ok(outcome);
+                        }
+                    }
+                    return Err(refused);
+                }
                 let inserted = async {
                     sqlx::query(queries::INSERT_RECORD)
                         .bind(&record.record_id)
                         .bind(record.created_at)
                         .bind(&record.wrapped_key)
                         .bind(i64::from(record.kek_version))
-                        .bind(&record.document_index)
-                        .bind(&record.phone_index)
+                        .bind(&record.indexes.document)
+                        .bind(&record.indexes.phone)
                         .bind(&record.age_gate)
                         .bind(&record.policy_version)
                         .bind(record.retain_until)
+                        .bind(i64::from(record.indexes.version))
                         .execute(&mut *tx)
                         .await?;
                     for field in &record.fields {
@@ -140,16 +154,23 @@ macro_rules! impl_store {
             ) -> Result<$crate::store::RecordMeta, $crate::store::StoreError> {
                 use $crate::store::{queries, RecordMeta, StoreError};
                 let mut tx = self.begin_write().await?;
+                if let Some(refused) =
+                    index_writable(&mut tx, &update.record_id, &update.indexes).await?
+                {
+                    tx.rollback().await?;
+                    return Err(refused);
+                }
                 let updated = async {
                     let created_at: Option<i64> = sqlx::query_scalar(queries::UPDATE_RECORD)
                         .bind(&update.record_id)
                         .bind(update.expected_version)
                         .bind(update.updated_at)
-                        .bind(&update.document_index)
-                        .bind(&update.phone_index)
+                        .bind(&update.indexes.document)
+                        .bind(&update.indexes.phone)
                         .bind(&update.age_gate)
                         .bind(&update.policy_version)
                         .bind(i64::from(update.override_suspension))
+                        .bind(i64::from(update.indexes.version))
                         .fetch_optional(&mut *tx)
                         .await?;
                     let Some(created_at) = created_at else {
@@ -241,24 +262,16 @@ macro_rules! impl_store {
 
             async fn find_by_document(
                 &self,
-                index: &[u8],
+                indexes: &[Vec<u8>],
             ) -> Result<Vec<$crate::store::LookupMatch>, $crate::store::StoreError> {
-                let rows = sqlx::query($crate::store::queries::FIND_BY_DOCUMENT)
-                    .bind(index)
-                    .fetch_all(&self.pool)
-                    .await?;
-                rows.iter().map(decode_match).collect()
+                self.find_by_index("document_index", indexes).await
             }
 
             async fn find_by_phone(
                 &self,
-                index: &[u8],
+                indexes: &[Vec<u8>],
             ) -> Result<Vec<$crate::store::LookupMatch>, $crate::store::StoreError> {
-                let rows = sqlx::query($crate::store::queries::FIND_BY_PHONE)
-                    .bind(index)
-                    .fetch_all(&self.pool)
-                    .await?;
-                rows.iter().map(decode_match).collect()
+                self.find_by_index("phone_index", indexes).await
             }
 
             async fn account_state(
@@ -662,6 +675,20 @@ macro_rules! impl_store {
                 version.map(to_version).transpose()
             }
 
+            async fn key_version_states(
+                &self,
+                kind: &str,
+            ) -> Result<Vec<(u32, String)>, $crate::store::StoreError> {
+                let rows: Vec<(i64, String)> =
+                    sqlx::query_as($crate::store::queries::SELECT_KEY_VERSION_STATES)
+                        .bind(kind)
+                        .fetch_all(&self.pool)
+                        .await?;
+                rows.into_iter()
+                    .map(|(version, state)| Ok((to_version(version)?, state)))
+                    .collect()
+            }
+
             async fn key_versions(
                 &self,
                 kind: &str,
@@ -754,11 +781,16 @@ macro_rules! impl_store {
                 // The rotation that made this version decrypt-only waited for every write
                 // in flight under it (they hold a share lock on its row), and no write
                 // passes the active check since: this count cannot grow afterwards.
-                let records: i64 = sqlx::query_scalar(queries::COUNT_UNDER_KEK_VERSION)
+                let count = if kind == "index" {
+                    queries::COUNT_UNDER_INDEX_VERSION
+                } else {
+                    queries::COUNT_UNDER_KEK_VERSION
+                };
+                let records: i64 = sqlx::query_scalar(count)
                     .bind(i64::from(version))
                     .fetch_one(&mut *tx)
                     .await?;
-                if kind == "kek" && records > 0 {
+                if records > 0 {
                     tx.rollback().await?;
                     return Err(StoreError::KeyVersionInUse { version, records });
                 }
@@ -876,6 +908,100 @@ macro_rules! impl_store {
                     .await?;
                 tx.commit().await?;
                 Ok(batch)
+            }
+
+            async fn reindex_batch(
+                &self,
+                job_id: &str,
+                target: u32,
+                after: &str,
+                limit: i64,
+                now: $crate::store::Micros,
+                reindex: &$crate::store::ReindexFn<'_>,
+            ) -> Result<$crate::store::RewrapBatch, $crate::store::StoreError> {
+                use sqlx::Row;
+                use $crate::store::{queries, ReindexRow, RewrapBatch, SealedField};
+                let mut tx = self.begin_write().await?;
+                let active: Option<i64> = sqlx::query_scalar(<$store>::LOCK_ACTIVE_INDEX)
+                    .bind(i64::from(target))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if active.is_none() {
+                    tx.rollback().await?;
+                    return Ok(RewrapBatch {
+                        target_inactive: true,
+                        ..RewrapBatch::default()
+                    });
+                }
+                let rows = sqlx::query(Self::SELECT_REINDEX_BATCH)
+                    .bind(i64::from(target))
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let mut batch = RewrapBatch {
+                    selected: rows.len(),
+                    ..RewrapBatch::default()
+                };
+                for row in &rows {
+                    let record_id: String = row.try_get("record_id")?;
+                    let version: i64 = row.try_get("version")?;
+                    let index_version: i64 = row.try_get("index_version")?;
+                    let wrapped_key: Option<Vec<u8>> = row.try_get("wrapped_key")?;
+                    let fields: Vec<(String, Vec<u8>)> =
+                        sqlx::query_as(queries::SELECT_INDEXED_FIELDS)
+                            .bind(&record_id)
+                            .fetch_all(&mut *tx)
+                            .await?;
+                    let input = ReindexRow {
+                        record_id: record_id.clone(),
+                        index_version: to_version(index_version)?,
+                        wrapped_key: wrapped_key.unwrap_or_default(),
+                        fields: fields
+                            .into_iter()
+                            .map(|(field, ciphertext)| SealedField { field, ciphertext })
+                            .collect(),
+                        age_gate: row.try_get("age_gate")?,
+                    };
+                    match reindex(&input) {
+                        Some(done) => {
+                            let changed = sqlx::query(queries::REINDEX_RECORD)
+                                .bind(&record_id)
+                                .bind(&done.document_index)
+                                .bind(&done.phone_index)
+                                .bind(&done.age_gate)
+                                .bind(i64::from(target))
+                                .bind(version)
+                                .bind(index_version)
+                                .execute(&mut *tx)
+                                .await?
+                                .rows_affected();
+                            batch.rewrapped += changed;
+                        }
+                        None => batch.failed += 1,
+                    }
+                    batch.last_record_id = Some(record_id);
+                }
+                sqlx::query(queries::ADVANCE_REINDEX_JOB)
+                    .bind(job_id)
+                    .bind(batch.rewrapped as i64)
+                    .bind(batch.failed as i64)
+                    .bind(now)
+                    .bind(i64::from(target))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(batch)
+            }
+
+            async fn count_index_older_than(
+                &self,
+                target: u32,
+            ) -> Result<i64, $crate::store::StoreError> {
+                Ok(sqlx::query_scalar($crate::store::queries::COUNT_INDEX_OLDER_THAN)
+                    .bind(i64::from(target))
+                    .fetch_one(&self.pool)
+                    .await?)
             }
 
             async fn count_older_than(
@@ -1013,13 +1139,31 @@ macro_rules! impl_store {
                 };
                 let record_id: String = row.try_get("record_id")?;
                 let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
-                let same_request = subtle::ConstantTimeEq::ct_eq(
-                    fingerprint.as_slice(),
-                    request.fingerprint.as_slice(),
-                )
-                .into();
+                let same_request = std::iter::once(&request.fingerprint)
+                    .chain(&request.fingerprint_elsewhere)
+                    .any(|candidate| {
+                        subtle::ConstantTimeEq::ct_eq(fingerprint.as_slice(), candidate.as_slice())
+                            .into()
+                    });
                 let meta = self.meta(&record_id).await?;
                 Ok(Some($crate::store::InsertOutcome::Replayed { meta, same_request }))
+            }
+
+            async fn find_by_index(
+                &self,
+                column: &str,
+                indexes: &[Vec<u8>],
+            ) -> Result<Vec<$crate::store::LookupMatch>, $crate::store::StoreError> {
+                if indexes.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let sql = $crate::store::queries::find_by_index(column, indexes.len());
+                let mut query = sqlx::query(&sql);
+                for index in indexes {
+                    query = query.bind(index);
+                }
+                let rows = query.fetch_all(&self.pool).await?;
+                rows.iter().map(decode_match).collect()
             }
 
             async fn meta(
@@ -1149,6 +1293,7 @@ macro_rules! impl_store {
                 deleted: deleted_at.is_some(),
                 suspended: suspended_at.is_some(),
                 age_gate: row.try_get("age_gate")?,
+                index_version: to_version(row.try_get("index_version")?)?,
                 policy_version: row.try_get("policy_version")?,
                 active_consents: row.try_get("active_consents")?,
             })
@@ -1205,6 +1350,46 @@ macro_rules! impl_store {
                 .fetch_optional(&mut **tx)
                 .await?;
             Ok(found.is_some())
+        }
+
+        /// Whether a write's blind indexes may be stored, inside its transaction: its index
+        /// version is still the active one (its row locked in share mode, so no rotation
+        /// commits before this transaction ends), no other version is live that the write
+        /// did not compute for, and no other live record holds the document under another
+        /// live version. `Some` is the refusal.
+        async fn index_writable(
+            tx: &mut sqlx::Transaction<'static, <$store as $crate::store::shared::Backend>::Db>,
+            record_id: &str,
+            indexes: &$crate::store::RecordIndexes,
+        ) -> Result<Option<$crate::store::StoreError>, sqlx::Error> {
+            use $crate::store::StoreError;
+            let stale = Some(StoreError::StaleIndexVersion(indexes.version));
+            let active: Option<i64> = sqlx::query_scalar(<$store>::LOCK_ACTIVE_INDEX)
+                .bind(i64::from(indexes.version))
+                .fetch_optional(&mut **tx)
+                .await?;
+            if active.is_none() {
+                return Ok(stale);
+            }
+            let live: Vec<i64> =
+                sqlx::query_scalar($crate::store::queries::SELECT_LIVE_INDEX_VERSIONS)
+                    .fetch_all(&mut **tx)
+                    .await?;
+            if live.iter().any(|version| {
+                u32::try_from(*version).map_or(true, |v| !indexes.computed_for.contains(&v))
+            }) {
+                return Ok(stale);
+            }
+            if indexes.document.is_none() || indexes.document_elsewhere.is_empty() {
+                return Ok(None);
+            }
+            let sql = $crate::store::queries::document_held_elsewhere(indexes.document_elsewhere.len());
+            let mut query = sqlx::query_scalar::<_, i64>(&sql).bind(record_id);
+            for index in &indexes.document_elsewhere {
+                query = query.bind(index);
+            }
+            let held = query.fetch_one(&mut **tx).await?;
+            Ok((held > 0).then_some(StoreError::DuplicateDocument))
         }
 
         async fn key_version_state(

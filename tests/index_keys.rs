@@ -1,0 +1,496 @@
+//! End-to-end tests of blind-index and pseudonym key versions: `RotateIndexKey`, the
+//! re-index pass of `RewrapRecords`, lookups and uniqueness across index versions, age gates
+//! across a re-index, retiring and destroying an index version, and an instance that learns
+//! of another's rotation. The real server, on both backends.
+
+mod support;
+
+use pdvault::proto::key_management_client::KeyManagementClient;
+use pdvault::proto::{
+    self, CreateRecordRequest, DestroyKeyVersionRequest, DocumentKey, FindRecordsRequest,
+    GetKeyStatusRequest, GetRecordRequest, Identity, KeyKind, KeyVersionState,
+    RetireKeyVersionRequest, RewrapRecordsRequest, RotateIndexKeyRequest, UpdateRecordRequest,
+    find_records_request,
+};
+use support::{ANALYTICS, CLAIMS, TestApp, authed};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+async fn keys_client(app: &TestApp) -> KeyManagementClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    KeyManagementClient::new(channel)
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .expect("an ErrorInfo")
+        .reason
+}
+
+/// A valid resident id from its first 17 characters.
+fn resident_id(first17: &str) -> String {
+    const WEIGHTS: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
+    let sum: u32 = first17
+        .chars()
+        .zip(WEIGHTS)
+        .map(|(c, w)| c.to_digit(10).unwrap() * w)
+        .sum();
+    format!("{first17}{}", b"10X98765432"[(sum % 11) as usize] as char)
+}
+
+fn person(id_number: &str, phone: &str) -> Identity {
+    Identity {
+        name: "张三".into(),
+        id_type: proto::IdType::ResidentId as i32,
+        id_number: id_number.into(),
+        phone: phone.into(),
+        ..Identity::default()
+    }
+}
+
+async fn create(app: &TestApp, identity: Identity) -> Result<String, tonic::Status> {
+    app.client()
+        .await
+        .create_record(authed(
+            CLAIMS.token,
+            CreateRecordRequest {
+                identity: Some(identity),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|r| r.into_inner().record_id)
+}
+
+async fn find(app: &TestApp, key: find_records_request::Key) -> Vec<String> {
+    app.client()
+        .await
+        .find_records(authed(
+            CLAIMS.token,
+            FindRecordsRequest {
+                purpose: "service-delivery".into(),
+                justification: String::new(),
+                key: Some(key),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .record_ids
+}
+
+async fn find_document(app: &TestApp, id_number: &str) -> Vec<String> {
+    find(
+        app,
+        find_records_request::Key::Document(DocumentKey {
+            id_type: proto::IdType::ResidentId as i32,
+            id_number: id_number.into(),
+        }),
+    )
+    .await
+}
+
+async fn find_phone(app: &TestApp, phone: &str) -> Vec<String> {
+    find(app, find_records_request::Key::Phone(phone.into())).await
+}
+
+async fn get(
+    app: &TestApp,
+    token: &str,
+    record_id: &str,
+    purpose: &str,
+    field: &str,
+) -> Result<String, tonic::Status> {
+    let response = app
+        .client()
+        .await
+        .get_record(authed(
+            token,
+            GetRecordRequest {
+                record_id: record_id.into(),
+                purpose: purpose.into(),
+                justification: String::new(),
+                fields: vec![field.into()],
+            },
+        ))
+        .await?
+        .into_inner();
+    Ok(response.fields[field].value.clone())
+}
+
+/// The phone's pseudonym as `audit-research` releases it.
+async fn phone_pseudonym(app: &TestApp, record_id: &str) -> String {
+    let pseudonym = get(app, ANALYTICS.token, record_id, "audit-research", "phone")
+        .await
+        .unwrap();
+    assert!(pseudonym.starts_with("psn_"), "{pseudonym}");
+    pseudonym
+}
+
+/// A minor is refused a service-delivery read without a guardian's consent: the age gate
+/// opened and told a minor.
+async fn assert_minor(app: &TestApp, record_id: &str) {
+    let refused = get(app, CLAIMS.token, record_id, "service-delivery", "name")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&refused), "GUARDIAN_CONSENT_REQUIRED");
+}
+
+async fn index_versions(app: &TestApp) -> (u32, Vec<(u32, KeyVersionState, i64)>) {
+    let status = keys_client(app)
+        .await
+        .get_key_status(authed(&app.admin_token, GetKeyStatusRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        status.active_index_version,
+        status
+            .index_versions
+            .iter()
+            .map(|v| (v.version, v.state(), v.record_count))
+            .collect(),
+    )
+}
+
+async fn rotate_index(app: &TestApp, expected: u32) -> proto::RotateIndexKeyResponse {
+    keys_client(app)
+        .await
+        .rotate_index_key(authed(
+            &app.admin_token,
+            RotateIndexKeyRequest {
+                expected_active_version: expected,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn rewrap(app: &TestApp, batch_size: u32) -> Vec<proto::RewrapProgress> {
+    let mut stream = keys_client(app)
+        .await
+        .rewrap_records(authed(
+            &app.admin_token,
+            RewrapRecordsRequest { batch_size },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut all = Vec::new();
+    while let Some(progress) = stream.message().await.unwrap() {
+        all.push(progress);
+    }
+    all
+}
+
+async fn retire_index(app: &TestApp, version: u32) -> Result<proto::KeyVersion, tonic::Status> {
+    keys_client(app)
+        .await
+        .retire_key_version(authed(
+            &app.admin_token,
+            RetireKeyVersionRequest {
+                version,
+                kind: KeyKind::Index as i32,
+            },
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn destroy_index(app: &TestApp, version: u32) -> Result<proto::KeyVersion, tonic::Status> {
+    keys_client(app)
+        .await
+        .destroy_key_version(authed(
+            &app.admin_token,
+            DestroyKeyVersionRequest {
+                version,
+                kind: KeyKind::Index as i32,
+            },
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn keyring_index_versions(app: &TestApp) -> Vec<u64> {
+    let path = app.data_dir.path().join("data").join("keyring.json");
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    file["index_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["version"].as_u64().unwrap())
+        .collect()
+}
+
+async fn assert_duplicate(app: &TestApp, identity: Identity) {
+    let refused = create(app, identity).await.unwrap_err();
+    assert_eq!(refused.code(), Code::AlreadyExists);
+    assert_eq!(reason(&refused), "DUPLICATE_IDENTITY");
+}
+
+async fn index_rotation_reindex_retire_destroy(app: &TestApp) {
+    let adult_id = resident_id("11010119900307123");
+    let minor_id = resident_id("11010120160315123");
+    let adult = create(app, person(&adult_id, "13800001111")).await.unwrap();
+    let minor = create(app, person(&minor_id, "13800002222")).await.unwrap();
+    let phone_only = create(
+        app,
+        Identity {
+            phone: "13800001111".into(),
+            ..Identity::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_minor(app, &minor).await;
+    let pseudonym_v1 = phone_pseudonym(app, &adult).await;
+    assert_eq!(phone_pseudonym(app, &adult).await, pseudonym_v1, "stable");
+    assert_eq!(
+        index_versions(app).await,
+        (1, vec![(1, KeyVersionState::Active, 3)])
+    );
+
+    let rotated = rotate_index(app, 0).await;
+    assert!(rotated.created);
+    assert_eq!(rotated.active.as_ref().unwrap().version, 2);
+    assert!(!rotate_index(app, 1).await.created, "1 is no longer active");
+    assert_eq!(
+        index_versions(app).await,
+        (
+            2,
+            vec![
+                (1, KeyVersionState::DecryptOnly, 3),
+                (2, KeyVersionState::Active, 0)
+            ]
+        )
+    );
+
+    // Before any re-index: old records are found, their documents stay unique against
+    // creates that index under the new version, and the minor is still a minor.
+    assert_eq!(find_document(app, &adult_id).await, vec![adult.clone()]);
+    let mut by_phone = vec![adult.clone(), phone_only.clone()];
+    by_phone.sort();
+    assert_eq!(find_phone(app, "13800001111").await, by_phone);
+    assert_duplicate(app, person(&adult_id, "13900000000")).await;
+    assert_minor(app, &minor).await;
+    // Pseudonyms are the new version's from now on.
+    let pseudonym_v2 = phone_pseudonym(app, &adult).await;
+    assert_ne!(pseudonym_v2, pseudonym_v1);
+
+    // A record created now is indexed under version 2, and found beside the old ones.
+    let fresh_id = resident_id("11010119850101456");
+    let fresh = create(app, person(&fresh_id, "13800001111")).await.unwrap();
+    assert_eq!(find_document(app, &fresh_id).await, vec![fresh.clone()]);
+    by_phone.push(fresh.clone());
+    by_phone.sort();
+    assert_eq!(find_phone(app, "13800001111").await, by_phone);
+    // Nor may an old record be updated onto the new record's document.
+    let etag = app
+        .client()
+        .await
+        .get_record(authed(
+            CLAIMS.token,
+            GetRecordRequest {
+                record_id: phone_only.clone(),
+                purpose: "service-delivery".into(),
+                justification: String::new(),
+                fields: vec![],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .etag;
+    let refused = app
+        .client()
+        .await
+        .update_record(authed(
+            CLAIMS.token,
+            UpdateRecordRequest {
+                record_id: phone_only.clone(),
+                identity: Some(Identity {
+                    id_type: proto::IdType::ResidentId as i32,
+                    id_number: adult_id.clone(),
+                    ..Identity::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["id_type".into(), "id_number".into()],
+                }),
+                etag,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&refused), "DUPLICATE_IDENTITY");
+
+    // The index version cannot go while records use it.
+    let refused = retire_index(app, 1).await.unwrap_err();
+    assert_eq!(reason(&refused), "KEY_VERSION_IN_USE");
+
+    let progress = rewrap(app, 2).await;
+    let last = progress.last().unwrap();
+    assert!(last.done, "{progress:?}");
+    assert_eq!(
+        (
+            last.target_index_version,
+            last.index_total,
+            last.reindexed,
+            last.index_remaining
+        ),
+        (2, 3, 3, 0)
+    );
+    assert_eq!((last.rewrapped, last.remaining), (0, 0), "no KEK rotation");
+    assert_eq!(
+        index_versions(app).await,
+        (
+            2,
+            vec![
+                (1, KeyVersionState::DecryptOnly, 0),
+                (2, KeyVersionState::Active, 4)
+            ]
+        )
+    );
+    let again = rewrap(app, 2).await;
+    assert_eq!(again.last().unwrap().reindexed, 0);
+
+    // Everything under version 2: lookups, uniqueness, age gates, pseudonyms.
+    assert_eq!(find_document(app, &adult_id).await, vec![adult.clone()]);
+    assert_eq!(find_document(app, &fresh_id).await, vec![fresh.clone()]);
+    assert_eq!(find_phone(app, "13800001111").await, by_phone);
+    assert_duplicate(app, person(&adult_id, "13900000000")).await;
+    assert_duplicate(app, person(&minor_id, "13900000000")).await;
+    assert_minor(app, &minor).await;
+    assert_eq!(phone_pseudonym(app, &adult).await, pseudonym_v2);
+
+    // Version 1 is unused now: retire and destroy it, and its keys leave the file.
+    assert_eq!(keyring_index_versions(app), [1, 2]);
+    assert_eq!(
+        retire_index(app, 1).await.unwrap().state(),
+        KeyVersionState::Retired
+    );
+    assert_eq!(
+        destroy_index(app, 1).await.unwrap().state(),
+        KeyVersionState::Destroyed
+    );
+    assert_eq!(keyring_index_versions(app), [2]);
+    assert_eq!(find_document(app, &adult_id).await, vec![adult.clone()]);
+    assert_eq!(find_phone(app, "13800001111").await, by_phone);
+    assert_duplicate(app, person(&adult_id, "13900000000")).await;
+    assert_minor(app, &minor).await;
+    // The KEK versions were not touched.
+    let status = keys_client(app)
+        .await
+        .get_key_status(authed(&app.admin_token, GetKeyStatusRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.active_version, 1);
+    assert_eq!(status.versions.len(), 1);
+
+    // Each index-key operation is audited with its version, and the re-index run with its
+    // count; none holds an identity value.
+    for (rpc, needle) in [
+        ("RotateIndexKey", "index_version=2"),
+        ("RewrapRecords", "reindexed=3"),
+        ("RetireKeyVersion", "index_version=1"),
+        ("DestroyKeyVersion", "index_version=1"),
+    ] {
+        let n = app
+            .count(&format!(
+                "SELECT COUNT(*) FROM audit_events WHERE rpc = '{rpc}' AND caller = 'admin' \
+                 AND reason LIKE '%{needle}%'"
+            ))
+            .await;
+        assert_eq!(n, 1, "{rpc} audited with {needle}");
+    }
+    for value in [adult_id.as_str(), minor_id.as_str(), "13800001111"] {
+        let n = app
+            .count(&format!(
+                "SELECT COUNT(*) FROM audit_events WHERE reason LIKE '%{value}%'"
+            ))
+            .await;
+        assert_eq!(n, 0);
+    }
+}
+
+/// A second instance that started before the rotation: its lookups find records the first
+/// instance re-indexed under a version it had never seen, and its writes refuse a document
+/// held under that version.
+async fn another_instance_follows_an_index_rotation(app: &TestApp) {
+    let url = app.database_url.clone();
+    let keyring = app.data_dir.path().join("data").join("keyring.json");
+    let token = app.data_dir.path().join("data").join("admin.token");
+    let other = TestApp::spawn_with(app.backend, move |config| {
+        config.database.url = Some(url);
+        config.keys.keyring_path = Some(keyring);
+        config.admin.token_path = Some(token);
+    })
+    .await
+    .expect("a sibling starts");
+    let id_number = resident_id("11010119900307123");
+    let minor_id = resident_id("11010120160315123");
+    let record = create(app, person(&id_number, "13800001111"))
+        .await
+        .unwrap();
+    let minor = create(app, person(&minor_id, "13800002222")).await.unwrap();
+    assert_eq!(
+        find_document(&other, &id_number).await,
+        vec![record.clone()]
+    );
+
+    assert!(rotate_index(app, 1).await.created);
+    let last = rewrap(app, 0).await.pop().unwrap();
+    assert_eq!((last.reindexed, last.index_remaining), (2, 0));
+
+    assert_eq!(
+        find_document(&other, &id_number).await,
+        vec![record.clone()]
+    );
+    assert_eq!(
+        find_phone(&other, "13800001111").await,
+        vec![record.clone()]
+    );
+    assert_duplicate(&other, person(&id_number, "13900000000")).await;
+    assert_minor(&other, &minor).await;
+    // Its pseudonyms are the new version's too.
+    assert_eq!(
+        phone_pseudonym(&other, &record).await,
+        phone_pseudonym(app, &record).await
+    );
+    // And what it writes is indexed under the new version.
+    let created = create(&other, person(&resident_id("11010119850101456"), ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        find_document(app, &resident_id("11010119850101456")).await,
+        [created]
+    );
+    let (_, versions) = index_versions(app).await;
+    assert_eq!(versions[1], (2, KeyVersionState::Active, 3));
+    // Version 1 retired and destroyed on the first instance: the second one stops computing
+    // under it and keeps working.
+    retire_index(app, 1).await.unwrap();
+    destroy_index(app, 1).await.unwrap();
+    assert_eq!(
+        find_document(&other, &id_number).await,
+        vec![record.clone()]
+    );
+    assert_duplicate(&other, person(&id_number, "13900000000")).await;
+    assert_minor(&other, &minor).await;
+    other.stop().await;
+}
+
+for_each_backend!(
+    index_rotation_reindex_retire_destroy,
+    another_instance_follows_an_index_rotation,
+);
