@@ -113,8 +113,11 @@ async fn connect(
     if let Some(issued) = client {
         tls = tls.identity(TlsIdentity::from_pem(&issued.cert, &issued.key));
     }
+    // Bounded, so a handshake the server drops cannot hang the test.
     let channel = Channel::from_shared(format!("https://{}", setup.app.addr))
         .unwrap()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(20))
         .tls_config(tls)?
         .connect()
         .await?;
@@ -252,6 +255,8 @@ async fn server_tls_with_tokens_and_optional_client_certificates() {
     // A plaintext client cannot talk to the TLS listener.
     let plain = Channel::from_shared(format!("http://{}", setup.app.addr))
         .unwrap()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(20))
         .connect()
         .await;
     let refused = match plain {

@@ -178,6 +178,8 @@ impl TestApp {
         };
         config.log.filter = "warn".into();
         config.privacy_policy.current_version = "2025-01".into();
+        // A connection a test leaves open must not hold its app's shutdown for long.
+        config.shutdown.grace_period_ms = 5_000;
         config.callers = CALLERS
             .iter()
             .map(|caller| CallerConfig {
