@@ -279,8 +279,7 @@ impl Application {
             tokio::time::sleep(grace).await;
         };
         tracing::info!(addr = %self.local_addr, tls = config.tls.cert_path.is_some(), "pdvault listening");
-        let served =
-            router.serve_with_incoming_shutdown(incoming(self.listener), signal);
+        let served = router.serve_with_incoming_shutdown(incoming(self.listener), signal);
         let result = tokio::select! {
             result = served => result.map_err(StartupError::from),
             () = grace_elapsed => {
