@@ -1108,12 +1108,15 @@ fn new_record_id() -> Result<String, VaultError> {
 }
 
 pub(crate) fn new_event_id() -> String {
-    // An event id only needs to be unique. Should the OS generator fail, the time and a
-    // process-wide counter still are (and the read fails later anyway, needing it too).
+    // Time first, then randomness: ids sort by creation, so the unique index on event ids
+    // grows at its right edge instead of costing a random page write per audit event.
+    // Uniqueness comes from the random part; should the OS generator fail, a process-wide
+    // counter stands in (and the read fails later anyway, needing the generator too).
     static FALLBACK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let micros = Utc::now().timestamp_micros().max(0);
     let token = random_token().unwrap_or_else(|_| {
         let n = FALLBACK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        format!("t{}n{n}", Utc::now().timestamp_micros())
+        format!("n{n}")
     });
-    format!("evt_{token}")
+    format!("evt_{micros:013x}{token}")
 }
