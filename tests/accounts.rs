@@ -18,12 +18,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 async fn security_client(app: &TestApp) -> AccountSecurityClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    AccountSecurityClient::new(channel)
+    AccountSecurityClient::new(app.channel().await)
 }
 
 async fn check(app: &TestApp, record_id: &str) -> CheckAccountResponse {

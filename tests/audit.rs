@@ -15,12 +15,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 async fn audit_client(app: &TestApp) -> AuditClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    AuditClient::new(channel)
+    AuditClient::new(app.channel().await)
 }
 
 async fn verify(app: &TestApp) -> pdvault::audit::VerifyReport {

@@ -12,36 +12,13 @@ use pdvault::proto::{
     RetireKeyVersionRequest, RewrapRecordsRequest, RotateIndexKeyRequest, UpdateRecordRequest,
     find_records_request,
 };
+use support::fixtures::{reason, resident_id};
 use support::{ANALYTICS, CLAIMS, TestApp, authed};
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
 async fn keys_client(app: &TestApp) -> KeyManagementClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    KeyManagementClient::new(channel)
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_details_error_info()
-        .expect("an ErrorInfo")
-        .reason
-}
-
-/// A valid resident id from its first 17 characters.
-fn resident_id(first17: &str) -> String {
-    const WEIGHTS: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
-    let sum: u32 = first17
-        .chars()
-        .zip(WEIGHTS)
-        .map(|(c, w)| c.to_digit(10).unwrap() * w)
-        .sum();
-    format!("{first17}{}", b"10X98765432"[(sum % 11) as usize] as char)
+    KeyManagementClient::new(app.channel().await)
 }
 
 fn person(id_number: &str, phone: &str) -> Identity {

@@ -11,24 +11,14 @@ use pdvault::proto::{
     RetireKeyVersionRequest, RewrapRecordsRequest, RotateKeyEncryptionKeyRequest,
     UpdateRecordRequest,
 };
+use support::fixtures::reason;
 use support::{Backend, CLAIMS, TestApp, authed};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 async fn keys_client(app: &TestApp) -> KeyManagementClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    KeyManagementClient::new(channel)
-}
-
-fn reason(status: &tonic::Status) -> String {
-    let info = status.get_details_error_info().expect("an ErrorInfo");
-    assert_eq!(info.domain, "pdvault");
-    info.reason
+    KeyManagementClient::new(app.channel().await)
 }
 
 fn person(i: usize) -> Identity {

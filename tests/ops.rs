@@ -8,6 +8,7 @@ use pdvault::proto::{
     CheckAccountRequest, CreateRecordRequest, GetRecordRequest, Identity, ReloadPolicyRequest,
 };
 use pdvault::reload::ConfigSource;
+use support::fixtures::reason;
 use support::proxy::{ProxyState, TcpProxy};
 use support::{ANALYTICS, Backend, CLAIMS, LOGIN, TestApp, authed};
 use tokio_stream::StreamExt;
@@ -21,18 +22,7 @@ use tonic_types::StatusExt;
 const UNKNOWN_RECORD: &str = "rec_aaaaaaaaaaaaaaaaaaaaaaaaaa";
 
 async fn channel(app: &TestApp) -> Channel {
-    Channel::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_details_error_info()
-        .map(|info| info.reason)
-        .unwrap_or_default()
+    app.channel().await
 }
 
 fn get_request(token: &str, purpose: &str) -> tonic::Request<GetRecordRequest> {

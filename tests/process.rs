@@ -14,11 +14,11 @@ use pdvault::proto::{
     UpdateRecordRequest, find_records_request,
 };
 use sqlx::Connection;
+use support::fixtures::{reason, resident_id};
 use support::process::ServerProcess;
 use support::{ANALYTICS, CLAIMS, COMPLIANCE, PostgresDatabase, authed, callers_toml};
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
 async fn client(server: &ServerProcess) -> VaultClient<Channel> {
     let channel = Channel::from_shared(format!("http://{}", server.addr))
@@ -149,13 +149,6 @@ async fn sigterm_under_load_loses_nothing_on_postgres() {
     database.drop_database().await;
 }
 
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_details_error_info()
-        .map(|info| info.reason)
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_grants_and_keeps_them_on_a_broken_file() {
     let analytics_grants = "purposes = [\"audit-research\", \"business-analytics\"]";
@@ -215,16 +208,6 @@ async fn sighup_reloads_grants_and_keeps_them_on_a_broken_file() {
     assert_eq!(released.fields["name"].value, "孙八");
     server.signal("TERM");
     assert!(server.wait().await.success());
-}
-
-fn resident_id(first17: &str) -> String {
-    const WEIGHTS: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
-    let sum: u32 = first17
-        .chars()
-        .zip(WEIGHTS)
-        .map(|(c, w)| c.to_digit(10).unwrap() * w)
-        .sum();
-    format!("{first17}{}", b"10X98765432"[(sum % 11) as usize] as char)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

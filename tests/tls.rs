@@ -11,10 +11,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
     SanType,
 };
+use support::fixtures::reason;
 use support::{ANALYTICS, Backend, CLAIMS, TestApp, authed};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity as TlsIdentity};
-use tonic_types::StatusExt;
 
 struct Pki {
     ca_pem: String,
@@ -133,13 +133,6 @@ fn create_request() -> CreateRecordRequest {
         request_id: String::new(),
         ..Default::default()
     }
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_details_error_info()
-        .map(|info| info.reason)
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -277,6 +277,15 @@ impl TestApp {
         }
     }
 
+    /// A connection to the test server, for any of its services' clients.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects to the test server")
+    }
+
     pub async fn client(&self) -> VaultClient<Channel> {
         let channel = Channel::from_shared(format!("http://{}", self.addr))
             .unwrap()
