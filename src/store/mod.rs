@@ -12,6 +12,7 @@ mod postgres;
 mod queries;
 mod shared;
 mod sqlite;
+mod sqlite_direct;
 
 use async_trait::async_trait;
 
@@ -35,6 +36,13 @@ pub enum StoreError {
     Suspended,
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database could not be reached or could not commit (the SQLite writer stopped, a
+    /// group commit failed).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// From the SQLite request path, which runs on rusqlite (see `sqlite_direct`).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is malformed: {0}")]

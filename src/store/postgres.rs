@@ -19,6 +19,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// The audit writer's own connection, so a group commit never queues behind reads.
+    audit_pool: PgPool,
 }
 
 impl Backend for PostgresStore {
@@ -29,12 +31,22 @@ impl PostgresStore {
     /// Connects to a `postgres://` URL.
     pub async fn connect(url: &str, max_connections: u32) -> Result<PostgresStore, StoreError> {
         let options = PgConnectOptions::from_str(url)?.application_name("pdvault");
+        // No ping before each acquire: it is a network round trip per query. A connection the
+        // server dropped fails its next query, which the caller sees as UNAVAILABLE and
+        // retries, and sqlx discards it; `max_lifetime` and `idle_timeout` recycle the rest.
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
+            .connect_with(options.clone())
+            .await?;
+        let audit_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        Ok(PostgresStore { pool })
+        Ok(PostgresStore { pool, audit_pool })
     }
 
     // Row locks make instances sharing the database take turns: key administration locks
@@ -61,6 +73,19 @@ impl PostgresStore {
 
     async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         self.pool.begin().await
+    }
+
+    async fn close_request_path(&self) {
+        self.audit_pool.close().await;
+    }
+
+    /// PostgreSQL runs every statement through sqlx.
+    fn direct(&self) -> Option<&super::sqlite_direct::DirectConnections> {
+        None
+    }
+
+    async fn begin_audit_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        self.audit_pool.begin().await
     }
 }
 

@@ -26,12 +26,15 @@ pub const INSERT_FIELD: &str =
 
 pub const DELETE_FIELDS: &str = "DELETE FROM record_fields WHERE record_id = $1";
 
-/// One statement, so the metadata and the fields come from the same snapshot.
+/// One statement, so the metadata and the fields come from the same snapshot. The record's
+/// row (with its consent count) is computed once, not once per field row.
 pub const SELECT_LIVE_RECORD: &str = concat!(
-    "SELECT r.version, r.created_at, r.updated_at, r.wrapped_key, f.field, f.ciphertext, ",
+    "WITH r AS MATERIALIZED (SELECT r.record_id, r.version, r.created_at, r.updated_at, \
+     r.wrapped_key, ",
     account_columns!(),
-    " FROM records r LEFT JOIN record_fields f ON f.record_id = r.record_id \
-     WHERE r.record_id = $1 AND r.deleted_at IS NULL ORDER BY f.field"
+    " FROM records r WHERE r.record_id = $1 AND r.deleted_at IS NULL) \
+     SELECT r.*, f.field, f.ciphertext \
+     FROM r LEFT JOIN record_fields f ON f.record_id = r.record_id ORDER BY f.field"
 );
 
 pub const SELECT_FIELD_NAMES: &str =

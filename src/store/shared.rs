@@ -2,9 +2,10 @@
 //!
 //! sqlx gives each backend its own concrete types (`Pool<Sqlite>`, `Pool<Postgres>`), and a
 //! generic implementation over `sqlx::Database` drowns in trait bounds. Instead each backend
-//! module defines its struct with a `pool` field and inherent `begin_write` and `migrator`
-//! methods (the parts that really differ: SQLite takes its write lock up front with
-//! `BEGIN IMMEDIATE`), then expands [`impl_store!`] to get the trait implementation.
+//! module defines its struct with a `pool` field and inherent `begin_write`,
+//! `begin_audit_write`, `direct` and `migrator` methods (the parts that really differ: SQLite
+//! takes its write lock up front with `BEGIN IMMEDIATE`, and runs its request path outside
+//! sqlx, see `sqlite_direct`), then expands [`impl_store!`] to get the trait implementation.
 
 /// Implements `Store` for a backend struct. See the module header for what it expects.
 macro_rules! impl_store {
@@ -22,89 +23,36 @@ macro_rules! impl_store {
                 request: Option<$crate::store::CreateRequestKey>,
                 audit: &$crate::audit::AuditEvent,
             ) -> Result<$crate::store::InsertOutcome, $crate::store::StoreError> {
-                use $crate::store::{queries, InsertOutcome, RecordMeta, StoreError};
+                use $crate::store::{InsertOutcome, RecordMeta, StoreError};
                 if let Some(request) = &request {
                     if let Some(outcome) = self.replayed_request(request).await? {
                         return Ok(outcome);
                     }
                 }
-                let mut tx = self.begin_write().await?;
-                if !kek_writable(&mut tx, record.kek_version).await? {
-                    tx.rollback().await?;
-                    return Err(StoreError::StaleKeyVersion(record.kek_version));
-                }
-                if let Some(refused) =
-                    index_writable(&mut tx, &record.record_id, &record.indexes).await?
-                {
-                    tx.rollback().await?;
-                    // A retry of the same request whose first attempt indexed under
-                    // another version is a replay, not a duplicate.
-                    if let (StoreError::DuplicateDocument, Some(request)) = (&refused, &request) {
-                        if let Some(outcome) = self.replayed_request(request).await? {
-                            return Ok(outcome);
-                        }
-                    }
-                    return Err(refused);
-                }
-                let inserted = async {
-                    sqlx::query(queries::INSERT_RECORD)
-                        .bind(&record.record_id)
-                        .bind(record.created_at)
-                        .bind(&record.wrapped_key)
-                        .bind(i64::from(record.kek_version))
-                        .bind(&record.indexes.document)
-                        .bind(&record.indexes.phone)
-                        .bind(&record.age_gate)
-                        .bind(&record.policy_version)
-                        .bind(record.retain_until)
-                        .bind(i64::from(record.indexes.version))
-                        .execute(&mut *tx)
-                        .await?;
-                    for field in &record.fields {
-                        sqlx::query(queries::INSERT_FIELD)
-                            .bind(&record.record_id)
-                            .bind(&field.field)
-                            .bind(&field.ciphertext)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    if let Some(request) = &request {
-                        sqlx::query(queries::INSERT_CREATE_REQUEST)
-                            .bind(&request.caller)
-                            .bind(&request.request_id)
-                            .bind(&record.record_id)
-                            .bind(&request.fingerprint)
-                            .bind(record.created_at)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    insert_audit_events(&mut *tx, std::slice::from_ref(audit)).await?;
-                    Ok::<(), sqlx::Error>(())
-                }
-                .await;
-                match inserted {
-                    Ok(()) => {
-                        tx.commit().await?;
-                        Ok(InsertOutcome::Inserted(RecordMeta {
-                            record_id: record.record_id,
-                            version: 1,
-                            created_at: record.created_at,
-                            updated_at: record.created_at,
-                            present_fields: $crate::store::present_fields(&record.fields),
-                        }))
-                    }
-                    Err(error) if is_unique_violation(&error) => {
-                        tx.rollback().await?;
-                        // Either a concurrent retry of the same request won the race, or
-                        // the document belongs to a live record already.
-                        if let Some(request) = &request {
+                let meta = RecordMeta {
+                    record_id: record.record_id.clone(),
+                    version: 1,
+                    created_at: record.created_at,
+                    updated_at: record.created_at,
+                    present_fields: $crate::store::present_fields(&record.fields),
+                };
+                let attempt = match self.direct() {
+                    Some(direct) => direct.insert_record(record, request.clone(), audit.clone()).await?,
+                    None => self.try_insert_record(&record, request.as_ref(), audit).await?,
+                };
+                match attempt {
+                    Ok(()) => Ok(InsertOutcome::Inserted(meta)),
+                    Err(refused) => {
+                        // A duplicate document may be this request's own earlier attempt: a
+                        // concurrent retry that won the race, or a first attempt indexed
+                        // under another index version. That is a replay, not a duplicate.
+                        if let (StoreError::DuplicateDocument, Some(request)) = (&refused, &request) {
                             if let Some(outcome) = self.replayed_request(request).await? {
                                 return Ok(outcome);
                             }
                         }
-                        Err(StoreError::DuplicateDocument)
+                        Err(refused)
                     }
-                    Err(error) => Err(error.into()),
                 }
             }
 
@@ -114,6 +62,9 @@ macro_rules! impl_store {
             ) -> Result<Option<$crate::store::StoredRecord>, $crate::store::StoreError> {
                 use sqlx::Row;
                 use $crate::store::{queries, RecordMeta, SealedField, StoredRecord};
+                if let Some(direct) = self.direct() {
+                    return direct.get_record(record_id);
+                }
                 let rows = sqlx::query(queries::SELECT_LIVE_RECORD)
                     .bind(record_id)
                     .fetch_all(&self.pool)
@@ -278,6 +229,9 @@ macro_rules! impl_store {
                 &self,
                 record_id: &str,
             ) -> Result<Option<$crate::store::AccountState>, $crate::store::StoreError> {
+                if let Some(direct) = self.direct() {
+                    return direct.account_state(record_id);
+                }
                 let row = sqlx::query($crate::store::queries::SELECT_ACCOUNT_STATE)
                     .bind(record_id)
                     .fetch_optional(&self.pool)
@@ -427,7 +381,10 @@ macro_rules! impl_store {
                 &self,
                 events: &[$crate::audit::AuditEvent],
             ) -> Result<(), $crate::store::StoreError> {
-                let mut tx = self.begin_write().await?;
+                if let Some(direct) = self.direct() {
+                    return direct.append_audit(events.to_vec()).await;
+                }
+                let mut tx = self.begin_audit_write().await?;
                 insert_audit_events(&mut *tx, events).await?;
                 tx.commit().await?;
                 Ok(())
@@ -628,6 +585,7 @@ macro_rules! impl_store {
 
             async fn close(&self) {
                 self.pool.close().await;
+                self.close_request_path().await;
             }
 
             async fn seed_key_versions(
@@ -1123,6 +1081,75 @@ macro_rules! impl_store {
                     .ok_or($crate::store::StoreError::NotFound)
             }
 
+            /// A create's transaction on sqlx. The inner `Err` is a refusal (stale key or index
+            /// version, duplicate document) with nothing written.
+            async fn try_insert_record(
+                &self,
+                record: &$crate::store::NewRecord,
+                request: Option<&$crate::store::CreateRequestKey>,
+                audit: &$crate::audit::AuditEvent,
+            ) -> Result<Result<(), $crate::store::StoreError>, $crate::store::StoreError> {
+                use $crate::store::{queries, StoreError};
+                let mut tx = self.begin_write().await?;
+                if !kek_writable(&mut tx, record.kek_version).await? {
+                    tx.rollback().await?;
+                    return Ok(Err(StoreError::StaleKeyVersion(record.kek_version)));
+                }
+                if let Some(refused) =
+                    index_writable(&mut tx, &record.record_id, &record.indexes).await?
+                {
+                    tx.rollback().await?;
+                    return Ok(Err(refused));
+                }
+                let inserted = async {
+                    sqlx::query(queries::INSERT_RECORD)
+                        .bind(&record.record_id)
+                        .bind(record.created_at)
+                        .bind(&record.wrapped_key)
+                        .bind(i64::from(record.kek_version))
+                        .bind(&record.indexes.document)
+                        .bind(&record.indexes.phone)
+                        .bind(&record.age_gate)
+                        .bind(&record.policy_version)
+                        .bind(record.retain_until)
+                        .bind(i64::from(record.indexes.version))
+                        .execute(&mut *tx)
+                        .await?;
+                    for field in &record.fields {
+                        sqlx::query(queries::INSERT_FIELD)
+                            .bind(&record.record_id)
+                            .bind(&field.field)
+                            .bind(&field.ciphertext)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    if let Some(request) = request {
+                        sqlx::query(queries::INSERT_CREATE_REQUEST)
+                            .bind(&request.caller)
+                            .bind(&request.request_id)
+                            .bind(&record.record_id)
+                            .bind(&request.fingerprint)
+                            .bind(record.created_at)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    insert_audit_events(&mut *tx, std::slice::from_ref(audit)).await?;
+                    Ok::<(), sqlx::Error>(())
+                }
+                .await;
+                match inserted {
+                    Ok(()) => {
+                        tx.commit().await?;
+                        Ok(Ok(()))
+                    }
+                    Err(error) if is_unique_violation(&error) => {
+                        tx.rollback().await?;
+                        Ok(Err(StoreError::DuplicateDocument))
+                    }
+                    Err(error) => Err(error.into()),
+                }
+            }
+
             /// The record an earlier create with the same request key made, if any.
             async fn replayed_request(
                 &self,
@@ -1154,6 +1181,9 @@ macro_rules! impl_store {
                 column: &str,
                 indexes: &[Vec<u8>],
             ) -> Result<Vec<$crate::store::LookupMatch>, $crate::store::StoreError> {
+                if let Some(direct) = self.direct() {
+                    return direct.find_by_index(column, indexes);
+                }
                 if indexes.is_empty() {
                     return Ok(Vec::new());
                 }

@@ -9,6 +9,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
@@ -17,12 +18,15 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use super::StoreError;
 use super::shared::{Backend, impl_store};
+use super::sqlite_direct::DirectConnections;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The request path (record and account reads, lookups, audit group commits).
+    direct: Arc<DirectConnections>,
 }
 
 impl Backend for SqliteStore {
@@ -61,20 +65,29 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .test_before_acquire(false)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
-        Ok(SqliteStore { pool })
+        let path = options.get_filename();
+        if path.as_os_str().is_empty() || path == Path::new(":memory:") {
+            return Err(StoreError::Corrupt(
+                "an in-memory SQLite database cannot hold a durable audit trail; \
+                 give database.url a file"
+                    .into(),
+            ));
+        }
+        let direct = Arc::new(DirectConnections::open(path)?);
+        Ok(SqliteStore { pool, direct })
     }
 
     // SQLite has a single writer and every write transaction begins IMMEDIATE, holding the
     // write lock from its first statement: the same statements need no row locks.
     const LOCK_KEY_ADMIN: &'static str = "SELECT key_kind FROM key_admin_locks WHERE key_kind = $1";
-    const LOCK_ACTIVE_KEK: &'static str = "SELECT version FROM key_versions \
+    pub(super) const LOCK_ACTIVE_KEK: &'static str = "SELECT version FROM key_versions \
          WHERE key_kind = 'kek' AND version = $1 AND state = 'ACTIVE'";
     const SELECT_REWRAP_BATCH: &'static str = "SELECT record_id, wrapped_key FROM records \
          WHERE kek_version < $1 AND record_id > $2 AND deleted_at IS NULL \
          ORDER BY record_id LIMIT $3";
-    const LOCK_ACTIVE_INDEX: &'static str = "SELECT version FROM key_versions \
+    pub(super) const LOCK_ACTIVE_INDEX: &'static str = "SELECT version FROM key_versions \
          WHERE key_kind = 'index' AND version = $1 AND state = 'ACTIVE'";
     const SELECT_REINDEX_BATCH: &'static str = "SELECT record_id, version, index_version, \
          wrapped_key, age_gate FROM records \
@@ -86,6 +99,19 @@ impl SqliteStore {
     }
 
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    async fn close_request_path(&self) {
+        self.direct.close().await;
+    }
+
+    /// The request path this backend runs outside sqlx (see `sqlite_direct`).
+    fn direct(&self) -> Option<&DirectConnections> {
+        Some(&self.direct)
+    }
+
+    async fn begin_audit_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
         self.pool.begin_with("BEGIN IMMEDIATE").await
     }
 }
