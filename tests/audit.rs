@@ -7,10 +7,11 @@ mod support;
 use pdvault::audit::{AuditEvent, Problem};
 use pdvault::proto::audit_client::AuditClient;
 use pdvault::proto::{
-    DeleteRecordRequest, ListAuditEventsRequest, ListDisclosuresRequest, VerifyAuditChainRequest,
+    CreateRecordRequest, DeleteRecordRequest, Identity, ListAuditEventsRequest,
+    ListDisclosuresRequest, VerifyAuditChainRequest,
 };
 use support::fixtures::*;
-use support::{Backend, CLAIMS, COMPLIANCE, TestApp, authed};
+use support::{Backend, CLAIMS, COMPLIANCE, TestApp, authed, join_all};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -523,8 +524,63 @@ async fn a_large_batch_links_across_statement_chunks(app: &TestApp) {
     assert!(report.ok(), "{:?}", report.problems);
 }
 
+/// Creates arriving together share one group commit on SQLite, each under its own
+/// savepoint: a duplicate among them fails alone, every other create and every audit event
+/// commits, and the chain they were linked into still verifies.
+async fn concurrent_creates_commit_together_and_a_duplicate_fails_alone(app: &TestApp) {
+    let distinct = (0..24).map(|i| Identity {
+        id_number: resident_id(&format!("45010219800101{i:03}")),
+        ..li_si()
+    });
+    // Four creates of one document under different names: exactly one may win.
+    let same_document = (0..4).map(|i| Identity {
+        name: format!("张{}", ["一", "二", "三", "四"][i]),
+        ..zhang_san()
+    });
+    let calls = distinct.chain(same_document).map(|identity| async move {
+        let mut client = app.client().await;
+        client
+            .create_record(authed(
+                CLAIMS.token,
+                CreateRecordRequest {
+                    identity: Some(identity),
+                    request_id: String::new(),
+                    ..Default::default()
+                },
+            ))
+            .await
+    });
+    let outcomes = join_all(calls.map(Box::pin).collect()).await;
+    let (created, refused): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
+    assert_eq!(
+        created.len(),
+        25,
+        "24 distinct identities and one of the four duplicates"
+    );
+    assert_eq!(refused.len(), 3);
+    for status in refused.iter().map(|r| r.as_ref().unwrap_err()) {
+        assert_eq!(reason(status), "DUPLICATE_IDENTITY", "{status:?}");
+    }
+    for record in created.into_iter().map(|r| r.unwrap().into_inner()) {
+        get(app, CLAIMS.token, &record.record_id, "service-delivery", "")
+            .await
+            .expect("every acknowledged create is readable");
+    }
+    assert_eq!(app.count("SELECT COUNT(*) FROM records").await, 25);
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM audit_events WHERE rpc = 'CreateRecord' AND outcome = 'OK'"
+        )
+        .await,
+        25
+    );
+    let problems = verify(app).await.problems;
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
 for_each_backend!(
     a_large_batch_links_across_statement_chunks,
+    concurrent_creates_commit_together_and_a_duplicate_fails_alone,
     nothing_is_released_when_the_audit_store_is_unwritable,
     every_granted_read_has_exactly_one_event_under_load,
     an_edited_event_is_detected,

@@ -12,7 +12,7 @@ use pdvault::proto::{
     UpdateRecordRequest,
 };
 use support::fixtures::reason;
-use support::{Backend, CLAIMS, TestApp, authed};
+use support::{Backend, CLAIMS, TestApp, authed, join_all};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -601,30 +601,6 @@ async fn open(url: &str) -> std::sync::Arc<dyn pdvault::store::Store> {
     let mut config = pdvault::config::Config::default();
     config.database.url = Some(url.to_owned());
     pdvault::startup::open_store(&config).await.unwrap()
-}
-
-/// Awaits every future concurrently (on this task) and returns their outputs in order.
-async fn join_all<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> Vec<F::Output> {
-    use std::task::Poll;
-    let mut results: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, slot) in futures.iter_mut().zip(results.iter_mut()) {
-            if slot.is_none() {
-                match std::pin::Pin::new(future).poll(cx) {
-                    Poll::Ready(output) => *slot = Some(output),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    results.into_iter().map(Option::unwrap).collect()
 }
 
 async fn rekey_replaces_the_data_key_and_every_ciphertext(app: &TestApp) {

@@ -44,6 +44,11 @@ impl SqliteStore {
 
     /// Opens a database from a `sqlite:` URL.
     pub async fn open_url(url: &str, max_connections: u32) -> Result<SqliteStore, StoreError> {
+        // The request path opens the file itself (`sqlite_direct`), and an audit trail held
+        // only in memory would not be durable anyway.
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Err(in_memory_refused());
+        }
         let options = SqliteConnectOptions::from_str(url)?.create_if_missing(true);
         Self::connect(options, max_connections).await
     }
@@ -68,12 +73,8 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await?;
         let path = options.get_filename();
-        if path.as_os_str().is_empty() || path == Path::new(":memory:") {
-            return Err(StoreError::Corrupt(
-                "an in-memory SQLite database cannot hold a durable audit trail; \
-                 give database.url a file"
-                    .into(),
-            ));
+        if path.as_os_str().is_empty() {
+            return Err(in_memory_refused());
         }
         let direct = Arc::new(DirectConnections::open(path)?);
         Ok(SqliteStore { pool, direct })
@@ -116,4 +117,27 @@ impl SqliteStore {
     }
 }
 
+fn in_memory_refused() -> StoreError {
+    StoreError::Unavailable(
+        "an in-memory SQLite database cannot hold a durable audit trail; give database.url a file"
+            .into(),
+    )
+}
+
 impl_store!(SqliteStore);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn in_memory_databases_are_refused() {
+        for url in ["sqlite::memory:", "sqlite://vault.db?mode=memory"] {
+            let refused = SqliteStore::open_url(url, 1).await.unwrap_err();
+            assert!(
+                refused.to_string().contains("in-memory"),
+                "{url}: {refused}"
+            );
+        }
+    }
+}
