@@ -72,11 +72,7 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
-        let path = options.get_filename();
-        if path.as_os_str().is_empty() {
-            return Err(in_memory_refused());
-        }
-        let direct = Arc::new(DirectConnections::open(path)?);
+        let direct = Arc::new(DirectConnections::open(options.get_filename())?);
         Ok(SqliteStore { pool, direct })
     }
 
@@ -112,8 +108,10 @@ impl SqliteStore {
         Some(&self.direct)
     }
 
+    /// Unused on SQLite, whose audit batches go to the request path's writer thread; the
+    /// shared code needs it for PostgreSQL.
     async fn begin_audit_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
+        self.begin_write().await
     }
 }
 
@@ -139,5 +137,21 @@ mod tests {
                 "{url}: {refused}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_closed_store_refuses_reads_and_writes_of_the_request_path() {
+        use crate::store::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("vault.db"), 1)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        assert!(store.account_state("rec_none").await.unwrap().is_none());
+        store.close().await;
+        let read = store.account_state("rec_none").await.unwrap_err();
+        assert!(read.to_string().contains("closed"), "{read}");
+        let write = store.append_audit(&[]).await.unwrap_err();
+        assert!(matches!(write, StoreError::Unavailable(_)), "{write}");
     }
 }

@@ -27,6 +27,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -73,6 +74,8 @@ enum WriteJob {
 pub(super) struct DirectConnections {
     path: PathBuf,
     idle_readers: Mutex<Vec<Connection>>,
+    /// Set by `close`: later reads fail instead of opening new connections.
+    closed: AtomicBool,
     /// The writer thread's queue; `None` once closed, so later writes fail.
     writes: Mutex<Option<mpsc::Sender<WriteJob>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -90,11 +93,7 @@ impl DirectConnections {
     /// Opens the writer's connection and starts its thread; readers are opened as they are
     /// first needed. The database must already exist and be migrated (sqlx created it).
     pub(super) fn open(path: &Path) -> Result<DirectConnections, StoreError> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(WRITER_BUSY_TIMEOUT)?;
+        let conn = open_connection(path, WRITER_BUSY_TIMEOUT)?;
         // The same durability and shredding guarantees as the sqlx connections.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -104,21 +103,20 @@ impl DirectConnections {
         let writer = std::thread::Builder::new()
             .name("pdvault-sqlite-writer".into())
             .spawn(move || run_writer(conn, queue))
-            .map_err(|error| StoreError::Corrupt(format!("cannot start the writer: {error}")))?;
+            .map_err(|error| {
+                StoreError::Unavailable(format!("cannot start the writer: {error}"))
+            })?;
         Ok(DirectConnections {
             path: path.to_owned(),
             idle_readers: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
             writes: Mutex::new(Some(writes)),
             writer: Mutex::new(Some(writer)),
         })
     }
 
     fn open_reader(&self) -> Result<Connection, StoreError> {
-        let reader = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        reader.busy_timeout(READER_BUSY_TIMEOUT)?;
+        let reader = open_connection(&self.path, READER_BUSY_TIMEOUT)?;
         // Belt and braces: these connections only ever read.
         reader.pragma_update(None, "query_only", "ON")?;
         Ok(reader)
@@ -129,6 +127,9 @@ impl DirectConnections {
         &self,
         read: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable("the store is closed".into()));
+        }
         let taken = lock(&self.idle_readers).pop();
         let reader = match taken {
             Some(reader) => reader,
@@ -145,6 +146,7 @@ impl DirectConnections {
     /// Closes the idle readers, lets the writer finish what is queued and waits for it to
     /// close its connection (shutdown drains the audit log before it closes the store).
     pub(super) async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         lock(&self.idle_readers).clear();
         drop(lock(&self.writes).take());
         let writer = lock(&self.writer).take();
@@ -265,6 +267,15 @@ impl DirectConnections {
         let writes = lock(&self.writes).clone().ok_or_else(writer_gone)?;
         writes.send(job).await.map_err(|_| writer_gone())
     }
+}
+
+fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(busy_timeout)?;
+    Ok(conn)
 }
 
 fn writer_gone() -> StoreError {
