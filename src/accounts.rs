@@ -33,15 +33,13 @@ use crate::crypto::DataKey;
 use crate::domain::age::has_reached;
 use crate::domain::{FieldName, Identity, IdentityInput, Violation};
 use crate::keys::IndexKeyPair;
-use crate::policy::{Grant, PolicyError, Purpose, Rpc};
-use crate::store::{AccountEventRow, AccountState, ConsentRow, Micros};
-use crate::vault::{
-    CallContext, Vault, VaultError, check_free_text, check_record_id, non_empty, random_token,
-    violation,
+use crate::policy::{Grant, PolicyError, Purpose, ReleaseLevel, Rpc};
+use crate::edge::{
+    FreeText, MAX_NOTE_BYTES, MAX_POLICY_VERSION_BYTES, MAX_REFERENCE_BYTES,
+    MIN_JUSTIFICATION_CHARS, RecordId,
 };
-
-const MAX_NOTE_LEN: usize = 1000;
-const MAX_REF_LEN: usize = 128;
+use crate::store::{AccountEventRow, AccountState, ConsentRow, Micros};
+use crate::vault::{AuditSubject, CallContext, Vault, VaultError, non_empty, random_token, violation};
 /// Associated-data name of the sealed birth date.
 pub(crate) const AGE_GATE_FIELD: &str = "state.date_of_birth";
 
@@ -112,6 +110,27 @@ pub struct AccountView {
     pub under_14: bool,
     pub guardian_consent_required: bool,
     pub policy_reconsent_required: bool,
+}
+
+impl AccountView {
+    /// What `CheckAccount` released, as its audit event records it: the status and, for a
+    /// live account, each flag (derived from the birth date, so sensitive for a minor), all
+    /// released as plain values.
+    pub fn released_flags(&self) -> Vec<(String, String)> {
+        let mut released = vec!["status"];
+        if self.status != AccountStatus::Deleted {
+            released.extend([
+                "minor",
+                "under_14",
+                "guardian_consent_required",
+                "policy_reconsent_required",
+            ]);
+        }
+        released
+            .into_iter()
+            .map(|flag| (flag.to_owned(), ReleaseLevel::Plain.as_str().to_owned()))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,14 +296,37 @@ impl Vault {
         Ok(())
     }
 
-    /// The login path: status and flags, from account state alone.
+    /// The login path: status and flags, from account state alone. Audited like a read (the
+    /// flags are what it releases), through the group-commit writer, one event per call.
     pub async fn check_account(
         &self,
         ctx: &CallContext,
         record_id: &str,
     ) -> Result<AccountView, VaultError> {
-        self.authorize(ctx, Rpc::CheckAccount)?;
-        check_record_id(record_id)?;
+        let subject = AuditSubject::new(Rpc::CheckAccount.as_str()).record(record_id);
+        let result = async {
+            let record_id = RecordId::parse("record_id", record_id)?;
+            self.authorize(ctx, Rpc::CheckAccount)?;
+            let view = self.account_view(record_id.as_str()).await?;
+            let mut event = self.event(
+                ctx,
+                Rpc::CheckAccount.as_str(),
+                vec![record_id.into_string()],
+                "OK",
+                None,
+            );
+            event.released = view.released_flags();
+            self.audit.record(event).await.map_err(|error| {
+                tracing::error!(%error, "audit write failed; refusing to answer");
+                VaultError::AuditUnavailable
+            })?;
+            Ok(view)
+        }
+        .await;
+        self.audited(ctx, subject, result).await
+    }
+
+    async fn account_view(&self, record_id: &str) -> Result<AccountView, VaultError> {
         let state = self
             .store
             .account_state(record_id)
@@ -327,20 +369,34 @@ impl Vault {
         action: AccountAction,
         suspend: bool,
     ) -> Result<bool, VaultError> {
-        self.require_grant(ctx, Grant::AccountsSuspend)?;
-        check_record_id(&action.record_id)?;
-        check_free_text("note", &action.note, MAX_NOTE_LEN)?;
-        check_free_text("ticket", &action.ticket, MAX_REF_LEN)?;
-        if suspend && action.reason.is_none() {
-            return Err(violation("reason", "is required"));
-        }
-        let record_id = action.record_id.as_str();
         let rpc = if suspend {
             "SuspendAccount"
         } else {
             "ReinstateAccount"
         };
-        let note = self.seal_note(record_id, &action.note).await?;
+        let subject = AuditSubject::new(rpc)
+            .record(&action.record_id)
+            .text(&action.ticket, MAX_REFERENCE_BYTES);
+        let result = self.suspension(ctx, rpc, action, suspend).await;
+        self.audited(ctx, subject, result).await
+    }
+
+    async fn suspension(
+        &self,
+        ctx: &CallContext,
+        rpc: &str,
+        action: AccountAction,
+        suspend: bool,
+    ) -> Result<bool, VaultError> {
+        let record_id = RecordId::parse("record_id", &action.record_id)?;
+        let note = FreeText::parse("note", &action.note, MAX_NOTE_BYTES)?;
+        let ticket = FreeText::parse("ticket", &action.ticket, MAX_REFERENCE_BYTES)?;
+        self.require_grant(ctx, Grant::AccountsSuspend)?;
+        if suspend && action.reason.is_none() {
+            return Err(violation("reason", "is required"));
+        }
+        let record_id = record_id.as_str();
+        let sealed = self.seal_note(record_id, note.as_str()).await?;
         let now = self.now_micros();
         let reason = action.reason.map(|r| r.as_str().to_owned());
         let history = AccountEventRow {
@@ -350,15 +406,21 @@ impl Vault {
             kind: if suspend { "SUSPENDED" } else { "REINSTATED" }.to_owned(),
             actor: ctx.caller.name.clone(),
             reason: reason.clone(),
-            note,
-            ticket: non_empty(&action.ticket),
+            note: sealed.note,
+            ticket: ticket.non_empty(),
             consent_id: None,
         };
         let mut audit = self.event(ctx, rpc, vec![record_id.to_owned()], "OK", reason);
-        audit.justification = non_empty(&action.ticket);
+        audit.justification = ticket.non_empty();
         let changed = self
             .store
-            .set_suspended(record_id, suspend, &history, &audit)
+            .set_suspended(
+                record_id,
+                suspend,
+                &history,
+                sealed.under.as_deref(),
+                &audit,
+            )
             .await?;
         if !changed {
             // Nothing was written with the change; the decision is still on record.
@@ -379,8 +441,21 @@ impl Vault {
         limit: u32,
         after: Option<(Micros, String)>,
     ) -> Result<Vec<AccountHistoryEntry>, VaultError> {
+        let subject = AuditSubject::new("ListAccountEvents").record(record_id);
+        let result = self.history(ctx, record_id, limit, after).await;
+        self.audited(ctx, subject, result).await
+    }
+
+    async fn history(
+        &self,
+        ctx: &CallContext,
+        record_id: &str,
+        limit: u32,
+        after: Option<(Micros, String)>,
+    ) -> Result<Vec<AccountHistoryEntry>, VaultError> {
+        let record_id = RecordId::parse("record_id", record_id)?;
+        let record_id = record_id.as_str();
         self.require_grant(ctx, Grant::AccountsSuspend)?;
-        check_record_id(record_id)?;
         if self.store.account_state(record_id).await?.is_none() {
             return Err(VaultError::NotFound);
         }
@@ -418,21 +493,21 @@ impl Vault {
     }
 
     /// Seals a staff note under the record's data key, so it is shredded with the record.
-    async fn seal_note(&self, record_id: &str, note: &str) -> Result<Option<Vec<u8>>, VaultError> {
+    /// Fails when the record is not live, note or no note.
+    async fn seal_note(&self, record_id: &str, note: &str) -> Result<SealedNote, VaultError> {
         let stored = self
             .store
             .get_record(record_id)
             .await?
             .ok_or(VaultError::NotFound)?;
         if note.is_empty() {
-            return Ok(None);
+            return Ok(SealedNote::default());
         }
         let dek = self.keys.unwrap(&stored.wrapped_key, record_id)?;
-        Ok(Some(dek.seal_field(
-            record_id,
-            NOTE_FIELD,
-            note.as_bytes(),
-        )?))
+        Ok(SealedNote {
+            note: Some(dek.seal_field(record_id, NOTE_FIELD, note.as_bytes())?),
+            under: Some(stored.wrapped_key),
+        })
     }
 
     pub async fn record_guardian_consent(
@@ -440,17 +515,40 @@ impl Vault {
         ctx: &CallContext,
         request: ConsentRequest,
     ) -> Result<ConsentRow, VaultError> {
+        let mut subject = AuditSubject::new(Rpc::RecordGuardianConsent.as_str())
+            .record(&request.record_id)
+            .text(&request.evidence_ref, MAX_REFERENCE_BYTES);
+        if let Guardian::Record(guardian_id) = &request.guardian {
+            subject = subject.record(guardian_id);
+        }
+        let result = self.consent(ctx, request).await;
+        self.audited(ctx, subject, result).await
+    }
+
+    async fn consent(
+        &self,
+        ctx: &CallContext,
+        request: ConsentRequest,
+    ) -> Result<ConsentRow, VaultError> {
+        let record_id = RecordId::parse("record_id", &request.record_id)?;
+        let record_id = record_id.as_str();
+        let guardian_record = match &request.guardian {
+            Guardian::Record(id) => Some(RecordId::parse("guardian_record_id", id)?),
+            Guardian::Identity(_) => None,
+        };
+        FreeText::required(
+            "evidence_ref",
+            &request.evidence_ref,
+            MAX_REFERENCE_BYTES,
+            MIN_JUSTIFICATION_CHARS,
+        )?;
+        FreeText::required(
+            "policy_version",
+            &request.policy_version,
+            MAX_POLICY_VERSION_BYTES,
+            1,
+        )?;
         self.authorize(ctx, Rpc::RecordGuardianConsent)?;
-        let record_id = request.record_id.as_str();
-        check_record_id(record_id)?;
-        check_free_text("evidence_ref", &request.evidence_ref, MAX_REF_LEN)?;
-        check_free_text("policy_version", &request.policy_version, MAX_REF_LEN)?;
-        if request.evidence_ref.trim().is_empty() {
-            return Err(violation("evidence_ref", "is required"));
-        }
-        if request.policy_version.trim().is_empty() {
-            return Err(violation("policy_version", "is required"));
-        }
         let minor = self
             .store
             .get_record(record_id)
@@ -463,12 +561,16 @@ impl Vault {
             return Err(VaultError::NotAMinor);
         }
         let consent_id = format!("con_{}", random_token()?);
-        let (guardian_record_id, guardian_sealed) = match request.guardian {
-            Guardian::Record(guardian_id) => {
-                self.check_guardian_record(record_id, &guardian_id).await?;
-                (Some(guardian_id), None)
+        let (guardian_record_id, guardian_sealed) = match (request.guardian, guardian_record) {
+            (_, Some(guardian_id)) => {
+                self.check_guardian_record(record_id, guardian_id.as_str())
+                    .await?;
+                (Some(guardian_id.into_string()), None)
             }
-            Guardian::Identity(input) => {
+            (Guardian::Record(_), None) => {
+                return Err(VaultError::Internal("guardian record id not parsed".into()));
+            }
+            (Guardian::Identity(input), None) => {
                 let sealed = self
                     .seal_guardian_identity(record_id, &minor.wrapped_key, &consent_id, input)
                     .await?;
@@ -508,8 +610,10 @@ impl Vault {
             None,
         );
         audit.justification = Some(consent.evidence_ref.clone());
+        // An inline guardian is sealed under the minor's key: the write re-checks that key.
+        let sealed_under = consent.guardian_sealed.as_ref().map(|_| &minor.wrapped_key[..]);
         self.store
-            .insert_consent(&consent, &history, &audit)
+            .insert_consent(&consent, &history, sealed_under, &audit)
             .await?;
         Ok(consent)
     }
@@ -519,12 +623,6 @@ impl Vault {
         minor_id: &str,
         guardian_id: &str,
     ) -> Result<(), VaultError> {
-        check_record_id(guardian_id).map_err(|_| {
-            violation(
-                "guardian_record_id",
-                "is not a record id issued by this vault",
-            )
-        })?;
         if guardian_id == minor_id {
             return Err(violation(
                 "guardian_record_id",
@@ -602,7 +700,7 @@ impl Vault {
             serde_json::to_vec(&canonical).map_err(|e| VaultError::Internal(e.to_string()))?,
         );
         let dek = self.keys.unwrap(minor_wrapped_key, minor_id)?;
-        Ok(dek.seal_field(minor_id, &format!("guardian.{consent_id}"), &plaintext)?)
+        Ok(dek.seal_field(minor_id, &guardian_field(consent_id), &plaintext)?)
     }
 
     pub async fn revoke_guardian_consent(
@@ -612,13 +710,26 @@ impl Vault {
         consent_id: Option<&str>,
         note: &str,
     ) -> Result<Vec<String>, VaultError> {
-        self.authorize(ctx, Rpc::RevokeGuardianConsent)?;
-        check_record_id(record_id)?;
-        check_free_text("note", note, MAX_NOTE_LEN)?;
+        let subject = AuditSubject::new(Rpc::RevokeGuardianConsent.as_str()).record(record_id);
+        let result = self.revoke(ctx, record_id, consent_id, note).await;
+        self.audited(ctx, subject, result).await
+    }
+
+    async fn revoke(
+        &self,
+        ctx: &CallContext,
+        record_id: &str,
+        consent_id: Option<&str>,
+        note: &str,
+    ) -> Result<Vec<String>, VaultError> {
+        let record_id = RecordId::parse("record_id", record_id)?;
+        let record_id = record_id.as_str();
+        let note = FreeText::parse("note", note, MAX_NOTE_BYTES)?;
         if let Some(id) = consent_id {
-            check_free_text("consent_id", id, MAX_REF_LEN)?;
+            FreeText::parse("consent_id", id, MAX_REFERENCE_BYTES)?;
         }
-        let sealed_note = self.seal_note(record_id, note).await?;
+        self.authorize(ctx, Rpc::RevokeGuardianConsent)?;
+        let sealed = self.seal_note(record_id, note.as_str()).await?;
         let history = AccountEventRow {
             event_id: format!("acc_{}", random_token()?),
             record_id: record_id.to_owned(),
@@ -626,7 +737,7 @@ impl Vault {
             kind: "CONSENT_REVOKED".into(),
             actor: ctx.caller.name.clone(),
             reason: None,
-            note: sealed_note,
+            note: sealed.note,
             ticket: None,
             consent_id: None,
         };
@@ -639,7 +750,13 @@ impl Vault {
         );
         let revoked = self
             .store
-            .revoke_consents(record_id, consent_id, &history, &audit)
+            .revoke_consents(
+                record_id,
+                consent_id,
+                &history,
+                sealed.under.as_deref(),
+                &audit,
+            )
             .await?;
         if revoked.is_empty() {
             return Err(violation(
@@ -653,4 +770,17 @@ impl Vault {
 
 /// Associated-data name of a staff note. Notes are bound to their record (and to being a
 /// note), not to their history row, so one sealing serves every row an action writes.
-const NOTE_FIELD: &str = "account.note";
+pub(crate) const NOTE_FIELD: &str = "account.note";
+
+/// Associated-data name of an inline guardian's identity, sealed under the minor's key.
+pub(crate) fn guardian_field(consent_id: &str) -> String {
+    format!("guardian.{consent_id}")
+}
+
+/// A note sealed under a record's data key, and that key as wrapped when it was sealed: the
+/// write re-checks the record still has it (a re-key in between would strand the note).
+#[derive(Default)]
+struct SealedNote {
+    note: Option<Vec<u8>>,
+    under: Option<Vec<u8>>,
+}

@@ -51,7 +51,7 @@ pub struct Config {
 
 /// How long records are kept before `pdvault purge` crypto-shreds them. Days count from
 /// creation; 0 means no deadline.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
     /// Deadline for records whose document type has no entry in `id_types`.
@@ -60,6 +60,28 @@ pub struct RetentionConfig {
     pub id_types: BTreeMap<String, u32>,
     /// The longest retention a caller may ask for on create; 0 means callers may not.
     pub max_days: u32,
+    /// How long a create's `request_id` answers retries (its key holds an HMAC of the
+    /// identity, so it is not kept longer than retries need); 0: until the record is deleted.
+    pub request_id_ttl_hours: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> RetentionConfig {
+        RetentionConfig {
+            default_days: 0,
+            id_types: BTreeMap::new(),
+            max_days: 0,
+            request_id_ttl_hours: 24,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// `request_id_ttl_hours` as a duration; `None` when request ids do not expire.
+    pub fn request_id_ttl(&self) -> Option<std::time::Duration> {
+        (self.request_id_ttl_hours != 0)
+            .then(|| std::time::Duration::from_secs(u64::from(self.request_id_ttl_hours) * 3600))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

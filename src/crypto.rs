@@ -593,6 +593,55 @@ impl PseudonymKey {
     }
 }
 
+/// Keyed MAC that makes etags: opaque tokens for a record's (id, version), so a writer must
+/// have been handed the current etag and cannot guess it from a counter.
+#[derive(Debug)]
+pub struct EtagKey(SecretKey, Suite);
+
+/// Etags are `etg_` and 26 lowercase base32 characters (128 bits of MAC).
+const ETAG_PREFIX: &str = "etg_";
+const ETAG_MAC_BYTES: usize = 16;
+const ETAG_ENCODED_LEN: usize = 26;
+
+impl EtagKey {
+    pub fn new(key: SecretKey, suite: Suite) -> EtagKey {
+        EtagKey(key, suite)
+    }
+
+    /// The etag of `record_id` at `version`.
+    pub fn etag(&self, record_id: &str, version: i64) -> String {
+        format!(
+            "{ETAG_PREFIX}{}",
+            data_encoding::BASE32_NOPAD
+                .encode(&self.mac(record_id, version))
+                .to_lowercase()
+        )
+    }
+
+    /// Whether `etag` has the shape of an etag this vault issues (whoever's key made it).
+    pub fn well_formed(etag: &str) -> bool {
+        etag.strip_prefix(ETAG_PREFIX).is_some_and(|rest| {
+            rest.len() == ETAG_ENCODED_LEN
+                && rest.bytes().all(|b| matches!(b, b'a'..=b'z' | b'2'..=b'7'))
+        })
+    }
+
+    /// Whether `etag` is the etag of `record_id` at `version`, compared in constant time.
+    pub fn matches(&self, etag: &str, record_id: &str, version: i64) -> bool {
+        subtle::ConstantTimeEq::ct_eq(etag.as_bytes(), self.etag(record_id, version).as_bytes())
+            .into()
+    }
+
+    fn mac(&self, record_id: &str, version: i64) -> Vec<u8> {
+        let mut mac = mac_parts(
+            self.0.mac(self.1),
+            &[b"pdvault.etag.v1", record_id.as_bytes(), &version.to_be_bytes()],
+        );
+        mac.truncate(ETAG_MAC_BYTES);
+        mac
+    }
+}
+
 /// Ed25519 key that signs audit checkpoints and expiry markers. The signing half zeroises on
 /// drop; the verifying half can be published so anyone can check a trail.
 pub struct AuditSigningKey(ed25519_dalek::SigningKey);
@@ -615,6 +664,18 @@ impl AuditSigningKey {
             .verifying_key()
             .verify_strict(message, &signature)
             .is_ok()
+    }
+
+    /// A key for another purpose derived from this key's seed under `label` (HMAC-SHA-256
+    /// of the label keyed with the seed, as HKDF-Expand's first block is): the keyring then
+    /// needs no further secret, and the derived key reveals nothing about the signing key.
+    pub fn derive_key(&self, label: &[u8]) -> SecretKey {
+        let seed = Zeroizing::new(self.0.to_bytes());
+        let mut derived = mac_parts(
+            SecretKey(Zeroizing::new(*seed)).mac(Suite::Aes256GcmHmacSha256),
+            &[b"pdvault.derived-key.v1", label],
+        );
+        SecretKey::from_bytes(&mut derived).expect("HMAC-SHA-256 output is 32 bytes")
     }
 
     /// The public key, hex-encoded, for publishing next to exported checkpoints.

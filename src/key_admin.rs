@@ -7,8 +7,9 @@
 //! Every operation needs the `keys.rotate` grant. Each one that changes something is
 //! audited through the vault's audit log after it took effect; should that
 //! write fail, the caller is told ([`AdminError::AuditUnavailable`]) even though the key
-//! change stands, because a rotation or destruction cannot be taken back. Events carry
-//! version numbers and counts, never key material.
+//! change stands, because a rotation or destruction cannot be taken back. A refused
+//! operation (no grant, a version in the wrong state, ...) is audited as a refusal. Events
+//! carry version numbers and counts, never key material.
 
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::keys::{KeyError, KeyKind, KeyStatus, KeyVersionInfo, RotateOutcome};
 use crate::policy::Grant;
 use crate::rewrap::{self, Progress, RewrapError};
-use crate::vault::{CallContext, Vault, VaultError};
+use crate::vault::{AuditSubject, CallContext, Vault, VaultError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -75,7 +76,38 @@ impl KeyAdmin {
         })
     }
 
+    /// Audits a refused operation (see the module header) and returns the outcome as is.
+    async fn settle<T>(
+        &self,
+        ctx: &CallContext,
+        rpc: &str,
+        result: Result<T, AdminError>,
+    ) -> Result<T, AdminError> {
+        if let Err(error) = &result {
+            if let Some((outcome, reason)) = refusal(error) {
+                self.vault
+                    .write_refusal(ctx, AuditSubject::new(rpc), outcome, reason, false)
+                    .await;
+            }
+        }
+        result
+    }
+
     pub async fn rotate(
+        &self,
+        ctx: &CallContext,
+        kind: KeyKind,
+        expected_active: Option<u32>,
+    ) -> Result<(RotateOutcome, KeyVersionInfo), AdminError> {
+        let rpc = match kind {
+            KeyKind::Kek => "RotateKeyEncryptionKey",
+            KeyKind::Index => "RotateIndexKey",
+        };
+        let result = self.try_rotate(ctx, kind, expected_active).await;
+        self.settle(ctx, rpc, result).await
+    }
+
+    async fn try_rotate(
         &self,
         ctx: &CallContext,
         kind: KeyKind,
@@ -103,12 +135,16 @@ impl KeyAdmin {
 
     /// The KEK versions and the index versions.
     pub async fn status(&self, ctx: &CallContext) -> Result<(KeyStatus, KeyStatus), AdminError> {
-        self.authorize(ctx, Grant::KeysRotate)?;
-        let keys = self.vault.keys();
-        Ok((
-            keys.status(KeyKind::Kek).await?,
-            keys.status(KeyKind::Index).await?,
-        ))
+        let result = async {
+            self.authorize(ctx, Grant::KeysRotate)?;
+            let keys = self.vault.keys();
+            Ok((
+                keys.status(KeyKind::Kek).await?,
+                keys.status(KeyKind::Index).await?,
+            ))
+        }
+        .await;
+        self.settle(ctx, "GetKeyStatus", result).await
     }
 
     pub async fn retire(
@@ -117,16 +153,20 @@ impl KeyAdmin {
         kind: KeyKind,
         version: u32,
     ) -> Result<KeyVersionInfo, AdminError> {
-        self.authorize(ctx, Grant::KeysRotate)?;
-        let info = self.vault.keys().retire(kind, version, self.now()).await?;
-        self.audit(
-            ctx,
-            "RetireKeyVersion",
-            Vec::new(),
-            format!("{}={version}", version_label(kind)),
-        )
-        .await?;
-        Ok(info)
+        let result = async {
+            self.authorize(ctx, Grant::KeysRotate)?;
+            let info = self.vault.keys().retire(kind, version, self.now()).await?;
+            self.audit(
+                ctx,
+                "RetireKeyVersion",
+                Vec::new(),
+                format!("{}={version}", version_label(kind)),
+            )
+            .await?;
+            Ok(info)
+        }
+        .await;
+        self.settle(ctx, "RetireKeyVersion", result).await
     }
 
     pub async fn destroy(
@@ -135,16 +175,20 @@ impl KeyAdmin {
         kind: KeyKind,
         version: u32,
     ) -> Result<KeyVersionInfo, AdminError> {
-        self.authorize(ctx, Grant::KeysRotate)?;
-        let info = self.vault.keys().destroy(kind, version, self.now()).await?;
-        self.audit(
-            ctx,
-            "DestroyKeyVersion",
-            Vec::new(),
-            format!("{}={version}", version_label(kind)),
-        )
-        .await?;
-        Ok(info)
+        let result = async {
+            self.authorize(ctx, Grant::KeysRotate)?;
+            let info = self.vault.keys().destroy(kind, version, self.now()).await?;
+            self.audit(
+                ctx,
+                "DestroyKeyVersion",
+                Vec::new(),
+                format!("{}={version}", version_label(kind)),
+            )
+            .await?;
+            Ok(info)
+        }
+        .await;
+        self.settle(ctx, "DestroyKeyVersion", result).await
     }
 
     /// Runs a rewrap job, sending progress to `progress` until it ends or the receiver is
@@ -155,7 +199,10 @@ impl KeyAdmin {
         batch_size: u32,
         progress: mpsc::Sender<Progress>,
     ) -> Result<Progress, AdminError> {
-        self.authorize(ctx, Grant::KeysRotate)?;
+        if let Err(refused) = self.authorize(ctx, Grant::KeysRotate) {
+            // A job that runs is audited by its summary, whatever its end.
+            return self.settle(ctx, "RewrapRecords", Err(refused)).await;
+        }
         let job_id = crate::vault::new_event_id().replacen("evt_", "rwj_", 1);
         let clock = self.vault.clock().clone();
         let now = move || clock.now().timestamp_micros();
@@ -195,6 +242,21 @@ impl KeyAdmin {
             .into_iter()
             .find(|v| v.version == version)
             .ok_or(AdminError::Key(KeyError::NoSuchVersion(version)))
+    }
+}
+
+/// The outcome and reason a refused key operation's event records; `None` for failures
+/// that are audited otherwise (a rewrap job's summary) or cannot be (the audit log itself).
+fn refusal(error: &AdminError) -> Option<(&'static str, String)> {
+    let denied = |reason: &str| Some(("DENIED", reason.to_owned()));
+    match error {
+        AdminError::NotGranted(_) => denied("OPERATION_NOT_GRANTED"),
+        AdminError::Key(KeyError::NoSuchVersion(_)) => denied("KEY_VERSION_NOT_FOUND"),
+        AdminError::Key(KeyError::WrongState { .. }) => denied("KEY_VERSION_STATE"),
+        AdminError::Key(KeyError::InUse { .. }) => denied("KEY_VERSION_IN_USE"),
+        AdminError::Key(_) => Some(("ERROR", "KEY_UNAVAILABLE".to_owned())),
+        AdminError::Vault(error) => Some(crate::vault::refusal_outcome(error)),
+        AdminError::Rewrap(_) | AdminError::AuditUnavailable => None,
     }
 }
 

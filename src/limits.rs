@@ -74,10 +74,12 @@ where
         let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
             crate::metrics::record_denial("OVERLOADED");
             return Box::pin(async {
-                Ok(
-                    Status::unavailable("server is at its concurrency limit; retry with backoff")
-                        .into_http(),
+                Ok(with_reason(
+                    tonic::Code::Unavailable,
+                    "server is at its concurrency limit; retry with backoff",
+                    "OVERLOADED",
                 )
+                .into_http())
             });
         };
         let future = self.inner.call(request);
@@ -141,14 +143,31 @@ where
                 Ok(response) => response,
                 Err(_) => {
                     tracing::warn!(timeout_ms = timeout.as_millis() as u64, "call timed out");
-                    Ok(
-                        Status::deadline_exceeded("the call exceeded the server's timeout")
-                            .into_http(),
+                    Ok(with_reason(
+                        tonic::Code::DeadlineExceeded,
+                        "the call exceeded the server's timeout",
+                        "REQUEST_TIMEOUT",
                     )
+                    .into_http())
                 }
             }
         })
     }
+}
+
+/// A status the layers answer with themselves, with its ErrorInfo reason (domain `pdvault`)
+/// like every other error of the service.
+fn with_reason(code: tonic::Code, message: &str, reason: &str) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(
+            reason,
+            crate::grpc::ERROR_DOMAIN,
+            std::collections::HashMap::new(),
+        ),
+    )
 }
 
 /// One token bucket per authenticated caller name.

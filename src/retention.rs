@@ -81,6 +81,7 @@ mod tests {
             default_days: 30,
             id_types: [("PASSPORT".to_owned(), 10)].into(),
             max_days: 365,
+            ..RetentionConfig::default()
         })
         .unwrap()
     }

@@ -126,7 +126,8 @@ impl Application {
         let retention = crate::retention::Retention::build(&config.retention)?;
         let vault = Arc::new(
             Vault::new(store, keys, Arc::new(policy), clock, audit, rules)
-                .with_retention(retention),
+                .with_retention(retention)
+                .with_request_id_ttl(config.retention.request_id_ttl()),
         );
         let (listener, local_addr) = bind(config.listen).await?;
         let metrics_listener = match config.metrics.listen {
@@ -201,6 +202,9 @@ impl Application {
         let maintenance = tokio::spawn(audit_maintenance(
             Arc::clone(&self.vault),
             config.audit.clone(),
+        ));
+        let request_ids = tokio::spawn(crate::vault::expire_request_ids_periodically(
+            Arc::clone(&self.vault),
         ));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // Not serving until the first probe says otherwise.
@@ -294,6 +298,7 @@ impl Application {
             metrics.abort();
         }
         maintenance.abort();
+        request_ids.abort();
         // Calls still holding a vault handle now get AUDIT_UNAVAILABLE: nothing leaves
         // unaudited. What is queued is flushed before the writer stops.
         self.vault.audit().close();

@@ -21,7 +21,13 @@ use crate::config::{LogConfig, LogFormat};
 /// The metadata key a request id travels in, both ways.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Longest client-chosen request id kept; longer or non-printable ones are replaced.
-pub const MAX_REQUEST_ID_LEN: usize = 128;
+pub const MAX_REQUEST_ID_LEN: usize = crate::edge::MAX_REQUEST_ID_BYTES;
+
+/// Marks a request whose client sent an `x-request-id` that is not printable ASCII of at
+/// most [`MAX_REQUEST_ID_LEN`] bytes: it was replaced by a generated one here, and the
+/// pdvault services refuse the call as `INVALID_ARGUMENT` (the value itself goes nowhere).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientRequestIdRefused;
 
 /// Installs the global subscriber; later calls are ignored (tests build many apps).
 pub fn init(config: &LogConfig) {
@@ -72,7 +78,12 @@ where
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let request_id = match request.headers().get(REQUEST_ID_HEADER) {
             Some(value) if valid_request_id(value) => value.clone(),
-            _ => {
+            sent => {
+                if sent.is_some() {
+                    // The pdvault services refuse the call; logs and the response still
+                    // carry an id to correlate the refusal by.
+                    request.extensions_mut().insert(ClientRequestIdRefused);
+                }
                 let generated = new_request_id();
                 // The handlers read the id from metadata, so the generated one goes there.
                 request
@@ -117,10 +128,7 @@ where
 }
 
 fn valid_request_id(value: &HeaderValue) -> bool {
-    let bytes = value.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= MAX_REQUEST_ID_LEN
-        && bytes.iter().all(|b| b.is_ascii_graphic())
+    crate::edge::check_request_id(value.as_bytes()).is_ok()
 }
 
 fn new_request_id() -> HeaderValue {

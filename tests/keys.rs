@@ -11,7 +11,7 @@ use pdvault::proto::{
     RetireKeyVersionRequest, RewrapRecordsRequest, RotateKeyEncryptionKeyRequest,
     UpdateRecordRequest,
 };
-use support::fixtures::reason;
+use support::fixtures::{get, reason};
 use support::{Backend, CLAIMS, TestApp, authed, join_all};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -610,6 +610,10 @@ async fn rekey_replaces_the_data_key_and_every_ciphertext(app: &TestApp) {
     let before = store.get_record(&id).await.unwrap().unwrap();
     let keyring = pdvault::keys::Keyring::load(&keyring_path(app)).unwrap();
     let old_key = keyring.unwrap(&before.wrapped_key, &id).unwrap();
+    let etag_before = get(app, CLAIMS.token, &id, "service-delivery", "")
+        .await
+        .unwrap()
+        .etag;
 
     let denied = keys_client(app)
         .await
@@ -637,7 +641,7 @@ async fn rekey_replaces_the_data_key_and_every_ciphertext(app: &TestApp) {
         .unwrap()
         .into_inner();
     assert_eq!(rekeyed.kek_version, 2, "moves to the active KEK version");
-    assert_ne!(rekeyed.etag, before.meta.version.to_string());
+    assert_ne!(rekeyed.etag, etag_before);
 
     let after = store.get_record(&id).await.unwrap().unwrap();
     assert_ne!(after.wrapped_key, before.wrapped_key);
@@ -669,7 +673,7 @@ async fn rekey_replaces_the_data_key_and_every_ciphertext(app: &TestApp) {
                     ..Identity::default()
                 }),
                 update_mask: None,
-                etag: before.meta.version.to_string(),
+                etag: etag_before,
                 ..Default::default()
             },
         ))
@@ -677,8 +681,17 @@ async fn rekey_replaces_the_data_key_and_every_ciphertext(app: &TestApp) {
         .unwrap_err();
     assert_eq!(stale.code(), Code::Aborted);
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM audit_events WHERE rpc = 'RekeyRecord'")
+        app.count("SELECT COUNT(*) FROM audit_events WHERE rpc = 'RekeyRecord' AND outcome = 'OK'")
             .await,
+        1
+    );
+    // The refused attempt is on record too.
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM audit_events WHERE rpc = 'RekeyRecord' \
+             AND reason = 'OPERATION_NOT_GRANTED' AND caller = 'claims'"
+        )
+        .await,
         1
     );
     let missing = keys_client(app)
@@ -700,6 +713,7 @@ fn with_retention(config: &mut pdvault::config::Config) {
         default_days: 30,
         id_types: [("PASSPORT".to_owned(), 10)].into(),
         max_days: 365,
+        ..pdvault::config::RetentionConfig::default()
     };
 }
 

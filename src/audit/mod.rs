@@ -12,6 +12,14 @@
 //! Both paths link events into this process's chain through the chain's head row in the
 //! database, never through memory, so they interleave safely.
 //!
+//! One caller's event can never fail another's: when the store refuses a batch because of
+//! the data in it (a value the database cannot hold, a broken constraint), the writer splits
+//! the batch and appends the halves on their own, down to single events, so only the
+//! events the store itself refuses fail ([`append_isolating`]). A batch that fails because
+//! the database is unreachable fails as a whole, at once: splitting it would only multiply
+//! the waits. The edge checks every string before it can reach an event
+//! (`crate::edge`); this is the second wall.
+//!
 //! Shutdown: [`AuditLog::close`] (or dropping every handle) stops new events from entering;
 //! the writer flushes what is already queued and exits, and the join handle
 //! [`AuditLog::start`] returned resolves after that last flush. Events offered after close
@@ -173,7 +181,7 @@ async fn run_writer(
         let (events, waiters): (Vec<AuditEvent>, Vec<_>) =
             batch.drain(..).map(|job| (job.event, job.done)).unzip();
         let started = Instant::now();
-        let outcome = store.append_audit(&events).await;
+        let outcomes = append_isolating(store.as_ref(), &events).await;
         let flush = started.elapsed();
         stats.record(events.len(), flush);
         crate::metrics::record_audit_batch(events.len());
@@ -183,20 +191,46 @@ async fn run_writer(
             flush_us = flush.as_micros() as u64,
             "audit group commit"
         );
-        if let Err(error) = &outcome {
-            tracing::error!(%error, batch = events.len(), "audit batch failed; nothing in it is released");
+        let failed = outcomes.iter().filter(|outcome| outcome.is_err()).count();
+        if failed > 0 {
+            tracing::error!(
+                failed,
+                batch = events.len(),
+                "audit events failed; nothing they record is released"
+            );
         }
-        for waiter in waiters {
-            let result = match &outcome {
-                Ok(()) => Ok(()),
-                Err(error) => Err(AuditError::Unavailable(error.to_string())),
-            };
+        for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
             // A waiter that gave up (its call was cancelled) has nothing left to release.
-            let _ = waiter.send(result);
+            let _ = waiter.send(outcome);
         }
     }
     let (batches, events, largest, _) = stats.snapshot();
     tracing::info!(batches, events, largest, "audit writer drained and stopped");
+}
+
+/// Appends `events` in one transaction; if the store refuses the batch's data, appends each
+/// half on its own, recursively, so that only the events the store itself refuses fail.
+/// Returns one outcome per event, in order. With `p` refused events in a batch of `n`, this
+/// costs about `2p·log2(n)` extra transactions, and nothing when no event is refused.
+pub async fn append_isolating(store: &dyn Store, events: &[AuditEvent]) -> Vec<Result<(), AuditError>> {
+    match store.append_audit(events).await {
+        Ok(()) => events.iter().map(|_| Ok(())).collect(),
+        Err(error) if events.len() > 1 && error.is_refused_data() => {
+            let (left, right) = events.split_at(events.len() / 2);
+            let mut outcomes = Box::pin(append_isolating(store, left)).await;
+            outcomes.extend(Box::pin(append_isolating(store, right)).await);
+            outcomes
+        }
+        Err(error) => {
+            if error.is_refused_data() {
+                tracing::error!(%error, event_id = %events[0].event_id, "the store refused an audit event");
+            }
+            events
+                .iter()
+                .map(|_| Err(AuditError::Unavailable(error.to_string())))
+                .collect()
+        }
+    }
 }
 
 fn new_chain_id() -> String {

@@ -5,13 +5,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{
-    call_context, decode_page_token, encode_page_token, invalid, page_size, timestamp, to_status,
-    violation,
-};
+use super::{call_context, checked, encode_page_token, paging, timestamp, to_status, violation};
 use crate::accounts::{AccountAction, AccountHistoryEntry, SuspensionReason};
+use crate::domain::Violation;
 use crate::proto;
-use crate::vault::Vault;
+use crate::vault::{AuditSubject, Vault};
 
 #[derive(Clone)]
 pub struct AccountSecurityService {
@@ -30,9 +28,12 @@ impl proto::account_security_server::AccountSecurity for AccountSecurityService 
         &self,
         request: Request<proto::SuspendAccountRequest>,
     ) -> Result<Response<proto::AccountActionResponse>, Status> {
-        let ctx = call_context(&self.vault, &request)?;
+        const RPC: &str = "SuspendAccount";
+        let ctx = call_context(&self.vault, &request, RPC).await?;
         let request = request.into_inner();
-        let reason = suspension_reason(request.reason)?;
+        let subject = || AuditSubject::new(RPC).record(&request.record_id);
+        let reason = suspension_reason(request.reason).map_err(|v| vec![v]);
+        let reason = checked(&self.vault, &ctx, subject, reason).await?;
         let record_id = request.record_id;
         let action = AccountAction {
             record_id: record_id.clone(),
@@ -56,7 +57,7 @@ impl proto::account_security_server::AccountSecurity for AccountSecurityService 
         &self,
         request: Request<proto::ReinstateAccountRequest>,
     ) -> Result<Response<proto::AccountActionResponse>, Status> {
-        let ctx = call_context(&self.vault, &request)?;
+        let ctx = call_context(&self.vault, &request, "ReinstateAccount").await?;
         let request = request.into_inner();
         let record_id = request.record_id;
         let action = AccountAction {
@@ -81,10 +82,12 @@ impl proto::account_security_server::AccountSecurity for AccountSecurityService 
         &self,
         request: Request<proto::ListAccountEventsRequest>,
     ) -> Result<Response<proto::ListAccountEventsResponse>, Status> {
-        let ctx = call_context(&self.vault, &request)?;
+        const RPC: &str = "ListAccountEvents";
+        let ctx = call_context(&self.vault, &request, RPC).await?;
         let request = request.into_inner();
-        let limit = page_size(request.page_size)?;
-        let after = decode_page_token(&request.page_token)?;
+        let subject = || AuditSubject::new(RPC).record(&request.record_id);
+        let paged = paging(request.page_size, &request.page_token);
+        let (limit, after) = checked(&self.vault, &ctx, subject, paged).await?;
         let entries = self
             .vault
             .account_history(&ctx, &request.record_id, limit, after)
@@ -103,7 +106,7 @@ impl proto::account_security_server::AccountSecurity for AccountSecurityService 
     }
 }
 
-fn suspension_reason(value: i32) -> Result<SuspensionReason, Status> {
+fn suspension_reason(value: i32) -> Result<SuspensionReason, Violation> {
     use proto::SuspensionReason as P;
     match P::try_from(value) {
         Ok(P::UserRequest) => Ok(SuspensionReason::UserRequest),
@@ -111,10 +114,10 @@ fn suspension_reason(value: i32) -> Result<SuspensionReason, Status> {
         Ok(P::PolicyViolation) => Ok(SuspensionReason::PolicyViolation),
         Ok(P::LegalOrder) => Ok(SuspensionReason::LegalOrder),
         Ok(P::Other) => Ok(SuspensionReason::Other),
-        _ => Err(invalid(vec![violation(
+        _ => Err(violation(
             "reason",
             "must be one of USER_REQUEST, CREDENTIAL_COMPROMISE, POLICY_VIOLATION, LEGAL_ORDER, OTHER",
-        )])),
+        )),
     }
 }
 

@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use tonic::{Code, Request, Response, Status};
 
-use super::{authenticate, error_info, to_status};
+use super::{call_context, error_info, to_status};
 use crate::policy::Rpc;
 use crate::proto;
 use crate::reload::{PolicyReloader, ReloadError};
-use crate::vault::{Vault, VaultError};
+use crate::vault::{AuditSubject, Vault, VaultError};
 
 pub struct AdminService {
     vault: Arc<Vault>,
@@ -29,11 +29,13 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::ReloadPolicyRequest>,
     ) -> Result<Response<proto::ReloadPolicyResponse>, Status> {
-        let (_, caller) = authenticate(&self.vault, &request)?;
+        let ctx = call_context(&self.vault, &request, Rpc::ReloadPolicy.as_str()).await?;
+        let caller = ctx.caller.clone();
         if !caller.may_call(Rpc::ReloadPolicy) {
-            return Err(to_status(VaultError::OperationNotGranted(
-                Rpc::ReloadPolicy.as_str(),
-            )));
+            let refused = VaultError::OperationNotGranted(Rpc::ReloadPolicy.as_str());
+            let subject = AuditSubject::new(Rpc::ReloadPolicy.as_str());
+            self.vault.audit_refusal(&ctx, subject, &refused).await;
+            return Err(to_status(refused));
         }
         let reloader = self.reloader.as_ref().ok_or_else(|| {
             error_info(

@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{call_context, decode_page_token, encode_page_token, page_size, timestamp, to_status};
+use super::{call_context, checked, encode_page_token, paging, timestamp, to_status};
 use crate::audit::StoredEvent;
 use crate::proto;
-use crate::store::{AuditQuery, Micros};
-use crate::vault::Vault;
+use crate::vault::{AuditFilters, AuditSubject, TimeBound, Vault};
 
 #[derive(Clone)]
 pub struct AuditService {
@@ -29,23 +28,26 @@ impl proto::audit_server::Audit for AuditService {
         &self,
         request: Request<proto::ListAuditEventsRequest>,
     ) -> Result<Response<proto::ListAuditEventsResponse>, Status> {
-        let ctx = call_context(&self.vault, &request)?;
+        const RPC: &str = "ListAuditEvents";
+        let ctx = call_context(&self.vault, &request, RPC).await?;
         let request = request.into_inner();
-        let limit = page_size(request.page_size)?;
-        let query = AuditQuery {
-            record_id: non_empty(request.record_id),
-            caller: non_empty(request.caller),
-            purpose: non_empty(request.purpose),
-            outcome: non_empty(request.outcome),
-            from: request.start_time.map(micros),
-            to: request.end_time.map(micros),
+        let subject = || AuditSubject::new(RPC).record(&request.record_id);
+        let paged = paging(request.page_size, &request.page_token);
+        let (limit, after) = checked(&self.vault, &ctx, subject, paged).await?;
+        let filters = AuditFilters {
+            record_id: request.record_id,
+            caller: request.caller,
+            purpose: request.purpose,
+            outcome: request.outcome,
+            start: request.start_time.map(bound),
+            end: request.end_time.map(bound),
             plaintext_only: request.plaintext_only,
             limit,
-            after: decode_page_token(&request.page_token)?,
+            after,
         };
         let events = self
             .vault
-            .list_audit_events(&ctx, query)
+            .list_audit_events(&ctx, filters)
             .await
             .map_err(to_status)?;
         let next_page_token = next_token(&events, limit);
@@ -59,10 +61,12 @@ impl proto::audit_server::Audit for AuditService {
         &self,
         request: Request<proto::ListDisclosuresRequest>,
     ) -> Result<Response<proto::ListDisclosuresResponse>, Status> {
-        let ctx = call_context(&self.vault, &request)?;
+        const RPC: &str = "ListDisclosures";
+        let ctx = call_context(&self.vault, &request, RPC).await?;
         let request = request.into_inner();
-        let limit = page_size(request.page_size)?;
-        let after = decode_page_token(&request.page_token)?;
+        let subject = || AuditSubject::new(RPC).record(&request.record_id);
+        let paged = paging(request.page_size, &request.page_token);
+        let (limit, after) = checked(&self.vault, &ctx, subject, paged).await?;
         let events = self
             .vault
             .list_disclosures(&ctx, &request.record_id, limit, after)
@@ -93,7 +97,7 @@ impl proto::audit_server::Audit for AuditService {
         &self,
         request: Request<proto::VerifyAuditChainRequest>,
     ) -> Result<Response<proto::VerifyAuditChainResponse>, Status> {
-        let ctx = call_context(&self.vault, &request)?;
+        let ctx = call_context(&self.vault, &request, "VerifyAuditChain").await?;
         let report = self.vault.verify_audit(&ctx).await.map_err(to_status)?;
         Ok(Response::new(proto::VerifyAuditChainResponse {
             ok: report.ok(),
@@ -114,14 +118,11 @@ fn next_token(events: &[StoredEvent], limit: u32) -> String {
     }
 }
 
-fn micros(time: prost_types::Timestamp) -> Micros {
-    time.seconds
-        .saturating_mul(1_000_000)
-        .saturating_add(i64::from(time.nanos) / 1_000)
-}
-
-fn non_empty(value: String) -> Option<String> {
-    (!value.is_empty()).then_some(value)
+fn bound(time: prost_types::Timestamp) -> TimeBound {
+    TimeBound {
+        seconds: time.seconds,
+        nanos: time.nanos,
+    }
 }
 
 fn field_releases(released: &[(String, String)]) -> Vec<proto::FieldRelease> {

@@ -10,7 +10,8 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
-use crate::grpc::{call_context, error_info, timestamp, to_status};
+use crate::grpc::{call_context, checked, error_info, timestamp, to_status, violation};
+use crate::vault::AuditSubject;
 use crate::key_admin::{AdminError, KeyAdmin};
 use crate::keys::{KeyError, KeyKind, KeyVersionInfo, KeyVersionState};
 use crate::proto;
@@ -37,7 +38,7 @@ impl KeyManagement for KeyManagementService {
         &self,
         request: Request<proto::RotateKeyEncryptionKeyRequest>,
     ) -> Result<Response<proto::RotateKeyEncryptionKeyResponse>, Status> {
-        let ctx = call_context(self.admin.vault(), &request)?;
+        let ctx = call_context(self.admin.vault(), &request, "RotateKeyEncryptionKey").await?;
         let expected = request.into_inner().expected_active_version;
         let (outcome, active) = self
             .admin
@@ -54,7 +55,7 @@ impl KeyManagement for KeyManagementService {
         &self,
         request: Request<proto::RotateIndexKeyRequest>,
     ) -> Result<Response<proto::RotateIndexKeyResponse>, Status> {
-        let ctx = call_context(self.admin.vault(), &request)?;
+        let ctx = call_context(self.admin.vault(), &request, "RotateIndexKey").await?;
         let expected = request.into_inner().expected_active_version;
         let (outcome, active) = self
             .admin
@@ -73,16 +74,18 @@ impl KeyManagement for KeyManagementService {
         &self,
         request: Request<proto::RewrapRecordsRequest>,
     ) -> Result<Response<Self::RewrapRecordsStream>, Status> {
-        let ctx = call_context(self.admin.vault(), &request)?;
+        let ctx = call_context(self.admin.vault(), &request, "RewrapRecords").await?;
         let batch_size = request.into_inner().batch_size;
-        if batch_size > MAX_BATCH_SIZE {
-            return Err(to_status(crate::vault::VaultError::InvalidArgument(vec![
-                crate::domain::Violation {
-                    field: "batch_size".into(),
-                    reason: format!("must be at most {MAX_BATCH_SIZE}"),
-                },
-            ])));
-        }
+        let batch_size = if batch_size > MAX_BATCH_SIZE {
+            Err(vec![violation(
+                "batch_size",
+                &format!("must be at most {MAX_BATCH_SIZE}"),
+            )])
+        } else {
+            Ok(batch_size)
+        };
+        let subject = || AuditSubject::new("RewrapRecords");
+        let batch_size = checked(self.admin.vault(), &ctx, subject, batch_size).await?;
         let (out, stream) = mpsc::channel::<Result<proto::RewrapProgress, Status>>(8);
         let admin = self.admin.clone();
         tokio::spawn(async move {
@@ -111,7 +114,7 @@ impl KeyManagement for KeyManagementService {
         &self,
         request: Request<proto::GetKeyStatusRequest>,
     ) -> Result<Response<proto::KeyStatus>, Status> {
-        let ctx = call_context(self.admin.vault(), &request)?;
+        let ctx = call_context(self.admin.vault(), &request, "GetKeyStatus").await?;
         let (keks, index) = self.admin.status(&ctx).await.map_err(admin_status)?;
         Ok(Response::new(proto::KeyStatus {
             active_version: keks.active_version,
@@ -125,7 +128,7 @@ impl KeyManagement for KeyManagementService {
         &self,
         request: Request<proto::RetireKeyVersionRequest>,
     ) -> Result<Response<proto::KeyVersion>, Status> {
-        let ctx = call_context(self.admin.vault(), &request)?;
+        let ctx = call_context(self.admin.vault(), &request, "RetireKeyVersion").await?;
         let request = request.into_inner();
         let (version, kind) = (request.version, key_kind(request.kind()));
         let info = self
@@ -140,7 +143,7 @@ impl KeyManagement for KeyManagementService {
         &self,
         request: Request<proto::DestroyKeyVersionRequest>,
     ) -> Result<Response<proto::KeyVersion>, Status> {
-        let ctx = call_context(self.admin.vault(), &request)?;
+        let ctx = call_context(self.admin.vault(), &request, "DestroyKeyVersion").await?;
         let request = request.into_inner();
         let (version, kind) = (request.version, key_kind(request.kind()));
         let info = self
@@ -155,17 +158,16 @@ impl KeyManagement for KeyManagementService {
         &self,
         request: Request<proto::RekeyRecordRequest>,
     ) -> Result<Response<proto::RekeyRecordResponse>, Status> {
-        let ctx = call_context(self.admin.vault(), &request)?;
+        let ctx = call_context(self.admin.vault(), &request, "RekeyRecord").await?;
         let request = request.into_inner();
-        let (meta, kek_version) = self
-            .admin
-            .vault()
+        let vault = self.admin.vault();
+        let (meta, kek_version) = vault
             .rekey_record(&ctx, &request.record_id, &request.reason)
             .await
             .map_err(to_status)?;
         Ok(Response::new(proto::RekeyRecordResponse {
+            etag: vault.etag(&meta),
             record_id: meta.record_id,
-            etag: meta.version.to_string(),
             kek_version,
         }))
     }
@@ -174,7 +176,7 @@ impl KeyManagement for KeyManagementService {
         &self,
         request: Request<proto::PurgeExpiredRecordsRequest>,
     ) -> Result<Response<proto::PurgeExpiredRecordsResponse>, Status> {
-        let ctx = call_context(self.admin.vault(), &request)?;
+        let ctx = call_context(self.admin.vault(), &request, "PurgeExpiredRecords").await?;
         let limit = request.into_inner().limit;
         let purged_record_ids = self
             .admin

@@ -2,9 +2,13 @@
 //! [`crate::vault::Vault`], and maps its errors to `Status`.
 //!
 //! This is the only layer that knows about tonic. It is also the only place errors become
-//! `Status`, each with the richer error model's details: a `google.rpc.BadRequest` naming
-//! every bad field, or a `google.rpc.ErrorInfo` (domain `pdvault`) whose reason clients can
-//! switch on. Messages name fields and reasons, never values.
+//! `Status`, each with the richer error model's details: every error carries a
+//! `google.rpc.ErrorInfo` (domain `pdvault`) whose reason clients can switch on, and bad
+//! input also a `google.rpc.BadRequest` naming every bad field. Messages name fields and
+//! reasons, never values.
+//!
+//! Requests the layer refuses before the vault sees them (an unknown enum value, a bad page
+//! token, a malformed `x-request-id`) are audited like every other refusal ([`refuse`]).
 //!
 //! A caller proves who it is with a bearer token, a client certificate mapped to it in
 //! config, or both; when both are presented they must name the same caller.
@@ -28,18 +32,17 @@ pub use audit::AuditService;
 
 use crate::accounts::{AccountStatus, ConsentRequest, Guardian, Relationship};
 use crate::domain::{Gender, IdType, IdentityInput, Violation};
+use crate::edge::MAX_JUSTIFICATION_BYTES;
 use crate::limits::CallerRateLimiter;
 use crate::policy::{Caller, CertificateMatch, Policy};
 use crate::proto;
 use crate::store::{Micros, RecordMeta};
-use crate::vault::{CallContext, LookupKey, Vault, VaultError};
+use crate::vault::{AuditSubject, CallContext, LookupKey, Vault, VaultError};
 
 /// ErrorInfo domain for every error this service raises.
 pub const ERROR_DOMAIN: &str = "pdvault";
-const MAX_REQUEST_ID_LEN: usize = crate::telemetry::MAX_REQUEST_ID_LEN;
-/// Repeated request fields name identity fields, so more entries than fields is abuse.
-const MAX_LISTED_FIELDS: usize = crate::domain::FieldName::ALL.len();
-const MAX_PURPOSE_LEN: usize = 128;
+/// ErrorInfo reason of `INVALID_ARGUMENT` beside its BadRequest.
+pub const FIELD_INVALID: &str = "FIELD_INVALID";
 
 /// `pdvault.v1.Vault` over a shared [`Vault`].
 #[derive(Clone)]
@@ -58,8 +61,8 @@ impl VaultService {
     }
 
     /// Authenticates the caller and charges its rate limit.
-    fn context<T>(&self, request: &Request<T>) -> Result<CallContext, Status> {
-        let ctx = call_context(&self.vault, request)?;
+    async fn context<T>(&self, request: &Request<T>, rpc: &str) -> Result<CallContext, Status> {
+        let ctx = call_context(&self.vault, request, rpc).await?;
         if !self.limiter.check(&ctx.caller.name) {
             crate::metrics::record_denial("RATE_LIMITED");
             return Err(error_info(
@@ -73,28 +76,83 @@ impl VaultService {
 }
 
 /// Authenticates the caller and captures who is calling from where, under which policy.
-pub(crate) fn call_context<T>(vault: &Vault, request: &Request<T>) -> Result<CallContext, Status> {
+/// The correlation headers are checked like every request string: a malformed
+/// `x-request-id` or `traceparent` refuses the call (audited, without the bad value).
+pub(crate) async fn call_context<T>(
+    vault: &Vault,
+    request: &Request<T>,
+    rpc: &str,
+) -> Result<CallContext, Status> {
     let (policy, caller) = authenticate(vault, request)?;
     let metadata = request.metadata();
-    let request_id = metadata
-        .get("x-request-id")
-        .and_then(|value| value.to_str().ok())
-        .filter(|id| id.len() <= MAX_REQUEST_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned);
-    // W3C trace context: version-traceid-parentid-flags; keep the 32-hex-digit trace id.
-    let trace_id = metadata
-        .get("traceparent")
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split('-').nth(1))
-        .filter(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-        .map(str::to_ascii_lowercase);
-    Ok(CallContext {
+    let mut violations = Vec::new();
+    let header = |name: &str| metadata.get(name).map(|value| value.as_bytes());
+    // The request layer replaces a malformed client id with one of its own and says so.
+    if request
+        .extensions()
+        .get::<crate::telemetry::ClientRequestIdRefused>()
+        .is_some()
+    {
+        violations.push(crate::edge::request_id_violation());
+    }
+    let request_id = match header(crate::telemetry::REQUEST_ID_HEADER) {
+        Some(raw) => match crate::edge::check_request_id(raw) {
+            Ok(()) => Some(String::from_utf8_lossy(raw).into_owned()),
+            Err(violation) => {
+                violations.push(violation);
+                None
+            }
+        },
+        None => None,
+    };
+    let trace_id = match header("traceparent") {
+        Some(raw) => match crate::edge::parse_traceparent(raw) {
+            Ok(trace_id) => Some(trace_id),
+            Err(violation) => {
+                violations.push(violation);
+                None
+            }
+        },
+        None => None,
+    };
+    let ctx = CallContext {
         caller,
         policy,
         peer: request.remote_addr().map(|addr| addr.to_string()),
         request_id,
         trace_id,
-    })
+    };
+    if violations.is_empty() {
+        Ok(ctx)
+    } else {
+        Err(refuse(vault, &ctx, AuditSubject::new(rpc), violations).await)
+    }
+}
+
+/// Refuses a call the gRPC layer could not turn into the vault's input, auditing the
+/// refusal as the vault audits its own.
+pub(crate) async fn refuse(
+    vault: &Vault,
+    ctx: &CallContext,
+    subject: AuditSubject,
+    violations: Vec<Violation>,
+) -> Status {
+    let error = VaultError::InvalidArgument(violations);
+    vault.audit_refusal(ctx, subject, &error).await;
+    to_status(error)
+}
+
+/// The input, or the refusal [`refuse`] makes of its violations.
+pub(crate) async fn checked<T>(
+    vault: &Vault,
+    ctx: &CallContext,
+    subject: impl FnOnce() -> AuditSubject,
+    input: Result<T, Vec<Violation>>,
+) -> Result<T, Status> {
+    match input {
+        Ok(input) => Ok(input),
+        Err(violations) => Err(refuse(vault, ctx, subject(), violations).await),
+    }
 }
 
 /// The caller a request authenticates as, and the policy snapshot that says so.
@@ -164,9 +222,11 @@ impl proto::vault_server::Vault for VaultService {
         &self,
         request: Request<proto::CreateRecordRequest>,
     ) -> Result<Response<proto::Record>, Status> {
-        let ctx = self.context(&request)?;
+        const RPC: &str = "CreateRecord";
+        let ctx = self.context(&request, RPC).await?;
         let request = request.into_inner();
-        let input = identity_input(request.identity.unwrap_or_default()).map_err(invalid)?;
+        let input = identity_input(request.identity.unwrap_or_default());
+        let input = checked(&self.vault, &ctx, || AuditSubject::new(RPC), input).await?;
         let meta = self
             .vault
             .create_record(
@@ -178,19 +238,15 @@ impl proto::vault_server::Vault for VaultService {
             )
             .await
             .map_err(to_status)?;
-        Ok(Response::new(record_message(meta)))
+        Ok(Response::new(record_message(&self.vault, meta)))
     }
 
     async fn get_record(
         &self,
         request: Request<proto::GetRecordRequest>,
     ) -> Result<Response<proto::GetRecordResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = self.context(&request, "GetRecord").await?;
         let request = request.into_inner();
-        bounded(&[
-            ("purpose", request.purpose.len(), MAX_PURPOSE_LEN),
-            ("fields", request.fields.len(), MAX_LISTED_FIELDS),
-        ])?;
         let release = self
             .vault
             .get_record(
@@ -233,11 +289,13 @@ impl proto::vault_server::Vault for VaultService {
         &self,
         request: Request<proto::UpdateRecordRequest>,
     ) -> Result<Response<proto::Record>, Status> {
-        let ctx = self.context(&request)?;
+        const RPC: &str = "UpdateRecord";
+        let ctx = self.context(&request, RPC).await?;
         let request = request.into_inner();
-        let input = identity_input(request.identity.unwrap_or_default()).map_err(invalid)?;
+        let input = identity_input(request.identity.unwrap_or_default());
+        let subject = || AuditSubject::new(RPC).record(&request.record_id);
+        let input = checked(&self.vault, &ctx, subject, input).await?;
         let mask = request.update_mask.map(|m| m.paths).unwrap_or_default();
-        bounded(&[("update_mask", mask.len(), MAX_LISTED_FIELDS)])?;
         let meta = self
             .vault
             .update_record(
@@ -250,14 +308,14 @@ impl proto::vault_server::Vault for VaultService {
             )
             .await
             .map_err(to_status)?;
-        Ok(Response::new(record_message(meta)))
+        Ok(Response::new(record_message(&self.vault, meta)))
     }
 
     async fn delete_record(
         &self,
         request: Request<proto::DeleteRecordRequest>,
     ) -> Result<Response<proto::DeleteRecordResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = self.context(&request, "DeleteRecord").await?;
         let request = request.into_inner();
         let deleted_at = self
             .vault
@@ -274,22 +332,30 @@ impl proto::vault_server::Vault for VaultService {
         &self,
         request: Request<proto::FindRecordsRequest>,
     ) -> Result<Response<proto::FindRecordsResponse>, Status> {
-        let ctx = self.context(&request)?;
+        const RPC: &str = "FindRecords";
+        let ctx = self.context(&request, RPC).await?;
         let request = request.into_inner();
-        bounded(&[("purpose", request.purpose.len(), MAX_PURPOSE_LEN)])?;
         let key = match request.key {
-            Some(proto::find_records_request::Key::Document(document)) => LookupKey::Document {
-                id_type: id_type(document.id_type, "document.id_type").map_err(invalid)?,
-                id_number: document.id_number,
-            },
-            Some(proto::find_records_request::Key::Phone(phone)) => LookupKey::Phone(phone),
-            None => {
-                return Err(invalid(vec![violation(
-                    "key",
-                    "exactly one of document or phone is required",
-                )]));
+            Some(proto::find_records_request::Key::Document(document)) => {
+                id_type(document.id_type, "document.id_type").map(|id_type| {
+                    LookupKey::Document {
+                        id_type,
+                        id_number: document.id_number,
+                    }
+                })
             }
+            Some(proto::find_records_request::Key::Phone(phone)) => Ok(LookupKey::Phone(phone)),
+            None => Err(vec![violation(
+                "key",
+                "exactly one of document or phone is required",
+            )]),
         };
+        let subject = || {
+            AuditSubject::new(RPC)
+                .purpose(&ctx.policy, &request.purpose)
+                .text(&request.justification, MAX_JUSTIFICATION_BYTES)
+        };
+        let key = checked(&self.vault, &ctx, subject, key).await?;
         let record_ids = self
             .vault
             .find_records(&ctx, &request.purpose, &request.justification, key)
@@ -302,7 +368,7 @@ impl proto::vault_server::Vault for VaultService {
         &self,
         request: Request<proto::CheckAccountRequest>,
     ) -> Result<Response<proto::CheckAccountResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = self.context(&request, "CheckAccount").await?;
         let request = request.into_inner();
         let view = self
             .vault
@@ -329,39 +395,39 @@ impl proto::vault_server::Vault for VaultService {
         request: Request<proto::RecordGuardianConsentRequest>,
     ) -> Result<Response<proto::GuardianConsent>, Status> {
         use proto::record_guardian_consent_request::Guardian as ProtoGuardian;
-        let ctx = self.context(&request)?;
+        const RPC: &str = "RecordGuardianConsent";
+        let ctx = self.context(&request, RPC).await?;
         let request = request.into_inner();
-        let guardian = match request.guardian {
-            Some(ProtoGuardian::GuardianRecordId(id)) => Guardian::Record(id),
+        let subject = || AuditSubject::new(RPC).record(&request.record_id);
+        let guardian = match request.guardian.clone() {
+            Some(ProtoGuardian::GuardianRecordId(id)) => Ok(Guardian::Record(id)),
             Some(ProtoGuardian::GuardianIdentity(identity)) => {
-                let id_type =
-                    id_type(identity.id_type, "guardian_identity.id_type").map_err(invalid)?;
-                Guardian::Identity(IdentityInput {
-                    name: non_empty(identity.name),
-                    id_type,
-                    id_number: non_empty(identity.id_number),
-                    phone: non_empty(identity.phone),
-                    ..IdentityInput::default()
+                id_type(identity.id_type, "guardian_identity.id_type").map(|id_type| {
+                    Guardian::Identity(IdentityInput {
+                        name: non_empty(identity.name),
+                        id_type,
+                        id_number: non_empty(identity.id_number),
+                        phone: non_empty(identity.phone),
+                        ..IdentityInput::default()
+                    })
                 })
             }
-            None => {
-                return Err(invalid(vec![violation(
-                    "guardian",
-                    "exactly one of guardian_record_id or guardian_identity is required",
-                )]));
-            }
+            None => Err(vec![violation(
+                "guardian",
+                "exactly one of guardian_record_id or guardian_identity is required",
+            )]),
         };
+        let guardian = checked(&self.vault, &ctx, subject, guardian).await?;
         let relationship = match proto::GuardianRelationship::try_from(request.relationship) {
-            Ok(proto::GuardianRelationship::Parent) => Relationship::Parent,
-            Ok(proto::GuardianRelationship::LegalGuardian) => Relationship::LegalGuardian,
-            Ok(proto::GuardianRelationship::Other) => Relationship::Other,
-            _ => {
-                return Err(invalid(vec![violation(
-                    "relationship",
-                    "must be PARENT, LEGAL_GUARDIAN or OTHER",
-                )]));
-            }
+            Ok(proto::GuardianRelationship::Parent) => Ok(Relationship::Parent),
+            Ok(proto::GuardianRelationship::LegalGuardian) => Ok(Relationship::LegalGuardian),
+            Ok(proto::GuardianRelationship::Other) => Ok(Relationship::Other),
+            _ => Err(vec![violation(
+                "relationship",
+                "must be PARENT, LEGAL_GUARDIAN or OTHER",
+            )]),
         };
+        let relationship = checked(&self.vault, &ctx, subject, relationship).await?;
         let consent = self
             .vault
             .record_guardian_consent(
@@ -391,7 +457,7 @@ impl proto::vault_server::Vault for VaultService {
         &self,
         request: Request<proto::RevokeGuardianConsentRequest>,
     ) -> Result<Response<proto::RevokeGuardianConsentResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = self.context(&request, "RevokeGuardianConsent").await?;
         let request = request.into_inner();
         let consent_id = non_empty(request.consent_id);
         let revoked_consent_ids = self
@@ -470,10 +536,10 @@ pub(crate) fn release_level(level: crate::policy::ReleaseLevel) -> proto::Releas
     }
 }
 
-fn record_message(meta: RecordMeta) -> proto::Record {
+fn record_message(vault: &Vault, meta: RecordMeta) -> proto::Record {
     proto::Record {
+        etag: vault.etag(&meta),
         record_id: meta.record_id,
-        etag: meta.version.to_string(),
         create_time: Some(timestamp(meta.created_at)),
         update_time: Some(timestamp(meta.updated_at)),
         present_fields: meta.present_fields,
@@ -498,61 +564,53 @@ pub(crate) fn violation(field: &str, reason: &str) -> Violation {
     }
 }
 
-/// Refuses oversized strings and lists before any work is done on them: `(field, length,
-/// maximum)`.
-fn bounded(checks: &[(&str, usize, usize)]) -> Result<(), Status> {
-    let violations: Vec<Violation> = checks
-        .iter()
-        .filter(|(_, len, max)| len > max)
-        .map(|(field, _, max)| {
-            violation(field, &format!("must have at most {max} entries or bytes"))
-        })
-        .collect();
-    if violations.is_empty() {
-        Ok(())
-    } else {
-        Err(invalid(violations))
-    }
-}
-
-pub(crate) fn invalid(violations: Vec<Violation>) -> Status {
-    to_status(VaultError::InvalidArgument(violations))
-}
-
 /// Keyset cursors travel as opaque page tokens: base64url of "<micros>:<id>".
 pub(crate) fn encode_page_token(time: Micros, id: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{time}:{id}"))
 }
 
-pub(crate) fn decode_page_token(token: &str) -> Result<Option<(Micros, String)>, Status> {
+pub(crate) fn decode_page_token(token: &str) -> Result<Option<(Micros, String)>, Violation> {
     if token.is_empty() {
         return Ok(None);
     }
-    let bad = || {
-        invalid(vec![violation(
-            "page_token",
-            "is not a token this service issued",
-        )])
-    };
+    let bad = || violation("page_token", "is not a token this service issued");
+    if token.len() > MAX_PAGE_TOKEN_BYTES {
+        return Err(bad());
+    }
     let decoded = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
     let text = String::from_utf8(decoded).map_err(|_| bad())?;
     let (time, id) = text.split_once(':').ok_or_else(bad)?;
+    // The id goes back into a query: it must be one of the ids this service issues.
+    if crate::edge::check_text("page_token", id, MAX_PAGE_TOKEN_BYTES).is_err() {
+        return Err(bad());
+    }
     Ok(Some((time.parse().map_err(|_| bad())?, id.to_owned())))
 }
 
+/// Page tokens this service issues are far shorter.
+const MAX_PAGE_TOKEN_BYTES: usize = 256;
+
 /// A requested page size: 0 means 100, at most 1000.
-pub(crate) fn page_size(requested: i32) -> Result<u32, Status> {
+pub(crate) fn page_size(requested: i32) -> Result<u32, Violation> {
     match requested {
         0 => Ok(100),
-        n if n < 0 => Err(invalid(vec![violation(
-            "page_size",
-            "must not be negative",
-        )])),
+        n if n < 0 => Err(violation("page_size", "must not be negative")),
         n => Ok((n as u32).min(1000)),
     }
 }
 
-fn error_info(code: Code, message: &str, reason: &str) -> Status {
+/// The page size and cursor of a listing, every bad one named.
+pub(crate) fn paging(
+    page_size_requested: i32,
+    page_token: &str,
+) -> Result<(u32, Option<(Micros, String)>), Vec<Violation>> {
+    match (page_size(page_size_requested), decode_page_token(page_token)) {
+        (Ok(limit), Ok(after)) => Ok((limit, after)),
+        (limit, after) => Err([limit.err(), after.err()].into_iter().flatten().collect()),
+    }
+}
+
+pub(crate) fn error_info(code: Code, message: &str, reason: &str) -> Status {
     Status::with_error_details(
         code,
         message,
@@ -565,16 +623,18 @@ pub fn to_status(error: VaultError) -> Status {
     use VaultError as E;
     let (code, reason) = match &error {
         E::InvalidArgument(violations) => {
-            let details = ErrorDetails::with_bad_request(
+            let mut details = ErrorDetails::with_bad_request(
                 violations
                     .iter()
                     .map(|v| FieldViolation::new(v.field.clone(), v.reason.clone()))
                     .collect::<Vec<_>>(),
             );
+            details.set_error_info(FIELD_INVALID, ERROR_DOMAIN, HashMap::new());
             return Status::with_error_details(Code::InvalidArgument, error.to_string(), details);
         }
         E::OperationNotGranted(_) => (Code::PermissionDenied, "OPERATION_NOT_GRANTED"),
-        E::PurposeNotGranted(_) => (Code::PermissionDenied, "PURPOSE_NOT_GRANTED"),
+        E::PurposeNotGranted => (Code::PermissionDenied, "PURPOSE_NOT_GRANTED"),
+        E::RecordDeleted => (Code::FailedPrecondition, "RECORD_DELETED"),
         E::AccountSuspended => (Code::FailedPrecondition, "ACCOUNT_SUSPENDED"),
         E::GuardianConsentRequired => (Code::FailedPrecondition, "GUARDIAN_CONSENT_REQUIRED"),
         E::GuardianNotAdult => (Code::FailedPrecondition, "GUARDIAN_NOT_ADULT"),
@@ -597,7 +657,7 @@ pub fn to_status(error: VaultError) -> Status {
         }
         E::Internal(cause) => {
             tracing::error!(error = %cause, "internal error");
-            return Status::internal("internal error");
+            return internal();
         }
         E::Key(cause) => return keys::key_status(cause),
     };
@@ -605,4 +665,9 @@ pub fn to_status(error: VaultError) -> Status {
         crate::metrics::record_denial(reason);
     }
     error_info(code, &error.to_string(), reason)
+}
+
+/// `INTERNAL`, with its reason: the cause is logged, never returned.
+pub(crate) fn internal() -> Status {
+    error_info(Code::Internal, "internal error", "INTERNAL")
 }

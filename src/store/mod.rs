@@ -123,6 +123,9 @@ pub struct CreateRequestKey {
     /// The same MAC under the other live index versions: a retry spanning an index rotation
     /// still matches the fingerprint its first attempt stored.
     pub fingerprint_elsewhere: Vec<Vec<u8>>,
+    /// Keys stored before this instant have expired: they answer no retry, and a new create
+    /// may reuse the request id.
+    pub expired_before: Micros,
 }
 
 /// Metadata of a live record: nothing here identifies the person.
@@ -144,6 +147,8 @@ pub enum InsertOutcome {
         meta: RecordMeta,
         same_request: bool,
     },
+    /// The caller already used this request id for a record that has since been deleted.
+    ReplayedDeleted,
 }
 
 /// A live record as stored: still sealed.
@@ -206,7 +211,17 @@ pub struct ConsentRow {
     pub granted_by: String,
 }
 
-/// A record's fields re-sealed under a fresh data key, and that key wrapped.
+/// Every ciphertext sealed under a record's data key outside its fields: staff notes of its
+/// account events (by event id) and identities of guardians given inline for it (by consent
+/// id). Re-keying moves all of them; whatever is sealed under a record key later belongs
+/// here too, so that no re-key leaves it under a destroyed key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BoundCiphertexts {
+    pub notes: Vec<(String, Vec<u8>)>,
+    pub guardians: Vec<(String, Vec<u8>)>,
+}
+
+/// A record's ciphertexts re-sealed under a fresh data key, and that key wrapped.
 #[derive(Debug)]
 pub struct RecordRekey {
     pub record_id: String,
@@ -215,6 +230,11 @@ pub struct RecordRekey {
     pub wrapped_key: Vec<u8>,
     pub kek_version: u32,
     pub fields: Vec<SealedField>,
+    /// The record's other ciphertexts as read before re-sealing...
+    pub bound: BoundCiphertexts,
+    /// ...and re-sealed, in the same order. The write replaces each only if it is still what
+    /// was read, and refuses (`VersionConflict`) if the record has any it did not re-seal.
+    pub resealed: BoundCiphertexts,
 }
 
 /// Replaces a record's sealed fields and indexes if its version is still `expected_version`.
@@ -338,9 +358,9 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEvent,
     ) -> Result<RecordMeta, StoreError>;
 
-    /// Crypto-shreds a live record: removes its wrapped key, ciphertexts, indexes and sealed
-    /// guardian identities, keeps a tombstone, and writes the audit event in the same
-    /// transaction. A suspended record is refused (`Suspended`) unless `override_suspension`.
+    /// Crypto-shreds a live record: removes its wrapped key, ciphertexts, indexes, sealed
+    /// guardian identities and the fingerprints of the create requests that made it, keeps a
+    /// tombstone, and writes the audit event in the same transaction. A suspended record is refused (`Suspended`) unless `override_suspension`.
     async fn delete_record(
         &self,
         record_id: &str,
@@ -360,12 +380,15 @@ pub trait Store: Send + Sync + 'static {
     async fn account_state(&self, record_id: &str) -> Result<Option<AccountState>, StoreError>;
 
     /// Suspends (`true`) or reinstates a live record, with its history entry and audit event.
-    /// `Ok(false)` when it already was in that state (nothing written).
+    /// `Ok(false)` when it already was in that state (nothing written). `sealed_under`: the
+    /// wrapped data key the entry's note is sealed under; the write is refused
+    /// (`VersionConflict`) if the record no longer has it (it was re-keyed meanwhile).
     async fn set_suspended(
         &self,
         record_id: &str,
         suspended: bool,
         history: &AccountEventRow,
+        sealed_under: Option<&[u8]>,
         audit: &AuditEvent,
     ) -> Result<bool, StoreError>;
 
@@ -377,11 +400,13 @@ pub trait Store: Send + Sync + 'static {
         after: Option<(Micros, String)>,
     ) -> Result<Vec<AccountEventRow>, StoreError>;
 
-    /// Records a consent with its history entry and audit event.
+    /// Records a consent with its history entry and audit event. `sealed_under`: as for
+    /// [`Store::set_suspended`], for an inline guardian's sealed identity.
     async fn insert_consent(
         &self,
         consent: &ConsentRow,
         history: &AccountEventRow,
+        sealed_under: Option<&[u8]>,
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
 
@@ -392,8 +417,15 @@ pub trait Store: Send + Sync + 'static {
         record_id: &str,
         consent_id: Option<&str>,
         history: &AccountEventRow,
+        sealed_under: Option<&[u8]>,
         audit: &AuditEvent,
     ) -> Result<Vec<String>, StoreError>;
+
+    /// A record's ciphertexts outside its fields (see [`BoundCiphertexts`]).
+    async fn bound_ciphertexts(&self, record_id: &str) -> Result<BoundCiphertexts, StoreError>;
+
+    /// Removes create request keys stored before `before`; returns how many.
+    async fn expire_create_requests(&self, before: Micros) -> Result<u64, StoreError>;
 
     /// Starts a new audit chain at its genesis hash.
     async fn register_chain(
@@ -546,8 +578,9 @@ pub trait Store: Send + Sync + 'static {
         now: Micros,
     ) -> Result<(), StoreError>;
 
-    /// Gives a live record a new data key: replaces its wrapped key and every ciphertext if
-    /// its version is still `expected_version`, re-checking that `kek_version` is active.
+    /// Gives a live record a new data key: replaces its wrapped key and every ciphertext
+    /// bound to it (fields and [`BoundCiphertexts`]) if its version is still
+    /// `expected_version`, re-checking that `kek_version` is active.
     async fn rekey_record(
         &self,
         rekey: RecordRekey,
@@ -559,6 +592,33 @@ pub trait Store: Send + Sync + 'static {
 
     /// A job's (rewrapped, failed) counters and state.
     async fn rewrap_job(&self, job_id: &str) -> Result<Option<(i64, i64, String)>, StoreError>;
+}
+
+impl StoreError {
+    /// Whether the database refused the data of a write (a value it cannot store, a broken
+    /// constraint), as opposed to being unreachable or failing as a whole: the same data
+    /// fails again, while other data in the same batch may well succeed. The audit writer
+    /// isolates such an event instead of failing its whole group commit.
+    pub fn is_refused_data(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Database(error)) => {
+                // SQLSTATE classes 22 (data exception, e.g. a NUL byte in text), 23
+                // (integrity constraint) and 54 (program limit exceeded) on PostgreSQL;
+                // the constraint kinds sqlx recognises on either backend.
+                !matches!(error.kind(), sqlx::error::ErrorKind::Other)
+                    || error
+                        .code()
+                        .is_some_and(|code| ["22", "23", "54"].iter().any(|c| code.starts_with(c)))
+            }
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(error, _)) => matches!(
+                error.code,
+                rusqlite::ErrorCode::ConstraintViolation
+                    | rusqlite::ErrorCode::TooBig
+                    | rusqlite::ErrorCode::TypeMismatch
+            ),
+            _ => false,
+        }
+    }
 }
 
 pub(crate) fn present_fields(fields: &[SealedField]) -> Vec<String> {

@@ -60,6 +60,11 @@ impl PostgresStore {
     const SELECT_REWRAP_BATCH: &'static str = "SELECT record_id, wrapped_key FROM records \
          WHERE kek_version < $1 AND record_id > $2 AND deleted_at IS NULL \
          ORDER BY record_id LIMIT $3 FOR UPDATE SKIP LOCKED";
+    /// A write that sealed under a record's data key share-locks the record's row while it
+    /// checks the key is still the record's: a re-key (which updates the row) waits for it,
+    /// or it waits for the re-key and finds the key changed.
+    const LOCK_RECORD_KEY: &'static str = "SELECT record_id FROM records \
+         WHERE record_id = $1 AND wrapped_key = $2 AND deleted_at IS NULL FOR SHARE";
     const LOCK_ACTIVE_INDEX: &'static str = "SELECT version FROM key_versions \
          WHERE key_kind = 'index' AND version = $1 AND state = 'ACTIVE' FOR SHARE";
     const SELECT_REINDEX_BATCH: &'static str = "SELECT record_id, version, index_version, \

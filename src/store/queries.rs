@@ -1,8 +1,21 @@
 //! SQL both backends run unchanged. sqlx binds `$N` placeholders on SQLite as well as on
 //! PostgreSQL, so only statements whose dialects really differ live in the backend modules.
 
-pub const SELECT_CREATE_REQUEST: &str =
-    "SELECT record_id, fingerprint FROM create_requests WHERE caller = $1 AND request_id = $2";
+/// A caller's request key with its record's fate; rows stored before `$3` have expired.
+pub const SELECT_CREATE_REQUEST: &str = "SELECT c.record_id, c.fingerprint, r.deleted_at \
+     FROM create_requests c JOIN records r ON r.record_id = c.record_id \
+     WHERE c.caller = $1 AND c.request_id = $2 AND c.created_at >= $3";
+
+/// Frees an expired request key for reuse, in the create's transaction.
+pub const DELETE_EXPIRED_CREATE_REQUEST: &str = "DELETE FROM create_requests \
+     WHERE caller = $1 AND request_id = $2 AND created_at < $3";
+
+pub const EXPIRE_CREATE_REQUESTS: &str = "DELETE FROM create_requests WHERE created_at < $1";
+
+/// A deleted record's request keys keep only the fact that they were used: their
+/// fingerprint is an HMAC of the identity.
+pub const FORGET_CREATE_REQUESTS: &str =
+    "UPDATE create_requests SET fingerprint = NULL WHERE record_id = $1";
 
 pub const INSERT_CREATE_REQUEST: &str = "INSERT INTO create_requests \
      (caller, request_id, record_id, fingerprint, created_at) VALUES ($1, $2, $3, $4, $5)";
@@ -130,6 +143,13 @@ pub const REVOKE_CONSENTS: &str = "UPDATE guardian_consents SET revoked_at = $3,
 pub const ADVANCE_CHAIN: &str = "UPDATE audit_chains SET head_seq = head_seq + $2 \
      WHERE chain_id = $1 RETURNING head_seq, head_hash";
 
+/// One record an event naming several records names (see migration 0006).
+pub const INSERT_EVENT_RECORD: &str = "INSERT INTO audit_event_records \
+     (record_id, occurred_at, chain_id, seq) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
+
+pub const DELETE_EVENT_RECORDS_PREFIX: &str =
+    "DELETE FROM audit_event_records WHERE chain_id = $1 AND seq <= $2";
+
 pub const SET_CHAIN_HASH: &str = "UPDATE audit_chains SET head_hash = $2 WHERE chain_id = $1";
 
 pub const REGISTER_CHAIN: &str = "INSERT INTO audit_chains (chain_id, started_at, head_seq, head_hash) \
@@ -179,6 +199,39 @@ pub fn insert_audit_events(rows: usize) -> &'static str {
 const EVENT_COLUMNS: &str = "chain_id, seq, event_id, occurred_at, caller, peer, rpc, record_ids, \
      purpose, justification, released, outcome, reason, request_id, trace_id, prev_hash, hash";
 
+/// The filters of [`list_audit_events`] after the record, on the events of `e`.
+const EVENT_FILTERS: &str = "($2 IS NULL OR e.caller = $2) AND ($3 IS NULL OR e.purpose = $3) \
+     AND ($4 IS NULL OR e.outcome = $4) AND e.occurred_at >= $5 AND e.occurred_at < $6 \
+     AND (e.occurred_at < $7 OR (e.occurred_at = $7 AND e.event_id < $8))";
+
+/// `EVENT_COLUMNS` of `audit_events e`.
+fn event_columns_of_e() -> String {
+    EVENT_COLUMNS
+        .split(", ")
+        .map(|column| format!("e.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// [`list_audit_events`] for one record (`$1`, never NULL here): the events about it alone
+/// (`audit_events.record_id`) and those naming it among others (`audit_event_records`), each
+/// branch newest first from its index, merged.
+pub fn list_audit_events_of_record() -> String {
+    let columns = event_columns_of_e();
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM ( \
+           SELECT * FROM (SELECT {columns} FROM audit_events e \
+             WHERE e.record_id = $1 AND {EVENT_FILTERS} \
+             ORDER BY e.occurred_at DESC, e.event_id DESC LIMIT $9) alone \
+           UNION ALL \
+           SELECT * FROM (SELECT {columns} FROM audit_event_records x \
+             JOIN audit_events e ON e.chain_id = x.chain_id AND e.seq = x.seq \
+             WHERE x.record_id = $1 AND {EVENT_FILTERS} \
+             ORDER BY e.occurred_at DESC, e.event_id DESC LIMIT $9) among_others \
+         ) events ORDER BY occurred_at DESC, event_id DESC LIMIT $9"
+    )
+}
+
 /// Newest first, keyset-paginated on (occurred_at, event_id); `NULL` filters match all.
 pub fn list_audit_events() -> String {
     format!(
@@ -205,13 +258,24 @@ pub fn plaintext_releases() -> String {
 /// purposes, spliced in as numbered placeholders.
 pub fn disclosures(purposes: usize) -> String {
     let placeholders: Vec<String> = (0..purposes).map(|i| format!("${}", i + 5)).collect();
-    format!(
-        "SELECT {EVENT_COLUMNS} FROM audit_events \
-         WHERE record_id = $1 AND outcome = 'OK' AND released <> '[]' \
-           AND (occurred_at < $2 OR (occurred_at = $2 AND event_id < $3)) \
-           AND purpose IN ({}) \
-         ORDER BY occurred_at DESC, event_id DESC LIMIT $4",
+    let columns = event_columns_of_e();
+    let filters = format!(
+        "e.outcome = 'OK' AND e.released <> '[]' \
+         AND (e.occurred_at < $2 OR (e.occurred_at = $2 AND e.event_id < $3)) \
+         AND e.purpose IN ({})",
         placeholders.join(", ")
+    );
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM ( \
+           SELECT * FROM (SELECT {columns} FROM audit_events e \
+             WHERE e.record_id = $1 AND {filters} \
+             ORDER BY e.occurred_at DESC, e.event_id DESC LIMIT $4) alone \
+           UNION ALL \
+           SELECT * FROM (SELECT {columns} FROM audit_event_records x \
+             JOIN audit_events e ON e.chain_id = x.chain_id AND e.seq = x.seq \
+             WHERE x.record_id = $1 AND {filters} \
+             ORDER BY e.occurred_at DESC, e.event_id DESC LIMIT $4) among_others \
+         ) events ORDER BY occurred_at DESC, event_id DESC LIMIT $4"
     )
 }
 
@@ -325,6 +389,25 @@ pub const FINISH_REWRAP_JOB: &str =
 
 pub const SELECT_REWRAP_JOB: &str =
     "SELECT rewrapped, failed, state FROM rewrap_jobs WHERE job_id = $1";
+
+/// Ciphertexts sealed under a record's key outside its fields ([`super::BoundCiphertexts`]).
+pub const SELECT_BOUND_NOTES: &str = "SELECT event_id, note FROM account_events \
+     WHERE record_id = $1 AND note IS NOT NULL ORDER BY event_id";
+
+pub const SELECT_BOUND_GUARDIANS: &str = "SELECT consent_id, guardian_sealed \
+     FROM guardian_consents WHERE record_id = $1 AND guardian_sealed IS NOT NULL \
+     ORDER BY consent_id";
+
+pub const COUNT_BOUND: &str = "SELECT \
+     (SELECT COUNT(*) FROM account_events WHERE record_id = $1 AND note IS NOT NULL) + \
+     (SELECT COUNT(*) FROM guardian_consents WHERE record_id = $1 AND guardian_sealed IS NOT NULL)";
+
+/// Compare-and-swap: replaces a note only if it is still the one that was re-sealed.
+pub const RESEAL_NOTE: &str =
+    "UPDATE account_events SET note = $2 WHERE event_id = $1 AND note = $3";
+
+pub const RESEAL_GUARDIAN: &str =
+    "UPDATE guardian_consents SET guardian_sealed = $2 WHERE consent_id = $1 AND guardian_sealed = $3";
 
 pub const REKEY_RECORD: &str = "UPDATE records \
      SET version = version + 1, updated_at = $3, wrapped_key = $4, kek_version = $5 \

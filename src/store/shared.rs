@@ -206,6 +206,10 @@ macro_rules! impl_store {
                     .bind(record_id)
                     .execute(&mut *tx)
                     .await?;
+                sqlx::query(queries::FORGET_CREATE_REQUESTS)
+                    .bind(record_id)
+                    .execute(&mut *tx)
+                    .await?;
                 insert_audit_events(&mut *tx, std::slice::from_ref(audit)).await?;
                 tx.commit().await?;
                 Ok(())
@@ -244,10 +248,15 @@ macro_rules! impl_store {
                 record_id: &str,
                 suspended: bool,
                 history: &$crate::store::AccountEventRow,
+                sealed_under: Option<&[u8]>,
                 audit: &$crate::audit::AuditEvent,
             ) -> Result<bool, $crate::store::StoreError> {
                 use $crate::store::{queries, StoreError};
                 let mut tx = self.begin_write().await?;
+                if !record_key_is(&mut tx, record_id, sealed_under).await? {
+                    tx.rollback().await?;
+                    return Err(StoreError::VersionConflict);
+                }
                 let changed = if suspended {
                     sqlx::query(queries::SUSPEND)
                         .bind(record_id)
@@ -307,9 +316,14 @@ macro_rules! impl_store {
                 &self,
                 consent: &$crate::store::ConsentRow,
                 history: &$crate::store::AccountEventRow,
+                sealed_under: Option<&[u8]>,
                 audit: &$crate::audit::AuditEvent,
             ) -> Result<(), $crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
+                if !record_key_is(&mut tx, &consent.record_id, sealed_under).await? {
+                    tx.rollback().await?;
+                    return Err($crate::store::StoreError::VersionConflict);
+                }
                 sqlx::query($crate::store::queries::INSERT_CONSENT)
                     .bind(&consent.consent_id)
                     .bind(&consent.record_id)
@@ -333,9 +347,14 @@ macro_rules! impl_store {
                 record_id: &str,
                 consent_id: Option<&str>,
                 history: &$crate::store::AccountEventRow,
+                sealed_under: Option<&[u8]>,
                 audit: &$crate::audit::AuditEvent,
             ) -> Result<Vec<String>, $crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
+                if !record_key_is(&mut tx, record_id, sealed_under).await? {
+                    tx.rollback().await?;
+                    return Err($crate::store::StoreError::VersionConflict);
+                }
                 let revoked: Vec<String> = sqlx::query_scalar($crate::store::queries::REVOKE_CONSENTS)
                     .bind(record_id)
                     .bind(consent_id)
@@ -360,6 +379,37 @@ macro_rules! impl_store {
                 insert_audit_events(&mut *tx, std::slice::from_ref(&audit)).await?;
                 tx.commit().await?;
                 Ok(revoked)
+            }
+
+            async fn bound_ciphertexts(
+                &self,
+                record_id: &str,
+            ) -> Result<$crate::store::BoundCiphertexts, $crate::store::StoreError> {
+                use $crate::store::queries;
+                let notes: Vec<(String, Vec<u8>)> = sqlx::query_as(queries::SELECT_BOUND_NOTES)
+                    .bind(record_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                let guardians: Vec<(String, Vec<u8>)> =
+                    sqlx::query_as(queries::SELECT_BOUND_GUARDIANS)
+                        .bind(record_id)
+                        .fetch_all(&self.pool)
+                        .await?;
+                Ok($crate::store::BoundCiphertexts { notes, guardians })
+            }
+
+            async fn expire_create_requests(
+                &self,
+                before: $crate::store::Micros,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let removed = sqlx::query($crate::store::queries::EXPIRE_CREATE_REQUESTS)
+                    .bind(before)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                Ok(removed)
             }
 
             async fn register_chain(
@@ -414,7 +464,11 @@ macro_rules! impl_store {
                             .await?
                     }
                     _ => {
-                        let sql = $crate::store::queries::list_audit_events();
+                        let sql = if query.record_id.is_some() {
+                            $crate::store::queries::list_audit_events_of_record()
+                        } else {
+                            $crate::store::queries::list_audit_events()
+                        };
                         sqlx::query(&sql)
                             .bind(&query.record_id)
                             .bind(&query.caller)
@@ -566,6 +620,11 @@ macro_rules! impl_store {
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
+                sqlx::query($crate::store::queries::DELETE_EVENT_RECORDS_PREFIX)
+                    .bind(&marker.chain_id)
+                    .bind(marker.up_to_seq)
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query($crate::store::queries::UPSERT_EXPIRY_MARKER)
                     .bind(&marker.chain_id)
                     .bind(marker.up_to_seq)
@@ -1013,6 +1072,39 @@ macro_rules! impl_store {
                         _ => Err(StoreError::NotFound),
                     };
                 };
+                // The record's row is locked now: a write sealing under its key waits for
+                // this transaction (see `record_key_is`). Every other ciphertext bound to the
+                // record moves with the fields, or nothing does.
+                let mut moved: i64 = 0;
+                let pairs = rekey.bound.notes.iter().zip(&rekey.resealed.notes);
+                for ((event_id, old), (_, new)) in pairs {
+                    moved += sqlx::query(queries::RESEAL_NOTE)
+                        .bind(event_id)
+                        .bind(new)
+                        .bind(old)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected() as i64;
+                }
+                let pairs = rekey.bound.guardians.iter().zip(&rekey.resealed.guardians);
+                for ((consent_id, old), (_, new)) in pairs {
+                    moved += sqlx::query(queries::RESEAL_GUARDIAN)
+                        .bind(consent_id)
+                        .bind(new)
+                        .bind(old)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected() as i64;
+                }
+                let bound: i64 = sqlx::query_scalar(queries::COUNT_BOUND)
+                    .bind(&rekey.record_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let expected = (rekey.resealed.notes.len() + rekey.resealed.guardians.len()) as i64;
+                if moved != expected || bound != expected {
+                    tx.rollback().await?;
+                    return Err(StoreError::VersionConflict);
+                }
                 sqlx::query(queries::DELETE_FIELDS)
                     .bind(&rekey.record_id)
                     .execute(&mut *tx)
@@ -1124,6 +1216,12 @@ macro_rules! impl_store {
                             .await?;
                     }
                     if let Some(request) = request {
+                        sqlx::query(queries::DELETE_EXPIRED_CREATE_REQUEST)
+                            .bind(&request.caller)
+                            .bind(&request.request_id)
+                            .bind(request.expired_before)
+                            .execute(&mut *tx)
+                            .await?;
                         sqlx::query(queries::INSERT_CREATE_REQUEST)
                             .bind(&request.caller)
                             .bind(&request.request_id)
@@ -1159,13 +1257,18 @@ macro_rules! impl_store {
                 let Some(row) = sqlx::query($crate::store::queries::SELECT_CREATE_REQUEST)
                     .bind(&request.caller)
                     .bind(&request.request_id)
+                    .bind(request.expired_before)
                     .fetch_optional(&self.pool)
                     .await?
                 else {
                     return Ok(None);
                 };
                 let record_id: String = row.try_get("record_id")?;
-                let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
+                let deleted_at: Option<i64> = row.try_get("deleted_at")?;
+                let fingerprint: Option<Vec<u8>> = row.try_get("fingerprint")?;
+                let (None, Some(fingerprint)) = (deleted_at, fingerprint) else {
+                    return Ok(Some($crate::store::InsertOutcome::ReplayedDeleted));
+                };
                 let same_request = std::iter::once(&request.fingerprint)
                     .chain(&request.fingerprint_elsewhere)
                     .any(|candidate| {
@@ -1285,6 +1388,20 @@ macro_rules! impl_store {
                 insert.execute(&mut *conn).await?;
                 done += rows;
             }
+            for (seq, event) in (first_seq..).zip(events) {
+                if event.record_ids.len() < 2 {
+                    continue;
+                }
+                for record_id in &event.record_ids {
+                    sqlx::query($crate::store::queries::INSERT_EVENT_RECORD)
+                        .bind(record_id)
+                        .bind(event.occurred_at)
+                        .bind(chain_id)
+                        .bind(seq)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+            }
             let new_head = hashes.last().unwrap_or(&head_hash);
             sqlx::query($crate::store::queries::SET_CHAIN_HASH)
                 .bind(chain_id)
@@ -1377,6 +1494,26 @@ macro_rules! impl_store {
         ) -> Result<bool, sqlx::Error> {
             let found: Option<i64> = sqlx::query_scalar(<$store>::LOCK_ACTIVE_KEK)
                 .bind(i64::from(version))
+                .fetch_optional(&mut **tx)
+                .await?;
+            Ok(found.is_some())
+        }
+
+        /// Whether the live record `record_id` still has the wrapped data key `sealed_under`
+        /// (`None`: nothing to check), locking its row (see the backend) so that no re-key
+        /// commits before this transaction ends: what the caller sealed under that key stays
+        /// openable, or the write is refused.
+        async fn record_key_is(
+            tx: &mut sqlx::Transaction<'static, <$store as $crate::store::shared::Backend>::Db>,
+            record_id: &str,
+            sealed_under: Option<&[u8]>,
+        ) -> Result<bool, sqlx::Error> {
+            let Some(wrapped_key) = sealed_under else {
+                return Ok(true);
+            };
+            let found = sqlx::query(<$store>::LOCK_RECORD_KEY)
+                .bind(record_id)
+                .bind(wrapped_key)
                 .fetch_optional(&mut **tx)
                 .await?;
             Ok(found.is_some())

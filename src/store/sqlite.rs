@@ -84,6 +84,8 @@ impl SqliteStore {
     const SELECT_REWRAP_BATCH: &'static str = "SELECT record_id, wrapped_key FROM records \
          WHERE kek_version < $1 AND record_id > $2 AND deleted_at IS NULL \
          ORDER BY record_id LIMIT $3";
+    const LOCK_RECORD_KEY: &'static str = "SELECT record_id FROM records \
+         WHERE record_id = $1 AND wrapped_key = $2 AND deleted_at IS NULL";
     pub(super) const LOCK_ACTIVE_INDEX: &'static str = "SELECT version FROM key_versions \
          WHERE key_kind = 'index' AND version = $1 AND state = 'ACTIVE'";
     const SELECT_REINDEX_BATCH: &'static str = "SELECT record_id, version, index_version, \

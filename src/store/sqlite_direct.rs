@@ -427,6 +427,11 @@ fn insert_record(
         if let Some(request) = request {
             execute(
                 conn,
+                queries::DELETE_EXPIRED_CREATE_REQUEST,
+                &[&request.caller, &request.request_id, &request.expired_before],
+            )?;
+            execute(
+                conn,
                 queries::INSERT_CREATE_REQUEST,
                 &[
                     &request.caller,
@@ -556,6 +561,15 @@ fn append_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), StoreErr
         )?;
         insert.raw_execute()?;
         prev_hash = hash;
+        if event.record_ids.len() > 1 {
+            for record_id in &event.record_ids {
+                execute(
+                    conn,
+                    queries::INSERT_EVENT_RECORD,
+                    &[record_id, &event.occurred_at, &event.chain_id, &seq],
+                )?;
+            }
+        }
     }
     execute(conn, queries::SET_CHAIN_HASH, &[&chain_id, &prev_hash])
 }

@@ -2,57 +2,79 @@
 //! purge. These live beside the vault's other use cases because they open and reseal
 //! records with the same care (plaintext only in wiping buffers, never in errors).
 
-use crate::domain::FieldName;
+use zeroize::Zeroizing;
+
+use crate::crypto::DataKey;
+use crate::edge::{FreeText, MAX_JUSTIFICATION_BYTES, RecordId};
 use crate::policy::Grant;
 use crate::retention::RetentionError;
-use crate::store::{RecordMeta, RecordRekey, StoreError};
+use crate::store::{BoundCiphertexts, RecordMeta, RecordRekey, SealedField, StoreError};
 
-use super::{
-    CallContext, MAX_FREE_TEXT_LEN, Vault, VaultError, check_free_text, check_record_id, non_empty,
-    seal_all, violation,
-};
+use super::decisions::AuditSubject;
+use super::{CallContext, Vault, VaultError, violation};
 
 /// Records a purge looks at per query; it loops until nothing due is left (or `limit`).
 const PURGE_BATCH: i64 = 500;
 
 impl Vault {
-    /// Gives a record a fresh data key: every field is opened, resealed under the new key,
-    /// the new key is wrapped under the active KEK, and the old wrapped key is replaced, so
-    /// nothing the old data key opens remains. The etag changes; a concurrent update made
-    /// with the old etag is refused rather than written under the old key.
+    /// Gives a record a fresh data key: every ciphertext bound to the record (its fields,
+    /// its account events' notes, the identities of guardians given inline for it: whatever
+    /// [`crate::store::BoundCiphertexts`] lists) is opened, resealed under the new key, the new
+    /// key is wrapped under the active KEK, and all of it replaces the old in one
+    /// transaction, so nothing the old data key opens remains. The etag changes; a concurrent
+    /// update made with the old etag is refused rather than written under the old key.
     pub async fn rekey_record(
         &self,
         ctx: &CallContext,
         record_id: &str,
         reason: &str,
     ) -> Result<(RecordMeta, u32), VaultError> {
+        let subject = AuditSubject::new("RekeyRecord")
+            .record(record_id)
+            .text(reason, MAX_JUSTIFICATION_BYTES);
+        let result = self.rekey(ctx, record_id, reason).await;
+        self.audited(ctx, subject, result).await
+    }
+
+    async fn rekey(
+        &self,
+        ctx: &CallContext,
+        record_id: &str,
+        reason: &str,
+    ) -> Result<(RecordMeta, u32), VaultError> {
+        let record_id = RecordId::parse("record_id", record_id)?;
+        let reason = FreeText::parse("reason", reason, MAX_JUSTIFICATION_BYTES)?;
         self.require_grant(ctx, Grant::KeysRotate)?;
-        check_record_id(record_id)?;
-        check_free_text("reason", reason, MAX_FREE_TEXT_LEN)?;
+        let record_id = record_id.as_str();
         let stored = self
             .store
             .get_record(record_id)
             .await?
             .ok_or(VaultError::NotFound)?;
+        let bound = self.store.bound_ciphertexts(record_id).await?;
         let old = self.keys.unwrap(&stored.wrapped_key, record_id)?;
-        let mut canonical = Vec::with_capacity(stored.fields.len());
-        for sealed in &stored.fields {
-            let field = FieldName::parse(&sealed.field)
-                .ok_or_else(|| VaultError::Internal("stored field has an unknown name".into()))?;
-            let plaintext = old.open_field(record_id, &sealed.field, &sealed.ciphertext)?;
-            let value = String::from_utf8(plaintext.to_vec()).map_err(|_| VaultError::DataLoss)?;
-            canonical.push((field, value));
-        }
-        drop(old);
         // The configured suite: re-keying is how a record moves from one suite to another.
         let fresh = self.keys.generate_data_key()?;
-        let fields = seal_all(&fresh, record_id, &canonical);
-        for (_, value) in canonical.iter_mut() {
-            zeroize::Zeroize::zeroize(value);
+        let mut fields = Vec::with_capacity(stored.fields.len());
+        for sealed in &stored.fields {
+            fields.push(SealedField {
+                field: sealed.field.clone(),
+                ciphertext: reseal(&old, &fresh, record_id, &sealed.field, &sealed.ciphertext)?,
+            });
         }
-        let fields = fields?;
+        let mut resealed = BoundCiphertexts::default();
+        for (event_id, note) in &bound.notes {
+            let new = reseal(&old, &fresh, record_id, crate::accounts::NOTE_FIELD, note)?;
+            resealed.notes.push((event_id.clone(), new));
+        }
+        for (consent_id, guardian) in &bound.guardians {
+            let name = crate::accounts::guardian_field(consent_id);
+            let new = reseal(&old, &fresh, record_id, &name, guardian)?;
+            resealed.guardians.push((consent_id.clone(), new));
+        }
+        drop(old);
         let mut audit = self.event(ctx, "RekeyRecord", vec![record_id.to_owned()], "OK", None);
-        audit.justification = non_empty(reason);
+        audit.justification = reason.non_empty();
         let mut refreshed = false;
         loop {
             let (wrapped_key, kek_version) = self.keys.wrap(&fresh, record_id)?;
@@ -63,6 +85,8 @@ impl Vault {
                 wrapped_key,
                 kek_version,
                 fields: fields.clone(),
+                bound: bound.clone(),
+                resealed: resealed.clone(),
             };
             match self.store.rekey_record(rekey, &audit).await {
                 Err(StoreError::StaleKeyVersion(_)) if !refreshed => {
@@ -82,6 +106,16 @@ impl Vault {
     /// transaction with its own audit event, leaving tombstones. Safe beside normal traffic
     /// and beside another purge: a record deleted meanwhile is simply skipped.
     pub async fn purge_expired(
+        &self,
+        ctx: &CallContext,
+        limit: Option<u32>,
+    ) -> Result<Vec<String>, VaultError> {
+        let result = self.purge(ctx, limit).await;
+        self.audited(ctx, AuditSubject::new("PurgeExpiredRecords"), result)
+            .await
+    }
+
+    async fn purge(
         &self,
         ctx: &CallContext,
         limit: Option<u32>,
@@ -129,6 +163,19 @@ impl Vault {
         }
         Ok(purged)
     }
+}
+
+/// `sealed` (bound to `record_id` and `name`) opened with `old` and sealed again with `new`;
+/// the plaintext lives only in a wiping buffer meanwhile.
+fn reseal(
+    old: &DataKey,
+    new: &DataKey,
+    record_id: &str,
+    name: &str,
+    sealed: &[u8],
+) -> Result<Vec<u8>, VaultError> {
+    let plaintext: Zeroizing<Vec<u8>> = old.open_field(record_id, name, sealed)?;
+    Ok(new.seal_field(record_id, name, &plaintext)?)
 }
 
 /// The violation a refused retention period becomes.
