@@ -32,14 +32,16 @@ use crate::config::Config;
 use crate::crypto::DataKey;
 use crate::domain::age::has_reached;
 use crate::domain::{FieldName, Identity, IdentityInput, Violation};
-use crate::keys::IndexKeyPair;
-use crate::policy::{Grant, PolicyError, Purpose, ReleaseLevel, Rpc};
 use crate::edge::{
     FreeText, MAX_NOTE_BYTES, MAX_POLICY_VERSION_BYTES, MAX_REFERENCE_BYTES,
     MIN_JUSTIFICATION_CHARS, RecordId,
 };
+use crate::keys::IndexKeyPair;
+use crate::policy::{Grant, PolicyError, Purpose, ReleaseLevel, Rpc};
 use crate::store::{AccountEventRow, AccountState, ConsentRow, Micros};
-use crate::vault::{AuditSubject, CallContext, Vault, VaultError, non_empty, random_token, violation};
+use crate::vault::{
+    AuditSubject, CallContext, Vault, VaultError, non_empty, random_token, violation,
+};
 /// Associated-data name of the sealed birth date.
 pub(crate) const AGE_GATE_FIELD: &str = "state.date_of_birth";
 
@@ -611,7 +613,10 @@ impl Vault {
         );
         audit.justification = Some(consent.evidence_ref.clone());
         // An inline guardian is sealed under the minor's key: the write re-checks that key.
-        let sealed_under = consent.guardian_sealed.as_ref().map(|_| &minor.wrapped_key[..]);
+        let sealed_under = consent
+            .guardian_sealed
+            .as_ref()
+            .map(|_| &minor.wrapped_key[..]);
         self.store
             .insert_consent(&consent, &history, sealed_under, &audit)
             .await?;

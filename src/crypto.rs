@@ -635,7 +635,11 @@ impl EtagKey {
     fn mac(&self, record_id: &str, version: i64) -> Vec<u8> {
         let mut mac = mac_parts(
             self.0.mac(self.1),
-            &[b"pdvault.etag.v1", record_id.as_bytes(), &version.to_be_bytes()],
+            &[
+                b"pdvault.etag.v1",
+                record_id.as_bytes(),
+                &version.to_be_bytes(),
+            ],
         );
         mac.truncate(ETAG_MAC_BYTES);
         mac

@@ -299,7 +299,10 @@ mod tests {
         assert_eq!(kept, "(malformed record id, 18 bytes)");
         assert!(!kept.contains("1101"));
         assert_eq!(audit_purpose("", false), None);
-        assert_eq!(audit_purpose("customer-support", true).unwrap(), "customer-support");
+        assert_eq!(
+            audit_purpose("customer-support", true).unwrap(),
+            "customer-support"
+        );
         assert_eq!(
             audit_purpose(sent, false).unwrap(),
             "(unknown purpose, 18 bytes)"

@@ -358,13 +358,14 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> PolicyError {
 
 fn build_purpose(name: &str, config: &PurposeConfig) -> Result<Purpose, PolicyError> {
     if name.is_empty()
+        || name.len() > crate::edge::MAX_PURPOSE_BYTES
         || !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
     {
         return Err(invalid(
             format!("purposes.{name}"),
-            "purpose names use ASCII letters, digits, '-', '_' and '.'",
+            "purpose names use at most 64 ASCII letters, digits, '-', '_' and '.'",
         ));
     }
     let mut levels = BTreeMap::new();
@@ -400,6 +401,12 @@ fn build_caller(
     let key = |suffix: &str| format!("callers[{index}].{suffix}");
     if config.name.trim().is_empty() {
         return Err(invalid(key("name"), "must not be empty"));
+    }
+    // Caller names are written into every audit event and log line of their calls.
+    if let Err(refused) =
+        crate::edge::check_text("name", &config.name, crate::edge::MAX_FILTER_BYTES)
+    {
+        return Err(invalid(key("name"), refused.reason));
     }
     let hash = if config.token_sha256.is_empty() {
         None

@@ -203,9 +203,9 @@ impl Application {
             Arc::clone(&self.vault),
             config.audit.clone(),
         ));
-        let request_ids = tokio::spawn(crate::vault::expire_request_ids_periodically(
-            Arc::clone(&self.vault),
-        ));
+        let request_ids = tokio::spawn(crate::vault::expire_request_ids_periodically(Arc::clone(
+            &self.vault,
+        )));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // Not serving until the first probe says otherwise.
         crate::health::set_not_serving(&reporter).await;

@@ -235,8 +235,7 @@ impl Vault {
     /// Sets how long a create's request id answers retries (`None`: until its record is
     /// deleted).
     pub fn with_request_id_ttl(mut self, ttl: Option<std::time::Duration>) -> Vault {
-        self.request_id_ttl =
-            ttl.map(|ttl| i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
+        self.request_id_ttl = ttl.map(|ttl| i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
         self
     }
 
@@ -350,7 +349,6 @@ impl Vault {
             trace_id: ctx.trace_id.clone(),
         }
     }
-
 }
 
 pub(crate) fn non_empty(value: &str) -> Option<String> {

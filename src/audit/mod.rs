@@ -212,7 +212,10 @@ async fn run_writer(
 /// half on its own, recursively, so that only the events the store itself refuses fail.
 /// Returns one outcome per event, in order. With `p` refused events in a batch of `n`, this
 /// costs about `2p·log2(n)` extra transactions, and nothing when no event is refused.
-pub async fn append_isolating(store: &dyn Store, events: &[AuditEvent]) -> Vec<Result<(), AuditError>> {
+pub async fn append_isolating(
+    store: &dyn Store,
+    events: &[AuditEvent],
+) -> Vec<Result<(), AuditError>> {
     match store.append_audit(events).await {
         Ok(()) => events.iter().map(|_| Ok(())).collect(),
         Err(error) if events.len() > 1 && error.is_refused_data() => {

@@ -11,12 +11,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
 use crate::grpc::{call_context, checked, error_info, timestamp, to_status, violation};
-use crate::vault::AuditSubject;
 use crate::key_admin::{AdminError, KeyAdmin};
 use crate::keys::{KeyError, KeyKind, KeyVersionInfo, KeyVersionState};
 use crate::proto;
 use crate::proto::key_management_server::KeyManagement;
 use crate::rewrap::{MAX_BATCH_SIZE, Progress, RewrapError};
+use crate::vault::AuditSubject;
 
 /// `pdvault.v1.KeyManagement`.
 #[derive(Clone)]

@@ -337,11 +337,9 @@ impl proto::vault_server::Vault for VaultService {
         let request = request.into_inner();
         let key = match request.key {
             Some(proto::find_records_request::Key::Document(document)) => {
-                id_type(document.id_type, "document.id_type").map(|id_type| {
-                    LookupKey::Document {
-                        id_type,
-                        id_number: document.id_number,
-                    }
+                id_type(document.id_type, "document.id_type").map(|id_type| LookupKey::Document {
+                    id_type,
+                    id_number: document.id_number,
                 })
             }
             Some(proto::find_records_request::Key::Phone(phone)) => Ok(LookupKey::Phone(phone)),
@@ -604,7 +602,10 @@ pub(crate) fn paging(
     page_size_requested: i32,
     page_token: &str,
 ) -> Result<(u32, Option<(Micros, String)>), Vec<Violation>> {
-    match (page_size(page_size_requested), decode_page_token(page_token)) {
+    match (
+        page_size(page_size_requested),
+        decode_page_token(page_token),
+    ) {
         (Ok(limit), Ok(after)) => Ok((limit, after)),
         (limit, after) => Err([limit.err(), after.err()].into_iter().flatten().collect()),
     }

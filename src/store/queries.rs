@@ -406,8 +406,7 @@ pub const COUNT_BOUND: &str = "SELECT \
 pub const RESEAL_NOTE: &str =
     "UPDATE account_events SET note = $2 WHERE event_id = $1 AND note = $3";
 
-pub const RESEAL_GUARDIAN: &str =
-    "UPDATE guardian_consents SET guardian_sealed = $2 WHERE consent_id = $1 AND guardian_sealed = $3";
+pub const RESEAL_GUARDIAN: &str = "UPDATE guardian_consents SET guardian_sealed = $2 WHERE consent_id = $1 AND guardian_sealed = $3";
 
 pub const REKEY_RECORD: &str = "UPDATE records \
      SET version = version + 1, updated_at = $3, wrapped_key = $4, kek_version = $5 \

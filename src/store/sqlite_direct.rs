@@ -428,7 +428,11 @@ fn insert_record(
             execute(
                 conn,
                 queries::DELETE_EXPIRED_CREATE_REQUEST,
-                &[&request.caller, &request.request_id, &request.expired_before],
+                &[
+                    &request.caller,
+                    &request.request_id,
+                    &request.expired_before,
+                ],
             )?;
             execute(
                 conn,

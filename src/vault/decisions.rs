@@ -85,7 +85,12 @@ impl Vault {
     }
 
     /// Writes the event of a refused call.
-    pub async fn audit_refusal(&self, ctx: &CallContext, subject: AuditSubject, error: &VaultError) {
+    pub async fn audit_refusal(
+        &self,
+        ctx: &CallContext,
+        subject: AuditSubject,
+        error: &VaultError,
+    ) {
         if matches!(error, VaultError::AuditUnavailable) {
             // The call's own event could not be written; a second write would fail alike.
             return;

@@ -9,9 +9,7 @@
 
 use crate::audit::{StoredEvent, VerifyReport};
 use crate::domain::Violation;
-use crate::edge::{
-    FreeText, MAX_FILTER_BYTES, MAX_PURPOSE_BYTES, RecordId, check_text,
-};
+use crate::edge::{FreeText, MAX_FILTER_BYTES, MAX_PURPOSE_BYTES, RecordId, check_text};
 use crate::policy::Grant;
 use crate::store::{AuditQuery, Micros};
 
@@ -210,7 +208,10 @@ mod tests {
     fn time_bounds_must_be_real_instants() {
         let at = |seconds, nanos| micros("start_time", TimeBound { seconds, nanos });
         assert_eq!(at(1, 500_000_000).unwrap(), 1_500_000);
-        assert_eq!(at(MIN_TIMESTAMP_SECONDS, 0).unwrap(), MIN_TIMESTAMP_SECONDS * 1_000_000);
+        assert_eq!(
+            at(MIN_TIMESTAMP_SECONDS, 0).unwrap(),
+            MIN_TIMESTAMP_SECONDS * 1_000_000
+        );
         assert!(at(MAX_TIMESTAMP_SECONDS, 999_999_999).is_ok());
         assert!(at(MAX_TIMESTAMP_SECONDS + 1, 0).is_err());
         assert!(at(MIN_TIMESTAMP_SECONDS - 1, 0).is_err());
