@@ -712,6 +712,37 @@ mod tests {
     }
 
     #[test]
+    fn etags_are_macs_of_record_and_version() {
+        let seed = AuditSigningKey::new(SecretKey::generate().unwrap());
+        let key = EtagKey::new(seed.derive_key(b"pdvault.etag-key.v1"), Suite::default());
+        let etag = key.etag("rec_a", 1);
+        assert!(EtagKey::well_formed(&etag), "{etag}");
+        assert!(key.matches(&etag, "rec_a", 1));
+        assert!(!key.matches(&etag, "rec_a", 2));
+        assert!(!key.matches(&etag, "rec_b", 1));
+        assert_ne!(key.etag("rec_a", 2), etag);
+        // Deterministic for the same key (every instance agrees), different under another.
+        let again = EtagKey::new(seed.derive_key(b"pdvault.etag-key.v1"), Suite::default());
+        assert_eq!(again.etag("rec_a", 1), etag);
+        let other = EtagKey::new(seed.derive_key(b"another label"), Suite::default());
+        assert_ne!(other.etag("rec_a", 1), etag);
+        let sm3 = EtagKey::new(
+            seed.derive_key(b"pdvault.etag-key.v1"),
+            Suite::Sm4GcmHmacSm3,
+        );
+        assert_ne!(sm3.etag("rec_a", 1), etag);
+        for malformed in [
+            "1",
+            "",
+            "etg_",
+            "etg_AAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "etg_aaaaaaaaaaaaaaaaaaaaaaaaa",
+        ] {
+            assert!(!EtagKey::well_formed(malformed), "{malformed}");
+        }
+    }
+
+    #[test]
     fn field_round_trips() {
         let dek = DataKey::generate().unwrap();
         let sealed = dek.seal_field("r1", "name", "张三".as_bytes()).unwrap();

@@ -219,4 +219,66 @@ mod tests {
         });
         assert!((0..1000).all(|_| off.check("a")));
     }
+
+    fn reason_of(response: &http::Response<tonic::body::Body>) -> (tonic::Code, String) {
+        use tonic_types::StatusExt;
+        let status = Status::from_header_map(response.headers()).expect("a grpc-status");
+        let reason = status
+            .get_details_error_info()
+            .map(|info| info.reason)
+            .unwrap_or_default();
+        (status.code(), reason)
+    }
+
+    /// A service that answers OK when `release` fires.
+    fn held(
+        release: Arc<tokio::sync::Notify>,
+    ) -> impl Service<
+        http::Request<()>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future = BoxFuture<http::Response<tonic::body::Body>, std::convert::Infallible>,
+    > + Clone {
+        tower::service_fn(move |_: http::Request<()>| {
+            let release = Arc::clone(&release);
+            Box::pin(async move {
+                release.notified().await;
+                Ok(http::Response::new(tonic::body::Body::default()))
+            }) as BoxFuture<_, _>
+        })
+    }
+
+    #[tokio::test]
+    async fn shed_and_timed_out_calls_carry_their_reasons() {
+        use tower::ServiceExt;
+        let release = Arc::new(tokio::sync::Notify::new());
+        let mut capped = ConcurrencyLimitLayer::new(1).layer(held(Arc::clone(&release)));
+        let first = capped.ready().await.unwrap().call(http::Request::new(()));
+        let shed = capped
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(
+            reason_of(&shed),
+            (tonic::Code::Unavailable, "OVERLOADED".to_owned())
+        );
+        release.notify_one();
+        first.await.unwrap();
+
+        let mut timed = TimeoutLayer::new(Duration::from_millis(10)).layer(held(release));
+        let late = timed
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(
+            reason_of(&late),
+            (tonic::Code::DeadlineExceeded, "REQUEST_TIMEOUT".to_owned())
+        );
+    }
 }

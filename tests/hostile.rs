@@ -1053,7 +1053,7 @@ async fn b7_check_account_is_audited_like_a_read(app: &TestApp) {
     assert_eq!(events.len(), 3);
     for event in &events {
         assert_eq!(event.rpc, "CheckAccount");
-        assert_eq!(event.record_ids, [record.record_id.clone()]);
+        assert_eq!(event.record_ids, std::slice::from_ref(&record.record_id));
         let fields: Vec<&str> = event.released.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(
             fields,

@@ -567,7 +567,7 @@ pub(crate) fn encode_page_token(time: Micros, id: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{time}:{id}"))
 }
 
-pub(crate) fn decode_page_token(token: &str) -> Result<Option<(Micros, String)>, Violation> {
+pub(crate) fn decode_page_token(token: &str) -> Result<Cursor, Violation> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -597,11 +597,14 @@ pub(crate) fn page_size(requested: i32) -> Result<u32, Violation> {
     }
 }
 
+/// A keyset cursor: continue after this (time, id).
+pub(crate) type Cursor = Option<(Micros, String)>;
+
 /// The page size and cursor of a listing, every bad one named.
 pub(crate) fn paging(
     page_size_requested: i32,
     page_token: &str,
-) -> Result<(u32, Option<(Micros, String)>), Vec<Violation>> {
+) -> Result<(u32, Cursor), Vec<Violation>> {
     match (
         page_size(page_size_requested),
         decode_page_token(page_token),
@@ -671,4 +674,63 @@ pub fn to_status(error: VaultError) -> Status {
 /// `INTERNAL`, with its reason: the cause is logged, never returned.
 pub(crate) fn internal() -> Status {
     error_info(Code::Internal, "internal error", "INTERNAL")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason_of(status: &Status) -> String {
+        status
+            .get_details_error_info()
+            .map(|info| {
+                assert_eq!(info.domain, ERROR_DOMAIN);
+                info.reason
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn every_vault_error_becomes_a_status_with_a_reason() {
+        use crate::keys::KeyError;
+        let errors = [
+            VaultError::InvalidArgument(vec![violation("record_id", "is required")]),
+            VaultError::OperationNotGranted("GetRecord"),
+            VaultError::PurposeNotGranted,
+            VaultError::NotFound,
+            VaultError::RecordDeleted,
+            VaultError::DuplicateIdentity,
+            VaultError::EtagMismatch,
+            VaultError::AccountSuspended,
+            VaultError::GuardianConsentRequired,
+            VaultError::GuardianNotAdult,
+            VaultError::NotAMinor,
+            VaultError::DataLoss,
+            VaultError::AuditUnavailable,
+            VaultError::Storage(crate::store::StoreError::NotFound),
+            VaultError::Key(KeyError::NoSuchVersion(3)),
+            VaultError::Internal("a bug".into()),
+        ];
+        for error in errors {
+            let described = format!("{error:?}");
+            let status = to_status(error);
+            assert!(!reason_of(&status).is_empty(), "{described}: {status:?}");
+        }
+        let internal = to_status(VaultError::Internal("secret cause".into()));
+        assert_eq!(internal.code(), Code::Internal);
+        assert_eq!(reason_of(&internal), "INTERNAL");
+        assert!(!internal.message().contains("secret cause"));
+        let invalid = to_status(VaultError::InvalidArgument(vec![violation(
+            "purpose", "bad",
+        )]));
+        assert_eq!(reason_of(&invalid), FIELD_INVALID);
+        let fields: Vec<String> = invalid
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, ["purpose"]);
+    }
 }
