@@ -186,20 +186,28 @@ async fn request_ids_are_echoed_or_generated_and_audited() {
         .unwrap();
     assert!(first_id.starts_with("req_"), "{first_id}");
     assert_ne!(first_id, second_id);
-    // A client id that is not a printable token is replaced, not trusted.
-    let replaced = client
+    // A client id that is not a printable token of at most 128 bytes is refused (issue 11),
+    // and the refusal still carries an id of the vault's own to correlate it by.
+    let refused = client
         .create_record(create(Some(&"x".repeat(200))))
         .await
-        .unwrap();
-    assert!(
-        replaced
-            .metadata()
-            .get("x-request-id")
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .starts_with("req_")
-    );
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let generated = refused
+        .metadata()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(generated.starts_with("req_"), "{generated}");
+    let refusal = app
+        .count(&format!(
+            "SELECT COUNT(*) FROM audit_events WHERE rpc = 'CreateRecord' \
+             AND request_id = '{generated}' AND reason = 'x-request-id'"
+        ))
+        .await;
+    assert_eq!(refusal, 1, "the refusal is audited under the generated id");
     let audited = app
         .count(&format!(
             "SELECT COUNT(*) FROM audit_events WHERE rpc = 'CreateRecord' AND request_id = '{first_id}'"
