@@ -106,6 +106,35 @@ fn describe() {
         "pdvault_active_key_version",
         "The key-encryption-key version new records are wrapped under"
     );
+    metrics::describe_counter!(
+        "pdvault_audit_checkpoints_total",
+        "Audit checkpoints this instance signed and stored"
+    );
+    metrics::describe_counter!(
+        "pdvault_audit_checkpoint_refusals_total",
+        "Checkpoints refused because the database does not continue from what was signed"
+    );
+    metrics::describe_counter!(
+        "pdvault_audit_witness_failures_total",
+        "Checkpoints that could not be appended to the witness sink"
+    );
+    metrics::describe_gauge!(
+        "pdvault_audit_checkpoint_age_seconds",
+        metrics::Unit::Seconds,
+        "Age of the newest checkpoint this instance signed"
+    );
+    metrics::describe_gauge!(
+        "pdvault_audit_checkpoint_stale",
+        "1 when the newest checkpoint is older than twice the checkpoint interval"
+    );
+    metrics::describe_gauge!(
+        "pdvault_audit_signer_alarm",
+        "1 while the signer refuses to sign (the audit trail does not continue from what it signed)"
+    );
+    metrics::describe_gauge!(
+        "pdvault_audit_witness_failing",
+        "1 while checkpoints cannot be appended to the witness sink"
+    );
 }
 
 /// The metric label for a request path: a known method, or "unknown".
@@ -165,6 +194,41 @@ pub fn record_key_versions(active: u32, records_per_version: &[(u32, u64)]) {
         gauge!("pdvault_key_version_records", "version" => version.to_string())
             .set(*records as f64);
     }
+}
+
+/// Hook for the checkpoint signer: one checkpoint signed and stored.
+pub fn record_checkpoint_signed(signer: &str) {
+    counter!("pdvault_audit_checkpoints_total", "signer" => signer.to_owned()).increment(1);
+}
+
+/// Hook for the checkpoint signer: it refused to sign (`reason` from a fixed list).
+pub fn record_checkpoint_refused(signer: &str, reason: &'static str) {
+    counter!(
+        "pdvault_audit_checkpoint_refusals_total",
+        "signer" => signer.to_owned(),
+        "reason" => reason
+    )
+    .increment(1);
+}
+
+/// Hook for the checkpoint signer: appending to the witness sink failed.
+pub fn record_witness_failure(signer: &str) {
+    counter!("pdvault_audit_witness_failures_total", "signer" => signer.to_owned()).increment(1);
+}
+
+/// Hook for the health monitor: the signer's newest checkpoint's age and alarms. The
+/// signer id is the label (`sgn_…`, one per instance), so instances sharing a recorder (and
+/// a dashboard) stay apart.
+pub fn record_checkpoint_health(health: &crate::audit::SignerHealth) {
+    let signer = health.signer.clone();
+    gauge!("pdvault_audit_checkpoint_age_seconds", "signer" => signer.clone())
+        .set(health.age.as_secs_f64());
+    gauge!("pdvault_audit_checkpoint_stale", "signer" => signer.clone())
+        .set(f64::from(u8::from(health.stale)));
+    gauge!("pdvault_audit_signer_alarm", "signer" => signer.clone())
+        .set(f64::from(u8::from(health.alarm.is_some())));
+    gauge!("pdvault_audit_witness_failing", "signer" => signer)
+        .set(f64::from(u8::from(health.witness_failure.is_some())));
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped. HTTP/1 with one request

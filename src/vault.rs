@@ -19,7 +19,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use zeroize::Zeroizing;
 
 use crate::accounts::AccountRules;
-use crate::audit::{AuditEvent, AuditLog, StoredEvent, VerifyReport};
+use crate::audit::{AuditEvent, AuditLog, CheckpointSigner, StoredEvent, VerifyReport, Witness};
 use crate::crypto::{BlindIndexKey, CryptoError, DataKey, PseudonymKey};
 use crate::domain::{
     FieldName, IdDocument, IdType, Identity, IdentityInput, PhoneNumber, Violation, generalize,
@@ -181,6 +181,9 @@ pub struct Vault {
     /// Suspension, minors and policy-version rules.
     pub(crate) rules: AccountRules,
     retention: Retention,
+    /// This instance's checkpoint signer; its sink, when a file, is the witness verification
+    /// reads.
+    checkpoint_signer: Option<Arc<CheckpointSigner>>,
 }
 
 impl Vault {
@@ -200,7 +203,18 @@ impl Vault {
             audit,
             rules,
             retention: Retention::default(),
+            checkpoint_signer: None,
         }
+    }
+
+    /// Sets the signer of this instance's audit checkpoints.
+    pub fn with_checkpoint_signer(mut self, signer: Arc<CheckpointSigner>) -> Vault {
+        self.checkpoint_signer = Some(signer);
+        self
+    }
+
+    pub fn checkpoint_signer(&self) -> Option<&Arc<CheckpointSigner>> {
+        self.checkpoint_signer.as_ref()
     }
 
     /// Sets the retention rules records get their deadlines from (none by default).
@@ -731,7 +745,24 @@ impl Vault {
 
     pub async fn verify_audit(&self, ctx: &CallContext) -> Result<VerifyReport, VaultError> {
         self.require_grant(ctx, Grant::AuditRead)?;
-        let report = crate::audit::verify(self.store.as_ref(), self.keys.audit_signing()).await?;
+        let public = self.keys.audit_signing().public_key();
+        let witness_file = self
+            .checkpoint_signer
+            .as_ref()
+            .and_then(|signer| signer.witness_file())
+            .map(ToOwned::to_owned);
+        let witness = match witness_file {
+            Some(path) => Some(
+                tokio::task::spawn_blocking(move || {
+                    Witness::read(&path).unwrap_or_else(|error| Witness::unreadable(&error))
+                })
+                .await
+                .map_err(|e| VaultError::Internal(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let report =
+            crate::audit::verify_with(self.store.as_ref(), &public, witness.as_ref()).await?;
         self.audit_read(ctx, "VerifyAuditChain", None).await?;
         Ok(report)
     }

@@ -142,6 +142,8 @@ pub struct TestApp {
     pub data_dir: tempfile::TempDir,
     pub database_url: String,
     pub admin_token: String,
+    /// The running vault, for what tests ask of it directly (its checkpoint signer).
+    pub vault: Arc<pdvault::vault::Vault>,
     postgres: Option<PostgresDatabase>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -178,6 +180,9 @@ impl TestApp {
         };
         config.log.filter = "warn".into();
         config.privacy_policy.current_version = "2025-01".into();
+        // The witness file, where the attack tests read it (stdout would mix with the
+        // harness's output).
+        config.audit.checkpoint_sink = data_dir.path().join("witness.jsonl").display().to_string();
         // A connection a test leaves open must not hold its app's shutdown for long.
         config.shutdown.grace_period_ms = 5_000;
         config.callers = CALLERS
@@ -250,6 +255,7 @@ impl TestApp {
         }
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
+        let vault = Arc::clone(app.vault());
         let admin_token = std::fs::read_to_string(app.admin_token_path().unwrap())
             .unwrap()
             .trim()
@@ -271,6 +277,7 @@ impl TestApp {
             data_dir,
             database_url,
             admin_token,
+            vault,
             postgres,
             shutdown: Some(tx),
             server: Some(server),
@@ -298,6 +305,39 @@ impl TestApp {
     /// A second handle on the vault's database, for what tests do behind the vault's back.
     pub async fn store(&self) -> Arc<dyn pdvault::store::Store> {
         pdvault::startup::open_store(&self.config).await.unwrap()
+    }
+
+    /// The witness file the vault's checkpoints are appended to.
+    pub fn witness_path(&self) -> PathBuf {
+        PathBuf::from(&self.config.audit.checkpoint_sink)
+    }
+
+    /// Has the running vault sign a checkpoint now, as its maintenance task does.
+    pub async fn checkpoint(
+        &self,
+    ) -> Result<pdvault::audit::Checkpoint, pdvault::audit::CheckpointError> {
+        self.vault
+            .checkpoint_signer()
+            .expect("the application has a checkpoint signer")
+            .checkpoint(
+                self.vault.store().as_ref(),
+                self.vault.keys().audit_signing(),
+                chrono::Utc::now().timestamp_micros(),
+                false,
+            )
+            .await
+    }
+
+    /// Verifies the trail as an outside party would: the public key and the witness file.
+    pub async fn verify_with_witness(&self) -> pdvault::audit::VerifyReport {
+        let witness = pdvault::audit::Witness::read(&self.witness_path()).unwrap();
+        pdvault::audit::verify_with(
+            self.store().await.as_ref(),
+            &self.keyring().audit_signing().public_key(),
+            Some(&witness),
+        )
+        .await
+        .unwrap()
     }
 
     /// The vault's keyring, loaded from its file.
