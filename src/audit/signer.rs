@@ -21,9 +21,11 @@
 //! with no chained checkpoint adopts the chains already there, as format 1 signed them all.
 //!
 //! Order of a checkpoint: sign, record it in the state file, append it to the witness sink,
-//! insert it into the database. A crash between any two steps leaves a state the next
-//! checkpoint repairs: the database missing exactly the checkpoint the state file holds is
-//! re-witnessed and re-inserted (the witness tolerates the same line twice).
+//! insert it into the database, record in the state file that it is stored. A crash (or a
+//! database failure) between the first record and the last leaves a state the next
+//! checkpoint repairs: the checkpoint the database is missing is witnessed again (the
+//! witness tolerates the same line twice) and stored. Once recorded as stored, its absence
+//! means it was removed, and the signer refuses.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -76,6 +78,10 @@ pub enum Refusal {
         "this signer signed checkpoints up to {signed}, the database holds them only up to {found}: checkpoints were removed"
     )]
     CheckpointsRemoved { signed: i64, found: i64 },
+    #[error(
+        "this signer signed {signed} checkpoints, the database holds {stored}: checkpoints were removed"
+    )]
+    CheckpointsMissing { signed: i64, stored: i64 },
     #[error("the database's checkpoint {counter} of this signer is not the one it signed")]
     CheckpointReplaced { counter: i64 },
     #[error(
@@ -105,7 +111,9 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Refusal::KeyChanged { .. } => "key_changed",
-            Refusal::CheckpointsRemoved { .. } => "checkpoints_removed",
+            Refusal::CheckpointsRemoved { .. } | Refusal::CheckpointsMissing { .. } => {
+                "checkpoints_removed"
+            }
             Refusal::CheckpointReplaced { .. } => "checkpoint_replaced",
             Refusal::StateBehind { .. } => "state_behind",
             Refusal::ChainCut { .. } => "chain_cut",
@@ -129,6 +137,10 @@ struct SignerState {
     /// the witness can be repaired.
     #[serde(default)]
     last: Option<WitnessLine>,
+    /// Whether `last` is known to be in the database: if so and the database lacks it, it
+    /// was removed; if not, it is stored again.
+    #[serde(default)]
+    last_stored: bool,
     /// Every chain this signer vouches for, at the head it last signed.
     #[serde(default)]
     chains: BTreeMap<String, VouchedChain>,
@@ -232,6 +244,7 @@ impl CheckpointSigner {
                 signer: new_signer_id(),
                 key_id: None,
                 last: None,
+                last_stored: false,
                 chains: BTreeMap::new(),
             };
             write_state(state_path, &state)?;
@@ -349,7 +362,7 @@ impl CheckpointSigner {
             }
             .into());
         }
-        let last = self.continue_checkpoints(&signing.state, store).await?;
+        let last = self.continue_checkpoints(signing, store).await?;
 
         let heads: BTreeMap<String, ChainHead> = store
             .chain_heads()
@@ -458,11 +471,13 @@ impl CheckpointSigner {
         let mut state = signing.state.clone();
         state.key_id = Some(key_id);
         state.last = WitnessLine::of(&checkpoint);
+        state.last_stored = false;
         state.chains = chains;
         self.persist(&state).await?;
         signing.state = state;
         self.witness(&checkpoint).await;
         store.insert_checkpoint(&checkpoint).await?;
+        self.mark_stored(signing).await?;
         Ok(checkpoint)
     }
 
@@ -471,12 +486,17 @@ impl CheckpointSigner {
     /// hash, which the next one links to.
     async fn continue_checkpoints(
         &self,
-        state: &SignerState,
+        signing: &mut Signing,
         store: &dyn Store,
     ) -> Result<Option<(i64, Hash)>, CheckpointError> {
         let stored = store.latest_checkpoint(&self.signer).await?;
         let stored_counter = |stored: &Checkpoint| stored.link.as_ref().map(|l| l.counter);
-        let signed = state.last.clone().and_then(WitnessLine::into_checkpoint);
+        let last_stored = signing.state.last_stored;
+        let signed = signing
+            .state
+            .last
+            .clone()
+            .and_then(WitnessLine::into_checkpoint);
         let Some((signed, link)) = signed.and_then(|c| c.link.clone().map(|link| (c, link))) else {
             return match stored {
                 None => Ok(None),
@@ -488,15 +508,15 @@ impl CheckpointSigner {
             };
         };
         let counter = link.counter;
+        let removed = |found| Refusal::CheckpointsRemoved {
+            signed: counter,
+            found,
+        };
         let Some(stored) = stored else {
-            if counter == 1 {
-                return self.store_again(store, signed).await;
+            if counter == 1 && !last_stored {
+                return self.store_again(signing, store, signed).await;
             }
-            return Err(Refusal::CheckpointsRemoved {
-                signed: counter,
-                found: 0,
-            }
-            .into());
+            return Err(removed(0).into());
         };
         // A row the database calls this signer's but that is not chained was tampered with.
         let Some(found) = stored_counter(&stored) else {
@@ -505,6 +525,16 @@ impl CheckpointSigner {
         if found == counter {
             if stored.message() != signed.message() || stored.signature != signed.signature {
                 return Err(Refusal::CheckpointReplaced { counter }.into());
+            }
+            // One row per counter (a unique index), so a count short of the counter means
+            // older checkpoints were deleted; verification names which.
+            let count = store.count_checkpoints(&self.signer).await?;
+            if count != counter {
+                return Err(Refusal::CheckpointsMissing {
+                    signed: counter,
+                    stored: count,
+                }
+                .into());
             }
             return Ok(Some((counter, signed.hash())));
         }
@@ -515,20 +545,18 @@ impl CheckpointSigner {
             }
             .into());
         }
-        if found == counter - 1 && stored.hash().as_slice() == link.prev.as_slice() {
-            return self.store_again(store, signed).await;
+        let predecessor = found == counter - 1 && stored.hash().as_slice() == link.prev.as_slice();
+        if predecessor && !last_stored {
+            return self.store_again(signing, store, signed).await;
         }
-        Err(Refusal::CheckpointsRemoved {
-            signed: counter,
-            found,
-        }
-        .into())
+        Err(removed(found).into())
     }
 
     /// Signed and recorded, then the process stopped (or the database failed) before the
     /// checkpoint was stored: finish the job.
     async fn store_again(
         &self,
+        signing: &mut Signing,
         store: &dyn Store,
         signed: Checkpoint,
     ) -> Result<Option<(i64, Hash)>, CheckpointError> {
@@ -536,11 +564,20 @@ impl CheckpointSigner {
         tracing::warn!(
             signer = self.signer,
             counter,
-            "the database lacks this signer's newest checkpoint; witnessing and storing it again"
+            "the database lacks this signer's newest checkpoint, never recorded as stored; witnessing and storing it again"
         );
         self.witness(&signed).await;
         store.insert_checkpoint(&signed).await?;
+        self.mark_stored(signing).await?;
         Ok(Some((counter, signed.hash())))
+    }
+
+    async fn mark_stored(&self, signing: &mut Signing) -> Result<(), CheckpointError> {
+        let mut state = signing.state.clone();
+        state.last_stored = true;
+        self.persist(&state).await?;
+        signing.state = state;
+        Ok(())
     }
 
     async fn persist(&self, state: &SignerState) -> Result<(), CheckpointError> {

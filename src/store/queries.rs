@@ -248,6 +248,9 @@ pub fn latest_signer_checkpoint() -> String {
     )
 }
 
+pub const COUNT_SIGNER_CHECKPOINTS: &str =
+    "SELECT COUNT(*) FROM audit_checkpoints WHERE signer_id = $1";
+
 pub const CHAINED_CHECKPOINT_EXISTS: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM audit_checkpoints WHERE signer_id IS NOT NULL LIMIT 1) AS any_chained";
 
 pub const EXPIRY_MARKERS: &str =

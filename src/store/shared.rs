@@ -544,6 +544,13 @@ macro_rules! impl_store {
                 row.as_ref().map(decode_checkpoint).transpose()
             }
 
+            async fn count_checkpoints(&self, signer: &str) -> Result<i64, $crate::store::StoreError> {
+                Ok(sqlx::query_scalar($crate::store::queries::COUNT_SIGNER_CHECKPOINTS)
+                    .bind(signer)
+                    .fetch_one(&self.pool)
+                    .await?)
+            }
+
             async fn has_chained_checkpoints(&self) -> Result<bool, $crate::store::StoreError> {
                 let found: i64 =
                     sqlx::query_scalar($crate::store::queries::CHAINED_CHECKPOINT_EXISTS)

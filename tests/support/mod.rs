@@ -470,6 +470,27 @@ impl TestApp {
         }
     }
 
+    /// Stops the vault, keeping its database and files, for what a test does while it is
+    /// down; [`TestApp::restart`] starts it again.
+    pub async fn halt(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+
+    /// Stops the vault (unless halted) and starts it again on the same configuration, data
+    /// directory and database, as a restart of the same instance.
+    pub async fn restart(mut self) -> TestApp {
+        self.halt().await;
+        let config = self.config.clone();
+        let postgres = self.postgres.take();
+        let data_dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().unwrap());
+        TestApp::start(self.backend, config, data_dir, postgres, None).await
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
