@@ -308,6 +308,14 @@ mod tests {
         record_audit_flush(Duration::from_millis(3));
         record_rewrap_progress(5, 95);
         record_key_versions(2, &[(1, 95), (2, 5)]);
+        record_checkpoint_refused("sgn_unit", "chain_cut");
+        record_checkpoint_health(&crate::audit::SignerHealth {
+            signer: "sgn_unit".into(),
+            age: Duration::from_secs(150),
+            stale: true,
+            alarm: Some("chain cut".into()),
+            witness_failure: None,
+        });
         let text = handle.render();
         for expected in [
             "pdvault_audit_batch_size_bucket{le=\"8\"}",
@@ -316,6 +324,11 @@ mod tests {
             "pdvault_rewrap_records_remaining 95",
             "pdvault_key_version_records{version=\"1\"} 95",
             "pdvault_active_key_version 2",
+            "pdvault_audit_checkpoint_refusals_total{signer=\"sgn_unit\",reason=\"chain_cut\"} 1",
+            "pdvault_audit_checkpoint_age_seconds{signer=\"sgn_unit\"} 150",
+            "pdvault_audit_checkpoint_stale{signer=\"sgn_unit\"} 1",
+            "pdvault_audit_signer_alarm{signer=\"sgn_unit\"} 1",
+            "pdvault_audit_witness_failing{signer=\"sgn_unit\"} 0",
         ] {
             assert!(text.contains(expected), "{expected} missing from:\n{text}");
         }

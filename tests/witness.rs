@@ -116,7 +116,7 @@ async fn assert_detected(app: &TestApp, expected: &[&dyn Fn(&Problem) -> bool]) 
     let report = outside_report(app).await;
     for (i, matches) in expected.iter().enumerate() {
         assert!(
-            report.problems.iter().any(|p| matches(p)),
+            report.problems.iter().any(matches),
             "expected problem #{i} missing: {:?}",
             report.problems
         );
@@ -886,4 +886,120 @@ mod configured {
         events_appended_to_a_closed_chain_are_detected: super::closed;
         format_1_checkpoints_keep_verifying_and_an_upgraded_database_is_adopted: super::upgraded;
     }
+}
+
+/// The operator's commands on the real binary: `audit public-key` prints what outside
+/// verifiers need, `audit checkpoint` is refused while the vault signs and works once it has
+/// stopped, and both ways of `audit verify` (the keyring with the configured witness file;
+/// the public key with `--checkpoints` and nothing else) pass an untouched trail.
+async fn operator_commands(database: Option<&str>) {
+    use support::process::ServerProcess;
+    let witness_dir = tempfile::tempdir().unwrap();
+    let witness = witness_dir.path().join("checkpoints.jsonl");
+    let database_section = database
+        .map(|url| format!("[database]\nurl = {url:?}\n"))
+        .unwrap_or_default();
+    let config = format!(
+        "{database_section}[audit]\ncheckpoint_sink = {:?}\n",
+        witness.display().to_string()
+    );
+    let mut server = ServerProcess::start(&config, "info").await;
+    let config_path = server.config_path();
+    let pdvault = |args: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"));
+        command.args(args).arg("--config").arg(&config_path);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("PDVAULT_") {
+                command.env_remove(key);
+            }
+        }
+        command.output().unwrap()
+    };
+    let text = |output: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+
+    let printed = pdvault(&["audit", "public-key"]);
+    assert!(printed.status.success(), "{}", text(&printed));
+    let public = String::from_utf8(printed.stdout).unwrap().trim().to_owned();
+    let keyring = pdvault::keys::Keyring::load(&server.data_dir().join("keyring.json")).unwrap();
+    assert_eq!(public, keyring.audit_signing().public_key_hex());
+
+    let refused = pdvault(&["audit", "checkpoint"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("in use by another running pdvault process"),
+        "{}",
+        text(&refused)
+    );
+
+    server.signal("TERM");
+    assert!(server.wait().await.success());
+    let signed = pdvault(&["audit", "checkpoint"]);
+    assert!(signed.status.success(), "{}", text(&signed));
+    // The introduction at start and the final checkpoint at shutdown came before.
+    assert!(
+        text(&signed).contains("checkpoint 3 of signer sgn_"),
+        "{}",
+        text(&signed)
+    );
+
+    let verified = pdvault(&["audit", "verify"]);
+    assert!(verified.status.success(), "{}", text(&verified));
+    assert!(
+        text(&verified).contains("3 checkpoint(s) found unchanged"),
+        "{}",
+        text(&verified)
+    );
+
+    let database_url = database.map(str::to_owned).unwrap_or_else(|| {
+        format!(
+            "sqlite://{}",
+            server.data_dir().join("pdvault.db").display()
+        )
+    });
+    let empty = tempfile::tempdir().unwrap();
+    let outside = std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"))
+        .args(["audit", "verify", "--database-url", &database_url])
+        .args(["--public-key", &public])
+        .arg("--checkpoints")
+        .arg(&witness)
+        .current_dir(empty.path())
+        .env_remove("PDVAULT_CONFIG")
+        .output()
+        .unwrap();
+    assert!(outside.status.success(), "{}", text(&outside));
+    assert!(text(&outside).contains("audit trail verified"));
+
+    let bad_key = std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"))
+        .args(["audit", "verify", "--database-url", &database_url])
+        .args(["--public-key", "00"])
+        .current_dir(empty.path())
+        .env_remove("PDVAULT_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!bad_key.status.success());
+    assert!(
+        text(&bad_key).contains("--public-key"),
+        "{}",
+        text(&bad_key)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_on_sqlite() {
+    operator_commands(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_on_postgres() {
+    let Some(database) = support::PostgresDatabase::create().await else {
+        return;
+    };
+    operator_commands(Some(&database.url())).await;
+    database.drop_database().await;
 }

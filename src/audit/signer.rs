@@ -433,13 +433,9 @@ impl CheckpointSigner {
             } else {
                 !vouched.adopted
             };
-            if is_current || close || head.seq != vouched.seq {
-                if !signed_heads
-                    .iter()
-                    .any(|h: &ChainHead| h.chain_id == *chain_id)
-                {
-                    signed_heads.push(head.clone());
-                }
+            let already = signed_heads.iter().any(|h| h.chain_id == *chain_id);
+            if (is_current || close || head.seq != vouched.seq) && !already {
+                signed_heads.push(head.clone());
             }
             vouched.seq = head.seq;
             vouched.hash = head.hash.clone();

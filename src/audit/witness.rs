@@ -111,7 +111,7 @@ impl WitnessLine {
     }
 
     pub(crate) fn into_checkpoint(self) -> Option<Checkpoint> {
-        (self.pdvault_checkpoint == super::chain::CHECKPOINT_FORMAT_CHAINED).then(|| Checkpoint {
+        (self.pdvault_checkpoint == super::chain::CHECKPOINT_FORMAT_CHAINED).then_some(Checkpoint {
             id: 0,
             created_at: self.created_at,
             heads: self.heads,
