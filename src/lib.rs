@@ -27,6 +27,11 @@ pub mod telemetry;
 pub mod tls;
 pub mod vault;
 
+/// The test suite's check of the machine (PostgreSQL, SoftHSM2, Python's grpcio), in this
+/// unit-test binary too because `cargo test` runs it first.
+#[cfg(test)]
+mod test_environment;
+
 /// Code generated from `proto/pdvault/v1` at build time.
 pub mod proto {
     #![allow(clippy::all, missing_docs)]

@@ -2,6 +2,9 @@
 //! the middle of a rewrap and restarted, and the `pdvault keys` commands a scheduler runs,
 //! and `pdvault purge`, with their exit codes. Runs on both backends.
 
+// For the check of the machine before any test runs; this file starts its own servers.
+mod support;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};

@@ -4,8 +4,17 @@
 The stubs are generated from ../../proto at run time with grpcio-tools, so this proves the
 published .proto files alone are enough for another language to talk to the vault.
 
-    python3 -m venv .venv && .venv/bin/pip install -r requirements.txt
-    PDVAULT_ADDR=127.0.0.1:50051 PDVAULT_TOKEN=... .venv/bin/python interop.py
+With the vault running (`cargo run --release -- serve`, as the README's "Run it" says),
+from the repository root, with the administrator token the vault created:
+
+    python3 -m venv .venv && .venv/bin/pip install -r examples/python/requirements.txt
+    PDVAULT_ADDR=127.0.0.1:50051 PDVAULT_TOKEN=$(cat pdvault-data/admin.token) \
+        .venv/bin/python examples/python/interop.py
+
+Any caller allowed to create and read records will do: the granted read asks for
+service-delivery, and the refused one for a purpose the vault does not define (direct
+marketing, not among the privacy policy's purposes), which no caller holds, the
+administrator included.
 
 Exits 0 when every step behaves as the contract says, 1 otherwise. It prints outcomes,
 never the identity values it sent or received.
@@ -23,6 +32,8 @@ from grpc_tools import protoc
 
 PROTO_ROOT = pathlib.Path(__file__).resolve().parents[2] / "proto"
 PROTOS = ["pdvault/v1/vault.proto"]
+# Not a purpose the vault defines, so no caller can be granted it.
+UNDEFINED_PURPOSE = "direct-marketing"
 
 
 def generate_stubs(out_dir: str) -> None:
@@ -81,7 +92,7 @@ def main() -> int:
             try:
                 stub.GetRecord(
                     vault_pb2.GetRecordRequest(
-                        record_id=record.record_id, purpose="legal-compliance"
+                        record_id=record.record_id, purpose=UNDEFINED_PURPOSE
                     ),
                     metadata=metadata,
                 )

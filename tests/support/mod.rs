@@ -7,11 +7,13 @@
 //!
 //! PostgreSQL tests are mandatory by default. Each test gets a fresh database on the server
 //! named by `PDVAULT_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`);
-//! when that server cannot be reached the test fails and says so. Skipping PostgreSQL needs
+//! when that server cannot be reached the test binary fails before any test runs
+//! (`environment`, which checks SoftHSM2 and Python's grpcio too). Skipping PostgreSQL needs
 //! an explicit `PDVAULT_TEST_SKIP_POSTGRES=1`, which CI never sets.
 
 #![allow(dead_code)]
 
+pub mod environment;
 pub mod fixtures;
 pub mod process;
 pub mod proxy;
@@ -532,10 +534,10 @@ impl PostgresDatabase {
         let mut conn = sqlx::PgConnection::connect(&admin_url)
             .await
             .unwrap_or_else(|e| {
+                // The check before any test found it reachable; it went away since.
                 panic!(
-                    "PostgreSQL is required for this test and not reachable at {admin_url}: {e}. \
-                 Start it, point PDVAULT_TEST_POSTGRES_URL at one, or set \
-                 PDVAULT_TEST_SKIP_POSTGRES=1 to skip explicitly."
+                    "PostgreSQL is required for this test and no longer reachable: {e}. \
+                 scripts/test starts it; PDVAULT_TEST_SKIP_POSTGRES=1 skips explicitly."
                 )
             });
         let name = format!("pdvault_test_{}", random_suffix());

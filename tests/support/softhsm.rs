@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use pdvault::config::Pkcs11Config;
 
-pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub const MODULE: &str = super::environment::SOFTHSM2_MODULE;
 const TOKEN_LABEL: &str = "pdvault-test";
 
 struct Token {
