@@ -220,9 +220,6 @@ impl CheckpointSigner {
             path: state_path.to_owned(),
             source,
         };
-        if let Some(parent) = state_path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(io)?;
-        }
         let lock = lock_state(state_path)?;
         let state = if state_path.exists() {
             let text = std::fs::read_to_string(state_path).map_err(io)?;

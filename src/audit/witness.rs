@@ -9,10 +9,12 @@
 //! rewrite it can hide what it would show.
 //!
 //! Reading accepts what a capture of standard output looks like: lines that do not carry
-//! the `pdvault_checkpoint` key are skipped (other log lines), a line that does but is not a
-//! checkpoint is a problem, and a torn last line (no newline: the process died mid-write) is
-//! left out. The same checkpoint appearing twice is fine: after a crash the signer writes its
-//! last checkpoint again rather than risk it missing.
+//! the `pdvault_checkpoint` key are skipped (other log lines), and a line that does but is
+//! not a checkpoint is a problem, unless it is a torn write: the process died mid-line, so
+//! the fragment is the last line, or (a file sink ends it with a newline before appending
+//! again) the start of a later line, the same checkpoint written again. The same checkpoint
+//! appearing twice is fine: after a crash the signer writes its last checkpoint again rather
+//! than risk it missing.
 
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
@@ -139,16 +141,21 @@ fn witness_line(checkpoint: &Checkpoint) -> std::io::Result<String> {
 
 /// Opens with `O_APPEND` (every write lands at the end, whatever else appends), creates the
 /// file private to the vault's user, and syncs the line (and a new file's directory entry).
+/// A file not ending in a newline (a write torn by a crash) gets one first, so the torn
+/// fragment stays a line of its own.
 fn append_durably(path: &Path, line: &[u8]) -> std::io::Result<()> {
     let existed = path.exists();
     let mut options = std::fs::OpenOptions::new();
-    options.append(true).create(true);
+    options.read(true).append(true).create(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
     let mut file = options.open(path)?;
+    if ends_mid_line(&file)? {
+        file.write_all(b"\n")?;
+    }
     file.write_all(line)?;
     file.sync_data()?;
     if !existed {
@@ -157,6 +164,23 @@ fn append_durably(path: &Path, line: &[u8]) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(unix)]
+fn ends_mid_line(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let length = file.metadata()?.len();
+    if length == 0 {
+        return Ok(false);
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, length - 1)?;
+    Ok(last[0] != b'\n')
+}
+
+#[cfg(not(unix))]
+fn ends_mid_line(_file: &std::fs::File) -> std::io::Result<bool> {
+    Ok(false)
 }
 
 /// The checkpoints a witness file holds, and what was wrong with it.
@@ -187,6 +211,8 @@ impl Witness {
 
     pub fn from_reader(mut reader: impl BufRead) -> Witness {
         let mut witness = Witness::default();
+        // Lines that are no checkpoint: (line number, text, index of the next checkpoint).
+        let mut unreadable: Vec<(usize, String, usize)> = Vec::new();
         let mut line = Vec::new();
         for number in 1usize.. {
             line.clear();
@@ -220,9 +246,19 @@ impl Witness {
                 Some(checkpoint) => witness.checkpoints.push(checkpoint),
                 // A torn last line: the process died in the middle of writing it.
                 None if !complete => {}
-                None => witness.problems.push(Problem::Witness {
+                None => {
+                    unreadable.push((number, text.trim().to_owned(), witness.checkpoints.len()))
+                }
+            }
+        }
+        for (number, text, next) in unreadable {
+            let torn = witness.checkpoints[next..].iter().any(|checkpoint| {
+                witness_line(checkpoint).is_ok_and(|line| line.starts_with(&text))
+            });
+            if !torn {
+                witness.problems.push(Problem::Witness {
                     detail: format!("line {number} is not a checkpoint this build can read"),
-                }),
+                });
             }
         }
         witness
@@ -296,6 +332,36 @@ mod tests {
                 detail: "line 3 is not a checkpoint this build can read".into()
             }]
         );
+    }
+
+    #[test]
+    fn a_write_torn_by_a_crash_is_ended_and_the_fragment_ignored_once_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("witness.jsonl");
+        let sink = CheckpointSink::File(path.clone());
+        sink.append(&checkpoint(1)).unwrap();
+        let torn = witness_line(&checkpoint(2)).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&torn.as_bytes()[..30])
+            .unwrap();
+        // The signer writes the checkpoint again after the crash.
+        sink.append(&checkpoint(2)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        let witness = Witness::read(&path).unwrap();
+        assert!(witness.problems.is_empty(), "{:?}", witness.problems);
+        assert_eq!(witness.checkpoints.len(), 2);
+        // A fragment nothing completes is reported (60 bytes reach the counter, 2, where the
+        // next line has 3).
+        let text = format!(
+            "{}\n{}\n",
+            &torn[..60],
+            witness_line(&checkpoint(3)).unwrap()
+        );
+        assert_eq!(Witness::from_reader(text.as_bytes()).problems.len(), 1);
     }
 
     #[test]
