@@ -360,87 +360,14 @@ impl CheckpointSigner {
             .into());
         }
         let last = self.continue_checkpoints(signing, store).await?;
-
-        let heads: BTreeMap<String, ChainHead> = store
-            .chain_heads()
-            .await?
-            .into_iter()
-            .map(|head| (head.chain_id.clone(), head))
-            .collect();
-        let markers: BTreeMap<String, ExpiryMarker> = store
-            .expiry_markers()
-            .await?
-            .into_iter()
-            .map(|marker| (marker.chain_id.clone(), marker))
-            .collect();
-        let mut chains = signing.state.chains.clone();
-        if let Some(current) = &signing.current {
-            chains
-                .entry(current.clone())
-                .or_insert_with(|| VouchedChain {
-                    seq: 0,
-                    hash: genesis(current).to_vec(),
-                    closed: false,
-                    adopted: false,
-                });
-        }
-        let mut signed_heads = Vec::new();
-        if last.is_none() && !store.has_chained_checkpoints().await? {
-            // The change of format: format 1 signed every chain, so the first chained
-            // checkpoint takes over those that no one else will ever introduce.
-            for head in heads.values() {
-                if !chains.contains_key(&head.chain_id) {
-                    chains.insert(
-                        head.chain_id.clone(),
-                        VouchedChain {
-                            seq: head.seq,
-                            hash: head.hash.clone(),
-                            closed: false,
-                            adopted: true,
-                        },
-                    );
-                    signed_heads.push(head.clone());
-                }
-            }
-        }
-        let mut closing = Vec::new();
-        for (chain_id, vouched) in chains.iter_mut() {
-            let Some(head) = heads.get(chain_id) else {
-                return Err(Refusal::ChainMissing {
-                    chain_id: chain_id.clone(),
-                }
-                .into());
-            };
-            if vouched.closed {
-                if head.seq != vouched.seq || head.hash != vouched.hash {
-                    return Err(Refusal::ChainReopened {
-                        chain_id: chain_id.clone(),
-                        seq: vouched.seq,
-                    }
-                    .into());
-                }
-                continue;
-            }
-            continues_from(store, &public, vouched, head, markers.get(chain_id)).await?;
-            let is_current = signing.current.as_deref() == Some(chain_id.as_str());
-            // A chain of this signer's that is not this process's belongs to a process that
-            // ended without closing it (a crash); nothing will append to it again.
-            let close = if is_current {
-                close_current
-            } else {
-                !vouched.adopted
-            };
-            let already = signed_heads.iter().any(|h| h.chain_id == *chain_id);
-            if (is_current || close || head.seq != vouched.seq) && !already {
-                signed_heads.push(head.clone());
-            }
-            vouched.seq = head.seq;
-            vouched.hash = head.hash.clone();
-            if close {
-                vouched.closed = true;
-                closing.push(chain_id.clone());
-            }
-        }
+        // The change of format: format 1 signed every chain, so the first chained checkpoint
+        // on a database takes over the chains no one else will ever introduce.
+        let adopt = last.is_none() && !store.has_chained_checkpoints().await?;
+        let Vouched {
+            chains,
+            heads: signed_heads,
+            closing,
+        } = check_chains(signing, store, &public, adopt, close_current).await?;
 
         let link = CheckpointLink {
             signer: self.signer.clone(),
@@ -607,6 +534,107 @@ impl CheckpointSigner {
             }
         }
     }
+}
+
+/// What the next checkpoint signs for: every chain vouched for (as the state file will
+/// hold them), the heads to sign, and the chains to close.
+struct Vouched {
+    chains: BTreeMap<String, VouchedChain>,
+    heads: Vec<ChainHead>,
+    closing: Vec<String>,
+}
+
+/// Checks every open chain the signer vouches for against the database (see
+/// [`continues_from`]) and that closed ones have not moved, and decides what to sign: the
+/// current chain always, another chain when its head moved, and the chains to close (the
+/// current one at shutdown; one an earlier process of this instance left open, since
+/// nothing will append to it again).
+async fn check_chains(
+    signing: &Signing,
+    store: &dyn Store,
+    public: &AuditPublicKey,
+    adopt: bool,
+    close_current: bool,
+) -> Result<Vouched, CheckpointError> {
+    let heads: BTreeMap<String, ChainHead> = store
+        .chain_heads()
+        .await?
+        .into_iter()
+        .map(|head| (head.chain_id.clone(), head))
+        .collect();
+    let markers: BTreeMap<String, ExpiryMarker> = store
+        .expiry_markers()
+        .await?
+        .into_iter()
+        .map(|marker| (marker.chain_id.clone(), marker))
+        .collect();
+    let mut chains = signing.state.chains.clone();
+    if let Some(current) = &signing.current {
+        chains
+            .entry(current.clone())
+            .or_insert_with(|| VouchedChain {
+                seq: 0,
+                hash: genesis(current).to_vec(),
+                closed: false,
+                adopted: false,
+            });
+    }
+    let mut signed = Vec::new();
+    if adopt {
+        for head in heads.values() {
+            if !chains.contains_key(&head.chain_id) {
+                let adopted = VouchedChain {
+                    seq: head.seq,
+                    hash: head.hash.clone(),
+                    closed: false,
+                    adopted: true,
+                };
+                chains.insert(head.chain_id.clone(), adopted);
+                signed.push(head.clone());
+            }
+        }
+    }
+    let mut closing = Vec::new();
+    for (chain_id, vouched) in chains.iter_mut() {
+        let Some(head) = heads.get(chain_id) else {
+            return Err(Refusal::ChainMissing {
+                chain_id: chain_id.clone(),
+            }
+            .into());
+        };
+        if vouched.closed {
+            if head.seq != vouched.seq || head.hash != vouched.hash {
+                return Err(Refusal::ChainReopened {
+                    chain_id: chain_id.clone(),
+                    seq: vouched.seq,
+                }
+                .into());
+            }
+            continue;
+        }
+        continues_from(store, public, vouched, head, markers.get(chain_id)).await?;
+        let is_current = signing.current.as_deref() == Some(chain_id.as_str());
+        let close = if is_current {
+            close_current
+        } else {
+            !vouched.adopted
+        };
+        let already = signed.iter().any(|h: &ChainHead| h.chain_id == *chain_id);
+        if (is_current || close || head.seq != vouched.seq) && !already {
+            signed.push(head.clone());
+        }
+        vouched.seq = head.seq;
+        vouched.hash = head.hash.clone();
+        if close {
+            vouched.closed = true;
+            closing.push(chain_id.clone());
+        }
+    }
+    Ok(Vouched {
+        chains,
+        heads: signed,
+        closing,
+    })
 }
 
 /// Whether the database's `head` of a chain continues from the head last signed: the event
