@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_fds(descriptors)?;
     println!("cargo:rerun-if-changed=proto");
+    // sqlx::migrate! embeds the migrations; a new one must rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
     // Worktrees sharing one target dir share this build script's output directory (cargo
     // hashes path packages by their workspace-relative path); a change of working tree must
     // regenerate the code.

@@ -153,9 +153,25 @@ enum ReasonArg {
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Walk every chain, checkpoint and expiry marker; exit 1 on the first sign of tampering.
-    Verify(ConfigArgs),
-    /// Sign a checkpoint of every chain's head now.
+    Verify(VerifyArgs),
+    /// Sign a checkpoint now, as this installation's signer (refused while its vault runs).
     Checkpoint(ConfigArgs),
+    /// Print the audit public key (hex) to publish for `audit verify --public-key`.
+    PublicKey(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The audit public key (`pdvault audit public-key`). With it the keyring is not read:
+    /// an outside verifier needs only the database and the witness file.
+    #[arg(long, value_name = "HEX")]
+    public_key: Option<String>,
+    /// A witness file (`audit.checkpoint_sink`, JSON lines); checkpoints it holds must be
+    /// in the database unchanged. Default: the configured sink, when it is a file.
+    #[arg(long, value_name = "FILE")]
+    checkpoints: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +226,7 @@ pub async fn run() -> ExitCode {
         Command::Token(TokenCommand::Hash) => token_hash(),
         Command::Audit(AuditCommand::Verify(args)) => audit_verify(args).await,
         Command::Audit(AuditCommand::Checkpoint(args)) => audit_checkpoint(args).await,
+        Command::Audit(AuditCommand::PublicKey(args)) => audit_public_key(args),
         Command::Accounts(args) => accounts(args).await,
         Command::Keys(args) => crate::key_cli::run(args).await,
         Command::Purge(args) => crate::key_cli::purge(args).await,
@@ -249,23 +266,63 @@ async fn migrate(args: ConfigArgs) -> Result<(), String> {
 
 /// The store and keyring of an installation, opened without creating anything.
 async fn open_existing(args: &ConfigArgs) -> Result<(Arc<dyn Store>, Keyring), String> {
-    let config = args.load()?;
-    crate::telemetry::init(&config.log);
-    let store = open_store(&config).await.map_err(|e| e.to_string())?;
-    store.migrate().await.map_err(|e| e.to_string())?;
+    let (store, config) = open_database(args).await?;
     let keys = Keyring::load(&config.keyring_path()).map_err(|e| e.to_string())?;
     Ok((store, keys))
 }
 
-async fn audit_verify(args: ConfigArgs) -> Result<(), String> {
-    let (store, keys) = open_existing(&args).await?;
-    let report = crate::audit::verify(store.as_ref(), keys.audit_signing())
+/// The store of an installation, without its keyring.
+async fn open_database(args: &ConfigArgs) -> Result<(Arc<dyn Store>, Config), String> {
+    let config = args.load()?;
+    crate::telemetry::init(&config.log);
+    let store = open_store(&config).await.map_err(|e| e.to_string())?;
+    store.migrate().await.map_err(|e| e.to_string())?;
+    Ok((store, config))
+}
+
+async fn audit_verify(args: VerifyArgs) -> Result<(), String> {
+    let config = args.config.load()?;
+    // An outside verifier brings the public key and needs no keyring (nor its KEKs).
+    let (store, public) = match &args.public_key {
+        Some(hex) => {
+            let public = crate::crypto::AuditPublicKey::from_hex(hex)
+                .ok_or("--public-key: not the 64 hex digits of an Ed25519 public key")?;
+            let (store, _config) = open_database(&args.config).await?;
+            (store, public)
+        }
+        None => {
+            let (store, keys) = open_existing(&args.config).await?;
+            (store, keys.audit_signing().public_key())
+        }
+    };
+    let witness_file = args.checkpoints.clone().or_else(|| {
+        crate::audit::CheckpointSink::parse(&config.audit.checkpoint_sink)
+            .and_then(|sink| sink.file().map(ToOwned::to_owned))
+    });
+    let witness = match &witness_file {
+        Some(path) => Some(
+            crate::audit::Witness::read(path)
+                .map_err(|e| format!("witness file {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let report = crate::audit::verify_with(store.as_ref(), &public, witness.as_ref())
         .await
         .map_err(|e| e.to_string())?;
     println!(
         "chains: {}  events: {}  checkpoints: {}",
         report.chains, report.events, report.checkpoints
     );
+    match &witness_file {
+        Some(path) => println!(
+            "witness {}: {} checkpoint(s) found unchanged in the database",
+            path.display(),
+            report.witnessed
+        ),
+        None => println!(
+            "no witness file (--checkpoints): the newest checkpoints could have been deleted unseen"
+        ),
+    }
     for problem in &report.problems {
         println!("PROBLEM: {problem}");
     }
@@ -281,12 +338,28 @@ async fn audit_verify(args: ConfigArgs) -> Result<(), String> {
 }
 
 async fn audit_checkpoint(args: ConfigArgs) -> Result<(), String> {
+    let config = args.load()?;
+    // Locks the signer state first: while the vault runs, it is the one that signs.
+    let signer = crate::startup::open_signer(&config).map_err(|e| e.to_string())?;
     let (store, keys) = open_existing(&args).await?;
     let now = chrono::Utc::now().timestamp_micros();
-    let checkpoint = crate::audit::write_checkpoint(store.as_ref(), keys.audit_signing(), now)
+    let checkpoint = signer
+        .checkpoint(store.as_ref(), keys.audit_signing(), now, false)
         .await
         .map_err(|e| e.to_string())?;
-    println!("checkpoint of {} chain(s) written", checkpoint.heads.len());
+    println!(
+        "checkpoint {} of signer {} written ({} head(s))",
+        checkpoint.link.as_ref().map_or(0, |link| link.counter),
+        signer.signer(),
+        checkpoint.heads.len()
+    );
+    Ok(())
+}
+
+fn audit_public_key(args: ConfigArgs) -> Result<(), String> {
+    let config = args.load()?;
+    let keys = Keyring::load(&config.keyring_path()).map_err(|e| e.to_string())?;
+    println!("{}", keys.audit_signing().public_key_hex());
     Ok(())
 }
 

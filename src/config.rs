@@ -172,6 +172,13 @@ pub struct AuditConfig {
     /// Days audit events are kept; older checkpointed segments are removed (default three
     /// years). Deleting a record never deletes its trail.
     pub retention_days: u64,
+    /// Where every checkpoint is also written, one JSON line each: `stdout`, or the path of
+    /// a file appended to and synced (put it on storage the database's administrators
+    /// cannot rewrite; it is what `pdvault audit verify --checkpoints` reads).
+    pub checkpoint_sink: String,
+    /// This instance's checkpoint signer state (its id, last checkpoint, last signed head
+    /// of every chain it vouches for). Unset: `<data_dir>/audit-signer.json`.
+    pub signer_state_path: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -324,6 +331,8 @@ impl Default for Config {
             audit: AuditConfig {
                 checkpoint_interval_secs: 60,
                 retention_days: 3 * 365,
+                checkpoint_sink: "stdout".into(),
+                signer_state_path: None,
             },
             accounts: AccountsConfig {
                 suspended_allowed_purposes: vec![
@@ -412,6 +421,13 @@ impl Config {
             .keyring_path
             .clone()
             .unwrap_or_else(|| self.data_dir.join("keyring.json"))
+    }
+
+    pub fn audit_signer_state_path(&self) -> PathBuf {
+        self.audit
+            .signer_state_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit-signer.json"))
     }
 
     pub fn admin_token_path(&self) -> PathBuf {

@@ -686,6 +686,52 @@ impl AuditSigningKey {
     pub fn public_key_hex(&self) -> String {
         data_encoding::HEXLOWER.encode(self.0.verifying_key().as_bytes())
     }
+
+    /// The verifying half, which checks signatures without the secret.
+    pub fn public_key(&self) -> AuditPublicKey {
+        AuditPublicKey(self.0.verifying_key())
+    }
+}
+
+/// The public half of the audit key: all anyone needs to verify checkpoints and expiry
+/// markers, so it can be published and handed to outside verifiers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditPublicKey(ed25519_dalek::VerifyingKey);
+
+impl AuditPublicKey {
+    /// Parses the 64 hex digits `pdvault audit public-key` prints; `None` unless they are an
+    /// Ed25519 point.
+    pub fn from_hex(text: &str) -> Option<AuditPublicKey> {
+        let bytes = data_encoding::HEXLOWER_PERMISSIVE
+            .decode(text.trim().as_bytes())
+            .ok()?;
+        let bytes: [u8; 32] = bytes.try_into().ok()?;
+        ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+            .ok()
+            .map(AuditPublicKey)
+    }
+
+    pub fn to_hex(&self) -> String {
+        data_encoding::HEXLOWER.encode(self.0.as_bytes())
+    }
+
+    /// Strict verification: rejects non-canonical signatures and small-order keys.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        let Ok(signature) = ed25519_dalek::Signature::from_slice(signature) else {
+            return false;
+        };
+        self.0.verify_strict(message, &signature).is_ok()
+    }
+
+    /// A short name of the key, signed into every chained checkpoint, so a verifier holding
+    /// another key says so instead of reporting forgeries.
+    pub fn key_id(&self) -> String {
+        use sha2::Digest;
+        let mut hasher = Sha256::new();
+        hasher.update(b"pdvault.audit.key-id.v1");
+        hasher.update(self.0.as_bytes());
+        data_encoding::HEXLOWER.encode(&hasher.finalize()[..8])
+    }
 }
 
 impl std::fmt::Debug for AuditSigningKey {
@@ -972,6 +1018,22 @@ mod tests {
         let other = AuditSigningKey::new(SecretKey::generate().unwrap());
         assert!(!other.verify(b"checkpoint", &signature));
         assert_eq!(format!("{key:?}"), "AuditSigningKey(<redacted>)");
+    }
+
+    #[test]
+    fn the_public_key_alone_verifies_and_round_trips_through_hex() {
+        let key = AuditSigningKey::new(SecretKey::generate().unwrap());
+        let signature = key.sign(b"checkpoint");
+        let public = AuditPublicKey::from_hex(&key.public_key_hex()).unwrap();
+        assert_eq!(public, key.public_key());
+        assert!(public.verify(b"checkpoint", &signature));
+        assert!(!public.verify(b"checkpoinT", &signature));
+        assert_eq!(public.key_id().len(), 16);
+        let other = AuditSigningKey::new(SecretKey::generate().unwrap()).public_key();
+        assert_ne!(public.key_id(), other.key_id());
+        assert!(!other.verify(b"checkpoint", &signature));
+        assert_eq!(AuditPublicKey::from_hex("abcd"), None);
+        assert_eq!(AuditPublicKey::from_hex(&"zz".repeat(32)), None);
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! Probes run on a timer rather than per health request, so a storm of probes cannot load
 //! the database, and each has a timeout: a database that hangs is as unhealthy as one that
 //! refuses.
+//!
+//! Audit checkpoints are reported apart, as the service name `pdvault.audit.checkpoint`:
+//! NOT_SERVING while the signer refuses to sign (the trail in the database does not continue
+//! from what it signed), while the witness sink fails, or once the newest checkpoint is older
+//! than twice the interval. It is an alarm for operators, not a reason to take the vault out
+//! of a load balancer, so it does not touch the vault's own status.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +24,8 @@ use crate::vault::Vault;
 
 /// The service names health is reported for: the server as a whole ("") and the vault.
 const SERVICES: [&str; 2] = ["", "pdvault.v1.Vault"];
+/// The health name of this instance's audit checkpoints.
+pub const CHECKPOINT_SERVICE: &str = "pdvault.audit.checkpoint";
 const PROBE_RECORD_ID: &str = "health-probe";
 
 /// Why a probe failed; logged, never returned to clients.
@@ -37,7 +45,35 @@ pub async fn monitor(reporter: HealthReporter, vault: Arc<Vault>, config: Health
     let interval = Duration::from_millis(config.interval_ms.max(10));
     let timeout = Duration::from_millis(config.probe_timeout_ms.max(1));
     let mut last: Option<bool> = None;
+    let mut last_checkpoint_health: Option<bool> = None;
     loop {
+        if let Some(signer) = vault.checkpoint_signer() {
+            let health = signer.health();
+            crate::metrics::record_checkpoint_health(&health);
+            let ok = health.ok();
+            if last_checkpoint_health != Some(ok) {
+                if ok {
+                    tracing::info!("health: audit checkpoints current");
+                } else {
+                    tracing::error!(
+                        age_secs = health.age.as_secs(),
+                        stale = health.stale,
+                        alarm = health.alarm.as_deref().unwrap_or(""),
+                        witness_failure = health.witness_failure.as_deref().unwrap_or(""),
+                        "health: audit checkpoints NOT current"
+                    );
+                }
+                let status = if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                reporter
+                    .set_service_status(CHECKPOINT_SERVICE, status)
+                    .await;
+                last_checkpoint_health = Some(ok);
+            }
+        }
         let result = probe(&vault, timeout).await;
         let serving = result.is_ok();
         if last != Some(serving) {

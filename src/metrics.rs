@@ -106,6 +106,35 @@ fn describe() {
         "pdvault_active_key_version",
         "The key-encryption-key version new records are wrapped under"
     );
+    metrics::describe_counter!(
+        "pdvault_audit_checkpoints_total",
+        "Audit checkpoints this instance signed and stored"
+    );
+    metrics::describe_counter!(
+        "pdvault_audit_checkpoint_refusals_total",
+        "Checkpoints refused because the database does not continue from what was signed"
+    );
+    metrics::describe_counter!(
+        "pdvault_audit_witness_failures_total",
+        "Checkpoints that could not be appended to the witness sink"
+    );
+    metrics::describe_gauge!(
+        "pdvault_audit_checkpoint_age_seconds",
+        metrics::Unit::Seconds,
+        "Age of the newest checkpoint this instance signed"
+    );
+    metrics::describe_gauge!(
+        "pdvault_audit_checkpoint_stale",
+        "1 when the newest checkpoint is older than twice the checkpoint interval"
+    );
+    metrics::describe_gauge!(
+        "pdvault_audit_signer_alarm",
+        "1 while the signer refuses to sign (the audit trail does not continue from what it signed)"
+    );
+    metrics::describe_gauge!(
+        "pdvault_audit_witness_failing",
+        "1 while checkpoints cannot be appended to the witness sink"
+    );
 }
 
 /// The metric label for a request path: a known method, or "unknown".
@@ -165,6 +194,41 @@ pub fn record_key_versions(active: u32, records_per_version: &[(u32, u64)]) {
         gauge!("pdvault_key_version_records", "version" => version.to_string())
             .set(*records as f64);
     }
+}
+
+/// Hook for the checkpoint signer: one checkpoint signed and stored.
+pub fn record_checkpoint_signed(signer: &str) {
+    counter!("pdvault_audit_checkpoints_total", "signer" => signer.to_owned()).increment(1);
+}
+
+/// Hook for the checkpoint signer: it refused to sign (`reason` from a fixed list).
+pub fn record_checkpoint_refused(signer: &str, reason: &'static str) {
+    counter!(
+        "pdvault_audit_checkpoint_refusals_total",
+        "signer" => signer.to_owned(),
+        "reason" => reason
+    )
+    .increment(1);
+}
+
+/// Hook for the checkpoint signer: appending to the witness sink failed.
+pub fn record_witness_failure(signer: &str) {
+    counter!("pdvault_audit_witness_failures_total", "signer" => signer.to_owned()).increment(1);
+}
+
+/// Hook for the health monitor: the signer's newest checkpoint's age and alarms. The
+/// signer id is the label (`sgn_…`, one per instance), so instances sharing a recorder (and
+/// a dashboard) stay apart.
+pub fn record_checkpoint_health(health: &crate::audit::SignerHealth) {
+    let signer = health.signer.clone();
+    gauge!("pdvault_audit_checkpoint_age_seconds", "signer" => signer.clone())
+        .set(health.age.as_secs_f64());
+    gauge!("pdvault_audit_checkpoint_stale", "signer" => signer.clone())
+        .set(f64::from(u8::from(health.stale)));
+    gauge!("pdvault_audit_signer_alarm", "signer" => signer.clone())
+        .set(f64::from(u8::from(health.alarm.is_some())));
+    gauge!("pdvault_audit_witness_failing", "signer" => signer)
+        .set(f64::from(u8::from(health.witness_failure.is_some())));
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped. HTTP/1 with one request
@@ -244,6 +308,14 @@ mod tests {
         record_audit_flush(Duration::from_millis(3));
         record_rewrap_progress(5, 95);
         record_key_versions(2, &[(1, 95), (2, 5)]);
+        record_checkpoint_refused("sgn_unit", "chain_cut");
+        record_checkpoint_health(&crate::audit::SignerHealth {
+            signer: "sgn_unit".into(),
+            age: Duration::from_secs(150),
+            stale: true,
+            alarm: Some("chain cut".into()),
+            witness_failure: None,
+        });
         let text = handle.render();
         for expected in [
             "pdvault_audit_batch_size_bucket{le=\"8\"}",
@@ -252,6 +324,11 @@ mod tests {
             "pdvault_rewrap_records_remaining 95",
             "pdvault_key_version_records{version=\"1\"} 95",
             "pdvault_active_key_version 2",
+            "pdvault_audit_checkpoint_refusals_total{signer=\"sgn_unit\",reason=\"chain_cut\"} 1",
+            "pdvault_audit_checkpoint_age_seconds{signer=\"sgn_unit\"} 150",
+            "pdvault_audit_checkpoint_stale{signer=\"sgn_unit\"} 1",
+            "pdvault_audit_signer_alarm{signer=\"sgn_unit\"} 1",
+            "pdvault_audit_witness_failing{signer=\"sgn_unit\"} 0",
         ] {
             assert!(text.contains(expected), "{expected} missing from:\n{text}");
         }

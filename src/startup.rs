@@ -9,11 +9,15 @@
 //! reflection) behind the same layers: request ids and metrics outermost, then the
 //! concurrency cap, then the timeout.
 //!
+//! Before serving, the checkpoint signer (one per instance, its state file locked) signs a
+//! checkpoint that introduces this process's audit chain and closes any chain an earlier
+//! process of this instance left open.
+//!
 //! Shutdown, in order: [`Application::run_until`] marks health NOT_SERVING, stops accepting
 //! connections when its signal fires and lets in-flight calls finish within the grace
 //! period (each call commits its audit event before it answers); the audit writer is closed,
-//! flushes what is still queued and stops; a last signed checkpoint seals every chain's
-//! head; then the database pool closes.
+//! flushes what is still queued and stops; a last signed checkpoint closes this process's
+//! chain at its final head; then the database pool closes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,7 +29,7 @@ use tokio::net::TcpListener;
 use tonic::transport::ServerTlsConfig;
 
 use crate::accounts::AccountRules;
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, CheckpointError, CheckpointSigner, CheckpointSink};
 use crate::config::{AuditConfig, Config};
 use crate::crypto::Suite;
 use crate::grpc::admin::AdminService;
@@ -62,6 +66,10 @@ pub enum StartupError {
     Keys(#[from] KeyError),
     #[error("{0}")]
     Retention(#[from] crate::retention::RetentionError),
+    #[error("audit checkpoints: {0}")]
+    Checkpoints(#[from] CheckpointError),
+    #[error("audit.checkpoint_sink: empty (use stdout or the path of a file)")]
+    CheckpointSink,
     #[error("policy: {0}")]
     Policy(#[from] PolicyError),
     #[error("keys.provider: unknown KEK provider (use local or pkcs11)")]
@@ -121,13 +129,27 @@ impl Application {
         let policy = build_policy(&config)?;
         let rules = AccountRules::from_config(&config)?;
         let admin_token_path = config.admin.enabled.then(|| config.admin_token_path());
+        let retention = crate::retention::Retention::build(&config.retention)?;
+        let signer = Arc::new(open_signer(&config)?);
         let (audit, audit_writer) =
             AuditLog::start(Arc::clone(&store), clock.now().timestamp_micros()).await?;
-        let retention = crate::retention::Retention::build(&config.retention)?;
+        signer.start_chain(audit.chain_id()).await;
+        // A refusal or failure here is an alarm (logged, in health and metrics), not a
+        // reason to stay down: the database's administrators must not be able to stop the
+        // vault by tampering with the trail.
+        let _ = signer
+            .checkpoint(
+                store.as_ref(),
+                keys.audit_signing(),
+                clock.now().timestamp_micros(),
+                false,
+            )
+            .await;
         let vault = Arc::new(
             Vault::new(store, keys, Arc::new(policy), clock, audit, rules)
                 .with_retention(retention)
-                .with_request_id_ttl(config.retention.request_id_ttl()),
+                .with_request_id_ttl(config.retention.request_id_ttl())
+                .with_checkpoint_signer(signer),
         );
         let (listener, local_addr) = bind(config.listen).await?;
         let metrics_listener = match config.metrics.listen {
@@ -302,22 +324,24 @@ impl Application {
         // Calls still holding a vault handle now get AUDIT_UNAVAILABLE: nothing leaves
         // unaudited. What is queued is flushed before the writer stops.
         self.vault.audit().close();
-        if tokio::time::timeout(grace, self.audit_writer)
-            .await
-            .is_err()
-        {
+        let drained = tokio::time::timeout(grace, self.audit_writer).await.is_ok();
+        if !drained {
             tracing::error!("audit writer did not drain within the grace period");
         }
-        let now = self.vault.now_micros();
-        match crate::audit::write_checkpoint(
-            self.vault.store().as_ref(),
-            self.vault.keys().audit_signing(),
-            now,
-        )
-        .await
-        {
-            Ok(_) => tracing::info!("final audit checkpoint written"),
-            Err(error) => tracing::error!(%error, "could not write the final audit checkpoint"),
+        if let Some(signer) = self.vault.checkpoint_signer() {
+            // Closing the chain promises nothing follows its head: only once the writer is
+            // done.
+            let now = self.vault.now_micros();
+            let store = self.vault.store();
+            let key = self.vault.keys().audit_signing();
+            if signer
+                .checkpoint(store.as_ref(), key, now, drained)
+                .await
+                .is_ok()
+            {
+                tracing::info!(closed = drained, "final audit checkpoint written");
+            }
+            signer.close();
         }
         // A call abandoned at the end of the grace period may still hold a connection;
         // closing waits for it no longer than the grace period either.
@@ -333,10 +357,13 @@ impl Application {
 }
 
 /// Signs checkpoints every `checkpoint_interval_secs` and, about hourly, removes audit
-/// segments past retention. Failures are logged and retried on the next tick: a missed
-/// checkpoint widens the window a cut tail could go unseen, but must not stop serving.
+/// segments past retention. Failures are logged (a refusal raises the signer's alarm) and
+/// retried on the next tick: a missed checkpoint widens the window a cut tail could go
+/// unseen, and shows in health once the newest is older than two intervals, but must not
+/// stop serving.
 async fn audit_maintenance(vault: Arc<Vault>, config: AuditConfig) {
     let (store, keys) = (vault.store(), vault.keys());
+    let signer = vault.checkpoint_signer().cloned();
     let interval = std::time::Duration::from_secs(config.checkpoint_interval_secs.max(1));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -348,10 +375,11 @@ async fn audit_maintenance(vault: Arc<Vault>, config: AuditConfig) {
     for tick in 1u64.. {
         ticker.tick().await;
         let now = vault.now_micros();
-        if let Err(error) =
-            crate::audit::write_checkpoint(store.as_ref(), keys.audit_signing(), now).await
-        {
-            tracing::error!(%error, "audit checkpoint failed");
+        if let Some(signer) = &signer {
+            // The signer logs its own failures and alarms.
+            let _ = signer
+                .checkpoint(store.as_ref(), keys.audit_signing(), now, false)
+                .await;
         }
         if tick % ticks_per_expiry == 0 {
             let cutoff = now.saturating_sub(retention_micros);
@@ -362,6 +390,18 @@ async fn audit_maintenance(vault: Arc<Vault>, config: AuditConfig) {
             }
         }
     }
+}
+
+/// This instance's checkpoint signer, its state file locked for this process.
+pub fn open_signer(config: &Config) -> Result<CheckpointSigner, StartupError> {
+    let sink =
+        CheckpointSink::parse(&config.audit.checkpoint_sink).ok_or(StartupError::CheckpointSink)?;
+    let interval = Duration::from_secs(config.audit.checkpoint_interval_secs.max(1));
+    Ok(CheckpointSigner::open(
+        &config.audit_signer_state_path(),
+        sink,
+        interval,
+    )?)
 }
 
 /// The policy `config` describes, with the administrator caller when enabled (creating its

@@ -21,7 +21,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use zeroize::Zeroizing;
 
 use crate::accounts::AccountRules;
-use crate::audit::{AuditEvent, AuditLog};
+use crate::audit::{AuditEvent, AuditLog, CheckpointSigner};
 use crate::crypto::{CryptoError, EtagKey};
 use crate::domain::{FieldName, IdType, Violation};
 use crate::keys::{KeyError, KeyManager};
@@ -198,6 +198,9 @@ pub struct Vault {
     /// Suspension, minors and policy-version rules.
     pub(crate) rules: AccountRules,
     retention: Retention,
+    /// This instance's checkpoint signer; its sink, when a file, is the witness verification
+    /// reads.
+    checkpoint_signer: Option<Arc<CheckpointSigner>>,
 }
 
 impl Vault {
@@ -223,7 +226,18 @@ impl Vault {
             audit,
             rules,
             retention: Retention::default(),
+            checkpoint_signer: None,
         }
+    }
+
+    /// Sets the signer of this instance's audit checkpoints.
+    pub fn with_checkpoint_signer(mut self, signer: Arc<CheckpointSigner>) -> Vault {
+        self.checkpoint_signer = Some(signer);
+        self
+    }
+
+    pub fn checkpoint_signer(&self) -> Option<&Arc<CheckpointSigner>> {
+        self.checkpoint_signer.as_ref()
     }
 
     /// Sets the retention rules records get their deadlines from (none by default).

@@ -24,9 +24,16 @@
 //! the writer flushes what is already queued and exits, and the join handle
 //! [`AuditLog::start`] returned resolves after that last flush. Events offered after close
 //! fail with [`AuditError::Stopped`], so a late call releases nothing.
+//!
+//! Tamper evidence lives beside the writer: `chain` (hashing and the pure verifier),
+//! `signer` (each instance's chained checkpoints, signed only after the database is checked
+//! against what it signed before), `witness` (the copy of every checkpoint kept outside the
+//! database) and `checkpoint` (verification with the public key alone, and retention).
 
 mod chain;
 mod checkpoint;
+mod signer;
+mod witness;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,10 +42,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 pub use chain::{
-    AuditEvent, ChainHead, ChainVerifier, Checkpoint, ExpiryMarker, Problem, StoredEvent, genesis,
-    link,
+    AuditEvent, ChainHead, ChainVerifier, Checkpoint, CheckpointLink, ExpiryMarker, Problem,
+    StoredEvent, genesis, link,
 };
-pub use checkpoint::{VerifyReport, expire, verify, write_checkpoint};
+pub use checkpoint::{VerifyReport, expire, verify, verify_with, write_checkpoint};
+pub use signer::{CheckpointError, CheckpointSigner, Refusal, SignerHealth};
+pub use witness::{CheckpointSink, Witness};
 
 use crate::store::{Store, StoreError};
 

@@ -804,6 +804,8 @@ impl Server {
             Config::load(None, &flags).map_err(|e| BenchError::Startup(e.to_string()))?;
         let token = generate_token().map_err(|e| BenchError::Startup(e.to_string()))?;
         config.admin.enabled = false;
+        // Standard output carries the report (`--json`): checkpoints go to a file.
+        config.audit.checkpoint_sink = data_dir.join("checkpoints.jsonl").display().to_string();
         config.callers.push(CallerConfig {
             name: BENCH_CALLER.to_owned(),
             token_sha256: token_sha256_hex(&token),

@@ -105,6 +105,7 @@ impl proto::audit_server::Audit for AuditService {
             events: report.events as i64,
             checkpoints: report.checkpoints as i64,
             problems: report.problems.iter().map(ToString::to_string).collect(),
+            witnessed_checkpoints: report.witnessed as i64,
         }))
     }
 }

@@ -467,7 +467,18 @@ pub trait Store: Send + Sync + 'static {
 
     async fn insert_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), StoreError>;
 
+    /// Every checkpoint, both formats, oldest first.
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
+
+    /// The chained checkpoint of `signer` with the highest counter.
+    async fn latest_checkpoint(&self, signer: &str) -> Result<Option<Checkpoint>, StoreError>;
+
+    /// How many checkpoints `signer` has in the database.
+    async fn count_checkpoints(&self, signer: &str) -> Result<i64, StoreError>;
+
+    /// Whether any chained (format-2) checkpoint exists: none means the database predates
+    /// them, and the first signer adopts the chains already there.
+    async fn has_chained_checkpoints(&self) -> Result<bool, StoreError>;
 
     async fn expiry_markers(&self) -> Result<Vec<ExpiryMarker>, StoreError>;
 

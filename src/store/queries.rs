@@ -293,11 +293,29 @@ pub const CHAIN_IDS: &str = "SELECT chain_id FROM audit_chains \
      UNION SELECT DISTINCT chain_id FROM audit_events \
      UNION SELECT chain_id FROM audit_expiry_markers";
 
-pub const INSERT_CHECKPOINT: &str =
-    "INSERT INTO audit_checkpoints (created_at, heads, signature) VALUES ($1, $2, $3)";
+pub const INSERT_CHECKPOINT: &str = "INSERT INTO audit_checkpoints \
+     (created_at, heads, signature, format, signer_id, counter, key_id, prev_hash, closed) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
-pub const CHECKPOINTS: &str =
-    "SELECT id, created_at, heads, signature FROM audit_checkpoints ORDER BY id";
+const CHECKPOINT_COLUMNS: &str =
+    "id, created_at, heads, signature, format, signer_id, counter, key_id, prev_hash, closed";
+
+pub fn checkpoints() -> String {
+    format!("SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY id")
+}
+
+/// A signer's newest checkpoint, from the (signer_id, counter) index.
+pub fn latest_signer_checkpoint() -> String {
+    format!(
+        "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE signer_id = $1 \
+         ORDER BY counter DESC LIMIT 1"
+    )
+}
+
+pub const COUNT_SIGNER_CHECKPOINTS: &str =
+    "SELECT COUNT(*) FROM audit_checkpoints WHERE signer_id = $1";
+
+pub const CHAINED_CHECKPOINT_EXISTS: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM audit_checkpoints WHERE signer_id IS NOT NULL LIMIT 1) AS any_chained";
 
 pub const EXPIRY_MARKERS: &str =
     "SELECT chain_id, up_to_seq, hash, expired_at, signature FROM audit_expiry_markers";

@@ -554,13 +554,24 @@ macro_rules! impl_store {
                 &self,
                 checkpoint: &$crate::audit::Checkpoint,
             ) -> Result<(), $crate::store::StoreError> {
-                let heads = serde_json::to_string(&checkpoint.heads)
-                    .map_err(|e| $crate::store::StoreError::Corrupt(e.to_string()))?;
+                let corrupt = |e: serde_json::Error| $crate::store::StoreError::Corrupt(e.to_string());
+                let heads = serde_json::to_string(&checkpoint.heads).map_err(corrupt)?;
+                let link = checkpoint.link.as_ref();
+                let closed = link
+                    .map(|link| serde_json::to_string(&link.closed))
+                    .transpose()
+                    .map_err(corrupt)?;
                 let mut tx = self.begin_write().await?;
                 sqlx::query($crate::store::queries::INSERT_CHECKPOINT)
                     .bind(checkpoint.created_at)
                     .bind(heads)
                     .bind(&checkpoint.signature)
+                    .bind(i32::from(checkpoint.format()))
+                    .bind(link.map(|link| link.signer.as_str()))
+                    .bind(link.map(|link| link.counter))
+                    .bind(link.map(|link| link.key_id.as_str()))
+                    .bind(link.map(|link| link.prev.as_slice()))
+                    .bind(closed)
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
@@ -570,23 +581,36 @@ macro_rules! impl_store {
             async fn checkpoints(
                 &self,
             ) -> Result<Vec<$crate::audit::Checkpoint>, $crate::store::StoreError> {
-                use sqlx::Row;
-                let rows = sqlx::query($crate::store::queries::CHECKPOINTS)
+                let rows = sqlx::query(&$crate::store::queries::checkpoints())
                     .fetch_all(&self.pool)
                     .await?;
-                rows.iter()
-                    .map(|row| {
-                        let heads: String = row.try_get("heads")?;
-                        Ok($crate::audit::Checkpoint {
-                            id: row.try_get("id")?,
-                            created_at: row.try_get("created_at")?,
-                            heads: serde_json::from_str(&heads).map_err(|e| {
-                                $crate::store::StoreError::Corrupt(format!("checkpoint heads: {e}"))
-                            })?,
-                            signature: row.try_get("signature")?,
-                        })
-                    })
-                    .collect()
+                rows.iter().map(decode_checkpoint).collect()
+            }
+
+            async fn latest_checkpoint(
+                &self,
+                signer: &str,
+            ) -> Result<Option<$crate::audit::Checkpoint>, $crate::store::StoreError> {
+                let row = sqlx::query(&$crate::store::queries::latest_signer_checkpoint())
+                    .bind(signer)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(decode_checkpoint).transpose()
+            }
+
+            async fn count_checkpoints(&self, signer: &str) -> Result<i64, $crate::store::StoreError> {
+                Ok(sqlx::query_scalar($crate::store::queries::COUNT_SIGNER_CHECKPOINTS)
+                    .bind(signer)
+                    .fetch_one(&self.pool)
+                    .await?)
+            }
+
+            async fn has_chained_checkpoints(&self) -> Result<bool, $crate::store::StoreError> {
+                let found: i64 =
+                    sqlx::query_scalar($crate::store::queries::CHAINED_CHECKPOINT_EXISTS)
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok(found > 0)
             }
 
             async fn expiry_markers(
@@ -1483,6 +1507,49 @@ macro_rules! impl_store {
                 seq: row.try_get("seq")?,
                 prev_hash: row.try_get("prev_hash")?,
                 hash: row.try_get("hash")?,
+            })
+        }
+
+        /// A checkpoint row of either format. A format this build does not know is refused
+        /// rather than read as an older one.
+        fn decode_checkpoint(
+            row: &<<$store as $crate::store::shared::Backend>::Db as sqlx::Database>::Row,
+        ) -> Result<$crate::audit::Checkpoint, $crate::store::StoreError> {
+            use sqlx::Row;
+            use $crate::store::StoreError;
+            let id: i64 = row.try_get("id")?;
+            let corrupt = |what: &str| StoreError::Corrupt(format!("checkpoint {id}: {what}"));
+            let heads: String = row.try_get("heads")?;
+            let format: i32 = row.try_get("format")?;
+            let link = match format {
+                1 => None,
+                2 => {
+                    let closed: Option<String> = row.try_get("closed")?;
+                    Some($crate::audit::CheckpointLink {
+                        signer: row
+                            .try_get::<Option<String>, _>("signer_id")?
+                            .ok_or_else(|| corrupt("format 2 without a signer"))?,
+                        counter: row
+                            .try_get::<Option<i64>, _>("counter")?
+                            .ok_or_else(|| corrupt("format 2 without a counter"))?,
+                        key_id: row.try_get::<Option<String>, _>("key_id")?.unwrap_or_default(),
+                        prev: row.try_get::<Option<Vec<u8>>, _>("prev_hash")?.unwrap_or_default(),
+                        closed: match closed {
+                            Some(text) => {
+                                serde_json::from_str(&text).map_err(|_| corrupt("closed"))?
+                            }
+                            None => Vec::new(),
+                        },
+                    })
+                }
+                _ => return Err(corrupt("unknown format")),
+            };
+            Ok($crate::audit::Checkpoint {
+                id,
+                created_at: row.try_get("created_at")?,
+                heads: serde_json::from_str(&heads).map_err(|_| corrupt("heads"))?,
+                signature: row.try_get("signature")?,
+                link,
             })
         }
 

@@ -7,7 +7,7 @@
 //! 1..=9999 or with nanoseconds outside `0..10^9` is `INVALID_ARGUMENT`, not a silently
 //! clamped query.
 
-use crate::audit::{StoredEvent, VerifyReport};
+use crate::audit::{StoredEvent, VerifyReport, Witness};
 use crate::domain::Violation;
 use crate::edge::{FreeText, MAX_FILTER_BYTES, MAX_PURPOSE_BYTES, RecordId, check_text};
 use crate::policy::Grant;
@@ -98,8 +98,23 @@ impl Vault {
     pub async fn verify_audit(&self, ctx: &CallContext) -> Result<VerifyReport, VaultError> {
         let result = async {
             self.require_grant(ctx, Grant::AuditRead)?;
+            let public = self.keys.audit_signing().public_key();
+            let witness_file = self
+                .checkpoint_signer()
+                .and_then(|signer| signer.witness_file())
+                .map(ToOwned::to_owned);
+            let witness = match witness_file {
+                Some(path) => Some(
+                    tokio::task::spawn_blocking(move || {
+                        Witness::read(&path).unwrap_or_else(|error| Witness::unreadable(&error))
+                    })
+                    .await
+                    .map_err(|e| VaultError::Internal(e.to_string()))?,
+                ),
+                None => None,
+            };
             let report =
-                crate::audit::verify(self.store.as_ref(), self.keys.audit_signing()).await?;
+                crate::audit::verify_with(self.store.as_ref(), &public, witness.as_ref()).await?;
             self.audit_read(ctx, "VerifyAuditChain", None).await?;
             Ok(report)
         }

@@ -144,6 +144,8 @@ pub struct TestApp {
     pub data_dir: tempfile::TempDir,
     pub database_url: String,
     pub admin_token: String,
+    /// The running vault, for what tests ask of it directly (its checkpoint signer).
+    pub vault: Arc<pdvault::vault::Vault>,
     postgres: Option<PostgresDatabase>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -180,6 +182,9 @@ impl TestApp {
         };
         config.log.filter = "warn".into();
         config.privacy_policy.current_version = "2025-01".into();
+        // The witness file, where the attack tests read it (stdout would mix with the
+        // harness's output).
+        config.audit.checkpoint_sink = data_dir.path().join("witness.jsonl").display().to_string();
         // A connection a test leaves open must not hold its app's shutdown for long.
         config.shutdown.grace_period_ms = 5_000;
         config.callers = CALLERS
@@ -252,6 +257,7 @@ impl TestApp {
         }
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
+        let vault = Arc::clone(app.vault());
         let admin_token = std::fs::read_to_string(app.admin_token_path().unwrap())
             .unwrap()
             .trim()
@@ -273,6 +279,7 @@ impl TestApp {
             data_dir,
             database_url,
             admin_token,
+            vault,
             postgres,
             shutdown: Some(tx),
             server: Some(server),
@@ -300,6 +307,39 @@ impl TestApp {
     /// A second handle on the vault's database, for what tests do behind the vault's back.
     pub async fn store(&self) -> Arc<dyn pdvault::store::Store> {
         pdvault::startup::open_store(&self.config).await.unwrap()
+    }
+
+    /// The witness file the vault's checkpoints are appended to.
+    pub fn witness_path(&self) -> PathBuf {
+        PathBuf::from(&self.config.audit.checkpoint_sink)
+    }
+
+    /// Has the running vault sign a checkpoint now, as its maintenance task does.
+    pub async fn checkpoint(
+        &self,
+    ) -> Result<pdvault::audit::Checkpoint, pdvault::audit::CheckpointError> {
+        self.vault
+            .checkpoint_signer()
+            .expect("the application has a checkpoint signer")
+            .checkpoint(
+                self.vault.store().as_ref(),
+                self.vault.keys().audit_signing(),
+                chrono::Utc::now().timestamp_micros(),
+                false,
+            )
+            .await
+    }
+
+    /// Verifies the trail as an outside party would: the public key and the witness file.
+    pub async fn verify_with_witness(&self) -> pdvault::audit::VerifyReport {
+        let witness = pdvault::audit::Witness::read(&self.witness_path()).unwrap();
+        pdvault::audit::verify_with(
+            self.store().await.as_ref(),
+            &self.keyring().audit_signing().public_key(),
+            Some(&witness),
+        )
+        .await
+        .unwrap()
     }
 
     /// The vault's keyring, loaded from its file.
@@ -430,6 +470,27 @@ impl TestApp {
                 output.stdout
             }
         }
+    }
+
+    /// Stops the vault, keeping its database and files, for what a test does while it is
+    /// down; [`TestApp::restart`] starts it again.
+    pub async fn halt(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+
+    /// Stops the vault (unless halted) and starts it again on the same configuration, data
+    /// directory and database, as a restart of the same instance.
+    pub async fn restart(mut self) -> TestApp {
+        self.halt().await;
+        let config = self.config.clone();
+        let postgres = self.postgres.take();
+        let data_dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().unwrap());
+        TestApp::start(self.backend, config, data_dir, postgres, None).await
     }
 
     pub async fn stop(mut self) {
