@@ -19,7 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("pdvault_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
+    // Decode failures are the sender's error (INVALID_ARGUMENT), not INTERNAL.
     tonic_prost_build::configure()
+        .codec_path("crate::grpc::codec::StrictCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

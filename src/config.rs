@@ -270,6 +270,27 @@ pub struct LimitsConfig {
     pub caller_burst: u32,
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
+    /// HTTP/2 streams one connection may have open at once (advertised to the client as
+    /// SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams_per_connection: u32,
+    /// Connections one peer address may hold open at once; more are closed on accept.
+    /// 0 turns the limit off.
+    pub max_connections_per_peer: usize,
+    /// Once a call's headers arrive, its request message must arrive within this many
+    /// milliseconds, or the call fails with DEADLINE_EXCEEDED before it takes a slot.
+    pub request_read_timeout_ms: u64,
+    /// A connection whose peer sends nothing (not even an HTTP/2 PING acknowledgement) for
+    /// this many milliseconds is closed. The server pings every third of it, so live
+    /// clients keep their connections.
+    pub idle_timeout_ms: u64,
+    /// Calls without a valid credential (refused ones, and reflection, which needs none)
+    /// per minute per peer address (per /64 for IPv6); 0 turns the limit off.
+    pub unauthenticated_requests_per_minute: u32,
+    /// Unauthenticated calls a peer may make in a burst above that rate.
+    pub unauthenticated_burst: u32,
+    /// Unauthenticated calls (reflection) served at once, apart from the authenticated
+    /// calls' `max_concurrent_requests`.
+    pub max_unauthenticated_requests: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -296,6 +317,13 @@ impl Default for LimitsConfig {
             caller_requests_per_minute: 0,
             caller_burst: 50,
             max_message_bytes: 64 * 1024,
+            max_streams_per_connection: 100,
+            max_connections_per_peer: 128,
+            request_read_timeout_ms: 2_000,
+            idle_timeout_ms: 120_000,
+            unauthenticated_requests_per_minute: 120,
+            unauthenticated_burst: 60,
+            max_unauthenticated_requests: 16,
         }
     }
 }

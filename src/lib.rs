@@ -26,6 +26,7 @@ pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod transport;
 pub mod vault;
 
 /// The test suite's check of the machine (PostgreSQL, SoftHSM2, Python's grpcio), in this

@@ -1,14 +1,17 @@
 //! Limits that keep one caller, or a flood of calls, from taking the vault down: a deadline
-//! per call, a global cap on calls in flight with load shedding, and a per-caller rate.
+//! per call, caps on calls in flight with load shedding, a rate per caller and a rate per
+//! peer address for calls that prove no identity.
 //!
-//! The deadline and the cap are tower layers around every gRPC service, and answer with a
-//! proper gRPC status themselves (`DEADLINE_EXCEEDED`, `UNAVAILABLE`) so clients can tell
-//! "retry later" from a bug. Shedding refuses at once instead of queueing: a queue in front of
-//! a saturated database only turns overload into timeouts for everyone. The per-caller rate
-//! needs the authenticated caller, so the gRPC layer consults [`CallerRateLimiter`] right
-//! after authentication; keying it on names from configuration keeps its memory bounded.
+//! The deadline is a tower layer around every gRPC service; the caps and rates are applied
+//! by the admission layer ([`crate::grpc::admission`]), which authenticates a call before it
+//! may take a slot. Each answers with a proper gRPC status itself (`DEADLINE_EXCEEDED`,
+//! `UNAVAILABLE`, `RESOURCE_EXHAUSTED`) so clients can tell "retry later" from a bug.
+//! Shedding refuses at once instead of queueing: a queue in front of a saturated database
+//! only turns overload into timeouts for everyone. Caller buckets are keyed on names from
+//! configuration and peer buckets are pruned, so their memory stays bounded.
 
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 use tower::{Layer, Service};
 
@@ -24,69 +27,28 @@ use crate::config::LimitsConfig;
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
-/// Caps the calls in flight across all connections; a call over the cap is refused with
-/// `UNAVAILABLE` at once.
+/// A cap on calls in flight: a call over the cap is refused with `UNAVAILABLE` at once.
 #[derive(Clone)]
-pub struct ConcurrencyLimitLayer {
+pub struct Permits {
     permits: Arc<Semaphore>,
 }
 
-impl ConcurrencyLimitLayer {
-    pub fn new(max_in_flight: usize) -> ConcurrencyLimitLayer {
-        ConcurrencyLimitLayer {
+impl Permits {
+    pub fn new(max_in_flight: usize) -> Permits {
+        Permits {
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
         }
     }
-}
 
-impl<S> Layer<S> for ConcurrencyLimitLayer {
-    type Service = ConcurrencyLimit<S>;
-
-    fn layer(&self, inner: S) -> ConcurrencyLimit<S> {
-        ConcurrencyLimit {
-            inner,
-            permits: Arc::clone(&self.permits),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct ConcurrencyLimit<S> {
-    inner: S,
-    permits: Arc<Semaphore>,
-}
-
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for ConcurrencyLimit<S>
-where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Send,
-    S::Future: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = http::Response<ResBody>;
-    type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+    /// A slot, held until the permit is dropped, or the load-shedding refusal.
+    pub fn try_take(&self) -> Result<OwnedSemaphorePermit, Status> {
+        Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
             crate::metrics::record_denial("OVERLOADED");
-            return Box::pin(async {
-                Ok(with_reason(
-                    tonic::Code::Unavailable,
-                    "server is at its concurrency limit; retry with backoff",
-                    "OVERLOADED",
-                )
-                .into_http())
-            });
-        };
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let response = future.await;
-            drop(permit);
-            response
+            with_reason(
+                tonic::Code::Unavailable,
+                "server is at its concurrency limit; retry with backoff",
+                "OVERLOADED",
+            )
         })
     }
 }
@@ -170,6 +132,51 @@ fn with_reason(code: tonic::Code, message: &str, reason: &str) -> Status {
     )
 }
 
+/// One token bucket per peer address, for calls that prove no identity: refused
+/// credentials and reflection. IPv6 peers share a bucket per /64, the block one host
+/// usually holds, so a host cannot dodge its bucket by walking its addresses.
+pub struct PeerRateLimiter {
+    limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+}
+
+/// Buckets kept before idle ones are dropped: keeps memory bounded against address sprays.
+const MAX_PEER_BUCKETS: usize = 100_000;
+
+impl PeerRateLimiter {
+    pub fn new(config: &LimitsConfig) -> PeerRateLimiter {
+        let limiter =
+            NonZeroU32::new(config.unauthenticated_requests_per_minute).map(|per_minute| {
+                let burst =
+                    NonZeroU32::new(config.unauthenticated_burst).unwrap_or(NonZeroU32::MIN);
+                governor::RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst))
+            });
+        PeerRateLimiter { limiter }
+    }
+
+    /// Whether `peer` may make one more unauthenticated call now. Calls whose peer is not
+    /// known (not over TCP) share one bucket.
+    pub fn check(&self, peer: Option<IpAddr>) -> bool {
+        let Some(limiter) = &self.limiter else {
+            return true;
+        };
+        if limiter.len() > MAX_PEER_BUCKETS {
+            limiter.retain_recent();
+        }
+        let key = match peer {
+            Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(prefix))
+            }
+            Some(IpAddr::V6(v6)) => {
+                IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED))
+            }
+            Some(v4) => v4,
+            None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        limiter.check_key(&key).is_ok()
+    }
+}
+
 /// One token bucket per authenticated caller name.
 pub struct CallerRateLimiter {
     limiter: Option<DefaultKeyedRateLimiter<String>>,
@@ -248,26 +255,44 @@ mod tests {
         })
     }
 
+    #[test]
+    fn unauthenticated_calls_are_limited_per_address_and_ipv6_per_64() {
+        let limiter = PeerRateLimiter::new(&LimitsConfig {
+            unauthenticated_requests_per_minute: 1,
+            unauthenticated_burst: 1,
+            ..LimitsConfig::default()
+        });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(limiter.check(Some(a)));
+        assert!(!limiter.check(Some(a)));
+        assert!(limiter.check(Some("192.0.2.2".parse().unwrap())));
+        assert!(limiter.check(Some("2001:db8::1".parse().unwrap())));
+        assert!(
+            !limiter.check(Some("2001:db8::ffff:2".parse().unwrap())),
+            "the same /64"
+        );
+        assert!(limiter.check(Some("2001:db8:0:1::1".parse().unwrap())));
+        assert!(
+            !limiter.check(Some("::ffff:192.0.2.1".parse().unwrap())),
+            "mapped v4"
+        );
+    }
+
     #[tokio::test]
     async fn shed_and_timed_out_calls_carry_their_reasons() {
         use tower::ServiceExt;
-        let release = Arc::new(tokio::sync::Notify::new());
-        let mut capped = ConcurrencyLimitLayer::new(1).layer(held(Arc::clone(&release)));
-        let first = capped.ready().await.unwrap().call(http::Request::new(()));
-        let shed = capped
-            .ready()
-            .await
-            .unwrap()
-            .call(http::Request::new(()))
-            .await
-            .unwrap();
+        let permits = Permits::new(1);
+        let taken = permits.try_take().unwrap();
+        let shed = permits.try_take().unwrap_err();
+        assert_eq!(shed.code(), tonic::Code::Unavailable);
         assert_eq!(
-            reason_of(&shed),
+            reason_of(&shed.into_http()),
             (tonic::Code::Unavailable, "OVERLOADED".to_owned())
         );
-        release.notify_one();
-        first.await.unwrap();
+        drop(taken);
+        assert!(permits.try_take().is_ok());
 
+        let release = Arc::new(tokio::sync::Notify::new());
         let mut timed = TimeoutLayer::new(Duration::from_millis(10)).layer(held(release));
         let late = timed
             .ready()

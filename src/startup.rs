@@ -6,8 +6,12 @@
 //! learn the real port from [`Application::local_addr`] and talk to a fully started server.
 //!
 //! Serving stacks every gRPC service (vault, audit, account security, admin, health,
-//! reflection) behind the same layers: request ids and metrics outermost, then the
-//! concurrency cap, then the timeout.
+//! reflection v1 and v1alpha) behind the same layers: request ids and metrics outermost, then
+//! admission (authentication, rates, the request read under a deadline, the concurrency
+//! cap; see [`crate::grpc::admission`]), then the timeout. Connections come from
+//! [`crate::transport::Incoming`] (per-peer limit, idle limit, TCP keepalive, back-off when
+//! descriptors run out); each advertises `limits.max_streams_per_connection` and is pinged
+//! over HTTP/2 so a dead peer's connection is closed.
 //!
 //! Before serving, the checkpoint signer (one per instance, its state file locked) signs a
 //! checkpoint that introduces this process's audit chain and closes any chain an earlier
@@ -33,6 +37,7 @@ use crate::audit::{AuditLog, CheckpointError, CheckpointSigner, CheckpointSink};
 use crate::config::{AuditConfig, Config};
 use crate::crypto::Suite;
 use crate::grpc::admin::AdminService;
+use crate::grpc::admission::AdmissionLayer;
 use crate::grpc::keys::KeyManagementService;
 use crate::grpc::{AccountSecurityService, AuditService, VaultService};
 use crate::hsm::Pkcs11KekProvider;
@@ -40,7 +45,7 @@ use crate::key_admin::KeyAdmin;
 use crate::keys::{
     KekProvider, KeyError, KeyManager, Keyring, KeyringError, LocalKekProvider, write_private_file,
 };
-use crate::limits::{CallerRateLimiter, ConcurrencyLimitLayer, TimeoutLayer};
+use crate::limits::TimeoutLayer;
 use crate::policy::{CallerConfig, Grant, Policy, PolicyError, Rpc, token_sha256_hex};
 use crate::proto::account_security_server::AccountSecurityServer;
 use crate::proto::admin_server::AdminServer;
@@ -51,6 +56,7 @@ use crate::reload::{ConfigSource, PolicyReloader};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
 use crate::telemetry::RequestLayer;
 use crate::tls::TlsError;
+use crate::transport::ConnectionLimits;
 use crate::vault::{Clock, SystemClock, Vault};
 
 /// The caller name of the credential created on first start.
@@ -244,16 +250,17 @@ impl Application {
         });
         // Installed even without a listener, so the hooks always have a recorder.
         crate::metrics::install();
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let limiter = Arc::new(CallerRateLimiter::new(limits));
-        let vault_service = VaultServer::new(VaultService::with_rate_limiter(
-            Arc::clone(&self.vault),
-            limiter,
-        ))
-        .max_decoding_message_size(limits.max_message_bytes);
+        // Both reflection versions: grpcurl speaks v1, Python's grpcio-reflection and several
+        // GUI clients only v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let vault_service = VaultServer::new(VaultService::new(Arc::clone(&self.vault)))
+            .max_decoding_message_size(limits.max_message_bytes);
         let audit_service = AuditServer::new(AuditService::new(Arc::clone(&self.vault)))
             .max_decoding_message_size(limits.max_message_bytes);
         let account_service =
@@ -270,18 +277,23 @@ impl Application {
         .max_decoding_message_size(limits.max_message_bytes);
         let layers = tower::ServiceBuilder::new()
             .layer(RequestLayer)
-            .layer(ConcurrencyLimitLayer::new(limits.max_concurrent_requests))
+            .layer(AdmissionLayer::new(Arc::clone(&self.vault), limits))
             .layer(TimeoutLayer::new(Duration::from_millis(
                 limits.request_timeout_ms,
             )));
-        let mut builder = tonic::transport::Server::builder();
+        let connections = ConnectionLimits::from_config(limits);
+        let mut builder = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_streams_per_connection.max(1))
+            .http2_keepalive_interval(Some(connections.http2_keepalive()))
+            .http2_keepalive_timeout(Some(connections.http2_keepalive()));
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls)?;
         }
         let router = builder
             .layer(layers)
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(vault_service)
             .add_service(audit_service)
             .add_service(account_service)
@@ -305,7 +317,8 @@ impl Application {
             tokio::time::sleep(grace).await;
         };
         tracing::info!(addr = %self.local_addr, tls = config.tls.cert_path.is_some(), "pdvault listening");
-        let served = router.serve_with_incoming_shutdown(incoming(self.listener), signal);
+        let incoming = crate::transport::Incoming::new(self.listener, connections);
+        let served = router.serve_with_incoming_shutdown(incoming, signal);
         let result = tokio::select! {
             result = served => result.map_err(StartupError::from),
             () = grace_elapsed => {

@@ -14,6 +14,8 @@
 //! config, or both; when both are presented they must name the same caller.
 
 pub mod admin;
+pub mod admission;
+pub mod codec;
 pub mod keys;
 
 use std::collections::HashMap;
@@ -33,7 +35,6 @@ pub use audit::AuditService;
 use crate::accounts::{AccountStatus, ConsentRequest, Guardian, Relationship};
 use crate::domain::{Gender, IdType, IdentityInput, Violation};
 use crate::edge::MAX_JUSTIFICATION_BYTES;
-use crate::limits::CallerRateLimiter;
 use crate::policy::{Caller, CertificateMatch, Policy};
 use crate::proto;
 use crate::store::{Micros, RecordMeta};
@@ -44,34 +45,20 @@ pub const ERROR_DOMAIN: &str = "pdvault";
 /// ErrorInfo reason of `INVALID_ARGUMENT` beside its BadRequest.
 pub const FIELD_INVALID: &str = "FIELD_INVALID";
 
-/// `pdvault.v1.Vault` over a shared [`Vault`].
+/// `pdvault.v1.Vault` over a shared [`Vault`]. Rate limits are the admission layer's, as
+/// for every service.
 #[derive(Clone)]
 pub struct VaultService {
     vault: Arc<Vault>,
-    limiter: Arc<CallerRateLimiter>,
 }
 
 impl VaultService {
     pub fn new(vault: Arc<Vault>) -> VaultService {
-        VaultService::with_rate_limiter(vault, Arc::new(CallerRateLimiter::unlimited()))
+        VaultService { vault }
     }
 
-    pub fn with_rate_limiter(vault: Arc<Vault>, limiter: Arc<CallerRateLimiter>) -> VaultService {
-        VaultService { vault, limiter }
-    }
-
-    /// Authenticates the caller and charges its rate limit.
     async fn context<T>(&self, request: &Request<T>, rpc: &str) -> Result<CallContext, Status> {
-        let ctx = call_context(&self.vault, request, rpc).await?;
-        if !self.limiter.check(&ctx.caller.name) {
-            crate::metrics::record_denial("RATE_LIMITED");
-            return Err(error_info(
-                Code::ResourceExhausted,
-                "caller rate limit exceeded; retry later",
-                "RATE_LIMITED",
-            ));
-        }
-        Ok(ctx)
+        call_context(&self.vault, request, rpc).await
     }
 }
 
@@ -161,10 +148,28 @@ pub(crate) fn authenticate<T>(
     request: &Request<T>,
 ) -> Result<(Arc<Policy>, Arc<Caller>), Status> {
     let policy = vault.policy();
-    let token = request
+    let authorization = request
         .metadata()
         .get("authorization")
-        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.to_str().ok());
+    let chain = request.peer_certs();
+    let leaf = chain
+        .as_ref()
+        .and_then(|chain| chain.first())
+        .map(|leaf| leaf.as_ref());
+    let caller = identify(&policy, authorization, leaf)?;
+    Ok((policy, caller))
+}
+
+/// The caller an `authorization` header and a verified client certificate (its leaf, DER)
+/// prove, under `policy`. The admission layer asks this of the raw headers before a call
+/// may take a slot; the handlers ask it again for their call context.
+pub(crate) fn identify(
+    policy: &Policy,
+    authorization: Option<&str>,
+    leaf_certificate: Option<&[u8]>,
+) -> Result<Arc<Caller>, Status> {
+    let token = authorization
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|token| !token.is_empty());
@@ -177,11 +182,7 @@ pub(crate) fn authenticate<T>(
         None => None,
     };
     // rustls has verified the chain; the leaf is first.
-    let certificate = request.peer_certs().and_then(|chain| {
-        chain
-            .first()
-            .and_then(|leaf| crate::tls::certificate_identity(leaf))
-    });
+    let certificate = leaf_certificate.and_then(crate::tls::certificate_identity);
     let by_certificate =
         match certificate.map(|identity| policy.authenticate_certificate(&identity)) {
             Some(CertificateMatch::Caller(caller)) => Some(caller),
@@ -208,7 +209,7 @@ pub(crate) fn authenticate<T>(
             ));
         }
     };
-    Ok((policy, caller))
+    Ok(caller)
 }
 
 fn unauthenticated(message: &str, reason: &'static str) -> Status {

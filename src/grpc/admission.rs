@@ -1,0 +1,402 @@
+//! Admission: what a call must show before it may hold any of the server's capacity.
+//!
+//! A call that takes a slot of `limits.max_concurrent_requests` and then sends nothing holds
+//! that slot until its deadline; before this layer, 450 such streams on one connection from
+//! a client without a token shut every caller (and the health check) out. So, in order:
+//!
+//! 1. Health checks pass straight through: they read a watch channel, cost nothing, and a
+//!    load balancer that sees them refused takes a loaded instance out for nothing.
+//! 2. A request that is not gRPC (content type) is refused with HTTP 415, as the gRPC over
+//!    HTTP/2 protocol says.
+//! 3. The caller is authenticated from the headers alone. A call without a valid credential
+//!    is answered at once (`UNAUTHENTICATED`), or `RESOURCE_EXHAUSTED` / `RATE_LIMITED` once
+//!    its peer address is over `limits.unauthenticated_requests_per_minute`; its body is
+//!    never read. Reflection needs no credential: it is charged to the peer's rate and runs
+//!    on a small budget of its own (`limits.max_unauthenticated_requests`).
+//! 4. An authenticated caller is charged its own rate (`limits.caller_requests_per_minute`),
+//!    on every service alike.
+//! 5. The request message is read within `limits.request_read_timeout_ms`, bounded by
+//!    `limits.max_message_bytes`, and its gRPC framing checked (one complete message, no
+//!    compressed flag without `grpc-encoding`): framing errors are `INVALID_ARGUMENT` /
+//!    `MALFORMED_REQUEST`, the caller's error, not `INTERNAL`.
+//! 6. Only then does the call take a slot, refused with `UNAVAILABLE` / `OVERLOADED` when
+//!    none is free, and run under the call timeout.
+//!
+//! The handlers authenticate again (they need the caller and its policy snapshot, and audit
+//! in its name); this layer only decides who gets in.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tower::{Layer, Service};
+
+use super::codec::malformed;
+use super::error_info;
+use crate::config::LimitsConfig;
+use crate::limits::{CallerRateLimiter, PeerRateLimiter, Permits};
+use crate::vault::Vault;
+
+/// The 5-byte prefix of every gRPC message: compressed flag and big-endian length.
+const FRAME_HEADER_BYTES: usize = 5;
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// What a request path is, for admission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Health,
+    Reflection,
+    Service,
+}
+
+fn kind(path: &str) -> Kind {
+    if path.starts_with("/grpc.health.v1.Health/") {
+        Kind::Health
+    } else if path.starts_with("/grpc.reflection.v1.ServerReflection/")
+        || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
+    {
+        Kind::Reflection
+    } else {
+        Kind::Service
+    }
+}
+
+/// The admission rules over every gRPC service; see the module header.
+#[derive(Clone)]
+pub struct AdmissionLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    vault: Arc<Vault>,
+    callers: CallerRateLimiter,
+    peers: PeerRateLimiter,
+    permits: Permits,
+    unauthenticated: Permits,
+    read_timeout: Duration,
+    max_message_bytes: usize,
+}
+
+impl AdmissionLayer {
+    pub fn new(vault: Arc<Vault>, limits: &LimitsConfig) -> AdmissionLayer {
+        AdmissionLayer {
+            shared: Arc::new(Shared {
+                vault,
+                callers: CallerRateLimiter::new(limits),
+                peers: PeerRateLimiter::new(limits),
+                permits: Permits::new(limits.max_concurrent_requests),
+                unauthenticated: Permits::new(limits.max_unauthenticated_requests),
+                read_timeout: Duration::from_millis(limits.request_read_timeout_ms.max(1)),
+                max_message_bytes: limits.max_message_bytes,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+
+    fn layer(&self, inner: S) -> Admission<S> {
+        Admission {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Admission<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Service<http::Request<Body>> for Admission<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        // The ready clone serves this call; the fresh clone waits for the next poll_ready.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = Arc::clone(&self.shared);
+        let kind = kind(request.uri().path());
+        if kind == Kind::Health {
+            return Box::pin(inner.call(request));
+        }
+        if !is_grpc(request.headers()) {
+            crate::metrics::record_denial("UNSUPPORTED_MEDIA_TYPE");
+            return Box::pin(async { Ok(unsupported_media_type()) });
+        }
+        Box::pin(async move {
+            match shared.admit(kind, request).await {
+                Ok(Admitted::Service(request, permit)) => {
+                    let response = inner.call(request).await;
+                    drop(permit);
+                    response
+                }
+                Ok(Admitted::Unauthenticated(request, permit)) => {
+                    // Reflection streams: the budget is held until the response ends.
+                    let response = inner.call(request).await?;
+                    Ok(response.map(|body| {
+                        Body::new(body.map_frame(move |frame| {
+                            let _held = &permit;
+                            frame
+                        }))
+                    }))
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}
+
+enum Admitted {
+    Service(http::Request<Body>, tokio::sync::OwnedSemaphorePermit),
+    Unauthenticated(http::Request<Body>, tokio::sync::OwnedSemaphorePermit),
+}
+
+impl Shared {
+    async fn admit(&self, kind: Kind, request: http::Request<Body>) -> Result<Admitted, Status> {
+        let peer = peer_addr(request.extensions()).map(|addr| addr.ip());
+        if kind == Kind::Reflection {
+            self.charge_peer(peer)?;
+            let permit = self.unauthenticated.try_take()?;
+            return Ok(Admitted::Unauthenticated(request, permit));
+        }
+        let caller = {
+            let policy = self.vault.policy();
+            let authorization = request
+                .headers()
+                .get("authorization")
+                .and_then(|value| value.to_str().ok());
+            let certificates = request
+                .extensions()
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.peer_certs());
+            let leaf = certificates
+                .as_ref()
+                .and_then(|chain| chain.first())
+                .map(|leaf| leaf.as_ref());
+            match super::identify(&policy, authorization, leaf) {
+                Ok(caller) => caller,
+                Err(refused) => {
+                    self.charge_peer(peer)?;
+                    return Err(refused);
+                }
+            }
+        };
+        if !self.callers.check(&caller.name) {
+            crate::metrics::record_denial("RATE_LIMITED");
+            return Err(error_info(
+                tonic::Code::ResourceExhausted,
+                "caller rate limit exceeded; retry later",
+                "RATE_LIMITED",
+            ));
+        }
+        let (parts, body) = request.into_parts();
+        let compressed = parts
+            .headers
+            .get("grpc-encoding")
+            .is_some_and(|encoding| encoding.as_bytes() != b"identity");
+        let message = self.read_message(body).await?;
+        check_framing(&message, compressed, self.max_message_bytes)?;
+        let permit = self.permits.try_take()?;
+        let body = Body::new(http_body_util::Full::new(message));
+        Ok(Admitted::Service(
+            http::Request::from_parts(parts, body),
+            permit,
+        ))
+    }
+
+    /// Charges one unauthenticated call to its peer's rate.
+    fn charge_peer(&self, peer: Option<IpAddr>) -> Result<(), Status> {
+        if self.peers.check(peer) {
+            Ok(())
+        } else {
+            crate::metrics::record_denial("RATE_LIMITED");
+            Err(error_info(
+                tonic::Code::ResourceExhausted,
+                "too many unauthenticated calls from this address; retry later",
+                "RATE_LIMITED",
+            ))
+        }
+    }
+
+    /// The whole request body, within the read deadline and the message size limit.
+    async fn read_message(&self, body: Body) -> Result<Bytes, Status> {
+        let limit = self.max_message_bytes.saturating_add(FRAME_HEADER_BYTES);
+        let collect = http_body_util::Limited::new(body, limit).collect();
+        match tokio::time::timeout(self.read_timeout, collect).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+                Err(too_large(self.max_message_bytes))
+            }
+            // The client reset its stream: nobody reads the answer.
+            Ok(Err(_)) => Err(malformed("the request stream failed before its end")),
+            Err(_) => {
+                crate::metrics::record_denial("REQUEST_READ_TIMEOUT");
+                Err(error_info(
+                    tonic::Code::DeadlineExceeded,
+                    "the request message did not arrive within the read deadline",
+                    "REQUEST_READ_TIMEOUT",
+                ))
+            }
+        }
+    }
+}
+
+fn too_large(max: usize) -> Status {
+    crate::metrics::record_denial("MESSAGE_TOO_LARGE");
+    error_info(
+        tonic::Code::OutOfRange,
+        &format!("request message larger than the limit of {max} bytes"),
+        "MESSAGE_TOO_LARGE",
+    )
+}
+
+/// Every pdvault RPC takes exactly one request message: one complete frame, uncompressed
+/// unless the request names its `grpc-encoding`.
+fn check_framing(body: &[u8], compressed_allowed: bool, max: usize) -> Result<(), Status> {
+    if body.is_empty() {
+        return Err(malformed("no request message"));
+    }
+    if body.len() < FRAME_HEADER_BYTES {
+        return Err(malformed("truncated message frame"));
+    }
+    match body[0] {
+        0 => {}
+        1 if compressed_allowed => {}
+        1 => return Err(malformed("compressed flag set without grpc-encoding")),
+        _ => return Err(malformed("invalid compressed flag")),
+    }
+    let declared = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    if declared > max {
+        return Err(too_large(max));
+    }
+    let payload = body.len() - FRAME_HEADER_BYTES;
+    if payload < declared {
+        return Err(malformed("truncated message"));
+    }
+    if payload > declared {
+        return Err(malformed("more than one message in a unary request"));
+    }
+    Ok(())
+}
+
+/// `application/grpc`, optionally `+proto` or another subtype, or with parameters.
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
+}
+
+fn unsupported_media_type() -> http::Response<Body> {
+    let mut response = http::Response::new(Body::default());
+    *response.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    response.headers_mut().insert(
+        http::header::ACCEPT,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+fn peer_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.get_ref().remote_addr())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(flag: u8, declared: u32, payload: &[u8]) -> Vec<u8> {
+        let mut body = vec![flag];
+        body.extend_from_slice(&declared.to_be_bytes());
+        body.extend_from_slice(payload);
+        body
+    }
+
+    fn reason(status: &Status) -> (tonic::Code, String) {
+        use tonic_types::StatusExt;
+        let reason = status
+            .get_details_error_info()
+            .map(|info| info.reason)
+            .unwrap_or_default();
+        (status.code(), reason)
+    }
+
+    #[test]
+    fn only_one_complete_frame_is_a_request() {
+        let max = 16;
+        assert!(check_framing(&frame(0, 3, b"abc"), false, max).is_ok());
+        assert!(check_framing(&frame(0, 0, b""), false, max).is_ok());
+        assert!(check_framing(&frame(1, 3, b"abc"), true, max).is_ok());
+        let malformed = (tonic::Code::InvalidArgument, "MALFORMED_REQUEST".to_owned());
+        for bad in [
+            Vec::new(),
+            vec![0, 0, 0],
+            frame(0, 10, b"abc"),
+            frame(0, 2, b"abc"),
+            frame(1, 3, b"abc"),
+            frame(7, 3, b"abc"),
+        ] {
+            let refused = check_framing(&bad, false, max).unwrap_err();
+            assert_eq!(reason(&refused), malformed, "{bad:?}");
+        }
+        let big = check_framing(&frame(0, 17, b""), false, max).unwrap_err();
+        assert_eq!(
+            reason(&big),
+            (tonic::Code::OutOfRange, "MESSAGE_TOO_LARGE".to_owned())
+        );
+    }
+
+    #[test]
+    fn grpc_content_types_and_paths() {
+        let headers = |value: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(value),
+            );
+            headers
+        };
+        assert!(is_grpc(&headers("application/grpc")));
+        assert!(is_grpc(&headers("application/grpc+proto")));
+        assert!(!is_grpc(&headers("application/grpcx")));
+        assert!(!is_grpc(&headers("application/json")));
+        assert!(!is_grpc(&http::HeaderMap::new()));
+        assert_eq!(kind("/grpc.health.v1.Health/Check"), Kind::Health);
+        assert_eq!(
+            kind("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            Kind::Reflection
+        );
+        assert_eq!(kind("/pdvault.v1.Vault/GetRecord"), Kind::Service);
+    }
+}
