@@ -106,12 +106,14 @@ where
                 if let Ok(response) = &mut result {
                     response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
                     // Unary errors are trailers-only responses, so their status is in the
-                    // headers; a response without one is an OK whose status trails the body.
-                    let code = response
-                        .headers()
-                        .get("grpc-status")
-                        .map(|value| tonic::Code::from_bytes(value.as_bytes()))
-                        .unwrap_or(tonic::Code::Ok);
+                    // headers; a response without one is an OK whose status trails the body,
+                    // unless it is not a gRPC answer at all (HTTP 415 for a request that was
+                    // not gRPC), which gRPC's HTTP mapping calls UNKNOWN.
+                    let code = match response.headers().get("grpc-status") {
+                        Some(value) => tonic::Code::from_bytes(value.as_bytes()),
+                        None if response.status() != http::StatusCode::OK => tonic::Code::Unknown,
+                        None => tonic::Code::Ok,
+                    };
                     let elapsed = started.elapsed();
                     crate::metrics::record_request(method, code, elapsed);
                     tracing::info!(

@@ -36,6 +36,29 @@ const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// Refused connections and failed accepts are logged at most this often (with how many
+/// went unlogged): a flood of them must not become a flood of log lines.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Lets one log line through per [`LOG_INTERVAL`], counting the ones it held back.
+#[derive(Default)]
+struct LogThrottle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogThrottle {
+    /// `Some(held back since the last line)` when this event may be logged.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self.last.is_some_and(|last| now - last < LOG_INTERVAL) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
 /// Connection settings derived from [`LimitsConfig`].
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectionLimits {
@@ -66,6 +89,8 @@ pub struct Incoming {
     peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
     backoff: Option<Pin<Box<Sleep>>>,
     next_backoff: Duration,
+    refused_log: LogThrottle,
+    exhausted_log: LogThrottle,
 }
 
 impl Incoming {
@@ -76,6 +101,8 @@ impl Incoming {
             peers: Arc::default(),
             backoff: None,
             next_backoff: ACCEPT_BACKOFF_MIN,
+            refused_log: LogThrottle::default(),
+            exhausted_log: LogThrottle::default(),
         }
     }
 
@@ -96,11 +123,14 @@ impl Incoming {
     fn accepted(&mut self, stream: TcpStream, peer: SocketAddr) -> Option<Connection> {
         let Some(slot) = self.admit(peer.ip()) else {
             crate::metrics::record_denial("CONNECTION_LIMIT");
-            tracing::warn!(
-                peer = %peer.ip(),
-                limit = self.limits.max_per_peer,
-                "connection refused: the peer holds its share of connections"
-            );
+            if let Some(unlogged) = self.refused_log.allow(Instant::now()) {
+                tracing::warn!(
+                    peer = %peer.ip(),
+                    limit = self.limits.max_per_peer,
+                    unlogged,
+                    "connection refused: the peer holds its share of connections"
+                );
+            }
             return None;
         };
         // Nagle against the peer's delayed ACK stalls a small gRPC response for up to 40 ms.
@@ -162,11 +192,14 @@ impl Stream for Incoming {
                 Poll::Ready(Err(error)) if out_of_descriptors(&error) => {
                     let wait = self.next_backoff;
                     crate::metrics::record_denial("DESCRIPTORS_EXHAUSTED");
-                    tracing::error!(
-                        %error,
-                        backoff_ms = wait.as_millis() as u64,
-                        "cannot accept connections: out of file descriptors (raise LimitNOFILE)"
-                    );
+                    if let Some(unlogged) = self.exhausted_log.allow(Instant::now()) {
+                        tracing::error!(
+                            %error,
+                            backoff_ms = wait.as_millis() as u64,
+                            unlogged,
+                            "cannot accept connections: out of file descriptors (raise LimitNOFILE)"
+                        );
+                    }
                     self.next_backoff = (wait * 2).min(ACCEPT_BACKOFF_MAX);
                     self.backoff = Some(Box::pin(tokio::time::sleep(wait)));
                 }
@@ -289,6 +322,21 @@ mod tests {
         }
         let reset = io::Error::from(io::ErrorKind::ConnectionAborted);
         assert!(!out_of_descriptors(&reset));
+    }
+
+    #[test]
+    fn log_lines_are_throttled() {
+        let start = Instant::now();
+        let mut throttle = LogThrottle::default();
+        assert_eq!(throttle.allow(start), Some(0));
+        assert_eq!(throttle.allow(start + Duration::from_secs(1)), None);
+        assert_eq!(throttle.allow(start + Duration::from_secs(9)), None);
+        assert_eq!(
+            throttle.allow(start + LOG_INTERVAL),
+            Some(2),
+            "the held-back lines are counted"
+        );
+        assert_eq!(throttle.allow(start + LOG_INTERVAL), None);
     }
 
     #[tokio::test]

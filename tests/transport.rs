@@ -562,6 +562,64 @@ async fn c11_silent_connections_are_closed_after_the_idle_limit() {
     app.stop().await;
 }
 
+/// When `accept` runs out of file descriptors the server says so in its log (not once per
+/// failed accept: it backs off and throttles the line) and serves again once descriptors
+/// are free. The real binary, with `ulimit -n` lowered as `LimitNOFILE` would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c11_running_out_of_descriptors_is_logged_and_survived() {
+    const OPEN_FILES: u32 = 64;
+    let server =
+        support::process::ServerProcess::start_with_open_files("", "info", Some(OPEN_FILES)).await;
+    let mut flood = Vec::new();
+    for _ in 0..(OPEN_FILES as usize + 40) {
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(server.addr)).await
+        {
+            flood.push(stream);
+        }
+    }
+    let line = tokio::time::timeout(
+        Duration::from_secs(30),
+        server.wait_for_log(0, |line| line.contains("out of file descriptors")),
+    )
+    .await
+    .expect("running out of descriptors is logged");
+    assert!(line.contains("LimitNOFILE"), "{line}");
+    // Kept busy for a while, the listener neither spins nor floods the log.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let logged = server
+        .logs()
+        .iter()
+        .filter(|line| line.contains("out of file descriptors"))
+        .count();
+    assert!(logged <= 2, "{logged} lines");
+    drop(flood);
+    // Descriptors are free again: a new client is served.
+    let started = Instant::now();
+    loop {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await;
+        if let Ok(channel) = channel {
+            let answer = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            if answer.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never served again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 // --- C12. Malformed messages are the caller's error ----------------------------------------
 
 /// Invalid UTF-8, truncated messages and frames, wrong wire types, deep nesting, the

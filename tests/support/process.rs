@@ -29,10 +29,31 @@ impl ServerProcess {
     /// Writes `config` (TOML, without `listen`, `data_dir` or `[log]`, which the harness
     /// sets) to a file and serves it.
     pub async fn start(config: &str, log_filter: &str) -> ServerProcess {
+        ServerProcess::start_with_open_files(config, log_filter, None).await
+    }
+
+    /// As [`ServerProcess::start`], with the soft limit on open files (`ulimit -n`) lowered
+    /// to `max_open_files` when given, as a systemd unit's `LimitNOFILE` would.
+    pub async fn start_with_open_files(
+        config: &str,
+        log_filter: &str,
+        max_open_files: Option<u32>,
+    ) -> ServerProcess {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pdvault.toml");
         std::fs::write(&file, full_config(&dir, config, log_filter)).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pdvault"));
+        let binary = env!("CARGO_BIN_EXE_pdvault");
+        let mut command = match max_open_files {
+            None => Command::new(binary),
+            Some(limit) => {
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(binary);
+                shell
+            }
+        };
         command
             .arg("serve")
             .arg("--config")
