@@ -511,8 +511,9 @@ async fn c10_connections_per_peer_are_limited() {
 
 // --- C11. Idle and half-open connections are closed ----------------------------------------
 
-/// TCP connections that never say anything are closed after the idle limit, not before;
-/// an HTTP/2 client that is merely quiet keeps its connection, because it answers the
+/// TCP connections that never say anything, and HTTP/2 connections whose client stopped
+/// answering after its preface, are closed after the idle limit, not before; an HTTP/2
+/// client that is merely quiet keeps its connection, because it answers the
 /// server's pings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c11_silent_connections_are_closed_after_the_idle_limit() {
@@ -527,6 +528,17 @@ async fn c11_silent_connections_are_closed_after_the_idle_limit() {
     let mut silent = Vec::new();
     for _ in 0..20 {
         silent.push(TcpStream::connect(app.addr).await.unwrap());
+    }
+    // Half-open at the HTTP/2 level: the client preface and SETTINGS, then nothing, not
+    // even the answers to the server's PINGs.
+    for _ in 0..5 {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = TcpStream::connect(app.addr).await.unwrap();
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .unwrap();
+        silent.push(stream);
     }
     let mut closed_after = Vec::new();
     for mut stream in silent {
