@@ -890,6 +890,7 @@ fn fuzz(backend: Backend) {
         failure_persistence: None,
         ..ProptestConfig::default()
     });
+    let answers = std::cell::RefCell::new(std::collections::BTreeMap::<String, usize>::new());
     let result = runner.run(&strategy, |(path, payload)| {
         let path = &paths[path];
         let reply = runtime.block_on(
@@ -901,6 +902,10 @@ fn fuzz(backend: Backend) {
             .code
             .ok_or_else(|| TestCaseError::fail(format!("{path}: no grpc-status: {reply:?}")))?;
         prop_assert_eq!(reply.http, 200);
+        *answers
+            .borrow_mut()
+            .entry(format!("{code:?}/{}", reply.reason))
+            .or_default() += 1;
         prop_assert!(
             !matches!(code, Code::Internal | Code::Unknown),
             "{} answered {:?}",
@@ -920,6 +925,19 @@ fn fuzz(backend: Backend) {
     if let Err(failure) = result {
         panic!("{failure}");
     }
+    // About a third of the inputs decode (random bytes rarely do); if not even an eighth
+    // did, the handlers were never exercised and the test would prove nothing.
+    let answers = answers.into_inner();
+    eprintln!("{backend:?}: answers by code and reason: {answers:?}");
+    let total: usize = answers.values().sum();
+    let malformed = answers
+        .get("InvalidArgument/MALFORMED_REQUEST")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        (total - malformed) * 8 >= total,
+        "fewer than an eighth of the inputs reached a handler: {answers:?}"
+    );
     // Nothing of it reached the database in plaintext (the trail included).
     let bytes = runtime.block_on(app.raw_database_bytes());
     for value in &identity_values {
