@@ -191,11 +191,6 @@ impl CallerRateLimiter {
         CallerRateLimiter { limiter }
     }
 
-    /// No limit at all.
-    pub fn unlimited() -> CallerRateLimiter {
-        CallerRateLimiter { limiter: None }
-    }
-
     /// Whether `caller` may make one more call now.
     pub fn check(&self, caller: &str) -> bool {
         match &self.limiter {
