@@ -279,6 +279,17 @@ impl Vault {
         &self.clock
     }
 
+    /// Who owns the jobs this process runs: the instance (its checkpoint signer) and this
+    /// process (its audit chain).
+    pub fn job_owner(&self) -> crate::store::JobOwner {
+        crate::store::JobOwner {
+            instance: self
+                .checkpoint_signer()
+                .map(|signer| signer.signer().to_owned()),
+            process: self.audit().chain_id().to_owned(),
+        }
+    }
+
     pub(crate) fn now_micros(&self) -> Micros {
         self.clock.now().timestamp_micros()
     }
