@@ -1,5 +1,5 @@
-//! Live policy reload: purposes and callers are re-read from the configuration the server
-//! started with, on SIGHUP or the `Admin.ReloadPolicy` RPC, without dropping a connection.
+//! Live policy reload: callers, purposes and account rules are re-read from the
+//! configuration the server started with, on SIGHUP or the `Admin.ReloadPolicy` RPC, without dropping a connection.
 //!
 //! The new configuration goes through exactly the validation startup applies, in full,
 //! before anything changes; only then is the whole [`Policy`] swapped in one atomic store.
@@ -7,10 +7,11 @@
 //! call sees the new one. An invalid file changes nothing, and the reason is logged and
 //! returned.
 //!
-//! A reload changes policy, never the identity of the service: only `callers` and
-//! `purposes` are applied live. Every other section (`data_dir`, `database`, `keys`,
-//! `listen`, `tls`, `admin`, and the rest, which are read at start only) must be as the
-//! running server has it, or the file is refused naming the first key that differs, so a
+//! A reload changes policy, never the identity of the service: only the policy sections
+//! ([`RELOADABLE_SECTIONS`]: callers, purposes, and the account rules of `accounts`,
+//! `minors` and `privacy_policy`) are applied live. Every other section (`data_dir`,
+//! `database`, `keys`, `listen`, `tls`, `admin`, and the rest, which are read at start
+//! only) must be as the running server has it, or the file is refused naming the first key that differs, so a
 //! change is never silently ignored either. A reload never creates a credential: the
 //! administrator's token must already exist (it is re-read, so replacing the file rotates
 //! it), and an empty file is refused rather than read as "all defaults".
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::accounts::AccountRules;
 use crate::config::{Config, ConfigError, FlagOverrides};
 use crate::policy::Policy;
 use crate::startup::{AdminToken, StartupError, build_policy};
@@ -32,7 +34,8 @@ pub enum ReloadError {
     Policy(#[from] StartupError),
     /// A setting only a restart can change.
     #[error(
-        "{key}: cannot change while the vault runs (only callers and purposes reload); restart to apply it"
+        "{key}: cannot change while the vault runs (a reload applies callers, purposes, \
+         accounts, minors and privacy_policy); restart to apply it"
     )]
     Fixed { key: String },
     #[error("config file {0} is empty; a reload never falls back to the defaults")]
@@ -45,7 +48,13 @@ pub enum ReloadError {
 }
 
 /// The top-level sections a reload applies; every other one must stay as it runs.
-pub const RELOADABLE_SECTIONS: [&str; 2] = ["callers", "purposes"];
+pub const RELOADABLE_SECTIONS: [&str; 5] = [
+    "callers",
+    "purposes",
+    "accounts",
+    "minors",
+    "privacy_policy",
+];
 
 /// Where the running configuration came from, so it can be read again the same way.
 #[derive(Clone, Debug, Default)]
@@ -82,8 +91,9 @@ impl PolicyReloader {
         }
     }
 
-    /// The policy the source describes now, if it may replace the running one.
-    fn candidate(&self) -> Result<Policy, ReloadError> {
+    /// The policy and account rules the source describes now, if they may replace the
+    /// running ones.
+    fn candidate(&self) -> Result<(Policy, AccountRules), ReloadError> {
         if let Some(file) = &self.source.file {
             let read = |source| ReloadError::Read {
                 path: file.clone(),
@@ -99,7 +109,9 @@ impl PolicyReloader {
         if let Some(key) = fixed_change(&self.running, &config) {
             return Err(ReloadError::Fixed { key });
         }
-        Ok(build_policy(&config, AdminToken::MustExist)?)
+        let policy = build_policy(&config, AdminToken::MustExist)?;
+        let rules = AccountRules::from_config(&config).map_err(StartupError::from)?;
+        Ok((policy, rules))
     }
 
     /// Reads, validates and swaps in the policy, or changes nothing and says why. Either
@@ -108,8 +120,11 @@ impl PolicyReloader {
         let _running = self.running_lock.lock().await;
         let result = self.candidate();
         match result {
-            Ok(policy) => {
+            Ok((policy, rules)) => {
                 let policy = Arc::new(policy);
+                // Each is whole and valid on its own: a call between the two stores sees
+                // the new rules with the policy it authenticated with.
+                self.vault.replace_rules(rules);
                 self.vault.replace_policy(Arc::clone(&policy));
                 let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
                 tracing::info!(

@@ -195,8 +195,8 @@ pub struct Vault {
     policy: ArcSwap<Policy>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) audit: AuditLog,
-    /// Suspension, minors and policy-version rules.
-    pub(crate) rules: AccountRules,
+    /// Suspension, minors and policy-version rules; swapped whole by a live reload.
+    rules: ArcSwap<AccountRules>,
     retention: Retention,
     /// This instance's checkpoint signer; its sink, when a file, is the witness verification
     /// reads.
@@ -224,7 +224,7 @@ impl Vault {
             policy: ArcSwap::new(policy),
             clock,
             audit,
-            rules,
+            rules: ArcSwap::from_pointee(rules),
             retention: Retention::default(),
             checkpoint_signer: None,
         }
@@ -263,6 +263,16 @@ impl Vault {
         self.policy.store(policy);
     }
 
+    /// The account rules (suspension, minors, privacy-policy version) in force now.
+    pub(crate) fn rules(&self) -> Arc<AccountRules> {
+        self.rules.load_full()
+    }
+
+    /// Puts `rules` in force for every decision from now on (a live reload).
+    pub fn replace_rules(&self, rules: AccountRules) {
+        self.rules.store(Arc::new(rules));
+    }
+
     pub fn keys(&self) -> &Arc<KeyManager> {
         &self.keys
     }
@@ -298,7 +308,7 @@ impl Vault {
     pub(crate) fn today(&self) -> NaiveDate {
         self.clock
             .now()
-            .with_timezone(&self.rules.zone)
+            .with_timezone(&self.rules().zone)
             .date_naive()
     }
 

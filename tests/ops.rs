@@ -579,7 +579,8 @@ async fn a_database_outage_releases_nothing_and_recovers() {
     app.stop().await;
 }
 
-/// Issue 11 E21: a reload applies callers and purposes and nothing else. A file that changes
+/// Issue 11 E21: a reload applies the policy (callers, purposes, account rules) and nothing
+/// else. A file that changes
 /// what only a restart can change is refused naming the key; an emptied file is refused
 /// rather than read as "all defaults"; and a missing administrator token is never minted
 /// anew. Every refusal leaves the running policy in force.
@@ -709,6 +710,47 @@ async fn reload_changes_policy_never_the_service(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "the new grant is in force");
+
+    // The account rules are policy too: a new privacy-policy version applies live.
+    let record = vault
+        .create_record(authed(
+            CLAIMS.token,
+            CreateRecordRequest {
+                identity: Some(Identity {
+                    name: "版本".into(),
+                    ..Identity::default()
+                }),
+                policy_version: "2025-01".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let check = || {
+        authed(
+            LOGIN.token,
+            CheckAccountRequest {
+                record_id: record.record_id.clone(),
+            },
+        )
+    };
+    let state = vault.check_account(check()).await.unwrap().into_inner();
+    assert!(!state.policy_reconsent_required);
+    let mut config = app.config.clone();
+    config.privacy_policy.current_version = "2026-01".into();
+    for caller in &mut config.callers {
+        if caller.name == ANALYTICS.name {
+            caller.purposes = vec!["service-delivery".into()];
+        }
+    }
+    std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+    assert_eq!(reload(&mut admin).await.unwrap().into_inner().generation, 3);
+    let state = vault.check_account(check()).await.unwrap().into_inner();
+    assert!(
+        state.policy_reconsent_required,
+        "the new version is in force"
+    );
     assert_eq!(
         app.count(
             "SELECT COUNT(*) FROM audit_events WHERE rpc = 'ReloadPolicy' AND outcome = 'INVALID'"
