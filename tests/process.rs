@@ -271,7 +271,7 @@ async fn sigkill_under_mixed_load_loses_nothing_acknowledged(database: Option<&s
         });
     }
     // Kill only once both kinds of call are flowing.
-    while answered.load(Ordering::SeqCst) < 150
+    while answered.load(Ordering::SeqCst) < 400
         || created.lock().unwrap().is_empty()
         || released.lock().unwrap().is_empty()
     {
