@@ -40,6 +40,11 @@ pub enum ReloadError {
     Fixed { key: String },
     #[error("config file {0} is empty; a reload never falls back to the defaults")]
     Empty(PathBuf),
+    #[error(
+        "callers: the file configures no caller, which would lock every service out; restart \
+         to run without callers"
+    )]
+    NoCallers,
     #[error("config file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -72,28 +77,26 @@ pub struct Reloaded {
 
 pub struct PolicyReloader {
     source: ConfigSource,
-    /// The configuration the server runs, against which a reloaded file is compared.
-    running: Config,
+    /// The configuration the server runs, against which a reloaded file is compared; its
+    /// lock serialises reloads so two at once cannot interleave read and swap.
+    running: tokio::sync::Mutex<Config>,
     vault: Arc<Vault>,
     generation: AtomicU64,
-    /// Serialises reloads so two at once cannot interleave read and swap.
-    running_lock: tokio::sync::Mutex<()>,
 }
 
 impl PolicyReloader {
     pub fn new(source: ConfigSource, running: Config, vault: Arc<Vault>) -> PolicyReloader {
         PolicyReloader {
             source,
-            running,
+            running: tokio::sync::Mutex::new(running),
             vault,
             generation: AtomicU64::new(0),
-            running_lock: tokio::sync::Mutex::new(()),
         }
     }
 
     /// The policy and account rules the source describes now, if they may replace the
     /// running ones.
-    fn candidate(&self) -> Result<(Policy, AccountRules), ReloadError> {
+    fn candidate(&self, running: &Config) -> Result<(Config, Policy, AccountRules), ReloadError> {
         if let Some(file) = &self.source.file {
             let read = |source| ReloadError::Read {
                 path: file.clone(),
@@ -106,21 +109,25 @@ impl PolicyReloader {
             }
         }
         let config = Config::load(self.source.file.as_deref(), &self.source.flags)?;
-        if let Some(key) = fixed_change(&self.running, &config) {
+        if let Some(key) = fixed_change(running, &config) {
             return Err(ReloadError::Fixed { key });
+        }
+        if config.callers.is_empty() && !running.callers.is_empty() {
+            return Err(ReloadError::NoCallers);
         }
         let policy = build_policy(&config, AdminToken::MustExist)?;
         let rules = AccountRules::from_config(&config).map_err(StartupError::from)?;
-        Ok((policy, rules))
+        Ok((config, policy, rules))
     }
 
     /// Reads, validates and swaps in the policy, or changes nothing and says why. Either
     /// way the attempt is an audit event naming `actor`.
     pub async fn reload(&self, actor: &str) -> Result<Reloaded, ReloadError> {
-        let _running = self.running_lock.lock().await;
-        let result = self.candidate();
+        let mut running = self.running.lock().await;
+        let result = self.candidate(&running);
         match result {
-            Ok((policy, rules)) => {
+            Ok((config, policy, rules)) => {
+                *running = config;
                 let policy = Arc::new(policy);
                 // Each is whole and valid on its own: a call between the two stores sees
                 // the new rules with the policy it authenticated with.

@@ -670,6 +670,16 @@ async fn reload_changes_policy_never_the_service(backend: Backend) {
             status.message()
         );
     }
+    // So is a file that drops every caller.
+    std::fs::write(&file, changed(&|c| c.callers.clear())).unwrap();
+    let status = reload(&mut admin).await.unwrap_err();
+    assert!(
+        status
+            .message()
+            .contains("callers: the file configures no caller"),
+        "{}",
+        status.message()
+    );
     let read = authed(
         CLAIMS.token,
         GetRecordRequest {
@@ -756,7 +766,7 @@ async fn reload_changes_policy_never_the_service(backend: Backend) {
             "SELECT COUNT(*) FROM audit_events WHERE rpc = 'ReloadPolicy' AND outcome = 'INVALID'"
         )
         .await,
-        10
+        11
     );
     app.stop().await;
 }
