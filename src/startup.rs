@@ -1,6 +1,8 @@
-//! Builds a running vault from configuration: opens the store and applies migrations,
-//! loads the keyring, creates the initial administrator credential on first start, builds
-//! the policy, checks transport security and binds the listeners.
+//! Builds a running vault from configuration: validates it, creates the data directory
+//! private (or refuses an existing one open to group or others), opens the store and
+//! applies migrations, loads the keyring, creates the initial administrator credential on
+//! first start (only here: a reload never does), builds the policy, checks transport
+//! security and binds the listeners.
 //!
 //! [`Application::build`] binds before it returns, so with `listen = 127.0.0.1:0` tests
 //! learn the real port from [`Application::local_addr`] and talk to a fully started server.
