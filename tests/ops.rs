@@ -981,6 +981,17 @@ async fn audit_verify_reads_only_what_exists(backend: Backend) {
         assert!(!missing.exists(), "verify created the database file");
     }
 
+    // Chains with every checkpoint gone: said plainly, and not "verified" (no witness here,
+    // which would report the deletions on its own).
+    app.execute_sql("DELETE FROM audit_checkpoints").await;
+    let mut config = app.config.clone();
+    config.audit.checkpoint_sink = "stdout".into();
+    let unwitnessed = dir.path().join("unwitnessed.toml");
+    std::fs::write(&unwitnessed, toml::to_string(&config).unwrap()).unwrap();
+    let (ok, output) = verify(&unwitnessed);
+    assert!(!ok, "{output}");
+    assert!(output.contains("no checkpoints"), "{output}");
+
     // A database with no trail at all is not "verified".
     if backend == Backend::Sqlite {
         let empty = dir.path().join("empty");
