@@ -1,20 +1,22 @@
 //! Live policy reload: callers, purposes and account rules are re-read from the
-//! configuration the server started with, on SIGHUP or the `Admin.ReloadPolicy` RPC, without dropping a connection.
+//! configuration the server started with, on SIGHUP or the `Admin.ReloadPolicy` RPC,
+//! without dropping a connection.
 //!
 //! The new configuration goes through exactly the validation startup applies, in full,
-//! before anything changes; only then is the whole [`Policy`] swapped in one atomic store.
-//! A call that already authenticated finishes under the policy it started with; the next
-//! call sees the new one. An invalid file changes nothing, and the reason is logged and
-//! returned.
+//! before anything changes; only then are the whole [`Policy`] and the account rules
+//! swapped in, each in one atomic store. A call that already authenticated finishes under
+//! the policy it started with; the next call sees the new one. An invalid file changes
+//! nothing, and the reason is logged and returned.
 //!
 //! A reload changes policy, never the identity of the service: only the policy sections
 //! ([`RELOADABLE_SECTIONS`]: callers, purposes, and the account rules of `accounts`,
 //! `minors` and `privacy_policy`) are applied live. Every other section (`data_dir`,
 //! `database`, `keys`, `listen`, `tls`, `admin`, and the rest, which are read at start
-//! only) must be as the running server has it, or the file is refused naming the first key that differs, so a
-//! change is never silently ignored either. A reload never creates a credential: the
-//! administrator's token must already exist (it is re-read, so replacing the file rotates
-//! it), and an empty file is refused rather than read as "all defaults".
+//! only) must be as the running server has it, or the file is refused naming the first key
+//! that differs, so a change is never silently ignored either. A reload never creates a
+//! credential or locks every caller out: the administrator's token must already exist (it
+//! is re-read, so replacing the file rotates it), and a file that is empty or drops every
+//! caller is refused rather than read as "all defaults".
 
 use std::path::PathBuf;
 use std::sync::Arc;
