@@ -42,6 +42,19 @@ impl ServerProcess {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pdvault.toml");
         std::fs::write(&file, full_config(&dir, config, log_filter)).unwrap();
+        ServerProcess::serve(dir, max_open_files).await
+    }
+
+    /// Serves again on the same configuration file and data (after a crash or a stop), as
+    /// the same instance. The previous process must have exited.
+    pub async fn restart(self) -> ServerProcess {
+        let ServerProcess { child, dir, .. } = self;
+        drop(child);
+        ServerProcess::serve(dir, None).await
+    }
+
+    async fn serve(dir: tempfile::TempDir, max_open_files: Option<u32>) -> ServerProcess {
+        let file = dir.path().join("pdvault.toml");
         let binary = env!("CARGO_BIN_EXE_pdvault");
         let mut command = match max_open_files {
             None => Command::new(binary),
@@ -58,6 +71,9 @@ impl ServerProcess {
             .arg("serve")
             .arg("--config")
             .arg(&file)
+            // Relative paths (the default data_dir of an emptied file) stay in the test's
+            // directory, never the repository's.
+            .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
