@@ -532,6 +532,37 @@ impl Config {
                 self.limits.max_message_bytes == 0,
                 "the message size limit cannot be turned off",
             ),
+            (
+                "limits.max_streams_per_connection",
+                self.limits.max_streams_per_connection == 0,
+                "the per-connection stream limit cannot be turned off",
+            ),
+            (
+                "limits.request_read_timeout_ms",
+                self.limits.request_read_timeout_ms == 0,
+                "a request cannot be read without a deadline",
+            ),
+            (
+                "limits.idle_timeout_ms",
+                self.limits.idle_timeout_ms == 0,
+                "idle connections cannot be kept forever",
+            ),
+            (
+                "limits.max_unauthenticated_requests",
+                self.limits.max_unauthenticated_requests == 0,
+                "the unauthenticated budget cannot be turned off",
+            ),
+            (
+                "limits.caller_burst",
+                self.limits.caller_burst == 0 && self.limits.caller_requests_per_minute != 0,
+                "a rate-limited caller needs a burst of at least one call",
+            ),
+            (
+                "limits.unauthenticated_burst",
+                self.limits.unauthenticated_burst == 0
+                    && self.limits.unauthenticated_requests_per_minute != 0,
+                "a rate-limited address needs a burst of at least one call",
+            ),
         ];
         for (key, zero, why) in cannot_be_off {
             if zero {
@@ -662,6 +693,23 @@ mod tests {
                     "database.max_connections",
                 ),
                 ("[health]\ninterval_ms = 0\n", "health.interval_ms"),
+                (
+                    "[limits]\nmax_streams_per_connection = 0\n",
+                    "limits.max_streams_per_connection",
+                ),
+                (
+                    "[limits]\nrequest_read_timeout_ms = 0\n",
+                    "limits.request_read_timeout_ms",
+                ),
+                ("[limits]\nidle_timeout_ms = 0\n", "limits.idle_timeout_ms"),
+                (
+                    "[limits]\nmax_unauthenticated_requests = 0\n",
+                    "limits.max_unauthenticated_requests",
+                ),
+                (
+                    "[limits]\nunauthenticated_burst = 0\n",
+                    "limits.unauthenticated_burst",
+                ),
             ] {
                 let err = load(body).unwrap_err().to_string();
                 assert!(err.contains(key), "{body}: {err}");
@@ -669,7 +717,8 @@ mod tests {
             // Zero still means "off" where off is a choice.
             let config = load(
                 "[retention]\ndefault_days = 0\nrequest_id_ttl_hours = 0\n\
-                 [limits]\ncaller_requests_per_minute = 0\n",
+                 [limits]\ncaller_requests_per_minute = 0\nmax_connections_per_peer = 0\n\
+                 unauthenticated_requests_per_minute = 0\nunauthenticated_burst = 0\n",
             )
             .unwrap();
             assert!(config.retention.request_id_ttl().is_none());

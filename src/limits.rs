@@ -4,7 +4,7 @@
 //!
 //! The deadline is a tower layer around every gRPC service; the caps and rates are applied
 //! by the admission layer ([`crate::grpc::admission`]), which authenticates a call before it
-//! may take a slot. Each answers with a proper gRPC status itself (`DEADLINE_EXCEEDED`,
+//! may take a slot. Both read them from [`LiveLimits`], which a policy reload replaces. Each answers with a proper gRPC status itself (`DEADLINE_EXCEEDED`,
 //! `UNAVAILABLE`, `RESOURCE_EXHAUSTED`) so clients can tell "retry later" from a bug.
 //! Shedding refuses at once instead of queueing: a queue in front of a saturated database
 //! only turns overload into timeouts for everyone. Caller buckets are keyed on names from
@@ -15,9 +15,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
@@ -54,15 +56,18 @@ impl Permits {
 }
 
 /// Fails a call that runs longer than the configured timeout with `DEADLINE_EXCEEDED`,
-/// dropping (and so cancelling) its handler.
+/// dropping (and so cancelling) its handler. The timeout is read per call, so a reload
+/// ([`LiveLimits::replace`]) changes it for the next call.
 #[derive(Clone)]
 pub struct TimeoutLayer {
-    timeout: Duration,
+    timeout_ms: Arc<AtomicU64>,
 }
 
 impl TimeoutLayer {
     pub fn new(timeout: Duration) -> TimeoutLayer {
-        TimeoutLayer { timeout }
+        TimeoutLayer {
+            timeout_ms: Arc::new(AtomicU64::new(timeout.as_millis() as u64)),
+        }
     }
 }
 
@@ -72,7 +77,7 @@ impl<S> Layer<S> for TimeoutLayer {
     fn layer(&self, inner: S) -> Timeout<S> {
         Timeout {
             inner,
-            timeout: self.timeout,
+            timeout_ms: Arc::clone(&self.timeout_ms),
         }
     }
 }
@@ -80,7 +85,7 @@ impl<S> Layer<S> for TimeoutLayer {
 #[derive(Clone)]
 pub struct Timeout<S> {
     inner: S,
-    timeout: Duration,
+    timeout_ms: Arc<AtomicU64>,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Timeout<S>
@@ -99,7 +104,7 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let future = self.inner.call(request);
-        let timeout = self.timeout;
+        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed).max(1));
         Box::pin(async move {
             match tokio::time::timeout(timeout, future).await {
                 Ok(response) => response,
@@ -114,6 +119,125 @@ where
                 }
             }
         })
+    }
+}
+
+/// The per-call limits in force: rates, slot caps and the read deadline, which the
+/// admission layer reads per call.
+pub struct CallLimits {
+    pub callers: Arc<CallerRateLimiter>,
+    pub peers: Arc<PeerRateLimiter>,
+    pub permits: Permits,
+    pub unauthenticated: Permits,
+    pub read_timeout: Duration,
+    /// The settings these were built from, to tell on reload what changed.
+    config: LimitsConfig,
+}
+
+/// The `limits` a policy reload may change while the vault runs, swapped whole like the
+/// policy. What is unchanged is kept as it is (a caller's bucket keeps its tokens); a
+/// changed rate starts with fresh buckets, and a changed cap with a fresh count, so calls
+/// in flight at the reload are not counted against the new cap. The listener-level limits
+/// (`max_message_bytes`, `max_streams_per_connection`, `max_connections_per_peer`,
+/// `idle_timeout_ms`) are fixed at start ([`FIXED_LIMITS`]).
+pub struct LiveLimits {
+    current: ArcSwap<CallLimits>,
+    request_timeout_ms: Arc<AtomicU64>,
+}
+
+/// The `limits` keys only a restart can change: they are built into the listener, the
+/// HTTP/2 settings or the services' decoders.
+pub const FIXED_LIMITS: [&str; 4] = [
+    "max_message_bytes",
+    "max_streams_per_connection",
+    "max_connections_per_peer",
+    "idle_timeout_ms",
+];
+
+impl LiveLimits {
+    pub fn new(config: &LimitsConfig) -> LiveLimits {
+        LiveLimits {
+            current: ArcSwap::from_pointee(CallLimits::build(config, None)),
+            request_timeout_ms: Arc::new(AtomicU64::new(config.request_timeout_ms)),
+        }
+    }
+
+    /// The limits in force now.
+    pub fn current(&self) -> Arc<CallLimits> {
+        self.current.load_full()
+    }
+
+    /// The call timeout layer, reading the timeout these limits hold.
+    pub fn timeout_layer(&self) -> TimeoutLayer {
+        TimeoutLayer {
+            timeout_ms: Arc::clone(&self.request_timeout_ms),
+        }
+    }
+
+    /// Puts `config`'s per-call limits in force for the next call.
+    pub fn replace(&self, config: &LimitsConfig) {
+        let running = self.current.load_full();
+        self.current
+            .store(Arc::new(CallLimits::build(config, Some(&running))));
+        self.request_timeout_ms
+            .store(config.request_timeout_ms, Ordering::Relaxed);
+    }
+}
+
+impl CallLimits {
+    /// Limits for `config`, reusing from `running` what `config` does not change.
+    fn build(config: &LimitsConfig, running: Option<&CallLimits>) -> CallLimits {
+        let old = running.map(|running| &running.config);
+        let kept = |same: &dyn Fn(&LimitsConfig) -> bool| old.is_some_and(same);
+        let callers = match running {
+            Some(running)
+                if kept(&|old| {
+                    old.caller_requests_per_minute == config.caller_requests_per_minute
+                        && old.caller_burst == config.caller_burst
+                }) =>
+            {
+                Arc::clone(&running.callers)
+            }
+            _ => Arc::new(CallerRateLimiter::new(config)),
+        };
+        let peers = match running {
+            Some(running)
+                if kept(&|old| {
+                    old.unauthenticated_requests_per_minute
+                        == config.unauthenticated_requests_per_minute
+                        && old.unauthenticated_burst == config.unauthenticated_burst
+                }) =>
+            {
+                Arc::clone(&running.peers)
+            }
+            _ => Arc::new(PeerRateLimiter::new(config)),
+        };
+        let permits = match running {
+            Some(running)
+                if kept(&|old| old.max_concurrent_requests == config.max_concurrent_requests) =>
+            {
+                running.permits.clone()
+            }
+            _ => Permits::new(config.max_concurrent_requests),
+        };
+        let unauthenticated = match running {
+            Some(running)
+                if kept(&|old| {
+                    old.max_unauthenticated_requests == config.max_unauthenticated_requests
+                }) =>
+            {
+                running.unauthenticated.clone()
+            }
+            _ => Permits::new(config.max_unauthenticated_requests),
+        };
+        CallLimits {
+            callers,
+            peers,
+            permits,
+            unauthenticated,
+            read_timeout: Duration::from_millis(config.request_read_timeout_ms.max(1)),
+            config: config.clone(),
+        }
     }
 }
 
@@ -248,6 +372,39 @@ mod tests {
                 Ok(http::Response::new(tonic::body::Body::default()))
             }) as BoxFuture<_, _>
         })
+    }
+
+    #[test]
+    fn a_reload_keeps_what_it_does_not_change() {
+        let config = LimitsConfig {
+            caller_requests_per_minute: 1,
+            caller_burst: 1,
+            ..LimitsConfig::default()
+        };
+        let live = LiveLimits::new(&config);
+        assert!(live.current().callers.check("a"));
+        assert!(!live.current().callers.check("a"));
+        // Another setting changes: the bucket keeps its state.
+        live.replace(&LimitsConfig {
+            request_read_timeout_ms: 5,
+            ..config.clone()
+        });
+        assert!(!live.current().callers.check("a"));
+        assert_eq!(live.current().read_timeout, Duration::from_millis(5));
+        // The rate changes: fresh buckets at the new rate; the cap changes too.
+        live.replace(&LimitsConfig {
+            caller_burst: 3,
+            max_concurrent_requests: 1,
+            request_timeout_ms: 7,
+            ..config
+        });
+        let current = live.current();
+        assert!((0..3).all(|_| current.callers.check("a")));
+        assert!(!current.callers.check("a"));
+        let slot = current.permits.try_take().unwrap();
+        assert!(current.permits.try_take().is_err());
+        drop(slot);
+        assert_eq!(live.request_timeout_ms.load(Ordering::Relaxed), 7);
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Live policy reload: callers, purposes and account rules are re-read from the
-//! configuration the server started with, on SIGHUP or the `Admin.ReloadPolicy` RPC,
-//! without dropping a connection.
+//! Live policy reload: callers, purposes, account rules and the per-call limits are re-read
+//! from the configuration the server started with, on SIGHUP or the `Admin.ReloadPolicy`
+//! RPC, without dropping a connection.
 //!
 //! The new configuration goes through exactly the validation startup applies, in full,
 //! before anything changes; only then are the whole [`Policy`] and the account rules
@@ -9,8 +9,9 @@
 //! nothing, and the reason is logged and returned.
 //!
 //! A reload changes policy, never the identity of the service: only the policy sections
-//! ([`RELOADABLE_SECTIONS`]: callers, purposes, and the account rules of `accounts`,
-//! `minors` and `privacy_policy`) are applied live. Every other section (`data_dir`,
+//! ([`RELOADABLE_SECTIONS`]: callers, purposes, the account rules of `accounts`, `minors`
+//! and `privacy_policy`, and `limits` except the listener-level [`FIXED_LIMITS`]) are
+//! applied live. Every other section (`data_dir`,
 //! `database`, `keys`, `listen`, `tls`, `admin`, and the rest, which are read at start
 //! only) must be as the running server has it, or the file is refused naming the first key
 //! that differs, so a change is never silently ignored either. A reload never creates a
@@ -24,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::accounts::AccountRules;
 use crate::config::{Config, ConfigError, FlagOverrides};
+use crate::limits::{FIXED_LIMITS, LiveLimits};
 use crate::policy::Policy;
 use crate::startup::{AdminToken, StartupError, build_policy};
 use crate::vault::Vault;
@@ -37,7 +39,7 @@ pub enum ReloadError {
     /// A setting only a restart can change.
     #[error(
         "{key}: cannot change while the vault runs (a reload applies callers, purposes, \
-         accounts, minors and privacy_policy); restart to apply it"
+         accounts, minors, privacy_policy and the per-call limits); restart to apply it"
     )]
     Fixed { key: String },
     #[error("config file {0} is empty; a reload never falls back to the defaults")]
@@ -55,12 +57,13 @@ pub enum ReloadError {
 }
 
 /// The top-level sections a reload applies; every other one must stay as it runs.
-pub const RELOADABLE_SECTIONS: [&str; 5] = [
+pub const RELOADABLE_SECTIONS: [&str; 6] = [
     "callers",
     "purposes",
     "accounts",
     "minors",
     "privacy_policy",
+    "limits",
 ];
 
 /// Where the running configuration came from, so it can be read again the same way.
@@ -83,15 +86,23 @@ pub struct PolicyReloader {
     /// lock serialises reloads so two at once cannot interleave read and swap.
     running: tokio::sync::Mutex<Config>,
     vault: Arc<Vault>,
+    /// The per-call `limits` admission applies.
+    limits: Arc<LiveLimits>,
     generation: AtomicU64,
 }
 
 impl PolicyReloader {
-    pub fn new(source: ConfigSource, running: Config, vault: Arc<Vault>) -> PolicyReloader {
+    pub fn new(
+        source: ConfigSource,
+        running: Config,
+        vault: Arc<Vault>,
+        limits: Arc<LiveLimits>,
+    ) -> PolicyReloader {
         PolicyReloader {
             source,
             running: tokio::sync::Mutex::new(running),
             vault,
+            limits,
             generation: AtomicU64::new(0),
         }
     }
@@ -129,6 +140,7 @@ impl PolicyReloader {
         let result = self.candidate(&running);
         match result {
             Ok((config, policy, rules)) => {
+                self.limits.replace(&config.limits);
                 *running = config;
                 let policy = Arc::new(policy);
                 // Each is whole and valid on its own: a call between the two stores sees
@@ -175,16 +187,27 @@ pub fn fixed_change(running: &Config, new: &Config) -> Option<String> {
     let (Some(running), Some(new)) = (running.as_object(), new.as_object()) else {
         return Some("<configuration>".into());
     };
-    running
+    let null = serde_json::Value::Null;
+    let fixed_section = running
         .iter()
         .filter(|(section, _)| !RELOADABLE_SECTIONS.contains(&section.as_str()))
         .find_map(|(section, value)| {
-            first_difference(
-                section,
-                value,
-                new.get(section).unwrap_or(&serde_json::Value::Null),
-            )
-        })
+            first_difference(section, value, new.get(section).unwrap_or(&null))
+        });
+    // Of `limits`, the listener-level keys are read at start only.
+    let limit = |config: &serde_json::Map<String, serde_json::Value>, key: &str| {
+        config
+            .get("limits")
+            .and_then(|limits| limits.get(key))
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    };
+    fixed_section.or_else(|| {
+        FIXED_LIMITS
+            .iter()
+            .find(|key| limit(running, key) != limit(new, key))
+            .map(|key| format!("limits.{key}"))
+    })
 }
 
 fn first_difference(path: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {

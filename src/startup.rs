@@ -47,7 +47,7 @@ use crate::key_admin::KeyAdmin;
 use crate::keys::{
     KekProvider, KeyError, KeyManager, Keyring, KeyringError, LocalKekProvider, write_private_file,
 };
-use crate::limits::TimeoutLayer;
+use crate::limits::LiveLimits;
 use crate::policy::{CallerConfig, Grant, Policy, PolicyError, Rpc, token_sha256_hex};
 use crate::proto::account_security_server::AccountSecurityServer;
 use crate::proto::admin_server::AdminServer;
@@ -130,6 +130,8 @@ pub struct Application {
     audit_writer: tokio::task::JoinHandle<()>,
     reloader: Option<Arc<PolicyReloader>>,
     admin_token_path: Option<PathBuf>,
+    /// The per-call limits, shared by admission and the policy reloader.
+    limits: Arc<LiveLimits>,
 }
 
 impl Application {
@@ -179,6 +181,7 @@ impl Application {
             Some(addr) => Some(bind(addr).await?.0),
             None => None,
         };
+        let limits = Arc::new(LiveLimits::new(&config.limits));
         Ok(Application {
             listener,
             local_addr,
@@ -189,6 +192,7 @@ impl Application {
             audit_writer,
             reloader: None,
             admin_token_path,
+            limits,
         })
     }
 
@@ -199,6 +203,7 @@ impl Application {
             source,
             self.config.clone(),
             Arc::clone(&self.vault),
+            Arc::clone(&self.limits),
         )));
         self
     }
@@ -299,10 +304,12 @@ impl Application {
         .max_decoding_message_size(limits.max_message_bytes);
         let layers = tower::ServiceBuilder::new()
             .layer(RequestLayer)
-            .layer(AdmissionLayer::new(Arc::clone(&self.vault), limits))
-            .layer(TimeoutLayer::new(Duration::from_millis(
-                limits.request_timeout_ms,
-            )));
+            .layer(AdmissionLayer::new(
+                Arc::clone(&self.vault),
+                Arc::clone(&self.limits),
+                limits,
+            ))
+            .layer(self.limits.timeout_layer());
         let connections = ConnectionLimits::from_config(limits);
         let mut builder = tonic::transport::Server::builder()
             .max_concurrent_streams(limits.max_streams_per_connection.max(1))

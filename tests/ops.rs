@@ -641,9 +641,15 @@ async fn reload_changes_policy_never_the_service(backend: Backend) {
             "tls.allow_insecure",
         ),
         (changed(&|c| c.admin.enabled = false), "admin.enabled"),
+        // Of `limits`, what the listener is built with (the per-call limits reload: see
+        // tests/transport.rs).
         (
-            changed(&|c| c.limits.caller_requests_per_minute = 7),
-            "limits.caller_requests_per_minute",
+            changed(&|c| c.limits.max_streams_per_connection = 7),
+            "limits.max_streams_per_connection",
+        ),
+        (
+            changed(&|c| c.limits.idle_timeout_ms = 7_000),
+            "limits.idle_timeout_ms",
         ),
     ];
     for (body, key) in fixed {
@@ -766,7 +772,7 @@ async fn reload_changes_policy_never_the_service(backend: Backend) {
             "SELECT COUNT(*) FROM audit_events WHERE rpc = 'ReloadPolicy' AND outcome = 'INVALID'"
         )
         .await,
-        11
+        12
     );
     app.stop().await;
 }

@@ -355,6 +355,106 @@ async fn a5_every_service_and_every_refusal_is_rate_limited() {
     app.stop().await;
 }
 
+/// The per-call limits are part of what a reload applies (E21): a caller's rate, the rate
+/// of calls without a credential; the listener-level limits are refused, naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a5_a_reload_changes_the_rate_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pdvault.toml");
+    let app = TestApp::spawn_full(
+        Backend::Sqlite,
+        |_| {},
+        |config| {
+            std::fs::write(&file, toml::to_string(config).unwrap()).unwrap();
+            Some(pdvault::reload::ConfigSource {
+                file: Some(file.clone()),
+                flags: Default::default(),
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let channel = app.channel().await;
+    let mut admin = AdminClient::new(channel.clone());
+    let mut vault = pdvault::proto::vault_client::VaultClient::new(channel);
+    let limited = |status: &tonic::Status| {
+        status.code() == Code::ResourceExhausted && reason(status) == "RATE_LIMITED"
+    };
+    let check = || {
+        authed(
+            LOGIN.token,
+            CheckAccountRequest {
+                record_id: UNKNOWN_RECORD.into(),
+            },
+        )
+    };
+    for _ in 0..5 {
+        let status = vault.check_account(check()).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    let write = |change: &dyn Fn(&mut Config)| {
+        let mut config = app.config.clone();
+        change(&mut config);
+        std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+    };
+    let reload = || authed(&app.admin_token, ReloadPolicyRequest {});
+
+    // What the listener and the decoders are built with needs a restart.
+    for (change, key) in [
+        (
+            &(|config: &mut Config| config.limits.max_message_bytes = 1024) as &dyn Fn(&mut Config),
+            "limits.max_message_bytes",
+        ),
+        (
+            &|config: &mut Config| config.limits.max_connections_per_peer = 3,
+            "limits.max_connections_per_peer",
+        ),
+    ] {
+        write(change);
+        let status = admin.reload_policy(reload()).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains(&format!("{key}: cannot change")),
+            "{}",
+            status.message()
+        );
+    }
+    write(&|config| {
+        config.limits.caller_requests_per_minute = 1;
+        config.limits.caller_burst = 2;
+        config.limits.unauthenticated_requests_per_minute = 1;
+        config.limits.unauthenticated_burst = 1;
+    });
+    admin.reload_policy(reload()).await.unwrap();
+    for _ in 0..2 {
+        let status = vault.check_account(check()).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    assert!(limited(&vault.check_account(check()).await.unwrap_err()));
+    let guessed = || {
+        let mut request = tonic::Request::new(CheckAccountRequest {
+            record_id: UNKNOWN_RECORD.into(),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", "Bearer guessed".parse().unwrap());
+        request
+    };
+    let first = vault.check_account(guessed()).await.unwrap_err();
+    assert_eq!(first.code(), Code::Unauthenticated, "{first:?}");
+    assert!(limited(&vault.check_account(guessed()).await.unwrap_err()));
+
+    // Back to no caller limit (the administrator's second call under the limits): the
+    // login path is served again at once.
+    write(&|_| {});
+    admin.reload_policy(reload()).await.unwrap();
+    for _ in 0..5 {
+        let status = vault.check_account(check()).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    app.stop().await;
+}
+
 /// Runs `count` calls one after the other and returns their results in order.
 async fn futures_in_order<F, Fut, T>(count: usize, mut make: F) -> Vec<T>
 where

@@ -42,7 +42,7 @@ use tower::{Layer, Service};
 use super::codec::malformed;
 use super::error_info;
 use crate::config::LimitsConfig;
-use crate::limits::{CallerRateLimiter, PeerRateLimiter, Permits};
+use crate::limits::{CallLimits, LiveLimits};
 use crate::vault::Vault;
 
 /// The 5-byte prefix of every gRPC message: compressed flag and big-endian length.
@@ -78,25 +78,25 @@ pub struct AdmissionLayer {
 
 struct Shared {
     vault: Arc<Vault>,
-    callers: CallerRateLimiter,
-    peers: PeerRateLimiter,
-    permits: Permits,
-    unauthenticated: Permits,
-    read_timeout: Duration,
+    /// Rates, caps and the read deadline; a reload may replace them.
+    limits: Arc<LiveLimits>,
+    /// Fixed at start: the services' decoders are built with it.
     max_message_bytes: usize,
 }
 
 impl AdmissionLayer {
-    pub fn new(vault: Arc<Vault>, limits: &LimitsConfig) -> AdmissionLayer {
+    /// Admission under `limits` (shared with the policy reloader) and the message size
+    /// limit of `config`.
+    pub fn new(
+        vault: Arc<Vault>,
+        limits: Arc<LiveLimits>,
+        config: &LimitsConfig,
+    ) -> AdmissionLayer {
         AdmissionLayer {
             shared: Arc::new(Shared {
                 vault,
-                callers: CallerRateLimiter::new(limits),
-                peers: PeerRateLimiter::new(limits),
-                permits: Permits::new(limits.max_concurrent_requests),
-                unauthenticated: Permits::new(limits.max_unauthenticated_requests),
-                read_timeout: Duration::from_millis(limits.request_read_timeout_ms.max(1)),
-                max_message_bytes: limits.max_message_bytes,
+                limits,
+                max_message_bytes: config.max_message_bytes,
             }),
         }
     }
@@ -176,10 +176,11 @@ enum Admitted {
 
 impl Shared {
     async fn admit(&self, kind: Kind, request: http::Request<Body>) -> Result<Admitted, Status> {
+        let limits = self.limits.current();
         let peer = peer_addr(request.extensions()).map(|addr| addr.ip());
         if kind == Kind::Reflection {
-            self.charge_peer(peer)?;
-            let permit = self.unauthenticated.try_take()?;
+            charge_peer(&limits, peer)?;
+            let permit = limits.unauthenticated.try_take()?;
             return Ok(Admitted::Unauthenticated(request, permit));
         }
         let caller = {
@@ -199,12 +200,12 @@ impl Shared {
             match super::identify(&policy, authorization, leaf) {
                 Ok(caller) => caller,
                 Err(refused) => {
-                    self.charge_peer(peer)?;
+                    charge_peer(&limits, peer)?;
                     return Err(refused);
                 }
             }
         };
-        if !self.callers.check(&caller.name) {
+        if !limits.callers.check(&caller.name) {
             crate::metrics::record_denial("RATE_LIMITED");
             return Err(error_info(
                 tonic::Code::ResourceExhausted,
@@ -217,9 +218,9 @@ impl Shared {
             .headers
             .get("grpc-encoding")
             .is_some_and(|encoding| encoding.as_bytes() != b"identity");
-        let message = self.read_message(body).await?;
+        let message = self.read_message(body, limits.read_timeout).await?;
         check_framing(&message, compressed, self.max_message_bytes)?;
-        let permit = self.permits.try_take()?;
+        let permit = limits.permits.try_take()?;
         let body = Body::new(http_body_util::Full::new(message));
         Ok(Admitted::Service(
             http::Request::from_parts(parts, body),
@@ -227,25 +228,11 @@ impl Shared {
         ))
     }
 
-    /// Charges one unauthenticated call to its peer's rate.
-    fn charge_peer(&self, peer: Option<IpAddr>) -> Result<(), Status> {
-        if self.peers.check(peer) {
-            Ok(())
-        } else {
-            crate::metrics::record_denial("RATE_LIMITED");
-            Err(error_info(
-                tonic::Code::ResourceExhausted,
-                "too many unauthenticated calls from this address; retry later",
-                "RATE_LIMITED",
-            ))
-        }
-    }
-
     /// The whole request body, within the read deadline and the message size limit.
-    async fn read_message(&self, body: Body) -> Result<Bytes, Status> {
+    async fn read_message(&self, body: Body, deadline: Duration) -> Result<Bytes, Status> {
         let limit = self.max_message_bytes.saturating_add(FRAME_HEADER_BYTES);
         let collect = http_body_util::Limited::new(body, limit).collect();
-        match tokio::time::timeout(self.read_timeout, collect).await {
+        match tokio::time::timeout(deadline, collect).await {
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
             Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
                 Err(too_large(self.max_message_bytes))
@@ -261,6 +248,20 @@ impl Shared {
                 ))
             }
         }
+    }
+}
+
+/// Charges one unauthenticated call to its peer's rate.
+fn charge_peer(limits: &CallLimits, peer: Option<IpAddr>) -> Result<(), Status> {
+    if limits.peers.check(peer) {
+        Ok(())
+    } else {
+        crate::metrics::record_denial("RATE_LIMITED");
+        Err(error_info(
+            tonic::Code::ResourceExhausted,
+            "too many unauthenticated calls from this address; retry later",
+            "RATE_LIMITED",
+        ))
     }
 }
 
