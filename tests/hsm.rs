@@ -269,3 +269,26 @@ async fn sqlite_hsm_lifecycle() {
 async fn postgres_hsm_lifecycle() {
     hsm_lifecycle(Backend::Postgres).await;
 }
+
+/// A PIN file group or others can read is refused before the module is asked anything; the
+/// same file made private opens the token.
+#[cfg(unix)]
+#[test]
+fn a_pin_file_others_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = softhsm::config("pin-file-test");
+    config.pin_file = dir.path().join("pin");
+    std::fs::write(&config.pin_file, "1234\n").unwrap();
+    std::fs::set_permissions(&config.pin_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    match pdvault::hsm::Pkcs11KekProvider::open(&config) {
+        Err(pdvault::keys::KeyError::SecretFile(pdvault::keys::SecretFileError::Exposed {
+            mode,
+            ..
+        })) => assert_eq!(mode, 0o640),
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("opened with a PIN file others can read"),
+    }
+    std::fs::set_permissions(&config.pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(pdvault::hsm::Pkcs11KekProvider::open(&config).is_ok());
+}
