@@ -417,8 +417,8 @@ mod tests {
     fn forgetting_a_version_drops_only_the_keys_it_wrapped() {
         let mut cache = KeyCache::new(10, Duration::from_secs(3600));
         let under = |version| {
-            let mut wrapped = wrap_header(crate::crypto::Suite::default(), HSM_KEY_ID, version)
-                .unwrap();
+            let mut wrapped =
+                wrap_header(crate::crypto::Suite::default(), HSM_KEY_ID, version).unwrap();
             wrapped.extend_from_slice(&[7u8; 60]);
             wrapped
         };

@@ -18,9 +18,7 @@ use base64::Engine;
 use pdvault::audit::{
     AuditEvent, ChainHead, ChainVerifier, Checkpoint, CheckpointLink, StoredEvent, Witness,
 };
-use pdvault::crypto::{
-    AuditPublicKey, BlindIndexKey, DataKey, PseudonymKey, SecretKey, Suite,
-};
+use pdvault::crypto::{AuditPublicKey, BlindIndexKey, DataKey, PseudonymKey, SecretKey, Suite};
 use pdvault::keys::Keyring;
 use serde_json::{Value, json};
 
@@ -272,8 +270,10 @@ fn aes_256_gcm_matches_the_gcm_specification() {
     );
     let nonce = h("cafebabefacedbaddecaf888");
     let aad = h("feedfacedeadbeeffeedfacedeadbeefabaddad2");
-    let plaintext = h("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72\
-         1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39");
+    let plaintext = h(
+        "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72\
+         1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39",
+    );
     let expected = "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa\
          8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662\
          76fc6ece0f4e1768cddf8853bb2d551b";
@@ -345,7 +345,11 @@ fn hmac_sm3_matches_gm_t_0042() {
 #[ignore]
 fn write_golden_vectors() {
     let dir = PathBuf::from(std::env::var("PDVAULT_GOLDEN_DIR").expect("PDVAULT_GOLDEN_DIR"));
-    assert!(!dir.exists(), "{} exists: fixtures are never rewritten", dir.display());
+    assert!(
+        !dir.exists(),
+        "{} exists: fixtures are never rewritten",
+        dir.display()
+    );
     std::fs::create_dir_all(&dir).unwrap();
 
     // A keyring made by the vault's own code.
@@ -392,10 +396,8 @@ fn write_golden_vectors() {
         .into_iter()
         .map(|suite| {
             let blind = BlindIndexKey::with_suite(base64_key(&index["blind_index_key"]), suite);
-            let pseudonyms =
-                PseudonymKey::with_suite(base64_key(&index["pseudonym_key"]), suite);
-            let (id_type, id_number, phone) =
-                ("PASSPORT", "E12345678", "+8613812345678");
+            let pseudonyms = PseudonymKey::with_suite(base64_key(&index["pseudonym_key"]), suite);
+            let (id_type, id_number, phone) = ("PASSPORT", "E12345678", "+8613812345678");
             json!({
                 "suite": suite.as_str(),
                 "id_type": id_type,
@@ -410,7 +412,10 @@ fn write_golden_vectors() {
             })
         })
         .collect();
-    write_json(&dir.join("records.json"), &json!({"records": records, "indexes": indexes}));
+    write_json(
+        &dir.join("records.json"),
+        &json!({"records": records, "indexes": indexes}),
+    );
 
     // Three events of one chain, as the audit writer hashes them, and a signer's first
     // three checkpoints over it: the introduction at the origin, a moved head, the close.
@@ -490,7 +495,11 @@ fn write_golden_vectors() {
                     None => pdvault::audit::checkpoint_genesis(signer).to_vec(),
                     Some(previous) => previous.hash().to_vec(),
                 },
-                closed: if closed { vec![chain_id.into()] } else { Vec::new() },
+                closed: if closed {
+                    vec![chain_id.into()]
+                } else {
+                    Vec::new()
+                },
             }),
         };
         checkpoint.signature = signing.sign(&checkpoint.message());

@@ -510,14 +510,20 @@ async fn equivalent_spellings_are_one_value(app: &TestApp) {
             .await
             .unwrap()
     };
-    let a = create(app, other_document(precomposed, "\u{d1}-2024-001", "a@example.com"))
-        .await
-        .unwrap();
-    let b = create(app, Identity {
-        name: decomposed.into(),
-        email: "b@example.com".into(),
-        ..Identity::default()
-    })
+    let a = create(
+        app,
+        other_document(precomposed, "\u{d1}-2024-001", "a@example.com"),
+    )
+    .await
+    .unwrap();
+    let b = create(
+        app,
+        Identity {
+            name: decomposed.into(),
+            email: "b@example.com".into(),
+            ..Identity::default()
+        },
+    )
     .await
     .unwrap();
     let (pa, pb) = (pseudonym(a.clone()).await, pseudonym(b).await);
@@ -525,12 +531,19 @@ async fn equivalent_spellings_are_one_value(app: &TestApp) {
     assert_eq!(pa, pb, "one name, one pseudonym");
     assert_eq!(find_other(app, "N\u{303}-2024-001").await, vec![a.clone()]);
     assert_eq!(find_other(app, "\u{d1}-2024-001").await, vec![a.clone()]);
-    assert_duplicate(app, other_document(decomposed, "N\u{303}-2024-001", "c@example.com")).await;
+    assert_duplicate(
+        app,
+        other_document(decomposed, "N\u{303}-2024-001", "c@example.com"),
+    )
+    .await;
 
     // A record as the previous version stored it: number sealed and indexed decomposed.
-    let legacy = create(app, other_document("Lee", "\u{c5}-77", "legacy@example.com"))
-        .await
-        .unwrap();
+    let legacy = create(
+        app,
+        other_document("Lee", "\u{c5}-77", "legacy@example.com"),
+    )
+    .await
+    .unwrap();
     let legacy_number = "A\u{30a}-77";
     let keys = app.vault.keys();
     let wrapped = app

@@ -463,7 +463,10 @@ async fn destruction_reaches_every_instance(app: &TestApp) {
     let select = format!("SELECT wrapped_key FROM records WHERE record_id = '{record}'");
     let under_v1 = app.bytes(&select).await;
     // Read through the other instance: a hardware module's cache now holds its data key.
-    assert_eq!(email_of(&other, &record).await.unwrap(), "person1@example.com");
+    assert_eq!(
+        email_of(&other, &record).await.unwrap(),
+        "person1@example.com"
+    );
     assert!(rotate(app, 1).await.created);
     rewrap(app, 0).await.unwrap();
     retire(app, 1).await.unwrap();
@@ -506,7 +509,10 @@ async fn destruction_reaches_every_instance(app: &TestApp) {
     // Its background task dropped the material (with the local provider, the KEK it held).
     let dropped_by = std::time::Instant::now() + window + std::time::Duration::from_secs(3);
     while other.vault.keys().provider_versions().unwrap().contains(&1) {
-        assert!(std::time::Instant::now() < dropped_by, "material still held");
+        assert!(
+            std::time::Instant::now() < dropped_by,
+            "material still held"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // Both refusals are audited as such.

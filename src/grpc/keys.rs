@@ -295,10 +295,7 @@ pub(crate) fn key_status(error: &KeyError) -> Status {
                 "STORAGE_UNAVAILABLE",
             )
         }
-        KeyError::Keyring(_)
-        | KeyError::Crypto(_)
-        | KeyError::Hsm(_)
-        | KeyError::SecretFile(_) => {
+        KeyError::Keyring(_) | KeyError::Crypto(_) | KeyError::Hsm(_) | KeyError::SecretFile(_) => {
             tracing::error!(error = %message, "key provider failure");
             error_info(
                 Code::Unavailable,
