@@ -467,6 +467,41 @@ async fn another_instance_follows_an_index_rotation(app: &TestApp) {
     other.stop().await;
 }
 
+/// An index version destroyed through one instance leaves every other instance's memory
+/// within `keys.state_cache_ms`, although the set of live index versions (which is what
+/// makes an instance re-read the keyring file) did not change with the destruction.
+async fn index_destruction_reaches_every_instance(app: &TestApp) {
+    let other = app.spawn_sibling().await;
+    let id_number = resident_id("11010119900307123");
+    let record = create(app, person(&id_number, "13800001111"))
+        .await
+        .unwrap();
+    assert!(rotate_index(app, 1).await.created);
+    assert!(rewrap(app, 0).await.pop().unwrap().done);
+    retire_index(app, 1).await.unwrap();
+    // The other instance follows the rotation and the retirement through a lookup, and
+    // still holds the retired version's keys (the file still holds them too).
+    assert_eq!(
+        find_document(&other, &id_number).await,
+        vec![record.clone()]
+    );
+    assert!(other.vault.keys().index_versions_held().contains(&1));
+
+    destroy_index(app, 1).await.unwrap();
+    let destroyed_at = std::time::Instant::now();
+    let window = std::time::Duration::from_millis(app.config.keys.state_cache_ms);
+    while other.vault.keys().index_versions_held().contains(&1) {
+        assert!(
+            destroyed_at.elapsed() < window + std::time::Duration::from_secs(3),
+            "the other instance still holds the destroyed index keys"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(other.vault.keys().index_versions_held(), vec![2]);
+    assert_eq!(find_document(&other, &id_number).await, vec![record]);
+    other.stop().await;
+}
+
 fn other_document(name: &str, number: &str, email: &str) -> Identity {
     Identity {
         name: name.into(),
@@ -586,6 +621,7 @@ async fn equivalent_spellings_are_one_value(app: &TestApp) {
 
 for_each_backend!(
     equivalent_spellings_are_one_value,
+    index_destruction_reaches_every_instance,
     index_rotation_reindex_retire_destroy,
     another_instance_follows_an_index_rotation,
 );

@@ -407,6 +407,11 @@ impl KeyManager {
         self.provider.versions()
     }
 
+    /// The index versions whose keys this instance holds in memory right now.
+    pub fn index_versions_held(&self) -> Vec<u32> {
+        self.index.versions()
+    }
+
     /// Re-reads the active and live index versions from the database, and the keyring
     /// file when it lacks one of them. Returns the active index version.
     pub async fn refresh_index(&self) -> Result<u32, KeyError> {
