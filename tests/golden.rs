@@ -3,7 +3,8 @@
 //!
 //! A sealed field, a wrapped data key (both suites), blind indexes and pseudonyms, the
 //! keyring file that holds their keys, audit event hashes and a signer's chain of format-2
-//! checkpoints as witness lines. Records, backups and witness files outlive the code that
+//! checkpoints as witness lines (and, in `tests/hsm.rs`, data keys the PKCS#11 provider
+//! wrapped). Records, backups and witness files outlive the code that
 //! wrote them: a change that stops these opening (a new associated-data layout, a different
 //! canonical encoding) must bump a format byte and keep the old format readable, never
 //! rewrite these files. New formats get new fixture directories beside this one.
