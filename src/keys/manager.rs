@@ -512,6 +512,11 @@ impl KeyManager {
                 return Err(KeyError::MaterialMissing { version: active });
             }
         }
+        if self.cached_state(active).is_none() {
+            // A version this instance has not seen yet: unwraps under it (the health probe's
+            // among them) must not wait for the next re-read of the states to succeed.
+            self.refresh_states().await?;
+        }
         self.active.store(active, Ordering::Release);
         Ok(active)
     }
