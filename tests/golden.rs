@@ -9,6 +9,10 @@
 //! canonical encoding) must bump a format byte and keep the old format readable, never
 //! rewrite these files. New formats get new fixture directories beside this one.
 //!
+//! The primitives beneath these formats have their known-answer tests beside the code, in
+//! `crypto`'s unit tests: AES-256-GCM (the GCM specification), SM4-GCM (RFC 8998), SM3
+//! (GB/T 32905) and HMAC-SM3 (GM/T 0042).
+//!
 //! The keys in the fixtures are test keys, generated for the fixtures and used nowhere else.
 //! `write_golden_vectors` (ignored) is how a fixture directory was produced; it refuses to
 //! overwrite one.
@@ -242,100 +246,6 @@ fn audit_event_hashes_and_format_2_checkpoints_still_verify() {
     let (events, problem) = verifier.finish();
     assert_eq!(problem, None);
     assert_eq!(events, stored.len() as u64);
-}
-
-/// Known answers for the primitives beside the formats: AES-256-GCM (the GCM specification's
-/// test cases 14 and 16, McGrew and Viega, also in NIST's GCM validation vectors) and
-/// HMAC-SM3 (GM/T 0042-2015 appendix D.3). SM4-GCM and SM3 are in `crypto`'s unit tests.
-#[test]
-fn aes_256_gcm_matches_the_gcm_specification() {
-    use aes_gcm::aead::{Aead, KeyInit, Payload};
-    use aes_gcm::{Aes256Gcm, Nonce};
-    let h = |s: &str| data_encoding::HEXLOWER.decode(s.as_bytes()).unwrap();
-
-    // Test case 14: zero key, zero nonce, one zero block.
-    let cipher = Aes256Gcm::new(h(&"00".repeat(32)).as_slice().into());
-    let sealed = cipher
-        .encrypt(Nonce::from_slice(&[0u8; 12]), [0u8; 16].as_slice())
-        .unwrap();
-    assert_eq!(
-        hex(&sealed),
-        "cea7403d4d606b6e074ec5d3baf39d18d0d1c8a799996bf0265b98b5d48ab919"
-    );
-
-    // Test case 16: a partial last block and associated data.
-    let cipher = Aes256Gcm::new(
-        h("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
-            .as_slice()
-            .into(),
-    );
-    let nonce = h("cafebabefacedbaddecaf888");
-    let aad = h("feedfacedeadbeeffeedfacedeadbeefabaddad2");
-    let plaintext = h(
-        "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72\
-         1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39",
-    );
-    let expected = "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa\
-         8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662\
-         76fc6ece0f4e1768cddf8853bb2d551b";
-    let sealed = cipher
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: &plaintext,
-                aad: &aad,
-            },
-        )
-        .unwrap();
-    assert_eq!(hex(&sealed), expected);
-    let opened = cipher
-        .decrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: &sealed,
-                aad: &aad,
-            },
-        )
-        .unwrap();
-    assert_eq!(opened, plaintext);
-    let mut tampered = sealed.clone();
-    tampered[0] ^= 1;
-    assert!(
-        cipher
-            .decrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: &tampered,
-                    aad: &aad,
-                },
-            )
-            .is_err()
-    );
-}
-
-#[test]
-fn hmac_sm3_matches_gm_t_0042() {
-    use hmac::{Hmac, Mac};
-    let mac = |key: &[u8], message: &[u8]| {
-        let mut mac = <Hmac<sm3::Sm3> as Mac>::new_from_slice(key).unwrap();
-        mac.update(message);
-        hex(&mac.finalize().into_bytes())
-    };
-    let key: Vec<u8> = (1u8..=0x25).collect();
-    // A 32-byte key (shorter than the block), 112 bytes of text.
-    assert_eq!(
-        mac(
-            &key[..32],
-            b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq\
-              abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
-        ),
-        "ca05e144ed05d1857840d1f318a4a8669e559fc8391f414485bfdf7bb408963a"
-    );
-    // A 37-byte key, 50 bytes of 0xcd.
-    assert_eq!(
-        mac(&key, &[0xcd; 50]),
-        "220bf579ded555393f0159f66c99877822a3ecf610d1552154b41d44b94db3ae"
-    );
 }
 
 /// Writes a fixture directory from keys made now and the code of today. Run once per new
