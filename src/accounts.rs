@@ -269,7 +269,7 @@ impl Vault {
     fn is_minor(&self, record_id: &str, state: &AccountState) -> Result<bool, VaultError> {
         Ok(self
             .birth_date(record_id, state)?
-            .is_some_and(|birth| !has_reached(birth, self.rules.age_of_majority, self.today())))
+            .is_some_and(|birth| !has_reached(birth, self.rules().age_of_majority, self.today())))
     }
 
     /// Refuses a release the account's state forbids: a suspension (unless the purpose is
@@ -283,14 +283,14 @@ impl Vault {
     ) -> Result<(), VaultError> {
         if state.suspended
             && !self
-                .rules
+                .rules()
                 .suspended_allowed_purposes
                 .contains(&purpose.name)
         {
             return Err(VaultError::AccountSuspended);
         }
         if state.active_consents == 0
-            && !self.rules.consent_exempt_purposes.contains(&purpose.name)
+            && !self.rules().consent_exempt_purposes.contains(&purpose.name)
             && self.is_minor(record_id, state)?
         {
             return Err(VaultError::GuardianConsentRequired);
@@ -345,8 +345,8 @@ impl Vault {
         }
         let birth = self.birth_date(record_id, &state)?;
         let today = self.today();
-        let minor = birth.is_some_and(|b| !has_reached(b, self.rules.age_of_majority, today));
-        let under_14 = birth.is_some_and(|b| !has_reached(b, self.rules.sensitive_age, today));
+        let minor = birth.is_some_and(|b| !has_reached(b, self.rules().age_of_majority, today));
+        let under_14 = birth.is_some_and(|b| !has_reached(b, self.rules().sensitive_age, today));
         Ok(AccountView {
             status: if state.suspended {
                 AccountStatus::Suspended
@@ -357,7 +357,7 @@ impl Vault {
             under_14,
             guardian_consent_required: minor && state.active_consents == 0,
             policy_reconsent_required: self
-                .rules
+                .rules()
                 .current_policy_version
                 .as_ref()
                 .is_some_and(|current| state.policy_version.as_ref() != Some(current)),
@@ -642,7 +642,7 @@ impl Vault {
             .ok_or_else(|| violation("guardian_record_id", "names no live record"))?;
         let adult = self
             .birth_date(guardian_id, &state)?
-            .is_some_and(|birth| has_reached(birth, self.rules.age_of_majority, self.today()));
+            .is_some_and(|birth| has_reached(birth, self.rules().age_of_majority, self.today()));
         if adult {
             Ok(())
         } else {
@@ -676,7 +676,7 @@ impl Vault {
             )
         })?;
         let birth = document.birth_date().ok_or(VaultError::GuardianNotAdult)?;
-        if !has_reached(birth, self.rules.age_of_majority, self.today()) {
+        if !has_reached(birth, self.rules().age_of_majority, self.today()) {
             return Err(VaultError::GuardianNotAdult);
         }
         let same_person = self
