@@ -466,7 +466,7 @@ impl Vault {
             .list_account_events(record_id, limit, after)
             .await?;
         let dek = match self.store.get_record(record_id).await? {
-            Some(stored) => Some(self.keys.unwrap(&stored.wrapped_key, record_id)?),
+            Some(stored) => Some(self.keys.unwrap(&stored.wrapped_key, record_id).await?),
             None => None,
         };
         let mut entries = Vec::with_capacity(rows.len());
@@ -505,7 +505,7 @@ impl Vault {
         if note.is_empty() {
             return Ok(SealedNote::default());
         }
-        let dek = self.keys.unwrap(&stored.wrapped_key, record_id)?;
+        let dek = self.keys.unwrap(&stored.wrapped_key, record_id).await?;
         Ok(SealedNote {
             note: Some(dek.seal_field(record_id, NOTE_FIELD, note.as_bytes())?),
             under: Some(stored.wrapped_key),
@@ -704,7 +704,7 @@ impl Vault {
         let plaintext = zeroize::Zeroizing::new(
             serde_json::to_vec(&canonical).map_err(|e| VaultError::Internal(e.to_string()))?,
         );
-        let dek = self.keys.unwrap(minor_wrapped_key, minor_id)?;
+        let dek = self.keys.unwrap(minor_wrapped_key, minor_id).await?;
         Ok(dek.seal_field(minor_id, &guardian_field(consent_id), &plaintext)?)
     }
 

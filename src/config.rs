@@ -116,6 +116,16 @@ pub struct KeysConfig {
     pub provider: String,
     #[serde(default)]
     pub pkcs11: Option<Pkcs11Config>,
+    /// How long an unwrap trusts the key version states it last read from the database, and
+    /// how often they are re-read in the background: the longest a `DestroyKeyVersion` on
+    /// another instance can take to reach this one (material and cached data keys dropped,
+    /// unwraps refused).
+    #[serde(default = "default_state_cache_ms")]
+    pub state_cache_ms: u64,
+}
+
+fn default_state_cache_ms() -> u64 {
+    2_000
 }
 
 /// A PKCS#11 module holding the KEKs (`keys.provider = "pkcs11"`).
@@ -357,6 +367,7 @@ impl Default for Config {
                 suite: default_suite(),
                 provider: default_provider(),
                 pkcs11: None,
+                state_cache_ms: default_state_cache_ms(),
             },
             admin: AdminConfig {
                 enabled: true,

@@ -277,6 +277,7 @@ fn refusal(error: &AdminError) -> Option<(&'static str, String)> {
         AdminError::Key(KeyError::NoSuchVersion(_)) => denied("KEY_VERSION_NOT_FOUND"),
         AdminError::Key(KeyError::WrongState { .. }) => denied("KEY_VERSION_STATE"),
         AdminError::Key(KeyError::InUse { .. }) => denied("KEY_VERSION_IN_USE"),
+        AdminError::Key(KeyError::Destroyed { .. }) => denied("KEY_VERSION_DESTROYED"),
         AdminError::Key(_) => Some(("ERROR", "KEY_UNAVAILABLE".to_owned())),
         AdminError::Vault(error) => Some(crate::vault::refusal_outcome(error)),
         AdminError::Rewrap(_) | AdminError::AuditUnavailable => None,

@@ -61,9 +61,10 @@ impl Connection {
     ) -> Result<(zeroize::Zeroizing<String>, KeyManagementClient<Channel>), String> {
         let token = zeroize::Zeroizing::new(match (&self.token, &self.token_file) {
             (Some(token), _) => token.trim().to_owned(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
-                .trim()
+            // The same rule as the server's: a token file others can read is refused.
+            (None, Some(path)) => crate::keys::read_secret_file(path, 4096)
+                .map_err(|e| e.to_string())?
+                .as_str()
                 .to_owned(),
             (None, None) => {
                 return Err("a token is required: --token-file or PDVAULT_TOKEN".into());

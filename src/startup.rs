@@ -84,6 +84,8 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error("keyring: {0}")]
     Keyring(#[from] KeyringError),
+    #[error("admin token: {0}")]
+    SecretFile(#[from] crate::keys::SecretFileError),
     #[error("keys: {0}")]
     Keys(#[from] KeyError),
     #[error("{0}")]
@@ -261,6 +263,10 @@ impl Application {
         let abandoned_jobs = tokio::spawn(crate::rewrap::interrupt_abandoned_periodically(
             Arc::clone(&self.vault),
         ));
+        // Destructions by other instances reach this one through it.
+        let key_states = tokio::spawn(crate::keys::manager::watch_key_states(Arc::clone(
+            self.vault.keys(),
+        )));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // Not serving until the first probe says otherwise.
         crate::health::set_not_serving(&reporter).await;
@@ -364,6 +370,7 @@ impl Application {
         maintenance.abort();
         request_ids.abort();
         abandoned_jobs.abort();
+        key_states.abort();
         // Calls still holding a vault handle now get AUDIT_UNAVAILABLE: nothing leaves
         // unaudited. What is queued is flushed before the writer stops.
         self.vault.audit().close();
@@ -532,7 +539,8 @@ pub async fn open_keys(
         store.clone(),
         now,
     )
-    .await?;
+    .await?
+    .with_state_cache(Duration::from_millis(config.keys.state_cache_ms.max(1)));
     Ok(Arc::new(manager))
 }
 
@@ -586,16 +594,21 @@ fn admin_caller(
              least-privilege callers for services"
         );
     }
-    let token = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(io_error)?);
+    // Refused when group or others can read it, as the keyring is: the token grants
+    // everything.
+    let token = crate::keys::read_secret_file(path, MAX_TOKEN_FILE)?;
     Ok(CallerConfig {
         name: ADMIN_CALLER.to_owned(),
-        token_sha256: token_sha256_hex(token.trim()),
+        token_sha256: token_sha256_hex(&token),
         rpcs: Rpc::ALL.iter().map(|rpc| rpc.as_str().to_owned()).collect(),
         purposes: config.purposes.keys().cloned().collect(),
         grants: Grant::ALL.iter().map(|g| g.as_str().to_owned()).collect(),
         ..CallerConfig::default()
     })
 }
+
+/// Tokens are short; a much longer file is not a token file.
+const MAX_TOKEN_FILE: u64 = 4096;
 
 /// A fresh bearer token: 256 bits from the OS generator.
 pub fn generate_token() -> std::io::Result<String> {
@@ -667,4 +680,29 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn an_admin_token_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        let config = Config::default();
+        // Created private, and read back.
+        let caller = admin_caller(&path, &config, AdminToken::CreateIfMissing).unwrap();
+        assert_eq!(caller.name, ADMIN_CALLER);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Refused at start and on every policy reload alike.
+        match admin_caller(&path, &config, AdminToken::MustExist) {
+            Err(StartupError::SecretFile(crate::keys::SecretFileError::Exposed {
+                mode, ..
+            })) => assert_eq!(mode, 0o644),
+            other => panic!("{:?}", other.map(|caller| caller.name)),
+        }
+    }
 }

@@ -291,6 +291,10 @@ pub(crate) fn key_status(error: &KeyError) -> Status {
         KeyError::InUse { .. } => {
             error_info(Code::FailedPrecondition, &message, "KEY_VERSION_IN_USE")
         }
+        KeyError::Destroyed { .. } => {
+            crate::metrics::record_denial("KEY_VERSION_DESTROYED");
+            error_info(Code::FailedPrecondition, &message, "KEY_VERSION_DESTROYED")
+        }
         KeyError::MaterialMissing { .. } | KeyError::IndexMaterialMissing { .. } => {
             tracing::error!(error = %message, "key material unavailable");
             error_info(Code::Unavailable, &message, "KEY_UNAVAILABLE")
@@ -311,7 +315,7 @@ pub(crate) fn key_status(error: &KeyError) -> Status {
                 "STORAGE_UNAVAILABLE",
             )
         }
-        KeyError::Keyring(_) | KeyError::Crypto(_) | KeyError::Hsm(_) => {
+        KeyError::Keyring(_) | KeyError::Crypto(_) | KeyError::Hsm(_) | KeyError::SecretFile(_) => {
             tracing::error!(error = %message, "key provider failure");
             error_info(
                 Code::Unavailable,
