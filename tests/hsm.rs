@@ -110,7 +110,12 @@ fn kek_objects(session: &Session, prefix: &str, version: u32) -> usize {
         .len()
 }
 
+/// The tests of this binary share one PKCS#11 application (this process), and one of them
+/// logs it out: they take turns.
+static TOKEN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn hsm_lifecycle(backend: Backend) {
+    let _turn = TOKEN.lock().await;
     let Some(app) = TestApp::spawn_with(backend, |c| c.keys.provider = "pkcs11".into()).await
     else {
         return;
@@ -129,10 +134,30 @@ async fn hsm_lifecycle(backend: Backend) {
         .find_objects(&[Attribute::Label(format!("{prefix}1").into_bytes())])
         .unwrap()[0];
     let attributes = session
-        .get_attributes(kek, &[AttributeType::Sensitive, AttributeType::Extractable])
+        .get_attributes(
+            kek,
+            &[
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::Modifiable,
+                AttributeType::Copyable,
+                AttributeType::Wrap,
+                AttributeType::Unwrap,
+                AttributeType::Encrypt,
+                AttributeType::Decrypt,
+            ],
+        )
         .unwrap();
     assert!(attributes.contains(&Attribute::Sensitive(true)));
     assert!(attributes.contains(&Attribute::Extractable(false)));
+    // Its attributes cannot be loosened later, nor the key copied into a looser object.
+    assert!(attributes.contains(&Attribute::Modifiable(false)));
+    assert!(attributes.contains(&Attribute::Copyable(false)));
+    // One key, one mechanism: it wraps (KW) and encrypts nothing.
+    assert!(attributes.contains(&Attribute::Wrap(true)));
+    assert!(attributes.contains(&Attribute::Unwrap(true)));
+    assert!(attributes.contains(&Attribute::Encrypt(false)));
+    assert!(attributes.contains(&Attribute::Decrypt(false)));
     assert!(
         session
             .get_attributes(kek, &[AttributeType::Value])
@@ -165,6 +190,9 @@ async fn hsm_lifecycle(backend: Backend) {
             .key_id,
         "hsm"
     );
+    // Format 2: CKM_AES_KEY_WRAP in the module, no IV to lose.
+    assert_eq!(wrapped[0], 2);
+    assert_eq!(wrapped.len(), 3 + "hsm".len() + 4 + 8 + 32 + 16);
 
     // A second instance rotates; the first learns of version 2 through the database and
     // finds its key in the token by label.
@@ -258,6 +286,40 @@ async fn hsm_lifecycle(backend: Backend) {
     assert!(status.versions.iter().all(|v| v.provider == "hsm"));
     other.stop().await;
     app.stop().await;
+}
+
+/// The module loses the vault's login (here: this process's own session logs out, which
+/// logs out every session of the application, as a module restart or a reconnect would):
+/// the next call logs in again and succeeds, for writes and reads alike.
+async fn a_lost_login_is_recovered(backend: Backend) {
+    let _turn = TOKEN.lock().await;
+    let Some(app) = TestApp::spawn_with(backend, |c| c.keys.provider = "pkcs11".into()).await
+    else {
+        return;
+    };
+    let config = softhsm::config(&app.database_url);
+    let before = create(&app, 1).await;
+    let session = token_session(&config);
+    session.logout().unwrap();
+    // Read for the first time: not in the unwrapped-key cache, so it reaches the module.
+    assert_eq!(email(&app, &before).await, "h1@example.com");
+    let after = create(&app, 2).await;
+    assert_eq!(email(&app, &after).await, "h2@example.com");
+    // And once more, with the session the vault opened anew.
+    token_session(&config).logout().unwrap();
+    let third = create(&app, 3).await;
+    assert_eq!(email(&app, &third).await, "h3@example.com");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_lost_login_is_recovered() {
+    a_lost_login_is_recovered(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_lost_login_is_recovered() {
+    a_lost_login_is_recovered(Backend::Postgres).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
