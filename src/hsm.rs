@@ -397,7 +397,7 @@ impl Pkcs11Module {
                 *slot = Some(session);
                 return Err(hsm_error(error));
             }
-            tracing::warn!(%error, "the PKCS#11 session was lost; opening a new one");
+            tracing::warn!(%error, "the PKCS#11 session or its login was lost; opening or logging in again");
             retried = true;
             if session.get_session_info().is_ok() {
                 // Still open at the module, only logged out: log in on it again.
