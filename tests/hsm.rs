@@ -331,3 +331,25 @@ async fn sqlite_hsm_lifecycle() {
 async fn postgres_hsm_lifecycle() {
     hsm_lifecycle(Backend::Postgres).await;
 }
+
+/// An SM4 deployment wraps data keys with SM4, and the module's KEKs are AES-256: the vault
+/// refuses the combination before it opens the module or the keyring.
+#[tokio::test]
+async fn the_sm4_suite_is_refused_with_the_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = pdvault::config::Config {
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    config.keys.suite = "sm4gcm-hmacsm3".into();
+    config.keys.provider = "pkcs11".into();
+    let store = pdvault::startup::open_store(&config).await.unwrap();
+    let error = pdvault::startup::open_keys(&config, &store, 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, pdvault::startup::StartupError::Sm4WithPkcs11),
+        "{error}"
+    );
+    assert!(!config.keyring_path().exists(), "nothing was created");
+}
