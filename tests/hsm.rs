@@ -288,10 +288,31 @@ async fn hsm_lifecycle(backend: Backend) {
     app.stop().await;
 }
 
-/// The module loses the vault's login (here: this process's own session logs out, which
-/// logs out every session of the application, as a module restart or a reconnect would):
-/// the next call logs in again and succeeds, for writes and reads alike.
-async fn a_lost_login_is_recovered(backend: Backend) {
+/// Closes every session this process has on the token, the vault's included, the way a
+/// module restart or a dropped connection to a network HSM ends them.
+fn close_every_session(config: &pdvault::config::Pkcs11Config) {
+    let module = Pkcs11::new(&config.module).unwrap();
+    let slot = module
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| module.get_token_info(*slot).unwrap().label().trim_end() == config.token_label)
+        .unwrap();
+    // SAFETY: loads the library the vault already loaded and initialised in this process (the
+    // loader hands back the same instance), and calls C_CloseAllSessions with a slot id the
+    // library itself listed.
+    let rv = unsafe {
+        let raw = cryptoki_sys::Pkcs11::new(&config.module).unwrap();
+        raw.C_CloseAllSessions(slot.id())
+    };
+    assert_eq!(rv, cryptoki_sys::CKR_OK);
+}
+
+/// The module loses the vault's login (this process's own session logs out, which logs out
+/// every session of the application) and then its session (every session of the process is
+/// closed): each time the next call opens a session and logs in again, and succeeds, for
+/// writes and reads alike.
+async fn a_lost_session_or_login_is_recovered(backend: Backend) {
     let _turn = TOKEN.lock().await;
     let Some(app) = TestApp::spawn_with(backend, |c| c.keys.provider = "pkcs11".into()).await
     else {
@@ -299,8 +320,7 @@ async fn a_lost_login_is_recovered(backend: Backend) {
     };
     let config = softhsm::config(&app.database_url);
     let before = create(&app, 1).await;
-    let session = token_session(&config);
-    session.logout().unwrap();
+    token_session(&config).logout().unwrap();
     // Read for the first time: not in the unwrapped-key cache, so it reaches the module.
     assert_eq!(email(&app, &before).await, "h1@example.com");
     let after = create(&app, 2).await;
@@ -309,17 +329,22 @@ async fn a_lost_login_is_recovered(backend: Backend) {
     token_session(&config).logout().unwrap();
     let third = create(&app, 3).await;
     assert_eq!(email(&app, &third).await, "h3@example.com");
+    // Now the session itself is gone.
+    close_every_session(&config);
+    let fourth = create(&app, 4).await;
+    close_every_session(&config);
+    assert_eq!(email(&app, &fourth).await, "h4@example.com");
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_a_lost_login_is_recovered() {
-    a_lost_login_is_recovered(Backend::Sqlite).await;
+async fn sqlite_a_lost_session_or_login_is_recovered() {
+    a_lost_session_or_login_is_recovered(Backend::Sqlite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_lost_login_is_recovered() {
-    a_lost_login_is_recovered(Backend::Postgres).await;
+async fn postgres_a_lost_session_or_login_is_recovered() {
+    a_lost_session_or_login_is_recovered(Backend::Postgres).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
