@@ -27,10 +27,11 @@
 //!
 //! A stored KEK is never used directly: each suite wraps under its own KEK derived with
 //! HKDF (HKDF-SHA-256 labelled `aes-256-gcm` for AES-KW, HKDF-SM3 labelled `sm4-gcm` for
-//! SM4-KW, the same construction over SM4), so no key serves two algorithms. The age gate's state key is derived per record
-//! (HKDF of the index version's state key and the record id) with the index suite's hash and
-//! seals with the index suite's cipher, so an SM4 deployment uses no AES anywhere and no
-//! state key seals more than a handful of values (sealed field format 2, below).
+//! SM4-KW, the same construction over SM4), so no key serves two algorithms. The age gate's
+//! key is derived per record (HKDF of the index version's state key and the record id) with
+//! the index suite's hash and seals with the index suite's cipher, so an SM4 deployment
+//! writes no AES ciphertext and no state key seals more than a handful of values (sealed
+//! field format 2, below).
 //!
 //! # Key schedules
 //!
@@ -127,9 +128,7 @@ impl Suite {
     pub fn parse(name: &str) -> Option<Suite> {
         Suite::ALL.into_iter().find(|suite| suite.as_str() == name)
     }
-}
 
-impl Suite {
     /// The label a suite's KEK is derived under: one key per algorithm.
     fn kek_label(self) -> &'static [u8] {
         match self {
