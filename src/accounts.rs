@@ -270,7 +270,7 @@ impl Vault {
     fn is_minor(&self, record_id: &str, state: &AccountState) -> Result<bool, VaultError> {
         Ok(self
             .birth_date(record_id, state)?
-            .is_some_and(|birth| !has_reached(birth, self.rules.age_of_majority, self.today())))
+            .is_some_and(|birth| !has_reached(birth, self.rules().age_of_majority, self.today())))
     }
 
     /// Refuses a release the account's state forbids: a suspension (unless the purpose is
@@ -284,14 +284,14 @@ impl Vault {
     ) -> Result<(), VaultError> {
         if state.suspended
             && !self
-                .rules
+                .rules()
                 .suspended_allowed_purposes
                 .contains(&purpose.name)
         {
             return Err(VaultError::AccountSuspended);
         }
         if state.active_consents == 0
-            && !self.rules.consent_exempt_purposes.contains(&purpose.name)
+            && !self.rules().consent_exempt_purposes.contains(&purpose.name)
             && self.is_minor(record_id, state)?
         {
             return Err(VaultError::GuardianConsentRequired);
@@ -346,8 +346,8 @@ impl Vault {
         }
         let birth = self.birth_date(record_id, &state)?;
         let today = self.today();
-        let minor = birth.is_some_and(|b| !has_reached(b, self.rules.age_of_majority, today));
-        let under_14 = birth.is_some_and(|b| !has_reached(b, self.rules.sensitive_age, today));
+        let minor = birth.is_some_and(|b| !has_reached(b, self.rules().age_of_majority, today));
+        let under_14 = birth.is_some_and(|b| !has_reached(b, self.rules().sensitive_age, today));
         Ok(AccountView {
             status: if state.suspended {
                 AccountStatus::Suspended
@@ -358,7 +358,7 @@ impl Vault {
             under_14,
             guardian_consent_required: minor && state.active_consents == 0,
             policy_reconsent_required: self
-                .rules
+                .rules()
                 .current_policy_version
                 .as_ref()
                 .is_some_and(|current| state.policy_version.as_ref() != Some(current)),
@@ -467,7 +467,7 @@ impl Vault {
             .list_account_events(record_id, limit, after)
             .await?;
         let dek = match self.store.get_record(record_id).await? {
-            Some(stored) => Some(self.keys.unwrap(&stored.wrapped_key, record_id)?),
+            Some(stored) => Some(self.keys.unwrap(&stored.wrapped_key, record_id).await?),
             None => None,
         };
         let mut entries = Vec::with_capacity(rows.len());
@@ -506,7 +506,7 @@ impl Vault {
         if note.is_empty() {
             return Ok(SealedNote::default());
         }
-        let dek = self.keys.unwrap(&stored.wrapped_key, record_id)?;
+        let dek = self.keys.unwrap(&stored.wrapped_key, record_id).await?;
         Ok(SealedNote {
             note: Some(dek.seal_field(record_id, NOTE_FIELD, note.as_bytes())?),
             under: Some(stored.wrapped_key),
@@ -643,7 +643,7 @@ impl Vault {
             .ok_or_else(|| violation("guardian_record_id", "names no live record"))?;
         let adult = self
             .birth_date(guardian_id, &state)?
-            .is_some_and(|birth| has_reached(birth, self.rules.age_of_majority, self.today()));
+            .is_some_and(|birth| has_reached(birth, self.rules().age_of_majority, self.today()));
         if adult {
             Ok(())
         } else {
@@ -677,7 +677,7 @@ impl Vault {
             )
         })?;
         let birth = document.birth_date().ok_or(VaultError::GuardianNotAdult)?;
-        if !has_reached(birth, self.rules.age_of_majority, self.today()) {
+        if !has_reached(birth, self.rules().age_of_majority, self.today()) {
             return Err(VaultError::GuardianNotAdult);
         }
         let same_person = self
@@ -705,7 +705,7 @@ impl Vault {
         let plaintext = zeroize::Zeroizing::new(
             serde_json::to_vec(&canonical).map_err(|e| VaultError::Internal(e.to_string()))?,
         );
-        let dek = self.keys.unwrap(minor_wrapped_key, minor_id)?;
+        let dek = self.keys.unwrap(minor_wrapped_key, minor_id).await?;
         Ok(dek.seal_field(minor_id, &guardian_field(consent_id), &plaintext)?)
     }
 

@@ -42,7 +42,8 @@ enum Command {
     Accounts(AccountsArgs),
     /// Key lifecycle against a running vault: rotate, rewrap, status, retire, destroy.
     Keys(crate::key_cli::KeysArgs),
-    /// Crypto-shred records past their retention deadline, on a running vault.
+    /// Crypto-shred records past their retention deadline, on a running vault (grant
+    /// `records.purge`).
     Purge(crate::key_cli::PurgeArgs),
     /// Load-test a vault over gRPC (a running one with --addr, else one started here).
     Bench(BenchArgs),
@@ -257,7 +258,7 @@ async fn serve(args: ConfigArgs) -> Result<(), String> {
 async fn migrate(args: ConfigArgs) -> Result<(), String> {
     let config = args.load()?;
     crate::telemetry::init(&config.log);
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| e.to_string())?;
+    crate::startup::create_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
     let store = open_store(&config).await.map_err(|e| e.to_string())?;
     store.migrate().await.map_err(|e| e.to_string())?;
     println!("migrations applied");
@@ -280,21 +281,24 @@ async fn open_database(args: &ConfigArgs) -> Result<(Arc<dyn Store>, Config), St
     Ok((store, config))
 }
 
+/// Verification reads and never writes: the database is opened read-only (SQLite
+/// `mode=ro`, PostgreSQL read-only transactions) and not migrated, and a database that does
+/// not exist is an error rather than a new empty one that "verifies".
 async fn audit_verify(args: VerifyArgs) -> Result<(), String> {
     let config = args.config.load()?;
+    crate::telemetry::init(&config.log);
     // An outside verifier brings the public key and needs no keyring (nor its KEKs).
-    let (store, public) = match &args.public_key {
-        Some(hex) => {
-            let public = crate::crypto::AuditPublicKey::from_hex(hex)
-                .ok_or("--public-key: not the 64 hex digits of an Ed25519 public key")?;
-            let (store, _config) = open_database(&args.config).await?;
-            (store, public)
-        }
-        None => {
-            let (store, keys) = open_existing(&args.config).await?;
-            (store, keys.audit_signing().public_key())
-        }
+    let public = match &args.public_key {
+        Some(hex) => crate::crypto::AuditPublicKey::from_hex(hex)
+            .ok_or("--public-key: not the 64 hex digits of an Ed25519 public key")?,
+        None => Keyring::load(&config.keyring_path())
+            .map_err(|e| e.to_string())?
+            .audit_signing()
+            .public_key(),
     };
+    let store = crate::startup::open_store_read_only(&config)
+        .await
+        .map_err(|e| format!("cannot verify: {e}"))?;
     let witness_file = args.checkpoints.clone().or_else(|| {
         crate::audit::CheckpointSink::parse(&config.audit.checkpoint_sink)
             .and_then(|sink| sink.file().map(ToOwned::to_owned))
@@ -313,6 +317,18 @@ async fn audit_verify(args: VerifyArgs) -> Result<(), String> {
         "chains: {}  events: {}  checkpoints: {}",
         report.chains, report.events, report.checkpoints
     );
+    // Verifying nothing is not a pass: an empty trail is a database no vault served (a
+    // mistyped URL?) or one whose trail was removed whole.
+    if report.chains == 0 {
+        println!("PROBLEM: no audit chains: this database holds no audit trail at all");
+        return Err("nothing to verify: the database has no audit chains".into());
+    }
+    if report.checkpoints == 0 {
+        println!(
+            "PROBLEM: no checkpoints: nothing in this trail is signed, so an edit cannot be \
+             told from the original"
+        );
+    }
     match &witness_file {
         Some(path) => println!(
             "witness {}: {} checkpoint(s) found unchanged in the database",
@@ -326,9 +342,11 @@ async fn audit_verify(args: VerifyArgs) -> Result<(), String> {
     for problem in &report.problems {
         println!("PROBLEM: {problem}");
     }
-    if report.ok() {
+    if report.ok() && report.checkpoints > 0 {
         println!("audit trail verified");
         Ok(())
+    } else if report.checkpoints == 0 {
+        Err("the audit trail has no checkpoints: it cannot be verified".into())
     } else {
         Err(format!(
             "{} problem(s) found in the audit trail",

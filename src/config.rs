@@ -4,6 +4,11 @@
 //! at fault and the layer it came from (`database.max_connections ... in env var
 //! PDVAULT_DATABASE__MAX_CONNECTIONS`). Environment variables are `PDVAULT_` followed by the
 //! key path with `__` between levels.
+//!
+//! Zero means one thing in every setting: the feature is off (no limit, no deadline, no
+//! cache, no expiry). A setting that cannot be off (the audit trail's checkpoints, a
+//! timeout, a pool size) refuses zero instead of reading it as "as small as possible", and
+//! [`Config::validate`] refuses values that would destroy the audit trail.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -111,6 +116,16 @@ pub struct KeysConfig {
     pub provider: String,
     #[serde(default)]
     pub pkcs11: Option<Pkcs11Config>,
+    /// How long an unwrap trusts the key version states it last read from the database, and
+    /// how often they are re-read in the background: the longest a `DestroyKeyVersion` on
+    /// another instance can take to reach this one (material and cached data keys dropped,
+    /// unwraps refused).
+    #[serde(default = "default_state_cache_ms")]
+    pub state_cache_ms: u64,
+}
+
+fn default_state_cache_ms() -> u64 {
+    2_000
 }
 
 /// A PKCS#11 module holding the KEKs (`keys.provider = "pkcs11"`).
@@ -170,7 +185,8 @@ pub struct AuditConfig {
     /// last checkpoint is not detectable, so this bounds that window.
     pub checkpoint_interval_secs: u64,
     /// Days audit events are kept; older checkpointed segments are removed (default three
-    /// years). Deleting a record never deletes its trail.
+    /// years). 0: kept forever. Under [`MIN_AUDIT_RETENTION_DAYS`] is refused. Deleting a
+    /// record never deletes its trail.
     pub retention_days: u64,
     /// Where every checkpoint is also written, one JSON line each: `stdout`, or the path of
     /// a file appended to and synced (put it on storage the database's administrators
@@ -323,6 +339,7 @@ impl Default for Config {
                 suite: default_suite(),
                 provider: default_provider(),
                 pkcs11: None,
+                state_cache_ms: default_state_cache_ms(),
             },
             admin: AdminConfig {
                 enabled: true,
@@ -404,9 +421,11 @@ impl Config {
             flag_layer = flag_layer.merge(Serialized::default("database.url", url));
         }
         figment = figment.merge(flag_layer);
-        figment
+        let config = figment
             .extract::<Config>()
-            .map_err(|e| ConfigError::Invalid(describe_figment_error(e)))
+            .map_err(|e| ConfigError::Invalid(describe_figment_error(e)))?;
+        config.validate()?;
+        Ok(config)
     }
 
     pub fn database_url(&self) -> String {
@@ -435,6 +454,74 @@ impl Config {
             .token_path
             .clone()
             .unwrap_or_else(|| self.data_dir.join("admin.token"))
+    }
+}
+
+/// The shortest audit retention accepted (other than 0, "forever"): six months, the least
+/// the PRC Cybersecurity Law (art. 21) asks network logs to be kept. Anything shorter would
+/// remove the trail of what was released before anyone could ask about it.
+pub const MIN_AUDIT_RETENTION_DAYS: u64 = 180;
+
+impl Config {
+    /// Refuses settings whose value cannot be right: zero where the setting cannot be off,
+    /// and an audit retention that would destroy the trail. Every command checks it after
+    /// loading, and [`crate::startup::Application::build`] before anything is opened.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let refuse =
+            |key: &str, reason: &str| Err(ConfigError::Invalid(format!("{key}: {reason}")));
+        let retention = self.audit.retention_days;
+        if retention != 0 && retention < MIN_AUDIT_RETENTION_DAYS {
+            return refuse(
+                "audit.retention_days",
+                &format!(
+                    "{retention} days would remove the audit trail too soon; use at least \
+                     {MIN_AUDIT_RETENTION_DAYS}, or 0 to keep it forever"
+                ),
+            );
+        }
+        let cannot_be_off = [
+            (
+                "audit.checkpoint_interval_secs",
+                self.audit.checkpoint_interval_secs == 0,
+                "checkpoints cannot be turned off",
+            ),
+            (
+                "database.max_connections",
+                self.database.max_connections == 0,
+                "the vault needs at least one connection",
+            ),
+            (
+                "health.interval_ms",
+                self.health.interval_ms == 0,
+                "health probes cannot be turned off",
+            ),
+            (
+                "health.probe_timeout_ms",
+                self.health.probe_timeout_ms == 0,
+                "a probe needs time to answer",
+            ),
+            (
+                "limits.request_timeout_ms",
+                self.limits.request_timeout_ms == 0,
+                "calls cannot run without a timeout",
+            ),
+            (
+                "limits.max_concurrent_requests",
+                self.limits.max_concurrent_requests == 0,
+                "the concurrency cap cannot be turned off",
+            ),
+            (
+                "limits.max_message_bytes",
+                self.limits.max_message_bytes == 0,
+                "the message size limit cannot be turned off",
+            ),
+        ];
+        for (key, zero, why) in cannot_be_off {
+            if zero {
+                return refuse(key, &format!("must not be 0 ({why}; 0 means \"off\")"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -509,6 +596,69 @@ mod tests {
             let err = Config::load(Some(Path::new("pdvault.toml")), &FlagOverrides::default())
                 .unwrap_err();
             assert!(err.to_string().contains("urll"), "{err}");
+            Ok(())
+        });
+    }
+
+    /// Issue 11 E23: `audit.retention_days = 0` used to set the cut-off to "now" and expire
+    /// every checkpointed event; zero now means "forever", as elsewhere, and short
+    /// retentions and zeros where a setting cannot be off are refused, naming the key.
+    #[test]
+    fn settings_that_would_destroy_the_trail_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            let load = |body: &str| {
+                std::fs::write("pdvault.toml", body).unwrap();
+                Config::load(Some(Path::new("pdvault.toml")), &FlagOverrides::default())
+            };
+            jail.create_file("pdvault.toml", "")?;
+            assert_eq!(
+                load("[audit]\nretention_days = 0\n")
+                    .unwrap()
+                    .audit
+                    .retention_days,
+                0
+            );
+            assert_eq!(
+                load("[audit]\nretention_days = 180\n")
+                    .unwrap()
+                    .audit
+                    .retention_days,
+                180
+            );
+            for (body, key) in [
+                ("[audit]\nretention_days = 1\n", "audit.retention_days"),
+                ("[audit]\nretention_days = 179\n", "audit.retention_days"),
+                (
+                    "[audit]\ncheckpoint_interval_secs = 0\n",
+                    "audit.checkpoint_interval_secs",
+                ),
+                (
+                    "[limits]\nrequest_timeout_ms = 0\n",
+                    "limits.request_timeout_ms",
+                ),
+                (
+                    "[limits]\nmax_concurrent_requests = 0\n",
+                    "limits.max_concurrent_requests",
+                ),
+                (
+                    "[database]\nmax_connections = 0\n",
+                    "database.max_connections",
+                ),
+                ("[health]\ninterval_ms = 0\n", "health.interval_ms"),
+            ] {
+                let err = load(body).unwrap_err().to_string();
+                assert!(err.contains(key), "{body}: {err}");
+            }
+            // Zero still means "off" where off is a choice.
+            let config = load(
+                "[retention]\ndefault_days = 0\nrequest_id_ttl_hours = 0\n\
+                 [limits]\ncaller_requests_per_minute = 0\n",
+            )
+            .unwrap();
+            assert!(config.retention.request_id_ttl().is_none());
+            jail.set_env("PDVAULT_AUDIT__RETENTION_DAYS", "30");
+            let err = load("").unwrap_err().to_string();
+            assert!(err.contains("audit.retention_days"), "{err}");
             Ok(())
         });
     }

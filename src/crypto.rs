@@ -1456,6 +1456,72 @@ mod tests {
         );
     }
 
+    /// The GCM specification (McGrew and Viega), test cases 14 and 16 (AES-256), which
+    /// NIST's GCM validation vectors include: one zero block under a zero key and nonce,
+    /// and a partial last block with associated data.
+    #[test]
+    fn aes_256_gcm_matches_the_gcm_specification() {
+        let cipher = Aes256Gcm::new(hex(&"00".repeat(32)).as_slice().into());
+        let sealed = cipher
+            .encrypt(Nonce::from_slice(&[0u8; 12]), [0u8; 16].as_slice())
+            .unwrap();
+        assert_eq!(
+            sealed,
+            hex("CEA7403D4D606B6E074EC5D3BAF39D18D0D1C8A799996BF0265B98B5D48AB919")
+        );
+
+        let cipher = Aes256Gcm::new(
+            hex("FEFFE9928665731C6D6A8F9467308308FEFFE9928665731C6D6A8F9467308308")
+                .as_slice()
+                .into(),
+        );
+        let nonce = hex("CAFEBABEFACEDBADDECAF888");
+        let aad = hex("FEEDFACEDEADBEEFFEEDFACEDEADBEEFABADDAD2");
+        let plaintext = hex(
+            "D9313225F88406E5A55909C5AFF5269A86A7A9531534F7DA2E4C303D8A318A72\
+             1C3C0C95956809532FCF0E2449A6B525B16AEDF5AA0DE657BA637B39",
+        );
+        let expected = hex(
+            "522DC1F099567D07F47F37A32A84427D643A8CDCBFE5C0C97598A2BD2555D1AA\
+             8CB08E48590DBB3DA7B08B1056828838C5F61E6393BA7A0ABCC9F662\
+             76FC6ECE0F4E1768CDDF8853BB2D551B",
+        );
+        let seal =
+            |msg: &[u8]| cipher.encrypt(Nonce::from_slice(&nonce), Payload { msg, aad: &aad });
+        let open =
+            |msg: &[u8]| cipher.decrypt(Nonce::from_slice(&nonce), Payload { msg, aad: &aad });
+        let sealed = seal(&plaintext).unwrap();
+        assert_eq!(sealed, expected);
+        assert_eq!(open(&sealed).unwrap(), plaintext);
+        let mut tampered = sealed.clone();
+        tampered[0] ^= 1;
+        assert!(open(&tampered).is_err());
+    }
+
+    /// GM/T 0042-2015, appendix D.3: HMAC-SM3 with a key shorter than the block (32 bytes
+    /// over 112 bytes of text) and one of 37 bytes over 50 bytes of 0xCD.
+    #[test]
+    fn hmac_sm3_matches_gm_t_0042() {
+        let mac = |key: &[u8], message: &[u8]| {
+            let mut mac = <Hmac<Sm3> as Mac>::new_from_slice(key).unwrap();
+            mac.update(message);
+            mac.finalize().into_bytes().to_vec()
+        };
+        let key: Vec<u8> = (1u8..=0x25).collect();
+        assert_eq!(
+            mac(
+                &key[..32],
+                b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq\
+                  abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
+            ),
+            hex("CA05E144ED05D1857840D1F318A4A8669E559FC8391F414485BFDF7BB408963A")
+        );
+        assert_eq!(
+            mac(&key, &[0xCD; 50]),
+            hex("220BF579DED555393F0159F66C99877822A3ECF610D1552154B41D44B94DB3AE")
+        );
+    }
+
     #[test]
     fn sm4_suite_round_trips_and_names_itself() {
         let kek = kek(1);

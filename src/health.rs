@@ -116,7 +116,7 @@ pub async fn probe(vault: &Vault, timeout: Duration) -> Result<(), ProbeError> {
         let (wrapped, _) = keys
             .wrap(&dek, PROBE_RECORD_ID)
             .map_err(|e| e.to_string())?;
-        keys.unwrap(&wrapped, PROBE_RECORD_ID)
+        keys.unwrap_cached_state(&wrapped, PROBE_RECORD_ID)
             .map(drop)
             .map_err(|e| e.to_string())
     });

@@ -262,6 +262,12 @@ impl KekProvider for Pkcs11KekProvider {
         Ok(())
     }
 
+    fn forget(&self, version: u32) -> Result<(), KeyError> {
+        // The object is gone from the module; data keys it unwrapped may still be cached.
+        self.cache().forget_version(version);
+        Ok(())
+    }
+
     fn refresh(&self) -> Result<(), KeyError> {
         // Objects are looked up in the module on every use; nothing is held to refresh.
         Ok(())
@@ -272,12 +278,25 @@ impl KekProvider for Pkcs11KekProvider {
 struct Pkcs11Module {
     pkcs11: Pkcs11,
     slot: Slot,
-    /// Kept to log in again when the module lost the session or its login.
-    pin: Zeroizing<String>,
+    /// Kept (in a buffer that wipes itself) to log in again when the module lost the
+    /// session or its login.
+    pin: AuthPin,
     prefix: String,
     /// Whether the module offers `CKM_AES_KEY_WRAP` for wrapping and unwrapping.
     kw_mechanism: bool,
     session: Mutex<Option<Session>>,
+}
+
+/// PINs are short; a file much longer than any PIN is not a PIN file.
+const MAX_PIN_FILE: u64 = 1024;
+
+/// The user PIN from its file, which must be private to the vault's user (as the keyring
+/// must): a PIN file others can read hands them the module's keys. Held in a buffer that
+/// wipes itself (`AuthPin` zeroises on drop, and the text it was copied from too).
+fn read_pin(path: &Path) -> Result<AuthPin, KeyError> {
+    let pin = crate::keys::read_secret_file(path, MAX_PIN_FILE)?;
+    // `From<&str>` allocates exactly the PIN's length, so boxing it does not reallocate.
+    Ok(AuthPin::from(pin.as_str()))
 }
 
 /// Errors after which the session (or its login) is gone and a new one may succeed.
@@ -320,10 +339,7 @@ impl Pkcs11Module {
                     .is_ok_and(|info| info.label().trim_end() == config.token_label)
             })
             .ok_or_else(|| KeyError::Hsm(format!("no token labelled {}", config.token_label)))?;
-        let pin = Zeroizing::new(
-            std::fs::read_to_string(&config.pin_file)
-                .map_err(|e| KeyError::Hsm(format!("{}: {e}", config.pin_file.display())))?,
-        );
+        let pin = read_pin(&config.pin_file)?;
         let kw_mechanism = pkcs11
             .get_mechanism_info(slot, MechanismType::AES_KEY_WRAP)
             .is_ok_and(|info| info.wrap() && info.unwrap());
@@ -347,8 +363,7 @@ impl Pkcs11Module {
     }
 
     fn log_in(&self, session: &Session) -> Result<(), Pkcs11Error> {
-        let pin = AuthPin::from(self.pin.trim().to_owned());
-        match session.login(UserType::User, Some(&pin)) {
+        match session.login(UserType::User, Some(&self.pin)) {
             // The login is per application and token: another provider in this process
             // may already hold it.
             Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
@@ -698,6 +713,16 @@ impl KeyCache {
         self.keys.clear();
     }
 
+    /// Drops every data key wrapped under KEK `version` (each entry begins with the
+    /// wrapped key, whose header names its version).
+    fn forget_version(&mut self, version: u32) {
+        let wrapped_under = |entry: &[u8]| {
+            crate::crypto::parse_wrap_header(entry).is_ok_and(|(kek, _)| kek.version == version)
+        };
+        self.order.retain(|(_, entry)| !wrapped_under(entry));
+        self.keys.retain(|entry, _| !wrapped_under(entry));
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.keys.len()
@@ -887,6 +912,23 @@ mod tests {
         assert!(cache.get(b"wrapped", "r3").is_some());
         // Bound to the record: the same wrapped bytes under another record miss.
         assert!(cache.get(b"wrapped", "r4").is_none());
+    }
+
+    #[test]
+    fn forgetting_a_version_drops_only_the_keys_it_wrapped() {
+        let mut cache = KeyCache::new(10, Duration::from_secs(3600));
+        let under = |version| {
+            let mut wrapped =
+                wrap_header(crate::crypto::Suite::default(), HSM_KEY_ID, version).unwrap();
+            wrapped.extend_from_slice(&[7u8; 60]);
+            wrapped
+        };
+        cache.insert(&under(1), "r1", DataKey::generate().unwrap());
+        cache.insert(&under(2), "r2", DataKey::generate().unwrap());
+        cache.forget_version(1);
+        assert!(cache.get(&under(1), "r1").is_none());
+        assert!(cache.get(&under(2), "r2").is_some());
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]

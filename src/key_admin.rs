@@ -34,6 +34,18 @@ pub enum AdminError {
     AuditUnavailable,
 }
 
+/// How many of the newest rewrap jobs `GetKeyStatus` lists.
+const STATUS_JOBS: i64 = 20;
+
+/// What `GetKeyStatus` reports.
+#[derive(Debug)]
+pub struct KeyAdminStatus {
+    pub kek: KeyStatus,
+    pub index: KeyStatus,
+    /// Newest first.
+    pub jobs: Vec<crate::store::RewrapJobRow>,
+}
+
 /// The key-administration use cases over a running vault.
 #[derive(Clone)]
 pub struct KeyAdmin {
@@ -133,15 +145,25 @@ impl KeyAdmin {
         Ok((outcome, active))
     }
 
-    /// The KEK versions and the index versions.
-    pub async fn status(&self, ctx: &CallContext) -> Result<(KeyStatus, KeyStatus), AdminError> {
+    /// The KEK versions, the index versions and the newest rewrap jobs (after marking
+    /// INTERRUPTED those whose server is gone, so a dead job never shows RUNNING).
+    pub async fn status(&self, ctx: &CallContext) -> Result<KeyAdminStatus, AdminError> {
         let result = async {
             self.authorize(ctx, Grant::KeysRotate)?;
             let keys = self.vault.keys();
-            Ok((
-                keys.status(KeyKind::Kek).await?,
-                keys.status(KeyKind::Index).await?,
-            ))
+            rewrap::interrupt_abandoned(&self.vault)
+                .await
+                .map_err(VaultError::from)?;
+            Ok(KeyAdminStatus {
+                kek: keys.status(KeyKind::Kek).await?,
+                index: keys.status(KeyKind::Index).await?,
+                jobs: self
+                    .vault
+                    .store()
+                    .rewrap_jobs(STATUS_JOBS)
+                    .await
+                    .map_err(VaultError::from)?,
+            })
         }
         .await;
         self.settle(ctx, "GetKeyStatus", result).await
@@ -214,6 +236,7 @@ impl KeyAdmin {
         let result = rewrap::run(
             self.vault.keys(),
             job_id.clone(),
+            &self.vault.job_owner(),
             batch_size,
             &now,
             &progress,
@@ -254,6 +277,7 @@ fn refusal(error: &AdminError) -> Option<(&'static str, String)> {
         AdminError::Key(KeyError::NoSuchVersion(_)) => denied("KEY_VERSION_NOT_FOUND"),
         AdminError::Key(KeyError::WrongState { .. }) => denied("KEY_VERSION_STATE"),
         AdminError::Key(KeyError::InUse { .. }) => denied("KEY_VERSION_IN_USE"),
+        AdminError::Key(KeyError::Destroyed { .. }) => denied("KEY_VERSION_DESTROYED"),
         AdminError::Key(_) => Some(("ERROR", "KEY_UNAVAILABLE".to_owned())),
         AdminError::Vault(error) => Some(crate::vault::refusal_outcome(error)),
         AdminError::Rewrap(_) | AdminError::AuditUnavailable => None,

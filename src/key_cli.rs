@@ -39,8 +39,16 @@ pub struct KeysArgs {
 
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
-    #[command(flatten)]
-    connection: Connection,
+    /// Address of a running vault.
+    #[arg(long, env = "PDVAULT_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Bearer token of a caller granted `records.purge`. Prefer the environment or
+    /// --token-file: a flag shows in the process list.
+    #[arg(long, env = "PDVAULT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the token.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<std::path::PathBuf>,
     /// Most records to purge in this run (default: every one that is due).
     #[arg(long)]
     limit: Option<u32>,
@@ -53,9 +61,10 @@ impl Connection {
     ) -> Result<(zeroize::Zeroizing<String>, KeyManagementClient<Channel>), String> {
         let token = zeroize::Zeroizing::new(match (&self.token, &self.token_file) {
             (Some(token), _) => token.trim().to_owned(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
-                .trim()
+            // The same rule as the server's: a token file others can read is refused.
+            (None, Some(path)) => crate::keys::read_secret_file(path, 4096)
+                .map_err(|e| e.to_string())?
+                .as_str()
                 .to_owned(),
             (None, None) => {
                 return Err("a token is required: --token-file or PDVAULT_TOKEN".into());
@@ -72,7 +81,13 @@ impl Connection {
 
 /// Runs `pdvault purge`: crypto-shreds records past their retention deadline.
 pub async fn purge(args: PurgeArgs) -> Result<(), String> {
-    let (token, mut client) = args.connection.connect().await?;
+    // Its own flags only so that its help names its own grant.
+    let connection = Connection {
+        addr: args.addr,
+        token: args.token,
+        token_file: args.token_file,
+    };
+    let (token, mut client) = connection.connect().await?;
     let purged = client
         .purge_expired_records(authed(
             &token,
@@ -264,6 +279,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
             print_versions(&status.versions);
             println!("\nindex (blind-index and pseudonym) versions:");
             print_versions(&status.index_versions);
+            print_jobs(&status.rewrap_jobs);
             Ok(())
         }
         KeysCommand::Retire { version, index } => {
@@ -328,6 +344,47 @@ fn print_versions(versions: &[proto::KeyVersion]) {
             state_name(version.state()),
             version.record_count,
             version.provider
+        );
+    }
+}
+
+/// The newest rewrap jobs, with a hint for any that died with its server.
+fn print_jobs(jobs: &[proto::RewrapJob]) {
+    if jobs.is_empty() {
+        println!("\nrewrap jobs: none");
+        return;
+    }
+    println!("\nrewrap jobs (newest first):");
+    println!(
+        "{:<30} {:<11} {:>7} {:>10} {:>10} {:>7}  owner, last progress",
+        "job", "state", "target", "rewrapped", "reindexed", "failed"
+    );
+    for job in jobs {
+        let updated = job
+            .update_time
+            .as_ref()
+            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32))
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default();
+        println!(
+            "{:<30} {:<11} {:>7} {:>10} {:>10} {:>7}  {}, {updated}",
+            job.job_id,
+            job.state,
+            format!("v{}", job.target_version),
+            job.rewrapped,
+            job.reindexed,
+            job.failed,
+            if job.owner.is_empty() {
+                "-"
+            } else {
+                &job.owner
+            },
+        );
+    }
+    if jobs.iter().any(|job| job.state == "INTERRUPTED") {
+        println!(
+            "an INTERRUPTED job's server stopped before it finished; `pdvault keys rewrap` \
+             resumes the work"
         );
     }
 }

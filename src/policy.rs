@@ -249,7 +249,10 @@ impl Policy {
             .map(|(name, config)| Ok((name.clone(), build_purpose(name, config)?)))
             .collect::<Result<HashMap<_, _>, PolicyError>>()?;
         let mut names = BTreeSet::new();
-        let mut certificate_names = BTreeSet::new();
+        // Who already holds each credential, by (kind, value): a second caller with the same
+        // token hash or certificate identity would silently shadow the first (authentication
+        // takes the last match), so the configuration is refused naming both.
+        let mut credentials: HashMap<(&'static str, String), (usize, String)> = HashMap::new();
         let mut built = Vec::with_capacity(callers.len());
         for (i, config) in callers.iter().enumerate() {
             let caller = build_caller(i, config, &purposes)?;
@@ -259,17 +262,30 @@ impl Policy {
                     "duplicate caller name",
                 ));
             }
-            let certificate_keys = [
-                ("certificate_uri", caller.certificate_uri.as_ref()),
-                ("certificate_cn", caller.certificate_cn.as_ref()),
+            let held = [
+                (
+                    "token_sha256",
+                    caller
+                        .token_hash
+                        .map(|hash| data_encoding::HEXLOWER.encode(&hash)),
+                ),
+                ("certificate_uri", caller.certificate_uri.clone()),
+                ("certificate_cn", caller.certificate_cn.clone()),
             ];
-            for (key, value) in certificate_keys {
-                if value.is_some_and(|v| !certificate_names.insert((key, v.clone()))) {
+            for (key, value) in held {
+                let Some(value) = value else { continue };
+                if let Some((first, first_name)) = credentials.get(&(key, value.clone())) {
                     return Err(invalid(
                         format!("callers[{i}].{key}"),
-                        "already names another caller",
+                        format!(
+                            "caller {:?} and caller {first_name:?} (callers[{first}]) have the \
+                             same {}; each caller needs its own",
+                            caller.name,
+                            credential_label(key)
+                        ),
                     ));
                 }
+                credentials.insert((key, value), (i, caller.name.clone()));
             }
             built.push(Arc::new(caller));
         }
@@ -347,6 +363,14 @@ impl Policy {
 /// Hex SHA-256 of a token, as `token_sha256` in configuration expects.
 pub fn token_sha256_hex(token: &str) -> String {
     data_encoding::HEXLOWER.encode(&Sha256::digest(token.as_bytes()))
+}
+
+fn credential_label(key: &str) -> &'static str {
+    match key {
+        "token_sha256" => "token hash",
+        "certificate_uri" => "certificate URI",
+        _ => "certificate common name",
+    }
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> PolicyError {
@@ -740,7 +764,48 @@ mod tests {
         let err = Policy::build(&default_purposes(), &[a, b]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "callers[1].certificate_uri: already names another caller"
+            "callers[1].certificate_uri: caller \"b\" and caller \"a\" (callers[0]) have the \
+             same certificate URI; each caller needs its own"
         );
+    }
+
+    /// Issue 11 D16: two callers with one credential used to be accepted, the last one
+    /// silently winning every authentication.
+    #[test]
+    fn two_callers_with_one_credential_are_refused_naming_both() {
+        // The same token, even with its hash spelt in upper case.
+        let a = caller("claims", "shared-token", &[]);
+        let mut b = caller("analytics", "shared-token", &[]);
+        b.token_sha256 = b.token_sha256.to_uppercase();
+        let err = Policy::build(&default_purposes(), &[caller("x", "t", &[]), a, b]).unwrap_err();
+        let message = err.to_string();
+        assert!(message.starts_with("callers[2].token_sha256:"), "{message}");
+        assert!(
+            message.contains("\"analytics\"")
+                && message.contains("\"claims\" (callers[1])")
+                && message.contains("same token hash"),
+            "{message}"
+        );
+
+        let mut a = caller("claims", "t1", &[]);
+        a.certificate_cn = Some("svc".into());
+        let mut b = caller("analytics", "", &[]);
+        b.token_sha256 = String::new();
+        b.certificate_cn = Some("svc".into());
+        let message = Policy::build(&default_purposes(), &[a, b])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with("callers[1].certificate_cn:")
+                && message.contains("\"analytics\"")
+                && message.contains("\"claims\" (callers[0])"),
+            "{message}"
+        );
+        // A URI that equals another caller's CN is a different identity.
+        let mut a = caller("claims", "t1", &[]);
+        a.certificate_cn = Some("spiffe://x".into());
+        let mut b = caller("analytics", "t2", &[]);
+        b.certificate_uri = Some("spiffe://x".into());
+        assert!(Policy::build(&default_purposes(), &[a, b]).is_ok());
     }
 }

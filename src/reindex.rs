@@ -9,6 +9,10 @@
 //! version). The store writes the result with a compare-and-swap on the record's version
 //! and index version, so a record changed meanwhile keeps what its writer gave it.
 //!
+//! Identity text is brought to Unicode NFC before it is MACed, as the create path does since
+//! identity text is normalised: re-indexing (rotate the index key, then rewrap) is how
+//! records stored before that become findable under every equivalent spelling.
+//!
 //! Plaintext exists only in `Zeroizing` buffers for the length of one record, and never
 //! reaches a log line or an error: failures are logged with the record id and the error's
 //! kind, and the record is left for the next run.
@@ -69,7 +73,7 @@ fn reindex_record(
             age_gate,
         });
     }
-    let dek = keys.unwrap(&row.wrapped_key, &row.record_id)?;
+    let dek = keys.unwrap_cached_state(&row.wrapped_key, &row.record_id)?;
     let open = |field: FieldName| -> Result<Option<Zeroizing<Vec<u8>>>, KeyError> {
         row.fields
             .iter()
@@ -79,9 +83,11 @@ fn reindex_record(
             .map_err(KeyError::from)
     };
     let text = |bytes: &Zeroizing<Vec<u8>>| -> Result<String, KeyError> {
-        // Stored values were canonical UTF-8 when sealed; anything else is corruption.
+        // Stored values were canonical UTF-8 when sealed; anything else is corruption. In
+        // NFC, as new values are: a record stored before identity text was normalised is
+        // indexed like its equivalent spellings from its next re-index on.
         std::str::from_utf8(bytes)
-            .map(str::to_owned)
+            .map(|text| crate::domain::nfc(text).into_owned())
             .map_err(|_| KeyError::Crypto(CryptoError::Integrity))
     };
     let id_type = open(FieldName::IdType)?;

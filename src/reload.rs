@@ -1,19 +1,31 @@
-//! Live policy reload: purposes and callers are re-read from the configuration the server
-//! started with, on SIGHUP or the `Admin.ReloadPolicy` RPC, without dropping a connection.
+//! Live policy reload: callers, purposes and account rules are re-read from the
+//! configuration the server started with, on SIGHUP or the `Admin.ReloadPolicy` RPC,
+//! without dropping a connection.
 //!
 //! The new configuration goes through exactly the validation startup applies, in full,
-//! before anything changes; only then is the whole [`Policy`] swapped in one atomic store.
-//! A call that already authenticated finishes under the policy it started with; the next
-//! call sees the new one. An invalid file changes nothing, and the reason is logged and
-//! returned. Other settings (listen address, database, TLS) are read at start only.
+//! before anything changes; only then are the whole [`Policy`] and the account rules
+//! swapped in, each in one atomic store. A call that already authenticated finishes under
+//! the policy it started with; the next call sees the new one. An invalid file changes
+//! nothing, and the reason is logged and returned.
+//!
+//! A reload changes policy, never the identity of the service: only the policy sections
+//! ([`RELOADABLE_SECTIONS`]: callers, purposes, and the account rules of `accounts`,
+//! `minors` and `privacy_policy`) are applied live. Every other section (`data_dir`,
+//! `database`, `keys`, `listen`, `tls`, `admin`, and the rest, which are read at start
+//! only) must be as the running server has it, or the file is refused naming the first key
+//! that differs, so a change is never silently ignored either. A reload never creates a
+//! credential or locks every caller out: the administrator's token must already exist (it
+//! is re-read, so replacing the file rotates it), and a file that is empty or drops every
+//! caller is refused rather than read as "all defaults".
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::accounts::AccountRules;
 use crate::config::{Config, ConfigError, FlagOverrides};
 use crate::policy::Policy;
-use crate::startup::{StartupError, build_policy};
+use crate::startup::{AdminToken, StartupError, build_policy};
 use crate::vault::Vault;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +34,34 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Policy(#[from] StartupError),
+    /// A setting only a restart can change.
+    #[error(
+        "{key}: cannot change while the vault runs (a reload applies callers, purposes, \
+         accounts, minors and privacy_policy); restart to apply it"
+    )]
+    Fixed { key: String },
+    #[error("config file {0} is empty; a reload never falls back to the defaults")]
+    Empty(PathBuf),
+    #[error(
+        "callers: the file configures no caller, which would lock every service out; restart \
+         to run without callers"
+    )]
+    NoCallers,
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
+
+/// The top-level sections a reload applies; every other one must stay as it runs.
+pub const RELOADABLE_SECTIONS: [&str; 5] = [
+    "callers",
+    "purposes",
+    "accounts",
+    "minors",
+    "privacy_policy",
+];
 
 /// Where the running configuration came from, so it can be read again the same way.
 #[derive(Clone, Debug, Default)]
@@ -40,32 +79,61 @@ pub struct Reloaded {
 
 pub struct PolicyReloader {
     source: ConfigSource,
+    /// The configuration the server runs, against which a reloaded file is compared; its
+    /// lock serialises reloads so two at once cannot interleave read and swap.
+    running: tokio::sync::Mutex<Config>,
     vault: Arc<Vault>,
     generation: AtomicU64,
-    /// Serialises reloads so two at once cannot interleave read and swap.
-    running: tokio::sync::Mutex<()>,
 }
 
 impl PolicyReloader {
-    pub fn new(source: ConfigSource, vault: Arc<Vault>) -> PolicyReloader {
+    pub fn new(source: ConfigSource, running: Config, vault: Arc<Vault>) -> PolicyReloader {
         PolicyReloader {
             source,
+            running: tokio::sync::Mutex::new(running),
             vault,
             generation: AtomicU64::new(0),
-            running: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The policy and account rules the source describes now, if they may replace the
+    /// running ones.
+    fn candidate(&self, running: &Config) -> Result<(Config, Policy, AccountRules), ReloadError> {
+        if let Some(file) = &self.source.file {
+            let read = |source| ReloadError::Read {
+                path: file.clone(),
+                source,
+            };
+            let text = std::fs::read_to_string(file).map_err(read)?;
+            // Comments and blank lines only: what an emptied or truncated file looks like.
+            if toml::from_str::<toml::Table>(&text).is_ok_and(|table| table.is_empty()) {
+                return Err(ReloadError::Empty(file.clone()));
+            }
+        }
+        let config = Config::load(self.source.file.as_deref(), &self.source.flags)?;
+        if let Some(key) = fixed_change(running, &config) {
+            return Err(ReloadError::Fixed { key });
+        }
+        if config.callers.is_empty() && !running.callers.is_empty() {
+            return Err(ReloadError::NoCallers);
+        }
+        let policy = build_policy(&config, AdminToken::MustExist)?;
+        let rules = AccountRules::from_config(&config).map_err(StartupError::from)?;
+        Ok((config, policy, rules))
     }
 
     /// Reads, validates and swaps in the policy, or changes nothing and says why. Either
     /// way the attempt is an audit event naming `actor`.
     pub async fn reload(&self, actor: &str) -> Result<Reloaded, ReloadError> {
-        let _running = self.running.lock().await;
-        let result = Config::load(self.source.file.as_deref(), &self.source.flags)
-            .map_err(ReloadError::from)
-            .and_then(|config| Ok(build_policy(&config)?));
+        let mut running = self.running.lock().await;
+        let result = self.candidate(&running);
         match result {
-            Ok(policy) => {
+            Ok((config, policy, rules)) => {
+                *running = config;
                 let policy = Arc::new(policy);
+                // Each is whole and valid on its own: a call between the two stores sees
+                // the new rules with the policy it authenticated with.
+                self.vault.replace_rules(rules);
                 self.vault.replace_policy(Arc::clone(&policy));
                 let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
                 tracing::info!(
@@ -94,6 +162,45 @@ impl PolicyReloader {
         {
             tracing::error!(%error, "could not audit a policy reload");
         }
+    }
+}
+
+/// The first key outside [`RELOADABLE_SECTIONS`] whose value differs between `running` and
+/// `new`, as a dotted path (`database.url`); `None` when only reloadable sections differ.
+pub fn fixed_change(running: &Config, new: &Config) -> Option<String> {
+    let (Ok(running), Ok(new)) = (serde_json::to_value(running), serde_json::to_value(new)) else {
+        // Both are the same type; serialising one cannot fail. Refuse rather than guess.
+        return Some("<configuration>".into());
+    };
+    let (Some(running), Some(new)) = (running.as_object(), new.as_object()) else {
+        return Some("<configuration>".into());
+    };
+    running
+        .iter()
+        .filter(|(section, _)| !RELOADABLE_SECTIONS.contains(&section.as_str()))
+        .find_map(|(section, value)| {
+            first_difference(
+                section,
+                value,
+                new.get(section).unwrap_or(&serde_json::Value::Null),
+            )
+        })
+}
+
+fn first_difference(path: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
+    match (a, b) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            keys.into_iter().find_map(|key| {
+                let null = serde_json::Value::Null;
+                first_difference(
+                    &format!("{path}.{key}"),
+                    a.get(key).unwrap_or(&null),
+                    b.get(key).unwrap_or(&null),
+                )
+            })
+        }
+        _ => (a != b).then(|| path.to_owned()),
     }
 }
 

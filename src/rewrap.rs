@@ -13,13 +13,30 @@
 //! (on the wrapped key; for re-indexing, on the record's version and index version), so no
 //! record is rewrapped or re-indexed from a stale read. Memory is one batch,
 //! whatever the record count: batches walk the records in id order (keyset pagination).
+//!
+//! A job's row names its owner (instance and process, [`JobOwner`]) and a lease the job
+//! renews every [`LEASE_RENEWAL`] while it runs. A job whose server died cannot say so:
+//! instead every instance, at start and every [`ABANDONED_SWEEP`], marks INTERRUPTED each
+//! RUNNING job whose lease ran out or whose instance has restarted since (the same instance
+//! now runs as another process), and `GetKeyStatus` does the same before it answers. Leases
+//! are wall-clock times: instances sharing a database need clocks within [`LEASE`] of each
+//! other (NTP keeps them far closer).
 
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use crate::keys::{KeyError, KeyManager};
-use crate::store::{Micros, RewrapBatch, Store, StoreError};
+use crate::store::{JobOwner, Micros, RewrapBatch, Store, StoreError};
+use crate::vault::Vault;
+
+/// How long a job's owner is believed alive without renewing.
+pub const LEASE: Duration = Duration::from_secs(60);
+/// How often a running job renews its lease: well inside [`LEASE`], so a slow database
+/// round trip or two does not get a live job declared dead.
+pub const LEASE_RENEWAL: Duration = Duration::from_secs(15);
+/// How often a serving instance looks for jobs whose owner is gone.
+pub const ABANDONED_SWEEP: Duration = Duration::from_secs(30);
 
 /// Largest batch a caller may ask for; bounds memory and transaction length.
 pub const MAX_BATCH_SIZE: u32 = 5_000;
@@ -129,11 +146,45 @@ impl Pass {
     }
 }
 
+fn micros(duration: Duration) -> Micros {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Marks INTERRUPTED the RUNNING jobs whose owner is gone, as `vault`'s instance sees it.
+pub async fn interrupt_abandoned(vault: &Vault) -> Result<u64, StoreError> {
+    let interrupted = vault
+        .store()
+        .interrupt_abandoned_jobs(&vault.job_owner(), vault.now_micros(), micros(LEASE))
+        .await?;
+    if interrupted > 0 {
+        tracing::warn!(
+            interrupted,
+            "rewrap jobs whose server is gone marked INTERRUPTED; run `pdvault keys rewrap` again"
+        );
+    }
+    Ok(interrupted)
+}
+
+/// Looks for abandoned jobs at start and every [`ABANDONED_SWEEP`], for as long as the
+/// server runs.
+pub async fn interrupt_abandoned_periodically(vault: std::sync::Arc<Vault>) {
+    let mut ticker = tokio::time::interval(ABANDONED_SWEEP);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(error) = interrupt_abandoned(&vault).await {
+            tracing::warn!(%error, "could not look for abandoned rewrap jobs");
+        }
+    }
+}
+
 /// Runs one rewrap job to the end (the KEK pass, then the re-index pass), sending progress
-/// after every batch. `now` stamps the job's heartbeat.
+/// after every batch. `now` stamps the job's progress and lease, which is renewed every
+/// [`LEASE_RENEWAL`] for as long as the job runs.
 pub async fn run(
     keys: &KeyManager,
     job_id: String,
+    owner: &JobOwner,
     batch_size: u32,
     now: &(dyn Fn() -> Micros + Send + Sync),
     progress: &mpsc::Sender<Progress>,
@@ -142,7 +193,16 @@ pub async fn run(
     let batch_size = i64::from(batch_size.clamp(1, MAX_BATCH_SIZE));
     let kek_target = keys.refresh_active().await?;
     let index_target = keys.refresh_index().await?;
-    store.start_rewrap_job(&job_id, kek_target, now()).await?;
+    let started = now();
+    store
+        .start_rewrap_job(
+            &job_id,
+            kek_target,
+            owner,
+            started,
+            started.saturating_add(micros(LEASE)),
+        )
+        .await?;
     let kek_total = store.count_older_than(kek_target).await?;
     let index_total = store.count_index_older_than(index_target).await?;
     let mut state = Progress {
@@ -161,15 +221,34 @@ pub async fn run(
         },
         done: false,
     };
-    let outcome = async {
+    let work = async {
         send(progress, &state).await?;
         for pass in [Pass::Kek, Pass::Index] {
             run_pass(keys, pass, &job_id, batch_size, now, progress, &mut state).await?;
         }
         state.done = true;
         Ok(())
-    }
-    .await;
+    };
+    let heartbeat = async {
+        loop {
+            tokio::time::sleep(LEASE_RENEWAL).await;
+            let lease_until = now().saturating_add(micros(LEASE));
+            match store.renew_rewrap_lease(&job_id, lease_until).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(job_id = %job_id, "rewrap job row is no longer running");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, job_id = %job_id, "cannot renew a rewrap job's lease");
+                }
+            }
+        }
+    };
+    // The heartbeat never ends; the job's work decides the outcome.
+    let outcome: Result<(), RewrapError> = tokio::select! {
+        outcome = work => outcome,
+        never = heartbeat => never,
+    };
     let final_state = match &outcome {
         Ok(()) => "DONE",
         Err(RewrapError::Cancelled) => "CANCELLED",

@@ -1,6 +1,8 @@
-//! Builds a running vault from configuration: opens the store and applies migrations,
-//! loads the keyring, creates the initial administrator credential on first start, builds
-//! the policy, checks transport security and binds the listeners.
+//! Builds a running vault from configuration: validates it, creates the data directory
+//! private (or refuses an existing one open to group or others), opens the store and
+//! applies migrations, loads the keyring, creates the initial administrator credential on
+//! first start (only here: a reload never does), builds the policy, checks transport
+//! security and binds the listeners.
 //!
 //! [`Application::build`] binds before it returns, so with `listen = 127.0.0.1:0` tests
 //! learn the real port from [`Application::local_addr`] and talk to a fully started server.
@@ -58,10 +60,26 @@ pub const ADMIN_CALLER: &str = "admin";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// The data directory holds the database, keyring and tokens: open to anyone but the
+    /// vault's user, it is refused, as the keyring file is.
+    #[error(
+        "data_dir {path}: the directory is open to group or others (mode {mode:o}); chmod 700 it"
+    )]
+    DataDirPermissions { path: PathBuf, mode: u32 },
+    /// A reload found the administrator token file gone: it never mints a new credential.
+    #[error(
+        "admin.token_path {0}: the administrator token file is missing; a reload never \
+         creates a credential (restore the file, or restart to create a new one)"
+    )]
+    AdminTokenMissing(PathBuf),
     #[error("database: {0}")]
     Store(#[from] StoreError),
     #[error("keyring: {0}")]
     Keyring(#[from] KeyringError),
+    #[error("admin token: {0}")]
+    SecretFile(#[from] crate::keys::SecretFileError),
     #[error("keys: {0}")]
     Keys(#[from] KeyError),
     #[error("{0}")]
@@ -126,13 +144,14 @@ impl Application {
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> Result<Application, StartupError> {
+        config.validate()?;
         crate::tls::check_listen(config.listen, &config.tls)?;
         let tls = crate::tls::server_tls_config(&config.tls)?;
         create_private_dir(&config.data_dir)?;
         let store = open_store(&config).await?;
         store.migrate().await?;
         let keys = open_keys(&config, &store, clock.now().timestamp_micros()).await?;
-        let policy = build_policy(&config)?;
+        let policy = build_policy(&config, AdminToken::CreateIfMissing)?;
         let rules = AccountRules::from_config(&config)?;
         let admin_token_path = config.admin.enabled.then(|| config.admin_token_path());
         let retention = crate::retention::Retention::build(&config.retention)?;
@@ -175,10 +194,12 @@ impl Application {
         })
     }
 
-    /// Lets SIGHUP and `Admin.ReloadPolicy` re-read the configuration from `source`.
+    /// Lets SIGHUP and `Admin.ReloadPolicy` re-read the configuration from `source`; what
+    /// it reads is compared with the configuration this application runs.
     pub fn with_reload(mut self, source: ConfigSource) -> Application {
         self.reloader = Some(Arc::new(PolicyReloader::new(
             source,
+            self.config.clone(),
             Arc::clone(&self.vault),
         )));
         self
@@ -233,6 +254,13 @@ impl Application {
         ));
         let request_ids = tokio::spawn(crate::vault::expire_request_ids_periodically(Arc::clone(
             &self.vault,
+        )));
+        let abandoned_jobs = tokio::spawn(crate::rewrap::interrupt_abandoned_periodically(
+            Arc::clone(&self.vault),
+        ));
+        // Destructions by other instances reach this one through it.
+        let key_states = tokio::spawn(crate::keys::manager::watch_key_states(Arc::clone(
+            self.vault.keys(),
         )));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // Not serving until the first probe says otherwise.
@@ -327,6 +355,8 @@ impl Application {
         }
         maintenance.abort();
         request_ids.abort();
+        abandoned_jobs.abort();
+        key_states.abort();
         // Calls still holding a vault handle now get AUDIT_UNAVAILABLE: nothing leaves
         // unaudited. What is queued is flushed before the writer stops.
         self.vault.audit().close();
@@ -387,7 +417,9 @@ async fn audit_maintenance(vault: Arc<Vault>, config: AuditConfig) {
                 .checkpoint(store.as_ref(), keys.audit_signing(), now, false)
                 .await;
         }
-        if tick % ticks_per_expiry == 0 {
+        // Zero keeps the trail forever (config::validate refuses retentions that would
+        // destroy it).
+        if config.retention_days != 0 && tick % ticks_per_expiry == 0 {
             let cutoff = now.saturating_sub(retention_micros);
             match crate::audit::expire(store.as_ref(), keys.audit_signing(), cutoff, now).await {
                 Ok(0) => {}
@@ -410,13 +442,26 @@ pub fn open_signer(config: &Config) -> Result<CheckpointSigner, StartupError> {
     )?)
 }
 
-/// The policy `config` describes, with the administrator caller when enabled (creating its
-/// token on first start). Startup and live reload both build it here, so both validate the
-/// same way.
-pub fn build_policy(config: &Config) -> Result<Policy, StartupError> {
+/// Whether building the policy may create the administrator token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminToken {
+    /// First start: create it when missing.
+    CreateIfMissing,
+    /// Live reload: it must exist; a reload never creates a credential.
+    MustExist,
+}
+
+/// The policy `config` describes, with the administrator caller when enabled. Startup and
+/// live reload both build it here, so both validate the same way; only startup may create
+/// the administrator's token.
+pub fn build_policy(config: &Config, admin_token: AdminToken) -> Result<Policy, StartupError> {
     let mut callers = config.callers.clone();
     if config.admin.enabled {
-        callers.push(admin_caller(&config.admin_token_path(), config)?);
+        callers.push(admin_caller(
+            &config.admin_token_path(),
+            config,
+            admin_token,
+        )?);
     }
     Ok(Policy::build(&config.purposes, &callers)?)
 }
@@ -483,7 +528,8 @@ pub async fn open_keys(
         store.clone(),
         now,
     )
-    .await?;
+    .await?
+    .with_state_cache(Duration::from_millis(config.keys.state_cache_ms.max(1)));
     Ok(Arc::new(manager))
 }
 
@@ -500,14 +546,35 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartupError>
     }
 }
 
+/// Opens the existing database `database.url` names for reading only: no file or database
+/// is created and no migration runs (`pdvault audit verify`).
+pub async fn open_store_read_only(config: &Config) -> Result<Arc<dyn Store>, StartupError> {
+    let url = config.database_url();
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open_read_only(&url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect_read_only(&url).await?))
+    } else {
+        Err(StartupError::UnsupportedDatabase)
+    }
+}
+
 /// The administrator caller, creating its token (mode 0600) on first start. The token is
 /// random per installation; only its hash is kept in memory.
-fn admin_caller(path: &Path, config: &Config) -> Result<CallerConfig, StartupError> {
+fn admin_caller(
+    path: &Path,
+    config: &Config,
+    admin_token: AdminToken,
+) -> Result<CallerConfig, StartupError> {
     let io_error = |source| StartupError::Io {
         path: path.to_owned(),
         source,
     };
-    if !path.exists() {
+    let exists = path.try_exists().map_err(io_error)?;
+    if !exists && admin_token == AdminToken::MustExist {
+        return Err(StartupError::AdminTokenMissing(path.to_owned()));
+    }
+    if !exists {
         let token = zeroize::Zeroizing::new(generate_token().map_err(io_error)?);
         write_private_file(path, format!("{}\n", token.as_str()).as_bytes()).map_err(io_error)?;
         tracing::warn!(
@@ -516,16 +583,21 @@ fn admin_caller(path: &Path, config: &Config) -> Result<CallerConfig, StartupErr
              least-privilege callers for services"
         );
     }
-    let token = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(io_error)?);
+    // Refused when group or others can read it, as the keyring is: the token grants
+    // everything.
+    let token = crate::keys::read_secret_file(path, MAX_TOKEN_FILE)?;
     Ok(CallerConfig {
         name: ADMIN_CALLER.to_owned(),
-        token_sha256: token_sha256_hex(token.trim()),
+        token_sha256: token_sha256_hex(&token),
         rpcs: Rpc::ALL.iter().map(|rpc| rpc.as_str().to_owned()).collect(),
         purposes: config.purposes.keys().cloned().collect(),
         grants: Grant::ALL.iter().map(|g| g.as_str().to_owned()).collect(),
         ..CallerConfig::default()
     })
 }
+
+/// Tokens are short; a much longer file is not a token file.
+const MAX_TOKEN_FILE: u64 = 4096;
 
 /// A fresh bearer token: 256 bits from the OS generator.
 pub fn generate_token() -> std::io::Result<String> {
@@ -539,7 +611,31 @@ pub fn generate_token() -> std::io::Result<String> {
     ))
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), StartupError> {
+/// Creates the data directory with mode 0700, or checks that an existing one is closed to
+/// group and others: it holds the database, keyring, tokens and signer state.
+pub fn create_private_dir(dir: &Path) -> Result<(), StartupError> {
+    let io_error = |source| StartupError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    if dir.try_exists().map_err(io_error)? {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir)
+                .map_err(io_error)?
+                .permissions()
+                .mode()
+                & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(StartupError::DataDirPermissions {
+                    path: dir.to_owned(),
+                    mode,
+                });
+            }
+        }
+        return Ok(());
+    }
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -573,4 +669,29 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn an_admin_token_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        let config = Config::default();
+        // Created private, and read back.
+        let caller = admin_caller(&path, &config, AdminToken::CreateIfMissing).unwrap();
+        assert_eq!(caller.name, ADMIN_CALLER);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Refused at start and on every policy reload alike.
+        match admin_caller(&path, &config, AdminToken::MustExist) {
+            Err(StartupError::SecretFile(crate::keys::SecretFileError::Exposed {
+                mode, ..
+            })) => assert_eq!(mode, 0o644),
+            other => panic!("{:?}", other.map(|caller| caller.name)),
+        }
+    }
 }

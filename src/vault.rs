@@ -195,8 +195,8 @@ pub struct Vault {
     policy: ArcSwap<Policy>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) audit: AuditLog,
-    /// Suspension, minors and policy-version rules.
-    pub(crate) rules: AccountRules,
+    /// Suspension, minors and policy-version rules; swapped whole by a live reload.
+    rules: ArcSwap<AccountRules>,
     retention: Retention,
     /// This instance's checkpoint signer; its sink, when a file, is the witness verification
     /// reads.
@@ -224,7 +224,7 @@ impl Vault {
             policy: ArcSwap::new(policy),
             clock,
             audit,
-            rules,
+            rules: ArcSwap::from_pointee(rules),
             retention: Retention::default(),
             checkpoint_signer: None,
         }
@@ -263,6 +263,16 @@ impl Vault {
         self.policy.store(policy);
     }
 
+    /// The account rules (suspension, minors, privacy-policy version) in force now.
+    pub(crate) fn rules(&self) -> Arc<AccountRules> {
+        self.rules.load_full()
+    }
+
+    /// Puts `rules` in force for every decision from now on (a live reload).
+    pub fn replace_rules(&self, rules: AccountRules) {
+        self.rules.store(Arc::new(rules));
+    }
+
     pub fn keys(&self) -> &Arc<KeyManager> {
         &self.keys
     }
@@ -279,6 +289,17 @@ impl Vault {
         &self.clock
     }
 
+    /// Who owns the jobs this process runs: the instance (its checkpoint signer) and this
+    /// process (its audit chain).
+    pub fn job_owner(&self) -> crate::store::JobOwner {
+        crate::store::JobOwner {
+            instance: self
+                .checkpoint_signer()
+                .map(|signer| signer.signer().to_owned()),
+            process: self.audit().chain_id().to_owned(),
+        }
+    }
+
     pub(crate) fn now_micros(&self) -> Micros {
         self.clock.now().timestamp_micros()
     }
@@ -287,7 +308,7 @@ impl Vault {
     pub(crate) fn today(&self) -> NaiveDate {
         self.clock
             .now()
-            .with_timezone(&self.rules.zone)
+            .with_timezone(&self.rules().zone)
             .date_naive()
     }
 

@@ -111,7 +111,7 @@ fn kek_objects(session: &Session, prefix: &str, version: u32) -> usize {
 }
 
 /// The tests of this binary share one PKCS#11 application (this process), and one of them
-/// logs it out: they take turns.
+/// logs it out and closes its sessions: every test that talks to the module takes its turn.
 static TOKEN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn hsm_lifecycle(backend: Backend) {
@@ -377,4 +377,223 @@ async fn the_sm4_suite_is_refused_with_the_module() {
         "{error}"
     );
     assert!(!config.keyring_path().exists(), "nothing was created");
+}
+
+/// A PIN file group or others can read is refused before the module is asked anything; the
+/// same file made private opens the token.
+#[cfg(unix)]
+#[test]
+fn a_pin_file_others_can_read_is_refused() {
+    let _turn = TOKEN.blocking_lock();
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = softhsm::config("pin-file-test");
+    config.pin_file = dir.path().join("pin");
+    std::fs::write(&config.pin_file, "1234\n").unwrap();
+    std::fs::set_permissions(&config.pin_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    match pdvault::hsm::Pkcs11KekProvider::open(&config) {
+        Err(pdvault::keys::KeyError::SecretFile(pdvault::keys::SecretFileError::Exposed {
+            mode,
+            ..
+        })) => assert_eq!(mode, 0o640),
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("opened with a PIN file others can read"),
+    }
+    std::fs::set_permissions(&config.pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(pdvault::hsm::Pkcs11KekProvider::open(&config).is_ok());
+}
+
+/// The golden HSM-wrapped data keys (`tests/fixtures/golden/2026-11/hsm.json`): data keys
+/// the PKCS#11 provider wrapped today (AES-256-GCM inside the module, the layout of format
+/// 1 with KEK id `hsm`), under a KEK whose value the fixture records because it was
+/// imported, for the fixture only, instead of generated inside the module.
+const HSM_GOLDEN: &str = "tests/fixtures/golden/2026-11/hsm.json";
+
+/// Imports `value` as KEK `version` under `prefix`, as non-extractable as the KEKs the
+/// vault generates, allowed to encrypt (as KEKs were made before KW), and returns a
+/// provider configured for that prefix.
+fn provider_with_kek(prefix: &str, version: u32, value: &[u8]) -> pdvault::hsm::Pkcs11KekProvider {
+    provider_with_imported_kek(
+        prefix,
+        version,
+        value,
+        &[Attribute::Encrypt(true), Attribute::Decrypt(true)],
+    )
+}
+
+/// The same, for a KEK that wraps with KW (as the vault makes them now).
+fn provider_with_kw_kek(
+    prefix: &str,
+    version: u32,
+    value: &[u8],
+) -> pdvault::hsm::Pkcs11KekProvider {
+    provider_with_imported_kek(
+        prefix,
+        version,
+        value,
+        &[
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+        ],
+    )
+}
+
+fn provider_with_imported_kek(
+    prefix: &str,
+    version: u32,
+    value: &[u8],
+    usage: &[Attribute],
+) -> pdvault::hsm::Pkcs11KekProvider {
+    let mut config = softhsm::config("golden");
+    config.key_label_prefix = prefix.to_owned();
+    // Opening the provider first initialises the library and logs the application in.
+    let provider = pdvault::hsm::Pkcs11KekProvider::open(&config).unwrap();
+    let module = Pkcs11::new(&config.module).unwrap();
+    let _ = module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = module
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| module.get_token_info(*slot).unwrap().label().trim_end() == config.token_label)
+        .unwrap();
+    let session = module.open_rw_session(slot).unwrap();
+    let _ = session.login(UserType::User, Some(&AuthPin::from("1234".to_owned())));
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(cryptoki::object::KeyType::AES),
+        Attribute::Value(value.to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Label(format!("{prefix}{version}").into_bytes()),
+    ];
+    template.extend_from_slice(usage);
+    session.create_object(&template).unwrap();
+    provider
+}
+
+fn unique_prefix(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("pdvault-{what}-{nanos}-kek-v")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    data_encoding::HEXLOWER.encode(bytes)
+}
+
+fn unhex(value: &serde_json::Value) -> Vec<u8> {
+    data_encoding::HEXLOWER
+        .decode(value.as_str().unwrap().as_bytes())
+        .unwrap()
+}
+
+#[test]
+fn hsm_wrapped_keys_of_format_1_still_unwrap() {
+    let _turn = TOKEN.blocking_lock();
+    use pdvault::keys::KekProvider;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(HSM_GOLDEN);
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let version = golden["kek_version"].as_u64().unwrap() as u32;
+    let provider = provider_with_kek(&unique_prefix("golden"), version, &unhex(&golden["kek"]));
+    let keys = golden["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "one per suite");
+    for key in keys {
+        let record_id = key["record_id"].as_str().unwrap();
+        let wrapped = unhex(&key["wrapped_key"]);
+        assert_eq!(wrapped[0], 1, "format 1");
+        let dek = provider.unwrap(&wrapped, record_id).unwrap();
+        assert_eq!(dek.suite().as_str(), key["suite"].as_str().unwrap());
+        assert_eq!(
+            hex(dek.secret().expose()),
+            key["data_key"].as_str().unwrap()
+        );
+        assert!(provider.unwrap(&wrapped, "rec_someoneelse").is_err());
+    }
+}
+
+/// The golden data key the PKCS#11 provider wrapped with KW (format 2) under an imported
+/// KW KEK. Only AES data keys: the module's KEKs are AES, so SM4 keys are not wrapped there.
+const HSM_GOLDEN_FORMAT_2: &str = "tests/fixtures/golden/2026-11-format-2/hsm.json";
+
+#[test]
+fn hsm_wrapped_keys_of_format_2_still_unwrap() {
+    let _turn = TOKEN.blocking_lock();
+    use pdvault::keys::KekProvider;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(HSM_GOLDEN_FORMAT_2);
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let version = golden["kek_version"].as_u64().unwrap() as u32;
+    let provider =
+        provider_with_kw_kek(&unique_prefix("golden-kw"), version, &unhex(&golden["kek"]));
+    let keys = golden["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    for key in keys {
+        let record_id = key["record_id"].as_str().unwrap();
+        let wrapped = unhex(&key["wrapped_key"]);
+        assert_eq!(wrapped[0], 2, "format 2");
+        let dek = provider.unwrap(&wrapped, record_id).unwrap();
+        assert_eq!(dek.suite().as_str(), key["suite"].as_str().unwrap());
+        assert_eq!(
+            hex(dek.secret().expose()),
+            key["data_key"].as_str().unwrap()
+        );
+        assert!(provider.unwrap(&wrapped, "rec_someoneelse").is_err());
+        // The module's CKM_AES_KEY_WRAP is RFC 3394 KW: software KW under the same KEK
+        // unwraps it to the data key followed by its 16-byte context.
+        let header_len = 3 + "hsm".len() + 4;
+        let kek: [u8; 32] = unhex(&golden["kek"]).try_into().unwrap();
+        let inner = aes_kw::Kek::<aes::Aes256>::new(&kek.into())
+            .unwrap_vec(&wrapped[header_len..])
+            .unwrap();
+        assert_eq!(inner.len(), 48);
+        assert_eq!(hex(&inner[..32]), key["data_key"].as_str().unwrap());
+        // KW is deterministic: wrapping the key again gives the same bytes.
+        assert_eq!(
+            hex(&provider.wrap(version, &dek, record_id).unwrap()),
+            hex(&wrapped)
+        );
+    }
+}
+
+/// Writes the HSM golden vectors of the current format (`PDVAULT_GOLDEN_HSM` names the file,
+/// which must not exist): run once per new format, like `tests/golden.rs`'s generator.
+/// `2026-11/hsm.json` (format 1, GCM, both suites) was written before KW by its predecessor.
+#[test]
+#[ignore]
+fn write_hsm_golden_vectors() {
+    let _turn = TOKEN.blocking_lock();
+    use pdvault::crypto::{DataKey, SecretKey, Suite};
+    use pdvault::keys::KekProvider;
+    let out = std::path::PathBuf::from(std::env::var("PDVAULT_GOLDEN_HSM").unwrap());
+    assert!(!out.exists(), "fixtures are never rewritten");
+    let kek = SecretKey::generate().unwrap();
+    let version = 1;
+    let provider = provider_with_kw_kek(&unique_prefix("golden-write"), version, kek.expose());
+    let keys: Vec<serde_json::Value> =
+        [(Suite::Aes256GcmHmacSha256, "rec_goldenhsmkwaes000000000000")]
+            .into_iter()
+            .map(|(suite, record_id)| {
+                let dek = DataKey::generate_for(suite).unwrap();
+                let wrapped = provider.wrap(version, &dek, record_id).unwrap();
+                serde_json::json!({
+                    "suite": suite.as_str(),
+                    "record_id": record_id,
+                    "data_key": hex(dek.secret().expose()),
+                    "wrapped_key": hex(&wrapped),
+                })
+            })
+            .collect();
+    let golden = serde_json::json!({
+        "kek_version": version,
+        "kek": hex(kek.expose()),
+        "keys": keys,
+    });
+    let mut text = serde_json::to_string_pretty(&golden).unwrap();
+    text.push('\n');
+    std::fs::write(out, text).unwrap();
 }

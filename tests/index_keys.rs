@@ -536,8 +536,162 @@ async fn an_old_format_age_gate_opens_and_reindexing_moves_it(app: &TestApp) {
     assert_minor(app, &minor).await;
 }
 
+/// An index version destroyed through one instance leaves every other instance's memory
+/// within `keys.state_cache_ms`, although the set of live index versions (which is what
+/// makes an instance re-read the keyring file) did not change with the destruction.
+async fn index_destruction_reaches_every_instance(app: &TestApp) {
+    let other = app.spawn_sibling().await;
+    let id_number = resident_id("11010119900307123");
+    let record = create(app, person(&id_number, "13800001111"))
+        .await
+        .unwrap();
+    assert!(rotate_index(app, 1).await.created);
+    assert!(rewrap(app, 0).await.pop().unwrap().done);
+    retire_index(app, 1).await.unwrap();
+    // The other instance follows the rotation and the retirement through a lookup, and
+    // still holds the retired version's keys (the file still holds them too).
+    assert_eq!(
+        find_document(&other, &id_number).await,
+        vec![record.clone()]
+    );
+    assert!(other.vault.keys().index_versions_held().contains(&1));
+
+    destroy_index(app, 1).await.unwrap();
+    let destroyed_at = std::time::Instant::now();
+    let window = std::time::Duration::from_millis(app.config.keys.state_cache_ms);
+    while other.vault.keys().index_versions_held().contains(&1) {
+        assert!(
+            destroyed_at.elapsed() < window + std::time::Duration::from_secs(3),
+            "the other instance still holds the destroyed index keys"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(other.vault.keys().index_versions_held(), vec![2]);
+    assert_eq!(find_document(&other, &id_number).await, vec![record]);
+    other.stop().await;
+}
+
+fn other_document(name: &str, number: &str, email: &str) -> Identity {
+    Identity {
+        name: name.into(),
+        id_type: proto::IdType::Other as i32,
+        id_number: number.into(),
+        email: email.into(),
+        ..Identity::default()
+    }
+}
+
+async fn find_other(app: &TestApp, id_number: &str) -> Vec<String> {
+    find(
+        app,
+        find_records_request::Key::Document(DocumentKey {
+            id_type: proto::IdType::Other as i32,
+            id_number: id_number.into(),
+        }),
+    )
+    .await
+}
+
+fn hex_literal(app: &TestApp, bytes: &[u8]) -> String {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    match app.backend {
+        support::Backend::Sqlite => format!("X'{hex}'"),
+        support::Backend::Postgres => format!("'\\x{hex}'::bytea"),
+    }
+}
+
+/// Identity text is normalised to NFC: a name spelled with a combining accent and the same
+/// name precomposed get one pseudonym, a document number typed either way finds the same
+/// record and is its duplicate. A record stored before normalisation (its number sealed and
+/// indexed decomposed, as the previous version wrote it) is found under either spelling once
+/// the index key is rotated and the re-index pass has run: the documented operator step.
+async fn equivalent_spellings_are_one_value(app: &TestApp) {
+    let precomposed = "Jos\u{e9} N\u{fa}\u{f1}ez";
+    let decomposed = "Jose\u{301} Nu\u{301}n\u{303}ez";
+    assert_ne!(precomposed.as_bytes(), decomposed.as_bytes());
+    let pseudonym = |id: String| async move {
+        get(app, ANALYTICS.token, &id, "audit-research", "name")
+            .await
+            .unwrap()
+    };
+    let a = create(
+        app,
+        other_document(precomposed, "\u{d1}-2024-001", "a@example.com"),
+    )
+    .await
+    .unwrap();
+    let b = create(
+        app,
+        Identity {
+            name: decomposed.into(),
+            email: "b@example.com".into(),
+            ..Identity::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (pa, pb) = (pseudonym(a.clone()).await, pseudonym(b).await);
+    assert!(pa.starts_with("psn_"), "{pa}");
+    assert_eq!(pa, pb, "one name, one pseudonym");
+    assert_eq!(find_other(app, "N\u{303}-2024-001").await, vec![a.clone()]);
+    assert_eq!(find_other(app, "\u{d1}-2024-001").await, vec![a.clone()]);
+    assert_duplicate(
+        app,
+        other_document(decomposed, "N\u{303}-2024-001", "c@example.com"),
+    )
+    .await;
+
+    // A record as the previous version stored it: number sealed and indexed decomposed.
+    let legacy = create(
+        app,
+        other_document("Lee", "\u{c5}-77", "legacy@example.com"),
+    )
+    .await
+    .unwrap();
+    let legacy_number = "A\u{30a}-77";
+    let keys = app.vault.keys();
+    let wrapped = app
+        .bytes(&format!(
+            "SELECT wrapped_key FROM records WHERE record_id = '{legacy}'"
+        ))
+        .await;
+    let dek = keys.unwrap(&wrapped, &legacy).await.unwrap();
+    let sealed = dek
+        .seal_field(&legacy, "id_number", legacy_number.as_bytes())
+        .unwrap();
+    let index = keys
+        .index_keys(1)
+        .unwrap()
+        .blind_index
+        .document("OTHER", legacy_number);
+    app.execute_sql(&format!(
+        "UPDATE record_fields SET ciphertext = {} \
+         WHERE record_id = '{legacy}' AND field = 'id_number'",
+        hex_literal(app, &sealed)
+    ))
+    .await;
+    app.execute_sql(&format!(
+        "UPDATE records SET document_index = {} WHERE record_id = '{legacy}'",
+        hex_literal(app, &index)
+    ))
+    .await;
+    assert!(
+        find_other(app, "\u{c5}-77").await.is_empty(),
+        "indexed decomposed, not found until re-indexed"
+    );
+    assert!(rotate_index(app, 1).await.created);
+    let last = rewrap(app, 0).await.pop().unwrap();
+    assert!(last.done);
+    assert_eq!(find_other(app, "\u{c5}-77").await, vec![legacy.clone()]);
+    assert_eq!(find_other(app, legacy_number).await, vec![legacy.clone()]);
+    // Records stored normalised are found as before.
+    assert_eq!(find_other(app, "N\u{303}-2024-001").await, vec![a]);
+}
+
 for_each_backend!(
     an_old_format_age_gate_opens_and_reindexing_moves_it,
+    equivalent_spellings_are_one_value,
+    index_destruction_reaches_every_instance,
     index_rotation_reindex_retire_destroy,
     another_instance_follows_an_index_rotation,
 );

@@ -452,6 +452,84 @@ async fn rewrap_alongside_traffic_and_a_second_job(app: &TestApp) {
     other.stop().await;
 }
 
+/// A KEK version destroyed through one instance is refused by every other instance within
+/// `keys.state_cache_ms`, even one that still holds its material, or (with a hardware
+/// module) a data key it unwrapped in its cache: here an old row, still wrapped under the
+/// destroyed version, put back into the live database (a restored backup, or the database
+/// administrator). The other instance drops the material too.
+async fn destruction_reaches_every_instance(app: &TestApp) {
+    let other = sibling(app).await;
+    let record = create(app, 1).await;
+    let select = format!("SELECT wrapped_key FROM records WHERE record_id = '{record}'");
+    let under_v1 = app.bytes(&select).await;
+    // Read through the other instance: a hardware module's cache now holds its data key.
+    assert_eq!(
+        email_of(&other, &record).await.unwrap(),
+        "person1@example.com"
+    );
+    assert!(rotate(app, 1).await.created);
+    rewrap(app, 0).await.unwrap();
+    retire(app, 1).await.unwrap();
+    assert!(other.vault.keys().provider_versions().unwrap().contains(&1));
+
+    destroy(app, 1).await.unwrap();
+    let destroyed_at = std::time::Instant::now();
+    let old_key = match app.backend {
+        Backend::Sqlite => format!("X'{}'", hex(&under_v1)),
+        Backend::Postgres => format!("'\\x{}'::bytea", hex(&under_v1)),
+    };
+    app.execute_sql(&format!(
+        "UPDATE records SET wrapped_key = {old_key}, kek_version = 1 \
+         WHERE record_id = '{record}'"
+    ))
+    .await;
+    assert_eq!(app.bytes(&select).await, under_v1);
+
+    // The destroying instance refuses at once...
+    let refused = email_of(app, &record).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&refused), "KEY_VERSION_DESTROYED");
+    // ...and the other one within the state cache's lifetime (plus scheduling slack on a
+    // loaded machine), whatever it still held when the version was destroyed.
+    let window = std::time::Duration::from_millis(app.config.keys.state_cache_ms);
+    let refused_after = loop {
+        match email_of(&other, &record).await {
+            Err(status) if reason(&status) == "KEY_VERSION_DESTROYED" => {
+                break destroyed_at.elapsed();
+            }
+            outcome => assert!(
+                destroyed_at.elapsed() < window + std::time::Duration::from_secs(3),
+                "still answered {outcome:?} {:?} after the destruction",
+                destroyed_at.elapsed()
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    eprintln!("the other instance refused {refused_after:?} after the destruction");
+    // Its background task dropped the material (with the local provider, the KEK it held).
+    let dropped_by = std::time::Instant::now() + window + std::time::Duration::from_secs(3);
+    while other.vault.keys().provider_versions().unwrap().contains(&1) {
+        assert!(
+            std::time::Instant::now() < dropped_by,
+            "material still held"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Both refusals are audited as such.
+    let audited = app
+        .count(
+            "SELECT COUNT(*) FROM audit_events \
+             WHERE rpc = 'GetRecord' AND reason = 'KEY_VERSION_DESTROYED'",
+        )
+        .await;
+    assert!(audited >= 2, "{audited}");
+    other.stop().await;
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Deletion reaches backups once every KEK version that wrapped the deleted key is gone.
 async fn crypto_shredding_reaches_an_old_copy_of_the_database(app: &TestApp) {
     let deleted = create(app, 1).await;
@@ -1055,4 +1133,5 @@ for_each_backend!(
     concurrent_rotations_on_two_instances_make_one_version,
     rewrap_alongside_traffic_and_a_second_job,
     crypto_shredding_reaches_an_old_copy_of_the_database,
+    destruction_reaches_every_instance,
 );

@@ -1,5 +1,5 @@
 //! The key lifecycle through the real `pdvault` binary: the server killed with SIGKILL in
-//! the middle of a rewrap and restarted, and the `pdvault keys` commands a scheduler runs,
+//! the middle of a rewrap and restarted (the killed job shows INTERRUPTED), and the `pdvault keys` commands a scheduler runs,
 //! and `pdvault purge`, with their exit codes. Runs on both backends.
 
 // For the check of the machine before any test runs; this file starts its own servers.
@@ -255,6 +255,17 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
     drop(server);
 
     let server = deployment.start().await;
+    // Issue 11 E24: the killed job no longer shows RUNNING forever; the restarted instance
+    // saw its process gone and marked it INTERRUPTED.
+    let status = deployment.keys(&server, &["status"]);
+    assert!(status.status.success(), "{}", text(&status));
+    assert!(
+        text(&status)
+            .lines()
+            .any(|line| line.contains(&first.job_id) && line.contains("INTERRUPTED")),
+        "{}",
+        text(&status)
+    );
     // Retiring now would strand what the killed job did not reach.
     let refused = deployment.keys(&server, &["retire", "1"]);
     assert!(!refused.status.success(), "{}", text(&refused));

@@ -1,5 +1,7 @@
 //! Operations behaviour of the in-process server: health, reflection, request ids, limits,
-//! metrics and the admin reload RPC.
+//! metrics, the admin reload RPC (what it applies, what it refuses, never minting a
+//! credential), private files, the read-only `pdvault audit verify`, and rewrap jobs whose
+//! server died.
 
 mod support;
 
@@ -437,27 +439,26 @@ async fn metrics_count_calls_releases_and_denials_without_identity() {
     app.stop().await;
 }
 
-fn reload_config(granted_to_analytics: &[&str]) -> String {
-    let mut callers = support::callers_toml();
-    callers = callers.replace(
-        "purposes = [\"audit-research\", \"business-analytics\"]",
-        &format!("purposes = {granted_to_analytics:?}"),
-    );
-    callers
+/// The running configuration as a file, with the analytics caller granted `purposes`.
+fn reload_file(running: &pdvault::config::Config, granted_to_analytics: &[&str]) -> String {
+    let mut config = running.clone();
+    for caller in &mut config.callers {
+        if caller.name == ANALYTICS.name {
+            caller.purposes = granted_to_analytics.iter().map(|p| p.to_string()).collect();
+        }
+    }
+    toml::to_string(&config).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_reload_applies_new_grants_and_refuses_bad_files() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pdvault.toml");
-    let write = |body: String, data_dir: &std::path::Path| {
-        std::fs::write(&file, format!("data_dir = {data_dir:?}\n{body}")).unwrap();
-    };
     let app = TestApp::spawn_full(
         Backend::Sqlite,
         |_| {},
         |config| {
-            write(reload_config(&["audit-research"]), &config.data_dir);
+            std::fs::write(&file, reload_file(config, &["audit-research"])).unwrap();
             Some(ConfigSource {
                 file: Some(file.clone()),
                 flags: Default::default(),
@@ -466,7 +467,8 @@ async fn admin_reload_applies_new_grants_and_refuses_bad_files() {
     )
     .await
     .unwrap();
-    let data_dir = app.data_dir.path().join("data");
+    let write =
+        |purposes: &[&str]| std::fs::write(&file, reload_file(&app.config, purposes)).unwrap();
     let mut admin = AdminClient::new(channel(&app).await);
     let mut vault = app.client().await;
     let analytics_read = || get_request(ANALYTICS.token, "service-delivery");
@@ -481,7 +483,7 @@ async fn admin_reload_applies_new_grants_and_refuses_bad_files() {
     assert_eq!(status.code(), Code::PermissionDenied);
 
     // A grant of an unknown purpose fails validation: nothing changes.
-    write(reload_config(&["service-delivery", "marketing"]), &data_dir);
+    write(&["service-delivery", "marketing"]);
     let status = admin
         .reload_policy(authed(&app.admin_token, ReloadPolicyRequest {}))
         .await
@@ -495,7 +497,7 @@ async fn admin_reload_applies_new_grants_and_refuses_bad_files() {
     let status = vault.get_record(analytics_read()).await.unwrap_err();
     assert_eq!(reason(&status), "PURPOSE_NOT_GRANTED");
 
-    write(reload_config(&["service-delivery"]), &data_dir);
+    write(&["service-delivery"]);
     let reloaded = admin
         .reload_policy(authed(&app.admin_token, ReloadPolicyRequest {}))
         .await
@@ -575,4 +577,574 @@ async fn a_database_outage_releases_nothing_and_recovers() {
     }
     assert!(recovered, "reads work again once the database is back");
     app.stop().await;
+}
+
+/// Issue 11 E21: a reload applies the policy (callers, purposes, account rules) and nothing
+/// else. A file that changes
+/// what only a restart can change is refused naming the key; an emptied file is refused
+/// rather than read as "all defaults"; and a missing administrator token is never minted
+/// anew. Every refusal leaves the running policy in force.
+async fn reload_changes_policy_never_the_service(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pdvault.toml");
+    let Some(app) = TestApp::spawn_full(
+        backend,
+        |_| {},
+        |config| {
+            std::fs::write(&file, reload_file(config, &["audit-research"])).unwrap();
+            Some(ConfigSource {
+                file: Some(file.clone()),
+                flags: Default::default(),
+            })
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let mut admin = AdminClient::new(channel(&app).await);
+    let mut vault = app.client().await;
+    let reload = |admin: &mut AdminClient<Channel>| {
+        let mut admin = admin.clone();
+        let token = app.admin_token.clone();
+        async move {
+            admin
+                .reload_policy(authed(&token, ReloadPolicyRequest {}))
+                .await
+        }
+    };
+    // The same file reloads.
+    assert_eq!(reload(&mut admin).await.unwrap().into_inner().generation, 1);
+
+    let changed = |change: &dyn Fn(&mut pdvault::config::Config)| {
+        let mut config = app.config.clone();
+        change(&mut config);
+        toml::to_string(&config).unwrap()
+    };
+    let other_dir = dir.path().join("elsewhere");
+    let fixed: Vec<(String, &str)> = vec![
+        (
+            changed(&|c| c.listen = "127.0.0.1:1".parse().unwrap()),
+            "listen",
+        ),
+        (changed(&|c| c.data_dir = other_dir.clone()), "data_dir"),
+        (
+            changed(&|c| c.database.url = Some("sqlite:///tmp/other.db".into())),
+            "database.url",
+        ),
+        (
+            changed(&|c| c.keys.keyring_path = Some(other_dir.join("k.json"))),
+            "keys.keyring_path",
+        ),
+        (
+            changed(&|c| c.tls.allow_insecure = true),
+            "tls.allow_insecure",
+        ),
+        (changed(&|c| c.admin.enabled = false), "admin.enabled"),
+        (
+            changed(&|c| c.limits.caller_requests_per_minute = 7),
+            "limits.caller_requests_per_minute",
+        ),
+    ];
+    for (body, key) in fixed {
+        std::fs::write(&file, body).unwrap();
+        let status = reload(&mut admin).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{key}: {status:?}");
+        assert_eq!(reason(&status), "POLICY_INVALID");
+        assert!(
+            status.message().contains(&format!("{key}: cannot change")),
+            "{key}: {}",
+            status.message()
+        );
+    }
+    assert!(!other_dir.exists(), "a refused reload created nothing");
+
+    // An emptied (or comments-only) file would lock every configured caller out and, with
+    // the default data_dir, mint an administrator token in ./pdvault-data.
+    for body in ["", "# emptied\n\n"] {
+        std::fs::write(&file, body).unwrap();
+        let status = reload(&mut admin).await.unwrap_err();
+        assert!(
+            status.message().contains("is empty"),
+            "{}",
+            status.message()
+        );
+    }
+    // So is a file that drops every caller.
+    std::fs::write(&file, changed(&|c| c.callers.clear())).unwrap();
+    let status = reload(&mut admin).await.unwrap_err();
+    assert!(
+        status
+            .message()
+            .contains("callers: the file configures no caller"),
+        "{}",
+        status.message()
+    );
+    let read = authed(
+        CLAIMS.token,
+        GetRecordRequest {
+            record_id: UNKNOWN_RECORD.into(),
+            purpose: "service-delivery".into(),
+            ..GetRecordRequest::default()
+        },
+    );
+    let status = vault.get_record(read).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "claims still authenticates");
+
+    // The administrator token moved away: a reload refuses instead of minting a new one.
+    let token_path = app.config.admin_token_path();
+    let moved = dir.path().join("admin.token.moved");
+    std::fs::rename(&token_path, &moved).unwrap();
+    std::fs::write(&file, reload_file(&app.config, &["service-delivery"])).unwrap();
+    let status = reload(&mut admin).await.unwrap_err();
+    assert!(
+        status.message().contains("admin.token_path") && status.message().contains("never creates"),
+        "{}",
+        status.message()
+    );
+    assert!(!token_path.exists(), "no administrator token was minted");
+    let status = vault
+        .get_record(get_request(ANALYTICS.token, "service-delivery"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&status),
+        "PURPOSE_NOT_GRANTED",
+        "the old policy stays"
+    );
+    std::fs::rename(&moved, &token_path).unwrap();
+    let reloaded = reload(&mut admin).await.unwrap().into_inner();
+    assert_eq!(reloaded.generation, 2);
+    let status = vault
+        .get_record(get_request(ANALYTICS.token, "service-delivery"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "the new grant is in force");
+
+    // The account rules are policy too: a new privacy-policy version applies live.
+    let record = vault
+        .create_record(authed(
+            CLAIMS.token,
+            CreateRecordRequest {
+                identity: Some(Identity {
+                    name: "版本".into(),
+                    ..Identity::default()
+                }),
+                policy_version: "2025-01".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let check = || {
+        authed(
+            LOGIN.token,
+            CheckAccountRequest {
+                record_id: record.record_id.clone(),
+            },
+        )
+    };
+    let state = vault.check_account(check()).await.unwrap().into_inner();
+    assert!(!state.policy_reconsent_required);
+    let mut config = app.config.clone();
+    config.privacy_policy.current_version = "2026-01".into();
+    for caller in &mut config.callers {
+        if caller.name == ANALYTICS.name {
+            caller.purposes = vec!["service-delivery".into()];
+        }
+    }
+    std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+    assert_eq!(reload(&mut admin).await.unwrap().into_inner().generation, 3);
+    let state = vault.check_account(check()).await.unwrap().into_inner();
+    assert!(
+        state.policy_reconsent_required,
+        "the new version is in force"
+    );
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM audit_events WHERE rpc = 'ReloadPolicy' AND outcome = 'INVALID'"
+        )
+        .await,
+        11
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changes_policy_never_the_service_on_sqlite() {
+    reload_changes_policy_never_the_service(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changes_policy_never_the_service_on_postgres() {
+    reload_changes_policy_never_the_service(Backend::Postgres).await;
+}
+
+#[cfg(unix)]
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Issue 11 D17: the data directory is 0700 and every file the vault creates in it 0600
+/// whatever the umask (the SQLite database, its WAL and SHM were 0644); an existing data
+/// directory open to group or others is refused, as the keyring is.
+#[cfg(unix)]
+async fn data_files_stay_private(backend: Backend) {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(mut app) = TestApp::spawn(backend).await else {
+        return;
+    };
+    let mut vault = app.client().await;
+    vault
+        .create_record(authed(
+            CLAIMS.token,
+            CreateRecordRequest {
+                identity: Some(Identity {
+                    name: "权限测试".into(),
+                    ..Identity::default()
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let data_dir = app.config.data_dir.clone();
+    assert_eq!(mode(&data_dir), 0o700);
+    let files = files_under(&data_dir);
+    if backend == Backend::Sqlite {
+        for name in ["pdvault.db", "pdvault.db-wal", "pdvault.db-shm"] {
+            assert!(files.contains(&data_dir.join(name)), "{name} in {files:?}");
+        }
+    }
+    for name in ["keyring.json", "admin.token", "audit-signer.json"] {
+        assert!(files.contains(&data_dir.join(name)), "{name} in {files:?}");
+    }
+    for file in &files {
+        assert_eq!(
+            mode(file) & 0o077,
+            0,
+            "{} is {:o}",
+            file.display(),
+            mode(file)
+        );
+    }
+    let config = app.config.clone();
+    let sqlite = app.sqlite_path();
+    app.halt().await;
+
+    // A database left readable by an older version is closed on the next start.
+    if backend == Backend::Sqlite {
+        std::fs::set_permissions(&sqlite, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = pdvault::startup::open_store(&config).await.unwrap();
+        store.close().await;
+        assert_eq!(mode(&sqlite), 0o600);
+    }
+
+    // An existing data directory open to the group is refused before anything is opened.
+    let open_dir = tempfile::tempdir().unwrap();
+    let data_dir = open_dir.path().join("data");
+    std::fs::create_dir(&data_dir).unwrap();
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let refused = pdvault::startup::Application::build(pdvault::config::Config {
+        data_dir: data_dir.clone(),
+        database: pdvault::config::DatabaseConfig {
+            url: None,
+            ..config.database.clone()
+        },
+        ..config
+    })
+    .await
+    .err()
+    .expect("an open data directory is refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains("data_dir") && message.contains("group or others"),
+        "{message}"
+    );
+    assert!(
+        std::fs::read_dir(&data_dir).unwrap().next().is_none(),
+        "nothing was created"
+    );
+    app.stop().await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_files_stay_private_on_sqlite() {
+    data_files_stay_private(Backend::Sqlite).await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_files_stay_private_on_postgres() {
+    data_files_stay_private(Backend::Postgres).await;
+}
+
+/// `pdvault <args>` with `config` as its configuration file; (success, stdout + stderr).
+fn pdvault_cli(config: Option<&std::path::Path>, args: &[&str]) -> (bool, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"));
+    command.args(args);
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    // The test's own PDVAULT_* variables are not meant for this command.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("PDVAULT_") {
+            command.env_remove(key);
+        }
+    }
+    let output = command.output().expect("the pdvault binary runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// Issue 11 D18 and E22: `pdvault audit verify` reads and never writes (it ran migrations
+/// first), refuses a database that does not exist (a mistyped SQLite path used to create an
+/// empty file and "verify" it), and says plainly when there is nothing to verify.
+async fn audit_verify_reads_only_what_exists(backend: Backend) {
+    let Some(mut app) = TestApp::spawn(backend).await else {
+        return;
+    };
+    let mut vault = app.client().await;
+    vault
+        .create_record(authed(
+            CLAIMS.token,
+            CreateRecordRequest {
+                identity: Some(Identity {
+                    name: "核验".into(),
+                    ..Identity::default()
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    app.halt().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config_file = dir.path().join("pdvault.toml");
+    std::fs::write(&config_file, toml::to_string(&app.config).unwrap()).unwrap();
+    let verify = |config: &std::path::Path| pdvault_cli(Some(config), &["audit", "verify"]);
+    let (ok, output) = verify(&config_file);
+    assert!(ok, "{output}");
+    assert!(output.contains("audit trail verified"), "{output}");
+
+    // Pretend the newest migration is pending: verify must neither apply it (it would fail
+    // on the columns that exist) nor record it.
+    app.execute_sql("DELETE FROM _sqlx_migrations WHERE version = 9")
+        .await;
+    let applied = app.count("SELECT COUNT(*) FROM _sqlx_migrations").await;
+    let (ok, output) = verify(&config_file);
+    assert!(ok, "verify ran a migration: {output}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM _sqlx_migrations").await,
+        applied
+    );
+
+    // A database that does not exist is refused, and not created.
+    let missing = dir.path().join("mistyped.db");
+    let mut config = app.config.clone();
+    config.database.url = Some(match backend {
+        Backend::Sqlite => format!("sqlite://{}", missing.display()),
+        Backend::Postgres => {
+            let url = app.database_url.clone();
+            let (base, _) = url.rsplit_once('/').unwrap();
+            format!("{base}/pdvault_no_such_database")
+        }
+    });
+    let mistyped = dir.path().join("mistyped.toml");
+    std::fs::write(&mistyped, toml::to_string(&config).unwrap()).unwrap();
+    let (ok, output) = verify(&mistyped);
+    assert!(!ok, "{output}");
+    assert!(output.contains("cannot verify"), "{output}");
+    if backend == Backend::Sqlite {
+        assert!(output.contains("does not exist"), "{output}");
+        assert!(!missing.exists(), "verify created the database file");
+    }
+
+    // Chains with every checkpoint gone: said plainly, and not "verified" (no witness here,
+    // which would report the deletions on its own).
+    app.execute_sql("DELETE FROM audit_checkpoints").await;
+    let mut config = app.config.clone();
+    config.audit.checkpoint_sink = "stdout".into();
+    let unwitnessed = dir.path().join("unwitnessed.toml");
+    std::fs::write(&unwitnessed, toml::to_string(&config).unwrap()).unwrap();
+    let (ok, output) = verify(&unwitnessed);
+    assert!(!ok, "{output}");
+    assert!(output.contains("no checkpoints"), "{output}");
+
+    // A database with no trail at all is not "verified".
+    if backend == Backend::Sqlite {
+        let empty = dir.path().join("empty");
+        let mut config = app.config.clone();
+        config.data_dir = empty.clone();
+        config.database.url = None;
+        config.keys.keyring_path = Some(app.config.keyring_path());
+        config.keys.create_if_missing = false;
+        // No witness either: a witness would name the chains it saw.
+        config.audit.checkpoint_sink = "stdout".into();
+        let empty_config = dir.path().join("empty.toml");
+        std::fs::write(&empty_config, toml::to_string(&config).unwrap()).unwrap();
+        let (ok, output) = pdvault_cli(Some(&empty_config), &["migrate"]);
+        assert!(ok, "{output}");
+        let (ok, output) = verify(&empty_config);
+        assert!(!ok, "{output}");
+        assert!(output.contains("no audit chains"), "{output}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_reads_only_what_exists_on_sqlite() {
+    audit_verify_reads_only_what_exists(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_reads_only_what_exists_on_postgres() {
+    audit_verify_reads_only_what_exists(Backend::Postgres).await;
+}
+
+/// Rewrap jobs by id, with their state, as `GetKeyStatus` reports them.
+async fn job_states(app: &TestApp) -> std::collections::BTreeMap<String, String> {
+    use pdvault::proto::GetKeyStatusRequest;
+    use pdvault::proto::key_management_client::KeyManagementClient;
+    let status = KeyManagementClient::new(app.channel().await)
+        .get_key_status(authed(&app.admin_token, GetKeyStatusRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    status
+        .rewrap_jobs
+        .into_iter()
+        .map(|job| (job.job_id, job.state))
+        .collect()
+}
+
+/// Issue 11 E24: a rewrap job whose server died stayed RUNNING forever. Whichever instance
+/// sees its owner gone (lease run out, or its instance restarted as another process) marks
+/// it INTERRUPTED, and `GetKeyStatus` / `pdvault keys status` show it.
+async fn rewrap_jobs_of_dead_servers_are_interrupted(backend: Backend) {
+    use pdvault::store::JobOwner;
+    use pdvault::vault::Clock;
+
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
+    let store = app.store().await;
+    let minute = 60_000_000;
+    let now = app.clock.now().timestamp_micros();
+    let me = app.vault.job_owner();
+    assert!(me.instance.is_some());
+    let other = |process: &str| JobOwner {
+        instance: Some("sgn_sibling".into()),
+        process: process.into(),
+    };
+    // A sibling that stopped renewing ten minutes ago.
+    store
+        .start_rewrap_job(
+            "rwj_dead",
+            1,
+            &other("chn_dead"),
+            now - 12 * minute,
+            now - 10 * minute,
+        )
+        .await
+        .unwrap();
+    // A sibling that is alive.
+    store
+        .start_rewrap_job(
+            "rwj_sibling",
+            1,
+            &other("chn_alive"),
+            now,
+            now + 10 * minute,
+        )
+        .await
+        .unwrap();
+    // This process's own job, alive: it must survive every sweep until this process stops.
+    store
+        .start_rewrap_job("rwj_mine", 1, &me, now, now + 10 * minute)
+        .await
+        .unwrap();
+    // A job from before leases, last progress long ago.
+    app.execute_sql(&format!(
+        "INSERT INTO rewrap_jobs (job_id, target_version, state, started_at, updated_at) \
+         VALUES ('rwj_legacy', 1, 'RUNNING', {}, {})",
+        now - 30 * minute,
+        now - 20 * minute
+    ))
+    .await;
+    let seen = job_states(&app).await;
+    assert_eq!(seen["rwj_dead"], "INTERRUPTED");
+    assert_eq!(seen["rwj_legacy"], "INTERRUPTED");
+    assert_eq!(seen["rwj_sibling"], "RUNNING");
+    assert_eq!(seen["rwj_mine"], "RUNNING");
+
+    // `pdvault keys status` shows it too.
+    let token_file = app.config.admin_token_path();
+    let addr = format!("http://{}", app.addr);
+    let (ok, output) = pdvault_cli(
+        None,
+        &[
+            "keys",
+            "--addr",
+            &addr,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "status",
+        ],
+    );
+    assert!(ok, "{output}");
+    assert!(
+        output
+            .lines()
+            .any(|line| line.contains("rwj_dead") && line.contains("INTERRUPTED")),
+        "{output}"
+    );
+
+    // This instance dies with its job running and starts again: its new process sees that
+    // the job's process is gone, at once, without waiting for the lease.
+    let app = app.restart().await;
+    let seen = job_states(&app).await;
+    assert_eq!(seen["rwj_mine"], "INTERRUPTED");
+    assert_eq!(seen["rwj_sibling"], "RUNNING");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrap_jobs_of_dead_servers_are_interrupted_on_sqlite() {
+    rewrap_jobs_of_dead_servers_are_interrupted(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrap_jobs_of_dead_servers_are_interrupted_on_postgres() {
+    rewrap_jobs_of_dead_servers_are_interrupted(Backend::Postgres).await;
+}
+
+/// Issue 11 E24: `pdvault purge --help` named `keys.rotate`, the wrong grant.
+#[test]
+fn purge_help_names_its_grant() {
+    let (ok, output) = pdvault_cli(None, &["purge", "--help"]);
+    assert!(ok, "{output}");
+    assert!(output.contains("records.purge"), "{output}");
+    assert!(!output.contains("keys.rotate"), "{output}");
 }

@@ -1,12 +1,13 @@
-//! The real `pdvault serve` process: SIGTERM under load loses no audit event, SIGHUP
-//! reloads the policy (and a broken file changes nothing), and a full scenario's logs hold
-//! no identity value.
+//! The real `pdvault serve` process: SIGTERM under load loses no audit event, SIGKILL under
+//! a mixed load loses nothing acknowledged (and the trail still verifies), SIGHUP reloads
+//! the policy (and a broken or emptied file changes nothing, minting no credential), and a
+//! full scenario's logs hold no identity value.
 
 mod support;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use pdvault::proto::vault_client::VaultClient;
 use pdvault::proto::{
@@ -149,6 +150,203 @@ async fn sigterm_under_load_loses_nothing_on_postgres() {
     database.drop_database().await;
 }
 
+/// Request ids of the GetRecord events that released something, straight from the database.
+async fn audited_releases(database_url: &str) -> BTreeSet<String> {
+    let sql = "SELECT request_id FROM audit_events \
+               WHERE rpc = 'GetRecord' AND outcome = 'OK' AND request_id IS NOT NULL";
+    let rows: Vec<String> = if database_url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(database_url).await.unwrap();
+        sqlx::query_scalar(sql).fetch_all(&mut conn).await.unwrap()
+    } else {
+        let mut conn = sqlx::PgConnection::connect(database_url).await.unwrap();
+        sqlx::query_scalar(sql).fetch_all(&mut conn).await.unwrap()
+    };
+    rows.into_iter().collect()
+}
+
+fn create_request(name: &str, phone: String) -> tonic::Request<CreateRecordRequest> {
+    authed(
+        CLAIMS.token,
+        CreateRecordRequest {
+            identity: Some(Identity {
+                name: name.into(),
+                phone,
+                ..Identity::default()
+            }),
+            request_id: String::new(),
+            ..Default::default()
+        },
+    )
+}
+
+fn read_request(record_id: &str, request_id: &str) -> tonic::Request<GetRecordRequest> {
+    let mut request = authed(
+        CLAIMS.token,
+        GetRecordRequest {
+            record_id: record_id.to_owned(),
+            purpose: "service-delivery".into(),
+            ..GetRecordRequest::default()
+        },
+    );
+    request
+        .metadata_mut()
+        .insert("x-request-id", request_id.parse().unwrap());
+    request
+}
+
+/// Issue 11 acceptance, the crash test: creates and granted reads run at once when the
+/// process is SIGKILLed. Restarted on the same data, every create that was answered OK is
+/// readable, every read that released something has its event, and `pdvault audit verify`
+/// passes.
+async fn sigkill_under_mixed_load_loses_nothing_acknowledged(database: Option<&str>) {
+    let database_section = database
+        .map(|url| format!("[database]\nurl = {url:?}\n"))
+        .unwrap_or_default();
+    let config = format!("{database_section}\n{}", callers_toml());
+    let mut server = ServerProcess::start(&config, "info").await;
+    let database_url = database.map(str::to_owned).unwrap_or_else(|| {
+        format!(
+            "sqlite://{}",
+            server.data_dir().join("pdvault.db").display()
+        )
+    });
+    let mut vault = client(&server).await;
+    let mut seeded = Vec::new();
+    for n in 0..20 {
+        let created = vault
+            .create_record(create_request("读者", format!("136{n:08}")))
+            .await
+            .unwrap();
+        seeded.push(created.into_inner().record_id);
+    }
+    let seeded = Arc::new(seeded);
+    let created = Arc::new(Mutex::new(Vec::<String>::new()));
+    let released = Arc::new(Mutex::new(Vec::<String>::new()));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..6usize {
+        let mut client = client(&server).await;
+        let (seeded, created, released, answered) = (
+            Arc::clone(&seeded),
+            Arc::clone(&created),
+            Arc::clone(&released),
+            Arc::clone(&answered),
+        );
+        workers.spawn(async move {
+            let mut failures = 0;
+            // Bounded: the process dies long before this many calls.
+            for n in 0..20_000usize {
+                let ok = if worker % 2 == 0 {
+                    let phone = format!("139{:08}", worker * 1_000_000 + n);
+                    match client.create_record(create_request("崩溃", phone)).await {
+                        Ok(response) => {
+                            created
+                                .lock()
+                                .unwrap()
+                                .push(response.into_inner().record_id);
+                            true
+                        }
+                        Err(_) => false,
+                    }
+                } else {
+                    let request_id = format!("crash-{worker}-{n}");
+                    let record = &seeded[n % seeded.len()];
+                    match client.get_record(read_request(record, &request_id)).await {
+                        Ok(_) => {
+                            released.lock().unwrap().push(request_id);
+                            true
+                        }
+                        Err(_) => false,
+                    }
+                };
+                if ok {
+                    answered.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    failures += 1;
+                    if failures > 3 {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    // Kill only once both kinds of call are flowing.
+    while answered.load(Ordering::SeqCst) < 400
+        || created.lock().unwrap().is_empty()
+        || released.lock().unwrap().is_empty()
+    {
+        assert!(
+            workers.len() == 6 && workers.try_join_next().is_none(),
+            "a client stopped before the kill; server log:\n{}",
+            server.logs().join("\n")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    server.signal("KILL");
+    let status = server.wait().await;
+    assert!(!status.success(), "SIGKILL ends the process: {status:?}");
+    while let Some(joined) = workers.join_next().await {
+        joined.unwrap();
+    }
+    let created = created.lock().unwrap().clone();
+    let released = released.lock().unwrap().clone();
+    assert!(!created.is_empty() && !released.is_empty());
+
+    let server = server.restart().await;
+    let audited = audited_releases(&database_url).await;
+    let unaudited: Vec<_> = released
+        .iter()
+        .filter(|id| !audited.contains(*id))
+        .collect();
+    assert!(
+        unaudited.is_empty(),
+        "{} of {} answered releases have no audit event: {unaudited:?}",
+        unaudited.len(),
+        released.len()
+    );
+    let mut vault = client(&server).await;
+    for (n, record_id) in created.iter().enumerate() {
+        let read = vault
+            .get_record(read_request(record_id, &format!("after-{n}")))
+            .await;
+        assert!(
+            read.is_ok(),
+            "acknowledged create {record_id} lost: {read:?}"
+        );
+    }
+    let mut server = server;
+    server.signal("TERM");
+    assert!(server.wait().await.success());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"))
+        .args(["audit", "verify", "--config"])
+        .arg(server.config_path())
+        .env_remove("PDVAULT_TEST_SUITE")
+        .env_remove("PDVAULT_TEST_KEK_PROVIDER")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("audit trail verified"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_mixed_load_loses_nothing_on_sqlite() {
+    sigkill_under_mixed_load_loses_nothing_acknowledged(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_mixed_load_loses_nothing_on_postgres() {
+    let Some(database) = PostgresDatabase::create().await else {
+        return;
+    };
+    sigkill_under_mixed_load_loses_nothing_acknowledged(Some(&database.url())).await;
+    database.drop_database().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_grants_and_keeps_them_on_a_broken_file() {
     let analytics_grants = "purposes = [\"audit-research\", \"business-analytics\"]";
@@ -197,6 +395,32 @@ async fn sighup_reloads_grants_and_keeps_them_on_a_broken_file() {
         let status = vault.get_record(read()).await.unwrap_err();
         assert_eq!(reason(&status), "PURPOSE_NOT_GRANTED", "unchanged policy");
     }
+
+    // Issue 11 E21: an emptied file is refused (it used to lock every caller out and mint
+    // an administrator token in ./pdvault-data), and so is a reload with the administrator
+    // token moved away (it used to mint a new one).
+    std::fs::write(server.config_path(), "").unwrap();
+    let from = server.log_count();
+    server.signal("HUP");
+    let line = server
+        .wait_for_log(from, |line| line.contains("policy reload refused"))
+        .await;
+    assert!(line.contains("is empty"), "{line}");
+    assert!(!server.dir.path().join("pdvault-data").exists());
+    server.rewrite_config(&callers_toml(), "info");
+    let token = server.data_dir().join("admin.token");
+    let moved = server.dir.path().join("admin.token.moved");
+    std::fs::rename(&token, &moved).unwrap();
+    let from = server.log_count();
+    server.signal("HUP");
+    let line = server
+        .wait_for_log(from, |line| line.contains("policy reload refused"))
+        .await;
+    assert!(line.contains("admin.token_path"), "{line}");
+    assert!(!token.exists(), "no administrator token was minted");
+    std::fs::rename(&moved, &token).unwrap();
+    let status = vault.get_record(read()).await.unwrap_err();
+    assert_eq!(reason(&status), "PURPOSE_NOT_GRANTED", "unchanged policy");
 
     server.rewrite_config(&config("purposes = [\"service-delivery\"]"), "info");
     let from = server.log_count();

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use chain::{
     AuditEvent, ChainHead, ChainVerifier, Checkpoint, CheckpointLink, ExpiryMarker, Problem,
-    StoredEvent, genesis, link,
+    StoredEvent, checkpoint_genesis, genesis, link,
 };
 pub use checkpoint::{VerifyReport, expire, verify, verify_with, write_checkpoint};
 pub use signer::{CheckpointError, CheckpointSigner, Refusal, SignerHealth};

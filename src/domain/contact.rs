@@ -39,7 +39,7 @@ impl PhoneNumber {
 
     pub(super) fn parse_reason(raw: &str) -> Result<PhoneNumber, Reason> {
         let text = clean_text(raw, MAX_PHONE_CHARS, "is too long")?;
-        let national = national_digits(text)?;
+        let national = national_digits(&text)?;
         let parsed = phonenumber::parse(Some(country::Id::CN), format!("+86{national}"))
             .map_err(|_| NOT_VALID_PHONE)?;
         if parsed.code().value() != 86 || parsed.country().id() != Some(country::Id::CN) {
@@ -139,7 +139,7 @@ impl Email {
             .with_required_tld()
             .without_domain_literal()
             .without_display_text();
-        EmailAddress::parse_with_options(text, options).map_err(email_reason)?;
+        EmailAddress::parse_with_options(&text, options).map_err(email_reason)?;
         let (local, domain) = text.rsplit_once('@').ok_or("must contain '@'")?;
         // Domains are case-insensitive, local parts are not (RFC 5321 section 2.4). ASCII
         // folding keeps the length unchanged and is idempotent, unlike full Unicode folding.

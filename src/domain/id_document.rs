@@ -122,13 +122,13 @@ impl IdDocument {
     ) -> Result<IdDocument, Reason> {
         let text = clean_text(raw, MAX_RAW_CHARS, "is too long")?;
         match id_type {
-            IdType::ResidentId => resident_id(text, today),
-            IdType::ForeignPermanentResidenceId => foreign_permanent_residence_id(text, today),
-            IdType::HkmotwResidencePermit => hkmotw_residence_permit(text, today),
-            IdType::HkmoTravelPermit => hkmo_travel_permit(text),
-            IdType::TwTravelPermit => tw_travel_permit(text),
-            IdType::Passport => passport(text),
-            IdType::Other => Ok(IdDocument::plain(IdType::Other, text.to_owned())),
+            IdType::ResidentId => resident_id(&text, today),
+            IdType::ForeignPermanentResidenceId => foreign_permanent_residence_id(&text, today),
+            IdType::HkmotwResidencePermit => hkmotw_residence_permit(&text, today),
+            IdType::HkmoTravelPermit => hkmo_travel_permit(&text),
+            IdType::TwTravelPermit => tw_travel_permit(&text),
+            IdType::Passport => passport(&text),
+            IdType::Other => Ok(IdDocument::plain(IdType::Other, text.into_owned())),
         }
     }
 

@@ -18,6 +18,7 @@ mod disclosure;
 mod id_document;
 mod person;
 
+use std::borrow::Cow;
 use std::fmt;
 
 use chrono::NaiveDate;
@@ -471,8 +472,14 @@ fn is_forbidden_control(c: char) -> bool {
         || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
-/// The invariants every free-text value shares: trimmed, non-empty, bounded, no controls.
-fn clean_text(raw: &str, max_chars: usize, too_long: Reason) -> Result<&str, Reason> {
+/// The invariants every free-text value shares: trimmed, non-empty, bounded, no controls,
+/// and in Unicode normalisation form C.
+///
+/// NFC because blind indexes, pseudonyms and uniqueness compare bytes: "é" typed as one code
+/// point and as "e" plus a combining accent are the same text to the person and must be
+/// the same value to the vault. C, not KC: compatibility folding (full-width digits to
+/// ASCII, ligatures) changes what a document says, composition does not.
+fn clean_text(raw: &str, max_chars: usize, too_long: Reason) -> Result<Cow<'_, str>, Reason> {
     let text = raw.trim();
     if text.is_empty() {
         return Err("must not be empty");
@@ -484,7 +491,28 @@ fn clean_text(raw: &str, max_chars: usize, too_long: Reason) -> Result<&str, Rea
     if text.chars().any(is_forbidden_control) {
         return Err("must not contain control characters");
     }
+    let text = nfc(text);
+    // Composition shortens text, but a few characters decompose under NFC.
+    if text.chars().nth(max_chars).is_some() {
+        return Err(too_long);
+    }
     Ok(text)
+}
+
+/// `text` in Unicode normalisation form C, borrowed when it already is (the common case).
+/// Callers holding decrypted text put an owned result in a `Zeroizing` buffer.
+pub fn nfc(text: &str) -> Cow<'_, str> {
+    use unicode_normalization::UnicodeNormalization;
+    if unicode_normalization::is_nfc(text) {
+        Cow::Borrowed(text)
+    } else {
+        // NFC is at most three times longer in UTF-8 bytes (Unicode's stated bound): one
+        // allocation, never grown, so no stray copy of the text is left behind by a
+        // reallocation.
+        let mut normalized = String::with_capacity(text.len() * 3);
+        normalized.extend(text.nfc());
+        Cow::Owned(normalized)
+    }
 }
 
 /// Fixtures shared by the test modules of this domain.
@@ -856,7 +884,7 @@ mod tests {
 
     #[test]
     fn clean_text_enforces_the_shared_invariants() {
-        assert_eq!(clean_text("  ab  ", 2, "too long"), Ok("ab"));
+        assert_eq!(clean_text("  ab  ", 2, "too long").as_deref(), Ok("ab"));
         assert_eq!(
             clean_text(" \u{3000} ", 2, "too long"),
             Err("must not be empty")
@@ -875,6 +903,28 @@ mod tests {
                 Err("must not contain control characters")
             );
         }
+    }
+
+    #[test]
+    fn equivalent_spellings_normalise_to_one_value() {
+        let precomposed = "Jos\u{e9} N\u{fa}\u{f1}ez";
+        let decomposed = "Jose\u{301} Nu\u{301}n\u{303}ez";
+        assert_ne!(precomposed, decomposed);
+        let name = |raw| PersonName::parse(raw).unwrap().as_str().to_owned();
+        assert_eq!(name(decomposed), precomposed);
+        assert_eq!(name(precomposed), precomposed);
+        let address = |raw| Address::parse(raw).unwrap().as_str().to_owned();
+        assert_eq!(address("Cafe\u{301} 1"), "Caf\u{e9} 1");
+        let other = |raw| {
+            IdDocument::parse(IdType::Other, raw, test_support::today())
+                .unwrap()
+                .number()
+                .to_owned()
+        };
+        assert_eq!(other("N\u{303}-123"), "\u{d1}-123");
+        // Compatibility forms are not folded: a full-width digit stays what it is.
+        assert_eq!(other("\u{ff11}23"), "\u{ff11}23");
+        assert!(matches!(nfc("already NFC"), Cow::Borrowed(_)));
     }
 
     fn opt_text() -> impl Strategy<Value = Option<String>> {

@@ -35,7 +35,7 @@ impl PersonName {
         if !name.chars().any(char::is_alphabetic) {
             return Err("must contain a letter");
         }
-        Ok(PersonName(name.to_owned()))
+        Ok(PersonName(name.into_owned()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -65,7 +65,7 @@ impl Address {
 
     pub(super) fn parse_reason(raw: &str) -> Result<Address, Reason> {
         clean_text(raw, MAX_ADDRESS_CHARS, "must be at most 256 characters")
-            .map(|text| Address(text.to_owned()))
+            .map(|text| Address(text.into_owned()))
     }
 
     pub fn as_str(&self) -> &str {

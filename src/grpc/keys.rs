@@ -115,12 +115,32 @@ impl KeyManagement for KeyManagementService {
         request: Request<proto::GetKeyStatusRequest>,
     ) -> Result<Response<proto::KeyStatus>, Status> {
         let ctx = call_context(self.admin.vault(), &request, "GetKeyStatus").await?;
-        let (keks, index) = self.admin.status(&ctx).await.map_err(admin_status)?;
+        let status = self.admin.status(&ctx).await.map_err(admin_status)?;
+        let (keks, index) = (status.kek, status.index);
         Ok(Response::new(proto::KeyStatus {
             active_version: keks.active_version,
             versions: keks.versions.into_iter().map(key_version).collect(),
             active_index_version: index.active_version,
             index_versions: index.versions.into_iter().map(key_version).collect(),
+            rewrap_jobs: status
+                .jobs
+                .into_iter()
+                .map(|job| proto::RewrapJob {
+                    job_id: job.job_id,
+                    state: job.state,
+                    target_version: u32::try_from(job.target_version).unwrap_or(0),
+                    target_index_version: job
+                        .target_index_version
+                        .and_then(|v| u32::try_from(v).ok())
+                        .unwrap_or(0),
+                    rewrapped: job.rewrapped,
+                    reindexed: job.reindexed,
+                    failed: job.failed,
+                    start_time: Some(timestamp(job.started_at)),
+                    update_time: Some(timestamp(job.updated_at)),
+                    owner: job.owner_instance.unwrap_or_default(),
+                })
+                .collect(),
         }))
     }
 
@@ -271,6 +291,10 @@ pub(crate) fn key_status(error: &KeyError) -> Status {
         KeyError::InUse { .. } => {
             error_info(Code::FailedPrecondition, &message, "KEY_VERSION_IN_USE")
         }
+        KeyError::Destroyed { .. } => {
+            crate::metrics::record_denial("KEY_VERSION_DESTROYED");
+            error_info(Code::FailedPrecondition, &message, "KEY_VERSION_DESTROYED")
+        }
         KeyError::MaterialMissing { .. } | KeyError::IndexMaterialMissing { .. } => {
             tracing::error!(error = %message, "key material unavailable");
             error_info(Code::Unavailable, &message, "KEY_UNAVAILABLE")
@@ -291,7 +315,7 @@ pub(crate) fn key_status(error: &KeyError) -> Status {
                 "STORAGE_UNAVAILABLE",
             )
         }
-        KeyError::Keyring(_) | KeyError::Crypto(_) | KeyError::Hsm(_) => {
+        KeyError::Keyring(_) | KeyError::Crypto(_) | KeyError::Hsm(_) | KeyError::SecretFile(_) => {
             tracing::error!(error = %message, "key provider failure");
             error_info(
                 Code::Unavailable,

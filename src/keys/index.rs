@@ -117,6 +117,12 @@ impl IndexKeys {
         Ok(())
     }
 
+    /// Drops `version`'s keys from this instance's memory only: another instance destroyed
+    /// the version (and removed it from the file). Idempotent.
+    pub fn forget(&self, version: u32) {
+        self.write().remove(&version);
+    }
+
     /// Re-reads the file another instance may have changed.
     pub fn refresh(&self) -> Result<(), KeyError> {
         let _guard = self.lock_file();

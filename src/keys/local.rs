@@ -98,6 +98,15 @@ impl KekProvider for LocalKekProvider {
         Ok(())
     }
 
+    fn forget(&self, version: u32) -> Result<(), KeyError> {
+        // The destroying instance rewrote the shared file; only this copy is left.
+        self.keks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&version);
+        Ok(())
+    }
+
     fn refresh(&self) -> Result<(), KeyError> {
         let _guard = self.lock_file();
         self.reload()

@@ -8,10 +8,20 @@
 //! on every write (see the parent module), and lookups re-check the live index versions
 //! after they ran; [`KeyManager::refresh_active`] and [`KeyManager::refresh_index`] are how
 //! a stale instance catches up.
+//!
+//! Destruction is the one change caching must not delay: every unwrap checks the state of
+//! the version it needs against a cache of the database's KEK states at most
+//! `keys.state_cache_ms` old (re-read on the request path when older), and refuses a
+//! destroyed version with [`KeyError::Destroyed`], whatever material or cached data keys
+//! this instance still holds. [`watch_key_states`] re-reads the states in the background
+//! and drops the material and cached data keys of every version destroyed elsewhere, so a
+//! `DestroyKeyVersion` on one instance reaches every instance within that interval.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::crypto::{AuditSigningKey, CryptoError, DataKey, Suite, parse_wrap_header};
 use crate::store::{KeyVersionRow, Micros, Rotation, Store, StoreError};
@@ -70,6 +80,12 @@ pub enum KeyError {
     InUse { version: u32, records: i64 },
     #[error("hardware security module: {0}")]
     Hsm(String),
+    #[error("hardware security module: {0}")]
+    SecretFile(#[from] super::SecretFileError),
+    /// The version that wrapped this data key is destroyed: what it wrapped stays shut, on
+    /// every instance, even one that still held the material when it was destroyed.
+    #[error("KEK version {version} is destroyed; the data keys it wrapped cannot be opened")]
+    Destroyed { version: u32 },
 }
 
 impl From<StoreError> for KeyError {
@@ -163,6 +179,20 @@ struct IndexView {
     live: Vec<u32>,
 }
 
+/// How long an unwrap trusts the KEK states it last read, unless configured otherwise
+/// (`keys.state_cache_ms`): the longest a destruction elsewhere can go unnoticed here.
+pub const DEFAULT_STATE_CACHE: Duration = Duration::from_secs(2);
+
+/// The database's key version states as this instance last read them.
+#[derive(Default)]
+struct StateCache {
+    read_at: Option<Instant>,
+    kek: BTreeMap<u32, KeyVersionState>,
+    /// Destroyed versions whose material and cached keys this instance has dropped.
+    forgotten_kek: BTreeSet<u32>,
+    forgotten_index: BTreeSet<u32>,
+}
+
 pub struct KeyManager {
     provider: Box<dyn KekProvider>,
     store: Arc<dyn Store>,
@@ -172,6 +202,10 @@ pub struct KeyManager {
     index_suite: Suite,
     index_view: RwLock<IndexView>,
     audit_signing: AuditSigningKey,
+    states: RwLock<StateCache>,
+    /// One re-read of the states at a time; callers that waited find them fresh.
+    states_read: tokio::sync::Mutex<()>,
+    state_cache: Duration,
 }
 
 impl std::fmt::Debug for KeyManager {
@@ -257,10 +291,125 @@ impl KeyManager {
             index_suite: pinned,
             index_view: RwLock::new(IndexView::default()),
             audit_signing,
+            states: RwLock::new(StateCache::default()),
+            states_read: tokio::sync::Mutex::new(()),
+            state_cache: DEFAULT_STATE_CACHE,
         };
         manager.refresh_active().await?;
         manager.refresh_index().await?;
+        manager.refresh_states().await?;
         Ok(manager)
+    }
+
+    /// How long unwraps trust the KEK states they last read (`keys.state_cache_ms`).
+    pub fn with_state_cache(mut self, state_cache: Duration) -> KeyManager {
+        self.state_cache = state_cache;
+        self
+    }
+
+    /// How often [`watch_key_states`] re-reads the states: the configured cache lifetime.
+    pub fn state_cache(&self) -> Duration {
+        self.state_cache
+    }
+
+    /// Re-reads every key version's state from the database and drops this instance's
+    /// material and cached data keys of each version destroyed since the last read (by any
+    /// instance). Returns the versions (KEK, index) it dropped.
+    pub async fn refresh_states(&self) -> Result<(Vec<u32>, Vec<u32>), KeyError> {
+        let kek = parse_states(self.store.key_version_states(KEK_KIND).await?)?;
+        let index = parse_states(self.store.key_version_states(INDEX_KIND).await?)?;
+        let destroyed = |states: &BTreeMap<u32, KeyVersionState>, forgotten: &BTreeSet<u32>| {
+            states
+                .iter()
+                .filter(|(version, state)| {
+                    **state == KeyVersionState::Destroyed && !forgotten.contains(version)
+                })
+                .map(|(version, _)| *version)
+                .collect::<Vec<u32>>()
+        };
+        let (new_kek, new_index) = {
+            let mut cache = self.states.write().unwrap_or_else(|e| e.into_inner());
+            let new_kek = destroyed(&kek, &cache.forgotten_kek);
+            let new_index = destroyed(&index, &cache.forgotten_index);
+            cache.kek = kek;
+            cache.read_at = Some(Instant::now());
+            (new_kek, new_index)
+        };
+        // The states are published (so unwraps refuse) before the material goes: dropping
+        // it is the second line, not the one refusals depend on.
+        for &version in &new_kek {
+            self.provider.forget(version)?;
+        }
+        for &version in &new_index {
+            self.index.forget(version);
+        }
+        if !new_kek.is_empty() || !new_index.is_empty() {
+            tracing::info!(
+                kek = ?new_kek,
+                index = ?new_index,
+                "dropped the material of key versions destroyed in the database"
+            );
+        }
+        let mut cache = self.states.write().unwrap_or_else(|e| e.into_inner());
+        cache.forgotten_kek.extend(new_kek.iter().copied());
+        cache.forgotten_index.extend(new_index.iter().copied());
+        Ok((new_kek, new_index))
+    }
+
+    /// Whether the cached states are older than `keys.state_cache_ms`.
+    fn states_stale(&self) -> bool {
+        self.states
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .read_at
+            .is_none_or(|read_at| read_at.elapsed() >= self.state_cache)
+    }
+
+    fn cached_state(&self, version: u32) -> Option<KeyVersionState> {
+        self.states
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .kek
+            .get(&version)
+            .copied()
+    }
+
+    /// Refuses a KEK version the database says is destroyed, reading the states first when
+    /// the cached ones are older than `keys.state_cache_ms`.
+    async fn check_unwrappable(&self, version: u32) -> Result<(), KeyError> {
+        if self.states_stale() {
+            let _reading = self.states_read.lock().await;
+            if self.states_stale() {
+                self.refresh_states().await?;
+            }
+        }
+        if self.cached_state(version).is_none() {
+            // Perhaps created since the last read: read once more before refusing.
+            let _reading = self.states_read.lock().await;
+            self.refresh_states().await?;
+        }
+        self.check_cached(version)
+    }
+
+    /// The check against the cached states alone, for synchronous callers (the rewrap and
+    /// re-index closures, the health probe), which [`watch_key_states`] keeps fresh.
+    fn check_cached(&self, version: u32) -> Result<(), KeyError> {
+        match self.cached_state(version) {
+            Some(KeyVersionState::Destroyed) => Err(KeyError::Destroyed { version }),
+            Some(_) => Ok(()),
+            // A version the database never recorded opens nothing: fail closed.
+            None => Err(KeyError::MaterialMissing { version }),
+        }
+    }
+
+    /// The KEK versions whose material this instance's provider holds right now.
+    pub fn provider_versions(&self) -> Result<Vec<u32>, KeyError> {
+        self.provider.versions()
+    }
+
+    /// The index versions whose keys this instance holds in memory right now.
+    pub fn index_versions_held(&self) -> Vec<u32> {
+        self.index.versions()
     }
 
     /// Re-reads the active and live index versions from the database, and the keyring
@@ -363,6 +512,11 @@ impl KeyManager {
                 return Err(KeyError::MaterialMissing { version: active });
             }
         }
+        if self.cached_state(active).is_none() {
+            // A version this instance has not seen yet: unwraps under it (the health probe's
+            // among them) must not wait for the next re-read of the states to succeed.
+            self.refresh_states().await?;
+        }
         self.active.store(active, Ordering::Release);
         Ok(active)
     }
@@ -389,9 +543,28 @@ impl KeyManager {
         Ok((self.provider.wrap(version, dek, record_id)?, version))
     }
 
-    /// Unwraps with the version the bytes name, re-reading the provider's material once
-    /// when it does not hold that version (another instance may have just created it).
-    pub fn unwrap(&self, wrapped: &[u8], record_id: &str) -> Result<DataKey, KeyError> {
+    /// Unwraps with the version the bytes name, once the database's state of that version
+    /// (cached for at most `keys.state_cache_ms`) says it is not destroyed.
+    pub async fn unwrap(&self, wrapped: &[u8], record_id: &str) -> Result<DataKey, KeyError> {
+        self.check_unwrappable(KeyManager::version_of(wrapped)?)
+            .await?;
+        self.unwrap_checked(wrapped, record_id)
+    }
+
+    /// As [`KeyManager::unwrap`], for synchronous callers: checks the cached states without
+    /// re-reading them (the background task keeps them at most one interval old).
+    pub fn unwrap_cached_state(
+        &self,
+        wrapped: &[u8],
+        record_id: &str,
+    ) -> Result<DataKey, KeyError> {
+        self.check_cached(KeyManager::version_of(wrapped)?)?;
+        self.unwrap_checked(wrapped, record_id)
+    }
+
+    /// Unwraps, re-reading the provider's material once when it does not hold the version
+    /// (another instance may have just created it). The state check is the caller's.
+    fn unwrap_checked(&self, wrapped: &[u8], record_id: &str) -> Result<DataKey, KeyError> {
         match self.provider.unwrap(wrapped, record_id) {
             Err(KeyError::MaterialMissing { .. }) => {
                 self.provider.refresh()?;
@@ -523,6 +696,10 @@ impl KeyManager {
             .await
             .map_err(|error| state_error(error, version, "RETIRED"))?;
         tracing::warn!(kind = kind.as_str(), version, "destroyed a key version");
+        // This instance refuses the version at once, not after its cached states expire.
+        if let Err(error) = self.refresh_states().await {
+            tracing::warn!(%error, "cannot re-read the key version states");
+        }
         KeyVersionInfo::try_from(row)
     }
 
@@ -533,7 +710,7 @@ impl KeyManager {
         target: u32,
     ) -> impl Fn(&str, &[u8]) -> Option<Vec<u8>> + Send + Sync + '_ {
         move |record_id: &str, wrapped: &[u8]| {
-            let dek = match self.unwrap(wrapped, record_id) {
+            let dek = match self.unwrap_cached_state(wrapped, record_id) {
                 Ok(dek) => dek,
                 Err(error) => {
                     tracing::error!(%error, record_id, "cannot unwrap a data key for rewrap");
@@ -547,6 +724,33 @@ impl KeyManager {
                     None
                 }
             }
+        }
+    }
+}
+
+fn parse_states(rows: Vec<(u32, String)>) -> Result<BTreeMap<u32, KeyVersionState>, KeyError> {
+    rows.into_iter()
+        .map(|(version, state)| {
+            KeyVersionState::parse(&state)
+                .map(|state| (version, state))
+                .ok_or_else(|| {
+                    KeyError::Store(StoreError::Corrupt(format!("unknown key state {state:?}")))
+                })
+        })
+        .collect()
+}
+
+/// Re-reads the key version states every `keys.state_cache_ms` for as long as the vault
+/// runs (the application aborts it at shutdown), so versions destroyed by another instance
+/// lose their material and cached data keys here too, and unwraps seldom wait for a read.
+/// A failed read is logged; unwraps then read the states themselves, and fail closed.
+pub async fn watch_key_states(keys: Arc<KeyManager>) {
+    let mut ticker = tokio::time::interval(keys.state_cache().max(Duration::from_millis(100)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(error) = keys.refresh_states().await {
+            tracing::warn!(%error, "cannot re-read the key version states");
         }
     }
 }

@@ -48,6 +48,15 @@
 //! Records that still exist keep their data key across rewraps, so their ciphertexts in an
 //! old copy open with the key the live database holds. This holds only if the keyring file
 //! itself is not backed up with the database; keep it out of database backups.
+//!
+//! Other instances learn of a destruction from the database: every unwrap checks the
+//! version's state there (cached briefly), and a background task drops the material and
+//! cached data keys of destroyed versions ([`manager::watch_key_states`]).
+//!
+//! # Secret files
+//!
+//! The keyring, the PKCS#11 PIN file and the administrator token are refused when group or
+//! others may read or write them ([`read_secret_file`] for the small ones).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -90,6 +99,9 @@ pub trait KekProvider: Send + Sync + 'static {
     fn provision(&self, version: u32) -> Result<(), KeyError>;
     /// Erases `version`'s material irreversibly. Idempotent.
     fn destroy(&self, version: u32) -> Result<(), KeyError>;
+    /// Drops whatever this instance holds in memory for `version` (material, cached data
+    /// keys it wrapped) after another instance destroyed it. Idempotent.
+    fn forget(&self, version: u32) -> Result<(), KeyError>;
     /// Re-reads material another instance may have added or removed.
     fn refresh(&self) -> Result<(), KeyError>;
 }
@@ -536,6 +548,74 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// A small secret read from a file: the hardware module's PIN, an administrator token.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is readable or writable by group or others (mode {mode:o}); chmod 600 it")]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error("{path} does not hold a secret of at most {max} bytes of text")]
+    Malformed { path: PathBuf, max: u64 },
+}
+
+/// The permission bits of a file group or others may read or write, which no file holding a
+/// secret may be (the same rule as the keyring's).
+pub fn exposed_mode(metadata: &std::fs::Metadata) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Some(mode);
+        }
+    }
+    let _ = metadata;
+    None
+}
+
+/// Reads the secret in `path` (surrounding whitespace trimmed), refusing a file group or
+/// others can read or write. The mode is checked on the opened file, so a swap between the
+/// check and the read is refused too, and every copy of the secret lives in a buffer that
+/// wipes itself: the file is read into one allocated once at the file's size.
+pub fn read_secret_file(path: &Path, max: u64) -> Result<Zeroizing<String>, SecretFileError> {
+    use std::io::Read;
+    let io = |source| SecretFileError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let malformed = || SecretFileError::Malformed {
+        path: path.to_owned(),
+        max,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let metadata = file.metadata().map_err(io)?;
+    if let Some(mode) = exposed_mode(&metadata) {
+        return Err(SecretFileError::Exposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    if metadata.len() > max {
+        return Err(malformed());
+    }
+    // One byte more than the file holds, so reading to the end never reallocates (which
+    // would leave an unwiped copy behind).
+    let mut bytes = Zeroizing::new(Vec::with_capacity(metadata.len() as usize + 1));
+    file.take(max + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > max {
+        return Err(malformed());
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| malformed())?.trim();
+    if text.is_empty() {
+        return Err(malformed());
+    }
+    Ok(Zeroizing::new(text.to_owned()))
+}
+
 fn check_permissions(path: &Path) -> Result<(), KeyringError> {
     #[cfg(unix)]
     {
@@ -602,6 +682,35 @@ mod tests {
         assert!(matches!(
             Keyring::load(&path),
             Err(KeyringError::Permissions { .. })
+        ));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_readable_by_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pin");
+        write_private_file(&path, b" 1234\n").unwrap();
+        assert_eq!(read_secret_file(&path, 64).unwrap().as_str(), "1234");
+        for mode in [0o640, 0o604, 0o620, 0o644] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            match read_secret_file(&path, 64) {
+                Err(SecretFileError::Exposed { mode: found, .. }) => assert_eq!(found, mode),
+                other => panic!("mode {mode:o}: {other:?}"),
+            }
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(read_secret_file(&path, 64).is_ok());
+        assert!(matches!(
+            read_secret_file(&path, 3),
+            Err(SecretFileError::Malformed { .. })
+        ));
+        let empty = dir.path().join("empty");
+        write_private_file(&empty, b"\n").unwrap();
+        assert!(matches!(
+            read_secret_file(&empty, 64),
+            Err(SecretFileError::Malformed { .. })
         ));
     }
 

@@ -321,6 +321,31 @@ pub struct Reindexed {
 /// Re-computes one record's indexes; `None` when it cannot (left as it is, counted failed).
 pub type ReindexFn<'a> = dyn Fn(&ReindexRow) -> Option<Reindexed> + Send + Sync + 'a;
 
+/// Who runs a rewrap job: the instance (its checkpoint signer id, stable across restarts;
+/// `None` when the vault has no signer) and this process (its audit chain id, new at every
+/// start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOwner {
+    pub instance: Option<String>,
+    pub process: String,
+}
+
+/// A rewrap job as `keys status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewrapJobRow {
+    pub job_id: String,
+    /// RUNNING, DONE, FAILED, CANCELLED or INTERRUPTED.
+    pub state: String,
+    pub target_version: i64,
+    pub target_index_version: Option<i64>,
+    pub started_at: Micros,
+    pub updated_at: Micros,
+    pub rewrapped: i64,
+    pub reindexed: i64,
+    pub failed: i64,
+    pub owner_instance: Option<String>,
+}
+
 /// What one rewrap batch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RewrapBatch {
@@ -540,13 +565,36 @@ pub trait Store: Send + Sync + 'static {
         destroy: &ProvisionFn<'_>,
     ) -> Result<KeyVersionRow, StoreError>;
 
-    /// Starts a rewrap job's progress row.
+    /// Starts a rewrap job's progress row, owned by `owner` with a lease until
+    /// `lease_until`.
     async fn start_rewrap_job(
         &self,
         job_id: &str,
         target: u32,
+        owner: &JobOwner,
         now: Micros,
+        lease_until: Micros,
     ) -> Result<(), StoreError>;
+
+    /// Extends a running job's lease; `false` when the job is no longer running.
+    async fn renew_rewrap_lease(
+        &self,
+        job_id: &str,
+        lease_until: Micros,
+    ) -> Result<bool, StoreError>;
+
+    /// Marks INTERRUPTED every RUNNING job whose owner is gone, as seen by `me` at `now`
+    /// (see [`queries::INTERRUPT_ABANDONED_JOBS`]); a job without a lease counts as leased
+    /// for `legacy_lease` after its last progress. Returns how many were marked.
+    async fn interrupt_abandoned_jobs(
+        &self,
+        me: &JobOwner,
+        now: Micros,
+        legacy_lease: Micros,
+    ) -> Result<u64, StoreError>;
+
+    /// The newest `limit` rewrap jobs, newest first.
+    async fn rewrap_jobs(&self, limit: i64) -> Result<Vec<RewrapJobRow>, StoreError>;
 
     /// Rewraps up to `limit` live records under a version older than `target`, with ids
     /// after `after`, in one transaction that also advances the job's counters. Rows another

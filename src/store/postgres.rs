@@ -49,6 +49,23 @@ impl PostgresStore {
         Ok(PostgresStore { pool, audit_pool })
     }
 
+    /// Connects for reading only (`pdvault audit verify`): every transaction of the session
+    /// is read-only, so nothing, migrations included, can write.
+    pub async fn connect_read_only(url: &str) -> Result<PostgresStore, StoreError> {
+        let options = PgConnectOptions::from_str(url)?
+            .application_name("pdvault-verify")
+            .options([("default_transaction_read_only", "on")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(PostgresStore {
+            audit_pool: pool.clone(),
+            pool,
+        })
+    }
+
     // Row locks make instances sharing the database take turns: key administration locks
     // its kind's row in `key_admin_locks`; a write locks the active version's row in share
     // mode, so a rotation or retirement waits for writes in flight under that version; a

@@ -397,7 +397,25 @@ pub const REWRAP_RECORD: &str = "UPDATE records SET wrapped_key = $2, kek_versio
      WHERE record_id = $1 AND wrapped_key = $4 AND deleted_at IS NULL";
 
 pub const INSERT_REWRAP_JOB: &str = "INSERT INTO rewrap_jobs \
-     (job_id, target_version, state, started_at, updated_at) VALUES ($1, $2, 'RUNNING', $3, $3)";
+     (job_id, target_version, state, started_at, updated_at, owner_instance, owner_process, \
+      lease_until) VALUES ($1, $2, 'RUNNING', $3, $3, $4, $5, $6)";
+
+/// A live owner renewing its lease; a job another instance thought dead is running after
+/// all, and says so again.
+pub const RENEW_REWRAP_LEASE: &str = "UPDATE rewrap_jobs SET lease_until = $2, state = 'RUNNING' \
+     WHERE job_id = $1 AND state IN ('RUNNING', 'INTERRUPTED')";
+
+/// RUNNING jobs whose owner is gone: the lease ran out (a job without one, from before
+/// leases, counts from its last progress), or the owner's instance ($3) now runs as another
+/// process ($4), so the process that ran the job died.
+pub const INTERRUPT_ABANDONED_JOBS: &str = "UPDATE rewrap_jobs \
+     SET state = 'INTERRUPTED', updated_at = $1 \
+     WHERE state = 'RUNNING' AND (COALESCE(lease_until, updated_at + $2) < $1 \
+        OR (owner_instance = $3 AND owner_process <> $4))";
+
+pub const SELECT_REWRAP_JOBS: &str = "SELECT job_id, state, target_version, \
+     target_index_version, started_at, updated_at, rewrapped, reindexed, failed, \
+     owner_instance FROM rewrap_jobs ORDER BY started_at DESC, job_id LIMIT $1";
 
 pub const ADVANCE_REWRAP_JOB: &str = "UPDATE rewrap_jobs \
      SET rewrapped = rewrapped + $2, failed = failed + $3, updated_at = $4 WHERE job_id = $1";

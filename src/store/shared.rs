@@ -881,15 +881,76 @@ macro_rules! impl_store {
                 &self,
                 job_id: &str,
                 target: u32,
+                owner: &$crate::store::JobOwner,
                 now: $crate::store::Micros,
+                lease_until: $crate::store::Micros,
             ) -> Result<(), $crate::store::StoreError> {
                 sqlx::query($crate::store::queries::INSERT_REWRAP_JOB)
                     .bind(job_id)
                     .bind(i64::from(target))
                     .bind(now)
+                    .bind(owner.instance.as_deref())
+                    .bind(owner.process.as_str())
+                    .bind(lease_until)
                     .execute(&self.pool)
                     .await?;
                 Ok(())
+            }
+
+            async fn renew_rewrap_lease(
+                &self,
+                job_id: &str,
+                lease_until: $crate::store::Micros,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let done = sqlx::query($crate::store::queries::RENEW_REWRAP_LEASE)
+                    .bind(job_id)
+                    .bind(lease_until)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn interrupt_abandoned_jobs(
+                &self,
+                me: &$crate::store::JobOwner,
+                now: $crate::store::Micros,
+                legacy_lease: $crate::store::Micros,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let done = sqlx::query($crate::store::queries::INTERRUPT_ABANDONED_JOBS)
+                    .bind(now)
+                    .bind(legacy_lease)
+                    .bind(me.instance.as_deref())
+                    .bind(me.process.as_str())
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn rewrap_jobs(
+                &self,
+                limit: i64,
+            ) -> Result<Vec<$crate::store::RewrapJobRow>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query($crate::store::queries::SELECT_REWRAP_JOBS)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok($crate::store::RewrapJobRow {
+                            job_id: row.try_get("job_id")?,
+                            state: row.try_get("state")?,
+                            target_version: row.try_get("target_version")?,
+                            target_index_version: row.try_get("target_index_version")?,
+                            started_at: row.try_get("started_at")?,
+                            updated_at: row.try_get("updated_at")?,
+                            rewrapped: row.try_get("rewrapped")?,
+                            reindexed: row.try_get("reindexed")?,
+                            failed: row.try_get("failed")?,
+                            owner_instance: row.try_get("owner_instance")?,
+                        })
+                    })
+                    .collect()
             }
 
             async fn rewrap_batch(

@@ -6,6 +6,11 @@
 //! audit events included, durable before it returns. Write transactions start with
 //! `BEGIN IMMEDIATE` so that a transaction that reads before it writes queues on the
 //! busy timeout instead of failing with SQLITE_BUSY when it upgrades its lock.
+//!
+//! The database file is created mode 0600 before SQLite opens it (and an existing one is
+//! closed to group and others), whatever the umask: SQLite gives the `-wal` and `-shm` files
+//! the database file's permissions. [`SqliteStore::open_read_only`] opens an existing file
+//! for reading only (`pdvault audit verify`): nothing created, nothing migrated.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -25,8 +30,9 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    /// The request path (record and account reads, lookups, audit group commits).
-    direct: Arc<DirectConnections>,
+    /// The request path (record and account reads, lookups, audit group commits); none on
+    /// a read-only store, whose reads all go through the pool.
+    direct: Option<Arc<DirectConnections>>,
 }
 
 impl Backend for SqliteStore {
@@ -40,6 +46,31 @@ impl SqliteStore {
             .filename(path)
             .create_if_missing(true);
         Self::connect(options, max_connections).await
+    }
+
+    /// Opens an existing database from a `sqlite:` URL for reading only: a missing file is
+    /// an error, not a new empty database, and no statement can write.
+    pub async fn open_read_only(url: &str) -> Result<SqliteStore, StoreError> {
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Err(in_memory_refused());
+        }
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(false)
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(10));
+        let path = options.get_filename().to_owned();
+        if !path.is_file() {
+            return Err(StoreError::Unavailable(format!(
+                "database file {} does not exist",
+                path.display()
+            )));
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await?;
+        Ok(SqliteStore { pool, direct: None })
     }
 
     /// Opens a database from a `sqlite:` URL.
@@ -57,6 +88,7 @@ impl SqliteStore {
         options: SqliteConnectOptions,
         max_connections: u32,
     ) -> Result<SqliteStore, StoreError> {
+        prepare_private_file(options.get_filename())?;
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
@@ -73,7 +105,10 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await?;
         let direct = Arc::new(DirectConnections::open(options.get_filename())?);
-        Ok(SqliteStore { pool, direct })
+        Ok(SqliteStore {
+            pool,
+            direct: Some(direct),
+        })
     }
 
     // SQLite has a single writer and every write transaction begins IMMEDIATE, holding the
@@ -102,12 +137,14 @@ impl SqliteStore {
     }
 
     async fn close_request_path(&self) {
-        self.direct.close().await;
+        if let Some(direct) = &self.direct {
+            direct.close().await;
+        }
     }
 
     /// The request path this backend runs outside sqlx (see `sqlite_direct`).
     fn direct(&self) -> Option<&DirectConnections> {
-        Some(&self.direct)
+        self.direct.as_deref()
     }
 
     /// Unused on SQLite, whose audit batches go to the request path's writer thread; the
@@ -115,6 +152,49 @@ impl SqliteStore {
     async fn begin_audit_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
         self.begin_write().await
     }
+}
+
+/// Creates the database file empty with mode 0600 (an empty file is an empty SQLite
+/// database), or takes group and others' access away from an existing one and from its
+/// `-wal` and `-shm` files: SQLite creates those with the database file's mode, so the
+/// trail and the sealed records never land in a file another user can read, whatever the
+/// umask.
+fn prepare_private_file(path: &Path) -> Result<(), StoreError> {
+    let unavailable =
+        |error: std::io::Error| StoreError::Unavailable(format!("{}: {error}", path.display()));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Ok(_) => return Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(unavailable(error)),
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut files = vec![path.to_owned()];
+        for suffix in ["-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            files.push(name.into());
+        }
+        for file in files {
+            let Ok(metadata) = std::fs::metadata(&file) else {
+                continue;
+            };
+            let mode = metadata.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & 0o700))
+                    .map_err(unavailable)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn in_memory_refused() -> StoreError {

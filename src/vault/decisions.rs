@@ -19,6 +19,7 @@
 //! must not turn it into an outage; the failure is logged.
 
 use crate::edge::{FreeText, audit_purpose, audit_record_id};
+use crate::keys::KeyError;
 use crate::policy::Policy;
 
 use super::{CallContext, Vault, VaultError};
@@ -158,6 +159,7 @@ pub fn refusal_reason(error: &VaultError) -> (&'static str, String) {
         VaultError::GuardianNotAdult => ("DENIED", "GUARDIAN_NOT_ADULT".into()),
         VaultError::NotAMinor => ("DENIED", "NOT_A_MINOR".into()),
         VaultError::Storage(_) | VaultError::Internal(_) => ("ERROR", "INTERNAL".into()),
+        VaultError::Key(KeyError::Destroyed { .. }) => ("DENIED", "KEY_VERSION_DESTROYED".into()),
         VaultError::Key(_) => ("ERROR", "KEY_UNAVAILABLE".into()),
     }
 }

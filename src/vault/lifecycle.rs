@@ -52,7 +52,7 @@ impl Vault {
             .await?
             .ok_or(VaultError::NotFound)?;
         let bound = self.store.bound_ciphertexts(record_id).await?;
-        let old = self.keys.unwrap(&stored.wrapped_key, record_id)?;
+        let old = self.keys.unwrap(&stored.wrapped_key, record_id).await?;
         // The configured suite: re-keying is how a record moves from one suite to another.
         let fresh = self.keys.generate_data_key()?;
         let mut fields = Vec::with_capacity(stored.fields.len());

@@ -14,9 +14,10 @@
 //!   whatever the value; when the document itself is replaced, those fields are derived
 //!   from the new one instead of being checked against the old values.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::audit::AuditEvent;
 use crate::crypto::{BlindIndexKey, DataKey, EtagKey, PseudonymKey};
@@ -208,7 +209,7 @@ impl Vault {
             .await?
             .ok_or(VaultError::NotFound)?;
         self.check_release_allowed(record_id, purpose, &stored.account)?;
-        let dek = self.keys.unwrap(&stored.wrapped_key, record_id)?;
+        let dek = self.keys.unwrap(&stored.wrapped_key, record_id).await?;
         // Pseudonyms are always those of the active index version: they change when the
         // index key is rotated.
         let (_, index_keys) = self.keys.active_index()?;
@@ -334,7 +335,7 @@ impl Vault {
             return Err(VaultError::EtagMismatch);
         }
         let expected_version = stored.meta.version;
-        let dek = self.keys.unwrap(&stored.wrapped_key, record_id)?;
+        let dek = self.keys.unwrap(&stored.wrapped_key, record_id).await?;
         let mut current = Vec::with_capacity(stored.fields.len());
         for sealed in &stored.fields {
             let field = FieldName::parse(&sealed.field)
@@ -674,9 +675,15 @@ fn apply_level(
         ReleaseLevel::Plain => Some(canonical.to_owned()),
         ReleaseLevel::Masked => mask(field, canonical),
         ReleaseLevel::Generalized => generalize(field, canonical),
-        ReleaseLevel::Pseudonym => {
-            Some(pseudonyms.pseudonym(&purpose.name, field.as_str(), canonical))
-        }
+        // NFC again: a value stored before identity text was normalised may be decomposed,
+        // and its pseudonym must be the one its equivalent spelling gets.
+        ReleaseLevel::Pseudonym => Some(match crate::domain::nfc(canonical) {
+            Cow::Borrowed(text) => pseudonyms.pseudonym(&purpose.name, field.as_str(), text),
+            Cow::Owned(text) => {
+                let text = Zeroizing::new(text);
+                pseudonyms.pseudonym(&purpose.name, field.as_str(), &text)
+            }
+        }),
         ReleaseLevel::None => None,
     }
 }

@@ -32,11 +32,27 @@ impl ServerProcess {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pdvault.toml");
         std::fs::write(&file, full_config(&dir, config, log_filter)).unwrap();
+        ServerProcess::serve(dir).await
+    }
+
+    /// Serves again on the same configuration file and data (after a crash or a stop), as
+    /// the same instance. The previous process must have exited.
+    pub async fn restart(self) -> ServerProcess {
+        let ServerProcess { child, dir, .. } = self;
+        drop(child);
+        ServerProcess::serve(dir).await
+    }
+
+    async fn serve(dir: tempfile::TempDir) -> ServerProcess {
+        let file = dir.path().join("pdvault.toml");
         let mut command = Command::new(env!("CARGO_BIN_EXE_pdvault"));
         command
             .arg("serve")
             .arg("--config")
             .arg(&file)
+            // Relative paths (the default data_dir of an emptied file) stay in the test's
+            // directory, never the repository's.
+            .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -40,7 +40,8 @@ fn token() -> &'static Token {
             "{}",
             String::from_utf8_lossy(&status.stderr)
         );
-        std::fs::write(dir.join("pin"), "1234\n").unwrap();
+        // Private, as the vault insists for a PIN file.
+        pdvault::keys::write_private_file(&dir.join("pin"), b"1234\n").unwrap();
         // SAFETY: set once, before the module is loaded, from the one initialiser; the
         // module reads it when the first provider initialises the library.
         unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
