@@ -167,8 +167,12 @@ impl From<ClientError> for String {
         let mut message = error.to_string();
         let mut cause = error.source();
         while let Some(inner) = cause {
-            message.push_str(": ");
-            message.push_str(&inner.to_string());
+            // Some causes (tonic's) repeat their own cause in their text: say it once.
+            let text = inner.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
             cause = inner.source();
         }
         message

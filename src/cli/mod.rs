@@ -556,6 +556,8 @@ mod tests {
     }
 
     #[test]
+    // figment's Jail returns its own (large) error type.
+    #[allow(clippy::result_large_err)]
     fn the_configuration_ignores_the_client_environment() {
         figment::Jail::expect_with(|jail| {
             for name in client::ENVIRONMENT {
