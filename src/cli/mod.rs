@@ -51,9 +51,11 @@ enum Command {
     /// Inspect the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// Account-security team: suspend, reinstate, inspect accounts on a running vault.
+    /// Account-security team: suspend, reinstate, inspect accounts on a running vault
+    /// (grant `accounts.suspend`).
     Accounts(accounts::AccountsArgs),
-    /// Key lifecycle against a running vault: rotate, rewrap, status, retire, destroy.
+    /// Key lifecycle against a running vault: rotate, rewrap, status, retire, destroy
+    /// (grant `keys.rotate`).
     Keys(keys::KeysArgs),
     /// Crypto-shred records past their retention deadline, on a running vault (grant
     /// `records.purge`).
