@@ -6,7 +6,8 @@
 //! suspension, consent or coming of age takes effect on the next call on every instance,
 //! with nothing to run. The login path ([`Vault::check_account`]) reads account state only:
 //! it unwraps no record key and opens no identity field. To tell minors it opens the record's
-//! age gate, the birth date sealed under a state key, one in-memory AES-GCM open.
+//! age gate, the birth date sealed under the record's own state key (derived per record from
+//! the index version's, `crypto::StateKey`), one HKDF and one in-memory GCM open.
 //!
 //! # The state key and index-key rotation
 //!
@@ -29,7 +30,7 @@ use chrono_tz::Tz;
 
 use crate::audit::AuditEvent;
 use crate::config::Config;
-use crate::crypto::DataKey;
+use crate::crypto::StateKey;
 use crate::domain::age::has_reached;
 use crate::domain::{FieldName, Identity, IdentityInput, Violation};
 use crate::edge::{
@@ -232,7 +233,7 @@ impl Vault {
         let Some(birth) = birth else {
             return Ok(None);
         };
-        let sealed = index_keys.blind_index.derive_state_key().seal_field(
+        let sealed = index_keys.blind_index.derive_state_key().seal(
             record_id,
             AGE_GATE_FIELD,
             birth.format("%Y-%m-%d").to_string().as_bytes(),
@@ -241,7 +242,7 @@ impl Vault {
     }
 
     /// The state key a record's age gate is sealed under: its index version's.
-    fn state_key(&self, state: &AccountState) -> Result<DataKey, VaultError> {
+    fn state_key(&self, state: &AccountState) -> Result<StateKey, VaultError> {
         Ok(self
             .keys
             .index_keys(state.index_version)?
@@ -259,7 +260,7 @@ impl Vault {
         };
         let opened = self
             .state_key(state)?
-            .open_field(record_id, AGE_GATE_FIELD, gate)?;
+            .open(record_id, AGE_GATE_FIELD, gate)?;
         let text = std::str::from_utf8(&opened).map_err(|_| VaultError::DataLoss)?;
         NaiveDate::parse_from_str(text, "%Y-%m-%d")
             .map(Some)

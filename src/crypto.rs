@@ -10,16 +10,48 @@
 //! `"pdvault.field" || format || suite || record_id || 0x00 || field`. A ciphertext copied
 //! into another record or another field therefore fails to authenticate instead of opening
 //! as the wrong person's data. A wrapped data key is
-//! `[format=1][suite][key_id_len][key_id][kek_version: u32 BE][nonce: 12][wrapped key || tag]`
-//! with associated data binding the header and the record id.
+//! `[format=2][suite][key_id_len][key_id][kek_version: u32 BE][KW(data key || context): 56]`:
+//! the SP 800-38F key wrap (KW, RFC 3394) under a KEK derived for the suite, where `context`
+//! is 16 bytes of a hash of the header and the record id, so the wrap is bound to both as
+//! associated data would bind them (KW has none). KW needs no nonce, so nothing limits how
+//! many keys one KEK version wraps (random 96-bit GCM nonces are good for 2^32 per key). The
+//! wrapped input is 48 bytes, a whole number of 64-bit semiblocks, so KW needs no padding
+//! and KWP (RFC 5649) would add nothing; KW is also the one wrap every PKCS#11 module
+//! implements alike (`CKM_AES_KEY_WRAP`), where `CKM_AES_KEY_WRAP_PAD` means RFC 5649 in
+//! some modules and PKCS#7 padding in others. Format 1 (`[1][suite][len][key_id][version]
+//! [nonce: 12][AES-GCM or SM4-GCM of the key || tag]`, the raw KEK as the GCM key, associated
+//! data the header and the record id) still opens; the rewrap job writes format 2 as it moves
+//! keys to a new KEK version.
+//!
+//! # One key, one algorithm
+//!
+//! A stored KEK is never used directly: each suite wraps under its own KEK derived with
+//! HKDF (HKDF-SHA-256 labelled `aes-256-gcm` for AES-KW, HKDF-SM3 labelled `sm4-gcm` for
+//! SM4-KW, the same construction over SM4), so no key serves two algorithms. The age gate's
+//! key is derived per record (HKDF of the index version's state key and the record id) with
+//! the index suite's hash and seals with the index suite's cipher, so an SM4 deployment
+//! writes no AES ciphertext and no state key seals more than a handful of values (sealed
+//! field format 2, below).
+//!
+//! # Key schedules
+//!
+//! Every cipher object is built from a key once and wiped when dropped: the `aes`, `polyval`
+//! (GHASH) and SM4 key schedules zeroise on drop, a KEK keeps one wrapping cipher per suite
+//! for its lifetime, and a data key one AEAD for the record it serves.
 //!
 //! Two cipher suites coexist: `aes256gcm-hmacsha256` (suite byte 1, the default) and
 //! `sm4gcm-hmacsm3` (suite byte 2: SM4 in GCM mode as RFC 8998 uses it, with a 96-bit nonce
 //! and a 128-bit tag, and HMAC-SM3 for blind indexes and pseudonyms), for deployments that
 //! must use the Chinese commercial algorithms (GB/T 39786-2021). A data key carries the suite
 //! it seals under, and its wrapped form names it, so a record keeps its suite across KEK
-//! rewraps and changes it only when re-keyed. Keys are 256 random bits either way; SM4 uses
-//! the first 128 of them, which are as random as the whole.
+//! rewraps and changes it only when re-keyed. Keys are 256 random bits either way; an SM4
+//! data key uses the first 128 of them, which are as random as the whole (a data key serves
+//! its one suite only). SM4 is this crate's own constant-time implementation
+//! ([`ct_sm4`]), not the table-driven `sm4` crate.
+//!
+//! The age gate (account state) is a sealed field of format 2: the same layout, sealed under
+//! a per-record state key (see [`StateKey`]); format 1 gates, sealed under the index
+//! version's one AES-256-GCM state key, still open.
 //!
 //! Key material lives only in [`SecretKey`], which zeroises on drop and whose `Debug` is
 //! redacted.
@@ -30,11 +62,21 @@ use aes_gcm::{Aes256Gcm, AesGcm, Nonce};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use sm3::Sm3;
-use sm4::Sm4;
+use std::sync::OnceLock;
 use zeroize::{Zeroize, Zeroizing};
+
+pub mod ct_sm4;
+
+pub use ct_sm4::Sm4;
 
 /// Version of the byte layouts described in the module header.
 const FORMAT_V1: u8 = 1;
+/// Wrapped keys: KW under a suite KEK. Sealed fields: an age gate under a per-record key.
+const FORMAT_V2: u8 = 2;
+/// A KW-wrapped key: the 8-byte integrity block, the data key and the context digest.
+const KW_WRAPPED_LEN: usize = 8 + KEY_LEN + CONTEXT_LEN;
+/// Bytes of the hash of header and record id wrapped with a data key.
+const CONTEXT_LEN: usize = 16;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 pub const KEY_LEN: usize = 32;
@@ -86,6 +128,47 @@ impl Suite {
     pub fn parse(name: &str) -> Option<Suite> {
         Suite::ALL.into_iter().find(|suite| suite.as_str() == name)
     }
+
+    /// The label a suite's KEK is derived under: one key per algorithm.
+    fn kek_label(self) -> &'static [u8] {
+        match self {
+            Suite::Aes256GcmHmacSha256 => b"aes-256-gcm",
+            Suite::Sm4GcmHmacSm3 => b"sm4-gcm",
+        }
+    }
+
+    /// HKDF with the suite's hash (SHA-256 or SM3): `out.len()` bytes from `ikm` for `info`.
+    fn hkdf(self, salt: &[u8], ikm: &[u8], info: &[&[u8]], out: &mut [u8]) {
+        let info = length_prefixed(info);
+        match self {
+            Suite::Aes256GcmHmacSha256 => hkdf::Hkdf::<Sha256>::new(Some(salt), ikm)
+                .expand(&info, out)
+                .expect("a key is far below HKDF's output limit"),
+            Suite::Sm4GcmHmacSm3 => hkdf::Hkdf::<Sm3>::new(Some(salt), ikm)
+                .expand(&info, out)
+                .expect("a key is far below HKDF's output limit"),
+        }
+    }
+
+    /// The suite's hash of length-prefixed `parts`.
+    fn digest(self, parts: &[&[u8]]) -> Vec<u8> {
+        use sha2::Digest;
+        let bytes = length_prefixed(parts);
+        match self {
+            Suite::Aes256GcmHmacSha256 => Sha256::digest(&bytes).to_vec(),
+            Suite::Sm4GcmHmacSm3 => Sm3::digest(&bytes).to_vec(),
+        }
+    }
+}
+
+/// `parts`, each preceded by its length as a u64 big-endian: an injective encoding.
+fn length_prefixed(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(|part| 8 + part.len()).sum());
+    for part in parts {
+        out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
 }
 
 type Sm4Gcm = AesGcm<Sm4, U12>;
@@ -280,7 +363,18 @@ impl DataKey {
         plaintext: &[u8],
         nonce: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
-        let header = [FORMAT_V1, self.suite as u8];
+        self.seal_format(FORMAT_V1, record_id, field, plaintext, nonce)
+    }
+
+    fn seal_format(
+        &self,
+        format: u8,
+        record_id: &str,
+        field: &str,
+        plaintext: &[u8],
+        nonce: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        let header = [format, self.suite as u8];
         let aad = field_aad(&header, record_id, field);
         let sealed = self.cipher.encrypt(
             nonce,
@@ -303,7 +397,17 @@ impl DataKey {
         field: &str,
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        if sealed.len() < 2 + NONCE_LEN + TAG_LEN || sealed[0] != FORMAT_V1 {
+        self.open_format(FORMAT_V1, record_id, field, sealed)
+    }
+
+    fn open_format(
+        &self,
+        format: u8,
+        record_id: &str,
+        field: &str,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        if sealed.len() < 2 + NONCE_LEN + TAG_LEN || sealed[0] != format {
             return Err(CryptoError::Integrity);
         }
         // A field opens only under the suite its key was made for: the suite byte is
@@ -350,12 +454,57 @@ pub struct KekRef {
     pub version: u32,
 }
 
-/// One version of a key-encryption key (KEK).
-#[derive(Debug)]
+/// One version of a key-encryption key (KEK): the stored material, from which each suite's
+/// wrapping KEK is derived, and those wrapping ciphers, each built once on first use and
+/// kept (and wiped on drop) for the version's lifetime in this process.
 pub struct Kek {
     pub key_id: String,
     pub version: u32,
     key: SecretKey,
+    aes: OnceLock<Box<aes_kw::Kek<aes::Aes256>>>,
+    sm4: OnceLock<Box<aes_kw::Kek<Sm4>>>,
+    /// Format-1 keys opened with the stored material itself, one AEAD per suite.
+    legacy: [OnceLock<Cipher>; 2],
+}
+
+impl std::fmt::Debug for Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kek")
+            .field("key_id", &self.key_id)
+            .field("version", &self.version)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The wrapping cipher of one suite: SP 800-38F KW over AES-256 or SM4.
+#[derive(Clone, Copy)]
+enum Kw<'a> {
+    Aes(&'a aes_kw::Kek<aes::Aes256>),
+    Sm4(&'a aes_kw::Kek<Sm4>),
+}
+
+impl Kw<'_> {
+    fn wrap(self, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        match self {
+            Kw::Aes(kek) => kek.wrap_vec(plaintext),
+            Kw::Sm4(kek) => kek.wrap_vec(plaintext),
+        }
+        .map_err(|_| CryptoError::KeyLength)
+    }
+
+    fn unwrap(self, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let Some(len) = wrapped.len().checked_sub(8) else {
+            return Err(CryptoError::Integrity);
+        };
+        let mut out = Zeroizing::new(vec![0u8; len]);
+        match self {
+            Kw::Aes(kek) => kek.unwrap(wrapped, &mut out),
+            Kw::Sm4(kek) => kek.unwrap(wrapped, &mut out),
+        }
+        .map_err(|_| CryptoError::Integrity)?;
+        Ok(out)
+    }
 }
 
 impl Kek {
@@ -364,6 +513,9 @@ impl Kek {
             key_id: key_id.into(),
             version,
             key,
+            aes: OnceLock::new(),
+            sm4: OnceLock::new(),
+            legacy: [OnceLock::new(), OnceLock::new()],
         }
     }
 
@@ -374,68 +526,160 @@ impl Kek {
         }
     }
 
+    /// The KEK `suite` wraps under: HKDF of the stored material with the suite's hash and
+    /// label, so the stored key itself serves no algorithm.
+    fn derive(&self, suite: Suite, out: &mut [u8]) {
+        suite.hkdf(
+            b"pdvault.kek.v2",
+            self.key.expose(),
+            &[b"pdvault.kek.v2", suite.kek_label()],
+            out,
+        );
+    }
+
+    /// The suite's wrapping cipher, built on first use and kept.
+    fn kw(&self, suite: Suite) -> Kw<'_> {
+        match suite {
+            Suite::Aes256GcmHmacSha256 => Kw::Aes(self.aes.get_or_init(|| {
+                let mut key = Zeroizing::new([0u8; 32]);
+                self.derive(suite, key.as_mut());
+                Box::new(aes_kw::Kek::new((&*key).into()))
+            })),
+            Suite::Sm4GcmHmacSm3 => Kw::Sm4(self.sm4.get_or_init(|| {
+                let mut key = Zeroizing::new([0u8; 16]);
+                self.derive(suite, key.as_mut());
+                Box::new(aes_kw::Kek::new((&*key).into()))
+            })),
+        }
+    }
+
     /// Wraps `dek` for `record_id`, with the data key's own suite; the result names this KEK,
     /// its version and that suite.
     pub fn wrap(&self, dek: &DataKey, record_id: &str) -> Result<Vec<u8>, CryptoError> {
         let header = wrap_header(dek.suite, &self.key_id, self.version)?;
-        let nonce = random_nonce()?;
-        let aad = wrap_aad(&header, record_id);
-        let wrapped = self.key.cipher(dek.suite).encrypt(
-            &nonce,
-            Payload {
-                msg: dek.key.expose(),
-                aad: &aad,
-            },
-        )?;
+        let wrapped = self
+            .kw(dek.suite)
+            .wrap(&kw_plaintext(dek, &header, record_id))?;
         let mut out = header;
-        out.extend_from_slice(&nonce);
         out.extend_from_slice(&wrapped);
         Ok(out)
     }
 
-    /// Unwraps a data key wrapped by [`Kek::wrap`] for the same `record_id`.
+    /// Unwraps a data key wrapped by [`Kek::wrap`] (or by a format-1 wrap) for the same
+    /// `record_id`.
     pub fn unwrap(&self, wrapped: &[u8], record_id: &str) -> Result<DataKey, CryptoError> {
-        let (reference, header_len) = parse_wrap_header(wrapped)?;
-        let suite = Suite::from_byte(wrapped[1])?;
-        if reference.key_id != self.key_id || reference.version != self.version {
+        let parts = split_wrapped(wrapped)?;
+        if parts.reference.key_id != self.key_id || parts.reference.version != self.version {
             return Err(CryptoError::UnknownKey {
-                key_id: reference.key_id,
-                version: reference.version,
+                key_id: parts.reference.key_id,
+                version: parts.reference.version,
             });
         }
-        let (header, rest) = wrapped.split_at(header_len);
-        if rest.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
-            return Err(CryptoError::Integrity);
+        match parts.body {
+            WrappedBody::Kw(body) => {
+                let plaintext = self.kw(parts.suite).unwrap(body)?;
+                kw_open(plaintext, parts.suite, parts.header, record_id)
+            }
+            WrappedBody::Gcm { nonce, ciphertext } => {
+                let cipher = self.legacy[usize::from(parts.suite as u8 - 1)]
+                    .get_or_init(|| self.key.cipher(parts.suite));
+                let mut key = cipher
+                    .decrypt(
+                        nonce,
+                        Payload {
+                            msg: ciphertext,
+                            aad: &wrap_aad(parts.header, record_id),
+                        },
+                    )
+                    .map(Zeroizing::new)?;
+                Ok(DataKey::from_secret(
+                    SecretKey::from_bytes(&mut key)?,
+                    parts.suite,
+                ))
+            }
         }
-        let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
-        let aad = wrap_aad(header, record_id);
-        let mut key = self
-            .key
-            .cipher(suite)
-            .decrypt(
-                nonce,
-                Payload {
-                    msg: ciphertext,
-                    aad: &aad,
-                },
-            )
-            .map(Zeroizing::new)?;
-        Ok(DataKey::from_secret(
-            SecretKey::from_bytes(&mut key)?,
-            suite,
-        ))
+    }
+
+    /// Whether the suite's wrapping cipher is the one built before (for tests: one cipher
+    /// per version, not one per call).
+    #[cfg(test)]
+    fn kw_address(&self, suite: Suite) -> usize {
+        match self.kw(suite) {
+            Kw::Aes(kek) => kek as *const _ as usize,
+            Kw::Sm4(kek) => kek as *const _ as usize,
+        }
     }
 }
 
-/// The header of a wrapped key: format, the data key's suite, KEK id and version. Public
-/// for KEK providers that wrap outside this module (a PKCS#11 module).
+/// What KW wraps for `dek`: the key, then 16 bytes of the suite's hash of the wrap's header
+/// and the record id. KW is a deterministic authenticated encryption of its whole input,
+/// so a wrap moved to another record or relabelled fails to unwrap, as it would with
+/// associated data. Public for KEK providers that wrap outside this module.
+pub fn kw_plaintext(dek: &DataKey, header: &[u8], record_id: &str) -> Zeroizing<Vec<u8>> {
+    let mut plaintext = Zeroizing::new(Vec::with_capacity(KEY_LEN + CONTEXT_LEN));
+    plaintext.extend_from_slice(dek.key.expose());
+    plaintext.extend_from_slice(&wrap_context(dek.suite, header, record_id));
+    plaintext
+}
+
+/// The data key in a KW-unwrapped `plaintext`, if its context is this header's and record's.
+pub fn kw_open(
+    mut plaintext: Zeroizing<Vec<u8>>,
+    suite: Suite,
+    header: &[u8],
+    record_id: &str,
+) -> Result<DataKey, CryptoError> {
+    if plaintext.len() != KEY_LEN + CONTEXT_LEN {
+        return Err(CryptoError::Integrity);
+    }
+    let context = wrap_context(suite, header, record_id);
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(
+        &plaintext[KEY_LEN..],
+        &context[..],
+    )) {
+        return Err(CryptoError::Integrity);
+    }
+    let key = SecretKey::from_bytes(&mut plaintext[..KEY_LEN])?;
+    Ok(DataKey::from_secret(key, suite))
+}
+
+fn wrap_context(suite: Suite, header: &[u8], record_id: &str) -> [u8; CONTEXT_LEN] {
+    let digest = suite.digest(&[b"pdvault.dek.v2", header, record_id.as_bytes()]);
+    let mut context = [0u8; CONTEXT_LEN];
+    context.copy_from_slice(&digest[..CONTEXT_LEN]);
+    context
+}
+
+/// The header of a format-2 (KW) wrapped key: format, the data key's suite, KEK id and
+/// version. Public for KEK providers that wrap outside this module (a PKCS#11 module).
 pub fn wrap_header(suite: Suite, key_id: &str, version: u32) -> Result<Vec<u8>, CryptoError> {
+    header_of(FORMAT_V2, suite, key_id, version)
+}
+
+/// The header of a format-1 (GCM) wrapped key, for a module that cannot wrap with KW.
+pub fn wrap_header_gcm(suite: Suite, key_id: &str, version: u32) -> Result<Vec<u8>, CryptoError> {
+    header_of(FORMAT_V1, suite, key_id, version)
+}
+
+fn header_of(format: u8, suite: Suite, key_id: &str, version: u32) -> Result<Vec<u8>, CryptoError> {
     let id_len = u8::try_from(key_id.len()).map_err(|_| CryptoError::KeyLength)?;
     let mut header = Vec::with_capacity(3 + key_id.len() + 4 + NONCE_LEN + KEY_LEN + TAG_LEN);
-    header.extend_from_slice(&[FORMAT_V1, suite as u8, id_len]);
+    header.extend_from_slice(&[format, suite as u8, id_len]);
     header.extend_from_slice(key_id.as_bytes());
     header.extend_from_slice(&version.to_be_bytes());
     Ok(header)
+}
+
+/// What follows a wrapped key's header, by format.
+pub enum WrappedBody<'a> {
+    /// Format 1: AES-GCM or SM4-GCM under the raw KEK.
+    Gcm {
+        nonce: &'a [u8],
+        /// The wrapped key followed by the 128-bit tag.
+        ciphertext: &'a [u8],
+    },
+    /// Format 2: KW of the key and its context under the suite KEK.
+    Kw(&'a [u8]),
 }
 
 /// The parts of a wrapped key, for providers that unwrap outside this module.
@@ -443,26 +687,27 @@ pub struct WrappedParts<'a> {
     pub reference: KekRef,
     pub suite: Suite,
     pub header: &'a [u8],
-    pub nonce: &'a [u8],
-    /// The wrapped key followed by the 128-bit tag.
-    pub ciphertext: &'a [u8],
+    pub body: WrappedBody<'a>,
 }
 
-/// Splits a wrapped key into header, nonce and ciphertext, checking its layout.
+/// Splits a wrapped key into header and body, checking its layout.
 pub fn split_wrapped(wrapped: &[u8]) -> Result<WrappedParts<'_>, CryptoError> {
     let (reference, header_len) = parse_wrap_header(wrapped)?;
     let suite = Suite::from_byte(wrapped[1])?;
     let (header, rest) = wrapped.split_at(header_len);
-    if rest.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
-        return Err(CryptoError::Integrity);
-    }
-    let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+    let body = match wrapped[0] {
+        FORMAT_V1 if rest.len() == NONCE_LEN + KEY_LEN + TAG_LEN => {
+            let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+            WrappedBody::Gcm { nonce, ciphertext }
+        }
+        FORMAT_V2 if rest.len() == KW_WRAPPED_LEN => WrappedBody::Kw(rest),
+        _ => return Err(CryptoError::Integrity),
+    };
     Ok(WrappedParts {
         reference,
         suite,
         header,
-        nonce,
-        ciphertext,
+        body,
     })
 }
 
@@ -471,7 +716,7 @@ pub fn parse_wrap_header(wrapped: &[u8]) -> Result<(KekRef, usize), CryptoError>
     let [format, suite, id_len, rest @ ..] = wrapped else {
         return Err(CryptoError::Integrity);
     };
-    if *format != FORMAT_V1 {
+    if *format != FORMAT_V1 && *format != FORMAT_V2 {
         return Err(CryptoError::Integrity);
     }
     Suite::from_byte(*suite)?;
@@ -492,13 +737,85 @@ pub fn parse_wrap_header(wrapped: &[u8]) -> Result<(KekRef, usize), CryptoError>
     ))
 }
 
-/// The associated data a wrap authenticates: its header and the record it belongs to.
+/// The associated data a format-1 (GCM) wrap authenticates: its header and the record.
 pub fn wrap_aad(header: &[u8], record_id: &str) -> Vec<u8> {
     let mut aad = Vec::with_capacity(12 + header.len() + record_id.len());
     aad.extend_from_slice(b"pdvault.dek");
     aad.extend_from_slice(header);
     aad.extend_from_slice(record_id.as_bytes());
     aad
+}
+
+/// The key an index version's age gates are sealed under, per record.
+///
+/// A single state key per index version would seal every record's age gate, and with
+/// random 96-bit nonces one GCM key is safe for 2^32 seals only (SP 800-38D 8.3), which
+/// nothing counted. Format 2 seals each record's gate under its own key, HKDF (the index
+/// suite's hash) of the version's state key and the record id: each key seals a record's
+/// gate a handful of times in its life. Format-1 gates (the version's one AES-256-GCM state
+/// key) still open, and the re-index pass re-seals them in format 2.
+pub struct StateKey {
+    /// HKDF input key: the blind-index key's MAC of the version-2 label.
+    base: SecretKey,
+    suite: Suite,
+    /// The format-1 state key, derived only to open an old gate.
+    legacy: SecretKey,
+}
+
+impl std::fmt::Debug for StateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateKey(<redacted>)")
+    }
+}
+
+impl StateKey {
+    fn record_key(&self, record_id: &str) -> DataKey {
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        self.suite.hkdf(
+            b"pdvault.state-key.v2",
+            self.base.expose(),
+            &[
+                b"pdvault.age-gate.v2",
+                self.suite.as_str().as_bytes(),
+                record_id.as_bytes(),
+            ],
+            key.as_mut(),
+        );
+        DataKey::from_secret(SecretKey(key), self.suite)
+    }
+
+    /// Seals `plaintext` as `record_id`'s `field` (format 2, the record's own key).
+    pub fn seal(
+        &self,
+        record_id: &str,
+        field: &str,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        self.record_key(record_id).seal_format(
+            FORMAT_V2,
+            record_id,
+            field,
+            plaintext,
+            &random_nonce()?,
+        )
+    }
+
+    /// Opens a gate of either format.
+    pub fn open(
+        &self,
+        record_id: &str,
+        field: &str,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        match sealed.first() {
+            Some(&FORMAT_V2) => self
+                .record_key(record_id)
+                .open_format(FORMAT_V2, record_id, field, sealed),
+            Some(&FORMAT_V1) => DataKey::from_secret(self.legacy.clone(), Suite::default())
+                .open_field(record_id, field, sealed),
+            _ => Err(CryptoError::Integrity),
+        }
+    }
 }
 
 /// Keyed HMAC (SHA-256 or SM3, by suite) used for exact-match lookup without decryption.
@@ -532,12 +849,19 @@ impl BlindIndexKey {
     }
 
     /// The key that seals account state the login path reads (the age gate). Derived, not
-    /// stored, so it lives and rotates with this key, and is domain-separated from indexes.
-    pub fn derive_state_key(&self) -> DataKey {
-        let mut derived = self.compute(&[b"pdvault.state-key.v1"]);
-        // Both MACs (HMAC-SHA256, HMAC-SM3) give 32 bytes; AES-256-GCM takes them all.
-        let key = SecretKey::from_bytes(&mut derived).expect("HMAC output is 32 bytes");
-        DataKey::from_secret(key, Suite::Aes256GcmHmacSha256)
+    /// stored, so it lives and rotates with this key, and is domain-separated from indexes;
+    /// it uses this key's suite (SM4 and SM3 in an SM4 deployment) and derives one key per
+    /// record (see [`StateKey`]).
+    pub fn derive_state_key(&self) -> StateKey {
+        let mut base = self.compute(&[b"pdvault.state-key.v2"]);
+        // Format 1 gates: AES-256-GCM under this MAC, whatever the suite.
+        let mut legacy = self.compute(&[b"pdvault.state-key.v1"]);
+        // Both MACs (HMAC-SHA256, HMAC-SM3) give 32 bytes.
+        StateKey {
+            base: SecretKey::from_bytes(&mut base).expect("HMAC output is 32 bytes"),
+            suite: self.1,
+            legacy: SecretKey::from_bytes(&mut legacy).expect("HMAC output is 32 bytes"),
+        }
     }
 
     /// Fingerprint of a create request's content, to tell a genuine retry from a reused
@@ -860,6 +1184,120 @@ mod tests {
         ));
     }
 
+    /// Recomputes a format-2 wrap from its definition: HKDF of the stored KEK with the
+    /// suite's hash and label, then SP 800-38F KW (AES-256 or SM4) of the key and context.
+    #[test]
+    fn wraps_are_kw_under_a_kek_derived_per_suite() {
+        let stored = SecretKey::generate().unwrap();
+        let kek = Kek::new("local", 7, stored.clone());
+        for suite in Suite::ALL {
+            let dek = DataKey::generate_for(suite).unwrap();
+            let wrapped = kek.wrap(&dek, "r1").unwrap();
+            let parts = split_wrapped(&wrapped).unwrap();
+            assert_eq!(wrapped[..2], [FORMAT_V2, suite as u8]);
+            let WrappedBody::Kw(body) = parts.body else {
+                panic!("format 2 is KW");
+            };
+            assert_eq!(body.len(), KW_WRAPPED_LEN);
+            let info = length_prefixed(&[b"pdvault.kek.v2", suite.kek_label()]);
+            let plaintext = match suite {
+                Suite::Aes256GcmHmacSha256 => {
+                    let mut key = [0u8; 32];
+                    hkdf::Hkdf::<Sha256>::new(Some(b"pdvault.kek.v2"), stored.expose())
+                        .expand(&info, &mut key)
+                        .unwrap();
+                    aes_kw::Kek::<aes::Aes256>::new(&key.into())
+                        .unwrap_vec(body)
+                        .unwrap()
+                }
+                Suite::Sm4GcmHmacSm3 => {
+                    let mut key = [0u8; 16];
+                    hkdf::Hkdf::<Sm3>::new(Some(b"pdvault.kek.v2"), stored.expose())
+                        .expand(&info, &mut key)
+                        .unwrap();
+                    aes_kw::Kek::<Sm4>::new(&key.into())
+                        .unwrap_vec(body)
+                        .unwrap()
+                }
+            };
+            assert_eq!(&plaintext[..KEY_LEN], dek.secret().expose());
+            assert_eq!(
+                plaintext[KEY_LEN..],
+                wrap_context(suite, parts.header, "r1")
+            );
+            // The stored KEK itself unwraps nothing: it is never a cipher key.
+            assert!(
+                aes_kw::Kek::<aes::Aes256>::new(stored.expose().into())
+                    .unwrap_vec(body)
+                    .is_err()
+            );
+            let unwrapped = kek.unwrap(&wrapped, "r1").unwrap();
+            assert_eq!(unwrapped.secret().expose(), dek.secret().expose());
+            assert_eq!(unwrapped.suite(), suite);
+            // Relabelled to the other suite, or moved to another record: refused.
+            let mut relabelled = wrapped.clone();
+            relabelled[1] = 3 - relabelled[1];
+            assert!(kek.unwrap(&relabelled, "r1").is_err());
+            assert_eq!(
+                kek.unwrap(&wrapped, "r2").unwrap_err(),
+                CryptoError::Integrity
+            );
+        }
+    }
+
+    /// A format-1 wrap (GCM under the raw KEK, as written before format 2) still opens.
+    #[test]
+    fn format_1_wraps_still_open() {
+        let stored = SecretKey::generate().unwrap();
+        let kek = Kek::new("local", 2, stored.clone());
+        for suite in Suite::ALL {
+            let dek = DataKey::generate_for(suite).unwrap();
+            let header = wrap_header_gcm(suite, "local", 2).unwrap();
+            let nonce = random_nonce().unwrap();
+            let sealed = stored
+                .cipher(suite)
+                .encrypt(
+                    &nonce,
+                    Payload {
+                        msg: dek.secret().expose(),
+                        aad: &wrap_aad(&header, "r1"),
+                    },
+                )
+                .unwrap();
+            let mut wrapped = header;
+            wrapped.extend_from_slice(&nonce);
+            wrapped.extend_from_slice(&sealed);
+            let unwrapped = kek.unwrap(&wrapped, "r1").unwrap();
+            assert_eq!(unwrapped.secret().expose(), dek.secret().expose());
+            assert_eq!(unwrapped.suite(), suite);
+            assert!(kek.unwrap(&wrapped, "r2").is_err());
+        }
+    }
+
+    #[test]
+    fn each_kek_version_builds_its_wrapping_ciphers_once() {
+        let kek = kek(1);
+        for suite in Suite::ALL {
+            let first = kek.kw_address(suite);
+            kek.wrap(&DataKey::generate_for(suite).unwrap(), "r1")
+                .unwrap();
+            assert_eq!(kek.kw_address(suite), first, "{suite:?}");
+        }
+        assert_ne!(
+            kek.kw_address(Suite::Aes256GcmHmacSha256),
+            kek.kw_address(Suite::Sm4GcmHmacSm3)
+        );
+    }
+
+    /// Compiles only while the key schedules wipe themselves on drop (the `zeroize` features
+    /// of `aes`, and this crate's SM4).
+    #[test]
+    fn key_schedules_wipe_themselves_on_drop() {
+        fn wipes_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        wipes_on_drop::<aes::Aes256>();
+        wipes_on_drop::<Sm4>();
+    }
+
     #[test]
     fn wrong_kek_version_is_named() {
         let wrapped = kek(1).wrap(&DataKey::generate().unwrap(), "r1").unwrap();
@@ -886,19 +1324,69 @@ mod tests {
         let index = BlindIndexKey::new(SecretKey::generate().unwrap());
         let sealed = index
             .derive_state_key()
-            .seal_field("r1", "state.date_of_birth", b"2010-01-01")
+            .seal("r1", "state.date_of_birth", b"2010-01-01")
             .unwrap();
         let opened = index
             .derive_state_key()
-            .open_field("r1", "state.date_of_birth", &sealed)
+            .open("r1", "state.date_of_birth", &sealed)
             .unwrap();
         assert_eq!(opened.as_slice(), b"2010-01-01");
         let other = BlindIndexKey::new(SecretKey::generate().unwrap());
         assert!(
             other
                 .derive_state_key()
-                .open_field("r1", "state.date_of_birth", &sealed)
+                .open("r1", "state.date_of_birth", &sealed)
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn age_gates_are_sealed_per_record_with_the_index_suite_and_old_ones_open() {
+        for suite in Suite::ALL {
+            let index = BlindIndexKey::with_suite(SecretKey::generate().unwrap(), suite);
+            let state = index.derive_state_key();
+            let sealed = state
+                .seal("r1", "state.date_of_birth", b"2010-01-01")
+                .unwrap();
+            assert_eq!(sealed[..2], [FORMAT_V2, suite as u8]);
+            // Each record has its own key: nothing seals every record's gate.
+            let (a, b) = (state.record_key("r1"), state.record_key("r2"));
+            assert_ne!(a.secret().expose(), b.secret().expose());
+            assert_eq!(a.suite(), suite);
+            assert_eq!(
+                state.record_key("r1").secret().expose(),
+                a.secret().expose(),
+                "stable"
+            );
+            assert!(state.open("r2", "state.date_of_birth", &sealed).is_err());
+            // A format-1 gate: AES-256-GCM under the version's one state key.
+            let mut v1 = index.compute(&[b"pdvault.state-key.v1"]);
+            let old =
+                DataKey::from_secret(SecretKey::from_bytes(&mut v1).unwrap(), Suite::default())
+                    .seal_field("r1", "state.date_of_birth", b"2009-12-31")
+                    .unwrap();
+            assert_eq!(old[0], FORMAT_V1);
+            assert_eq!(
+                state
+                    .open("r1", "state.date_of_birth", &old)
+                    .unwrap()
+                    .as_slice(),
+                b"2009-12-31"
+            );
+            let mut relabelled = sealed.clone();
+            relabelled[0] = FORMAT_V1;
+            assert!(
+                state
+                    .open("r1", "state.date_of_birth", &relabelled)
+                    .is_err()
+            );
+        }
+        assert_eq!(
+            format!(
+                "{:?}",
+                BlindIndexKey::new(SecretKey::generate().unwrap()).derive_state_key()
+            ),
+            "StateKey(<redacted>)"
         );
     }
 
@@ -1105,7 +1593,9 @@ mod tests {
     #[test]
     fn debug_never_prints_key_material() {
         let key = SecretKey::generate().unwrap();
-        let printed = format!("{key:?} {:?}", Kek::new("local", 1, key.clone()));
+        let kek = Kek::new("local", 1, key.clone());
+        kek.wrap(&DataKey::generate().unwrap(), "r1").unwrap();
+        let printed = format!("{key:?} {kek:?}");
         assert!(printed.contains("<redacted>"));
         let hex: String = key.expose().iter().map(|b| format!("{b:02x}")).collect();
         assert!(!printed.contains(&hex));

@@ -1,28 +1,51 @@
 //! The PKCS#11 KEK provider: KEKs are AES-256 secret-key objects in a hardware security
-//! module (tested against SoftHSM2), created sensitive and non-extractable, so their
-//! material never enters the vault's memory. Wrapping and unwrapping a data key are
-//! `C_Encrypt`/`C_Decrypt` with `CKM_AES_GCM` inside the module, producing the same
-//! self-describing layout as the local provider (KEK id `hsm`), with the same associated
-//! data binding the header and the record id.
+//! module (tested against SoftHSM2), created sensitive, non-extractable, unmodifiable and
+//! uncopyable, so their material never enters the vault's memory and their attributes
+//! cannot be loosened later. Wrapping a data key is `C_WrapKey` with `CKM_AES_KEY_WRAP`
+//! (SP 800-38F KW, RFC 3394) inside the module, in the same format-2 layout as the local
+//! provider (KEK id `hsm`): KW of the data key and the 16-byte context digest binding header
+//! and record id. KW takes no nonce, so no IV can be lost and no nonce budget runs out.
+//! The data key goes in and comes out as a short-lived session object of the module
+//! (generic secret, not on the token), destroyed right after the call.
+//!
+//! Format 1 (`CKM_AES_GCM` through `C_Encrypt`/`C_Decrypt`) still opens, and is still written
+//! for a KEK that can only encrypt: one created before KW (it was made with `CKA_ENCRYPT`
+//! and not `CKA_WRAP`, and one key serves one mechanism) or in a module without
+//! `CKM_AES_KEY_WRAP`. There the IV stored is the IV buffer as the module left it after
+//! the call, not the one passed in: some modules write their own GCM IV (the PKCS#11
+//! specification allows it), and storing the vault's would make every such wrapped key
+//! unopenable. A rotation with a KW-capable module moves everything to KW.
 //!
 //! Rotation generates the new version's key object in the module (`C_GenerateKey`),
 //! destruction destroys it (`C_DestroyObject`); the database keeps the version states as
 //! for every provider. Instances sharing a database reach the same token, so a version one
-//! instance creates is found by label by the others.
+//! instance creates is found by label by the others. A session the module lost (closed,
+//! logged out, the device reconnected) is opened and logged in again, and the call retried
+//! once.
+//!
+//! The provider talks to the module through [`KekModule`], the handful of calls it needs,
+//! so its own logic (formats, IVs, the cache) is tested against a double as well as SoftHSM2.
 //!
 //! # The unwrapped-key cache
 //!
 //! Every unwrap is a round trip into the module, and a module serialises them. To keep
 //! reads fast, unwrapped data keys are cached in memory for `cache_ttl_seconds` and at most
 //! `cache_max_entries` of them, oldest evicted first; an evicted or expired key is dropped,
-//! which zeroises it. The trade: while cached, a data key sits in the vault's memory (as it
-//! briefly does during every read anyway), so a memory disclosure in that window exposes
-//! the records whose keys are cached, and destroying a KEK version takes effect for cached
-//! keys only when they leave the cache; this provider clears the cache on every destruction
-//! so that does not wait for the TTL. A TTL of 0 turns the cache off.
+//! which zeroises it (and its expanded cipher). The trade: while cached, a data key sits in
+//! the vault's memory (as it briefly does during every read anyway), so a memory disclosure
+//! in that window exposes the records whose keys are cached, and destroying a KEK version
+//! takes effect for cached keys only when they leave the cache; this provider clears the
+//! cache on every destruction so that does not wait for the TTL. A TTL of 0 turns the
+//! cache off.
 //!
-//! The data key's suite (AES or SM4) is recorded in the header as for the local provider;
-//! the wrapping itself is always AES-256-GCM, which every PKCS#11 module offers.
+//! # SM4
+//!
+//! The module's KEKs are AES-256, and PKCS#11 defines no SM4 mechanism (modules that offer
+//! SM4 do so with vendor-defined ones). Wrapping an SM4 data key under an AES KEK would break
+//! the SM4 deployment's promise of one algorithm family, so this provider refuses to wrap
+//! SM4 data keys, and startup refuses `keys.suite = "sm4gcm-hmacsm3"` with
+//! `keys.provider = "pkcs11"`: an SM4 deployment keeps its KEKs with the local provider
+//! (SM4-KW under an HKDF-SM3-derived KEK). Format-1 wraps of SM4 keys made before still open.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -30,16 +53,19 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::mechanism::Mechanism;
+use cryptoki::error::{Error as Pkcs11Error, RvError};
 use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::Pkcs11Config;
 use crate::crypto::{
-    CryptoError, DataKey, SecretKey, random_nonce, split_wrapped, wrap_aad, wrap_header,
+    CryptoError, DataKey, SecretKey, Suite, WrappedBody, kw_open, kw_plaintext, random_nonce,
+    split_wrapped, wrap_aad, wrap_header, wrap_header_gcm,
 };
 use crate::keys::{KekProvider, KeyError};
 
@@ -65,101 +91,95 @@ fn module(path: &Path) -> Result<Pkcs11, KeyError> {
     Ok(module)
 }
 
-fn hsm_error(error: cryptoki::error::Error) -> KeyError {
+fn hsm_error(error: Pkcs11Error) -> KeyError {
     KeyError::Hsm(error.to_string())
 }
 
+/// The calls into a module that the provider makes, by KEK version. Implementations map a
+/// KEK the module does not hold to [`KeyError::MaterialMissing`], and a refused decryption
+/// or unwrap (wrong key, tag or record) to [`CryptoError::Integrity`].
+pub trait KekModule: Send + Sync + 'static {
+    /// Versions of the KEK objects the token holds.
+    fn versions(&self) -> Result<Vec<u32>, KeyError>;
+    /// Creates `version`'s KEK, replacing any object of that version.
+    fn generate(&self, version: u32) -> Result<(), KeyError>;
+    /// Destroys every object of `version`; none is not an error.
+    fn destroy(&self, version: u32) -> Result<(), KeyError>;
+    /// Whether `version`'s KEK wraps with `CKM_AES_KEY_WRAP` (else it encrypts with GCM).
+    fn wraps_with_kw(&self, version: u32) -> Result<bool, KeyError>;
+    /// `CKM_AES_KEY_WRAP` of `plaintext` (a whole number of 8-byte semiblocks).
+    fn wrap_kw(&self, version: u32, plaintext: &[u8]) -> Result<Vec<u8>, KeyError>;
+    fn unwrap_kw(&self, version: u32, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError>;
+    /// `CKM_AES_GCM` encryption with a 128-bit tag. `iv` holds a fresh random IV on entry
+    /// and, on return, the IV the module used (a module may write its own).
+    fn encrypt_gcm(
+        &self,
+        version: u32,
+        iv: &mut [u8; 12],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, KeyError>;
+    fn decrypt_gcm(
+        &self,
+        version: u32,
+        iv: &[u8],
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError>;
+}
+
 pub struct Pkcs11KekProvider {
-    session: Mutex<Session>,
-    prefix: String,
+    module: Box<dyn KekModule>,
     cache: Mutex<KeyCache>,
+    /// Per version, whether its KEK wraps with KW: asked once (KEK attributes are
+    /// unmodifiable), forgotten when the version is provisioned again or destroyed.
+    kw: Mutex<HashMap<u32, bool>>,
 }
 
 impl std::fmt::Debug for Pkcs11KekProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pkcs11KekProvider")
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
+        f.debug_struct("Pkcs11KekProvider").finish_non_exhaustive()
     }
 }
 
 impl Pkcs11KekProvider {
     /// Opens a session on the configured token and logs in with the PIN from its file.
     pub fn open(config: &Pkcs11Config) -> Result<Pkcs11KekProvider, KeyError> {
-        let module = module(&config.module)?;
-        let slot = module
-            .get_slots_with_token()
-            .map_err(hsm_error)?
-            .into_iter()
-            .find(|slot| {
-                module
-                    .get_token_info(*slot)
-                    .is_ok_and(|info| info.label().trim_end() == config.token_label)
-            })
-            .ok_or_else(|| KeyError::Hsm(format!("no token labelled {}", config.token_label)))?;
-        let session = module.open_rw_session(slot).map_err(hsm_error)?;
-        let pin = read_pin(&config.pin_file)?;
-        match session.login(UserType::User, Some(&pin)) {
-            // The login is per application and token: another provider in this process
-            // may already hold it.
-            Ok(())
-            | Err(cryptoki::error::Error::Pkcs11(
-                cryptoki::error::RvError::UserAlreadyLoggedIn,
-                _,
-            )) => {}
-            Err(error) => return Err(hsm_error(error)),
-        }
-        Ok(Pkcs11KekProvider {
-            session: Mutex::new(session),
-            prefix: config.key_label_prefix.clone(),
-            cache: Mutex::new(KeyCache::new(
-                config.cache_max_entries,
-                Duration::from_secs(config.cache_ttl_seconds),
-            )),
-        })
-    }
-
-    /// This provider's session, holding the process-wide module lock: SoftHSM2 (and some
-    /// hardware modules) fail under concurrent object creation from several sessions, and a
-    /// single vault process gains nothing from parallel calls into one token.
-    fn session(&self) -> SessionGuard<'_> {
-        static MODULE_LOCK: Mutex<()> = Mutex::new(());
-        let module = MODULE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let session = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        SessionGuard {
-            session,
-            _module: module,
-        }
-    }
-
-    fn label(&self, version: u32) -> Vec<u8> {
-        format!("{}{version}", self.prefix).into_bytes()
-    }
-
-    fn find(&self, session: &Session, version: u32) -> Result<Vec<ObjectHandle>, KeyError> {
-        session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::Label(self.label(version)),
-            ])
-            .map_err(hsm_error)
-    }
-
-    fn handle(&self, session: &Session, version: u32) -> Result<ObjectHandle, KeyError> {
-        self.find(session, version)?
-            .into_iter()
-            .next()
-            .ok_or(KeyError::MaterialMissing { version })
-    }
-
-    fn gcm<'a>(iv: &'a mut [u8], aad: &'a [u8]) -> Result<Mechanism<'a>, KeyError> {
-        Ok(Mechanism::AesGcm(
-            GcmParams::new(iv, aad, 128.into()).map_err(hsm_error)?,
+        Ok(Pkcs11KekProvider::with_module(
+            Box::new(Pkcs11Module::open(config)?),
+            config.cache_max_entries,
+            Duration::from_secs(config.cache_ttl_seconds),
         ))
+    }
+
+    /// A provider over any module: the real one ([`Pkcs11KekProvider::open`]) or a double.
+    pub fn with_module(
+        module: Box<dyn KekModule>,
+        cache_max_entries: usize,
+        cache_ttl: Duration,
+    ) -> Pkcs11KekProvider {
+        Pkcs11KekProvider {
+            module,
+            cache: Mutex::new(KeyCache::new(cache_max_entries, cache_ttl)),
+            kw: Mutex::new(HashMap::new()),
+        }
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, KeyCache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kw_map(&self) -> std::sync::MutexGuard<'_, HashMap<u32, bool>> {
+        self.kw.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wraps_with_kw(&self, version: u32) -> Result<bool, KeyError> {
+        if let Some(&kw) = self.kw_map().get(&version) {
+            return Ok(kw);
+        }
+        let kw = self.module.wraps_with_kw(version)?;
+        self.kw_map().insert(version, kw);
+        Ok(kw)
     }
 }
 
@@ -169,43 +189,36 @@ impl KekProvider for Pkcs11KekProvider {
     }
 
     fn versions(&self) -> Result<Vec<u32>, KeyError> {
-        let session = self.session();
-        let objects = session
-            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
-            .map_err(hsm_error)?;
-        let mut versions = Vec::new();
-        for object in objects {
-            let attributes = session
-                .get_attributes(object, &[AttributeType::Label])
-                .map_err(hsm_error)?;
-            for attribute in attributes {
-                if let Attribute::Label(label) = attribute {
-                    let version = std::str::from_utf8(&label)
-                        .ok()
-                        .and_then(|label| label.strip_prefix(&self.prefix))
-                        .and_then(|number| number.parse::<u32>().ok());
-                    versions.extend(version);
-                }
-            }
-        }
-        versions.sort_unstable();
-        versions.dedup();
-        Ok(versions)
+        self.module.versions()
     }
 
     fn wrap(&self, version: u32, dek: &DataKey, record_id: &str) -> Result<Vec<u8>, KeyError> {
-        let header = wrap_header(dek.suite(), HSM_KEY_ID, version)?;
-        let aad = wrap_aad(&header, record_id);
-        let nonce = random_nonce()?;
-        let mut iv = nonce;
-        let session = self.session();
-        let key = self.handle(&session, version)?;
-        let sealed = session
-            .encrypt(&Self::gcm(&mut iv, &aad)?, key, dek.secret().expose())
-            .map_err(hsm_error)?;
-        let mut out = header;
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
+        if dek.suite() != Suite::Aes256GcmHmacSha256 {
+            return Err(KeyError::Hsm(
+                "the module's KEKs are AES-256: SM4 data keys are wrapped by the local provider"
+                    .into(),
+            ));
+        }
+        let out = if self.wraps_with_kw(version)? {
+            let mut out = wrap_header(dek.suite(), HSM_KEY_ID, version)?;
+            let plaintext = kw_plaintext(dek, &out, record_id);
+            out.extend_from_slice(&self.module.wrap_kw(version, &plaintext)?);
+            out
+        } else {
+            let mut out = wrap_header_gcm(dek.suite(), HSM_KEY_ID, version)?;
+            let aad = wrap_aad(&out, record_id);
+            let mut iv = random_nonce()?;
+            let sealed = self
+                .module
+                .encrypt_gcm(version, &mut iv, &aad, dek.secret().expose())?;
+            // The IV as the module left it: the one it encrypted under.
+            out.extend_from_slice(&iv);
+            out.extend_from_slice(&sealed);
+            out
+        };
+        // What the module returned must have the layout unwrapping expects.
+        split_wrapped(&out)
+            .map_err(|_| KeyError::Hsm("the module returned a wrap of unexpected length".into()))?;
         Ok(out)
     }
 
@@ -219,55 +232,32 @@ impl KekProvider for Pkcs11KekProvider {
         if let Some(cached) = self.cache().get(wrapped, record_id) {
             return Ok(cached);
         }
-        let aad = wrap_aad(parts.header, record_id);
-        let mut iv = [0u8; 12];
-        iv.copy_from_slice(parts.nonce);
-        let mut material = {
-            let session = self.session();
-            let key = self.handle(&session, parts.reference.version)?;
-            Zeroizing::new(
-                session
-                    .decrypt(&Self::gcm(&mut iv, &aad)?, key, parts.ciphertext)
-                    // A wrong tag and a wrong record both end here: fail closed.
-                    .map_err(|_| KeyError::Crypto(CryptoError::Integrity))?,
-            )
+        let version = parts.reference.version;
+        let dek = match parts.body {
+            WrappedBody::Kw(body) => kw_open(
+                self.module.unwrap_kw(version, body)?,
+                parts.suite,
+                parts.header,
+                record_id,
+            )?,
+            WrappedBody::Gcm { nonce, ciphertext } => {
+                let aad = wrap_aad(parts.header, record_id);
+                let mut material = self.module.decrypt_gcm(version, nonce, &aad, ciphertext)?;
+                DataKey::from_secret(SecretKey::from_bytes(&mut material)?, parts.suite)
+            }
         };
-        let dek = DataKey::from_secret(SecretKey::from_bytes(&mut material)?, parts.suite);
         self.cache().insert(wrapped, record_id, dek.duplicate());
         Ok(dek)
     }
 
     fn provision(&self, version: u32) -> Result<(), KeyError> {
-        let session = self.session();
-        for orphan in self.find(&session, version)? {
-            session.destroy_object(orphan).map_err(hsm_error)?;
-        }
-        session
-            .generate_key(
-                &Mechanism::AesKeyGen,
-                &[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Token(true),
-                    Attribute::Private(true),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Encrypt(true),
-                    Attribute::Decrypt(true),
-                    Attribute::Label(self.label(version)),
-                ],
-            )
-            .map_err(hsm_error)?;
-        Ok(())
+        self.kw_map().remove(&version);
+        self.module.generate(version)
     }
 
     fn destroy(&self, version: u32) -> Result<(), KeyError> {
-        let session = self.session();
-        for object in self.find(&session, version)? {
-            session.destroy_object(object).map_err(hsm_error)?;
-        }
-        drop(session);
+        self.module.destroy(version)?;
+        self.kw_map().remove(&version);
         self.cache().clear();
         Ok(())
     }
@@ -284,6 +274,19 @@ impl KekProvider for Pkcs11KekProvider {
     }
 }
 
+/// The module itself, through one logged-in session.
+struct Pkcs11Module {
+    pkcs11: Pkcs11,
+    slot: Slot,
+    /// Kept (in a buffer that wipes itself) to log in again when the module lost the
+    /// session or its login.
+    pin: AuthPin,
+    prefix: String,
+    /// Whether the module offers `CKM_AES_KEY_WRAP` for wrapping and unwrapping.
+    kw_mechanism: bool,
+    session: Mutex<Option<Session>>,
+}
+
 /// PINs are short; a file much longer than any PIN is not a PIN file.
 const MAX_PIN_FILE: u64 = 1024;
 
@@ -296,17 +299,347 @@ fn read_pin(path: &Path) -> Result<AuthPin, KeyError> {
     Ok(AuthPin::from(pin.as_str()))
 }
 
-/// A session, used while the module lock is held.
-struct SessionGuard<'a> {
-    session: std::sync::MutexGuard<'a, Session>,
-    _module: std::sync::MutexGuard<'static, ()>,
+/// Errors after which the session (or its login) is gone and a new one may succeed.
+fn session_lost(error: &Pkcs11Error) -> bool {
+    matches!(
+        error,
+        Pkcs11Error::Pkcs11(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::UserNotLoggedIn
+                | RvError::DeviceRemoved
+                | RvError::TokenNotPresent,
+            _,
+        )
+    )
 }
 
-impl std::ops::Deref for SessionGuard<'_> {
-    type Target = Session;
+/// What a call into the module can fail with: the module's own error, or a KEK missing.
+enum CallError {
+    Module(Pkcs11Error),
+    Missing,
+}
 
-    fn deref(&self) -> &Session {
-        &self.session
+impl From<Pkcs11Error> for CallError {
+    fn from(error: Pkcs11Error) -> CallError {
+        CallError::Module(error)
+    }
+}
+
+impl Pkcs11Module {
+    fn open(config: &Pkcs11Config) -> Result<Pkcs11Module, KeyError> {
+        let pkcs11 = module(&config.module)?;
+        let slot = pkcs11
+            .get_slots_with_token()
+            .map_err(hsm_error)?
+            .into_iter()
+            .find(|slot| {
+                pkcs11
+                    .get_token_info(*slot)
+                    .is_ok_and(|info| info.label().trim_end() == config.token_label)
+            })
+            .ok_or_else(|| KeyError::Hsm(format!("no token labelled {}", config.token_label)))?;
+        let pin = read_pin(&config.pin_file)?;
+        let kw_mechanism = pkcs11
+            .get_mechanism_info(slot, MechanismType::AES_KEY_WRAP)
+            .is_ok_and(|info| info.wrap() && info.unwrap());
+        let module = Pkcs11Module {
+            pkcs11,
+            slot,
+            pin,
+            prefix: config.key_label_prefix.clone(),
+            kw_mechanism,
+            session: Mutex::new(None),
+        };
+        let session = module.open_session().map_err(hsm_error)?;
+        *module.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session);
+        Ok(module)
+    }
+
+    fn open_session(&self) -> Result<Session, Pkcs11Error> {
+        let session = self.pkcs11.open_rw_session(self.slot)?;
+        self.log_in(&session)?;
+        Ok(session)
+    }
+
+    fn log_in(&self, session: &Session) -> Result<(), Pkcs11Error> {
+        match session.login(UserType::User, Some(&self.pin)) {
+            // The login is per application and token: another provider in this process
+            // may already hold it.
+            Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Runs `call` on this module's session while holding the process-wide module lock
+    /// (SoftHSM2, and some hardware modules, fail under concurrent object creation from
+    /// several sessions, and a vault process gains nothing from parallel calls into one
+    /// token). If the module lost the session or its login, opens and logs in a new one
+    /// and runs `call` once more.
+    fn call<T>(
+        &self,
+        version: u32,
+        call: impl Fn(&Session) -> Result<T, CallError>,
+    ) -> Result<T, KeyError> {
+        static MODULE_LOCK: Mutex<()> = Mutex::new(());
+        let _module = MODULE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let mut retried = false;
+        loop {
+            let session = match slot.take() {
+                Some(session) => session,
+                None => self.open_session().map_err(hsm_error)?,
+            };
+            let error = match call(&session) {
+                Ok(value) => {
+                    *slot = Some(session);
+                    return Ok(value);
+                }
+                // A logged-out session finds no private object: ask before calling it gone.
+                Err(CallError::Missing) if !retried && !self.logged_in(&session) => {
+                    Pkcs11Error::Pkcs11(
+                        RvError::UserNotLoggedIn,
+                        cryptoki::context::Function::FindObjects,
+                    )
+                }
+                Err(CallError::Missing) => {
+                    *slot = Some(session);
+                    return Err(KeyError::MaterialMissing { version });
+                }
+                Err(CallError::Module(error)) => error,
+            };
+            if retried || !session_lost(&error) {
+                *slot = Some(session);
+                return Err(hsm_error(error));
+            }
+            tracing::warn!(%error, "the PKCS#11 session or its login was lost; opening or logging in again");
+            retried = true;
+            if session.get_session_info().is_ok() {
+                // Still open at the module, only logged out: log in on it again.
+                self.log_in(&session).map_err(hsm_error)?;
+                *slot = Some(session);
+            } else {
+                // The module forgot it: closing its handle could close a session that now
+                // has the same number, so it is dropped without closing.
+                std::mem::forget(session);
+            }
+        }
+    }
+
+    fn logged_in(&self, session: &Session) -> bool {
+        session.get_session_info().is_ok_and(|info| {
+            matches!(
+                info.session_state(),
+                SessionState::RwUser | SessionState::RoUser
+            )
+        })
+    }
+
+    fn label(&self, version: u32) -> Vec<u8> {
+        format!("{}{version}", self.prefix).into_bytes()
+    }
+
+    fn find(&self, session: &Session, version: u32) -> Result<Vec<ObjectHandle>, Pkcs11Error> {
+        session.find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(self.label(version)),
+        ])
+    }
+
+    fn handle(&self, session: &Session, version: u32) -> Result<ObjectHandle, CallError> {
+        self.find(session, version)?
+            .into_iter()
+            .next()
+            .ok_or(CallError::Missing)
+    }
+
+    /// Runs `call` with a session object holding `value` (a generic secret the module may
+    /// wrap), destroyed afterwards whatever happened.
+    fn with_secret_object<T>(
+        session: &Session,
+        value: &[u8],
+        call: impl FnOnce(ObjectHandle) -> Result<T, Pkcs11Error>,
+    ) -> Result<T, Pkcs11Error> {
+        let mut template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Extractable(true),
+            Attribute::Value(value.to_vec()),
+        ];
+        let created = session.create_object(&template);
+        if let Attribute::Value(copy) = &mut template[5] {
+            copy.zeroize();
+        }
+        let object = created?;
+        let result = call(object);
+        let destroyed = session.destroy_object(object);
+        let value = result?;
+        destroyed?;
+        Ok(value)
+    }
+}
+
+fn gcm<'a>(iv: &'a mut [u8], aad: &'a [u8]) -> Result<Mechanism<'a>, Pkcs11Error> {
+    Ok(Mechanism::AesGcm(GcmParams::new(iv, aad, 128.into())?))
+}
+
+impl KekModule for Pkcs11Module {
+    fn versions(&self) -> Result<Vec<u32>, KeyError> {
+        let mut versions = self.call(0, |session| {
+            let mut versions = Vec::new();
+            for object in session.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])? {
+                for attribute in session.get_attributes(object, &[AttributeType::Label])? {
+                    if let Attribute::Label(label) = attribute {
+                        let version = std::str::from_utf8(&label)
+                            .ok()
+                            .and_then(|label| label.strip_prefix(&self.prefix))
+                            .and_then(|number| number.parse::<u32>().ok());
+                        versions.extend(version);
+                    }
+                }
+            }
+            Ok(versions)
+        })?;
+        versions.sort_unstable();
+        versions.dedup();
+        Ok(versions)
+    }
+
+    fn generate(&self, version: u32) -> Result<(), KeyError> {
+        // One key, one mechanism: a KEK wraps (KW) or, in a module without KW, encrypts
+        // (GCM); never both.
+        let kw = self.kw_mechanism;
+        self.call(version, |session| {
+            for orphan in self.find(session, version)? {
+                session.destroy_object(orphan)?;
+            }
+            session.generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Modifiable(false),
+                    Attribute::Copyable(false),
+                    Attribute::Wrap(kw),
+                    Attribute::Unwrap(kw),
+                    Attribute::Encrypt(!kw),
+                    Attribute::Decrypt(!kw),
+                    Attribute::Label(self.label(version)),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn destroy(&self, version: u32) -> Result<(), KeyError> {
+        self.call(version, |session| {
+            for object in self.find(session, version)? {
+                session.destroy_object(object)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn wraps_with_kw(&self, version: u32) -> Result<bool, KeyError> {
+        if !self.kw_mechanism {
+            return Ok(false);
+        }
+        self.call(version, |session| {
+            let key = self.handle(session, version)?;
+            Ok(session
+                .get_attributes(key, &[AttributeType::Wrap])?
+                .contains(&Attribute::Wrap(true)))
+        })
+    }
+
+    fn wrap_kw(&self, version: u32, plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.call(version, |session| {
+            let key = self.handle(session, version)?;
+            Ok(Self::with_secret_object(session, plaintext, |object| {
+                session.wrap_key(&Mechanism::AesKeyWrap, key, object)
+            })?)
+        })
+    }
+
+    fn unwrap_kw(&self, version: u32, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let outcome = self.call(version, |session| {
+            let key = self.handle(session, version)?;
+            let object = match session.unwrap_key(
+                &Mechanism::AesKeyWrap,
+                key,
+                wrapped,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::GENERIC_SECRET),
+                    Attribute::Token(false),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(false),
+                    Attribute::Extractable(true),
+                ],
+            ) {
+                Ok(object) => object,
+                // A wrong KEK, a changed wrap: fail closed (checked below, not retried).
+                Err(error) if !session_lost(&error) => return Ok(None),
+                Err(error) => return Err(error.into()),
+            };
+            let attributes = session.get_attributes(object, &[AttributeType::Value]);
+            let destroyed = session.destroy_object(object);
+            // The value's buffer moves into a wiping one, uncopied.
+            let found = attributes?
+                .into_iter()
+                .find_map(|attribute| match attribute {
+                    Attribute::Value(bytes) => Some(Zeroizing::new(bytes)),
+                    _ => None,
+                });
+            destroyed?;
+            Ok(found)
+        })?;
+        outcome.ok_or(KeyError::Crypto(CryptoError::Integrity))
+    }
+
+    fn encrypt_gcm(
+        &self,
+        version: u32,
+        iv: &mut [u8; 12],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, KeyError> {
+        let start = *iv;
+        let (sealed, used) = self.call(version, |session| {
+            let key = self.handle(session, version)?;
+            let mut buffer = start;
+            let sealed = session.encrypt(&gcm(&mut buffer, aad)?, key, plaintext)?;
+            Ok((sealed, buffer))
+        })?;
+        *iv = used;
+        Ok(sealed)
+    }
+
+    fn decrypt_gcm(
+        &self,
+        version: u32,
+        iv: &[u8],
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let outcome = self.call(version, |session| {
+            let key = self.handle(session, version)?;
+            let mut buffer = iv.to_vec();
+            match session.decrypt(&gcm(&mut buffer, aad)?, key, ciphertext) {
+                Ok(plaintext) => Ok(Some(Zeroizing::new(plaintext))),
+                // A wrong tag and a wrong record both end here: fail closed.
+                Err(error) if !session_lost(&error) => Ok(None),
+                Err(error) => Err(error.into()),
+            }
+        })?;
+        outcome.ok_or(KeyError::Crypto(CryptoError::Integrity))
     }
 }
 
@@ -399,6 +732,174 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+
+    /// A module in software, to test the provider's own logic: it can lack KW, and it can
+    /// write its own GCM IV over the caller's, as some modules do.
+    struct Double {
+        kw: bool,
+        own_iv: Option<[u8; 12]>,
+        keys: Mutex<HashMap<u32, [u8; 32]>>,
+    }
+
+    impl Double {
+        fn provider(kw: bool, own_iv: Option<[u8; 12]>) -> Pkcs11KekProvider {
+            let double = Double {
+                kw,
+                own_iv,
+                keys: Mutex::new(HashMap::new()),
+            };
+            // No cache: every unwrap reaches the module.
+            let provider = Pkcs11KekProvider::with_module(Box::new(double), 0, Duration::ZERO);
+            provider.provision(1).unwrap();
+            provider
+        }
+
+        fn key(&self, version: u32) -> Result<[u8; 32], KeyError> {
+            self.keys
+                .lock()
+                .unwrap()
+                .get(&version)
+                .copied()
+                .ok_or(KeyError::MaterialMissing { version })
+        }
+    }
+
+    impl KekModule for Double {
+        fn versions(&self) -> Result<Vec<u32>, KeyError> {
+            Ok(self.keys.lock().unwrap().keys().copied().collect())
+        }
+
+        fn generate(&self, version: u32) -> Result<(), KeyError> {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).unwrap();
+            self.keys.lock().unwrap().insert(version, key);
+            Ok(())
+        }
+
+        fn destroy(&self, version: u32) -> Result<(), KeyError> {
+            self.keys.lock().unwrap().remove(&version);
+            Ok(())
+        }
+
+        fn wraps_with_kw(&self, version: u32) -> Result<bool, KeyError> {
+            self.key(version).map(|_| self.kw)
+        }
+
+        fn wrap_kw(&self, version: u32, plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+            let kek = aes_kw::Kek::<aes::Aes256>::new(&self.key(version)?.into());
+            kek.wrap_vec(plaintext)
+                .map_err(|_| KeyError::Crypto(CryptoError::KeyLength))
+        }
+
+        fn unwrap_kw(&self, version: u32, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+            let kek = aes_kw::Kek::<aes::Aes256>::new(&self.key(version)?.into());
+            kek.unwrap_vec(wrapped)
+                .map(Zeroizing::new)
+                .map_err(|_| KeyError::Crypto(CryptoError::Integrity))
+        }
+
+        fn encrypt_gcm(
+            &self,
+            version: u32,
+            iv: &mut [u8; 12],
+            aad: &[u8],
+            plaintext: &[u8],
+        ) -> Result<Vec<u8>, KeyError> {
+            if let Some(own) = self.own_iv {
+                *iv = own;
+            }
+            let cipher = aes_gcm::Aes256Gcm::new(&self.key(version)?.into());
+            Ok(cipher
+                .encrypt(
+                    (&*iv).into(),
+                    Payload {
+                        msg: plaintext,
+                        aad,
+                    },
+                )
+                .unwrap())
+        }
+
+        fn decrypt_gcm(
+            &self,
+            version: u32,
+            iv: &[u8],
+            aad: &[u8],
+            ciphertext: &[u8],
+        ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+            let cipher = aes_gcm::Aes256Gcm::new(&self.key(version)?.into());
+            cipher
+                .decrypt(
+                    aes_gcm::Nonce::from_slice(iv),
+                    Payload {
+                        msg: ciphertext,
+                        aad,
+                    },
+                )
+                .map(Zeroizing::new)
+                .map_err(|_| KeyError::Crypto(CryptoError::Integrity))
+        }
+    }
+
+    #[test]
+    fn a_module_that_writes_its_own_gcm_iv_still_unwraps() {
+        let provider = Double::provider(false, Some([7; 12]));
+        let dek = DataKey::generate().unwrap();
+        let wrapped = provider.wrap(1, &dek, "r1").unwrap();
+        let parts = split_wrapped(&wrapped).unwrap();
+        let WrappedBody::Gcm { nonce, .. } = parts.body else {
+            panic!("a KEK that only encrypts wraps with GCM");
+        };
+        assert_eq!(wrapped[0], 1);
+        assert_eq!(nonce, [7; 12], "the IV the module used is stored");
+        let unwrapped = provider.unwrap(&wrapped, "r1").unwrap();
+        assert_eq!(unwrapped.secret().expose(), dek.secret().expose());
+        assert!(matches!(
+            provider.unwrap(&wrapped, "r2"),
+            Err(KeyError::Crypto(CryptoError::Integrity))
+        ));
+    }
+
+    #[test]
+    fn kw_wraps_are_format_2_without_a_nonce_and_bound_to_their_record() {
+        let provider = Double::provider(true, Some([7; 12]));
+        let dek = DataKey::generate().unwrap();
+        let wrapped = provider.wrap(1, &dek, "r1").unwrap();
+        assert_eq!(wrapped[0], 2);
+        assert!(matches!(
+            split_wrapped(&wrapped).unwrap().body,
+            WrappedBody::Kw(_)
+        ));
+        // Deterministic: the same key for the same record wraps the same way.
+        assert_eq!(provider.wrap(1, &dek, "r1").unwrap(), wrapped);
+        let unwrapped = provider.unwrap(&wrapped, "r1").unwrap();
+        assert_eq!(unwrapped.secret().expose(), dek.secret().expose());
+        assert!(matches!(
+            provider.unwrap(&wrapped, "r2"),
+            Err(KeyError::Crypto(CryptoError::Integrity))
+        ));
+        for i in 0..wrapped.len() {
+            let mut bad = wrapped.clone();
+            bad[i] ^= 1;
+            assert!(provider.unwrap(&bad, "r1").is_err(), "byte {i}");
+        }
+        provider.destroy(1).unwrap();
+        assert!(matches!(
+            provider.unwrap(&wrapped, "r1"),
+            Err(KeyError::MaterialMissing { version: 1 })
+        ));
+    }
+
+    #[test]
+    fn sm4_data_keys_are_not_wrapped_under_an_aes_module_key() {
+        let provider = Double::provider(true, None);
+        let dek = DataKey::generate_for(Suite::Sm4GcmHmacSm3).unwrap();
+        assert!(matches!(
+            provider.wrap(1, &dek, "r1"),
+            Err(KeyError::Hsm(_))
+        ));
+    }
 
     #[test]
     fn cache_is_bounded_and_evicts_the_oldest() {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use crate::accounts::AGE_GATE_FIELD;
-use crate::crypto::{CryptoError, DataKey};
+use crate::crypto::{CryptoError, StateKey};
 use crate::domain::FieldName;
 use crate::keys::{IndexKeyPair, KeyError, KeyManager};
 use crate::store::{ReindexRow, Reindexed};
@@ -52,7 +52,7 @@ pub fn reindexer(
 fn reindex_record(
     keys: &KeyManager,
     to: &Arc<IndexKeyPair>,
-    to_state: &DataKey,
+    to_state: &StateKey,
     row: &ReindexRow,
 ) -> Result<Reindexed, KeyError> {
     let age_gate = match &row.age_gate {
@@ -61,8 +61,8 @@ fn reindex_record(
                 .index_keys(row.index_version)?
                 .blind_index
                 .derive_state_key();
-            let birth = from_state.open_field(&row.record_id, AGE_GATE_FIELD, gate)?;
-            Some(to_state.seal_field(&row.record_id, AGE_GATE_FIELD, &birth)?)
+            let birth = from_state.open(&row.record_id, AGE_GATE_FIELD, gate)?;
+            Some(to_state.seal(&row.record_id, AGE_GATE_FIELD, &birth)?)
         }
         None => None,
     };

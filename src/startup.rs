@@ -96,6 +96,12 @@ pub enum StartupError {
     MissingPkcs11,
     #[error("keys.suite: unknown cipher suite (use aes256gcm-hmacsha256 or sm4gcm-hmacsm3)")]
     UnknownSuite,
+    /// PKCS#11 modules hold AES KEKs; an SM4 deployment wraps with SM4 (the local provider).
+    #[error(
+        "keys.suite: sm4gcm-hmacsm3 wraps data keys with SM4, and the PKCS#11 provider's KEKs \
+         are AES-256: use keys.provider = \"local\" with SM4, or the AES suite with pkcs11"
+    )]
+    Sm4WithPkcs11,
     #[error("database.url: unsupported scheme (use sqlite: or postgres://)")]
     UnsupportedDatabase,
     #[error("{path}: {source}")]
@@ -480,6 +486,10 @@ pub async fn open_keys(
     store: &Arc<dyn Store>,
     now: i64,
 ) -> Result<Arc<KeyManager>, StartupError> {
+    let suite = Suite::parse(&config.keys.suite).ok_or(StartupError::UnknownSuite)?;
+    if suite == Suite::Sm4GcmHmacSm3 && config.keys.provider == "pkcs11" {
+        return Err(StartupError::Sm4WithPkcs11);
+    }
     let path = config.keyring_path();
     let keyring = Keyring::load_or_create(&path, config.keys.create_if_missing)?;
     let seed_active = keyring.active_version();
@@ -509,7 +519,6 @@ pub async fn open_keys(
     } else {
         provider.versions()?.into_iter().max().unwrap_or(1)
     };
-    let suite = Suite::parse(&config.keys.suite).ok_or(StartupError::UnknownSuite)?;
     let manager = KeyManager::open(
         provider,
         seed_active,

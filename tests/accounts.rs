@@ -207,6 +207,14 @@ async fn a_minor_needs_a_guardians_consent(app: &TestApp) {
     let id = &minor.record_id;
     let flags = check(app, id).await;
     assert!(flags.minor && flags.under_14 && flags.guardian_consent_required);
+    // The gate is sealed under the record's own state key (format 2), with the index suite.
+    let gate = app
+        .bytes(&format!(
+            "SELECT age_gate FROM records WHERE record_id = '{id}'"
+        ))
+        .await;
+    let sm4 = std::env::var("PDVAULT_TEST_SUITE").is_ok_and(|s| s == "sm4gcm-hmacsm3");
+    assert_eq!(gate[..2], [2, if sm4 { 2 } else { 1 }]);
 
     let status = get(app, CLAIMS.token, id, "service-delivery", "")
         .await

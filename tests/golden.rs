@@ -433,3 +433,113 @@ fn write_json(path: &Path, value: &Value) {
     text.push('\n');
     std::fs::write(path, text).unwrap();
 }
+
+/// The fixtures of wrapped keys of format 2 (KW under the suite's HKDF-derived KEK) and age
+/// gates of format 2 (sealed under the record's own state key), both suites, made under the
+/// keys of `2026-11/keyring.json`.
+const FIXTURES_FORMAT_2: &str = "tests/fixtures/golden/2026-11-format-2";
+
+fn read_format_2() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(FIXTURES_FORMAT_2)
+        .join("records.json");
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+/// The age gate's field name (`accounts::AGE_GATE_FIELD`).
+const AGE_GATE_FIELD: &str = "state.date_of_birth";
+
+#[test]
+fn wrapped_keys_and_age_gates_of_format_2_still_open() {
+    let (keyring, file, _dir) = keyring();
+    let vectors = read_format_2();
+    let records = vectors["records"].as_array().unwrap();
+    assert_eq!(records.len(), 2, "one record per suite");
+    for record in records {
+        let record_id = text(&record["record_id"]);
+        let suite = suite(&record["suite"]);
+        let data_key = unhex(&record["data_key"]);
+        let wrapped = unhex(&record["wrapped_key"]);
+        assert_eq!((wrapped[0], wrapped[1]), (2, suite as u8), "format 2");
+        let unwrapped = keyring.unwrap(&wrapped, record_id).unwrap();
+        assert_eq!(unwrapped.suite(), suite);
+        assert_eq!(hex(unwrapped.secret().expose()), hex(&data_key));
+        assert!(keyring.unwrap(&wrapped, "rec_someoneelse").is_err());
+        // KW is deterministic: the same key wraps to the same bytes, so the whole format
+        // (derived KEK, context digest, layout) is pinned, not only its opening.
+        let again = keyring
+            .wrap(&DataKey::from_secret(secret(&data_key), suite), record_id)
+            .unwrap();
+        assert_eq!(hex(&again), hex(&wrapped));
+    }
+    let blind_index_key = base64_key(&file["index_keys"][0]["blind_index_key"]);
+    let gates = vectors["age_gates"].as_array().unwrap();
+    assert_eq!(gates.len(), 2, "one per index suite");
+    for gate in gates {
+        let suite = suite(&gate["suite"]);
+        let record_id = text(&gate["record_id"]);
+        let sealed = unhex(&gate["sealed"]);
+        assert_eq!((sealed[0], sealed[1]), (2, suite as u8), "format 2");
+        let state = BlindIndexKey::with_suite(blind_index_key.clone(), suite).derive_state_key();
+        let opened = state.open(record_id, AGE_GATE_FIELD, &sealed).unwrap();
+        assert_eq!(opened.as_slice(), text(&gate["birth_date"]).as_bytes());
+        assert!(
+            state
+                .open("rec_someoneelse", AGE_GATE_FIELD, &sealed)
+                .is_err()
+        );
+    }
+}
+
+/// Writes `2026-11-format-2/records.json` under the keys of `2026-11/keyring.json`
+/// (`cargo test --test golden write_format_2_golden_vectors -- --ignored`, with
+/// `PDVAULT_GOLDEN_DIR` naming a directory that does not exist yet).
+#[test]
+#[ignore]
+fn write_format_2_golden_vectors() {
+    let dir = PathBuf::from(std::env::var("PDVAULT_GOLDEN_DIR").expect("PDVAULT_GOLDEN_DIR"));
+    assert!(
+        !dir.exists(),
+        "{} exists: fixtures are never rewritten",
+        dir.display()
+    );
+    std::fs::create_dir_all(&dir).unwrap();
+    let (keyring, file, _scratch) = keyring();
+    let records: Vec<Value> = [
+        (Suite::Aes256GcmHmacSha256, "rec_goldenkwaes00000000000000"),
+        (Suite::Sm4GcmHmacSm3, "rec_goldenkwsm400000000000000"),
+    ]
+    .into_iter()
+    .map(|(suite, record_id)| {
+        let dek = DataKey::generate_for(suite).unwrap();
+        json!({
+            "suite": suite.as_str(),
+            "record_id": record_id,
+            "data_key": hex(dek.secret().expose()),
+            "wrapped_key": hex(&keyring.wrap(&dek, record_id).unwrap()),
+        })
+    })
+    .collect();
+    let blind_index_key = base64_key(&file["index_keys"][0]["blind_index_key"]);
+    let age_gates: Vec<Value> = Suite::ALL
+        .into_iter()
+        .map(|suite| {
+            let record_id = "rec_goldengate000000000000000";
+            let birth_date = "2016-03-15";
+            let sealed = BlindIndexKey::with_suite(blind_index_key.clone(), suite)
+                .derive_state_key()
+                .seal(record_id, AGE_GATE_FIELD, birth_date.as_bytes())
+                .unwrap();
+            json!({
+                "suite": suite.as_str(),
+                "record_id": record_id,
+                "birth_date": birth_date,
+                "sealed": hex(&sealed),
+            })
+        })
+        .collect();
+    write_json(
+        &dir.join("records.json"),
+        &json!({"records": records, "age_gates": age_gates}),
+    );
+}

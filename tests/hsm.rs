@@ -110,7 +110,12 @@ fn kek_objects(session: &Session, prefix: &str, version: u32) -> usize {
         .len()
 }
 
+/// The tests of this binary share one PKCS#11 application (this process), and one of them
+/// logs it out and closes its sessions: every test that talks to the module takes its turn.
+static TOKEN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn hsm_lifecycle(backend: Backend) {
+    let _turn = TOKEN.lock().await;
     let Some(app) = TestApp::spawn_with(backend, |c| c.keys.provider = "pkcs11".into()).await
     else {
         return;
@@ -129,10 +134,30 @@ async fn hsm_lifecycle(backend: Backend) {
         .find_objects(&[Attribute::Label(format!("{prefix}1").into_bytes())])
         .unwrap()[0];
     let attributes = session
-        .get_attributes(kek, &[AttributeType::Sensitive, AttributeType::Extractable])
+        .get_attributes(
+            kek,
+            &[
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::Modifiable,
+                AttributeType::Copyable,
+                AttributeType::Wrap,
+                AttributeType::Unwrap,
+                AttributeType::Encrypt,
+                AttributeType::Decrypt,
+            ],
+        )
         .unwrap();
     assert!(attributes.contains(&Attribute::Sensitive(true)));
     assert!(attributes.contains(&Attribute::Extractable(false)));
+    // Its attributes cannot be loosened later, nor the key copied into a looser object.
+    assert!(attributes.contains(&Attribute::Modifiable(false)));
+    assert!(attributes.contains(&Attribute::Copyable(false)));
+    // One key, one mechanism: it wraps (KW) and encrypts nothing.
+    assert!(attributes.contains(&Attribute::Wrap(true)));
+    assert!(attributes.contains(&Attribute::Unwrap(true)));
+    assert!(attributes.contains(&Attribute::Encrypt(false)));
+    assert!(attributes.contains(&Attribute::Decrypt(false)));
     assert!(
         session
             .get_attributes(kek, &[AttributeType::Value])
@@ -165,6 +190,9 @@ async fn hsm_lifecycle(backend: Backend) {
             .key_id,
         "hsm"
     );
+    // Format 2: CKM_AES_KEY_WRAP in the module, no IV to lose.
+    assert_eq!(wrapped[0], 2);
+    assert_eq!(wrapped.len(), 3 + "hsm".len() + 4 + 8 + 32 + 16);
 
     // A second instance rotates; the first learns of version 2 through the database and
     // finds its key in the token by label.
@@ -260,6 +288,65 @@ async fn hsm_lifecycle(backend: Backend) {
     app.stop().await;
 }
 
+/// Closes every session this process has on the token, the vault's included, the way a
+/// module restart or a dropped connection to a network HSM ends them.
+fn close_every_session(config: &pdvault::config::Pkcs11Config) {
+    let module = Pkcs11::new(&config.module).unwrap();
+    let slot = module
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| module.get_token_info(*slot).unwrap().label().trim_end() == config.token_label)
+        .unwrap();
+    // SAFETY: loads the library the vault already loaded and initialised in this process (the
+    // loader hands back the same instance), and calls C_CloseAllSessions with a slot id the
+    // library itself listed.
+    let rv = unsafe {
+        let raw = cryptoki_sys::Pkcs11::new(&config.module).unwrap();
+        raw.C_CloseAllSessions(slot.id())
+    };
+    assert_eq!(rv, cryptoki_sys::CKR_OK);
+}
+
+/// The module loses the vault's login (this process's own session logs out, which logs out
+/// every session of the application) and then its session (every session of the process is
+/// closed): each time the next call opens a session and logs in again, and succeeds, for
+/// writes and reads alike.
+async fn a_lost_session_or_login_is_recovered(backend: Backend) {
+    let _turn = TOKEN.lock().await;
+    let Some(app) = TestApp::spawn_with(backend, |c| c.keys.provider = "pkcs11".into()).await
+    else {
+        return;
+    };
+    let config = softhsm::config(&app.database_url);
+    let before = create(&app, 1).await;
+    token_session(&config).logout().unwrap();
+    // Read for the first time: not in the unwrapped-key cache, so it reaches the module.
+    assert_eq!(email(&app, &before).await, "h1@example.com");
+    let after = create(&app, 2).await;
+    assert_eq!(email(&app, &after).await, "h2@example.com");
+    // And once more, with the session the vault opened anew.
+    token_session(&config).logout().unwrap();
+    let third = create(&app, 3).await;
+    assert_eq!(email(&app, &third).await, "h3@example.com");
+    // Now the session itself is gone.
+    close_every_session(&config);
+    let fourth = create(&app, 4).await;
+    close_every_session(&config);
+    assert_eq!(email(&app, &fourth).await, "h4@example.com");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_lost_session_or_login_is_recovered() {
+    a_lost_session_or_login_is_recovered(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_lost_session_or_login_is_recovered() {
+    a_lost_session_or_login_is_recovered(Backend::Postgres).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_hsm_lifecycle() {
     hsm_lifecycle(Backend::Sqlite).await;
@@ -270,11 +357,34 @@ async fn postgres_hsm_lifecycle() {
     hsm_lifecycle(Backend::Postgres).await;
 }
 
+/// An SM4 deployment wraps data keys with SM4, and the module's KEKs are AES-256: the vault
+/// refuses the combination before it opens the module or the keyring.
+#[tokio::test]
+async fn the_sm4_suite_is_refused_with_the_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = pdvault::config::Config {
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    config.keys.suite = "sm4gcm-hmacsm3".into();
+    config.keys.provider = "pkcs11".into();
+    let store = pdvault::startup::open_store(&config).await.unwrap();
+    let error = pdvault::startup::open_keys(&config, &store, 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, pdvault::startup::StartupError::Sm4WithPkcs11),
+        "{error}"
+    );
+    assert!(!config.keyring_path().exists(), "nothing was created");
+}
+
 /// A PIN file group or others can read is refused before the module is asked anything; the
 /// same file made private opens the token.
 #[cfg(unix)]
 #[test]
 fn a_pin_file_others_can_read_is_refused() {
+    let _turn = TOKEN.blocking_lock();
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let mut config = softhsm::config("pin-file-test");
@@ -300,8 +410,42 @@ fn a_pin_file_others_can_read_is_refused() {
 const HSM_GOLDEN: &str = "tests/fixtures/golden/2026-11/hsm.json";
 
 /// Imports `value` as KEK `version` under `prefix`, as non-extractable as the KEKs the
-/// vault generates, and returns a provider configured for that prefix.
+/// vault generates, allowed to encrypt (as KEKs were made before KW), and returns a
+/// provider configured for that prefix.
 fn provider_with_kek(prefix: &str, version: u32, value: &[u8]) -> pdvault::hsm::Pkcs11KekProvider {
+    provider_with_imported_kek(
+        prefix,
+        version,
+        value,
+        &[Attribute::Encrypt(true), Attribute::Decrypt(true)],
+    )
+}
+
+/// The same, for a KEK that wraps with KW (as the vault makes them now).
+fn provider_with_kw_kek(
+    prefix: &str,
+    version: u32,
+    value: &[u8],
+) -> pdvault::hsm::Pkcs11KekProvider {
+    provider_with_imported_kek(
+        prefix,
+        version,
+        value,
+        &[
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+        ],
+    )
+}
+
+fn provider_with_imported_kek(
+    prefix: &str,
+    version: u32,
+    value: &[u8],
+    usage: &[Attribute],
+) -> pdvault::hsm::Pkcs11KekProvider {
     let mut config = softhsm::config("golden");
     config.key_label_prefix = prefix.to_owned();
     // Opening the provider first initialises the library and logs the application in.
@@ -316,20 +460,18 @@ fn provider_with_kek(prefix: &str, version: u32, value: &[u8]) -> pdvault::hsm::
         .unwrap();
     let session = module.open_rw_session(slot).unwrap();
     let _ = session.login(UserType::User, Some(&AuthPin::from("1234".to_owned())));
-    session
-        .create_object(&[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(cryptoki::object::KeyType::AES),
-            Attribute::Value(value.to_vec()),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Encrypt(true),
-            Attribute::Decrypt(true),
-            Attribute::Label(format!("{prefix}{version}").into_bytes()),
-        ])
-        .unwrap();
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(cryptoki::object::KeyType::AES),
+        Attribute::Value(value.to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Label(format!("{prefix}{version}").into_bytes()),
+    ];
+    template.extend_from_slice(usage);
+    session.create_object(&template).unwrap();
     provider
 }
 
@@ -353,6 +495,7 @@ fn unhex(value: &serde_json::Value) -> Vec<u8> {
 
 #[test]
 fn hsm_wrapped_keys_of_format_1_still_unwrap() {
+    let _turn = TOKEN.blocking_lock();
     use pdvault::keys::KekProvider;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(HSM_GOLDEN);
     let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -374,34 +517,77 @@ fn hsm_wrapped_keys_of_format_1_still_unwrap() {
     }
 }
 
-/// Writes `hsm.json` (`PDVAULT_GOLDEN_HSM` names the file, which must not exist): run once
-/// per new format, like `tests/golden.rs`'s generator.
+/// The golden data key the PKCS#11 provider wrapped with KW (format 2) under an imported
+/// KW KEK. Only AES data keys: the module's KEKs are AES, so SM4 keys are not wrapped there.
+const HSM_GOLDEN_FORMAT_2: &str = "tests/fixtures/golden/2026-11-format-2/hsm.json";
+
+#[test]
+fn hsm_wrapped_keys_of_format_2_still_unwrap() {
+    let _turn = TOKEN.blocking_lock();
+    use pdvault::keys::KekProvider;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(HSM_GOLDEN_FORMAT_2);
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let version = golden["kek_version"].as_u64().unwrap() as u32;
+    let provider =
+        provider_with_kw_kek(&unique_prefix("golden-kw"), version, &unhex(&golden["kek"]));
+    let keys = golden["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    for key in keys {
+        let record_id = key["record_id"].as_str().unwrap();
+        let wrapped = unhex(&key["wrapped_key"]);
+        assert_eq!(wrapped[0], 2, "format 2");
+        let dek = provider.unwrap(&wrapped, record_id).unwrap();
+        assert_eq!(dek.suite().as_str(), key["suite"].as_str().unwrap());
+        assert_eq!(
+            hex(dek.secret().expose()),
+            key["data_key"].as_str().unwrap()
+        );
+        assert!(provider.unwrap(&wrapped, "rec_someoneelse").is_err());
+        // The module's CKM_AES_KEY_WRAP is RFC 3394 KW: software KW under the same KEK
+        // unwraps it to the data key followed by its 16-byte context.
+        let header_len = 3 + "hsm".len() + 4;
+        let kek: [u8; 32] = unhex(&golden["kek"]).try_into().unwrap();
+        let inner = aes_kw::Kek::<aes::Aes256>::new(&kek.into())
+            .unwrap_vec(&wrapped[header_len..])
+            .unwrap();
+        assert_eq!(inner.len(), 48);
+        assert_eq!(hex(&inner[..32]), key["data_key"].as_str().unwrap());
+        // KW is deterministic: wrapping the key again gives the same bytes.
+        assert_eq!(
+            hex(&provider.wrap(version, &dek, record_id).unwrap()),
+            hex(&wrapped)
+        );
+    }
+}
+
+/// Writes the HSM golden vectors of the current format (`PDVAULT_GOLDEN_HSM` names the file,
+/// which must not exist): run once per new format, like `tests/golden.rs`'s generator.
+/// `2026-11/hsm.json` (format 1, GCM, both suites) was written before KW by its predecessor.
 #[test]
 #[ignore]
 fn write_hsm_golden_vectors() {
+    let _turn = TOKEN.blocking_lock();
     use pdvault::crypto::{DataKey, SecretKey, Suite};
     use pdvault::keys::KekProvider;
     let out = std::path::PathBuf::from(std::env::var("PDVAULT_GOLDEN_HSM").unwrap());
     assert!(!out.exists(), "fixtures are never rewritten");
     let kek = SecretKey::generate().unwrap();
     let version = 1;
-    let provider = provider_with_kek(&unique_prefix("golden-write"), version, kek.expose());
-    let keys: Vec<serde_json::Value> = [
-        (Suite::Aes256GcmHmacSha256, "rec_goldenhsmaes00000000000000"),
-        (Suite::Sm4GcmHmacSm3, "rec_goldenhsmsm400000000000000"),
-    ]
-    .into_iter()
-    .map(|(suite, record_id)| {
-        let dek = DataKey::generate_for(suite).unwrap();
-        let wrapped = provider.wrap(version, &dek, record_id).unwrap();
-        serde_json::json!({
-            "suite": suite.as_str(),
-            "record_id": record_id,
-            "data_key": hex(dek.secret().expose()),
-            "wrapped_key": hex(&wrapped),
-        })
-    })
-    .collect();
+    let provider = provider_with_kw_kek(&unique_prefix("golden-write"), version, kek.expose());
+    let keys: Vec<serde_json::Value> =
+        [(Suite::Aes256GcmHmacSha256, "rec_goldenhsmkwaes000000000000")]
+            .into_iter()
+            .map(|(suite, record_id)| {
+                let dek = DataKey::generate_for(suite).unwrap();
+                let wrapped = provider.wrap(version, &dek, record_id).unwrap();
+                serde_json::json!({
+                    "suite": suite.as_str(),
+                    "record_id": record_id,
+                    "data_key": hex(dek.secret().expose()),
+                    "wrapped_key": hex(&wrapped),
+                })
+            })
+            .collect();
     let golden = serde_json::json!({
         "kek_version": version,
         "kek": hex(kek.expose()),

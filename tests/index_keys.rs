@@ -467,6 +467,75 @@ async fn another_instance_follows_an_index_rotation(app: &TestApp) {
     other.stop().await;
 }
 
+/// An age gate sealed as earlier versions sealed it (format 1: AES-256-GCM under the index
+/// version's one state key, the blind-index key's MAC of a label) still tells a minor, new
+/// gates are format 2 (the record's own key), and the re-index pass moves old ones over.
+async fn an_old_format_age_gate_opens_and_reindexing_moves_it(app: &TestApp) {
+    use base64::Engine;
+    use hmac::Mac;
+    use pdvault::crypto::{DataKey, SecretKey, Suite};
+
+    let minor = create(
+        app,
+        person(&resident_id("11010120160315456"), "13800003333"),
+    )
+    .await
+    .unwrap();
+    let gate = format!("SELECT age_gate FROM records WHERE record_id = '{minor}'");
+    assert_eq!(app.bytes(&gate).await[0], 2, "new gates are format 2");
+
+    let keyring = app.data_dir.path().join("data").join("keyring.json");
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(keyring).unwrap()).unwrap();
+    assert_eq!(file["index_keys"][0]["version"], 1);
+    let blind_index = base64::engine::general_purpose::STANDARD
+        .decode(file["index_keys"][0]["blind_index_key"].as_str().unwrap())
+        .unwrap();
+    let label = b"pdvault.state-key.v1";
+    let mut input = (label.len() as u64).to_be_bytes().to_vec();
+    input.extend_from_slice(label);
+    // The index MAC is the suite of the first start.
+    let mut state_key = if std::env::var("PDVAULT_TEST_SUITE").is_ok_and(|s| s == "sm4gcm-hmacsm3")
+    {
+        hmac::Hmac::<sm3::Sm3>::new_from_slice(&blind_index)
+            .unwrap()
+            .chain_update(&input)
+            .finalize()
+            .into_bytes()
+            .to_vec()
+    } else {
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(&blind_index)
+            .unwrap()
+            .chain_update(&input)
+            .finalize()
+            .into_bytes()
+            .to_vec()
+    };
+    let old = DataKey::from_secret(
+        SecretKey::from_bytes(&mut state_key).unwrap(),
+        Suite::Aes256GcmHmacSha256,
+    )
+    .seal_field(&minor, "state.date_of_birth", b"2016-03-15")
+    .unwrap();
+    let hex = data_encoding::HEXLOWER.encode(&old);
+    let literal = match app.backend {
+        support::Backend::Sqlite => format!("X'{hex}'"),
+        support::Backend::Postgres => format!("'\\x{hex}'::bytea"),
+    };
+    app.execute_sql(&format!(
+        "UPDATE records SET age_gate = {literal} WHERE record_id = '{minor}'"
+    ))
+    .await;
+    assert_eq!(app.bytes(&gate).await, old);
+    assert_minor(app, &minor).await;
+
+    rotate_index(app, 1).await;
+    rewrap(app, 0).await;
+    let moved = app.bytes(&gate).await;
+    assert_eq!(moved[0], 2, "the re-index pass re-seals in format 2");
+    assert_minor(app, &minor).await;
+}
+
 /// An index version destroyed through one instance leaves every other instance's memory
 /// within `keys.state_cache_ms`, although the set of live index versions (which is what
 /// makes an instance re-read the keyring file) did not change with the destruction.
@@ -620,6 +689,7 @@ async fn equivalent_spellings_are_one_value(app: &TestApp) {
 }
 
 for_each_backend!(
+    an_old_format_age_gate_opens_and_reindexing_moves_it,
     equivalent_spellings_are_one_value,
     index_destruction_reaches_every_instance,
     index_rotation_reindex_retire_destroy,

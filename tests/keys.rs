@@ -1018,6 +1018,91 @@ async fn suites_coexist_and_rekeying_migrates_a_record(app: &TestApp) {
     sm4.stop().await;
 }
 
+/// A blob literal of `bytes` in the backend's SQL.
+fn blob(app: &TestApp, bytes: &[u8]) -> String {
+    let hex = data_encoding::HEXLOWER.encode(bytes);
+    match app.backend {
+        Backend::Sqlite => format!("X'{hex}'"),
+        Backend::Postgres => format!("'\\x{hex}'::bytea"),
+    }
+}
+
+/// New wraps are format 2 (KW under the suite's derived KEK); a key wrapped the way earlier
+/// versions wrapped it (format 1: GCM under the raw KEK) still opens, and the rewrap job
+/// moves it to format 2 under the new version.
+async fn old_format_wrapped_keys_open_and_rewrap_moves_them_to_kw(app: &TestApp) {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use base64::Engine;
+    use pdvault::crypto::{Suite, random_nonce, wrap_aad, wrap_header_gcm};
+
+    let id = create(app, 5).await;
+    let store = open(&app.database_url).await;
+    let stored = store.get_record(&id).await.unwrap().unwrap().wrapped_key;
+    assert_eq!(stored[0], 2, "new wraps are format 2");
+    assert_eq!(
+        stored.len(),
+        3 + "local".len() + 4 + 8 + 32 + 16,
+        "KW, no nonce"
+    );
+    let (keks, _) = app.keyring().into_parts();
+    let dek = keks[&1].unwrap(&stored, &id).unwrap();
+
+    // Written as before format 2: the stored KEK itself as the GCM key.
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(keyring_path(app)).unwrap()).unwrap();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(file["keks"][0]["key"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(file["keks"][0]["version"], 1);
+    let header = wrap_header_gcm(dek.suite(), "local", 1).unwrap();
+    let nonce = random_nonce().unwrap();
+    let aad = wrap_aad(&header, &id);
+    let payload = Payload {
+        msg: dek.secret().expose(),
+        aad: &aad,
+    };
+    let sealed = match dek.suite() {
+        Suite::Aes256GcmHmacSha256 => aes_gcm::Aes256Gcm::new_from_slice(&raw)
+            .unwrap()
+            .encrypt(&nonce.into(), payload),
+        Suite::Sm4GcmHmacSm3 => {
+            aes_gcm::AesGcm::<pdvault::crypto::Sm4, aes_gcm::aead::consts::U12>::new_from_slice(
+                &raw[..16],
+            )
+            .unwrap()
+            .encrypt(&nonce.into(), payload)
+        }
+    }
+    .unwrap();
+    let mut legacy = header;
+    legacy.extend_from_slice(&nonce);
+    legacy.extend_from_slice(&sealed);
+    app.execute_sql(&format!(
+        "UPDATE records SET wrapped_key = {} WHERE record_id = '{id}'",
+        blob(app, &legacy)
+    ))
+    .await;
+    assert_eq!(
+        store.get_record(&id).await.unwrap().unwrap().wrapped_key,
+        legacy
+    );
+    assert_eq!(email_of(app, &id).await.unwrap(), "person5@example.com");
+
+    assert!(rotate(app, 1).await.created);
+    rewrap(app, 0).await.unwrap();
+    let moved = store.get_record(&id).await.unwrap().unwrap().wrapped_key;
+    assert_eq!(moved[0], 2, "the rewrap writes format 2");
+    assert_eq!(moved[1], legacy[1], "and keeps the record's suite");
+    assert_eq!(
+        pdvault::crypto::parse_wrap_header(&moved)
+            .unwrap()
+            .0
+            .version,
+        2
+    );
+    assert_eq!(email_of(app, &id).await.unwrap(), "person5@example.com");
+}
+
 async fn app_create_phone(app: &TestApp, phone: &str) -> String {
     app.client()
         .await
@@ -1040,6 +1125,7 @@ async fn app_create_phone(app: &TestApp, phone: &str) -> String {
 }
 
 for_each_backend!(
+    old_format_wrapped_keys_open_and_rewrap_moves_them_to_kw,
     suites_coexist_and_rekeying_migrates_a_record,
     rekey_replaces_the_data_key_and_every_ciphertext,
     lifecycle_rotate_rewrap_retire_destroy,
