@@ -129,6 +129,8 @@ pub enum ClientError {
     PlaintextWithTls(String),
     #[error("--addr {0}: https:// needs --ca, the CA bundle that signed the vault's certificate")]
     HttpsWithoutCa(String),
+    #[error("--addr {0}: the scheme must be http:// or https://")]
+    Scheme(String),
     #[error("--cert and --key go together: {0} is missing")]
     HalfIdentity(&'static str),
     #[error("{flag} {}", path.display())]
@@ -251,13 +253,15 @@ impl ClientArgs {
         } else {
             format!("http://{addr}")
         };
-        if uri.starts_with("http://") && self.uses_tls() {
-            return Err(ClientError::PlaintextWithTls(uri));
+        let scheme = uri
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_ascii_lowercase());
+        match scheme.as_deref() {
+            Some("http") if self.uses_tls() => Err(ClientError::PlaintextWithTls(uri)),
+            Some("https") if self.ca.is_none() => Err(ClientError::HttpsWithoutCa(uri)),
+            Some("http" | "https") => Ok(uri),
+            _ => Err(ClientError::Scheme(uri)),
         }
-        if uri.starts_with("https://") && self.ca.is_none() {
-            return Err(ClientError::HttpsWithoutCa(uri));
-        }
-        Ok(uri)
     }
 
     /// The token from the flags or the environment, `None` when none is given.
@@ -395,6 +399,19 @@ mod tests {
             plain_with_ca.uri(),
             Err(ClientError::PlaintextWithTls(_))
         ));
+        let shouting = ClientArgs {
+            addr: Some("HTTP://vault:50051".into()),
+            ..tls.clone()
+        };
+        assert!(matches!(
+            shouting.uri(),
+            Err(ClientError::PlaintextWithTls(_))
+        ));
+        let unknown = ClientArgs {
+            addr: Some("grpc://vault:50051".into()),
+            ..args()
+        };
+        assert!(matches!(unknown.uri(), Err(ClientError::Scheme(_))));
         let https_without_ca = ClientArgs {
             addr: Some("https://vault:50051".into()),
             ..args()
