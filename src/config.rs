@@ -433,9 +433,19 @@ impl Config {
                 // The test suite's own switches (PDVAULT_TEST_*), not configuration keys.
                 .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
                 .split("__")
-                // Variables of the command line itself and of the test suite
-                // (PDVAULT_TEST_*), not configuration keys.
-                .ignore(&["config", "token", "addr"])
+                // Variables of the command line itself (`--config`, and the client
+                // connection of `cli/client.rs`) and of the test suite (PDVAULT_TEST_*),
+                // not configuration keys.
+                .ignore(&[
+                    "config",
+                    "addr",
+                    "token",
+                    "token_file",
+                    "ca_cert",
+                    "client_cert",
+                    "client_key",
+                    "tls_server_name",
+                ])
                 .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_")),
         );
         let mut flag_layer = Figment::new();

@@ -13,7 +13,6 @@ pub mod grpc;
 pub mod health;
 pub mod hsm;
 pub mod key_admin;
-pub mod key_cli;
 pub mod keys;
 pub mod limits;
 pub mod metrics;

@@ -1,5 +1,7 @@
 //! TLS and mutual TLS: callers named by their client certificates, with a CA and
-//! certificates generated per test run.
+//! certificates generated per test run; and the `pdvault keys`, `accounts` and `purge`
+//! clients (the real binary) reaching a vault that requires client certificates, and one
+//! that serves plain HTTP/2, with the shared connection flags anywhere on the line.
 
 mod support;
 
@@ -12,7 +14,7 @@ use rcgen::{
     SanType,
 };
 use support::fixtures::reason;
-use support::{ANALYTICS, Backend, CLAIMS, TestApp, authed};
+use support::{ANALYTICS, Backend, CLAIMS, SECURITY, TestApp, authed};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity as TlsIdentity};
 
@@ -261,4 +263,211 @@ async fn server_tls_with_tokens_and_optional_client_certificates() {
     };
     assert!(refused);
     setup.app.stop().await;
+}
+
+/// Writes `text` to `path` with `mode` (token and key files must be private).
+fn write_file(path: &std::path::Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Runs the `pdvault` binary with the words of `line` as arguments and, of the environment,
+/// only `env` among the PDVAULT_* variables; returns whether it succeeded, and its output.
+async fn pdvault(line: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pdvault"));
+    command
+        .args(line.split_whitespace())
+        .stdin(std::process::Stdio::null());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("PDVAULT_") {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().copied());
+    // Bounded, so a client that hangs fails the test instead of holding it.
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), command.output())
+        .await
+        .expect("the client exits")
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// Issue 13: `pdvault keys`, `accounts` and `purge` reach a vault that requires client
+/// certificates, with the connection flags before, between or after the subcommands, or
+/// from the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_reach_a_vault_that_requires_client_certificates() {
+    let setup = spawn(true, false).await;
+    let files = tempfile::tempdir().unwrap();
+    let file = |name: &str| files.path().join(name).display().to_string();
+    // Mapped to no caller: the token names who calls, the certificate lets it connect.
+    let operator = setup.ca.issue(&[], None, "operator");
+    let stranger = Pki::new("another CA");
+    for (name, text, mode) in [
+        ("ca.pem", setup.ca.ca_pem.as_str(), 0o644),
+        ("stranger.pem", stranger.ca_pem.as_str(), 0o644),
+        ("client.pem", operator.cert.as_str(), 0o644),
+        ("client.key", operator.key.as_str(), 0o600),
+        ("exposed.key", operator.key.as_str(), 0o644),
+        ("admin.token", setup.app.admin_token.as_str(), 0o600),
+        ("security.token", SECURITY.token, 0o600),
+    ] {
+        write_file(&files.path().join(name), text, mode);
+    }
+    let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
+    let (admin, security) = (file("admin.token"), file("security.token"));
+    let addr = format!("https://{}", setup.app.addr);
+    let tls = format!("--ca {ca} --cert {cert} --key {key}");
+
+    let mut vault = connect(&setup, Some(&operator)).await.unwrap();
+    let record = vault
+        .create_record(authed(CLAIMS.token, create_request()))
+        .await
+        .unwrap()
+        .into_inner()
+        .record_id;
+
+    // Every flag after the subcommand.
+    let line = format!("keys status --addr {addr} {tls} --token-file {admin}");
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(ok && out.contains("ACTIVE"), "{out}");
+    // `keys rotate --addr X`, the flags spread over the line.
+    let line = format!(
+        "--ca {ca} keys --cert {cert} rotate --addr {addr} --key {key} --token-file {admin} \
+         --expect-active 1"
+    );
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(ok && out.contains("KEK version 2 is active"), "{out}");
+    let line = format!("purge --limit 5 --addr {addr} {tls} --token-file {admin}");
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(ok && out.contains("purged 0 records"), "{out}");
+
+    // `accounts --token-file F ...`, the rest after the record id.
+    let line = format!(
+        "accounts --token-file {security} suspend {record} --reason other --addr {addr} {tls}"
+    );
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(ok && out.contains("is now"), "{out}");
+    // The TLS files and the address from the environment; a bare host:port is https when
+    // a CA bundle is given, and the certificate is checked against --tls-server-name.
+    let tls_env = [
+        ("PDVAULT_ADDR", setup.app.addr.to_string()),
+        ("PDVAULT_CA_CERT", ca.clone()),
+        ("PDVAULT_CLIENT_CERT", cert.clone()),
+        ("PDVAULT_CLIENT_KEY", key.clone()),
+    ];
+    let tls_env: Vec<(&str, &str)> = tls_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let history = format!("accounts --token-file {security} history {record}");
+    let (ok, out) = pdvault(&format!("{history} --tls-server-name localhost"), &tls_env).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.lines()
+            .any(|line| line.contains("SUSPENDED") && line.contains("by security")),
+        "{out}"
+    );
+    // The name is verified: a certificate for localhost is not one for another host.
+    let line = format!("{history} --tls-server-name vault.example");
+    let (ok, out) = pdvault(&line, &tls_env).await;
+    assert!(!ok && out.contains("not valid for name"), "{out}");
+
+    // A certificate the vault maps to a caller needs no token: claims is named by it, and
+    // refused the grant (not UNAUTHENTICATED, and not the client's own "token required").
+    let claims = setup
+        .ca
+        .issue(&[], Some("spiffe://pdvault.test/claims"), "claims");
+    write_file(&files.path().join("claims.pem"), &claims.cert, 0o644);
+    write_file(&files.path().join("claims.key"), &claims.key, 0o600);
+    let line = format!(
+        "accounts history {record} --addr {addr} --ca {ca} --cert {} --key {}",
+        file("claims.pem"),
+        file("claims.key")
+    );
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(!ok && out.contains("PermissionDenied"), "{out}");
+    let line = format!("accounts history {record} --addr {addr} --ca {ca}");
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(!ok && out.contains("a token is required"), "{out}");
+
+    // Refusals exit non-zero: no client certificate, where one is required; a CA that did
+    // not sign the vault's certificate; a client key others can read; plaintext to TLS.
+    let line = format!("keys status --addr {addr} --ca {ca} --token-file {admin}");
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(!ok, "{out}");
+    let line = format!(
+        "keys status --addr {addr} --ca {} --cert {cert} --key {key} --token-file {admin}",
+        file("stranger.pem")
+    );
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(!ok && out.contains("UnknownIssuer"), "{out}");
+    let line = format!(
+        "keys status --addr {addr} --ca {ca} --cert {cert} --key {} --token-file {admin}",
+        file("exposed.key")
+    );
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(
+        !ok && out.contains("--key") && out.contains("chmod 600"),
+        "{out}"
+    );
+    let line = format!(
+        "keys status --addr http://{} --token-file {admin}",
+        setup.app.addr
+    );
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(!ok, "{out}");
+
+    // Of all these, only the one rotation changed a key.
+    assert_eq!(
+        setup
+            .app
+            .count("SELECT COUNT(*) FROM audit_events WHERE rpc = 'RotateKeyEncryptionKey'")
+            .await,
+        1
+    );
+    setup.app.stop().await;
+}
+
+/// The same clients over plain HTTP/2 (a loopback vault without TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_reach_a_plaintext_vault() {
+    let app = TestApp::spawn(Backend::Sqlite).await.unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let security = files.path().join("security.token");
+    write_file(&security, SECURITY.token, 0o600);
+    let security = security.display().to_string();
+    let record = app
+        .client()
+        .await
+        .create_record(authed(CLAIMS.token, create_request()))
+        .await
+        .unwrap()
+        .into_inner()
+        .record_id;
+    let addr = app.addr;
+    let line = format!(
+        "accounts suspend {record} --reason legal-order --addr {addr} --token-file {security}"
+    );
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(ok, "{out}");
+    let line = format!("accounts --token-file {security} history {record} --addr http://{addr}");
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("SUSPENDED") && out.contains("LEGAL_ORDER"),
+        "{out}"
+    );
+    // The token from the environment, the address before the subcommand.
+    let env = [("PDVAULT_TOKEN", app.admin_token.as_str())];
+    let (ok, out) = pdvault(&format!("--addr {addr} keys status"), &env).await;
+    assert!(ok && out.contains("ACTIVE"), "{out}");
+    // The security team may not administer keys: the token decided, not the flags.
+    let line = format!("keys status --addr {addr} --token-file {security}");
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(!ok && out.contains("PermissionDenied"), "{out}");
+    app.stop().await;
 }

@@ -1,16 +1,21 @@
 //! The command line: `serve`, `migrate`, `token`, `audit`, `accounts`, `keys`, `purge` and
 //! `bench`. Parsing is clap's; every server-side command loads configuration the same way
-//! (defaults < file < environment < flags). `accounts`, `keys` and `purge` are gRPC clients
-//! of a running vault, so scheduled jobs need only an address and a token with the grant.
+//! (defaults < file < environment < flags). `accounts`, `keys`, `purge` and `bench --addr`
+//! are gRPC clients of a running vault and share one set of connection flags
+//! ([`client::ClientArgs`]), global so they are accepted anywhere on the line; scheduled jobs
+//! need only an address, a token with the grant and, for a TLS vault, its CA bundle.
+//!
+//! - `client.rs`: the connection flags, and the channel (plaintext, TLS or mTLS) they make.
+//! - `keys.rs`: `pdvault keys ...` and `pdvault purge`.
+//! - `accounts.rs`: `pdvault accounts ...`.
 
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-
-use clap::{Args, Parser, Subcommand};
-
 use std::sync::Arc;
+
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{Config, FlagOverrides};
 use crate::keys::Keyring;
@@ -19,9 +24,17 @@ use crate::reload::ConfigSource;
 use crate::startup::{Application, generate_token, open_store};
 use crate::store::Store;
 
+pub mod accounts;
+pub mod client;
+pub mod keys;
+
+use client::ClientArgs;
+
 #[derive(Debug, Parser)]
 #[command(name = "pdvault", version, about = "Personal-data vault")]
 pub struct Cli {
+    #[command(flatten)]
+    client: ClientArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,31 +51,82 @@ enum Command {
     /// Inspect the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// Account-security team: suspend, reinstate, inspect accounts on a running vault.
-    Accounts(AccountsArgs),
-    /// Key lifecycle against a running vault: rotate, rewrap, status, retire, destroy.
-    Keys(crate::key_cli::KeysArgs),
+    /// Account-security team: suspend, reinstate, inspect accounts on a running vault
+    /// (grant `accounts.suspend`).
+    Accounts(accounts::AccountsArgs),
+    /// Key lifecycle against a running vault: rotate, rewrap, status, retire, destroy
+    /// (grant `keys.rotate`).
+    Keys(keys::KeysArgs),
     /// Crypto-shred records past their retention deadline, on a running vault (grant
     /// `records.purge`).
-    Purge(crate::key_cli::PurgeArgs),
+    Purge(keys::PurgeArgs),
     /// Load-test a vault over gRPC (a running one with --addr, else one started here).
     Bench(BenchArgs),
 }
 
+impl Command {
+    /// Whether the command talks to a running vault (and so reads the connection flags).
+    fn is_client(&self) -> bool {
+        matches!(
+            self,
+            Command::Accounts(_) | Command::Keys(_) | Command::Purge(_) | Command::Bench(_)
+        )
+    }
+}
+
+/// The connection flags written on the command line (not taken from the environment), by
+/// their long names.
+fn client_flags_given(matches: &ArgMatches) -> Vec<&'static str> {
+    const FLAGS: [(&str, &str); 7] = [
+        ("addr", "--addr"),
+        ("token", "--token"),
+        ("token_file", "--token-file"),
+        ("ca", "--ca"),
+        ("cert", "--cert"),
+        ("key", "--key"),
+        ("tls_server_name", "--tls-server-name"),
+    ];
+    FLAGS
+        .iter()
+        .filter(|(id, _)| {
+            matches!(
+                matches.value_source(id),
+                Some(clap::parser::ValueSource::CommandLine)
+            )
+        })
+        .map(|(_, flag)| *flag)
+        .collect()
+}
+
+/// Parses `args` (the program name first), refusing connection flags on a command that
+/// does not connect anywhere: a `--addr` on `serve` silently ignored would mislead.
+pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let mut command = Cli::command();
+    let matches = command.try_get_matches_from_mut(args)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    if !cli.command.is_client() {
+        if let Some(flag) = client_flags_given(&matches).first() {
+            return Err(command.error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "{flag} is a connection flag of the client commands (accounts, keys, \
+                     purge, bench); this command does not connect to a vault"
+                ),
+            ));
+        }
+    }
+    Ok(cli)
+}
+
 #[derive(Debug, Args)]
 struct BenchArgs {
-    /// A running vault's gRPC address; without it a vault is started in this process on a
-    /// temporary data directory.
+    /// Database of the vault started here (default: SQLite in the temporary data directory);
+    /// not with --addr.
     #[arg(long)]
-    addr: Option<String>,
-    /// Bearer token for --addr (a caller allowed the RPCs of the mix and the purpose).
-    #[arg(long, env = "PDVAULT_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// File holding the token for --addr, when --token is not given.
-    #[arg(long, default_value = "pdvault-data/admin.token")]
-    token_file: PathBuf,
-    /// Database of the vault started here (default: SQLite in the temporary data directory).
-    #[arg(long, conflicts_with = "addr")]
     database_url: Option<String>,
     /// HTTP/2 connections to spread requests over.
     #[arg(long, default_value_t = 4)]
@@ -102,53 +166,6 @@ struct BenchArgs {
         default_value = "name,id_number,phone,email"
     )]
     fields: Vec<String>,
-}
-
-#[derive(Debug, Args)]
-struct AccountsArgs {
-    /// The vault's gRPC address.
-    #[arg(long, env = "PDVAULT_ADDR", default_value = "http://127.0.0.1:50051")]
-    addr: String,
-    /// Bearer token of a caller with the `accounts.suspend` grant.
-    #[arg(long, env = "PDVAULT_TOKEN", hide_env_values = true)]
-    token: String,
-    #[command(subcommand)]
-    command: AccountsCommand,
-}
-
-#[derive(Debug, Subcommand)]
-enum AccountsCommand {
-    /// Suspend an account.
-    Suspend {
-        record_id: String,
-        #[arg(long, value_enum)]
-        reason: ReasonArg,
-        #[arg(long, default_value = "")]
-        note: String,
-        #[arg(long, default_value = "")]
-        ticket: String,
-    },
-    /// Lift a suspension.
-    Reinstate {
-        record_id: String,
-        #[arg(long, default_value = "")]
-        note: String,
-        #[arg(long, default_value = "")]
-        ticket: String,
-    },
-    /// Show an account's status and flags (needs the CheckAccount RPC).
-    Status { record_id: String },
-    /// List an account's suspension and consent history, oldest first.
-    History { record_id: String },
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum ReasonArg {
-    UserRequest,
-    CredentialCompromise,
-    PolicyViolation,
-    LegalOrder,
-    Other,
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,7 +236,11 @@ impl ConfigArgs {
 
 /// Runs the command line and returns the process exit code.
 pub async fn run() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_from(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    let client = &cli.client;
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => migrate(args).await,
@@ -228,10 +249,10 @@ pub async fn run() -> ExitCode {
         Command::Audit(AuditCommand::Verify(args)) => audit_verify(args).await,
         Command::Audit(AuditCommand::Checkpoint(args)) => audit_checkpoint(args).await,
         Command::Audit(AuditCommand::PublicKey(args)) => audit_public_key(args),
-        Command::Accounts(args) => accounts(args).await,
-        Command::Keys(args) => crate::key_cli::run(args).await,
-        Command::Purge(args) => crate::key_cli::purge(args).await,
-        Command::Bench(args) => bench(args).await,
+        Command::Accounts(args) => accounts::run(client, args).await,
+        Command::Keys(args) => keys::run(client, args).await,
+        Command::Purge(args) => keys::purge(client, args).await,
+        Command::Bench(args) => bench(client, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -381,163 +402,40 @@ fn audit_public_key(args: ConfigArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The account-security client: one gRPC call per command, printed for a terminal.
-async fn accounts(args: AccountsArgs) -> Result<(), String> {
-    use crate::proto;
-    use crate::proto::account_security_client::AccountSecurityClient;
-    use crate::proto::vault_client::VaultClient;
-
-    let channel = tonic::transport::Endpoint::from_shared(args.addr.clone())
-        .map_err(|e| format!("--addr: {e}"))?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach {}: {e}", args.addr))?;
-    let bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
-        format!("Bearer {}", args.token)
-            .parse()
-            .map_err(|_| "PDVAULT_TOKEN is not a valid header value".to_owned())?;
-    let describe = |status: tonic::Status| format!("{:?}: {}", status.code(), status.message());
-    let mut security = AccountSecurityClient::new(channel.clone());
-    match args.command {
-        AccountsCommand::Suspend {
-            record_id,
-            reason,
-            note,
-            ticket,
-        } => {
-            let reason = match reason {
-                ReasonArg::UserRequest => proto::SuspensionReason::UserRequest,
-                ReasonArg::CredentialCompromise => proto::SuspensionReason::CredentialCompromise,
-                ReasonArg::PolicyViolation => proto::SuspensionReason::PolicyViolation,
-                ReasonArg::LegalOrder => proto::SuspensionReason::LegalOrder,
-                ReasonArg::Other => proto::SuspensionReason::Other,
-            };
-            let response = security
-                .suspend_account(with_token(
-                    &bearer,
-                    proto::SuspendAccountRequest {
-                        record_id,
-                        reason: reason as i32,
-                        note,
-                        ticket,
-                    },
-                ))
-                .await
-                .map_err(describe)?
-                .into_inner();
-            print_action(&response);
-        }
-        AccountsCommand::Reinstate {
-            record_id,
-            note,
-            ticket,
-        } => {
-            let response = security
-                .reinstate_account(with_token(
-                    &bearer,
-                    proto::ReinstateAccountRequest {
-                        record_id,
-                        note,
-                        ticket,
-                    },
-                ))
-                .await
-                .map_err(describe)?
-                .into_inner();
-            print_action(&response);
-        }
-        AccountsCommand::Status { record_id } => {
-            let state = VaultClient::new(channel)
-                .check_account(with_token(
-                    &bearer,
-                    proto::CheckAccountRequest { record_id },
-                ))
-                .await
-                .map_err(describe)?
-                .into_inner();
-            println!(
-                "{} {} minor={} under_14={} guardian_consent_required={} policy_reconsent_required={}",
-                state.record_id,
-                state
-                    .status()
-                    .as_str_name()
-                    .trim_start_matches("ACCOUNT_STATUS_"),
-                state.minor,
-                state.under_14,
-                state.guardian_consent_required,
-                state.policy_reconsent_required
-            );
-        }
-        AccountsCommand::History { record_id } => {
-            let mut page_token = String::new();
-            loop {
-                let page = security
-                    .list_account_events(with_token(
-                        &bearer,
-                        proto::ListAccountEventsRequest {
-                            record_id: record_id.clone(),
-                            page_size: 0,
-                            page_token: page_token.clone(),
-                        },
-                    ))
-                    .await
-                    .map_err(describe)?
-                    .into_inner();
-                for event in &page.events {
-                    let time = event
-                        .time
-                        .as_ref()
-                        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32))
-                        .map(|t| t.to_rfc3339())
-                        .unwrap_or_default();
-                    println!(
-                        "{time} {} by {} reason={} ticket={} consent={} note={}",
-                        event
-                            .kind()
-                            .as_str_name()
-                            .trim_start_matches("ACCOUNT_EVENT_KIND_"),
-                        event.actor,
-                        event
-                            .reason()
-                            .as_str_name()
-                            .trim_start_matches("SUSPENSION_REASON_"),
-                        event.ticket,
-                        event.consent_id,
-                        event.note
-                    );
-                }
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn bench(args: BenchArgs) -> Result<(), String> {
+async fn bench(connection: &ClientArgs, args: BenchArgs) -> Result<(), String> {
     use crate::bench::{BenchOptions, Mix, TargetSpec};
     let seconds = |flag: &str, value: f64| {
         std::time::Duration::try_from_secs_f64(value)
             .map_err(|_| format!("--{flag} must be a non-negative number of seconds"))
     };
-    let target = match args.addr {
+    let target = match &connection.addr {
         Some(addr) => {
-            let token = match args.token {
-                Some(token) => zeroize::Zeroizing::new(token),
-                None => zeroize::Zeroizing::new(
-                    std::fs::read_to_string(&args.token_file).map_err(|e| {
-                        format!(
-                            "--addr needs --token, PDVAULT_TOKEN or a readable --token-file ({}: {e})",
-                            args.token_file.display()
-                        )
-                    })?,
-                ),
+            if args.database_url.is_some() {
+                return Err("--database-url is for the vault started here, not with --addr".into());
+            }
+            // The load generator opens its own plaintext connections (src/bench): refuse
+            // rather than send tokens in clear to a vault the flags say speaks TLS.
+            if connection.ca.is_some() || connection.cert.is_some() || connection.key.is_some() {
+                return Err("bench does not speak TLS: --ca, --cert and --key are not \
+                            supported with bench"
+                    .into());
+            }
+            let token = match connection.token()? {
+                Some(token) => token,
+                None => crate::keys::read_secret_file(
+                    std::path::Path::new(client::BENCH_TOKEN_FILE),
+                    4096,
+                )
+                .map_err(|e| {
+                    format!(
+                        "--addr needs --token, --token-file, PDVAULT_TOKEN or \
+                         PDVAULT_TOKEN_FILE ({e})"
+                    )
+                })?,
             };
             TargetSpec::External {
-                addr,
-                token: token.trim().to_owned(),
+                addr: addr.clone(),
+                token: token.as_str().to_owned(),
             }
         }
         None => TargetSpec::InProcess {
@@ -574,28 +472,6 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn with_token<T>(
-    bearer: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-    message: T,
-) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", bearer.clone());
-    request
-}
-
-fn print_action(response: &crate::proto::AccountActionResponse) {
-    if response.changed {
-        println!("{} is now {}", response.record_id, response.status);
-    } else {
-        println!(
-            "{} was already {}; nothing changed",
-            response.record_id, response.status
-        );
-    }
-}
-
 fn token_generate() -> Result<(), String> {
     let token = zeroize::Zeroizing::new(generate_token().map_err(|e| e.to_string())?);
     println!("token:        {}", token.as_str());
@@ -610,4 +486,88 @@ fn token_hash() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     println!("{}", token_sha256_hex(token.trim()));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses a command line; the connection flags' environment variables must not be set
+    /// where the unit tests run, or they would stand in for missing flags.
+    fn parse(line: &str) -> Result<Cli, clap::Error> {
+        parse_from(std::iter::once("pdvault").chain(line.split_whitespace()))
+    }
+
+    #[test]
+    fn connection_flags_are_accepted_anywhere_on_the_line() {
+        for line in [
+            "--addr https://v:1 --ca ca.pem keys rotate",
+            "keys --addr https://v:1 --ca ca.pem rotate",
+            "keys rotate --addr https://v:1 --ca ca.pem",
+            "keys --ca ca.pem rotate --addr https://v:1",
+        ] {
+            let cli = parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert!(matches!(cli.command, Command::Keys(_)), "{line}");
+            assert_eq!(cli.client.addr.as_deref(), Some("https://v:1"), "{line}");
+            assert_eq!(cli.client.ca, Some(PathBuf::from("ca.pem")), "{line}");
+        }
+        let cli = parse("accounts --token-file F history R").unwrap();
+        assert_eq!(cli.client.token_file, Some(PathBuf::from("F")));
+        let cli =
+            parse("accounts history R --token-file F --cert c.pem --key k.pem --tls-server-name v")
+                .unwrap();
+        assert_eq!(cli.client.token_file, Some(PathBuf::from("F")));
+        assert_eq!(cli.client.cert, Some(PathBuf::from("c.pem")));
+        assert_eq!(cli.client.key, Some(PathBuf::from("k.pem")));
+        assert_eq!(cli.client.tls_server_name.as_deref(), Some("v"));
+        let Command::Accounts(_) = cli.command else {
+            panic!("accounts parsed as {:?}", cli.command);
+        };
+        let cli = parse("purge --limit 3 --addr v:1 --token-file F").unwrap();
+        assert!(matches!(cli.command, Command::Purge(_)));
+        assert_eq!(cli.client.addr.as_deref(), Some("v:1"));
+        let cli = parse("bench --seed 10 --addr v:1 --token-file F").unwrap();
+        assert!(matches!(cli.command, Command::Bench(_)));
+        assert_eq!(cli.client.token_file, Some(PathBuf::from("F")));
+        let cli = parse("keys retire 3 --index --token T").unwrap();
+        assert_eq!(cli.client.token.as_deref(), Some("T"));
+    }
+
+    #[test]
+    fn contradictory_or_misplaced_connection_flags_are_refused() {
+        let both = parse("keys status --token T --token-file F").unwrap_err();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
+        for line in [
+            "serve --addr v:1",
+            "--token T migrate",
+            "token generate --ca ca.pem",
+            "audit verify --token-file F",
+        ] {
+            let error = parse(line).expect_err(line);
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{line}"
+            );
+            assert!(
+                error.to_string().contains("connection flag"),
+                "{line}: {error}"
+            );
+        }
+        assert!(parse("serve --config pdvault.toml").is_ok());
+    }
+
+    #[test]
+    // figment's Jail returns its own (large) error type.
+    #[allow(clippy::result_large_err)]
+    fn the_configuration_ignores_the_client_environment() {
+        figment::Jail::expect_with(|jail| {
+            for name in client::ENVIRONMENT {
+                jail.set_env(name, "/some/value");
+            }
+            Config::load(None, &FlagOverrides::default())
+                .map_err(|e| figment::Error::from(e.to_string()))?;
+            Ok(())
+        });
+    }
 }

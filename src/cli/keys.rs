@@ -1,6 +1,7 @@
 //! `pdvault keys ...` and `pdvault purge`: gRPC clients of `pdvault.v1.KeyManagement` for
-//! operators and scheduled jobs. It holds no keys and opens no database: the server does the work, so the
-//! command behaves the same whichever instance it reaches.
+//! operators and scheduled jobs. They hold no keys and open no database: the server does the
+//! work, so a command behaves the same whichever instance it reaches. The connection (address,
+//! token, TLS) is the shared one of [`super::client`].
 //!
 //! Every failure ends in a message on standard error and a non-zero exit, which is what a
 //! scheduler watches; `rewrap` draws a progress bar on standard error when it is a terminal.
@@ -9,92 +10,33 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tonic::transport::Channel;
 
+use super::client::{ClientArgs, describe};
 use crate::proto::key_management_client::KeyManagementClient;
 use crate::proto::{self, KeyVersionState};
 
-/// Where the vault is and who is calling.
-#[derive(Debug, Args)]
-pub struct Connection {
-    /// Address of a running vault.
-    #[arg(long, env = "PDVAULT_ADDR", default_value = "http://127.0.0.1:50051")]
-    addr: String,
-    /// Bearer token of a caller granted `keys.rotate`. Prefer the environment or
-    /// --token-file: a flag shows in the process list.
-    #[arg(long, env = "PDVAULT_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// File holding the token (e.g. the data directory's admin.token).
-    #[arg(long, conflicts_with = "token")]
-    token_file: Option<std::path::PathBuf>,
-}
-
+/// `pdvault keys`: a caller granted `keys.rotate`.
 #[derive(Debug, Args)]
 pub struct KeysArgs {
-    #[command(flatten)]
-    connection: Connection,
     #[command(subcommand)]
     command: KeysCommand,
 }
 
+/// `pdvault purge`: a caller granted `records.purge`.
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
-    /// Address of a running vault.
-    #[arg(long, env = "PDVAULT_ADDR", default_value = "http://127.0.0.1:50051")]
-    addr: String,
-    /// Bearer token of a caller granted `records.purge`. Prefer the environment or
-    /// --token-file: a flag shows in the process list.
-    #[arg(long, env = "PDVAULT_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// File holding the token.
-    #[arg(long, conflicts_with = "token")]
-    token_file: Option<std::path::PathBuf>,
     /// Most records to purge in this run (default: every one that is due).
     #[arg(long)]
     limit: Option<u32>,
 }
 
-impl Connection {
-    /// The token, and a client connected to the vault.
-    async fn connect(
-        &self,
-    ) -> Result<(zeroize::Zeroizing<String>, KeyManagementClient<Channel>), String> {
-        let token = zeroize::Zeroizing::new(match (&self.token, &self.token_file) {
-            (Some(token), _) => token.trim().to_owned(),
-            // The same rule as the server's: a token file others can read is refused.
-            (None, Some(path)) => crate::keys::read_secret_file(path, 4096)
-                .map_err(|e| e.to_string())?
-                .as_str()
-                .to_owned(),
-            (None, None) => {
-                return Err("a token is required: --token-file or PDVAULT_TOKEN".into());
-            }
-        });
-        let channel = Channel::from_shared(self.addr.clone())
-            .map_err(|e| format!("--addr: {e}"))?
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach {}: {e}", self.addr))?;
-        Ok((token, KeyManagementClient::new(channel)))
-    }
-}
-
 /// Runs `pdvault purge`: crypto-shreds records past their retention deadline.
-pub async fn purge(args: PurgeArgs) -> Result<(), String> {
-    // Its own flags only so that its help names its own grant.
-    let connection = Connection {
-        addr: args.addr,
-        token: args.token,
-        token_file: args.token_file,
-    };
-    let (token, mut client) = connection.connect().await?;
-    let purged = client
-        .purge_expired_records(authed(
-            &token,
-            proto::PurgeExpiredRecordsRequest {
-                limit: args.limit.unwrap_or(0),
-            },
-        )?)
+pub async fn purge(connection: &ClientArgs, args: PurgeArgs) -> Result<(), String> {
+    let vault = connection.connect().await?;
+    let purged = KeyManagementClient::new(vault.channel.clone())
+        .purge_expired_records(vault.request(proto::PurgeExpiredRecordsRequest {
+            limit: args.limit.unwrap_or(0),
+        }))
         .await
         .map_err(describe)?
         .into_inner()
@@ -157,20 +99,18 @@ fn kind_of(index: bool) -> (proto::KeyKind, &'static str) {
 }
 
 /// Runs a `keys` subcommand; `Err` becomes the message and the non-zero exit.
-pub async fn run(args: KeysArgs) -> Result<(), String> {
-    let (token, mut client) = args.connection.connect().await?;
+pub async fn run(connection: &ClientArgs, args: KeysArgs) -> Result<(), String> {
+    let vault = connection.connect().await?;
+    let mut client = KeyManagementClient::new(vault.channel.clone());
     match args.command {
         KeysCommand::Rotate {
             expect_active,
             index: true,
         } => {
             let response = client
-                .rotate_index_key(authed(
-                    &token,
-                    proto::RotateIndexKeyRequest {
-                        expected_active_version: expect_active.unwrap_or(0),
-                    },
-                )?)
+                .rotate_index_key(vault.request(proto::RotateIndexKeyRequest {
+                    expected_active_version: expect_active.unwrap_or(0),
+                }))
                 .await
                 .map_err(describe)?
                 .into_inner();
@@ -193,12 +133,9 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
             index: false,
         } => {
             let response = client
-                .rotate_key_encryption_key(authed(
-                    &token,
-                    proto::RotateKeyEncryptionKeyRequest {
-                        expected_active_version: expect_active.unwrap_or(0),
-                    },
-                )?)
+                .rotate_key_encryption_key(vault.request(proto::RotateKeyEncryptionKeyRequest {
+                    expected_active_version: expect_active.unwrap_or(0),
+                }))
                 .await
                 .map_err(describe)?
                 .into_inner();
@@ -215,7 +152,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
         }
         KeysCommand::Rewrap { batch_size } => {
             let mut stream = client
-                .rewrap_records(authed(&token, proto::RewrapRecordsRequest { batch_size })?)
+                .rewrap_records(vault.request(proto::RewrapRecordsRequest { batch_size }))
                 .await
                 .map_err(describe)?
                 .into_inner();
@@ -272,7 +209,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
         }
         KeysCommand::Status => {
             let status = client
-                .get_key_status(authed(&token, proto::GetKeyStatusRequest {})?)
+                .get_key_status(vault.request(proto::GetKeyStatusRequest {}))
                 .await
                 .map_err(describe)?
                 .into_inner();
@@ -285,13 +222,10 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
         KeysCommand::Retire { version, index } => {
             let (kind, name) = kind_of(index);
             let retired = client
-                .retire_key_version(authed(
-                    &token,
-                    proto::RetireKeyVersionRequest {
-                        version,
-                        kind: kind as i32,
-                    },
-                )?)
+                .retire_key_version(vault.request(proto::RetireKeyVersionRequest {
+                    version,
+                    kind: kind as i32,
+                }))
                 .await
                 .map_err(describe)?
                 .into_inner();
@@ -305,13 +239,10 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
         KeysCommand::Destroy { version, index } => {
             let (kind, name) = kind_of(index);
             let destroyed = client
-                .destroy_key_version(authed(
-                    &token,
-                    proto::DestroyKeyVersionRequest {
-                        version,
-                        kind: kind as i32,
-                    },
-                )?)
+                .destroy_key_version(vault.request(proto::DestroyKeyVersionRequest {
+                    version,
+                    kind: kind as i32,
+                }))
                 .await
                 .map_err(describe)?
                 .into_inner();
@@ -389,15 +320,6 @@ fn print_jobs(jobs: &[proto::RewrapJob]) {
     }
 }
 
-fn authed<T>(token: &str, message: T) -> Result<tonic::Request<T>, String> {
-    let mut request = tonic::Request::new(message);
-    let value = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| "the token is not a valid header value".to_owned())?;
-    request.metadata_mut().insert("authorization", value);
-    Ok(request)
-}
-
 fn state_name(state: KeyVersionState) -> &'static str {
     match state {
         KeyVersionState::Active => "ACTIVE",
@@ -406,8 +328,4 @@ fn state_name(state: KeyVersionState) -> &'static str {
         KeyVersionState::Destroyed => "DESTROYED",
         KeyVersionState::Unspecified => "UNSPECIFIED",
     }
-}
-
-fn describe(status: tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
 }
