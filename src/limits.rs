@@ -256,6 +256,20 @@ fn with_reason(code: tonic::Code, message: &str, reason: &str) -> Status {
     )
 }
 
+/// The address a peer is counted under, for its rate bucket and its connection slots alike.
+/// An IPv6 address stands for its /64, the block one host usually holds, so a host cannot
+/// dodge a per-peer limit by walking its addresses; an IPv4-mapped IPv6 address is the IPv4
+/// peer it maps, so a dual-stack listener counts that peer once.
+pub fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
 /// One token bucket per peer address, for calls that prove no identity: refused
 /// credentials and reflection. IPv6 peers share a bucket per /64, the block one host
 /// usually holds, so a host cannot dodge its bucket by walking its addresses.
@@ -286,17 +300,7 @@ impl PeerRateLimiter {
         if limiter.len() > MAX_PEER_BUCKETS {
             limiter.retain_recent();
         }
-        let key = match peer {
-            Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
-                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(Ipv6Addr::from(prefix))
-            }
-            Some(IpAddr::V6(v6)) => {
-                IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED))
-            }
-            Some(v4) => v4,
-            None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        };
+        let key = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), peer_key);
         limiter.check_key(&key).is_ok()
     }
 }

@@ -4,8 +4,9 @@
 //! Every descriptor is a connection someone else opened, so nothing here trusts the peer to
 //! close it: a connection whose peer sends nothing for `limits.idle_timeout_ms` is closed
 //! (live HTTP/2 clients answer the server's pings, which counts), TCP keepalive finds peers
-//! that vanished without a FIN, and one address may hold at most
-//! `limits.max_connections_per_peer`. When `accept` fails because descriptors ran out
+//! that vanished without a FIN, and one peer may hold at most
+//! `limits.max_connections_per_peer` (an IPv4 address, or an IPv6 /64: see
+//! [`crate::limits::peer_key`]). When `accept` fails because descriptors ran out
 //! (EMFILE/ENFILE), the listener logs it and backs off instead of spinning on the error, so
 //! calls already in flight keep the descriptors they need (a database connection, a file).
 //!
@@ -28,6 +29,7 @@ use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::LimitsConfig;
+use crate::limits::peer_key;
 
 /// Idle time before the kernel's first TCP keepalive probe, and between probes.
 const TCP_KEEPALIVE_TIME: Duration = Duration::from_secs(60);
@@ -106,8 +108,11 @@ impl Incoming {
         }
     }
 
-    /// A slot for one more connection from `ip`, or `None` when it holds its share.
+    /// A slot for one more connection from `ip`, or `None` when it holds its share. Peers are
+    /// counted under [`peer_key`], as the unauthenticated rate limiter counts them: a host
+    /// with an IPv6 /64 would otherwise open unbounded connections from its 2^64 addresses.
     fn admit(&self, ip: IpAddr) -> Option<PeerSlot> {
+        let ip = peer_key(ip);
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let held = peers.entry(ip).or_insert(0);
         if self.limits.max_per_peer != 0 && *held >= self.limits.max_per_peer {
@@ -359,5 +364,52 @@ mod tests {
             incoming.admit(ip).is_some(),
             "a closed connection frees its slot"
         );
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_64_and_a_v4_mapped_peer_are_counted_as_one_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let incoming = Incoming::new(
+            listener,
+            ConnectionLimits {
+                idle_timeout: Duration::from_secs(5),
+                max_per_peer: 2,
+            },
+        );
+        // Walking the interface identifier within one /64 gets no extra slots.
+        let first = incoming.admit("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        let _second = incoming
+            .admit("2001:db8:1:2:ffff:ffff:ffff:fffe".parse().unwrap())
+            .unwrap();
+        assert!(incoming.admit("2001:db8:1:2::3".parse().unwrap()).is_none());
+        assert!(
+            incoming.admit("2001:db8:1:3::1".parse().unwrap()).is_some(),
+            "the next /64 is another peer"
+        );
+        drop(first);
+        assert!(
+            incoming.admit("2001:db8:1:2::99".parse().unwrap()).is_some(),
+            "a closed connection frees the /64's slot"
+        );
+
+        // The v4-mapped form of an IPv4 peer shares that peer's slots.
+        let _v4 = incoming.admit("192.0.2.7".parse().unwrap()).unwrap();
+        let _mapped = incoming.admit("::ffff:192.0.2.7".parse().unwrap()).unwrap();
+        assert!(incoming.admit("192.0.2.7".parse().unwrap()).is_none());
+        assert!(incoming.admit("::ffff:192.0.2.7".parse().unwrap()).is_none());
+        let peers = incoming.peers.lock().unwrap();
+        assert_eq!(peers.len(), 2, "one count for the /64, one for the IPv4 peer");
+        assert_eq!(peers[&"2001:db8:1:2::".parse::<IpAddr>().unwrap()], 1);
+        assert_eq!(peers[&"192.0.2.7".parse::<IpAddr>().unwrap()], 2);
+    }
+
+    #[test]
+    fn peers_are_keyed_by_ipv4_address_and_ipv6_64() {
+        let key = |s: &str| peer_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::"), "2001:db8:1:2::");
+        assert_eq!(key("::1"), "::");
     }
 }
