@@ -120,7 +120,7 @@ async fn a_mixed_run_against_a_running_vault(app: &TestApp) {
         mix: Some(Mix::parse("get=4,find=2,check=2,create=1").unwrap()),
         ..options(TargetSpec::External {
             addr: app.addr.to_string(),
-            token: CLAIMS.token.into(),
+            token: zeroize::Zeroizing::new(CLAIMS.token.into()),
         })
     })
     .await

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
+use zeroize::Zeroizing;
 
 pub use echo::EchoVault;
 pub use identities::IdentityGenerator;
@@ -162,14 +163,34 @@ impl Mix {
     }
 }
 
-/// Where the vault under test is.
-#[derive(Clone, Debug)]
+/// Where the vault under test is. `Debug` leaves the token out, and the token is erased from
+/// memory when the spec is dropped.
+#[derive(Clone)]
 pub enum TargetSpec {
     /// A running vault and a bearer token allowed to call the RPCs of the mix.
-    External { addr: String, token: String },
+    External {
+        addr: String,
+        token: Zeroizing<String>,
+    },
     /// A vault started here on a fresh temporary data directory; `database_url` overrides
     /// the embedded SQLite default (e.g. a throw-away PostgreSQL database).
     InProcess { database_url: Option<String> },
+}
+
+impl std::fmt::Debug for TargetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetSpec::External { addr, token: _ } => f
+                .debug_struct("External")
+                .field("addr", addr)
+                .field("token", &"<redacted>")
+                .finish(),
+            TargetSpec::InProcess { database_url } => f
+                .debug_struct("InProcess")
+                .field("database_url", database_url)
+                .finish(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -770,7 +791,7 @@ async fn connect(addr: &str, connections: usize) -> Result<Vec<VaultClient<Chann
 /// the thread running it.
 struct Server {
     addr: String,
-    token: String,
+    token: Zeroizing<String>,
     running: Option<Running>,
     /// Group-commit counters of a vault started here.
     audit: Option<Arc<crate::audit::BatchStats>>,
@@ -783,7 +804,7 @@ struct Running {
 }
 
 impl Server {
-    fn external(addr: String, token: String) -> Server {
+    fn external(addr: String, token: Zeroizing<String>) -> Server {
         Server {
             addr,
             token,
@@ -842,7 +863,7 @@ impl Server {
         match ready_rx.await {
             Ok(Ok((addr, stats))) => Ok(Server {
                 addr: addr.to_string(),
-                token,
+                token: Zeroizing::new(token),
                 running: Some(running),
                 audit: Some(stats),
             }),
@@ -884,7 +905,7 @@ impl Server {
         match ready_rx.await {
             Ok(Ok(addr)) => Ok(Server {
                 addr: addr.to_string(),
-                token: String::new(),
+                token: Zeroizing::default(),
                 running: Some(running),
                 audit: None,
             }),
@@ -991,6 +1012,17 @@ impl SplitMix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_target_debug_output_redacts_the_token() {
+        let target = TargetSpec::External {
+            addr: "http://127.0.0.1:1".into(),
+            token: Zeroizing::new("s3cr3t-bearer-token".into()),
+        };
+        let shown = format!("{target:?} {target:#?}");
+        assert!(!shown.contains("s3cr3t-bearer-token"), "{shown}");
+        assert!(shown.contains("127.0.0.1:1"), "{shown}");
+    }
 
     #[test]
     fn mix_parses_weights_and_bare_names() {

@@ -46,8 +46,9 @@ const MAX_PEM_BYTES: u64 = 1 << 20;
 /// not a hang on a server that drops the handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The client connection flags, the same for every client command.
-#[derive(Debug, Clone, Default, Args)]
+/// The client connection flags, the same for every client command. `Debug` is written out
+/// below so that the bearer token never reaches a log line or a panic message.
+#[derive(Clone, Default, Args)]
 pub struct ClientArgs {
     /// Address of a running vault: `https://host:port`, `http://host:port`, or `host:port`
     /// (https when --ca is given, else http). Default: http://127.0.0.1:50051.
@@ -114,6 +115,20 @@ pub struct ClientArgs {
         help_heading = "Connection (client commands)"
     )]
     pub tls_server_name: Option<String>,
+}
+
+impl std::fmt::Debug for ClientArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientArgs")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("tls_server_name", &self.tls_server_name)
+            .finish()
+    }
 }
 
 /// Why a client could not be set up or could not connect.
@@ -373,6 +388,18 @@ pub fn describe(status: tonic::Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_redacts_the_token() {
+        let args = ClientArgs {
+            addr: Some("http://127.0.0.1:1".into()),
+            token: Some("s3cr3t-bearer-token".into()),
+            ..ClientArgs::default()
+        };
+        let shown = format!("{args:?} {args:#?}");
+        assert!(!shown.contains("s3cr3t-bearer-token"), "{shown}");
+        assert!(shown.contains("<redacted>") && shown.contains("127.0.0.1:1"));
+    }
 
     fn args() -> ClientArgs {
         ClientArgs::default()

@@ -435,7 +435,7 @@ async fn bench(connection: &ClientArgs, args: BenchArgs) -> Result<(), String> {
             };
             TargetSpec::External {
                 addr: addr.clone(),
-                token: token.as_str().to_owned(),
+                token,
             }
         }
         None => TargetSpec::InProcess {
