@@ -97,7 +97,8 @@ fn hsm_error(error: Pkcs11Error) -> KeyError {
 
 /// The calls into a module that the provider makes, by KEK version. Implementations map a
 /// KEK the module does not hold to [`KeyError::MaterialMissing`], and a refused decryption
-/// or unwrap (wrong key, tag or record) to [`CryptoError::Integrity`].
+/// or unwrap (wrong key, tag or record) to [`CryptoError::Integrity`]; the module's own
+/// failures (device, memory, mechanism) are [`KeyError::Hsm`], never `Integrity`.
 pub trait KekModule: Send + Sync + 'static {
     /// Versions of the KEK objects the token holds.
     fn versions(&self) -> Result<Vec<u32>, KeyError>;
@@ -309,6 +310,29 @@ fn session_lost(error: &Pkcs11Error) -> bool {
                 | RvError::UserNotLoggedIn
                 | RvError::DeviceRemoved
                 | RvError::TokenNotPresent,
+            _,
+        )
+    )
+}
+
+/// Errors by which the module refuses the bytes it was given to unwrap or decrypt: a wrong
+/// KEK, a changed wrap, a wrong tag or record. Those are the stored data failing
+/// authentication (fail closed, not retried); anything else (a device error, memory, a
+/// mechanism the module lost) is the module failing, which is `KEY_UNAVAILABLE` and
+/// retryable, not a sign of tampering.
+///
+/// `CKR_GENERAL_ERROR` is counted with them because SoftHSM2 returns it, and only it, when
+/// `C_UnwrapKey`'s KW integrity check fails (`SoftHSM::UnwrapKeySym`): without it a
+/// tampered wrapped key would read as a module outage there.
+fn refused_input(error: &Pkcs11Error) -> bool {
+    matches!(
+        error,
+        Pkcs11Error::Pkcs11(
+            RvError::WrappedKeyInvalid
+                | RvError::WrappedKeyLenRange
+                | RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::GeneralError,
             _,
         )
     )
@@ -586,7 +610,7 @@ impl KekModule for Pkcs11Module {
             ) {
                 Ok(object) => object,
                 // A wrong KEK, a changed wrap: fail closed (checked below, not retried).
-                Err(error) if !session_lost(&error) => return Ok(None),
+                Err(error) if refused_input(&error) => return Ok(None),
                 Err(error) => return Err(error.into()),
             };
             let attributes = session.get_attributes(object, &[AttributeType::Value]);
@@ -635,7 +659,7 @@ impl KekModule for Pkcs11Module {
             match session.decrypt(&gcm(&mut buffer, aad)?, key, ciphertext) {
                 Ok(plaintext) => Ok(Some(Zeroizing::new(plaintext))),
                 // A wrong tag and a wrong record both end here: fail closed.
-                Err(error) if !session_lost(&error) => Ok(None),
+                Err(error) if refused_input(&error) => Ok(None),
                 Err(error) => Err(error.into()),
             }
         })?;
@@ -733,6 +757,35 @@ impl KeyCache {
 mod tests {
     use super::*;
     use aes_gcm::aead::{Aead, KeyInit, Payload};
+
+    #[test]
+    fn only_refused_input_counts_as_an_integrity_failure() {
+        use cryptoki::context::Function;
+        let rv = |error| Pkcs11Error::Pkcs11(error, Function::UnwrapKey);
+        for refused in [
+            RvError::WrappedKeyInvalid,
+            RvError::WrappedKeyLenRange,
+            RvError::EncryptedDataInvalid,
+            RvError::EncryptedDataLenRange,
+            RvError::GeneralError,
+        ] {
+            assert!(refused_input(&rv(refused)), "{refused:?}");
+        }
+        // The module failing is not the stored data failing: KEY_UNAVAILABLE, retryable.
+        for failed in [
+            RvError::DeviceError,
+            RvError::DeviceMemory,
+            RvError::HostMemory,
+            RvError::FunctionFailed,
+            RvError::MechanismInvalid,
+            RvError::KeyHandleInvalid,
+            RvError::UnwrappingKeyHandleInvalid,
+            RvError::SessionHandleInvalid,
+        ] {
+            assert!(!refused_input(&rv(failed)), "{failed:?}");
+        }
+        assert!(!refused_input(&Pkcs11Error::NotSupported));
+    }
 
     /// A module in software, to test the provider's own logic: it can lack KW, and it can
     /// write its own GCM IV over the caller's, as some modules do.

@@ -513,7 +513,24 @@ fn hsm_wrapped_keys_of_format_1_still_unwrap() {
             hex(dek.secret().expose()),
             key["data_key"].as_str().unwrap()
         );
-        assert!(provider.unwrap(&wrapped, "rec_someoneelse").is_err());
+        assert!(matches!(
+            provider.unwrap(&wrapped, "rec_someoneelse"),
+            Err(pdvault::keys::KeyError::Crypto(
+                pdvault::crypto::CryptoError::Integrity
+            ))
+        ));
+        let mut tampered = wrapped.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(
+            matches!(
+                provider.unwrap(&tampered, record_id),
+                Err(pdvault::keys::KeyError::Crypto(
+                    pdvault::crypto::CryptoError::Integrity
+                ))
+            ),
+            "a tampered GCM tag"
+        );
     }
 }
 
@@ -543,6 +560,21 @@ fn hsm_wrapped_keys_of_format_2_still_unwrap() {
             key["data_key"].as_str().unwrap()
         );
         assert!(provider.unwrap(&wrapped, "rec_someoneelse").is_err());
+        // A changed wrap is the stored data failing authentication, not a module outage:
+        // SoftHSM2's own error for it must still read as an integrity failure.
+        for at in [wrapped.len() - 1, wrapped.len() - 20] {
+            let mut tampered = wrapped.clone();
+            tampered[at] ^= 1;
+            assert!(
+                matches!(
+                    provider.unwrap(&tampered, record_id),
+                    Err(pdvault::keys::KeyError::Crypto(
+                        pdvault::crypto::CryptoError::Integrity
+                    ))
+                ),
+                "a tampered KW wrap at byte {at}"
+            );
+        }
         // The module's CKM_AES_KEY_WRAP is RFC 3394 KW: software KW under the same KEK
         // unwraps it to the data key followed by its 16-byte context.
         let header_len = 3 + "hsm".len() + 4;
