@@ -314,8 +314,19 @@ impl KeyManager {
 
     /// Re-reads every key version's state from the database and drops this instance's
     /// material and cached data keys of each version destroyed since the last read (by any
-    /// instance). Returns the versions (KEK, index) it dropped.
+    /// instance). Returns the versions (KEK, index) it dropped. Re-reads run one at a time
+    /// (`states_read`), so an older read never lands after a newer one.
     pub async fn refresh_states(&self) -> Result<(Vec<u32>, Vec<u32>), KeyError> {
+        let _reading = self.states_read.lock().await;
+        self.refresh_states_holding_lock().await
+    }
+
+    /// [`Self::refresh_states`] for a caller that already holds `states_read`.
+    async fn refresh_states_holding_lock(&self) -> Result<(Vec<u32>, Vec<u32>), KeyError> {
+        // Stamped before the query: the cache is no fresher than the moment the read began,
+        // so `keys.state_cache_ms` bounds how long a destruction goes unnoticed, query
+        // latency included.
+        let started = Instant::now();
         let kek = parse_states(self.store.key_version_states(KEK_KIND).await?)?;
         let index = parse_states(self.store.key_version_states(INDEX_KIND).await?)?;
         let destroyed = |states: &BTreeMap<u32, KeyVersionState>, forgotten: &BTreeSet<u32>| {
@@ -329,10 +340,11 @@ impl KeyManager {
         };
         let (new_kek, new_index) = {
             let mut cache = self.states.write().unwrap_or_else(|e| e.into_inner());
+            let kek = merge_states(&cache.kek, kek);
             let new_kek = destroyed(&kek, &cache.forgotten_kek);
             let new_index = destroyed(&index, &cache.forgotten_index);
             cache.kek = kek;
-            cache.read_at = Some(Instant::now());
+            cache.read_at = Some(cache.read_at.map_or(started, |read_at| read_at.max(started)));
             (new_kek, new_index)
         };
         // The states are published (so unwraps refuse) before the material goes: dropping
@@ -380,13 +392,13 @@ impl KeyManager {
         if self.states_stale() {
             let _reading = self.states_read.lock().await;
             if self.states_stale() {
-                self.refresh_states().await?;
+                self.refresh_states_holding_lock().await?;
             }
         }
         if self.cached_state(version).is_none() {
             // Perhaps created since the last read: read once more before refusing.
             let _reading = self.states_read.lock().await;
-            self.refresh_states().await?;
+            self.refresh_states_holding_lock().await?;
         }
         self.check_cached(version)
     }
@@ -728,6 +740,22 @@ impl KeyManager {
     }
 }
 
+/// The states a re-read publishes: what the database said, except that a version this
+/// instance already knows as destroyed stays destroyed. Destruction is terminal (its
+/// material is gone), so a read that says otherwise is older than the one that saw it
+/// destroyed, and must not re-open the version for unwraps.
+fn merge_states(
+    cached: &BTreeMap<u32, KeyVersionState>,
+    mut read: BTreeMap<u32, KeyVersionState>,
+) -> BTreeMap<u32, KeyVersionState> {
+    for (version, state) in cached {
+        if *state == KeyVersionState::Destroyed {
+            read.insert(*version, KeyVersionState::Destroyed);
+        }
+    }
+    read
+}
+
 fn parse_states(rows: Vec<(u32, String)>) -> Result<BTreeMap<u32, KeyVersionState>, KeyError> {
     rows.into_iter()
         .map(|(version, state)| {
@@ -764,5 +792,24 @@ fn state_error(error: StoreError, version: u32, wanted: &'static str) -> KeyErro
             wanted,
         },
         other => other.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_destroyed_version_stays_destroyed_whatever_a_later_read_says() {
+        use KeyVersionState::{Active, Destroyed, Retired};
+        let cached = BTreeMap::from([(1, Destroyed), (2, Retired), (3, Active)]);
+        // A read that started before version 1's destruction and one that lost the row.
+        let merged = merge_states(&cached, BTreeMap::from([(1, Retired), (2, Retired)]));
+        assert_eq!(merged.get(&1), Some(&Destroyed));
+        let merged = merge_states(&cached, BTreeMap::from([(2, Retired), (3, Active)]));
+        assert_eq!(merged.get(&1), Some(&Destroyed));
+        // Everything else is the database's word: versions move forward and appear.
+        let read = BTreeMap::from([(1, Destroyed), (2, Destroyed), (3, Retired), (4, Active)]);
+        assert_eq!(merge_states(&cached, read.clone()), read);
     }
 }
