@@ -355,6 +355,56 @@ async fn a5_every_service_and_every_refusal_is_rate_limited() {
     app.stop().await;
 }
 
+/// Health `Watch` holds a stream (and a task) for as long as the peer likes, with no
+/// credential: it is charged to the peer's rate and the unauthenticated budget, as
+/// reflection is, while `Check` stays free so a load balancer always gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a5_health_watch_is_charged_and_check_stays_free() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| {
+        fast_health(config);
+        config.limits.unauthenticated_requests_per_minute = 1;
+        config.limits.unauthenticated_burst = 3;
+        config.limits.max_unauthenticated_requests = 2;
+    })
+    .await
+    .unwrap();
+    let mut health = HealthClient::new(app.channel().await);
+    let watch = || HealthCheckRequest {
+        service: String::new(),
+    };
+    // Two streams take the whole budget and stay open.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let stream = tokio::time::timeout(Duration::from_secs(5), health.watch(watch()))
+            .await
+            .expect("Watch answers within 5 s")
+            .expect("a Watch within the budget is served");
+        held.push(stream.into_inner());
+    }
+    let over_budget = health.watch(watch()).await.unwrap_err();
+    assert_eq!(
+        (over_budget.code(), reason(&over_budget).as_str()),
+        (Code::Unavailable, "OVERLOADED"),
+        "{over_budget:?}"
+    );
+    // Three Watch calls used the address's burst: the fourth is refused for its rate.
+    let limited = health.watch(watch()).await.unwrap_err();
+    assert_eq!(
+        (limited.code(), reason(&limited).as_str()),
+        (Code::ResourceExhausted, "RATE_LIMITED"),
+        "{limited:?}"
+    );
+    // Check is charged to neither: it answers as often as asked, with the streams held.
+    for _ in 0..5 {
+        health.check(watch()).await.expect("Check is never refused");
+    }
+    for stream in &mut held {
+        assert!(stream.message().await.unwrap().is_some(), "the stream lives");
+    }
+    drop(held);
+    app.stop().await;
+}
+
 /// The per-call limits are part of what a reload applies (E21): a caller's rate, the rate
 /// of calls without a credential; the listener-level limits are refused, naming the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,15 +4,18 @@
 //! that slot until its deadline; before this layer, 450 such streams on one connection from
 //! a client without a token shut every caller (and the health check) out. So, in order:
 //!
-//! 1. Health checks pass straight through: they read a watch channel, cost nothing, and a
-//!    load balancer that sees them refused takes a loaded instance out for nothing.
+//! 1. Health `Check` passes straight through: it reads a watch channel, costs nothing, and
+//!    a load balancer that sees it refused takes a loaded instance out for nothing. Health
+//!    `Watch` is another matter: a stream held open for as long as the peer likes, with a
+//!    task of its own, so it is admitted as reflection is (step 3).
 //! 2. A request that is not gRPC (content type) is refused with HTTP 415, as the gRPC over
 //!    HTTP/2 protocol says.
 //! 3. The caller is authenticated from the headers alone. A call without a valid credential
 //!    is answered at once (`UNAUTHENTICATED`), or `RESOURCE_EXHAUSTED` / `RATE_LIMITED` once
 //!    its peer address is over `limits.unauthenticated_requests_per_minute`; its body is
-//!    never read. Reflection needs no credential: it is charged to the peer's rate and runs
-//!    on a small budget of its own (`limits.max_unauthenticated_requests`).
+//!    never read. Reflection and health `Watch` need no credential: they are charged to the
+//!    peer's rate and run on a small budget of their own
+//!    (`limits.max_unauthenticated_requests`), held for as long as the stream lasts.
 //! 4. An authenticated caller is charged its own rate (`limits.caller_requests_per_minute`),
 //!    on every service alike.
 //! 5. The request message is read within `limits.request_read_timeout_ms`, bounded by
@@ -53,18 +56,22 @@ type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 /// What a request path is, for admission.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
-    Health,
-    Reflection,
+    /// `grpc.health.v1.Health/Check`: free.
+    HealthCheck,
+    /// Streams that need no credential (reflection, health `Watch`): the peer's rate and
+    /// the unauthenticated budget.
+    Unauthenticated,
     Service,
 }
 
 fn kind(path: &str) -> Kind {
-    if path.starts_with("/grpc.health.v1.Health/") {
-        Kind::Health
-    } else if path.starts_with("/grpc.reflection.v1.ServerReflection/")
+    if path == "/grpc.health.v1.Health/Check" {
+        Kind::HealthCheck
+    } else if path.starts_with("/grpc.health.v1.Health/")
+        || path.starts_with("/grpc.reflection.v1.ServerReflection/")
         || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
     {
-        Kind::Reflection
+        Kind::Unauthenticated
     } else {
         Kind::Service
     }
@@ -139,7 +146,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
         let kind = kind(request.uri().path());
-        if kind == Kind::Health {
+        if kind == Kind::HealthCheck {
             return Box::pin(inner.call(request));
         }
         if !is_grpc(request.headers()) {
@@ -154,7 +161,8 @@ where
                     response
                 }
                 Ok(Admitted::Unauthenticated(request, permit)) => {
-                    // Reflection streams: the budget is held until the response ends.
+                    // Reflection and health Watch streams: the budget is held until the
+                    // response ends.
                     let response = inner.call(request).await?;
                     Ok(response.map(|body| {
                         Body::new(body.map_frame(move |frame| {
@@ -178,7 +186,7 @@ impl Shared {
     async fn admit(&self, kind: Kind, request: http::Request<Body>) -> Result<Admitted, Status> {
         let limits = self.limits.current();
         let peer = peer_addr(request.extensions()).map(|addr| addr.ip());
-        if kind == Kind::Reflection {
+        if kind == Kind::Unauthenticated {
             charge_peer(&limits, peer)?;
             let permit = limits.unauthenticated.try_take()?;
             return Ok(Admitted::Unauthenticated(request, permit));
@@ -393,10 +401,12 @@ mod tests {
         assert!(!is_grpc(&headers("application/grpcx")));
         assert!(!is_grpc(&headers("application/json")));
         assert!(!is_grpc(&http::HeaderMap::new()));
-        assert_eq!(kind("/grpc.health.v1.Health/Check"), Kind::Health);
+        assert_eq!(kind("/grpc.health.v1.Health/Check"), Kind::HealthCheck);
+        assert_eq!(kind("/grpc.health.v1.Health/Watch"), Kind::Unauthenticated);
+        assert_eq!(kind("/grpc.health.v1.Health/Check/x"), Kind::Unauthenticated);
         assert_eq!(
             kind("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
-            Kind::Reflection
+            Kind::Unauthenticated
         );
         assert_eq!(kind("/pdvault.v1.Vault/GetRecord"), Kind::Service);
     }
