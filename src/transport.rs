@@ -388,7 +388,9 @@ mod tests {
         );
         drop(first);
         assert!(
-            incoming.admit("2001:db8:1:2::99".parse().unwrap()).is_some(),
+            incoming
+                .admit("2001:db8:1:2::99".parse().unwrap())
+                .is_some(),
             "a closed connection frees the /64's slot"
         );
 
@@ -396,9 +398,17 @@ mod tests {
         let _v4 = incoming.admit("192.0.2.7".parse().unwrap()).unwrap();
         let _mapped = incoming.admit("::ffff:192.0.2.7".parse().unwrap()).unwrap();
         assert!(incoming.admit("192.0.2.7".parse().unwrap()).is_none());
-        assert!(incoming.admit("::ffff:192.0.2.7".parse().unwrap()).is_none());
+        assert!(
+            incoming
+                .admit("::ffff:192.0.2.7".parse().unwrap())
+                .is_none()
+        );
         let peers = incoming.peers.lock().unwrap();
-        assert_eq!(peers.len(), 2, "one count for the /64, one for the IPv4 peer");
+        assert_eq!(
+            peers.len(),
+            2,
+            "one count for the /64, one for the IPv4 peer"
+        );
         assert_eq!(peers[&"2001:db8:1:2::".parse::<IpAddr>().unwrap()], 1);
         assert_eq!(peers[&"192.0.2.7".parse::<IpAddr>().unwrap()], 2);
     }

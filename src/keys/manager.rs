@@ -344,7 +344,11 @@ impl KeyManager {
             let new_kek = destroyed(&kek, &cache.forgotten_kek);
             let new_index = destroyed(&index, &cache.forgotten_index);
             cache.kek = kek;
-            cache.read_at = Some(cache.read_at.map_or(started, |read_at| read_at.max(started)));
+            cache.read_at = Some(
+                cache
+                    .read_at
+                    .map_or(started, |read_at| read_at.max(started)),
+            );
             (new_kek, new_index)
         };
         // The states are published (so unwraps refuse) before the material goes: dropping
