@@ -307,6 +307,10 @@ pub struct LimitsConfig {
     /// Unauthenticated calls (reflection) served at once, apart from the authenticated
     /// calls' `max_concurrent_requests`.
     pub max_unauthenticated_requests: usize,
+    /// Calls one authenticated caller may have in flight at once, from reading its request
+    /// message to the end of its response; more are refused with RESOURCE_EXHAUSTED. Keeps
+    /// one caller from holding every slot or many buffered messages. 0 turns the cap off.
+    pub max_in_flight_per_caller: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -340,6 +344,7 @@ impl Default for LimitsConfig {
             unauthenticated_requests_per_minute: 120,
             unauthenticated_burst: 60,
             max_unauthenticated_requests: 16,
+            max_in_flight_per_caller: 64,
         }
     }
 }

@@ -10,12 +10,13 @@
 //! only turns overload into timeouts for everyone. Caller buckets are keyed on names from
 //! configuration and peer buckets are pruned, so their memory stays bounded.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -52,6 +53,72 @@ impl Permits {
                 "OVERLOADED",
             )
         })
+    }
+}
+
+/// A cap on each authenticated caller's calls in flight, taken before the request message
+/// is read and held until the response ends: without it one credential could have every
+/// stream of every connection it opens buffer a message at once, and take every slot of
+/// `max_concurrent_requests`. Counts are keyed by caller name (from configuration), and a
+/// caller with nothing in flight has no entry, so memory stays bounded.
+#[derive(Clone)]
+pub struct CallerInFlight {
+    /// 0: no cap.
+    max: usize,
+    held: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl CallerInFlight {
+    pub fn new(max: usize) -> CallerInFlight {
+        CallerInFlight {
+            max,
+            held: Arc::default(),
+        }
+    }
+
+    /// A slot for one more call of `caller`, held until dropped, or the refusal
+    /// (`RESOURCE_EXHAUSTED` / `RATE_LIMITED`: the caller's own load, retry later).
+    pub fn try_take(&self, caller: &str) -> Result<CallerSlot, Status> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(caller.to_owned()).or_insert(0);
+        if self.max != 0 && *count >= self.max {
+            drop(held);
+            crate::metrics::record_denial("RATE_LIMITED");
+            return Err(with_reason(
+                tonic::Code::ResourceExhausted,
+                "too many calls of this caller in flight; retry later",
+                "RATE_LIMITED",
+            ));
+        }
+        *count += 1;
+        Ok(CallerSlot {
+            caller: caller.to_owned(),
+            held: Arc::clone(&self.held),
+        })
+    }
+
+    /// How many calls `caller` has in flight.
+    pub fn in_flight(&self, caller: &str) -> usize {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.get(caller).copied().unwrap_or(0)
+    }
+}
+
+/// One call's place in its caller's in-flight count.
+pub struct CallerSlot {
+    caller: String,
+    held: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.caller) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.caller);
+            }
+        }
     }
 }
 
@@ -129,6 +196,7 @@ pub struct CallLimits {
     pub peers: Arc<PeerRateLimiter>,
     pub permits: Permits,
     pub unauthenticated: Permits,
+    pub per_caller: CallerInFlight,
     pub read_timeout: Duration,
     /// The settings these were built from, to tell on reload what changed.
     config: LimitsConfig,
@@ -230,11 +298,20 @@ impl CallLimits {
             }
             _ => Permits::new(config.max_unauthenticated_requests),
         };
+        let per_caller = match running {
+            Some(running)
+                if kept(&|old| old.max_in_flight_per_caller == config.max_in_flight_per_caller) =>
+            {
+                running.per_caller.clone()
+            }
+            _ => CallerInFlight::new(config.max_in_flight_per_caller),
+        };
         CallLimits {
             callers,
             peers,
             permits,
             unauthenticated,
+            per_caller,
             read_timeout: Duration::from_millis(config.request_read_timeout_ms.max(1)),
             config: config.clone(),
         }
@@ -331,6 +408,31 @@ impl CallerRateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_caller_has_its_own_in_flight_cap() {
+        let cap = CallerInFlight::new(2);
+        let first = cap.try_take("claims").unwrap();
+        let _second = cap.try_take("claims").unwrap();
+        let refused = cap.try_take("claims").err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        let _other = cap
+            .try_take("login")
+            .expect("another caller has its own count");
+        drop(first);
+        assert_eq!(cap.in_flight("claims"), 1);
+        let _again = cap
+            .try_take("claims")
+            .expect("a finished call frees its place");
+        let off = CallerInFlight::new(0);
+        let held: Vec<_> = (0..1000).map(|_| off.try_take("claims").unwrap()).collect();
+        assert_eq!(off.in_flight("claims"), 1000, "0 is no cap");
+        drop(held);
+        assert!(
+            off.held.lock().unwrap().is_empty(),
+            "idle callers leave no entry"
+        );
+    }
 
     #[test]
     fn each_caller_has_its_own_bucket() {

@@ -399,7 +399,10 @@ async fn a5_health_watch_is_charged_and_check_stays_free() {
         health.check(watch()).await.expect("Check is never refused");
     }
     for stream in &mut held {
-        assert!(stream.message().await.unwrap().is_some(), "the stream lives");
+        assert!(
+            stream.message().await.unwrap().is_some(),
+            "the stream lives"
+        );
     }
     drop(held);
     app.stop().await;
@@ -533,6 +536,9 @@ async fn c10_headers_without_data_starve_no_caller_and_not_health() {
         config.limits.max_streams_per_connection = STREAMS;
         config.limits.request_read_timeout_ms = 3_000;
         config.limits.unauthenticated_burst = 1_000;
+        // The global slots are under test here: 80 silent streams of one caller would
+        // otherwise meet its own cap first (c10_one_caller_cannot_hold_more_than_its_share).
+        config.limits.max_in_flight_per_caller = 0;
     })
     .await
     .unwrap();
@@ -606,6 +612,82 @@ async fn c10_headers_without_data_starve_no_caller_and_not_health() {
         "{waited:?}"
     );
     drop(open_streams);
+    app.stop().await;
+}
+
+/// One authenticated caller holds at most `limits.max_in_flight_per_caller` calls at once,
+/// counted from before its message is read: streams that send headers and trickle no body
+/// cannot buffer more than that, or take every global slot, and other callers go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c10_one_caller_cannot_hold_more_than_its_share() {
+    const CAP: usize = 3;
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| {
+        config.limits.max_in_flight_per_caller = CAP;
+        config.limits.request_read_timeout_ms = 10_000;
+    })
+    .await
+    .unwrap();
+    let mut connection = raw_connect(app.addr).await;
+    let get = || {
+        use prost::Message;
+        frame(
+            &GetRecordRequest {
+                record_id: UNKNOWN_RECORD.into(),
+                purpose: "service-delivery".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+    };
+    // CAP calls of one caller send their headers and no message: each holds its place.
+    let mut silent = Vec::new();
+    for _ in 0..CAP {
+        let request = grpc_request(connection.addr, GET_RECORD, Some(CLAIMS.token));
+        silent.push(connection.headers_only(request).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // One more call of that caller is refused at once, message or not.
+    let started = Instant::now();
+    let refused = connection
+        .call(
+            grpc_request(app.addr, GET_RECORD, Some(CLAIMS.token)),
+            get(),
+        )
+        .await;
+    assert!(
+        refused.is(Code::ResourceExhausted, "RATE_LIMITED"),
+        "{refused:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused without waiting"
+    );
+    // Another caller is not charged for it.
+    let other = app
+        .client()
+        .await
+        .check_account(authed(
+            LOGIN.token,
+            CheckAccountRequest {
+                record_id: UNKNOWN_RECORD.into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::NotFound, "{other:?}");
+    // A silent call that finally sends its message is served and frees its place.
+    let (response, mut stream) = silent.pop().unwrap();
+    stream.send_data(get(), true).unwrap();
+    let answered = read_reply(response).await;
+    assert_eq!(answered.code, Some(Code::NotFound), "{answered:?}");
+    let served = connection
+        .call(
+            grpc_request(app.addr, GET_RECORD, Some(CLAIMS.token)),
+            get(),
+        )
+        .await;
+    assert_eq!(served.code, Some(Code::NotFound), "{served:?}");
+    drop(silent);
     app.stop().await;
 }
 

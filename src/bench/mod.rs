@@ -825,6 +825,9 @@ impl Server {
             Config::load(None, &flags).map_err(|e| BenchError::Startup(e.to_string()))?;
         let token = generate_token().map_err(|e| BenchError::Startup(e.to_string()))?;
         config.admin.enabled = false;
+        // The load generator is one caller with --in-flight calls at once: its own cap
+        // would measure the flag, not the vault.
+        config.limits.max_in_flight_per_caller = 0;
         // Standard output carries the report (`--json`): checkpoints go to a file.
         config.audit.checkpoint_sink = data_dir.join("checkpoints.jsonl").display().to_string();
         config.callers.push(CallerConfig {

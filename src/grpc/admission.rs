@@ -17,7 +17,10 @@
 //!    peer's rate and run on a small budget of their own
 //!    (`limits.max_unauthenticated_requests`), held for as long as the stream lasts.
 //! 4. An authenticated caller is charged its own rate (`limits.caller_requests_per_minute`),
-//!    on every service alike.
+//!    on every service alike, and takes a place in its own in-flight count
+//!    (`limits.max_in_flight_per_caller`, `RESOURCE_EXHAUSTED` / `RATE_LIMITED` when full),
+//!    held until its handler has answered: one credential cannot have more messages than that
+//!    buffered at once, nor take every slot of step 6.
 //! 5. The request message is read within `limits.request_read_timeout_ms`, bounded by
 //!    `limits.max_message_bytes`, and its gRPC framing checked (one complete message, no
 //!    compressed flag without `grpc-encoding`): framing errors are `INVALID_ARGUMENT` /
@@ -155,9 +158,10 @@ where
         }
         Box::pin(async move {
             match shared.admit(kind, request).await {
-                Ok(Admitted::Service(request, permit)) => {
+                Ok(Admitted::Service(request, permit, caller_slot)) => {
                     let response = inner.call(request).await;
                     drop(permit);
+                    drop(caller_slot);
                     response
                 }
                 Ok(Admitted::Unauthenticated(request, permit)) => {
@@ -178,7 +182,11 @@ where
 }
 
 enum Admitted {
-    Service(http::Request<Body>, tokio::sync::OwnedSemaphorePermit),
+    Service(
+        http::Request<Body>,
+        tokio::sync::OwnedSemaphorePermit,
+        crate::limits::CallerSlot,
+    ),
     Unauthenticated(http::Request<Body>, tokio::sync::OwnedSemaphorePermit),
 }
 
@@ -221,6 +229,7 @@ impl Shared {
                 "RATE_LIMITED",
             ));
         }
+        let caller_slot = limits.per_caller.try_take(&caller.name)?;
         let (parts, body) = request.into_parts();
         let compressed = parts
             .headers
@@ -233,6 +242,7 @@ impl Shared {
         Ok(Admitted::Service(
             http::Request::from_parts(parts, body),
             permit,
+            caller_slot,
         ))
     }
 
@@ -403,7 +413,10 @@ mod tests {
         assert!(!is_grpc(&http::HeaderMap::new()));
         assert_eq!(kind("/grpc.health.v1.Health/Check"), Kind::HealthCheck);
         assert_eq!(kind("/grpc.health.v1.Health/Watch"), Kind::Unauthenticated);
-        assert_eq!(kind("/grpc.health.v1.Health/Check/x"), Kind::Unauthenticated);
+        assert_eq!(
+            kind("/grpc.health.v1.Health/Check/x"),
+            Kind::Unauthenticated
+        );
         assert_eq!(
             kind("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
             Kind::Unauthenticated
