@@ -405,12 +405,12 @@ async fn run_phase(
     };
     progress(&format!("phase {describe}: vault"));
     let before = server.audit.as_ref().map(|s| s.snapshot());
+    let io_before = process_write_bytes();
     let vault_results = drive_load(options, mix, rate, vault, workload).await;
-    let audit = server
-        .audit
-        .as_ref()
-        .zip(before)
-        .map(|(stats, before)| report::AuditReport::between(before, stats.snapshot()));
+    let io_after = process_write_bytes();
+    let audit = server.audit.as_ref().zip(before).map(|(stats, before)| {
+        report::AuditReport::between(before, stats.snapshot(), io_before, io_after)
+    });
     let rpcs = mix
         .rpcs()
         .map(|rpc| {
@@ -426,6 +426,16 @@ async fn run_phase(
         rpcs,
         audit,
     })
+}
+
+/// `write_bytes` of `/proc/self/io`: what this process has caused to be written to storage.
+/// With the vault in this process, the difference over a phase is the vault's disk traffic
+/// (the load generator writes nothing). `None` where the kernel does not report it.
+fn process_write_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))
+        .and_then(|value| value.trim().parse().ok())
 }
 
 fn progress(message: &str) {

@@ -94,19 +94,37 @@ pub struct AuditReport {
     pub events: u64,
     pub mean_batch: f64,
     pub mean_flush_ms: f64,
+    /// Bytes this process caused to be written to storage during the phase (`write_bytes`
+    /// of `/proc/self/io`: WAL, checkpoints and anything else), when the kernel reports it.
+    pub write_bytes: Option<u64>,
+    /// `write_bytes` divided by the audit events appended in the phase.
+    pub bytes_per_event: Option<f64>,
 }
 
 impl AuditReport {
     /// The difference of two `BatchStats::snapshot`s.
-    pub fn between(before: (u64, u64, u64, u64), after: (u64, u64, u64, u64)) -> AuditReport {
+    /// `io_before`/`io_after` are `write_bytes` readings taken at the same moments.
+    pub fn between(
+        before: (u64, u64, u64, u64),
+        after: (u64, u64, u64, u64),
+        io_before: Option<u64>,
+        io_after: Option<u64>,
+    ) -> AuditReport {
         let batches = after.0.saturating_sub(before.0);
         let events = after.1.saturating_sub(before.1);
         let flush_us = after.3.saturating_sub(before.3);
+        let write_bytes = io_before
+            .zip(io_after)
+            .map(|(before, after)| after.saturating_sub(before));
         AuditReport {
             batches,
             events,
             mean_batch: events as f64 / batches.max(1) as f64,
             mean_flush_ms: flush_us as f64 / 1000.0 / batches.max(1) as f64,
+            write_bytes,
+            bytes_per_event: write_bytes
+                .filter(|_| events > 0)
+                .map(|bytes| bytes as f64 / events as f64),
         }
     }
 }
@@ -264,6 +282,15 @@ impl Report {
                     "{:<16}   audit: {} events in {} group commits, mean batch {:.1}, mean flush {:.2} ms",
                     "", audit.events, audit.batches, audit.mean_batch, audit.mean_flush_ms
                 );
+                if let (Some(bytes), Some(per_event)) = (audit.write_bytes, audit.bytes_per_event) {
+                    let _ = writeln!(
+                        out,
+                        "{:<16}   disk: {:.1} MiB written, {:.0} bytes per audit event",
+                        "",
+                        bytes as f64 / (1024.0 * 1024.0),
+                        per_event
+                    );
+                }
             }
         }
         out
