@@ -90,6 +90,10 @@ async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
     // The in-process vault reports its group commit; reads were audited.
     let get_audit = report.phases[0].audit.as_ref().expect("audit figures");
     assert!(get_audit.events >= report.phases[0].rpcs[0].vault.requests);
+    // Linux reports what the process wrote (`/proc/self/io`), so the bytes per audit event
+    // are measured (zero only where the data directory is not on a block device).
+    #[cfg(target_os = "linux")]
+    assert!(get_audit.write_bytes.is_some() && get_audit.bytes_per_event.is_some());
     assert_all_succeeded(&report);
 
     let json: serde_json::Value = serde_json::to_value(&report).unwrap();
@@ -102,6 +106,8 @@ async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
         assert!(first["echo"][key].is_number(), "echo.{key}");
     }
     assert!(first["ratio"].is_number());
+    #[cfg(target_os = "linux")]
+    assert!(json["phases"][0]["audit"]["bytes_per_event"].is_number());
     let text = report.to_text();
     for header in [
         "req/s",
