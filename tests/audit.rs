@@ -70,7 +70,7 @@ async fn nothing_is_released_when_the_audit_store_is_unwritable(app: &TestApp) {
     assert_eq!(value(&response, "name").0, "张小三");
 }
 
-async fn every_granted_read_has_exactly_one_event_under_load(app: &TestApp) {
+async fn reads_beyond_the_callers_in_flight_cap_are_shed_without_events(app: &TestApp) {
     let record = create(app, zhang_san()).await;
     let client = app.client().await;
     // Below the default concurrency cap (256), but one caller above its default in-flight
@@ -595,7 +595,7 @@ for_each_backend!(
     a_large_batch_links_across_statement_chunks,
     concurrent_creates_commit_together_and_a_duplicate_fails_alone,
     nothing_is_released_when_the_audit_store_is_unwritable,
-    every_granted_read_has_exactly_one_event_under_load,
+    reads_beyond_the_callers_in_flight_cap_are_shed_without_events,
     an_edited_event_is_detected,
     a_deleted_event_is_detected,
     reordered_events_are_detected,
@@ -607,3 +607,75 @@ for_each_backend!(
     the_breach_question_is_answered_from_an_index,
     retention_removes_old_segments_and_verification_still_passes,
 );
+
+async fn every_granted_read_has_exactly_one_event_under_load(app: &TestApp) {
+    let record = create(app, zhang_san()).await;
+    let client = app.client().await;
+    // Below the default concurrency cap (256), with the per-caller in-flight cap off (see
+    // the two tests below), so no call is shed.
+    let reads = 200;
+    let mut tasks = Vec::new();
+    for i in 0..reads {
+        let mut client = client.clone();
+        let record_id = record.record_id.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut request = authed(
+                CLAIMS.token,
+                pdvault::proto::GetRecordRequest {
+                    record_id,
+                    purpose: "service-delivery".into(),
+                    ..Default::default()
+                },
+            );
+            request
+                .metadata_mut()
+                .insert("x-request-id", format!("load-{i}").parse().unwrap());
+            client.get_record(request).await.is_ok()
+        }));
+    }
+    let mut granted = 0;
+    for task in tasks {
+        if task.await.unwrap() {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, reads);
+    let events = app
+        .count(
+            "SELECT COUNT(*) FROM audit_events \
+             WHERE rpc = 'GetRecord' AND outcome = 'OK' AND request_id LIKE 'load-%'",
+        )
+        .await;
+    assert_eq!(events, reads as i64);
+    let distinct = app
+        .count(
+            "SELECT COUNT(DISTINCT request_id) FROM audit_events \
+             WHERE rpc = 'GetRecord' AND request_id LIKE 'load-%'",
+        )
+        .await;
+    assert_eq!(distinct, reads as i64, "one event per read, none twice");
+    let report = verify(app).await;
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+/// 200 concurrent reads of one caller, every one served: the in-flight cap
+/// (`limits.max_in_flight_per_caller`) is off so that load, not the cap, is what is tested.
+async fn uncapped(backend: Backend) -> Option<TestApp> {
+    TestApp::spawn_with(backend, |config| config.limits.max_in_flight_per_caller = 0).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_granted_read_has_exactly_one_event_under_load_sqlite() {
+    if let Some(app) = uncapped(Backend::Sqlite).await {
+        every_granted_read_has_exactly_one_event_under_load(&app).await;
+        app.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_granted_read_has_exactly_one_event_under_load_postgres() {
+    if let Some(app) = uncapped(Backend::Postgres).await {
+        every_granted_read_has_exactly_one_event_under_load(&app).await;
+        app.stop().await;
+    }
+}
