@@ -86,7 +86,7 @@ impl CallerInFlight {
             crate::metrics::record_denial("RATE_LIMITED");
             return Err(with_reason(
                 tonic::Code::ResourceExhausted,
-                "too many calls of this caller in flight; retry later",
+                "too many calls in flight from this caller or address; retry later",
                 "RATE_LIMITED",
             ));
         }
@@ -197,6 +197,8 @@ pub struct CallLimits {
     pub permits: Permits,
     pub unauthenticated: Permits,
     pub per_caller: CallerInFlight,
+    /// Each address's share of `unauthenticated` ([`unauthenticated_share`]).
+    pub unauthenticated_per_peer: CallerInFlight,
     pub read_timeout: Duration,
     /// The settings these were built from, to tell on reload what changed.
     config: LimitsConfig,
@@ -298,6 +300,16 @@ impl CallLimits {
             }
             _ => Permits::new(config.max_unauthenticated_requests),
         };
+        let unauthenticated_per_peer = match running {
+            Some(running)
+                if kept(&|old| {
+                    old.max_unauthenticated_requests == config.max_unauthenticated_requests
+                }) =>
+            {
+                running.unauthenticated_per_peer.clone()
+            }
+            _ => CallerInFlight::new(unauthenticated_share(config.max_unauthenticated_requests)),
+        };
         let per_caller = match running {
             Some(running)
                 if kept(&|old| old.max_in_flight_per_caller == config.max_in_flight_per_caller) =>
@@ -312,6 +324,7 @@ impl CallLimits {
             permits,
             unauthenticated,
             per_caller,
+            unauthenticated_per_peer,
             read_timeout: Duration::from_millis(config.request_read_timeout_ms.max(1)),
             config: config.clone(),
         }
@@ -337,6 +350,13 @@ fn with_reason(code: tonic::Code, message: &str, reason: &str) -> Status {
 /// An IPv6 address stands for its /64, the block one host usually holds, so a host cannot
 /// dodge a per-peer limit by walking its addresses; an IPv4-mapped IPv6 address is the IPv4
 /// peer it maps, so a dual-stack listener counts that peer once.
+/// How many of the `max_unauthenticated_requests` streams (reflection, health `Watch`) one
+/// address (IPv4, or IPv6 /64: [`peer_key`]) may hold at once: a quarter, at least one, so
+/// a single peer that keeps its streams open cannot take the whole budget.
+pub fn unauthenticated_share(max_unauthenticated_requests: usize) -> usize {
+    (max_unauthenticated_requests / 4).max(1)
+}
+
 pub fn peer_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

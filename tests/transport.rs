@@ -364,39 +364,66 @@ async fn a5_health_watch_is_charged_and_check_stays_free() {
         fast_health(config);
         config.limits.unauthenticated_requests_per_minute = 1;
         config.limits.unauthenticated_burst = 3;
+        // A budget of two streams, of which one address may hold one.
         config.limits.max_unauthenticated_requests = 2;
     })
     .await
     .unwrap();
-    let mut health = HealthClient::new(app.channel().await);
+    // Three peers on loopback: 127.0.0.1, .2 and .3 all reach the vault's 127.0.0.1.
+    let from = |last: u8| {
+        let addr = app.addr;
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .local_address(Some(std::net::IpAddr::from([127, 0, 0, last])))
+                .connect()
+                .await
+                .expect("loopback source addresses connect");
+            HealthClient::new(channel)
+        }
+    };
+    let (mut first, mut second, mut third) = (from(1).await, from(2).await, from(3).await);
     let watch = || HealthCheckRequest {
         service: String::new(),
     };
-    // Two streams take the whole budget and stay open.
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let stream = tokio::time::timeout(Duration::from_secs(5), health.watch(watch()))
-            .await
-            .expect("Watch answers within 5 s")
-            .expect("a Watch within the budget is served");
-        held.push(stream.into_inner());
-    }
-    let over_budget = health.watch(watch()).await.unwrap_err();
+    let served = |result: Result<tonic::Response<tonic::Streaming<_>>, tonic::Status>| {
+        result
+            .expect("a Watch within the budget is served")
+            .into_inner()
+    };
+    let refused = |result: Result<tonic::Response<tonic::Streaming<_>>, tonic::Status>| {
+        let status = result.expect_err("refused");
+        (status.code(), reason(&status), status.message().to_owned())
+    };
+    let mut held = vec![served(first.watch(watch()).await)];
+    // The first address holds its share: a second stream of its own is refused, while
+    // another address still gets the rest of the budget.
+    let (code, why, message) = refused(first.watch(watch()).await);
     assert_eq!(
-        (over_budget.code(), reason(&over_budget).as_str()),
-        (Code::Unavailable, "OVERLOADED"),
-        "{over_budget:?}"
+        (code, why.as_str()),
+        (Code::ResourceExhausted, "RATE_LIMITED")
     );
-    // Three Watch calls used the address's burst: the fourth is refused for its rate.
-    let limited = health.watch(watch()).await.unwrap_err();
+    assert!(message.contains("in flight"), "{message}");
+    held.push(served(second.watch(watch()).await));
+    // Two streams take the whole budget: a third address is refused for load.
+    let (code, why, _) = refused(third.watch(watch()).await);
+    assert_eq!((code, why.as_str()), (Code::Unavailable, "OVERLOADED"));
+    // The first address has used its burst of three: the fourth is refused for its rate.
+    let (code, why, message) = refused(first.watch(watch()).await);
     assert_eq!(
-        (limited.code(), reason(&limited).as_str()),
-        (Code::ResourceExhausted, "RATE_LIMITED"),
-        "{limited:?}"
+        (code, why.as_str()),
+        (Code::ResourceExhausted, "RATE_LIMITED")
     );
+    assert!(message.contains("in flight"), "{message}");
+    let (code, why, message) = refused(first.watch(watch()).await);
+    assert_eq!(
+        (code, why.as_str()),
+        (Code::ResourceExhausted, "RATE_LIMITED")
+    );
+    assert!(message.contains("unauthenticated calls"), "{message}");
     // Check is charged to neither: it answers as often as asked, with the streams held.
     for _ in 0..5 {
-        health.check(watch()).await.expect("Check is never refused");
+        third.check(watch()).await.expect("Check is never refused");
     }
     for stream in &mut held {
         assert!(

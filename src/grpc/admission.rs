@@ -164,13 +164,13 @@ where
                     drop(caller_slot);
                     response
                 }
-                Ok(Admitted::Unauthenticated(request, permit)) => {
+                Ok(Admitted::Unauthenticated(request, permit, peer_slot)) => {
                     // Reflection and health Watch streams: the budget is held until the
                     // response ends.
                     let response = inner.call(request).await?;
                     Ok(response.map(|body| {
                         Body::new(body.map_frame(move |frame| {
-                            let _held = &permit;
+                            let _held = (&permit, &peer_slot);
                             frame
                         }))
                     }))
@@ -187,7 +187,11 @@ enum Admitted {
         tokio::sync::OwnedSemaphorePermit,
         crate::limits::CallerSlot,
     ),
-    Unauthenticated(http::Request<Body>, tokio::sync::OwnedSemaphorePermit),
+    Unauthenticated(
+        http::Request<Body>,
+        tokio::sync::OwnedSemaphorePermit,
+        Option<crate::limits::CallerSlot>,
+    ),
 }
 
 impl Shared {
@@ -196,8 +200,18 @@ impl Shared {
         let peer = peer_addr(request.extensions()).map(|addr| addr.ip());
         if kind == Kind::Unauthenticated {
             charge_peer(&limits, peer)?;
+            // One address holds at most its share of the budget, so it cannot keep every
+            // reflection or Watch stream open for itself.
+            let peer_slot = match peer {
+                Some(ip) => Some(
+                    limits
+                        .unauthenticated_per_peer
+                        .try_take(&crate::limits::peer_key(ip).to_string())?,
+                ),
+                None => None,
+            };
             let permit = limits.unauthenticated.try_take()?;
-            return Ok(Admitted::Unauthenticated(request, permit));
+            return Ok(Admitted::Unauthenticated(request, permit, peer_slot));
         }
         let caller = {
             let policy = self.vault.policy();
