@@ -70,13 +70,11 @@ async fn nothing_is_released_when_the_audit_store_is_unwritable(app: &TestApp) {
     assert_eq!(value(&response, "name").0, "张小三");
 }
 
-async fn reads_beyond_the_callers_in_flight_cap_are_shed_without_events(app: &TestApp) {
+/// `reads` concurrent granted-purpose reads of one new record by one caller, each with its
+/// own `x-request-id` (`load-<i>`); their answers in order.
+async fn concurrent_reads(app: &TestApp, reads: usize) -> Vec<Result<(), tonic::Status>> {
     let record = create(app, zhang_san()).await;
     let client = app.client().await;
-    // Below the default concurrency cap (256), but one caller above its default in-flight
-    // cap (`limits.max_in_flight_per_caller`, 64): some calls may be shed, and a shed call
-    // must leave no event, as a granted one leaves exactly one.
-    let reads = 200;
     let mut tasks = Vec::new();
     for i in 0..reads {
         let mut client = client.clone();
@@ -93,13 +91,41 @@ async fn reads_beyond_the_callers_in_flight_cap_are_shed_without_events(app: &Te
             request
                 .metadata_mut()
                 .insert("x-request-id", format!("load-{i}").parse().unwrap());
-            client.get_record(request).await
+            client.get_record(request).await.map(drop)
         }));
     }
-    let mut granted = 0;
+    let mut answers = Vec::new();
     for task in tasks {
-        match task.await.unwrap() {
-            Ok(_) => granted += 1,
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+/// The events of [`concurrent_reads`]: granted ones, and distinct request ids of any outcome.
+async fn load_events(app: &TestApp) -> (i64, i64) {
+    let granted = app
+        .count(
+            "SELECT COUNT(*) FROM audit_events \
+             WHERE rpc = 'GetRecord' AND outcome = 'OK' AND request_id LIKE 'load-%'",
+        )
+        .await;
+    let distinct = app
+        .count(
+            "SELECT COUNT(DISTINCT request_id) FROM audit_events \
+             WHERE rpc = 'GetRecord' AND request_id LIKE 'load-%'",
+        )
+        .await;
+    (granted, distinct)
+}
+
+async fn reads_beyond_the_callers_in_flight_cap_are_shed_without_events(app: &TestApp) {
+    // Below the default concurrency cap (256), but one caller above its default in-flight
+    // cap (`limits.max_in_flight_per_caller`, 64): some calls may be shed, and a shed call
+    // must leave no event, as a granted one leaves exactly one.
+    let mut granted = 0;
+    for answer in concurrent_reads(app, 200).await {
+        match answer {
+            Ok(()) => granted += 1,
             Err(status) => {
                 assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
                 assert_eq!(reason(&status), "RATE_LIMITED");
@@ -110,23 +136,29 @@ async fn reads_beyond_the_callers_in_flight_cap_are_shed_without_events(app: &Te
         granted >= 64,
         "at least the caller's cap is served: {granted}"
     );
-    let events = app
-        .count(
-            "SELECT COUNT(*) FROM audit_events \
-             WHERE rpc = 'GetRecord' AND outcome = 'OK' AND request_id LIKE 'load-%'",
-        )
-        .await;
+    let (events, distinct) = load_events(app).await;
     assert_eq!(events, granted as i64);
-    let distinct = app
-        .count(
-            "SELECT COUNT(DISTINCT request_id) FROM audit_events \
-             WHERE rpc = 'GetRecord' AND request_id LIKE 'load-%'",
-        )
-        .await;
     assert_eq!(
         distinct, granted as i64,
         "one event per granted read, none twice"
     );
+    let report = verify(app).await;
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+async fn every_granted_read_has_exactly_one_event_under_load(app: &TestApp) {
+    // Below the default concurrency cap (256), with the per-caller in-flight cap off (see
+    // the two tests below), so no call is shed.
+    let reads = 200;
+    let granted = concurrent_reads(app, reads)
+        .await
+        .into_iter()
+        .filter(Result::is_ok)
+        .count();
+    assert_eq!(granted, reads);
+    let (events, distinct) = load_events(app).await;
+    assert_eq!(events, reads as i64);
+    assert_eq!(distinct, reads as i64, "one event per read, none twice");
     let report = verify(app).await;
     assert!(report.ok(), "{:?}", report.problems);
 }
@@ -607,56 +639,6 @@ for_each_backend!(
     the_breach_question_is_answered_from_an_index,
     retention_removes_old_segments_and_verification_still_passes,
 );
-
-async fn every_granted_read_has_exactly_one_event_under_load(app: &TestApp) {
-    let record = create(app, zhang_san()).await;
-    let client = app.client().await;
-    // Below the default concurrency cap (256), with the per-caller in-flight cap off (see
-    // the two tests below), so no call is shed.
-    let reads = 200;
-    let mut tasks = Vec::new();
-    for i in 0..reads {
-        let mut client = client.clone();
-        let record_id = record.record_id.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut request = authed(
-                CLAIMS.token,
-                pdvault::proto::GetRecordRequest {
-                    record_id,
-                    purpose: "service-delivery".into(),
-                    ..Default::default()
-                },
-            );
-            request
-                .metadata_mut()
-                .insert("x-request-id", format!("load-{i}").parse().unwrap());
-            client.get_record(request).await.is_ok()
-        }));
-    }
-    let mut granted = 0;
-    for task in tasks {
-        if task.await.unwrap() {
-            granted += 1;
-        }
-    }
-    assert_eq!(granted, reads);
-    let events = app
-        .count(
-            "SELECT COUNT(*) FROM audit_events \
-             WHERE rpc = 'GetRecord' AND outcome = 'OK' AND request_id LIKE 'load-%'",
-        )
-        .await;
-    assert_eq!(events, reads as i64);
-    let distinct = app
-        .count(
-            "SELECT COUNT(DISTINCT request_id) FROM audit_events \
-             WHERE rpc = 'GetRecord' AND request_id LIKE 'load-%'",
-        )
-        .await;
-    assert_eq!(distinct, reads as i64, "one event per read, none twice");
-    let report = verify(app).await;
-    assert!(report.ok(), "{:?}", report.problems);
-}
 
 /// 200 concurrent reads of one caller, every one served: the in-flight cap
 /// (`limits.max_in_flight_per_caller`) is off so that load, not the cap, is what is tested.
