@@ -131,7 +131,9 @@ impl RawConnection {
         let send = self.send.clone().ready().await.unwrap();
         self.send = send;
         let (response, mut stream) = self.send.send_request(request, false).unwrap();
-        stream.send_data(body, true).unwrap();
+        // The vault may answer from the headers alone (a refused credential, a content type
+        // it does not serve) and close the stream before the body is sent: the reply says so.
+        let _ = stream.send_data(body, true);
         read_reply(response).await
     }
 
