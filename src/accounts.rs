@@ -319,10 +319,7 @@ impl Vault {
                 None,
             );
             event.released = view.released_flags();
-            self.audit.record(event).await.map_err(|error| {
-                tracing::error!(%error, "audit write failed; refusing to answer");
-                VaultError::AuditUnavailable
-            })?;
+            self.commit_before_answer(event).await?;
             Ok(view)
         }
         .await;

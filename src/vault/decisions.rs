@@ -85,6 +85,18 @@ impl Vault {
         result
     }
 
+    /// Commits the event of a granted read or lookup before its answer leaves: fails closed
+    /// with [`VaultError::AuditUnavailable`] (the cause is logged, never returned).
+    pub(crate) async fn commit_before_answer(
+        &self,
+        event: crate::audit::AuditEvent,
+    ) -> Result<(), VaultError> {
+        self.audit.record(event).await.map_err(|error| {
+            tracing::error!(%error, "audit write failed; refusing to answer");
+            VaultError::AuditUnavailable
+        })
+    }
+
     /// Writes the event of a refused call.
     pub async fn audit_refusal(
         &self,

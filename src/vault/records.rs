@@ -178,10 +178,7 @@ impl Vault {
                 .iter()
                 .map(|(field, value)| (field.as_str().to_owned(), value.level.as_str().to_owned()))
                 .collect();
-            self.audit.record(event).await.map_err(|error| {
-                tracing::error!(%error, "audit write failed; refusing to release");
-                VaultError::AuditUnavailable
-            })?;
+            self.commit_before_answer(event).await?;
             Ok(release)
         }
         .await;
@@ -443,10 +440,7 @@ impl Vault {
             );
             event.purpose = Some(purpose.to_owned());
             event.justification = justification.non_empty();
-            self.audit.record(event).await.map_err(|error| {
-                tracing::error!(%error, "audit write failed; refusing to answer");
-                VaultError::AuditUnavailable
-            })?;
+            self.commit_before_answer(event).await?;
             Ok(record_ids)
         }
         .await;
