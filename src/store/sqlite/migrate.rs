@@ -7,6 +7,11 @@
 //! are adopted as they are, and nothing they applied is applied twice. A database is
 //! refused when it records a migration this build does not have (it is newer than the
 //! code), one whose file changed since it was applied, or one that failed half-way.
+//!
+//! Foreign keys are off while migrations run (SQLite's procedure for rebuilding a table,
+//! which a migration may need: `PRAGMA foreign_keys` cannot change inside a transaction),
+//! and each migration commits only if `PRAGMA foreign_key_check` then finds nothing; they
+//! are switched back on afterwards, whatever happened.
 
 use rusqlite::Connection;
 use sha2::{Digest, Sha384};
@@ -29,6 +34,8 @@ pub enum MigrationError {
     Changed { version: i64 },
     #[error("migration {version} failed half-way earlier; repair the database by hand")]
     Dirty { version: i64 },
+    #[error("migration {version} leaves rows whose foreign keys point nowhere")]
+    ForeignKeys { version: i64 },
     #[error("migration {version} failed")]
     Apply {
         version: i64,
@@ -56,6 +63,26 @@ fn checksum(sql: &str) -> Vec<u8> {
 /// Applies every migration the database lacks; returns how many it applied. Runs on the
 /// writer thread, the one connection that writes.
 pub(super) fn run(conn: &mut Connection) -> Result<usize, StoreError> {
+    run_list(conn, MIGRATIONS)
+}
+
+/// [`run`] over a given list of migrations.
+pub(super) fn run_list(
+    conn: &mut Connection,
+    migrations: &[(i64, &str, &str)],
+) -> Result<usize, StoreError> {
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    let applied = apply_pending(conn, migrations);
+    let restored = conn.pragma_update(None, "foreign_keys", "ON");
+    let applied = applied?;
+    restored?;
+    Ok(applied)
+}
+
+fn apply_pending(
+    conn: &mut Connection,
+    migrations: &[(i64, &str, &str)],
+) -> Result<usize, StoreError> {
     execute(conn, CREATE_TABLE, &[])?;
     let applied: Vec<(i64, bool, Vec<u8>)> = rows(conn, APPLIED, &[], |row| {
         Ok((row.get(0)?, row.get(1)?, row.get(2)?))
@@ -65,7 +92,7 @@ pub(super) fn run(conn: &mut Connection) -> Result<usize, StoreError> {
         if !success {
             return Err(MigrationError::Dirty { version }.into());
         }
-        match MIGRATIONS.iter().find(|(known, _, _)| *known == version) {
+        match migrations.iter().find(|(known, _, _)| *known == version) {
             None => return Err(MigrationError::Unknown { version }.into()),
             Some((_, _, sql)) if checksum(sql) != *recorded => {
                 return Err(MigrationError::Changed { version }.into());
@@ -74,7 +101,7 @@ pub(super) fn run(conn: &mut Connection) -> Result<usize, StoreError> {
         }
     }
     let mut count = 0;
-    for (version, description, sql) in MIGRATIONS {
+    for (version, description, sql) in migrations {
         if applied.iter().any(|(done, _, _)| done == version) {
             continue;
         }
@@ -86,6 +113,10 @@ pub(super) fn run(conn: &mut Connection) -> Result<usize, StoreError> {
                 return Ok(false);
             }
             tx.execute_batch(sql)?;
+            let dangling = rows(&tx, "PRAGMA foreign_key_check", &[], |_| Ok(()))?;
+            if !dangling.is_empty() {
+                return Err(MigrationError::ForeignKeys { version: *version }.into());
+            }
             let nanos = i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX);
             execute(&tx, RECORD, &[version, description, &checksum(sql), &nanos])?;
             tx.commit()?;
@@ -94,6 +125,7 @@ pub(super) fn run(conn: &mut Connection) -> Result<usize, StoreError> {
         match apply(conn) {
             Ok(true) => count += 1,
             Ok(false) => {}
+            Err(refused @ StoreError::SqliteMigration(_)) => return Err(refused),
             Err(source) => {
                 return Err(MigrationError::Apply {
                     version: *version,

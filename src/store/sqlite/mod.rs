@@ -901,4 +901,66 @@ mod tests {
         assert_eq!(store.active_key_version("kek").await.unwrap(), Some(1));
         store.close().await;
     }
+
+    /// A migration may rebuild a table others reference (foreign keys are off while it
+    /// runs), but may not commit rows whose foreign keys point nowhere; foreign keys are on
+    /// again afterwards.
+    #[tokio::test]
+    async fn migrations_run_without_foreign_keys_and_are_checked_before_commit() {
+        const LIST: &[(i64, &str, &str)] = &[
+            (
+                1,
+                "parent and child",
+                "CREATE TABLE parent (id INTEGER PRIMARY KEY); \
+                 CREATE TABLE child (id INTEGER PRIMARY KEY, parent INTEGER REFERENCES parent(id)); \
+                 INSERT INTO parent VALUES (1); INSERT INTO child VALUES (1, 1);",
+            ),
+            (
+                2,
+                "rebuild parent",
+                "CREATE TABLE parent_new (id INTEGER PRIMARY KEY, name TEXT); \
+                 INSERT INTO parent_new SELECT id, NULL FROM parent; DROP TABLE parent; \
+                 ALTER TABLE parent_new RENAME TO parent;",
+            ),
+            (3, "dangling", "INSERT INTO child VALUES (2, 99);"),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("vault.db"), 1)
+            .await
+            .unwrap();
+        let refused = store
+            .driver
+            .exclusive(|conn| migrate::run_list(conn, LIST))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                StoreError::SqliteMigration(MigrationError::ForeignKeys { version: 3 })
+            ),
+            "{refused:?}"
+        );
+        let (versions, children, foreign_keys) = store
+            .driver
+            .exclusive(|conn| {
+                Ok((
+                    driver::scalar::<String>(
+                        conn,
+                        "SELECT group_concat(version) FROM _sqlx_migrations",
+                        &[],
+                    )?,
+                    driver::scalar::<i64>(conn, "SELECT COUNT(*) FROM child", &[])?,
+                    driver::scalar::<i64>(conn, "PRAGMA foreign_keys", &[])?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(versions, "1,2");
+        assert_eq!(
+            children, 1,
+            "the dangling row rolled back with its migration"
+        );
+        assert_eq!(foreign_keys, 1);
+        store.close().await;
+    }
 }
