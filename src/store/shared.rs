@@ -98,6 +98,56 @@ macro_rules! impl_store {
                 }))
             }
 
+            async fn scan_live_records(
+                &self,
+                after: &str,
+                created_before: $crate::store::Micros,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::StoredRecord>, $crate::store::StoreError> {
+                use sqlx::Row;
+                use $crate::store::{queries, RecordMeta, SealedField, StoredRecord, StoreError};
+                if let Some(direct) = self.direct() {
+                    return direct.scan_live_records(after, created_before, limit);
+                }
+                let rows = sqlx::query(queries::SCAN_LIVE_RECORDS)
+                    .bind(after)
+                    .bind(created_before)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut records: Vec<StoredRecord> = Vec::new();
+                for row in &rows {
+                    let record_id: String = row.try_get("record_id")?;
+                    if records.last().is_none_or(|last| last.meta.record_id != record_id) {
+                        let wrapped_key: Option<Vec<u8>> = row.try_get("wrapped_key")?;
+                        let wrapped_key = wrapped_key.ok_or_else(|| {
+                            StoreError::Corrupt("live record without a wrapped key".into())
+                        })?;
+                        records.push(StoredRecord {
+                            meta: RecordMeta {
+                                record_id,
+                                version: row.try_get("version")?,
+                                created_at: row.try_get("created_at")?,
+                                updated_at: row.try_get("updated_at")?,
+                                present_fields: Vec::new(),
+                            },
+                            wrapped_key,
+                            fields: Vec::new(),
+                            account: decode_account(row)?,
+                        });
+                    }
+                    let field: Option<String> = row.try_get("field")?;
+                    let ciphertext: Option<Vec<u8>> = row.try_get("ciphertext")?;
+                    if let (Some(field), Some(ciphertext), Some(record)) =
+                        (field, ciphertext, records.last_mut())
+                    {
+                        record.meta.present_fields.push(field.clone());
+                        record.fields.push(SealedField { field, ciphertext });
+                    }
+                }
+                Ok(records)
+            }
+
             async fn update_record(
                 &self,
                 update: $crate::store::RecordUpdate,

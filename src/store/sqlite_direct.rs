@@ -197,6 +197,58 @@ impl DirectConnections {
         })
     }
 
+    /// A page of the export's keyset scan (see `Store::scan_live_records`), from one
+    /// statement (one snapshot).
+    pub(super) fn scan_live_records(
+        &self,
+        after: &str,
+        created_before: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        self.read(|conn| {
+            let mut statement = conn.prepare_cached(queries::SCAN_LIVE_RECORDS)?;
+            bind_numbered(
+                &mut statement,
+                &[&after, &created_before, &i64::from(limit)],
+            )?;
+            let mut rows = statement.raw_query();
+            let mut records: Vec<StoredRecord> = Vec::new();
+            while let Some(row) = rows.next()? {
+                let record_id: String = row.get("record_id")?;
+                if records
+                    .last()
+                    .is_none_or(|last| last.meta.record_id != record_id)
+                {
+                    let wrapped_key: Option<Vec<u8>> = row.get("wrapped_key")?;
+                    let wrapped_key = wrapped_key.ok_or_else(|| {
+                        StoreError::Corrupt("live record without a wrapped key".into())
+                    })?;
+                    records.push(StoredRecord {
+                        meta: RecordMeta {
+                            record_id,
+                            version: row.get("version")?,
+                            created_at: row.get("created_at")?,
+                            updated_at: row.get("updated_at")?,
+                            present_fields: Vec::new(),
+                        },
+                        wrapped_key,
+                        fields: Vec::new(),
+                        account: account_state(row)?,
+                    });
+                }
+                let field: Option<String> = row.get("field")?;
+                let ciphertext: Option<Vec<u8>> = row.get("ciphertext")?;
+                if let (Some(field), Some(ciphertext), Some(record)) =
+                    (field, ciphertext, records.last_mut())
+                {
+                    record.meta.present_fields.push(field.clone());
+                    record.fields.push(SealedField { field, ciphertext });
+                }
+            }
+            Ok(records)
+        })
+    }
+
     /// A record's account state, deleted or not; `None` when the id was never used.
     pub(super) fn account_state(
         &self,
