@@ -23,6 +23,7 @@ fn options(target: TargetSpec) -> BenchOptions {
         baseline: false,
         purpose: DEFAULT_PURPOSE.into(),
         fields: DEFAULT_FIELDS.iter().map(|f| f.to_string()).collect(),
+        export: None,
     }
 }
 
