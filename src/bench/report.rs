@@ -319,14 +319,14 @@ impl Report {
             ("GetRecord", "BatchGetRecords"),
             ("CreateRecord", "BatchCreateRecords"),
         ] {
-            if let (Some(single), Some(batch)) =
+            if let (Some(one), Some(many)) =
                 (self.records_per_sec(single), self.records_per_sec(batch))
             {
-                if single > 0.0 {
+                if one > 0.0 {
                     let _ = writeln!(
                         out,
                         "records/s of {batch} over {single}: {:.1} (target: at least 5)",
-                        batch / single
+                        many / one
                     );
                 }
             }

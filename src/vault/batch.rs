@@ -4,11 +4,14 @@
 //! purpose are judged once (a refusal there refuses the whole call, audited once), then
 //! every record goes through exactly the gates and the audit a single call would give it.
 //!
-//! - A batch read audits every release and every per-record refusal as an event of its own
-//!   naming that record (so each person's trail shows it), and hands them all to the audit
-//!   writer as ONE job ([`crate::audit::AuditLog::record_all`]): they share one group commit,
-//!   and nothing is answered before it. A release whose event failed becomes
-//!   `AUDIT_UNAVAILABLE` for that record; nothing of it leaves.
+//! - A batch read audits its releases as ONE event naming every released record (each
+//!   person's trail shows it through the event's record ids; its released levels are those
+//!   any of them got) and every per-record refusal as an event of its own with its reason,
+//!   and hands them all to the audit writer as one job
+//!   ([`crate::audit::AuditLog::record_all`]): they share one group commit, and nothing is
+//!   answered before it. One event rather than one per record is what makes a batch cheaper
+//!   than single reads: a read's cost is mostly its audit event (BENCHMARKS.md). If the
+//!   releases' event fails, every release of the call becomes `AUDIT_UNAVAILABLE`.
 //! - A batch create runs every item through the single create (`records.rs`), concurrently:
 //!   each item is its own transaction with its own event, exactly as `CreateRecord`, and the
 //!   SQLite writer group-commits what is queued together. Items are independent; an item
@@ -81,43 +84,54 @@ impl Vault {
                 .map(|(i, raw)| self.release_item(i, raw, purpose, wanted.as_ref())),
         )
         .await;
-        let events = record_ids
+        // One event for every release of the call (naming each released record, so each
+        // person's trail shows it), and one per refused record with its own reason.
+        let released_ids: Vec<String> = released
             .iter()
-            .zip(&released)
-            .map(|(raw, result)| {
-                let (outcome, reason, fields) = match result {
-                    Ok(release) => ("OK", None, release_levels(release)),
-                    Err(error) => {
-                        let (outcome, reason) = refusal_reason(error);
-                        (outcome, Some(reason), Vec::new())
-                    }
-                };
+            .filter_map(|result| result.as_ref().ok())
+            .map(|release| release.record_id.clone())
+            .collect();
+        let mut events = Vec::with_capacity(1 + record_ids.len() - released_ids.len());
+        if !released_ids.is_empty() {
+            let mut event = self.event(ctx, rpc.as_str(), released_ids, "OK", None);
+            event.purpose = Some(purpose.name.clone());
+            event.justification = justification.non_empty();
+            event.released = release_levels(released.iter().filter_map(|r| r.as_ref().ok()));
+            events.push(event);
+        }
+        for (raw, result) in record_ids.iter().zip(&released) {
+            if let Err(error) = result {
+                let (outcome, reason) = refusal_reason(error);
                 let mut event = self.event(
                     ctx,
                     rpc.as_str(),
                     vec![audit_record_id(raw)],
                     outcome,
-                    reason,
+                    Some(reason),
                 );
                 event.purpose = Some(purpose.name.clone());
-                let keep_text = result.as_ref().err().is_none_or(may_keep_text);
-                event.justification = justification.non_empty().filter(|_| keep_text);
-                event.released = fields;
-                event
-            })
-            .collect();
-        let committed = self.audit.record_all(events).await;
+                event.justification = justification.non_empty().filter(|_| may_keep_text(error));
+                events.push(event);
+            }
+        }
+        let mut committed = self.audit.record_all(events).await.into_iter();
+        let releases_committed = if released.iter().any(Result::is_ok) {
+            committed
+                .next()
+                .unwrap_or(Err(crate::audit::AuditError::Stopped))
+        } else {
+            Ok(())
+        };
+        if let Err(error) = &releases_committed {
+            tracing::error!(%error, "audit write failed; refusing to answer");
+        }
         Ok(released
             .into_iter()
-            .zip(committed)
-            .map(|(result, committed)| match (result, committed) {
-                (Ok(release), Ok(())) => Ok(release),
-                (Ok(_), Err(error)) => {
-                    tracing::error!(%error, "audit write failed; refusing to answer");
-                    Err(VaultError::AuditUnavailable)
-                }
-                (Err(refused), committed) => {
-                    if let Err(error) = committed {
+            .map(|result| match result {
+                Ok(release) if releases_committed.is_ok() => Ok(release),
+                Ok(_) => Err(VaultError::AuditUnavailable),
+                Err(refused) => {
+                    if let Some(Err(error)) = committed.next() {
                         tracing::error!(%error, rpc = rpc.as_str(), "could not audit a refused record");
                     }
                     Err(refused)
@@ -259,11 +273,21 @@ impl Vault {
     }
 }
 
-fn release_levels(release: &Release) -> Vec<(String, String)> {
-    release
-        .fields
-        .iter()
-        .map(|(field, value)| (field.as_str().to_owned(), value.level.as_str().to_owned()))
+/// The (field, level) pairs released to at least one of `releases`, in field order: the
+/// batch's event names every released record, and lists what any of them released (never
+/// less than any one person got).
+fn release_levels<'r>(releases: impl Iterator<Item = &'r Release>) -> Vec<(String, String)> {
+    let levels: BTreeSet<(FieldName, &'static str)> = releases
+        .flat_map(|release| {
+            release
+                .fields
+                .iter()
+                .map(|(field, value)| (*field, value.level.as_str()))
+        })
+        .collect();
+    levels
+        .into_iter()
+        .map(|(field, level)| (field.as_str().to_owned(), level.to_owned()))
         .collect()
 }
 
