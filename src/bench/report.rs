@@ -321,14 +321,13 @@ impl Report {
         ] {
             if let (Some(one), Some(many)) =
                 (self.records_per_sec(single), self.records_per_sec(batch))
+                && one > 0.0
             {
-                if one > 0.0 {
-                    let _ = writeln!(
-                        out,
-                        "records/s of {batch} over {single}: {:.1} (target: at least 5)",
-                        many / one
-                    );
-                }
+                let _ = writeln!(
+                    out,
+                    "records/s of {batch} over {single}: {:.1} (target: at least 5)",
+                    many / one
+                );
             }
         }
         if let Some(export) = &self.export {
