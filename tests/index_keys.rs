@@ -472,7 +472,7 @@ async fn another_instance_follows_an_index_rotation(app: &TestApp) {
 /// gates are format 2 (the record's own key), and the re-index pass moves old ones over.
 async fn an_old_format_age_gate_opens_and_reindexing_moves_it(app: &TestApp) {
     use base64::Engine;
-    use hmac::Mac;
+    use hmac::{KeyInit, Mac};
     use pdvault::crypto::{DataKey, SecretKey, Suite};
 
     let minor = create(
