@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Decode failures are the sender's error (INVALID_ARGUMENT), not INTERNAL.
     tonic_prost_build::configure()
         .codec_path("crate::grpc::codec::StrictCodec")
+        // Per-item errors of the batch calls are `google.rpc.Status`: tonic-types' own.
+        .extern_path(".google.rpc", "::tonic_types::pb")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

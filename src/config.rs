@@ -311,6 +311,9 @@ pub struct LimitsConfig {
     /// message to the end of its response; more are refused with RESOURCE_EXHAUSTED. Keeps
     /// one caller from holding every slot or many buffered messages. 0 turns the cap off.
     pub max_in_flight_per_caller: usize,
+    /// Records one `BatchGetRecords` or `BatchCreateRecords` call may name. Cannot be off:
+    /// a batch's audit events and its work are held together until it answers.
+    pub max_batch_size: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -345,6 +348,7 @@ impl Default for LimitsConfig {
             unauthenticated_burst: 60,
             max_unauthenticated_requests: 16,
             max_in_flight_per_caller: 64,
+            max_batch_size: 100,
         }
     }
 }
@@ -572,6 +576,11 @@ impl Config {
                 "limits.idle_timeout_ms",
                 self.limits.idle_timeout_ms == 0,
                 "idle connections cannot be kept forever",
+            ),
+            (
+                "limits.max_batch_size",
+                self.limits.max_batch_size == 0,
+                "a batch call needs room for one record",
             ),
             (
                 "limits.max_unauthenticated_requests",

@@ -30,10 +30,13 @@ pub enum Rpc {
     RecordGuardianConsent,
     RevokeGuardianConsent,
     ReloadPolicy,
+    BatchGetRecords,
+    BatchCreateRecords,
+    ExportRecords,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 9] = [
+    pub const ALL: [Rpc; 12] = [
         Rpc::CreateRecord,
         Rpc::GetRecord,
         Rpc::UpdateRecord,
@@ -43,6 +46,9 @@ impl Rpc {
         Rpc::RecordGuardianConsent,
         Rpc::RevokeGuardianConsent,
         Rpc::ReloadPolicy,
+        Rpc::BatchGetRecords,
+        Rpc::BatchCreateRecords,
+        Rpc::ExportRecords,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +62,9 @@ impl Rpc {
             Rpc::RecordGuardianConsent => "RecordGuardianConsent",
             Rpc::RevokeGuardianConsent => "RevokeGuardianConsent",
             Rpc::ReloadPolicy => "ReloadPolicy",
+            Rpc::BatchGetRecords => "BatchGetRecords",
+            Rpc::BatchCreateRecords => "BatchCreateRecords",
+            Rpc::ExportRecords => "ExportRecords",
         }
     }
 
@@ -135,7 +144,25 @@ pub struct PurposeConfig {
     /// Level per field; a field not listed is not released.
     #[serde(default)]
     pub fields: BTreeMap<String, ReleaseLevel>,
+    /// `ExportRecords` may stream whole data sets under this purpose. Such a purpose may
+    /// release only pseudonyms and generalised values, and plain values only of the coarse
+    /// fields ([`EXPORT_PLAIN_FIELDS`]); anything else is refused at load.
+    #[serde(default)]
+    pub export: bool,
+    /// Rows an export must find in each combination of released quasi-identifiers before it
+    /// releases any of them; only for export purposes. Unset: [`DEFAULT_K_ANONYMITY`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k_anonymity: Option<u32>,
 }
+
+/// The fields an export purpose may release in plain: coarse enough that each value is
+/// shared by large groups (and all three are quasi-identifiers the suppression counts, or
+/// nearly constant).
+pub const EXPORT_PLAIN_FIELDS: [FieldName; 3] =
+    [FieldName::Gender, FieldName::IdType, FieldName::Nationality];
+
+/// The k of an export purpose that does not set `k_anonymity`.
+pub const DEFAULT_K_ANONYMITY: u32 = 5;
 
 /// A caller as written in configuration. It needs a token hash, a certificate identity, or
 /// both.
@@ -218,6 +245,8 @@ pub struct Purpose {
     pub name: String,
     pub requires_justification: bool,
     pub disclosure: bool,
+    /// `Some(k)` for an export purpose: its exports suppress classes of fewer than k rows.
+    pub export_k: Option<u32>,
     levels: BTreeMap<FieldName, ReleaseLevel>,
 }
 
@@ -407,12 +436,43 @@ fn build_purpose(name: &str, config: &PurposeConfig) -> Result<Purpose, PolicyEr
                 format!("field has no {} form", level.as_str().to_lowercase()),
             ));
         }
+        if config.export {
+            let allowed = match level {
+                ReleaseLevel::Pseudonym | ReleaseLevel::Generalized | ReleaseLevel::None => true,
+                ReleaseLevel::Plain => EXPORT_PLAIN_FIELDS.contains(&field),
+                ReleaseLevel::Masked => false,
+            };
+            if !allowed {
+                return Err(invalid(
+                    key,
+                    "an export purpose releases only pseudonym, generalized or none \
+                     (plain only for gender, id_type and nationality)",
+                ));
+            }
+        }
         levels.insert(field, *level);
     }
+    let export_k = match (config.export, config.k_anonymity) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(invalid(
+                format!("purposes.{name}.k_anonymity"),
+                "applies only to a purpose with export = true",
+            ));
+        }
+        (true, Some(0)) => {
+            return Err(invalid(
+                format!("purposes.{name}.k_anonymity"),
+                "must be at least 1 (1 suppresses nothing; an export cannot be \"off\")",
+            ));
+        }
+        (true, k) => Some(k.unwrap_or(DEFAULT_K_ANONYMITY)),
+    };
     Ok(Purpose {
         name: name.to_owned(),
         requires_justification: config.requires_justification,
         disclosure: config.disclosure,
+        export_k,
         levels,
     })
 }
@@ -517,7 +577,14 @@ pub fn default_purposes() -> BTreeMap<String, PurposeConfig> {
                 .filter(|(_, level)| *level != None)
                 .map(|(field, level)| (field.as_str().to_owned(), level))
                 .collect(),
+            export: false,
+            k_anonymity: Option::None,
         };
+    // Research and analytics (clause 1.3 (3)-(4)) see no identity, so they may export.
+    let export = |config: PurposeConfig| PurposeConfig {
+        export: true,
+        ..config
+    };
     // Column order: name, gender, id_type, id_number, date_of_birth, nationality, phone,
     // email, address, postal_code (FieldName::ALL).
     [
@@ -534,7 +601,7 @@ pub fn default_purposes() -> BTreeMap<String, PurposeConfig> {
         ),
         (
             "audit-research",
-            purpose(
+            export(purpose(
                 false,
                 false,
                 [
@@ -549,11 +616,11 @@ pub fn default_purposes() -> BTreeMap<String, PurposeConfig> {
                     Generalized,
                     Generalized,
                 ],
-            ),
+            )),
         ),
         (
             "business-analytics",
-            purpose(
+            export(purpose(
                 false,
                 false,
                 [
@@ -568,7 +635,7 @@ pub fn default_purposes() -> BTreeMap<String, PurposeConfig> {
                     Generalized,
                     Generalized,
                 ],
-            ),
+            )),
         ),
         (
             "fraud-prevention",
@@ -646,6 +713,58 @@ mod tests {
         ] {
             assert_ne!(analytics.level(field), ReleaseLevel::Plain, "{field:?}");
         }
+    }
+
+    #[test]
+    fn export_purposes_release_nothing_identifying() {
+        let policy = Policy::build(&default_purposes(), &[]).unwrap();
+        assert_eq!(
+            policy.purpose("business-analytics").unwrap().export_k,
+            Some(5)
+        );
+        assert_eq!(policy.purpose("service-delivery").unwrap().export_k, None);
+        let export = |fields: &[(&str, ReleaseLevel)], k: Option<u32>| {
+            let mut purposes = default_purposes();
+            purposes.insert(
+                "open-data".into(),
+                PurposeConfig {
+                    requires_justification: false,
+                    disclosure: false,
+                    fields: fields.iter().map(|(f, l)| (f.to_string(), *l)).collect(),
+                    export: true,
+                    k_anonymity: k,
+                },
+            );
+            Policy::build(&purposes, &[]).map_err(|e| e.to_string())
+        };
+        let err = export(&[("name", ReleaseLevel::Masked)], None).unwrap_err();
+        assert!(err.starts_with("purposes.open-data.fields.name:"), "{err}");
+        let err = export(&[("date_of_birth", ReleaseLevel::Plain)], None).unwrap_err();
+        assert!(
+            err.starts_with("purposes.open-data.fields.date_of_birth:"),
+            "{err}"
+        );
+        let err = export(&[("gender", ReleaseLevel::Plain)], Some(0)).unwrap_err();
+        assert!(err.starts_with("purposes.open-data.k_anonymity:"), "{err}");
+        let policy = export(
+            &[
+                ("gender", ReleaseLevel::Plain),
+                ("id_type", ReleaseLevel::Plain),
+                ("nationality", ReleaseLevel::Plain),
+                ("name", ReleaseLevel::Pseudonym),
+                ("address", ReleaseLevel::Generalized),
+            ],
+            Some(3),
+        )
+        .unwrap();
+        assert_eq!(policy.purpose("open-data").unwrap().export_k, Some(3));
+        let mut purposes = default_purposes();
+        purposes.get_mut("service-delivery").unwrap().k_anonymity = Some(5);
+        let err = Policy::build(&purposes, &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("purposes.service-delivery.k_anonymity:"),
+            "{err}"
+        );
     }
 
     #[test]

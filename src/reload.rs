@@ -146,6 +146,7 @@ impl PolicyReloader {
         match result {
             Ok((config, policy, rules)) => {
                 self.limits.replace(&config.limits);
+                self.vault.set_max_batch_size(config.limits.max_batch_size);
                 *running = config;
                 let policy = Arc::new(policy);
                 // Each is whole and valid on its own: a call between the two stores sees

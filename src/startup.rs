@@ -184,6 +184,7 @@ impl Application {
                 .with_request_id_ttl(config.retention.request_id_ttl())
                 .with_checkpoint_signer(signer),
         );
+        vault.set_max_batch_size(config.limits.max_batch_size);
         let (listener, local_addr) = bind(config.listen).await?;
         let metrics_listener = match config.metrics.listen {
             Some(addr) => Some(bind(addr).await?.0),

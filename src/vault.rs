@@ -29,12 +29,16 @@ use crate::policy::{Caller, Grant, Policy, ReleaseLevel, Rpc};
 use crate::retention::Retention;
 use crate::store::{Micros, Store, StoreError};
 
+mod batch;
 mod decisions;
+mod export;
 mod lifecycle;
 mod records;
 mod trail;
 
+pub use batch::CreateItem;
 pub use decisions::{AuditSubject, refusal_reason as refusal_outcome};
+pub use export::{ExportItem, ExportRequest, ExportStream, ExportSummary};
 pub use records::expire_request_ids_periodically;
 pub use trail::{AuditFilters, TimeBound};
 
@@ -43,6 +47,8 @@ const DEFAULT_REQUEST_ID_TTL_MICROS: Micros = 24 * 3_600 * 1_000_000;
 /// How often a write or lookup catches up with a key rotation another instance made before
 /// it gives up (one is the norm; more means rotations are racing it).
 const KEY_REFRESH_ATTEMPTS: u32 = 3;
+/// `limits.max_batch_size` unless configured.
+const DEFAULT_MAX_BATCH_SIZE: usize = 100;
 /// Label of the etag key derived from the keyring (see [`EtagKey`]).
 const ETAG_KEY_LABEL: &[u8] = b"pdvault.etag-key.v1";
 
@@ -72,6 +78,13 @@ pub enum VaultError {
     GuardianNotAdult,
     #[error("the person is not a minor")]
     NotAMinor,
+    /// The purpose is granted but not configured for exports.
+    #[error("the purpose does not allow exports")]
+    ExportNotAllowed,
+    /// What an export would release or suppress changed since it began (records, their
+    /// classes or gates, the pseudonym key, k): resuming would mix two data sets.
+    #[error("the data changed since the export began; start it again")]
+    ExportChanged,
     #[error("stored data failed authentication; refusing to release it")]
     DataLoss,
     #[error("the audit trail cannot be written; nothing is released")]
@@ -201,6 +214,10 @@ pub struct Vault {
     /// This instance's checkpoint signer; its sink, when a file, is the witness verification
     /// reads.
     checkpoint_signer: Option<Arc<CheckpointSigner>>,
+    /// `limits.max_batch_size`, which a live reload changes.
+    max_batch_size: std::sync::atomic::AtomicUsize,
+    /// Seals and opens export cursors; derived from the keyring, so every instance agrees.
+    export_cursors: export::CursorKey,
 }
 
 impl Vault {
@@ -216,9 +233,12 @@ impl Vault {
             keys.audit_signing().derive_key(ETAG_KEY_LABEL),
             keys.index_suite(),
         );
+        let export_cursors = export::CursorKey::new(&keys);
         Vault {
             store,
             etags,
+            max_batch_size: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_BATCH_SIZE),
+            export_cursors,
             request_id_ttl: Some(DEFAULT_REQUEST_ID_TTL_MICROS),
             keys,
             policy: ArcSwap::new(policy),
@@ -251,6 +271,17 @@ impl Vault {
     pub fn with_request_id_ttl(mut self, ttl: Option<std::time::Duration>) -> Vault {
         self.request_id_ttl = ttl.map(|ttl| i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
         self
+    }
+
+    /// Puts `limits.max_batch_size` in force (at start and on a live reload).
+    pub fn set_max_batch_size(&self, max: usize) {
+        self.max_batch_size
+            .store(max.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn max_batch_size(&self) -> usize {
+        self.max_batch_size
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The policy in force now.

@@ -23,6 +23,7 @@ fn options(target: TargetSpec) -> BenchOptions {
         baseline: false,
         purpose: DEFAULT_PURPOSE.into(),
         fields: DEFAULT_FIELDS.iter().map(|f| f.to_string()).collect(),
+        export: None,
     }
 }
 
@@ -61,7 +62,18 @@ async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
     assert_eq!(report.target.kind, "in-process");
     assert_eq!(report.target.database, "sqlite");
     let names: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["get", "create", "find", "check", "get@half-peak"]);
+    assert_eq!(
+        names,
+        [
+            "get",
+            "create",
+            "find",
+            "check",
+            "batch-get",
+            "batch-create",
+            "get@half-peak"
+        ]
+    );
     let methods: Vec<&str> = report.phases.iter().map(|p| p.rpcs[0].rpc).collect();
     assert_eq!(
         methods,
@@ -70,10 +82,12 @@ async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
             "CreateRecord",
             "FindRecords",
             "CheckAccount",
+            "BatchGetRecords",
+            "BatchCreateRecords",
             "GetRecord"
         ]
     );
-    for phase in &report.phases[..4] {
+    for phase in &report.phases[..6] {
         let rpc = &phase.rpcs[0];
         let echo = rpc.echo.as_ref().expect("an echo figure");
         assert!(echo.failures.is_empty() && echo.requests > 0);
@@ -84,7 +98,13 @@ async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
         );
         assert!(phase.rate_limit.is_none());
     }
-    let half = &report.phases[4];
+    // Batch phases count records as well as calls.
+    for phase in &report.phases[4..6] {
+        let rpc = &phase.rpcs[0];
+        assert_eq!(rpc.records_per_call, pdvault::bench::BATCH);
+        assert_eq!(rpc.records_per_sec, rpc.vault.req_per_sec * 100.0);
+    }
+    let half = &report.phases[6];
     assert!(half.rate_limit.is_some_and(|r| r > 0.0));
     assert!(half.rpcs[0].echo.is_none() && half.rpcs[0].ratio.is_none());
     // The in-process vault reports its group commit; reads were audited.

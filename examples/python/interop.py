@@ -31,7 +31,7 @@ import grpc_tools
 from grpc_tools import protoc
 
 PROTO_ROOT = pathlib.Path(__file__).resolve().parents[2] / "proto"
-PROTOS = ["pdvault/v1/vault.proto"]
+PROTOS = ["pdvault/v1/vault.proto", "google/rpc/status.proto"]
 # Not a purpose the vault defines, so no caller can be granted it.
 UNDEFINED_PURPOSE = "direct-marketing"
 

@@ -93,9 +93,11 @@ impl BatchStats {
     }
 }
 
+/// Events handed in together (one call's, or one batch call's) and their waiter, answered
+/// with one outcome per event. A job's events always share one group commit.
 struct Job {
-    event: AuditEvent,
-    done: oneshot::Sender<Result<(), AuditError>>,
+    events: Vec<AuditEvent>,
+    done: oneshot::Sender<Vec<Result<(), AuditError>>>,
 }
 
 /// Handle to this process's audit chain and its group-commit writer.
@@ -154,12 +156,26 @@ impl AuditLog {
 
     /// Returns once `event` is committed to durable storage, or why it could not be.
     pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
-        let (done, committed) = oneshot::channel();
-        self.jobs
-            .send(Job { event, done })
+        self.record_all(vec![event])
             .await
-            .map_err(|_| AuditError::Stopped)?;
-        committed.await.map_err(|_| AuditError::Stopped)?
+            .pop()
+            .unwrap_or(Err(AuditError::Stopped))
+    }
+
+    /// Returns once every one of `events` is committed, or why it could not be, one outcome
+    /// per event in order. The events go to the writer as one job, so they share one group
+    /// commit (a batch call's releases pay for one flush, not one each).
+    pub async fn record_all(&self, events: Vec<AuditEvent>) -> Vec<Result<(), AuditError>> {
+        let count = events.len();
+        let stopped = || (0..count).map(|_| Err(AuditError::Stopped)).collect();
+        if count == 0 {
+            return Vec::new();
+        }
+        let (done, committed) = oneshot::channel();
+        if self.jobs.send(Job { events, done }).await.is_err() {
+            return stopped();
+        }
+        committed.await.unwrap_or_else(|_| stopped())
     }
 }
 
@@ -187,8 +203,12 @@ async fn run_writer(
                 break;
             }
         }
-        let (events, waiters): (Vec<AuditEvent>, Vec<_>) =
-            batch.drain(..).map(|job| (job.event, job.done)).unzip();
+        let mut events = Vec::with_capacity(batch.len());
+        let mut waiters = Vec::with_capacity(batch.len());
+        for job in batch.drain(..) {
+            waiters.push((job.done, job.events.len()));
+            events.extend(job.events);
+        }
         let started = Instant::now();
         let outcomes = append_isolating(store.as_ref(), &events).await;
         let flush = started.elapsed();
@@ -208,9 +228,10 @@ async fn run_writer(
                 "audit events failed; nothing they record is released"
             );
         }
-        for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
+        let mut outcomes = outcomes.into_iter();
+        for (waiter, count) in waiters {
             // A waiter that gave up (its call was cancelled) has nothing left to release.
-            let _ = waiter.send(outcome);
+            let _ = waiter.send(outcomes.by_ref().take(count).collect());
         }
     }
     let (batches, events, largest, _) = stats.snapshot();

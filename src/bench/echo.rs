@@ -125,6 +125,71 @@ impl proto::vault_server::Vault for EchoVault {
         }))
     }
 
+    async fn batch_get_records(
+        &self,
+        request: Request<proto::BatchGetRecordsRequest>,
+    ) -> Result<Response<proto::BatchGetRecordsResponse>, Status> {
+        let request = request.into_inner();
+        let results = request
+            .record_ids
+            .into_iter()
+            .map(|record_id| {
+                let fields = request
+                    .fields
+                    .iter()
+                    .map(|field| {
+                        let value = proto::ReleasedField {
+                            value: field.clone(),
+                            level: proto::ReleaseLevel::Plain as i32,
+                        };
+                        (field.clone(), value)
+                    })
+                    .collect();
+                proto::BatchGetRecordResult {
+                    result: Some(proto::batch_get_record_result::Result::Record(
+                        proto::GetRecordResponse {
+                            record_id,
+                            fields,
+                            etag: "1".into(),
+                        },
+                    )),
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::BatchGetRecordsResponse { results }))
+    }
+
+    async fn batch_create_records(
+        &self,
+        request: Request<proto::BatchCreateRecordsRequest>,
+    ) -> Result<Response<proto::BatchCreateRecordsResponse>, Status> {
+        let mut results = Vec::new();
+        for item in request.into_inner().requests {
+            let record = self.create_record(Request::new(item)).await?.into_inner();
+            results.push(proto::BatchCreateRecordResult {
+                result: Some(proto::batch_create_record_result::Result::Record(record)),
+            });
+        }
+        Ok(Response::new(proto::BatchCreateRecordsResponse { results }))
+    }
+
+    type ExportRecordsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<proto::ExportRecordsResponse, Status>> + Send>,
+    >;
+
+    async fn export_records(
+        &self,
+        _request: Request<proto::ExportRecordsRequest>,
+    ) -> Result<Response<Self::ExportRecordsStream>, Status> {
+        let summary = proto::ExportRecordsResponse {
+            item: Some(proto::export_records_response::Item::Summary(
+                proto::ExportSummary::default(),
+            )),
+            cursor: String::new(),
+        };
+        Ok(Response::new(Box::pin(tokio_stream::iter([Ok(summary)]))))
+    }
+
     async fn revoke_guardian_consent(
         &self,
         request: Request<proto::RevokeGuardianConsentRequest>,

@@ -70,10 +70,24 @@ pub enum Rpc {
     Get,
     Find,
     Check,
+    /// `BatchGetRecords` of [`BATCH`] distinct seeded records.
+    BatchGet,
+    /// `BatchCreateRecords` of [`BATCH`] new identities.
+    BatchCreate,
 }
 
+/// Records per batch call: the issue's "batch get (100 ids), batch create (100)".
+pub const BATCH: usize = 100;
+
 impl Rpc {
-    pub const ALL: [Rpc; 4] = [Rpc::Get, Rpc::Create, Rpc::Find, Rpc::Check];
+    pub const ALL: [Rpc; 6] = [
+        Rpc::Get,
+        Rpc::Create,
+        Rpc::Find,
+        Rpc::Check,
+        Rpc::BatchGet,
+        Rpc::BatchCreate,
+    ];
 
     /// The short name used on the command line.
     pub fn short(self) -> &'static str {
@@ -82,6 +96,8 @@ impl Rpc {
             Rpc::Get => "get",
             Rpc::Find => "find",
             Rpc::Check => "check",
+            Rpc::BatchGet => "batch-get",
+            Rpc::BatchCreate => "batch-create",
         }
     }
 
@@ -92,6 +108,16 @@ impl Rpc {
             Rpc::Get => "GetRecord",
             Rpc::Find => "FindRecords",
             Rpc::Check => "CheckAccount",
+            Rpc::BatchGet => "BatchGetRecords",
+            Rpc::BatchCreate => "BatchCreateRecords",
+        }
+    }
+
+    /// Records one call reads or creates.
+    pub fn records_per_call(self) -> usize {
+        match self {
+            Rpc::BatchGet | Rpc::BatchCreate => BATCH,
+            _ => 1,
         }
     }
 
@@ -100,7 +126,7 @@ impl Rpc {
     }
 
     fn reads_seeded_records(self) -> bool {
-        self != Rpc::Create
+        !matches!(self, Rpc::Create | Rpc::BatchCreate)
     }
 }
 
@@ -119,7 +145,8 @@ impl Mix {
             let (name, weight) = part.split_once('=').unwrap_or((part, "1"));
             let rpc = Rpc::parse(name.trim()).ok_or_else(|| {
                 BenchError::Invalid(format!(
-                    "--mix: unknown RPC {name:?} (use create, get, find, check)"
+                    "--mix: unknown RPC {name:?} (use create, get, find, check, batch-get, \
+                     batch-create)"
                 ))
             })?;
             let weight: u32 = weight.trim().parse().map_err(|_| {
@@ -212,6 +239,8 @@ pub struct BenchOptions {
     pub baseline: bool,
     pub purpose: String,
     pub fields: Vec<String>,
+    /// After the phases, one `ExportRecords` over every record under this export purpose.
+    pub export: Option<String>,
 }
 
 impl BenchOptions {
@@ -264,7 +293,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
     };
     let outcome = drive(&options, &vault).await;
     vault.stop().await;
-    let (seed, phases) = outcome?;
+    let (seed, phases, export) = outcome?;
     Ok(Report {
         machine: report::Machine::this(),
         target: report::TargetInfo {
@@ -286,13 +315,17 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         },
         seed,
         phases,
+        export,
     })
 }
 
-async fn drive(
-    options: &BenchOptions,
-    vault: &Server,
-) -> Result<(Option<report::SeedReport>, Vec<PhaseReport>), BenchError> {
+type Outcome = (
+    Option<report::SeedReport>,
+    Vec<PhaseReport>,
+    Option<report::ExportReport>,
+);
+
+async fn drive(options: &BenchOptions, vault: &Server) -> Result<Outcome, BenchError> {
     let vault_clients = connect(&vault.addr, options.connections).await?;
     let workload = Arc::new(Workload::new(&vault.token, options)?);
     let seed = if options.seed > 0 {
@@ -372,7 +405,86 @@ async fn drive(
     if let Some(echo) = echo {
         echo.stop().await;
     }
-    result.map(|()| (seed, phases))
+    result?;
+    let export = match &options.export {
+        Some(purpose) => Some(export_all(purpose, vault, &vault_clients[0], &workload).await?),
+        None => None,
+    };
+    Ok((seed, phases, export))
+}
+
+/// One `ExportRecords` of `purpose`, read to its summary, timed, with the process's resident
+/// memory sampled while it runs.
+async fn export_all(
+    purpose: &str,
+    vault: &Server,
+    client: &VaultClient<Channel>,
+    workload: &Workload,
+) -> Result<report::ExportReport, BenchError> {
+    progress(&format!("export of {purpose}"));
+    let failed = |status: tonic::Status| {
+        BenchError::Io(format!("export failed: {}", code_name(status.code())))
+    };
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = std::sync::Arc::clone(&sampling);
+        tokio::spawn(async move {
+            let mut peak = 0u64;
+            while sampling.load(Ordering::Relaxed) {
+                peak = peak.max(resident_bytes().unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            peak
+        })
+    };
+    let started = Instant::now();
+    let mut stream = client
+        .clone()
+        .export_records(workload.request(proto::ExportRecordsRequest {
+            purpose: purpose.to_owned(),
+            justification: String::new(),
+            resume_cursor: String::new(),
+        }))
+        .await
+        .map_err(failed)?
+        .into_inner();
+    let mut rows = 0u64;
+    let mut summary = None;
+    while let Some(message) = stream.message().await.map_err(failed)? {
+        match message.item {
+            Some(proto::export_records_response::Item::Row(_)) => rows += 1,
+            Some(proto::export_records_response::Item::Summary(s)) => summary = Some(s),
+            None => {}
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    sampling.store(false, Ordering::Relaxed);
+    let peak = sampler.await.unwrap_or(0);
+    let summary =
+        summary.ok_or_else(|| BenchError::Io("the export ended without its summary".into()))?;
+    let in_process = vault.audit.is_some();
+    Ok(report::ExportReport {
+        purpose: purpose.to_owned(),
+        rows,
+        suppressed: summary.rows_suppressed,
+        seconds,
+        rows_per_sec: rows as f64 / seconds.max(f64::MIN_POSITIVE),
+        peak_rss_mib: (in_process && peak > 0).then(|| peak as f64 / (1024.0 * 1024.0)),
+    })
+}
+
+/// `VmRSS` of `/proc/self/status`, in bytes.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// One measured phase: its name, mix and optional pacing.
@@ -415,7 +527,7 @@ async fn run_phase(
         .map(|rpc| {
             let vault = vault_results.stats(rpc);
             let echo = echo_results.as_ref().map(|r| r.stats(rpc));
-            RpcReport::new(rpc.method(), vault, echo)
+            RpcReport::new(rpc.method(), vault, echo).per_call(rpc.records_per_call())
         })
         .collect();
     Ok(PhaseReport {
@@ -520,6 +632,58 @@ impl Workload {
                     .await
                     .map_err(code)?;
             }
+            Rpc::BatchGet => {
+                let seeded = self.seeded();
+                let start = rng.below(seeded.len() as u64) as usize;
+                // Consecutive seeded records from a random start: distinct ids, as the call
+                // requires, and a different set each call.
+                let record_ids = (0..BATCH.min(seeded.len()))
+                    .map(|i| seeded[(start + i) % seeded.len()].1.clone())
+                    .collect();
+                let response = client
+                    .batch_get_records(self.request(proto::BatchGetRecordsRequest {
+                        record_ids,
+                        purpose: self.purpose.clone(),
+                        justification: String::new(),
+                        fields: self.fields.clone(),
+                    }))
+                    .await
+                    .map_err(code)?;
+                if response.into_inner().results.iter().any(|r| {
+                    !matches!(
+                        r.result,
+                        Some(proto::batch_get_record_result::Result::Record(_))
+                    )
+                }) {
+                    return Err("ITEM_FAILED");
+                }
+            }
+            Rpc::BatchCreate => {
+                let first = self
+                    .next_identity
+                    .fetch_add(BATCH as u64, Ordering::Relaxed);
+                let response = client
+                    .batch_create_records(
+                        self.request(proto::BatchCreateRecordsRequest {
+                            requests: (first..first + BATCH as u64)
+                                .map(|index| proto::CreateRecordRequest {
+                                    identity: Some(self.generator.identity(index)),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        }),
+                    )
+                    .await
+                    .map_err(code)?;
+                if response.into_inner().results.iter().any(|r| {
+                    !matches!(
+                        r.result,
+                        Some(proto::batch_create_record_result::Result::Record(_))
+                    )
+                }) {
+                    return Err("ITEM_FAILED");
+                }
+            }
             Rpc::Find => {
                 let (index, _) = self.pick(rng);
                 let key = if rng.below(2) == 0 {
@@ -568,6 +732,10 @@ async fn analyze_postgres(url: &str) -> Result<(), BenchError> {
     conn.close().await.map_err(failed)
 }
 
+/// Identities per seeding call: seeding is set-up, not measurement, so it uses the batch call
+/// (one group commit per hundred records instead of one per few).
+const SEED_BATCH: u64 = 100;
+
 /// Creates `options.seed` identities with every request slot busy, and remembers their ids.
 async fn seed_records(
     options: &BenchOptions,
@@ -589,21 +757,47 @@ async fn seed_records(
             let mut created = Vec::new();
             let mut failures: BTreeMap<&'static str, u64> = BTreeMap::new();
             loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= total {
+                let first = next.fetch_add(SEED_BATCH, Ordering::Relaxed);
+                if first >= total {
                     break;
                 }
+                let indexes = first..(first + SEED_BATCH).min(total);
+                let count = indexes.end - indexes.start;
                 let response = client
-                    .create_record(workload.request(proto::CreateRecordRequest {
-                        identity: Some(workload.generator.identity(index)),
-                        ..Default::default()
-                    }))
+                    .batch_create_records(
+                        workload.request(proto::BatchCreateRecordsRequest {
+                            requests: indexes
+                                .clone()
+                                .map(|index| proto::CreateRecordRequest {
+                                    identity: Some(workload.generator.identity(index)),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        }),
+                    )
                     .await;
                 match response {
-                    Ok(record) => created.push((index, record.into_inner().record_id)),
-                    Err(status) => *failures.entry(code_name(status.code())).or_default() += 1,
+                    Ok(response) => {
+                        for (index, result) in indexes.zip(response.into_inner().results) {
+                            use proto::batch_create_record_result::Result as Item;
+                            match result.result {
+                                Some(Item::Record(record)) => {
+                                    created.push((index, record.record_id));
+                                }
+                                Some(Item::Error(status)) => {
+                                    *failures
+                                        .entry(code_name(tonic::Code::from_i32(status.code)))
+                                        .or_default() += 1;
+                                }
+                                None => *failures.entry("EMPTY_RESULT").or_default() += 1,
+                            }
+                        }
+                    }
+                    Err(status) => {
+                        *failures.entry(code_name(status.code())).or_default() += count;
+                    }
                 }
-                done.fetch_add(1, Ordering::Relaxed);
+                done.fetch_add(count, Ordering::Relaxed);
             }
             (created, failures)
         }));
@@ -842,7 +1036,12 @@ impl Server {
         config.callers.push(CallerConfig {
             name: BENCH_CALLER.to_owned(),
             token_sha256: token_sha256_hex(&token),
-            rpcs: Rpc::ALL.iter().map(|rpc| rpc.method().to_owned()).collect(),
+            rpcs: Rpc::ALL
+                .iter()
+                .map(|rpc| rpc.method())
+                .chain(["ExportRecords"])
+                .map(str::to_owned)
+                .collect(),
             purposes: config.purposes.keys().cloned().collect(),
             ..CallerConfig::default()
         });
@@ -1070,6 +1269,7 @@ mod tests {
             baseline: false,
             purpose: DEFAULT_PURPOSE.into(),
             fields: Vec::new(),
+            export: None,
         };
         assert!(options.validate().is_err());
         let creates_only = BenchOptions {

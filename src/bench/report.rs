@@ -18,6 +18,8 @@ pub struct Report {
     pub settings: Settings,
     pub seed: Option<SeedReport>,
     pub phases: Vec<PhaseReport>,
+    /// With `--export`: one export over every seeded record.
+    pub export: Option<ExportReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -137,6 +139,10 @@ pub struct RpcReport {
     pub echo: Option<Stats>,
     /// Vault req/s over echo req/s.
     pub ratio: Option<f64>,
+    /// Records each call reads or creates (100 for the batch calls, else 1).
+    pub records_per_call: usize,
+    /// Vault records per second: req/s times `records_per_call`.
+    pub records_per_sec: f64,
 }
 
 impl RpcReport {
@@ -146,11 +152,20 @@ impl RpcReport {
             .filter(|e| e.req_per_sec > 0.0)
             .map(|e| vault.req_per_sec / e.req_per_sec);
         RpcReport {
+            records_per_call: 1,
+            records_per_sec: vault.req_per_sec,
             rpc,
             vault,
             echo,
             ratio,
         }
+    }
+
+    /// The same report for a call that reads or creates `records` records.
+    pub fn per_call(mut self, records: usize) -> RpcReport {
+        self.records_per_call = records;
+        self.records_per_sec = self.vault.req_per_sec * records as f64;
+        self
     }
 }
 
@@ -276,6 +291,13 @@ impl Report {
                     failures_note(&v.failures),
                 );
             }
+            for rpc in phase.rpcs.iter().filter(|rpc| rpc.records_per_call > 1) {
+                let _ = writeln!(
+                    out,
+                    "{:<16}   records: {:.0}/s ({} per call)",
+                    "", rpc.records_per_sec, rpc.records_per_call
+                );
+            }
             if let Some(audit) = phase.audit.as_ref().filter(|a| a.batches > 0) {
                 let _ = writeln!(
                     out,
@@ -293,8 +315,61 @@ impl Report {
                 }
             }
         }
+        for (single, batch) in [
+            ("GetRecord", "BatchGetRecords"),
+            ("CreateRecord", "BatchCreateRecords"),
+        ] {
+            if let (Some(one), Some(many)) =
+                (self.records_per_sec(single), self.records_per_sec(batch))
+                && one > 0.0
+            {
+                let _ = writeln!(
+                    out,
+                    "records/s of {batch} over {single}: {:.1} (target: at least 5)",
+                    many / one
+                );
+            }
+        }
+        if let Some(export) = &self.export {
+            let _ = writeln!(
+                out,
+                "export of {}: {} rows ({} suppressed) in {:.1}s = {:.0} rows/s; {}",
+                export.purpose,
+                export.rows,
+                export.suppressed,
+                export.seconds,
+                export.rows_per_sec,
+                match export.peak_rss_mib {
+                    Some(mib) => format!("peak RSS {mib:.0} MiB (server and load generator)"),
+                    None => "RSS not measured (vault elsewhere)".to_owned(),
+                },
+            );
+        }
         out
     }
+
+    /// Records per second of the unpaced phase that ran `rpc` alone.
+    fn records_per_sec(&self, rpc: &str) -> Option<f64> {
+        self.phases
+            .iter()
+            .filter(|phase| phase.rate_limit.is_none())
+            .flat_map(|phase| phase.rpcs.iter())
+            .find(|report| report.rpc == rpc)
+            .map(|report| report.records_per_sec)
+    }
+}
+
+/// One `ExportRecords` over every seeded record (`--export`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    pub purpose: String,
+    pub rows: u64,
+    pub suppressed: u64,
+    pub seconds: f64,
+    pub rows_per_sec: f64,
+    /// The most resident memory seen while the export ran, sampled every 100 ms, of the
+    /// one process holding the server and the load generator (`None` for a vault elsewhere).
+    pub peak_rss_mib: Option<f64>,
 }
 
 fn failures_note(failures: &BTreeMap<String, u64>) -> String {

@@ -1,13 +1,14 @@
-//! The command line: `serve`, `migrate`, `token`, `audit`, `accounts`, `keys`, `purge` and
-//! `bench`. Parsing is clap's; every server-side command loads configuration the same way
-//! (defaults < file < environment < flags). `accounts`, `keys`, `purge` and `bench --addr`
-//! are gRPC clients of a running vault and share one set of connection flags
+//! The command line: `serve`, `migrate`, `token`, `audit`, `accounts`, `keys`, `purge`,
+//! `export` and `bench`. Parsing is clap's; every server-side command loads configuration the
+//! same way (defaults < file < environment < flags). `accounts`, `keys`, `purge`, `export`
+//! and `bench --addr` are gRPC clients of a running vault and share one set of connection flags
 //! ([`client::ClientArgs`]), global so they are accepted anywhere on the line; scheduled jobs
 //! need only an address, a token with the grant and, for a TLS vault, its CA bundle.
 //!
 //! - `client.rs`: the connection flags, and the channel (plaintext, TLS or mTLS) they make.
 //! - `keys.rs`: `pdvault keys ...` and `pdvault purge`.
 //! - `accounts.rs`: `pdvault accounts ...`.
+//! - `export.rs`: `pdvault export`, a resumable CSV export of an export purpose.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use crate::store::Store;
 
 pub mod accounts;
 pub mod client;
+pub mod export;
 pub mod keys;
 
 use client::ClientArgs;
@@ -62,6 +64,9 @@ enum Command {
     Purge(keys::PurgeArgs),
     /// Load-test a vault over gRPC (a running one with --addr, else one started here).
     Bench(BenchArgs),
+    /// Export a k-anonymous data set of an export purpose to a CSV file, resumable (RPC
+    /// `ExportRecords`).
+    Export(export::ExportArgs),
 }
 
 impl Command {
@@ -69,7 +74,11 @@ impl Command {
     fn is_client(&self) -> bool {
         matches!(
             self,
-            Command::Accounts(_) | Command::Keys(_) | Command::Purge(_) | Command::Bench(_)
+            Command::Accounts(_)
+                | Command::Keys(_)
+                | Command::Purge(_)
+                | Command::Bench(_)
+                | Command::Export(_)
         )
     }
 }
@@ -166,6 +175,10 @@ struct BenchArgs {
         default_value = "name,id_number,phone,email"
     )]
     fields: Vec<String>,
+    /// After the phases, time one ExportRecords of every record under this export purpose
+    /// (e.g. business-analytics), and the memory it takes.
+    #[arg(long)]
+    export: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +266,7 @@ pub async fn run() -> ExitCode {
         Command::Keys(args) => keys::run(client, args).await,
         Command::Purge(args) => keys::purge(client, args).await,
         Command::Bench(args) => bench(client, args).await,
+        Command::Export(args) => export::run(client, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -459,6 +473,7 @@ async fn bench(connection: &ClientArgs, args: BenchArgs) -> Result<(), String> {
         baseline: args.baseline,
         purpose: args.purpose,
         fields: args.fields.into_iter().filter(|f| !f.is_empty()).collect(),
+        export: args.export,
     };
     let report = crate::bench::run(options)
         .await

@@ -27,6 +27,7 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 mod account;
 mod audit;
+mod bulk;
 
 pub use account::AccountSecurityService;
 pub use audit::AuditService;
@@ -265,24 +266,30 @@ impl proto::vault_server::Vault for VaultService {
                 .iter()
                 .map(|(_, released)| released.level.as_str()),
         );
-        let fields = release
-            .fields
-            .into_iter()
-            .map(|(field, released)| {
-                (
-                    field.as_str().to_owned(),
-                    proto::ReleasedField {
-                        value: released.value,
-                        level: release_level(released.level) as i32,
-                    },
-                )
-            })
-            .collect();
-        Ok(Response::new(proto::GetRecordResponse {
-            record_id: release.record_id,
-            fields,
-            etag: release.etag,
-        }))
+        Ok(Response::new(bulk::release_message(release)))
+    }
+
+    async fn batch_get_records(
+        &self,
+        request: Request<proto::BatchGetRecordsRequest>,
+    ) -> Result<Response<proto::BatchGetRecordsResponse>, Status> {
+        self.batch_get(request).await
+    }
+
+    async fn batch_create_records(
+        &self,
+        request: Request<proto::BatchCreateRecordsRequest>,
+    ) -> Result<Response<proto::BatchCreateRecordsResponse>, Status> {
+        self.batch_create(request).await
+    }
+
+    type ExportRecordsStream = bulk::ExportStream;
+
+    async fn export_records(
+        &self,
+        request: Request<proto::ExportRecordsRequest>,
+    ) -> Result<Response<Self::ExportRecordsStream>, Status> {
+        self.export(request).await
     }
 
     async fn update_record(
@@ -645,6 +652,8 @@ pub fn to_status(error: VaultError) -> Status {
         E::GuardianConsentRequired => (Code::FailedPrecondition, "GUARDIAN_CONSENT_REQUIRED"),
         E::GuardianNotAdult => (Code::FailedPrecondition, "GUARDIAN_NOT_ADULT"),
         E::NotAMinor => (Code::FailedPrecondition, "NOT_A_MINOR"),
+        E::ExportNotAllowed => (Code::PermissionDenied, "EXPORT_NOT_ALLOWED"),
+        E::ExportChanged => (Code::FailedPrecondition, "EXPORT_CHANGED"),
         E::NotFound => (Code::NotFound, "RECORD_NOT_FOUND"),
         E::DuplicateIdentity => (Code::AlreadyExists, "DUPLICATE_IDENTITY"),
         E::EtagMismatch => (Code::Aborted, "ETAG_MISMATCH"),
@@ -729,6 +738,8 @@ mod tests {
             VaultError::GuardianConsentRequired,
             VaultError::GuardianNotAdult,
             VaultError::NotAMinor,
+            VaultError::ExportNotAllowed,
+            VaultError::ExportChanged,
             VaultError::DataLoss,
             VaultError::AuditUnavailable,
             VaultError::Storage(crate::store::StoreError::NotFound),

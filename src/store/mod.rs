@@ -421,6 +421,16 @@ pub trait Store: Send + Sync + 'static {
     /// A live record, or `None` when it never existed or was deleted.
     async fn get_record(&self, record_id: &str) -> Result<Option<StoredRecord>, StoreError>;
 
+    /// Up to `limit` live records created at or before `created_before`, whose ids sort
+    /// after `after`, in id order, each read as [`Store::get_record`] reads one: the keyset
+    /// scan of an export.
+    async fn scan_live_records(
+        &self,
+        after: &str,
+        created_before: Micros,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>, StoreError>;
+
     /// Replaces a live record's fields and indexes, with its audit event, atomically.
     async fn update_record(
         &self,

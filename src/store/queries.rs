@@ -51,6 +51,20 @@ pub const SELECT_LIVE_RECORD: &str = concat!(
      FROM r LEFT JOIN record_fields f ON f.record_id = r.record_id ORDER BY f.field"
 );
 
+/// A page of live records for an export, in record id order after `$1`, created at or
+/// before `$2`, at most `$3`: the keyset scan that keeps an export's memory flat. One
+/// statement per page, so each record comes from one snapshot.
+pub const SCAN_LIVE_RECORDS: &str = concat!(
+    "WITH r AS MATERIALIZED (SELECT r.record_id, r.version, r.created_at, r.updated_at, \
+     r.wrapped_key, ",
+    account_columns!(),
+    " FROM records r WHERE r.deleted_at IS NULL AND r.record_id > $1 AND r.created_at <= $2 \
+     ORDER BY r.record_id LIMIT $3) \
+     SELECT r.*, f.field, f.ciphertext \
+     FROM r LEFT JOIN record_fields f ON f.record_id = r.record_id \
+     ORDER BY r.record_id, f.field"
+);
+
 pub const SELECT_FIELD_NAMES: &str =
     "SELECT field FROM record_fields WHERE record_id = $1 ORDER BY field";
 

@@ -90,6 +90,39 @@ impl RecordRows {
     }
 }
 
+/// Gathers the rows of `queries::SCAN_LIVE_RECORDS` (records in id order, each record's
+/// columns repeated on each of its field rows) into records.
+#[derive(Default)]
+pub(crate) struct ScannedRecords {
+    records: Vec<StoredRecord>,
+    current: Option<(String, RecordRows)>,
+}
+
+impl ScannedRecords {
+    pub(crate) fn push(&mut self, row: &impl Columns) -> Result<(), StoreError> {
+        let record_id = row.text("record_id")?;
+        if self.current.as_ref().is_none_or(|(id, _)| *id != record_id) {
+            self.flush();
+            self.current = Some((record_id.clone(), RecordRows::default()));
+        }
+        if let Some((id, record)) = &mut self.current {
+            record.push(id, row)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        if let Some(record) = self.current.take().and_then(|(_, rows)| rows.finish()) {
+            self.records.push(record);
+        }
+    }
+
+    pub(crate) fn finish(mut self) -> Vec<StoredRecord> {
+        self.flush();
+        self.records
+    }
+}
+
 pub(crate) fn account_event(row: &impl Columns) -> Result<AccountEventRow, StoreError> {
     Ok(AccountEventRow {
         event_id: row.text("event_id")?,

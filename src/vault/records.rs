@@ -59,14 +59,23 @@ impl Vault {
     ) -> Result<RecordMeta, VaultError> {
         let subject = AuditSubject::new(Rpc::CreateRecord.as_str());
         let result = self
-            .insert(ctx, input, request_id, policy_version, retention_days)
+            .insert(
+                ctx,
+                Rpc::CreateRecord,
+                input,
+                request_id,
+                policy_version,
+                retention_days,
+            )
             .await;
         self.audited(ctx, subject, result).await
     }
 
-    async fn insert(
+    /// A create, by `rpc` (`CreateRecord`, or an item of `BatchCreateRecords`).
+    pub(super) async fn insert(
         &self,
         ctx: &CallContext,
+        rpc: Rpc,
         input: IdentityInput,
         request_id: Option<String>,
         policy_version: Option<String>,
@@ -78,7 +87,7 @@ impl Vault {
         if let Some(version) = &policy_version {
             check_text("policy_version", version, MAX_POLICY_VERSION_BYTES)?;
         }
-        self.authorize(ctx, Rpc::CreateRecord)?;
+        self.authorize(ctx, rpc)?;
         let identity = Identity::parse(input, self.today()).map_err(VaultError::InvalidArgument)?;
         if identity.is_empty() {
             return Err(violation(
@@ -101,13 +110,7 @@ impl Vault {
                 retention_days,
             )
             .map_err(super::lifecycle::retention_violation)?;
-        let audit = self.event(
-            ctx,
-            Rpc::CreateRecord.as_str(),
-            vec![record_id.to_owned()],
-            "OK",
-            None,
-        );
+        let audit = self.event(ctx, rpc.as_str(), vec![record_id.to_owned()], "OK", None);
         let mut attempts = 0;
         let outcome = loop {
             attempts += 1;
@@ -199,7 +202,30 @@ impl Vault {
         let wanted = requested_fields(requested)?;
         self.authorize(ctx, Rpc::GetRecord)?;
         let purpose = self.granted_purpose(ctx, purpose_name, &justification)?;
-        let record_id = record_id.as_str();
+        let release = self
+            .open_release(record_id.as_str(), purpose, wanted.as_ref())
+            .await?;
+        let mut event = self.event(
+            ctx,
+            Rpc::GetRecord.as_str(),
+            vec![record_id.into_string()],
+            "OK",
+            None,
+        );
+        event.purpose = Some(purpose.name.clone());
+        event.justification = justification.non_empty();
+        Ok((release, event))
+    }
+
+    /// One record's release under a purpose already granted: load, the account's gates,
+    /// unwrap, open only the fields released, apply the levels. Nothing is audited here; the
+    /// caller commits the event before it answers.
+    pub(super) async fn open_release(
+        &self,
+        record_id: &str,
+        purpose: &Purpose,
+        wanted: Option<&BTreeSet<FieldName>>,
+    ) -> Result<Release, VaultError> {
         let stored = self
             .store
             .get_record(record_id)
@@ -215,7 +241,7 @@ impl Vault {
             let field = FieldName::parse(&sealed.field)
                 .ok_or_else(|| VaultError::Internal("stored field has an unknown name".into()))?;
             let level = purpose.level(field);
-            if level == ReleaseLevel::None || !wanted.as_ref().is_none_or(|w| w.contains(&field)) {
+            if level == ReleaseLevel::None || !wanted.is_none_or(|w| w.contains(&field)) {
                 continue;
             }
             let plaintext = dek.open_field(record_id, &sealed.field, &sealed.ciphertext)?;
@@ -226,28 +252,16 @@ impl Vault {
                 fields.push((field, ReleasedValue { value, level }));
             }
         }
-        let mut event = self.event(
-            ctx,
-            Rpc::GetRecord.as_str(),
-            vec![record_id.to_owned()],
-            "OK",
-            None,
-        );
-        event.purpose = Some(purpose.name.clone());
-        event.justification = justification.non_empty();
-        Ok((
-            Release {
-                record_id: record_id.to_owned(),
-                etag: self.etag(&stored.meta),
-                fields,
-            },
-            event,
-        ))
+        Ok(Release {
+            record_id: record_id.to_owned(),
+            etag: self.etag(&stored.meta),
+            fields,
+        })
     }
 
     /// The purpose, if the policy defines it and grants it to the caller, and the
     /// justification it requires, if it requires one.
-    fn granted_purpose<'c>(
+    pub(super) fn granted_purpose<'c>(
         &self,
         ctx: &'c CallContext,
         purpose: &str,
@@ -617,7 +631,7 @@ pub async fn expire_request_ids_periodically(vault: std::sync::Arc<Vault>) {
 
 /// The strings of a read or lookup: the purpose's shape, and the justification as free text
 /// (whether the purpose requires one is decided once the purpose is known to be granted).
-fn read_strings(purpose: &str, justification: &str) -> Result<FreeText, VaultError> {
+pub(super) fn read_strings(purpose: &str, justification: &str) -> Result<FreeText, VaultError> {
     if purpose.is_empty() {
         return Err(violation("purpose", "is required"));
     }
@@ -658,7 +672,7 @@ enum IndexedKey {
 
 /// The value released for `level`, or `None` when the value has no such form (for instance
 /// an address whose region cannot be recognised): then nothing is released.
-fn apply_level(
+pub(super) fn apply_level(
     pseudonyms: &PseudonymKey,
     purpose: &Purpose,
     field: FieldName,
@@ -683,7 +697,9 @@ fn apply_level(
 }
 
 /// Field names a read asks for; `None` means all the purpose allows.
-fn requested_fields(requested: &[String]) -> Result<Option<BTreeSet<FieldName>>, VaultError> {
+pub(super) fn requested_fields(
+    requested: &[String],
+) -> Result<Option<BTreeSet<FieldName>>, VaultError> {
     if requested.is_empty() {
         return Ok(None);
     }

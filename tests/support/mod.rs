@@ -59,6 +59,8 @@ const ALL_RPCS: &[&str] = &[
     "CheckAccount",
     "RecordGuardianConsent",
     "RevokeGuardianConsent",
+    "BatchGetRecords",
+    "BatchCreateRecords",
 ];
 
 /// A claims service: full record lifecycle, but only service delivery and support reads.
@@ -74,7 +76,7 @@ pub const CLAIMS: TestCaller = TestCaller {
 pub const ANALYTICS: TestCaller = TestCaller {
     name: "analytics",
     token: "analytics-token-0123456789",
-    rpcs: &["GetRecord", "FindRecords"],
+    rpcs: &["GetRecord", "FindRecords", "ExportRecords"],
     purposes: &["audit-research", "business-analytics"],
     grants: &[],
 };
@@ -624,6 +626,36 @@ macro_rules! for_each_backend {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
                     if let Some(app) = $crate::support::TestApp::spawn($crate::support::Backend::Postgres).await {
+                        super::$scenario(&app).await;
+                        app.stop().await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+/// As [`for_each_backend!`], with the apps started by `$spawn(backend)` (for a binary whose
+/// scenarios all need one configuration).
+#[macro_export]
+macro_rules! for_each_backend_with {
+    ($spawn:ident, $($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    if let Some(app) = super::$spawn($crate::support::Backend::Sqlite).await {
+                        super::$scenario(&app).await;
+                        app.stop().await;
+                    }
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    if let Some(app) = super::$spawn($crate::support::Backend::Postgres).await {
                         super::$scenario(&app).await;
                         app.stop().await;
                     }

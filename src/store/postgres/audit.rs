@@ -121,6 +121,14 @@ async fn read_head(conn: &mut PgConnection, chain_id: &str) -> Result<(i64, Vec<
     Ok((row.try_get("head_seq")?, row.try_get("head_hash")?))
 }
 
+/// One nullable text column of every row, as a `text[]` with NULLs.
+fn optional<'a>(
+    rows: &'a [rules::EventRow],
+    column: impl Fn(&'a rules::EventRow) -> &'a Option<String>,
+) -> Vec<Option<&'a str>> {
+    rows.iter().map(|row| column(row).as_deref()).collect()
+}
+
 /// The one statement: links `events` after `head` and writes them if the chain's head is
 /// still `head`. `false` when it was not (nothing written).
 async fn try_append(
@@ -143,42 +151,22 @@ async fn try_append(
         .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.caller.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.peer.as_deref()).collect::<Vec<_>>())
+        .bind(optional(&rows, |r| &r.peer))
         .bind(rows.iter().map(|r| r.rpc.as_str()).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.record_id.as_deref())
-                .collect::<Vec<_>>(),
-        )
+        .bind(optional(&rows, |r| &r.record_id))
         .bind(
             rows.iter()
                 .map(|r| r.record_ids.as_str())
                 .collect::<Vec<_>>(),
         )
-        .bind(
-            rows.iter()
-                .map(|r| r.purpose.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.justification.as_deref())
-                .collect::<Vec<_>>(),
-        )
+        .bind(optional(&rows, |r| &r.purpose))
+        .bind(optional(&rows, |r| &r.justification))
         .bind(rows.iter().map(|r| r.released.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.plaintext).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.outcome.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.reason.as_deref()).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.request_id.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.trace_id.as_deref())
-                .collect::<Vec<_>>(),
-        )
+        .bind(optional(&rows, |r| &r.reason))
+        .bind(optional(&rows, |r| &r.request_id))
+        .bind(optional(&rows, |r| &r.trace_id))
         .bind(
             rows.iter()
                 .map(|r| r.prev_hash.as_slice())

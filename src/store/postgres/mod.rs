@@ -251,6 +251,15 @@ impl Store for PostgresStore {
         records::get(&mut *self.conn().await?, record_id).await
     }
 
+    async fn scan_live_records(
+        &self,
+        after: &str,
+        created_before: Micros,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        records::scan(&mut *self.conn().await?, after, created_before, limit).await
+    }
+
     async fn update_record(
         &self,
         update: RecordUpdate,

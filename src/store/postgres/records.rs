@@ -27,6 +27,26 @@ pub(super) async fn get(
     Ok(record.finish())
 }
 
+/// A page of the export's keyset scan (`Store::scan_live_records`), from one statement.
+pub(super) async fn scan(
+    conn: &mut PgConnection,
+    after: &str,
+    created_before: i64,
+    limit: u32,
+) -> Result<Vec<StoredRecord>, StoreError> {
+    let rows = sqlx::query(queries::SCAN_LIVE_RECORDS)
+        .bind(after)
+        .bind(created_before)
+        .bind(i64::from(limit))
+        .fetch_all(conn)
+        .await?;
+    let mut records = rules::ScannedRecords::default();
+    for row in &rows {
+        records.push(row)?;
+    }
+    Ok(records.finish())
+}
+
 pub(super) async fn account_state(
     conn: &mut PgConnection,
     record_id: &str,

@@ -363,6 +363,17 @@ impl Store for SqliteStore {
         self.read(move |conn| records::get(conn, &record_id)).await
     }
 
+    async fn scan_live_records(
+        &self,
+        after: &str,
+        created_before: Micros,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let after = after.to_owned();
+        self.read(move |conn| records::scan(conn, &after, created_before, limit))
+            .await
+    }
+
     async fn update_record(
         &self,
         update: RecordUpdate,

@@ -22,6 +22,23 @@ pub(super) fn get(conn: &Connection, record_id: &str) -> Result<Option<StoredRec
     Ok(record.finish())
 }
 
+/// A page of the export's keyset scan (`Store::scan_live_records`), from one statement.
+pub(super) fn scan(
+    conn: &Connection,
+    after: &str,
+    created_before: i64,
+    limit: u32,
+) -> Result<Vec<StoredRecord>, StoreError> {
+    let mut records = rules::ScannedRecords::default();
+    rows(
+        conn,
+        queries::SCAN_LIVE_RECORDS,
+        &[&after, &created_before, &i64::from(limit)],
+        |row| records.push(row),
+    )?;
+    Ok(records.finish())
+}
+
 pub(super) fn account_state(
     conn: &Connection,
     record_id: &str,
