@@ -8,8 +8,8 @@
 
 use std::hint::black_box;
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{AeadInOut, KeyInit, Nonce};
 use criterion::{Criterion, criterion_group, criterion_main};
 use pdvault::crypto::{BlindIndexKey, DataKey, Kek, SecretKey, Sm4, Suite};
 
@@ -33,7 +33,7 @@ const RECORD: [(&str, &str); 10] = [
 const FOUR: [usize; 4] = [0, 3, 6, 7];
 
 fn raw_seal(cipher: &Aes256Gcm, buffers: &mut [Vec<u8>], plaintexts: &[&[u8]]) {
-    let nonce = Nonce::from_slice(&[7u8; 12]);
+    let nonce = &Nonce::<Aes256Gcm>::from([7u8; 12]);
     for (buffer, plaintext) in buffers.iter_mut().zip(plaintexts) {
         buffer.clear();
         buffer.extend_from_slice(plaintext);
@@ -95,7 +95,7 @@ fn opening(c: &mut Criterion) {
     // The same bytes decrypted with ready ciphers: one 32-byte key and four values.
     let record_cipher = Aes256Gcm::new(&[1u8; 32].into());
     let kek_cipher = Aes256Gcm::new(&[2u8; 32].into());
-    let nonce = Nonce::from_slice(&[7u8; 12]);
+    let nonce = &Nonce::<Aes256Gcm>::from([7u8; 12]);
     let seal_raw = |cipher: &Aes256Gcm, plaintext: &[u8]| {
         let mut buffer = plaintext.to_vec();
         cipher.encrypt_in_place(nonce, b"", &mut buffer).unwrap();
@@ -147,7 +147,7 @@ fn data_keys(c: &mut Criterion) {
         b.iter(|| black_box(kek.unwrap(&sm4_wrapped, RECORD_ID).unwrap()))
     });
     let cipher = Aes256Gcm::new(&[2u8; 32].into());
-    let nonce = Nonce::from_slice(&[7u8; 12]);
+    let nonce = &Nonce::<Aes256Gcm>::from([7u8; 12]);
     let mut sealed_key = [3u8; 32].to_vec();
     cipher
         .encrypt_in_place(nonce, b"", &mut sealed_key)
@@ -188,14 +188,12 @@ fn blind_indexes(c: &mut Criterion) {
 /// One SM4 block: this crate's constant-time S-box (every entry read per look-up) against the
 /// `sm4` crate's table look-ups, and a full record sealed under the SM4 suite.
 fn sm4(c: &mut Criterion) {
-    use aes_gcm::aead::consts::U16;
-    use aes_gcm::aead::generic_array::GenericArray;
-    use cipher::BlockEncrypt;
+    use cipher::{Array, Block, BlockCipherEncrypt};
     let mut group = c.benchmark_group("sm4");
-    let key = GenericArray::from([9u8; 16]);
+    let key = Array::from([9u8; 16]);
     let ours = <Sm4 as KeyInit>::new(&key);
     let table = <sm4::Sm4 as KeyInit>::new(&key);
-    let mut block: GenericArray<u8, U16> = GenericArray::from([5u8; 16]);
+    let mut block: Block<Sm4> = Array::from([5u8; 16]);
     group.bench_function("block_constant_time", |b| {
         b.iter(|| {
             ours.encrypt_block(&mut block);

@@ -36,8 +36,9 @@
 //! # Key schedules
 //!
 //! Every cipher object is built from a key once and wiped when dropped: the `aes`, `polyval`
-//! (GHASH) and SM4 key schedules zeroise on drop, a KEK keeps one wrapping cipher per suite
-//! for its lifetime, and a data key one AEAD for the record it serves.
+//! (GHASH) and SM4 key schedules zeroise on drop, as do the SHA-256 and SM3 states an HMAC or
+//! HKDF keys, a KEK keeps one wrapping cipher per suite for its lifetime, and a data key one
+//! AEAD for the record it serves.
 //!
 //! Two cipher suites coexist: `aes256gcm-hmacsha256` (suite byte 1, the default) and
 //! `sm4gcm-hmacsm3` (suite byte 2: SM4 in GCM mode as RFC 8998 uses it, with a 96-bit nonce
@@ -58,7 +59,7 @@
 
 use aes_gcm::aead::consts::U12;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, AesGcm, Nonce};
+use aes_gcm::{Aes256Gcm, AesGcm};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use sm3::Sm3;
@@ -172,6 +173,8 @@ fn length_prefixed(parts: &[&[u8]]) -> Vec<u8> {
 }
 
 type Sm4Gcm = AesGcm<Sm4, U12>;
+/// The 96-bit nonce both suites take.
+type Nonce = aes_gcm::Nonce<U12>;
 
 /// An AEAD of either suite: both take a 96-bit nonce and produce a 128-bit tag.
 enum Cipher {
@@ -181,7 +184,7 @@ enum Cipher {
 
 impl Cipher {
     fn encrypt(&self, nonce: &[u8], payload: Payload<'_, '_>) -> Result<Vec<u8>, CryptoError> {
-        let nonce = Nonce::from_slice(nonce);
+        let nonce = <&Nonce>::try_from(nonce).map_err(|_| CryptoError::Integrity)?;
         match self {
             Cipher::Aes(cipher) => cipher.encrypt(nonce, payload),
             Cipher::Sm4(cipher) => cipher.encrypt(nonce, payload),
@@ -190,7 +193,7 @@ impl Cipher {
     }
 
     fn decrypt(&self, nonce: &[u8], payload: Payload<'_, '_>) -> Result<Vec<u8>, CryptoError> {
-        let nonce = Nonce::from_slice(nonce);
+        let nonce = <&Nonce>::try_from(nonce).map_err(|_| CryptoError::Integrity)?;
         match self {
             Cipher::Aes(cipher) => cipher.decrypt(nonce, payload),
             Cipher::Sm4(cipher) => cipher.decrypt(nonce, payload),
@@ -251,21 +254,25 @@ impl SecretKey {
 
     fn cipher(&self, suite: Suite) -> Cipher {
         match suite {
-            Suite::Aes256GcmHmacSha256 => {
-                Cipher::Aes(Box::new(Aes256Gcm::new(self.0.as_ref().into())))
+            Suite::Aes256GcmHmacSha256 => Cipher::Aes(Box::new(Aes256Gcm::new((&*self.0).into()))),
+            Suite::Sm4GcmHmacSm3 => {
+                let key = self
+                    .0
+                    .first_chunk::<16>()
+                    .expect("SM4 takes 128 of 256 bits");
+                Cipher::Sm4(Box::new(Sm4Gcm::new(key.into())))
             }
-            Suite::Sm4GcmHmacSm3 => Cipher::Sm4(Box::new(Sm4Gcm::new(self.0[..16].into()))),
         }
     }
 
     fn mac(&self, suite: Suite) -> Mac256 {
         match suite {
             Suite::Aes256GcmHmacSha256 => Mac256::Sha256(
-                <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref())
+                <Hmac<Sha256> as KeyInit>::new_from_slice(self.0.as_ref())
                     .expect("HMAC accepts any key length"),
             ),
             Suite::Sm4GcmHmacSm3 => Mac256::Sm3(
-                <Hmac<Sm3> as Mac>::new_from_slice(self.0.as_ref())
+                <Hmac<Sm3> as KeyInit>::new_from_slice(self.0.as_ref())
                     .expect("HMAC accepts any key length"),
             ),
         }
@@ -461,8 +468,8 @@ pub struct Kek {
     pub key_id: String,
     pub version: u32,
     key: SecretKey,
-    aes: OnceLock<Box<aes_kw::Kek<aes::Aes256>>>,
-    sm4: OnceLock<Box<aes_kw::Kek<Sm4>>>,
+    aes: OnceLock<Box<aes_kw::AesKw<aes::Aes256>>>,
+    sm4: OnceLock<Box<aes_kw::AesKw<Sm4>>>,
     /// Format-1 keys opened with the stored material itself, one AEAD per suite.
     legacy: [OnceLock<Cipher>; 2],
 }
@@ -480,27 +487,29 @@ impl std::fmt::Debug for Kek {
 /// The wrapping cipher of one suite: SP 800-38F KW over AES-256 or SM4.
 #[derive(Clone, Copy)]
 enum Kw<'a> {
-    Aes(&'a aes_kw::Kek<aes::Aes256>),
-    Sm4(&'a aes_kw::Kek<Sm4>),
+    Aes(&'a aes_kw::AesKw<aes::Aes256>),
+    Sm4(&'a aes_kw::AesKw<Sm4>),
 }
 
 impl Kw<'_> {
     fn wrap(self, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let mut out = vec![0u8; plaintext.len() + aes_kw::IV_LEN];
         match self {
-            Kw::Aes(kek) => kek.wrap_vec(plaintext),
-            Kw::Sm4(kek) => kek.wrap_vec(plaintext),
+            Kw::Aes(kek) => kek.wrap_key(plaintext, &mut out),
+            Kw::Sm4(kek) => kek.wrap_key(plaintext, &mut out),
         }
-        .map_err(|_| CryptoError::KeyLength)
+        .map_err(|_| CryptoError::KeyLength)?;
+        Ok(out)
     }
 
     fn unwrap(self, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        let Some(len) = wrapped.len().checked_sub(8) else {
+        let Some(len) = wrapped.len().checked_sub(aes_kw::IV_LEN) else {
             return Err(CryptoError::Integrity);
         };
         let mut out = Zeroizing::new(vec![0u8; len]);
         match self {
-            Kw::Aes(kek) => kek.unwrap(wrapped, &mut out),
-            Kw::Sm4(kek) => kek.unwrap(wrapped, &mut out),
+            Kw::Aes(kek) => kek.unwrap_key(wrapped, &mut out),
+            Kw::Sm4(kek) => kek.unwrap_key(wrapped, &mut out),
         }
         .map_err(|_| CryptoError::Integrity)?;
         Ok(out)
@@ -543,12 +552,12 @@ impl Kek {
             Suite::Aes256GcmHmacSha256 => Kw::Aes(self.aes.get_or_init(|| {
                 let mut key = Zeroizing::new([0u8; 32]);
                 self.derive(suite, key.as_mut());
-                Box::new(aes_kw::Kek::new((&*key).into()))
+                Box::new(aes_kw::AesKw::new((&*key).into()))
             })),
             Suite::Sm4GcmHmacSm3 => Kw::Sm4(self.sm4.get_or_init(|| {
                 let mut key = Zeroizing::new([0u8; 16]);
                 self.derive(suite, key.as_mut());
-                Box::new(aes_kw::Kek::new((&*key).into()))
+                Box::new(aes_kw::AesKw::new((&*key).into()))
             })),
         }
     }
@@ -1200,26 +1209,27 @@ mod tests {
             };
             assert_eq!(body.len(), KW_WRAPPED_LEN);
             let info = length_prefixed(&[b"pdvault.kek.v2", suite.kek_label()]);
-            let plaintext = match suite {
+            let mut plaintext = [0u8; KW_WRAPPED_LEN - aes_kw::IV_LEN];
+            match suite {
                 Suite::Aes256GcmHmacSha256 => {
                     let mut key = [0u8; 32];
                     hkdf::Hkdf::<Sha256>::new(Some(b"pdvault.kek.v2"), stored.expose())
                         .expand(&info, &mut key)
                         .unwrap();
-                    aes_kw::Kek::<aes::Aes256>::new(&key.into())
-                        .unwrap_vec(body)
-                        .unwrap()
+                    aes_kw::AesKw::<aes::Aes256>::new(&key.into())
+                        .unwrap_key(body, &mut plaintext)
+                        .unwrap();
                 }
                 Suite::Sm4GcmHmacSm3 => {
                     let mut key = [0u8; 16];
                     hkdf::Hkdf::<Sm3>::new(Some(b"pdvault.kek.v2"), stored.expose())
                         .expand(&info, &mut key)
                         .unwrap();
-                    aes_kw::Kek::<Sm4>::new(&key.into())
-                        .unwrap_vec(body)
-                        .unwrap()
+                    aes_kw::AesKw::<Sm4>::new(&key.into())
+                        .unwrap_key(body, &mut plaintext)
+                        .unwrap();
                 }
-            };
+            }
             assert_eq!(&plaintext[..KEY_LEN], dek.secret().expose());
             assert_eq!(
                 plaintext[KEY_LEN..],
@@ -1227,8 +1237,8 @@ mod tests {
             );
             // The stored KEK itself unwraps nothing: it is never a cipher key.
             assert!(
-                aes_kw::Kek::<aes::Aes256>::new(stored.expose().into())
-                    .unwrap_vec(body)
+                aes_kw::AesKw::<aes::Aes256>::new(stored.expose().into())
+                    .unwrap_key(body, &mut plaintext)
                     .is_err()
             );
             let unwrapped = kek.unwrap(&wrapped, "r1").unwrap();
@@ -1289,13 +1299,19 @@ mod tests {
         );
     }
 
-    /// Compiles only while the key schedules wipe themselves on drop (the `zeroize` features
-    /// of `aes`, and this crate's SM4).
+    /// Compiles only while the key schedules wipe themselves on drop: the `zeroize` features
+    /// of `aes` (round keys), of `aes-gcm` (which alone marks a GCM cipher so, and turns on
+    /// the wiping of the GHASH/POLYVAL key), of `sha2` and `sm3` (the hash states HMAC and
+    /// HKDF key with the padded key), and this crate's SM4.
     #[test]
     fn key_schedules_wipe_themselves_on_drop() {
         fn wipes_on_drop<T: zeroize::ZeroizeOnDrop>() {}
         wipes_on_drop::<aes::Aes256>();
         wipes_on_drop::<Sm4>();
+        wipes_on_drop::<Aes256Gcm>();
+        wipes_on_drop::<Sm4Gcm>();
+        wipes_on_drop::<<Sha256 as hmac::EagerHash>::Core>();
+        wipes_on_drop::<<Sm3 as hmac::EagerHash>::Core>();
     }
 
     #[test]
@@ -1408,8 +1424,8 @@ mod tests {
     /// RFC 8998, appendix A.1: SM4-GCM.
     #[test]
     fn sm4_gcm_matches_rfc_8998() {
-        let cipher = Sm4Gcm::new(hex("0123456789ABCDEFFEDCBA9876543210").as_slice().into());
-        let nonce = hex("00001234567800000000ABCD");
+        let cipher = Sm4Gcm::new_from_slice(&hex("0123456789ABCDEFFEDCBA9876543210")).unwrap();
+        let nonce = Nonce::try_from(hex("00001234567800000000ABCD").as_slice()).unwrap();
         let aad = hex("FEEDFACEDEADBEEFFEEDFACEDEADBEEFABADDAD2");
         let plaintext = hex(
             "AAAAAAAAAAAAAAAABBBBBBBBBBBBBBBBCCCCCCCCCCCCCCCCDDDDDDDDDDDDDDDD\
@@ -1422,7 +1438,7 @@ mod tests {
         );
         let sealed = cipher
             .encrypt(
-                Nonce::from_slice(&nonce),
+                &nonce,
                 Payload {
                     msg: &plaintext,
                     aad: &aad,
@@ -1432,7 +1448,7 @@ mod tests {
         assert_eq!(sealed, expected);
         let opened = cipher
             .decrypt(
-                Nonce::from_slice(&nonce),
+                &nonce,
                 Payload {
                     msg: &sealed,
                     aad: &aad,
@@ -1461,21 +1477,20 @@ mod tests {
     /// and a partial last block with associated data.
     #[test]
     fn aes_256_gcm_matches_the_gcm_specification() {
-        let cipher = Aes256Gcm::new(hex(&"00".repeat(32)).as_slice().into());
+        let cipher = Aes256Gcm::new_from_slice(&hex(&"00".repeat(32))).unwrap();
         let sealed = cipher
-            .encrypt(Nonce::from_slice(&[0u8; 12]), [0u8; 16].as_slice())
+            .encrypt(&Nonce::from([0u8; 12]), [0u8; 16].as_slice())
             .unwrap();
         assert_eq!(
             sealed,
             hex("CEA7403D4D606B6E074EC5D3BAF39D18D0D1C8A799996BF0265B98B5D48AB919")
         );
 
-        let cipher = Aes256Gcm::new(
-            hex("FEFFE9928665731C6D6A8F9467308308FEFFE9928665731C6D6A8F9467308308")
-                .as_slice()
-                .into(),
-        );
-        let nonce = hex("CAFEBABEFACEDBADDECAF888");
+        let cipher = Aes256Gcm::new_from_slice(&hex(
+            "FEFFE9928665731C6D6A8F9467308308FEFFE9928665731C6D6A8F9467308308",
+        ))
+        .unwrap();
+        let nonce = Nonce::try_from(hex("CAFEBABEFACEDBADDECAF888").as_slice()).unwrap();
         let aad = hex("FEEDFACEDEADBEEFFEEDFACEDEADBEEFABADDAD2");
         let plaintext = hex(
             "D9313225F88406E5A55909C5AFF5269A86A7A9531534F7DA2E4C303D8A318A72\
@@ -1486,10 +1501,8 @@ mod tests {
              8CB08E48590DBB3DA7B08B1056828838C5F61E6393BA7A0ABCC9F662\
              76FC6ECE0F4E1768CDDF8853BB2D551B",
         );
-        let seal =
-            |msg: &[u8]| cipher.encrypt(Nonce::from_slice(&nonce), Payload { msg, aad: &aad });
-        let open =
-            |msg: &[u8]| cipher.decrypt(Nonce::from_slice(&nonce), Payload { msg, aad: &aad });
+        let seal = |msg: &[u8]| cipher.encrypt(&nonce, Payload { msg, aad: &aad });
+        let open = |msg: &[u8]| cipher.decrypt(&nonce, Payload { msg, aad: &aad });
         let sealed = seal(&plaintext).unwrap();
         assert_eq!(sealed, expected);
         assert_eq!(open(&sealed).unwrap(), plaintext);
@@ -1503,7 +1516,7 @@ mod tests {
     #[test]
     fn hmac_sm3_matches_gm_t_0042() {
         let mac = |key: &[u8], message: &[u8]| {
-            let mut mac = <Hmac<Sm3> as Mac>::new_from_slice(key).unwrap();
+            let mut mac = <Hmac<Sm3> as KeyInit>::new_from_slice(key).unwrap();
             mac.update(message);
             mac.finalize().into_bytes().to_vec()
         };

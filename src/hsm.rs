@@ -840,16 +840,20 @@ mod tests {
         }
 
         fn wrap_kw(&self, version: u32, plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
-            let kek = aes_kw::Kek::<aes::Aes256>::new(&self.key(version)?.into());
-            kek.wrap_vec(plaintext)
-                .map_err(|_| KeyError::Crypto(CryptoError::KeyLength))
+            let kek = aes_kw::KwAes256::new(&self.key(version)?.into());
+            let mut wrapped = vec![0u8; plaintext.len() + aes_kw::IV_LEN];
+            kek.wrap_key(plaintext, &mut wrapped)
+                .map_err(|_| KeyError::Crypto(CryptoError::KeyLength))?;
+            Ok(wrapped)
         }
 
         fn unwrap_kw(&self, version: u32, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-            let kek = aes_kw::Kek::<aes::Aes256>::new(&self.key(version)?.into());
-            kek.unwrap_vec(wrapped)
-                .map(Zeroizing::new)
-                .map_err(|_| KeyError::Crypto(CryptoError::Integrity))
+            let kek = aes_kw::KwAes256::new(&self.key(version)?.into());
+            let len = wrapped.len().saturating_sub(aes_kw::IV_LEN);
+            let mut plaintext = Zeroizing::new(vec![0u8; len]);
+            kek.unwrap_key(wrapped, &mut plaintext)
+                .map_err(|_| KeyError::Crypto(CryptoError::Integrity))?;
+            Ok(plaintext)
         }
 
         fn encrypt_gcm(
@@ -884,7 +888,8 @@ mod tests {
             let cipher = aes_gcm::Aes256Gcm::new(&self.key(version)?.into());
             cipher
                 .decrypt(
-                    aes_gcm::Nonce::from_slice(iv),
+                    <&aes_gcm::Nonce<_>>::try_from(iv)
+                        .map_err(|_| KeyError::Crypto(CryptoError::Integrity))?,
                     Payload {
                         msg: ciphertext,
                         aad,

@@ -23,6 +23,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use figment::Provider;
+use figment::providers::{Format, Toml};
+
 use crate::accounts::AccountRules;
 use crate::config::{Config, ConfigError, FlagOverrides};
 use crate::limits::{FIXED_LIMITS, LiveLimits};
@@ -117,7 +120,9 @@ impl PolicyReloader {
             };
             let text = std::fs::read_to_string(file).map_err(read)?;
             // Comments and blank lines only: what an emptied or truncated file looks like.
-            if toml::from_str::<toml::Table>(&text).is_ok_and(|table| table.is_empty()) {
+            // Parsed by the provider `Config::load` reads the file with.
+            let keys = Toml::string(&text).data();
+            if keys.is_ok_and(|profiles| profiles.values().all(|keys| keys.is_empty())) {
                 return Err(ReloadError::Empty(file.clone()));
             }
         }

@@ -19,7 +19,6 @@
 
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
 use pdvault::audit::{
     AuditEvent, ChainHead, ChainVerifier, Checkpoint, CheckpointLink, StoredEvent, Witness,
 };
@@ -75,8 +74,8 @@ fn keyring() -> (Keyring, Value, tempfile::TempDir) {
 }
 
 fn base64_key(value: &Value) -> SecretKey {
-    let mut bytes = base64::engine::general_purpose::STANDARD
-        .decode(text(value))
+    let mut bytes = data_encoding::BASE64
+        .decode(text(value).as_bytes())
         .unwrap();
     SecretKey::from_bytes(&mut bytes).unwrap()
 }

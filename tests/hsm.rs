@@ -541,6 +541,7 @@ const HSM_GOLDEN_FORMAT_2: &str = "tests/fixtures/golden/2026-11-format-2/hsm.js
 #[test]
 fn hsm_wrapped_keys_of_format_2_still_unwrap() {
     let _turn = TOKEN.blocking_lock();
+    use aes_kw::KeyInit;
     use pdvault::keys::KekProvider;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(HSM_GOLDEN_FORMAT_2);
     let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -579,10 +580,12 @@ fn hsm_wrapped_keys_of_format_2_still_unwrap() {
         // unwraps it to the data key followed by its 16-byte context.
         let header_len = 3 + "hsm".len() + 4;
         let kek: [u8; 32] = unhex(&golden["kek"]).try_into().unwrap();
-        let inner = aes_kw::Kek::<aes::Aes256>::new(&kek.into())
-            .unwrap_vec(&wrapped[header_len..])
+        let body = &wrapped[header_len..];
+        assert_eq!(body.len(), aes_kw::IV_LEN + 48);
+        let mut inner = [0u8; 48];
+        aes_kw::KwAes256::new(&kek.into())
+            .unwrap_key(body, &mut inner)
             .unwrap();
-        assert_eq!(inner.len(), 48);
         assert_eq!(hex(&inner[..32]), key["data_key"].as_str().unwrap());
         // KW is deterministic: wrapping the key again gives the same bytes.
         assert_eq!(

@@ -471,8 +471,7 @@ async fn another_instance_follows_an_index_rotation(app: &TestApp) {
 /// version's one state key, the blind-index key's MAC of a label) still tells a minor, new
 /// gates are format 2 (the record's own key), and the re-index pass moves old ones over.
 async fn an_old_format_age_gate_opens_and_reindexing_moves_it(app: &TestApp) {
-    use base64::Engine;
-    use hmac::Mac;
+    use hmac::{KeyInit, Mac};
     use pdvault::crypto::{DataKey, SecretKey, Suite};
 
     let minor = create(
@@ -488,8 +487,13 @@ async fn an_old_format_age_gate_opens_and_reindexing_moves_it(app: &TestApp) {
     let file: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(keyring).unwrap()).unwrap();
     assert_eq!(file["index_keys"][0]["version"], 1);
-    let blind_index = base64::engine::general_purpose::STANDARD
-        .decode(file["index_keys"][0]["blind_index_key"].as_str().unwrap())
+    let blind_index = data_encoding::BASE64
+        .decode(
+            file["index_keys"][0]["blind_index_key"]
+                .as_str()
+                .unwrap()
+                .as_bytes(),
+        )
         .unwrap();
     let label = b"pdvault.state-key.v1";
     let mut input = (label.len() as u64).to_be_bytes().to_vec();

@@ -1034,7 +1034,6 @@ fn blob(app: &TestApp, bytes: &[u8]) -> String {
 /// moves it to format 2 under the new version.
 async fn old_format_wrapped_keys_open_and_rewrap_moves_them_to_kw(app: &TestApp) {
     use aes_gcm::aead::{Aead, KeyInit, Payload};
-    use base64::Engine;
     use pdvault::crypto::{Suite, random_nonce, wrap_aad, wrap_header_gcm};
 
     let id = create(app, 5).await;
@@ -1052,8 +1051,8 @@ async fn old_format_wrapped_keys_open_and_rewrap_moves_them_to_kw(app: &TestApp)
     // Written as before format 2: the stored KEK itself as the GCM key.
     let file: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(keyring_path(app)).unwrap()).unwrap();
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(file["keks"][0]["key"].as_str().unwrap())
+    let raw = data_encoding::BASE64
+        .decode(file["keks"][0]["key"].as_str().unwrap().as_bytes())
         .unwrap();
     assert_eq!(file["keks"][0]["version"], 1);
     let header = wrap_header_gcm(dek.suite(), "local", 1).unwrap();

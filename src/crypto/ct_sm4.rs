@@ -10,13 +10,17 @@
 //! memory by secret index. The price is speed (about 32 word operations per S-box instead of
 //! one load), paid on short identity fields and 48-byte key wraps only.
 //!
-//! It implements the RustCrypto `cipher` traits, so `aes_gcm::AesGcm` and `aes_kw::Kek`
-//! compose it as they compose AES. Round keys are wiped on drop. Checked against the
+//! It implements the RustCrypto `cipher` (0.5) block traits, so `aes_gcm::AesGcm` and
+//! `aes_kw::AesKw` compose it as they compose AES. Round keys are wiped on drop. Checked against the
 //! standard's example and the `sm4` crate on random inputs (tests below), and through
 //! SM4-GCM against RFC 8998 (`crypto` tests).
 
-use cipher::consts::U16;
-use cipher::{AlgorithmName, BlockCipher, Key, KeyInit, KeySizeUser};
+use cipher::consts::{U1, U16};
+use cipher::{
+    AlgorithmName, Block, BlockCipherDecBackend, BlockCipherDecClosure, BlockCipherDecrypt,
+    BlockCipherEncBackend, BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, InOut, Key,
+    KeyInit, KeySizeUser, ParBlocksSizeUser,
+};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// The S-box of GB/T 32907-2016, section 6.2, by input byte.
@@ -119,8 +123,6 @@ pub struct Sm4 {
     rk: [u32; 32],
 }
 
-impl BlockCipher for Sm4 {}
-
 impl KeySizeUser for Sm4 {
     type KeySize = U16;
 }
@@ -185,22 +187,47 @@ impl Drop for Sm4 {
 
 impl ZeroizeOnDrop for Sm4 {}
 
-cipher::impl_simple_block_encdec!(
-    Sm4, U16, cipher, block,
-    encrypt: {
-        let input = *block.get_in();
-        cipher.crypt(&input, block.get_out(), false);
+impl BlockSizeUser for Sm4 {
+    type BlockSize = U16;
+}
+
+// One block at a time: the constant-time S-box leaves nothing for a parallel backend to share.
+impl ParBlocksSizeUser for Sm4 {
+    type ParBlocksSize = U1;
+}
+
+// The cipher is its own backend for both directions, as the `sm4` crate's is.
+impl BlockCipherEncrypt for Sm4 {
+    fn encrypt_with_backend(&self, f: impl BlockCipherEncClosure<BlockSize = Self::BlockSize>) {
+        f.call(self)
     }
-    decrypt: {
+}
+
+impl BlockCipherEncBackend for Sm4 {
+    fn encrypt_block(&self, mut block: InOut<'_, '_, Block<Self>>) {
+        // Copied out first: input and output may be the same block.
         let input = *block.get_in();
-        cipher.crypt(&input, block.get_out(), true);
+        self.crypt(&input, block.get_out(), false);
     }
-);
+}
+
+impl BlockCipherDecrypt for Sm4 {
+    fn decrypt_with_backend(&self, f: impl BlockCipherDecClosure<BlockSize = Self::BlockSize>) {
+        f.call(self)
+    }
+}
+
+impl BlockCipherDecBackend for Sm4 {
+    fn decrypt_block(&self, mut block: InOut<'_, '_, Block<Self>>) {
+        let input = *block.get_in();
+        self.crypt(&input, block.get_out(), true);
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cipher::{BlockDecrypt, BlockEncrypt, generic_array::GenericArray};
+    use cipher::Array;
 
     fn hex(text: &str) -> Vec<u8> {
         data_encoding::HEXLOWER_PERMISSIVE
@@ -219,11 +246,11 @@ mod tests {
     #[test]
     fn matches_the_standards_example() {
         let key = hex("0123456789abcdeffedcba9876543210");
-        let cipher = Sm4::new(GenericArray::from_slice(&key));
-        let mut block = GenericArray::clone_from_slice(&key);
-        cipher.encrypt_block(&mut block);
+        let cipher = Sm4::new(&Array::try_from(key.as_slice()).unwrap());
+        let mut block = Array::try_from(key.as_slice()).unwrap();
+        BlockCipherEncrypt::encrypt_block(&cipher, &mut block);
         assert_eq!(block.to_vec(), hex("681edf34d206965e86b3e94f536e4246"));
-        cipher.decrypt_block(&mut block);
+        BlockCipherDecrypt::decrypt_block(&cipher, &mut block);
         assert_eq!(block.to_vec(), key);
     }
 
@@ -233,14 +260,15 @@ mod tests {
             let mut bytes = [0u8; 32];
             getrandom::fill(&mut bytes).unwrap();
             let (key, plaintext) = bytes.split_at(16);
-            let ours = Sm4::new(GenericArray::from_slice(key));
-            let reference = <::sm4::Sm4 as KeyInit>::new(GenericArray::from_slice(key));
-            let mut a = GenericArray::clone_from_slice(plaintext);
+            let key = Array::try_from(key).unwrap();
+            let ours = Sm4::new(&key);
+            let reference = <::sm4::Sm4 as KeyInit>::new(&key);
+            let mut a: Block<Sm4> = Array::try_from(plaintext).unwrap();
             let mut b = a;
-            ours.encrypt_block(&mut a);
-            reference.encrypt_block(&mut b);
+            BlockCipherEncrypt::encrypt_block(&ours, &mut a);
+            BlockCipherEncrypt::encrypt_block(&reference, &mut b);
             assert_eq!(a, b);
-            ours.decrypt_block(&mut a);
+            BlockCipherDecrypt::decrypt_block(&ours, &mut a);
             assert_eq!(a.as_slice(), plaintext);
         }
     }
@@ -249,7 +277,7 @@ mod tests {
     fn debug_is_redacted_and_round_keys_are_wiped_on_drop() {
         fn wipes_on_drop<T: ZeroizeOnDrop>() {}
         wipes_on_drop::<Sm4>();
-        let cipher = Sm4::new(GenericArray::from_slice(&[7u8; 16]));
+        let cipher = Sm4::new(&Array::from([7u8; 16]));
         assert_eq!(format!("{cipher:?}"), "Sm4(<redacted>)");
     }
 }

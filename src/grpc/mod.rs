@@ -21,8 +21,7 @@ pub mod keys;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use data_encoding::BASE64URL_NOPAD;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
@@ -572,7 +571,7 @@ pub(crate) fn violation(field: &str, reason: &str) -> Violation {
 
 /// Keyset cursors travel as opaque page tokens: base64url of "<micros>:<id>".
 pub(crate) fn encode_page_token(time: Micros, id: &str) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{time}:{id}"))
+    BASE64URL_NOPAD.encode(format!("{time}:{id}").as_bytes())
 }
 
 pub(crate) fn decode_page_token(token: &str) -> Result<Cursor, Violation> {
@@ -583,7 +582,9 @@ pub(crate) fn decode_page_token(token: &str) -> Result<Cursor, Violation> {
     if token.len() > MAX_PAGE_TOKEN_BYTES {
         return Err(bad());
     }
-    let decoded = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let decoded = BASE64URL_NOPAD
+        .decode(token.as_bytes())
+        .map_err(|_| bad())?;
     let text = String::from_utf8(decoded).map_err(|_| bad())?;
     let (time, id) = text.split_once(':').ok_or_else(bad)?;
     // The id goes back into a query: it must be one of the ids this service issues.
@@ -698,6 +699,28 @@ mod tests {
                 info.reason
             })
             .unwrap_or_default()
+    }
+
+    /// Page tokens are unpadded base64url (RFC 4648, section 5) as the `base64` crate wrote
+    /// them before `data-encoding` took its place: a token a client holds across an upgrade
+    /// still pages on, and padding or the standard alphabet is refused as before.
+    #[test]
+    fn page_tokens_are_unpadded_base64url() {
+        let id = "rec_01hzabcdefghjkmnpqrstvwxyz";
+        let token = "MTc2NDU0NzIwMDEyMzQ1NjpyZWNfMDFoemFiY2RlZmdoamttbnBxcnN0dnd4eXo";
+        assert_eq!(encode_page_token(1_764_547_200_123_456, id), token);
+        assert_eq!(
+            decode_page_token(token).unwrap(),
+            Some((1_764_547_200_123_456, id.to_owned()))
+        );
+        assert_eq!(
+            decode_page_token("MTo-Pj4").unwrap(),
+            Some((1, ">>>".to_owned()))
+        );
+        for refused in ["MTo+Pj4", "MTo-Pj4=", "MTo-Pj5", &format!("{token}=")] {
+            let violation = decode_page_token(refused).unwrap_err();
+            assert_eq!(violation.field, "page_token", "{refused}");
+        }
     }
 
     #[test]

@@ -62,8 +62,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use data_encoding::BASE64;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -383,7 +382,7 @@ struct KekEntry {
 fn decode_key(encoded: &str) -> Result<SecretKey, CryptoError> {
     let mut bytes = Zeroizing::new(
         BASE64
-            .decode(encoded.trim())
+            .decode(encoded.trim().as_bytes())
             .map_err(|_| CryptoError::KeyLength)?,
     );
     SecretKey::from_bytes(&mut bytes)
@@ -662,6 +661,25 @@ mod tests {
                 .phone("+8613812345678")
         };
         assert_eq!(phone(&first), phone(&second));
+    }
+
+    /// Keyring keys are standard padded base64 as the `base64` crate read and wrote them
+    /// before `data-encoding` took its place: the same text both ways, and the url-safe
+    /// alphabet, missing padding or a short key are refused as before.
+    #[test]
+    fn keys_are_standard_padded_base64() {
+        let text = "4OHi4+Tl5ufo6err7O3u7/Dx8vP09fb3+Pn6+/z9/v8=";
+        let key = decode_key(text).unwrap();
+        assert_eq!(key.expose().to_vec(), (0xe0..=0xffu8).collect::<Vec<_>>());
+        assert_eq!(encode_key(&key).as_str(), text);
+        assert!(decode_key(&format!(" {text}\n")).is_ok());
+        for refused in [
+            text.trim_end_matches('='),
+            "4OHi4-Tl5ufo6err7O3u7_Dx8vP09fb3-Pn6-_z9_v8=",
+            &text[4..],
+        ] {
+            assert_eq!(decode_key(refused).unwrap_err(), CryptoError::KeyLength);
+        }
     }
 
     #[test]
