@@ -387,6 +387,90 @@ async fn batch_creates_keep_items_independent(app: &TestApp) {
     assert_eq!(reason(&status), "OPERATION_NOT_GRANTED");
 }
 
+/// Makes the commit (never a statement) of any transaction that inserts a record with
+/// policy version `trip-at-commit` fail: a deferred check, run by the database at COMMIT.
+async fn arm_commit_tripwire(app: &TestApp) {
+    app.execute_sql(match app.backend {
+        Backend::Sqlite => {
+            "CREATE TABLE tripwire_parent (id INTEGER PRIMARY KEY); \
+             CREATE TABLE tripwire (parent INTEGER \
+                 REFERENCES tripwire_parent (id) DEFERRABLE INITIALLY DEFERRED); \
+             CREATE TRIGGER tripwire_arm AFTER INSERT ON records \
+                 WHEN NEW.policy_version = 'trip-at-commit' \
+                 BEGIN INSERT INTO tripwire (parent) VALUES (1); END;"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION tripwire() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'tripped at commit'; END $$; \
+             CREATE CONSTRAINT TRIGGER tripwire AFTER INSERT ON records \
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
+                 WHEN (NEW.policy_version = 'trip-at-commit') EXECUTE FUNCTION tripwire();"
+        }
+    })
+    .await;
+}
+
+async fn disarm_commit_tripwire(app: &TestApp) {
+    app.execute_sql(match app.backend {
+        Backend::Sqlite => "DROP TRIGGER tripwire_arm;",
+        Backend::Postgres => "DROP TRIGGER tripwire ON records;",
+    })
+    .await;
+}
+
+async fn batch_creates_commit_once(app: &TestApp) {
+    use batch_create_record_result::Result as R;
+    let records = || async { app.count("SELECT count(*) FROM records").await };
+    let results = batch_create(
+        app,
+        vec![
+            create_request(person("甲", "19810101", "011"), ""),
+            create_request(person("乙", "19820202", "022"), "import-1"),
+            create_request(person("丙", "19830303", "033"), ""),
+        ],
+    )
+    .await;
+    assert!(
+        results.iter().all(|result| matches!(result, R::Record(_))),
+        "{results:?}"
+    );
+    assert_eq!(records().await, 3);
+    // A batch whose commit fails: no item is visible, not even those the failure was not
+    // about, and each item says it failed.
+    arm_commit_tripwire(app).await;
+    let batch = || {
+        let mut tripping = create_request(person("丁", "19840404", "044"), "");
+        tripping.policy_version = "trip-at-commit".into();
+        vec![
+            create_request(person("戊", "19850505", "055"), "import-2"),
+            tripping,
+            create_request(person("己", "19860606", "066"), ""),
+        ]
+    };
+    let failed = batch_create(app, batch()).await;
+    assert_eq!(failed.len(), 3);
+    for result in &failed {
+        let R::Error(status) = result else {
+            panic!("an item of a batch that did not commit was answered as created")
+        };
+        assert_eq!(status.code, Code::Unavailable as i32);
+        assert_eq!(item_reason(status), "STORAGE_UNAVAILABLE");
+    }
+    assert_eq!(
+        records().await,
+        3,
+        "nothing of the failed batch was written"
+    );
+    // The same batch again commits whole: none of its documents or request ids was taken.
+    disarm_commit_tripwire(app).await;
+    let again = batch_create(app, batch()).await;
+    assert!(
+        again.iter().all(|result| matches!(result, R::Record(_))),
+        "{again:?}"
+    );
+    assert_eq!(records().await, 6);
+}
+
 /// An export as the client sees it: rows (row key, fields) with their cursors, and the
 /// summary.
 struct Exported {
@@ -667,6 +751,7 @@ for_each_backend_with!(
     mixed_batch_reads_give_one_audited_result_per_id,
     batch_reads_are_checked_once_for_the_whole_call,
     batch_creates_keep_items_independent,
+    batch_creates_commit_once,
     exports_suppress_small_classes_exactly,
     broken_exports_resume_without_duplicates_or_gaps,
     exports_refuse_changes_non_export_purposes_and_other_callers,
