@@ -692,6 +692,104 @@ async fn broken_exports_resume_without_duplicates_or_gaps(app: &TestApp) {
     assert_eq!(bad_fields(&status), ["resume_cursor"]);
 }
 
+/// Runs `pdvault export` (the real binary) against `app` as the analytics caller.
+async fn export_command(app: &TestApp, args: &[&str]) -> std::process::Output {
+    let addr = format!("http://{}", app.addr);
+    let args: Vec<String> = args.iter().map(|&arg| arg.to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"))
+            .arg("export")
+            .args(&args)
+            .env_remove("PDVAULT_TOKEN_FILE")
+            .env("PDVAULT_ADDR", addr)
+            .env("PDVAULT_TOKEN", ANALYTICS.token)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+async fn the_export_command_writes_a_resumable_csv(app: &TestApp) {
+    let (exported, suppressed, left_out) = export_fixture(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("open-data.csv");
+    let out_arg = out.to_str().unwrap();
+    let ran = export_command(app, &["--purpose", OPEN_DATA, "--out", out_arg]).await;
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&ran.stdout).contains("7 rows exported, 3 suppressed"),
+        "{}",
+        String::from_utf8_lossy(&ran.stdout)
+    );
+    let whole = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = whole.lines().collect();
+    assert_eq!(
+        lines[0],
+        "row_key,name,gender,id_type,id_number,date_of_birth,nationality,phone,email,address,postal_code"
+    );
+    // One row per exported record, keyed as the stream keys them, in the stream's order.
+    let streamed = export(app, "", None).await.unwrap();
+    let keys: Vec<&str> = lines[1..]
+        .iter()
+        .map(|line| line.split(',').next().unwrap())
+        .collect();
+    let streamed_keys: Vec<&str> = streamed
+        .rows
+        .iter()
+        .map(|(r, _)| r.row_key.as_str())
+        .collect();
+    assert_eq!(keys, streamed_keys);
+    assert_eq!(keys.iter().collect::<HashSet<_>>().len(), 7);
+    for (line, (row, _)) in lines[1..].iter().zip(&streamed.rows) {
+        let columns: Vec<&str> = line.split(',').collect();
+        assert_eq!(columns.len(), 11, "{line}");
+        assert_eq!(columns[2], row.fields["gender"].value);
+        assert_eq!(columns[5], row.fields["date_of_birth"].value);
+        assert_eq!(columns[1], row.fields["name"].value);
+    }
+    for record_id in exported.iter().chain(&suppressed).chain(&left_out) {
+        assert!(
+            !whole.contains(record_id.as_str()),
+            "a record id in the CSV"
+        );
+    }
+    assert!(!whole.contains("居民"), "a plain name in the CSV");
+    assert!(!std::path::Path::new(&format!("{out_arg}.cursor")).exists());
+    // An interrupted export: the file holds the header, three rows and half of a fourth,
+    // and its state names the third row's cursor and the length up to that row.
+    let three = lines[..4].iter().map(|line| line.len() + 1).sum::<usize>();
+    let first = export(app, "", Some(3)).await.unwrap();
+    assert_eq!(first.rows[2].0.row_key, keys[2]);
+    std::fs::write(&out, format!("{}{}", &whole[..three], &lines[4][..5])).unwrap();
+    std::fs::write(
+        format!("{out_arg}.cursor"),
+        format!("{three}\n{}\n", first.rows[2].1),
+    )
+    .unwrap();
+    // Without --resume the command will not overwrite it.
+    let refused = export_command(app, &["--purpose", OPEN_DATA, "--out", out_arg]).await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--resume"));
+    let resumed =
+        export_command(app, &["--purpose", OPEN_DATA, "--out", out_arg, "--resume"]).await;
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        whole,
+        "the resumed file is the whole export: no duplicate, no gap, no torn row"
+    );
+    assert!(!std::path::Path::new(&format!("{out_arg}.cursor")).exists());
+}
+
 async fn exports_refuse_changes_non_export_purposes_and_other_callers(app: &TestApp) {
     let (exported, _, _) = export_fixture(app).await;
     let first = export(app, "", Some(2)).await.unwrap();
@@ -754,5 +852,6 @@ for_each_backend_with!(
     batch_creates_commit_once,
     exports_suppress_small_classes_exactly,
     broken_exports_resume_without_duplicates_or_gaps,
+    the_export_command_writes_a_resumable_csv,
     exports_refuse_changes_non_export_purposes_and_other_callers,
 );
