@@ -201,9 +201,9 @@ impl Vault {
         Ok(answered)
     }
 
-    /// Writes the sealed items in one store transaction (one commit), and again, once, the
-    /// items refused because another instance rotated a key meanwhile (as a single create
-    /// retries), until each has its result.
+    /// Writes the sealed items in one store transaction (one commit). Items refused because
+    /// another instance rotated a key meanwhile are written again, together, after learning
+    /// the new version: at most `KEY_REFRESH_ATTEMPTS` writes in all, as a single create.
     async fn write_batch(
         &self,
         ctx: &CallContext,
