@@ -387,6 +387,90 @@ async fn batch_creates_keep_items_independent(app: &TestApp) {
     assert_eq!(reason(&status), "OPERATION_NOT_GRANTED");
 }
 
+/// Makes the commit (never a statement) of any transaction that inserts a record with
+/// policy version `trip-at-commit` fail: a deferred check, run by the database at COMMIT.
+async fn arm_commit_tripwire(app: &TestApp) {
+    app.execute_sql(match app.backend {
+        Backend::Sqlite => {
+            "CREATE TABLE tripwire_parent (id INTEGER PRIMARY KEY); \
+             CREATE TABLE tripwire (parent INTEGER \
+                 REFERENCES tripwire_parent (id) DEFERRABLE INITIALLY DEFERRED); \
+             CREATE TRIGGER tripwire_arm AFTER INSERT ON records \
+                 WHEN NEW.policy_version = 'trip-at-commit' \
+                 BEGIN INSERT INTO tripwire (parent) VALUES (1); END;"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION tripwire() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'tripped at commit'; END $$; \
+             CREATE CONSTRAINT TRIGGER tripwire AFTER INSERT ON records \
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
+                 WHEN (NEW.policy_version = 'trip-at-commit') EXECUTE FUNCTION tripwire();"
+        }
+    })
+    .await;
+}
+
+async fn disarm_commit_tripwire(app: &TestApp) {
+    app.execute_sql(match app.backend {
+        Backend::Sqlite => "DROP TRIGGER tripwire_arm;",
+        Backend::Postgres => "DROP TRIGGER tripwire ON records;",
+    })
+    .await;
+}
+
+async fn batch_creates_commit_once(app: &TestApp) {
+    use batch_create_record_result::Result as R;
+    let records = || async { app.count("SELECT count(*) FROM records").await };
+    let results = batch_create(
+        app,
+        vec![
+            create_request(person("甲", "19810101", "011"), ""),
+            create_request(person("乙", "19820202", "022"), "import-1"),
+            create_request(person("丙", "19830303", "033"), ""),
+        ],
+    )
+    .await;
+    assert!(
+        results.iter().all(|result| matches!(result, R::Record(_))),
+        "{results:?}"
+    );
+    assert_eq!(records().await, 3);
+    // A batch whose commit fails: no item is visible, not even those the failure was not
+    // about, and each item says it failed.
+    arm_commit_tripwire(app).await;
+    let batch = || {
+        let mut tripping = create_request(person("丁", "19840404", "044"), "");
+        tripping.policy_version = "trip-at-commit".into();
+        vec![
+            create_request(person("戊", "19850505", "055"), "import-2"),
+            tripping,
+            create_request(person("己", "19860606", "066"), ""),
+        ]
+    };
+    let failed = batch_create(app, batch()).await;
+    assert_eq!(failed.len(), 3);
+    for result in &failed {
+        let R::Error(status) = result else {
+            panic!("an item of a batch that did not commit was answered as created")
+        };
+        assert_eq!(status.code, Code::Unavailable as i32);
+        assert_eq!(item_reason(status), "STORAGE_UNAVAILABLE");
+    }
+    assert_eq!(
+        records().await,
+        3,
+        "nothing of the failed batch was written"
+    );
+    // The same batch again commits whole: none of its documents or request ids was taken.
+    disarm_commit_tripwire(app).await;
+    let again = batch_create(app, batch()).await;
+    assert!(
+        again.iter().all(|result| matches!(result, R::Record(_))),
+        "{again:?}"
+    );
+    assert_eq!(records().await, 6);
+}
+
 /// An export as the client sees it: rows (row key, fields) with their cursors, and the
 /// summary.
 struct Exported {
@@ -608,6 +692,104 @@ async fn broken_exports_resume_without_duplicates_or_gaps(app: &TestApp) {
     assert_eq!(bad_fields(&status), ["resume_cursor"]);
 }
 
+/// Runs `pdvault export` (the real binary) against `app` as the analytics caller.
+async fn export_command(app: &TestApp, args: &[&str]) -> std::process::Output {
+    let addr = format!("http://{}", app.addr);
+    let args: Vec<String> = args.iter().map(|&arg| arg.to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"))
+            .arg("export")
+            .args(&args)
+            .env_remove("PDVAULT_TOKEN_FILE")
+            .env("PDVAULT_ADDR", addr)
+            .env("PDVAULT_TOKEN", ANALYTICS.token)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+async fn the_export_command_writes_a_resumable_csv(app: &TestApp) {
+    let (exported, suppressed, left_out) = export_fixture(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("open-data.csv");
+    let out_arg = out.to_str().unwrap();
+    let ran = export_command(app, &["--purpose", OPEN_DATA, "--out", out_arg]).await;
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&ran.stdout).contains("7 rows exported, 3 suppressed"),
+        "{}",
+        String::from_utf8_lossy(&ran.stdout)
+    );
+    let whole = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = whole.lines().collect();
+    assert_eq!(
+        lines[0],
+        "row_key,name,gender,id_type,id_number,date_of_birth,nationality,phone,email,address,postal_code"
+    );
+    // One row per exported record, keyed as the stream keys them, in the stream's order.
+    let streamed = export(app, "", None).await.unwrap();
+    let keys: Vec<&str> = lines[1..]
+        .iter()
+        .map(|line| line.split(',').next().unwrap())
+        .collect();
+    let streamed_keys: Vec<&str> = streamed
+        .rows
+        .iter()
+        .map(|(r, _)| r.row_key.as_str())
+        .collect();
+    assert_eq!(keys, streamed_keys);
+    assert_eq!(keys.iter().collect::<HashSet<_>>().len(), 7);
+    for (line, (row, _)) in lines[1..].iter().zip(&streamed.rows) {
+        let columns: Vec<&str> = line.split(',').collect();
+        assert_eq!(columns.len(), 11, "{line}");
+        assert_eq!(columns[2], row.fields["gender"].value);
+        assert_eq!(columns[5], row.fields["date_of_birth"].value);
+        assert_eq!(columns[1], row.fields["name"].value);
+    }
+    for record_id in exported.iter().chain(&suppressed).chain(&left_out) {
+        assert!(
+            !whole.contains(record_id.as_str()),
+            "a record id in the CSV"
+        );
+    }
+    assert!(!whole.contains("居民"), "a plain name in the CSV");
+    assert!(!std::path::Path::new(&format!("{out_arg}.cursor")).exists());
+    // An interrupted export: the file holds the header, three rows and half of a fourth,
+    // and its state names the third row's cursor and the length up to that row.
+    let three = lines[..4].iter().map(|line| line.len() + 1).sum::<usize>();
+    let first = export(app, "", Some(3)).await.unwrap();
+    assert_eq!(first.rows[2].0.row_key, keys[2]);
+    std::fs::write(&out, format!("{}{}", &whole[..three], &lines[4][..5])).unwrap();
+    std::fs::write(
+        format!("{out_arg}.cursor"),
+        format!("{three}\n{}\n", first.rows[2].1),
+    )
+    .unwrap();
+    // Without --resume the command will not overwrite it.
+    let refused = export_command(app, &["--purpose", OPEN_DATA, "--out", out_arg]).await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--resume"));
+    let resumed =
+        export_command(app, &["--purpose", OPEN_DATA, "--out", out_arg, "--resume"]).await;
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        whole,
+        "the resumed file is the whole export: no duplicate, no gap, no torn row"
+    );
+    assert!(!std::path::Path::new(&format!("{out_arg}.cursor")).exists());
+}
+
 async fn exports_refuse_changes_non_export_purposes_and_other_callers(app: &TestApp) {
     let (exported, _, _) = export_fixture(app).await;
     let first = export(app, "", Some(2)).await.unwrap();
@@ -667,7 +849,9 @@ for_each_backend_with!(
     mixed_batch_reads_give_one_audited_result_per_id,
     batch_reads_are_checked_once_for_the_whole_call,
     batch_creates_keep_items_independent,
+    batch_creates_commit_once,
     exports_suppress_small_classes_exactly,
     broken_exports_resume_without_duplicates_or_gaps,
+    the_export_command_writes_a_resumable_csv,
     exports_refuse_changes_non_export_purposes_and_other_callers,
 );

@@ -61,8 +61,8 @@ pub enum StoreError {
     /// A thread of the SQLite store could not be started.
     #[error("cannot start a database thread")]
     Thread(#[source] std::io::Error),
-    /// The SQLite group commit a write was part of failed: nothing of the group was written.
-    /// Shared by every write of the group, hence the `Arc`.
+    /// The commit a write was part of (a SQLite group, or a batch's transaction) failed:
+    /// nothing of it was written. Shared by every write of the group, hence the `Arc`.
     #[error("the group commit failed: {0}")]
     CommitFailed(#[source] Arc<StoreError>),
     #[error("PostgreSQL migration failed: {0}")]
@@ -157,6 +157,14 @@ pub struct RecordMeta {
     pub created_at: Micros,
     pub updated_at: Micros,
     pub present_fields: Vec<String>,
+}
+
+/// One create of a batch ([`Store::insert_records`]): what [`Store::insert_record`] takes.
+#[derive(Debug)]
+pub struct BatchInsert {
+    pub record: NewRecord,
+    pub request: Option<CreateRequestKey>,
+    pub audit: AuditEvent,
 }
 
 #[derive(Debug)]
@@ -417,6 +425,17 @@ pub trait Store: Send + Sync + 'static {
         request: Option<CreateRequestKey>,
         audit: &AuditEvent,
     ) -> Result<InsertOutcome, StoreError>;
+
+    /// Inserts a batch's records in ONE transaction (one commit), in order, each with its
+    /// request key and audit event under its own savepoint, with the decisions of
+    /// [`Store::insert_record`]: an item refused (a duplicate document, an earlier item's
+    /// included; a stale key or index version) rolls back alone and is its `Err`; an item
+    /// repeating an earlier item's request key replays it. The outer `Err`: the transaction
+    /// did not commit, and nothing of the batch was written.
+    async fn insert_records(
+        &self,
+        items: Vec<BatchInsert>,
+    ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError>;
 
     /// A live record, or `None` when it never existed or was deleted.
     async fn get_record(&self, record_id: &str) -> Result<Option<StoredRecord>, StoreError>;

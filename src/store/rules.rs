@@ -431,13 +431,7 @@ pub(crate) async fn create(
     {
         return Ok(outcome);
     }
-    let meta = RecordMeta {
-        record_id: record.record_id.clone(),
-        version: 1,
-        created_at: record.created_at,
-        updated_at: record.created_at,
-        present_fields: super::present_fields(&record.fields),
-    };
+    let meta = inserted_meta(&record);
     match steps.insert(record, request.clone(), audit.clone()).await {
         Ok(()) => Ok(InsertOutcome::Inserted(meta)),
         Err(StoreError::DuplicateDocument) => {
@@ -449,6 +443,17 @@ pub(crate) async fn create(
             Err(StoreError::DuplicateDocument)
         }
         Err(refused) => Err(refused),
+    }
+}
+
+/// The metadata a create answers with once `record` is written.
+pub(crate) fn inserted_meta(record: &NewRecord) -> RecordMeta {
+    RecordMeta {
+        record_id: record.record_id.clone(),
+        version: 1,
+        created_at: record.created_at,
+        updated_at: record.created_at,
+        present_fields: super::present_fields(&record.fields),
     }
 }
 

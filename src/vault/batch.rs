@@ -12,26 +12,30 @@
 //!   answered before it. One event rather than one per record is what makes a batch cheaper
 //!   than single reads: a read's cost is mostly its audit event (BENCHMARKS.md). If the
 //!   releases' event fails, every release of the call becomes `AUDIT_UNAVAILABLE`.
-//! - A batch create runs every item through the single create (`records.rs`), concurrently:
-//!   each item is its own transaction with its own event, exactly as `CreateRecord`, and the
-//!   SQLite writer group-commits what is queued together. Items are independent; an item
-//!   that repeats an earlier item's document or request id waits until that item settled,
-//!   so "the first wins" (the second is `DUPLICATE_IDENTITY`, or a replay of the same
-//!   request) is decided by the database, as between two calls.
+//! - A batch create checks and seals every item as the single create does (`records.rs`),
+//!   then hands them all to the store as ONE transaction (one commit;
+//!   [`crate::store::Store::insert_records`]): each item, with its audit event, under its
+//!   own savepoint, in request order. Items are independent: a refused item (bad input,
+//!   duplicate document) rolls back alone; an item that repeats an earlier item's document
+//!   or request id meets that item's row in the same transaction, so "the first wins" (the
+//!   second is `DUPLICATE_IDENTITY`, or a replay of the same request) is decided by the
+//!   database, as between two calls. Items refused because another instance rotated a key
+//!   are written again, together, after learning the new version (a second commit, as a
+//!   single create retries). If the commit fails, no item was written and each says so.
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 
 use futures_util::future::join_all;
-use zeroize::Zeroizing;
 
-use crate::domain::{FieldName, IdDocument, IdentityInput, Violation};
+use crate::domain::{FieldName, IdentityInput, Violation};
 use crate::edge::{MAX_JUSTIFICATION_BYTES, RecordId, audit_record_id};
 use crate::policy::{Purpose, Rpc};
-use crate::store::RecordMeta;
+use crate::store::{RecordMeta, StoreError};
 
 use super::decisions::{AuditSubject, may_keep_text, refusal_reason};
-use super::records::{read_strings, requested_fields};
-use super::{CallContext, Release, Vault, VaultError, violation};
+use super::records::{SealedCreate, created, read_strings, requested_fields};
+use super::{CallContext, KEY_REFRESH_ATTEMPTS, Release, Vault, VaultError, violation};
 
 /// One item of a batch create, as the gRPC layer decoded it (enum decoding can fail there).
 pub struct CreateItem {
@@ -164,98 +168,114 @@ impl Vault {
             .and_then(|()| self.authorize(ctx, rpc));
         self.audited(ctx, AuditSubject::new(rpc.as_str()), checked)
             .await?;
-        let later = self.collisions(&items);
         let mut results: Vec<Option<Result<RecordMeta, VaultError>>> =
             items.iter().map(|_| None).collect();
-        let mut deferred = Vec::new();
-        let mut first = Vec::new();
+        let mut pending = Vec::with_capacity(items.len());
         for (i, item) in items.into_iter().enumerate() {
-            if later.contains(&i) {
-                deferred.push((i, item));
-            } else {
-                first.push((i, item));
+            let sealed = item
+                .input
+                .map_err(VaultError::InvalidArgument)
+                .and_then(|input| {
+                    self.seal_create(
+                        ctx,
+                        rpc,
+                        input,
+                        item.request_id,
+                        item.policy_version,
+                        item.retention_days,
+                    )
+                });
+            match sealed {
+                Ok(create) => pending.push((i, create)),
+                Err(error) => results[i] = Some(Err(error)),
             }
         }
-        let settled = join_all(
-            first
-                .into_iter()
-                .map(|(i, item)| async move { (i, self.create_item(ctx, i, item).await) }),
-        )
+        self.write_batch(ctx, pending, &mut results).await;
+        let answered = join_all(results.into_iter().enumerate().map(|(i, result)| {
+            let result = result
+                .unwrap_or(Err(VaultError::Internal("batch item lost".into())))
+                .map_err(|error| item_error(i, error));
+            self.audited(ctx, AuditSubject::new(rpc.as_str()), result)
+        }))
         .await;
-        for (i, result) in settled {
-            results[i] = Some(result);
-        }
-        // Each repeats an earlier item: it runs once that one has settled, in request order.
-        for (i, item) in deferred {
-            results[i] = Some(self.create_item(ctx, i, item).await);
-        }
-        Ok(results
-            .into_iter()
-            .map(|result| result.unwrap_or(Err(VaultError::Internal("batch item lost".into()))))
-            .collect())
+        Ok(answered)
     }
 
-    async fn create_item(
+    /// Writes the sealed items in one store transaction (one commit). Items refused because
+    /// another instance rotated a key meanwhile are written again, together, after learning
+    /// the new version: at most `KEY_REFRESH_ATTEMPTS` writes in all, as a single create.
+    async fn write_batch(
         &self,
         ctx: &CallContext,
-        index: usize,
-        item: CreateItem,
-    ) -> Result<RecordMeta, VaultError> {
-        let result = match item.input {
-            Ok(input) => {
-                self.insert(
-                    ctx,
-                    Rpc::BatchCreateRecords,
-                    input,
-                    item.request_id,
-                    item.policy_version,
-                    item.retention_days,
-                )
-                .await
+        mut pending: Vec<(usize, SealedCreate)>,
+        results: &mut [Option<Result<RecordMeta, VaultError>>],
+    ) {
+        let mut attempts = 0;
+        while !pending.is_empty() {
+            attempts += 1;
+            let mut writes = Vec::with_capacity(pending.len());
+            let mut written = Vec::with_capacity(pending.len());
+            for (i, create) in pending.drain(..) {
+                match self.store_form(ctx, &create) {
+                    Ok(write) => {
+                        writes.push(write);
+                        written.push((i, create));
+                    }
+                    Err(error) => results[i] = Some(Err(error)),
+                }
             }
-            Err(violations) => Err(VaultError::InvalidArgument(violations)),
-        }
-        .map_err(|error| item_error(index, error));
-        self.audited(
-            ctx,
-            AuditSubject::new(Rpc::BatchCreateRecords.as_str()),
-            result,
-        )
-        .await
-    }
-
-    /// The items that repeat the document or the request id of an earlier item.
-    fn collisions(&self, items: &[CreateItem]) -> HashSet<usize> {
-        let today = self.today();
-        // At most `limits.max_batch_size` documents: a list is enough, and it wipes itself.
-        let mut documents: Vec<Zeroizing<String>> = Vec::new();
-        let mut request_ids: HashSet<&str> = HashSet::new();
-        let mut later = HashSet::new();
-        for (i, item) in items.iter().enumerate() {
-            let document = item.input.as_ref().ok().and_then(|input| {
-                let id_type = input.id_type?;
-                let number = input.id_number.as_deref()?;
-                let document = IdDocument::parse(id_type, number, today).ok()?;
-                Some(Zeroizing::new(format!(
-                    "{}\u{0}{}",
-                    document.id_type().as_str(),
-                    document.number()
-                )))
-            });
-            let repeats_document = document.is_some_and(|key| {
-                let seen = documents.contains(&key);
-                documents.push(key);
-                seen
-            });
-            let repeats_request = item
-                .request_id
-                .as_deref()
-                .is_some_and(|id| !request_ids.insert(id));
-            if repeats_document || repeats_request {
-                later.insert(i);
+            if writes.is_empty() {
+                return;
             }
+            let outcomes = match self.store.insert_records(writes).await {
+                Ok(outcomes) => outcomes,
+                Err(error) => {
+                    // Nothing of the batch was written: every item it carried fails alike.
+                    tracing::error!(%error, "a batch create did not commit");
+                    let shared = match error {
+                        StoreError::CommitFailed(shared) => shared,
+                        other => Arc::new(other),
+                    };
+                    for (i, _) in written {
+                        results[i] = Some(Err(VaultError::Storage(StoreError::CommitFailed(
+                            Arc::clone(&shared),
+                        ))));
+                    }
+                    return;
+                }
+            };
+            let mut stale = Vec::new();
+            for ((i, create), outcome) in written.into_iter().zip(outcomes) {
+                match outcome {
+                    Err(
+                        error @ (StoreError::StaleKeyVersion(_) | StoreError::StaleIndexVersion(_)),
+                    ) if attempts < KEY_REFRESH_ATTEMPTS => stale.push((i, create, error)),
+                    outcome => {
+                        results[i] = Some(outcome.map_err(VaultError::from).and_then(created));
+                    }
+                }
+            }
+            let mut refreshed = Vec::new();
+            for (_, _, error) in &stale {
+                if refreshed.contains(&std::mem::discriminant(error)) {
+                    continue;
+                }
+                refreshed.push(std::mem::discriminant(error));
+                if let Err(refresh) = self.refresh_stale(error).await {
+                    // Without the new version a retry would be refused again: each stale
+                    // item keeps the refusal it got.
+                    tracing::error!(error = %refresh, "could not learn a rotated key's version");
+                    for (i, _, error) in stale {
+                        results[i] = Some(Err(VaultError::from(error)));
+                    }
+                    return;
+                }
+            }
+            pending = stale
+                .into_iter()
+                .map(|(i, create, _)| (i, create))
+                .collect();
         }
-        later
     }
 
     fn check_batch_size(&self, field: &str, len: usize) -> Result<(), VaultError> {

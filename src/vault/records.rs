@@ -30,8 +30,8 @@ use crate::edge::{
 };
 use crate::policy::{Grant, Purpose, ReleaseLevel, Rpc};
 use crate::store::{
-    CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordIndexes, RecordMeta,
-    RecordUpdate, SealedField, StoreError,
+    BatchInsert, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordIndexes,
+    RecordMeta, RecordUpdate, SealedField, StoreError,
 };
 
 use super::decisions::AuditSubject;
@@ -71,7 +71,8 @@ impl Vault {
         self.audited(ctx, subject, result).await
     }
 
-    /// A create, by `rpc` (`CreateRecord`, or an item of `BatchCreateRecords`).
+    /// A create, by `rpc` (`CreateRecord`): checked and sealed, then written, wrapped and
+    /// indexed again when another instance rotated a key meanwhile.
     pub(super) async fn insert(
         &self,
         ctx: &CallContext,
@@ -81,6 +82,39 @@ impl Vault {
         policy_version: Option<String>,
         retention_days: Option<u32>,
     ) -> Result<RecordMeta, VaultError> {
+        let create =
+            self.seal_create(ctx, rpc, input, request_id, policy_version, retention_days)?;
+        let mut attempts = 0;
+        let outcome = loop {
+            attempts += 1;
+            let BatchInsert {
+                record,
+                request,
+                audit,
+            } = self.store_form(ctx, &create)?;
+            match self.store.insert_record(record, request, &audit).await {
+                // Another instance rotated a key: learn its new version and write again.
+                Err(
+                    stale @ (StoreError::StaleKeyVersion(_) | StoreError::StaleIndexVersion(_)),
+                ) if attempts < KEY_REFRESH_ATTEMPTS => {
+                    self.refresh_stale(&stale).await?;
+                }
+                other => break other?,
+            }
+        };
+        created(outcome)
+    }
+
+    /// A create's checks and sealing, done once however often its write is retried.
+    pub(super) fn seal_create(
+        &self,
+        ctx: &CallContext,
+        rpc: Rpc,
+        input: IdentityInput,
+        request_id: Option<String>,
+        policy_version: Option<String>,
+        retention_days: Option<u32>,
+    ) -> Result<SealedCreate, VaultError> {
         if let Some(id) = &request_id {
             check_text("request_id", id, MAX_REFERENCE_BYTES)?;
         }
@@ -96,11 +130,10 @@ impl Vault {
             ));
         }
         let record_id = RecordId::generate()
-            .map_err(|_| VaultError::Internal("random number generator failed".into()))?;
-        let record_id = record_id.as_str();
+            .map_err(|_| VaultError::Internal("random number generator failed".into()))?
+            .into_string();
         let dek = self.keys.generate_data_key()?;
-        let canonical = identity.canonical_fields();
-        let fields = seal_all(&dek, record_id, &canonical)?;
+        let fields = seal_all(&dek, &record_id, &identity.canonical_fields())?;
         let now = self.now_micros();
         let retain_until = self
             .retention
@@ -110,54 +143,68 @@ impl Vault {
                 retention_days,
             )
             .map_err(super::lifecycle::retention_violation)?;
-        let audit = self.event(ctx, rpc.as_str(), vec![record_id.to_owned()], "OK", None);
-        let mut attempts = 0;
-        let outcome = loop {
-            attempts += 1;
-            let (wrapped_key, kek_version) = self.keys.wrap(&dek, record_id)?;
-            let (indexes, age_gate) = self.write_indexes(record_id, &identity)?;
-            let request = match &request_id {
-                Some(request_id) => Some(self.request_key(ctx, request_id, &canonical, now)?),
-                None => None,
-            };
-            let record = NewRecord {
+        let audit = self.event(ctx, rpc.as_str(), vec![record_id.clone()], "OK", None);
+        Ok(SealedCreate {
+            identity,
+            dek,
+            record_id,
+            fields,
+            now,
+            retain_until,
+            request_id,
+            policy_version,
+            audit,
+        })
+    }
+
+    /// A sealed create as the store takes it, wrapped and indexed under the key versions
+    /// this instance knows as active.
+    pub(super) fn store_form(
+        &self,
+        ctx: &CallContext,
+        create: &SealedCreate,
+    ) -> Result<BatchInsert, VaultError> {
+        let (wrapped_key, kek_version) = self.keys.wrap(&create.dek, &create.record_id)?;
+        let (indexes, age_gate) = self.write_indexes(&create.record_id, &create.identity)?;
+        let request = match &create.request_id {
+            Some(request_id) => Some(self.request_key(
+                ctx,
+                request_id,
+                &create.identity.canonical_fields(),
+                create.now,
+            )?),
+            None => None,
+        };
+        Ok(BatchInsert {
+            record: NewRecord {
                 wrapped_key,
                 kek_version,
                 indexes,
-                fields: fields.clone(),
+                fields: create.fields.clone(),
                 age_gate,
-                policy_version: policy_version.clone(),
-                retain_until,
-                created_at: now,
-                record_id: record_id.to_owned(),
-            };
-            match self.store.insert_record(record, request, &audit).await {
-                // Another instance rotated: learn the new active version and wrap again.
-                Err(StoreError::StaleKeyVersion(_)) if attempts < KEY_REFRESH_ATTEMPTS => {
-                    self.keys.refresh_active().await?;
-                }
-                // Another instance rotated the index key: index under the new version.
-                Err(StoreError::StaleIndexVersion(_)) if attempts < KEY_REFRESH_ATTEMPTS => {
-                    self.keys.refresh_index().await?;
-                }
-                other => break other?,
+                policy_version: create.policy_version.clone(),
+                retain_until: create.retain_until,
+                created_at: create.now,
+                record_id: create.record_id.clone(),
+            },
+            request,
+            audit: create.audit.clone(),
+        })
+    }
+
+    /// After a write refused as stale (another instance rotated the KEK, or the index key),
+    /// learns that key's new active version, so that the retry wraps or indexes under it.
+    pub(super) async fn refresh_stale(&self, stale: &StoreError) -> Result<(), VaultError> {
+        match stale {
+            StoreError::StaleKeyVersion(_) => {
+                self.keys.refresh_active().await?;
             }
-        };
-        match outcome {
-            InsertOutcome::Inserted(meta) => Ok(meta),
-            InsertOutcome::Replayed {
-                meta,
-                same_request: true,
-            } => Ok(meta),
-            InsertOutcome::Replayed {
-                same_request: false,
-                ..
-            } => Err(violation(
-                "request_id",
-                "already used for a different identity by this caller",
-            )),
-            InsertOutcome::ReplayedDeleted => Err(VaultError::RecordDeleted),
+            StoreError::StaleIndexVersion(_) => {
+                self.keys.refresh_index().await?;
+            }
+            _ => {}
         }
+        Ok(())
     }
 
     pub async fn get_record(
@@ -641,6 +688,39 @@ pub(super) fn read_strings(purpose: &str, justification: &str) -> Result<FreeTex
         justification,
         MAX_JUSTIFICATION_BYTES,
     )?)
+}
+
+/// A create checked and sealed under its own data key, not yet written: what a retry after
+/// another instance's key rotation wraps and indexes again.
+pub(super) struct SealedCreate {
+    identity: Identity,
+    dek: DataKey,
+    record_id: String,
+    fields: Vec<SealedField>,
+    now: i64,
+    retain_until: Option<i64>,
+    request_id: Option<String>,
+    policy_version: Option<String>,
+    audit: AuditEvent,
+}
+
+/// What a create answers once the store decided: the record, or why not.
+pub(super) fn created(outcome: InsertOutcome) -> Result<RecordMeta, VaultError> {
+    match outcome {
+        InsertOutcome::Inserted(meta) => Ok(meta),
+        InsertOutcome::Replayed {
+            meta,
+            same_request: true,
+        } => Ok(meta),
+        InsertOutcome::Replayed {
+            same_request: false,
+            ..
+        } => Err(violation(
+            "request_id",
+            "already used for a different identity by this caller",
+        )),
+        InsertOutcome::ReplayedDeleted => Err(VaultError::RecordDeleted),
+    }
 }
 
 pub(crate) fn seal_all(

@@ -27,10 +27,10 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 pub(crate) use self::audit::Heads;
 use super::rules::{self, CheckpointParams, Columns, CreateSteps};
 use super::{
-    AccountEventRow, AccountState, AuditQuery, BoundCiphertexts, ConsentRow, CreateRequestKey,
-    InsertOutcome, JobOwner, KeyAdmin, KeyAdminTx, KeyVersionRow, LookupMatch, Micros, NewRecord,
-    RecordMeta, RecordRekey, RecordUpdate, ReindexFn, RewrapBatch, RewrapFn, RewrapJobRow, Store,
-    StoreError, StoredRecord, queries,
+    AccountEventRow, AccountState, AuditQuery, BatchInsert, BoundCiphertexts, ConsentRow,
+    CreateRequestKey, InsertOutcome, JobOwner, KeyAdmin, KeyAdminTx, KeyVersionRow, LookupMatch,
+    Micros, NewRecord, RecordMeta, RecordRekey, RecordUpdate, ReindexFn, RewrapBatch, RewrapFn,
+    RewrapJobRow, Store, StoreError, StoredRecord, queries,
 };
 use crate::audit::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
 
@@ -245,6 +245,19 @@ impl Store for PostgresStore {
         audit: &AuditEvent,
     ) -> Result<InsertOutcome, StoreError> {
         rules::create(self, record, request, audit).await
+    }
+
+    async fn insert_records(
+        &self,
+        items: Vec<BatchInsert>,
+    ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let outcomes = records::insert_all(&mut tx, &items, &self.heads).await?;
+        // Whatever fails here, nothing of the batch was written.
+        tx.commit()
+            .await
+            .map_err(|error| StoreError::CommitFailed(Arc::new(error.into())))?;
+        Ok(outcomes)
     }
 
     async fn get_record(&self, record_id: &str) -> Result<Option<StoredRecord>, StoreError> {

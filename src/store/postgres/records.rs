@@ -8,8 +8,8 @@ use super::keys::{index_refusal, kek_active};
 use crate::audit::AuditEvent;
 use crate::store::rules::{self, RecordRows};
 use crate::store::{
-    AccountState, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordMeta, RecordRekey,
-    RecordUpdate, SealedField, StoreError, StoredRecord, queries,
+    AccountState, BatchInsert, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordMeta,
+    RecordRekey, RecordUpdate, SealedField, StoreError, StoredRecord, queries,
 };
 
 pub(super) async fn get(
@@ -208,6 +208,72 @@ pub(super) async fn insert(
             .map_err(duplicate_as_refusal)?;
     }
     append(conn, std::slice::from_ref(audit), heads).await
+}
+
+/// A batch's creates in the caller's transaction, in order, each under its own savepoint
+/// (a refusal aborts only its savepoint). The decisions are those of a single create
+/// (`rules::create`), read in the transaction, which sees the batch's earlier items: a
+/// later item with an earlier one's document is the duplicate, one with its request key
+/// the replay. `Err`: a savepoint could not be taken or ended (the transaction is lost).
+pub(super) async fn insert_all(
+    conn: &mut PgConnection,
+    items: &[BatchInsert],
+    heads: &super::Heads,
+) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
+    let mut outcomes = Vec::with_capacity(items.len());
+    for item in items {
+        let first = in_savepoint(conn, async |conn| {
+            if let Some(request) = &item.request
+                && let Some(outcome) = replayed(conn, request).await?
+            {
+                return Ok(outcome);
+            }
+            insert(
+                conn,
+                &item.record,
+                item.request.as_ref(),
+                &item.audit,
+                heads,
+            )
+            .await?;
+            Ok(InsertOutcome::Inserted(rules::inserted_meta(&item.record)))
+        })
+        .await?;
+        // A duplicate that is this request's own earlier attempt is its replay.
+        let outcome = match (first, &item.request) {
+            (Err(StoreError::DuplicateDocument), Some(request)) => {
+                in_savepoint(conn, async |conn| {
+                    replayed(conn, request)
+                        .await?
+                        .ok_or(StoreError::DuplicateDocument)
+                })
+                .await?
+            }
+            (other, _) => other,
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// Runs `body` under a savepoint of the transaction, rolled back when it fails. The outer
+/// `Err`: the savepoint itself failed.
+async fn in_savepoint<T>(
+    conn: &mut PgConnection,
+    body: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
+) -> Result<Result<T, StoreError>, StoreError> {
+    sqlx::raw_sql("SAVEPOINT batch_item")
+        .execute(&mut *conn)
+        .await?;
+    let outcome = body(conn).await;
+    sqlx::raw_sql(if outcome.is_ok() {
+        "RELEASE SAVEPOINT batch_item"
+    } else {
+        "ROLLBACK TO SAVEPOINT batch_item; RELEASE SAVEPOINT batch_item"
+    })
+    .execute(&mut *conn)
+    .await?;
+    Ok(outcome)
 }
 
 pub(super) async fn update(

@@ -37,10 +37,10 @@ use self::driver::{Access, Driver, WriteTx};
 pub use self::migrate::MigrationError;
 use super::rules::{self, CheckpointParams, Columns, CreateSteps};
 use super::{
-    AccountEventRow, AccountState, AuditQuery, BoundCiphertexts, ConsentRow, CreateRequestKey,
-    InsertOutcome, JobOwner, KeyAdmin, KeyAdminTx, KeyVersionRow, LookupMatch, Micros, NewRecord,
-    RecordMeta, RecordRekey, RecordUpdate, ReindexFn, RewrapBatch, RewrapFn, RewrapJobRow, Store,
-    StoreError, StoredRecord,
+    AccountEventRow, AccountState, AuditQuery, BatchInsert, BoundCiphertexts, ConsentRow,
+    CreateRequestKey, InsertOutcome, JobOwner, KeyAdmin, KeyAdminTx, KeyVersionRow, LookupMatch,
+    Micros, NewRecord, RecordMeta, RecordRekey, RecordUpdate, ReindexFn, RewrapBatch, RewrapFn,
+    RewrapJobRow, Store, StoreError, StoredRecord,
 };
 use crate::audit::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
 
@@ -356,6 +356,15 @@ impl Store for SqliteStore {
         audit: &AuditEvent,
     ) -> Result<InsertOutcome, StoreError> {
         rules::create(self, record, request, audit).await
+    }
+
+    async fn insert_records(
+        &self,
+        items: Vec<BatchInsert>,
+    ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
+        // One job: the writer runs it whole in one group transaction.
+        self.write(move |conn| records::insert_all(conn, &items))
+            .await
     }
 
     async fn get_record(&self, record_id: &str) -> Result<Option<StoredRecord>, StoreError> {

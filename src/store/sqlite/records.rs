@@ -10,8 +10,8 @@ use super::keys::{index_refusal, kek_active};
 use crate::audit::AuditEvent;
 use crate::store::rules::{self, RecordRows};
 use crate::store::{
-    AccountState, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordMeta, RecordRekey,
-    RecordUpdate, SealedField, StoreError, StoredRecord, queries,
+    AccountState, BatchInsert, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordMeta,
+    RecordRekey, RecordUpdate, SealedField, StoreError, StoredRecord, queries,
 };
 
 pub(super) fn get(conn: &Connection, record_id: &str) -> Result<Option<StoredRecord>, StoreError> {
@@ -195,6 +195,55 @@ pub(super) fn insert(
         append(conn, std::slice::from_ref(audit))
     })();
     inserted.map_err(duplicate_as_refusal)
+}
+
+/// A batch's creates, in one writer job (so in one transaction and one commit), in order,
+/// each under its own savepoint. The decisions are those of a single create
+/// (`rules::create`), read on the writer's connection, which sees the batch's earlier
+/// items: a later item with an earlier one's document is the duplicate, one with its
+/// request key the replay. `Err`: a savepoint could not be taken or ended (the whole job
+/// rolls back).
+pub(super) fn insert_all(
+    conn: &Connection,
+    items: &[BatchInsert],
+) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
+    let mut outcomes = Vec::with_capacity(items.len());
+    for item in items {
+        let first = in_savepoint(conn, || {
+            if let Some(request) = &item.request
+                && let Some(outcome) = replayed(conn, request)?
+            {
+                return Ok(outcome);
+            }
+            insert(conn, &item.record, item.request.as_ref(), &item.audit)?;
+            Ok(InsertOutcome::Inserted(rules::inserted_meta(&item.record)))
+        })?;
+        // A duplicate that is this request's own earlier attempt is its replay.
+        let outcome = match (first, &item.request) {
+            (Err(StoreError::DuplicateDocument), Some(request)) => in_savepoint(conn, || {
+                replayed(conn, request)?.ok_or(StoreError::DuplicateDocument)
+            })?,
+            (other, _) => other,
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// Runs `body` under a savepoint of the job's transaction, rolled back when it fails. The
+/// outer `Err`: the savepoint itself failed.
+fn in_savepoint<T>(
+    conn: &Connection,
+    body: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<Result<T, StoreError>, StoreError> {
+    conn.execute_batch("SAVEPOINT batch_item")?;
+    let outcome = body();
+    conn.execute_batch(if outcome.is_ok() {
+        "RELEASE batch_item"
+    } else {
+        "ROLLBACK TO batch_item; RELEASE batch_item"
+    })?;
+    Ok(outcome)
 }
 
 /// The live-document index (or a concurrent retry's request row) already holds it.
