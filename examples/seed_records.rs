@@ -32,47 +32,54 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     store.migrate().await?;
     let keys = open_keys(&config, &store, chrono::Utc::now().timestamp_micros()).await?;
     let url = config.database_url();
-    let pool = sqlx::SqlitePool::connect(&url).await?;
-    let now = chrono::Utc::now().timestamp_micros();
-    let mut done = 0;
-    while done < count {
-        let mut tx = pool.begin().await?;
-        for i in done..(done + 1_000).min(count) {
-            let mut id = [0u8; 16];
-            getrandom::fill(&mut id)?;
-            let record_id = format!(
-                "rec_{}",
-                data_encoding::BASE32_NOPAD.encode(&id).to_lowercase()
-            );
-            let dek = DataKey::generate()?;
-            let (wrapped, version) = keys.wrap(&dek, &record_id)?;
-            sqlx::query(
-                "INSERT INTO records (record_id, version, created_at, updated_at, wrapped_key, \
-                 kek_version) VALUES ($1, 1, $2, $2, $3, $4)",
-            )
-            .bind(&record_id)
-            .bind(now)
-            .bind(&wrapped)
-            .bind(i64::from(version))
-            .execute(&mut *tx)
-            .await?;
-            for (field, value) in [
-                ("name", "张三".to_owned()),
-                ("email", format!("p{i}@example.com")),
-            ] {
-                sqlx::query(
-                    "INSERT INTO record_fields (record_id, field, ciphertext) VALUES ($1, $2, $3)",
-                )
-                .bind(&record_id)
-                .bind(field)
-                .bind(dek.seal_field(&record_id, field, value.as_bytes())?)
-                .execute(&mut *tx)
-                .await?;
+    // The vault is not running: this tool is the database's only writer. Blocking SQLite
+    // work runs off the runtime's threads.
+    let path = PathBuf::from(url.trim_start_matches("sqlite://"));
+    tokio::task::spawn_blocking(
+        move || -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            let mut conn = rusqlite::Connection::open(&path)?;
+            let now = chrono::Utc::now().timestamp_micros();
+            let mut done = 0;
+            while done < count {
+                let tx = conn.transaction()?;
+                for i in done..(done + 1_000).min(count) {
+                    let mut id = [0u8; 16];
+                    getrandom::fill(&mut id)?;
+                    let record_id = format!(
+                        "rec_{}",
+                        data_encoding::BASE32_NOPAD.encode(&id).to_lowercase()
+                    );
+                    let dek = DataKey::generate()?;
+                    let (wrapped, version) = keys.wrap(&dek, &record_id)?;
+                    tx.execute(
+                        "INSERT INTO records (record_id, version, created_at, updated_at, \
+                     wrapped_key, kek_version) VALUES (?1, 1, ?2, ?2, ?3, ?4)",
+                        rusqlite::params![record_id, now, wrapped, i64::from(version)],
+                    )?;
+                    for (field, value) in [
+                        ("name", "张三".to_owned()),
+                        ("email", format!("p{i}@example.com")),
+                    ] {
+                        tx.execute(
+                            "INSERT INTO record_fields (record_id, field, ciphertext) \
+                         VALUES (?1, ?2, ?3)",
+                            rusqlite::params![
+                                record_id,
+                                field,
+                                dek.seal_field(&record_id, field, value.as_bytes())?
+                            ],
+                        )?;
+                    }
+                }
+                tx.commit()?;
+                done = (done + 1_000).min(count);
             }
-        }
-        tx.commit().await?;
-        done = (done + 1_000).min(count);
-    }
+            Ok(())
+        },
+    )
+    .await?
+    .map_err(|error| error.to_string())?;
+    store.close().await;
     println!("seeded {count} records into {url}");
     Ok(())
 }

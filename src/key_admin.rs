@@ -95,12 +95,12 @@ impl KeyAdmin {
         rpc: &str,
         result: Result<T, AdminError>,
     ) -> Result<T, AdminError> {
-        if let Err(error) = &result {
-            if let Some((outcome, reason)) = refusal(error) {
-                self.vault
-                    .write_refusal(ctx, AuditSubject::new(rpc), outcome, reason, false)
-                    .await;
-            }
+        if let Err(error) = &result
+            && let Some((outcome, reason)) = refusal(error)
+        {
+            self.vault
+                .write_refusal(ctx, AuditSubject::new(rpc), outcome, reason, false)
+                .await;
         }
         result
     }

@@ -626,7 +626,7 @@ impl Backup {
                 let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
                     .await
                     .unwrap();
-                sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                     .execute(&mut conn)
                     .await
                     .unwrap();
@@ -667,10 +667,12 @@ impl Backup {
             let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url)
                 .await
                 .unwrap();
-            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut conn)
-                .await
-                .unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         }
     }
 }

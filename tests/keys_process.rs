@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use pdvault::proto::key_management_client::KeyManagementClient;
 use pdvault::proto::vault_client::VaultClient;
 use pdvault::proto::{CreateRecordRequest, GetRecordRequest, Identity, RewrapRecordsRequest};
-use sqlx::Connection;
+use sqlx::{AssertSqlSafe, Connection};
 use tonic::transport::Channel;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_pdvault");
@@ -57,7 +57,7 @@ impl Deployment {
                     .map(|b| format!("{b:02x}"))
                     .collect::<String>()
             );
-            sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
                 .execute(&mut conn)
                 .await
                 .unwrap();
@@ -130,10 +130,12 @@ impl Deployment {
     async fn drop_database(&self) {
         if let Some((admin, name)) = &self.postgres {
             let mut conn = sqlx::PgConnection::connect(admin).await.unwrap();
-            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut conn)
-                .await
-                .unwrap();
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         }
     }
 
@@ -142,12 +144,12 @@ impl Deployment {
             let mut conn = sqlx::PgConnection::connect(&self.database_url)
                 .await
                 .unwrap();
-            sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
-        } else {
-            let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&mut conn)
                 .await
                 .unwrap();
-            sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+        } else {
+            support::sqlite::execute(&self.database_url, sql).await;
         }
     }
 
@@ -156,12 +158,12 @@ impl Deployment {
             let mut conn = sqlx::PgConnection::connect(&self.database_url)
                 .await
                 .unwrap();
-            sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
-        } else {
-            let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
+            sqlx::query_scalar(AssertSqlSafe(sql))
+                .fetch_one(&mut conn)
                 .await
-                .unwrap();
-            sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+                .unwrap()
+        } else {
+            support::sqlite::scalar(&self.database_url, sql).await
         }
     }
 }

@@ -1154,3 +1154,54 @@ fn purge_help_names_its_grant() {
     assert!(output.contains("records.purge"), "{output}");
     assert!(!output.contains("keys.rotate"), "{output}");
 }
+
+/// A SQLite database made by the release before the store ran entirely on rusqlite (its
+/// migrations applied by sqlx's migrator, which records them in `_sqlx_migrations`), with two
+/// records, an audit chain and a checkpoint (`tests/fixtures/sqlite-v0.1/`): this build
+/// adopts it as it is, applies no migration a second time, opens the records and verifies
+/// the trail against the fixture's witness file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_of_the_sqlx_release_is_adopted() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sqlite-v0.1");
+    let ids = std::fs::read_to_string(fixture.join("records.txt")).unwrap();
+    let ids: Vec<&str> = ids.lines().collect();
+    assert_eq!(ids.len(), 2);
+    let migrations = std::fs::read_dir(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite"),
+    )
+    .unwrap()
+    .count() as i64;
+
+    let app = TestApp::adopt(&fixture.join("dir")).await;
+    // Every migration of this build was applied once, by the earlier release (applying one
+    // again would fail on the tables it creates, and the vault would not start).
+    let recorded = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success = 1";
+    assert_eq!(app.count(recorded).await, migrations);
+    let history = "SELECT group_concat(version || ' ' || installed_on || ' ' || hex(checksum), ';') \
+                   FROM _sqlx_migrations";
+    let applied: String = support::sqlite::scalar(&app.database_url, history).await;
+
+    let name =
+        |response: &pdvault::proto::GetRecordResponse| support::fixtures::value(response, "name").0;
+    let first = support::fixtures::get(&app, CLAIMS.token, ids[0], "service-delivery", "x")
+        .await
+        .expect("reads the first record");
+    assert_eq!(name(&first), "张小三");
+    let second = support::fixtures::get(&app, CLAIMS.token, ids[1], "service-delivery", "x")
+        .await
+        .expect("reads the second record");
+    assert_eq!(name(&second), "李四");
+
+    // The earlier release's chain and checkpoint verify, with this process's chain after.
+    app.checkpoint().await.unwrap();
+    let report = app.verify_with_witness().await;
+    assert!(report.ok(), "{:?}", report.problems);
+    assert!(report.chains >= 2 && report.checkpoints >= 2, "{report:?}");
+
+    // Started again, it still applies nothing and rewrites no record of what it applied.
+    let app = app.restart().await;
+    let again: String = support::sqlite::scalar(&app.database_url, history).await;
+    assert_eq!(again, applied);
+    app.stop().await;
+}

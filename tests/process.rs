@@ -33,13 +33,11 @@ async fn client(server: &ServerProcess) -> VaultClient<Channel> {
 /// Record ids in the audit trail's CreateRecord events, read straight from the database.
 async fn audited_creates(database_url: &str) -> BTreeSet<String> {
     let rows: Vec<String> = if database_url.starts_with("sqlite:") {
-        let mut conn = sqlx::SqliteConnection::connect(database_url).await.unwrap();
-        sqlx::query_scalar(
+        support::sqlite::column(
+            database_url,
             "SELECT record_ids FROM audit_events WHERE rpc = 'CreateRecord' AND outcome = 'OK'",
         )
-        .fetch_all(&mut conn)
         .await
-        .unwrap()
     } else {
         let mut conn = sqlx::PgConnection::connect(database_url).await.unwrap();
         sqlx::query_scalar(
@@ -155,8 +153,7 @@ async fn audited_releases(database_url: &str) -> BTreeSet<String> {
     let sql = "SELECT request_id FROM audit_events \
                WHERE rpc = 'GetRecord' AND outcome = 'OK' AND request_id IS NOT NULL";
     let rows: Vec<String> = if database_url.starts_with("sqlite:") {
-        let mut conn = sqlx::SqliteConnection::connect(database_url).await.unwrap();
-        sqlx::query_scalar(sql).fetch_all(&mut conn).await.unwrap()
+        support::sqlite::column(database_url, sql).await
     } else {
         let mut conn = sqlx::PgConnection::connect(database_url).await.unwrap();
         sqlx::query_scalar(sql).fetch_all(&mut conn).await.unwrap()

@@ -318,10 +318,10 @@ fn compare_witness(
                 None
             }
         };
-        if let Some(problem) = problem {
-            if reported.insert(link.signer.clone()) {
-                report.problems.push(problem);
-            }
+        if let Some(problem) = problem
+            && reported.insert(link.signer.clone())
+        {
+            report.problems.push(problem);
         }
     }
 }

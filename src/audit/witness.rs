@@ -158,10 +158,8 @@ fn append_durably(path: &Path, line: &[u8]) -> std::io::Result<()> {
     }
     file.write_all(line)?;
     file.sync_data()?;
-    if !existed {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::File::open(parent)?.sync_all()?;
-        }
+    if !existed && let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)?.sync_all()?;
     }
     Ok(())
 }

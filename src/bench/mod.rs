@@ -303,10 +303,9 @@ async fn drive(
     if let TargetSpec::InProcess {
         database_url: Some(url),
     } = &options.target
+        && url.starts_with("postgres")
     {
-        if url.starts_with("postgres") {
-            analyze_postgres(url).await?;
-        }
+        analyze_postgres(url).await?;
     }
     let echo = if options.baseline {
         Some(Server::start_echo().await?)

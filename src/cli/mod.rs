@@ -108,16 +108,16 @@ where
     let mut command = Cli::command();
     let matches = command.try_get_matches_from_mut(args)?;
     let cli = Cli::from_arg_matches(&matches)?;
-    if !cli.command.is_client() {
-        if let Some(flag) = client_flags_given(&matches).first() {
-            return Err(command.error(
-                clap::error::ErrorKind::ArgumentConflict,
-                format!(
-                    "{flag} is a connection flag of the client commands (accounts, keys, \
+    if !cli.command.is_client()
+        && let Some(flag) = client_flags_given(&matches).first()
+    {
+        return Err(command.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!(
+                "{flag} is a connection flag of the client commands (accounts, keys, \
                      purge, bench); this command does not connect to a vault"
-                ),
-            ));
-        }
+            ),
+        ));
     }
     Ok(cli)
 }

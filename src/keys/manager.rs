@@ -24,7 +24,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::crypto::{AuditSigningKey, CryptoError, DataKey, Suite, parse_wrap_header};
-use crate::store::{KeyVersionRow, Micros, Rotation, Store, StoreError};
+use crate::store::{KeyVersionRow, Micros, Store, StoreError};
 
 use super::{IndexKeyPair, IndexKeys, KekProvider, KeyringError, ResidentKeys};
 
@@ -244,9 +244,7 @@ impl KeyManager {
                 (v, state)
             })
             .collect();
-        store
-            .seed_key_versions(INDEX_KIND, suite.as_str(), &index_seed, now)
-            .await?;
+        seed_versions(store.as_ref(), INDEX_KIND, suite.as_str(), &index_seed, now).await?;
         let pinned = store
             .key_versions(INDEX_KIND)
             .await?
@@ -279,9 +277,7 @@ impl KeyManager {
                 )
             })
             .collect();
-        store
-            .seed_key_versions(KEK_KIND, provider.key_id(), &seed, now)
-            .await?;
+        seed_versions(store.as_ref(), KEK_KIND, provider.key_id(), &seed, now).await?;
         let manager = KeyManager {
             provider,
             store,
@@ -617,34 +613,48 @@ impl KeyManager {
             Some(version) => version,
             None => self.refresh(kind).await?,
         };
-        let provision = |version: u32| {
-            match kind {
-                KeyKind::Kek => self.provider.provision(version),
-                KeyKind::Index => self.index.provision(version),
-            }
-            .map_err(|error| error.to_string())
-        };
         let provider = match kind {
             KeyKind::Kek => self.provider.key_id(),
             KeyKind::Index => self.index_suite.as_str(),
         };
-        let rotation = self
-            .store
-            .rotate_key(kind.as_str(), expected, provider, now, &provision)
-            .await?;
-        self.refresh(kind).await?;
-        Ok(match rotation {
-            Rotation::Rotated { version, previous } => {
-                tracing::info!(kind = kind.as_str(), version, previous, "rotated a key");
-                RotateOutcome {
-                    active_version: version,
-                    created: true,
-                }
-            }
-            Rotation::NotRotated { active } => RotateOutcome {
+        let mut tx = self.store.key_admin(kind.as_str()).await?;
+        // Read under the key-admin lock: a rotation that committed while this one waited
+        // is visible now.
+        let active = tx.active().await?.ok_or_else(|| {
+            KeyError::Store(StoreError::Corrupt(format!(
+                "no active {} version",
+                kind.as_str()
+            )))
+        })?;
+        if active != expected {
+            drop(tx);
+            self.refresh(kind).await?;
+            return Ok(RotateOutcome {
                 active_version: active,
                 created: false,
-            },
+            });
+        }
+        let version = tx.next_version().await?;
+        // Material first, state second: the database never names a version whose material
+        // was not written. If the commit fails, the material is an orphan that the next
+        // rotation to this number replaces.
+        match kind {
+            KeyKind::Kek => self.provider.provision(version),
+            KeyKind::Index => self.index.provision(version),
+        }?;
+        tx.set_state(active, "DECRYPT_ONLY").await?;
+        tx.insert(version, "ACTIVE", provider, now).await?;
+        tx.commit().await?;
+        self.refresh(kind).await?;
+        tracing::info!(
+            kind = kind.as_str(),
+            version,
+            previous = active,
+            "rotated a key"
+        );
+        Ok(RotateOutcome {
+            active_version: version,
+            created: true,
         })
     }
 
@@ -653,6 +663,16 @@ impl KeyManager {
             KeyKind::Kek => self.refresh_active().await,
             KeyKind::Index => self.refresh_index().await,
         }
+    }
+
+    /// One version's row as the database holds it now.
+    async fn version_row(&self, kind: KeyKind, version: u32) -> Result<KeyVersionRow, KeyError> {
+        self.store
+            .key_versions(kind.as_str())
+            .await?
+            .into_iter()
+            .find(|row| row.version == version)
+            .ok_or(KeyError::NoSuchVersion(version))
     }
 
     pub async fn status(&self, kind: KeyKind) -> Result<KeyStatus, KeyError> {
@@ -680,11 +700,26 @@ impl KeyManager {
         version: u32,
         now: Micros,
     ) -> Result<KeyVersionInfo, KeyError> {
-        let row = self
-            .store
-            .retire_key_version(kind.as_str(), version, now)
+        let retire = async {
+            let mut tx = self.store.key_admin(kind.as_str()).await?;
+            let state = tx.state(version).await?;
+            if state != "DECRYPT_ONLY" {
+                return Err(StoreError::KeyVersionState { version, state });
+            }
+            // The rotation that made this version decrypt-only waited for every write in
+            // flight under it (they hold a share lock on its row, or SQLite's write lock),
+            // and no write passes the active check since: this count cannot grow afterwards.
+            let records = tx.records_under(version).await?;
+            if records > 0 {
+                return Err(StoreError::KeyVersionInUse { version, records });
+            }
+            tx.retire(version, now).await?;
+            tx.commit().await
+        };
+        retire
             .await
             .map_err(|error| state_error(error, version, "DECRYPT_ONLY"))?;
+        let row = self.version_row(kind, version).await?;
         if kind == KeyKind::Index {
             // Lookups stop computing candidates under it.
             self.refresh_index().await?;
@@ -699,18 +734,30 @@ impl KeyManager {
         version: u32,
         now: Micros,
     ) -> Result<KeyVersionInfo, KeyError> {
-        let destroy = |version: u32| {
-            match kind {
-                KeyKind::Kek => self.provider.destroy(version),
-                KeyKind::Index => self.index.destroy(version),
-            }
-            .map_err(|error| error.to_string())
-        };
-        let row = self
+        let mut tx = self
             .store
-            .destroy_key_version(kind.as_str(), version, now, &destroy)
+            .key_admin(kind.as_str())
             .await
             .map_err(|error| state_error(error, version, "RETIRED"))?;
+        let state = tx
+            .state(version)
+            .await
+            .map_err(|error| state_error(error, version, "RETIRED"))?;
+        if state != "RETIRED" {
+            return Err(state_error(
+                StoreError::KeyVersionState { version, state },
+                version,
+                "RETIRED",
+            ));
+        }
+        // Material first, under the key-admin lock, then the state that says so.
+        match kind {
+            KeyKind::Kek => self.provider.destroy(version),
+            KeyKind::Index => self.index.destroy(version),
+        }?;
+        tx.destroy(version, now).await?;
+        tx.commit().await?;
+        let row = self.version_row(kind, version).await?;
         tracing::warn!(kind = kind.as_str(), version, "destroyed a key version");
         // This instance refuses the version at once, not after its cached states expire.
         if let Err(error) = self.refresh_states().await {
@@ -785,6 +832,25 @@ pub async fn watch_key_states(keys: Arc<KeyManager>) {
             tracing::warn!(%error, "cannot re-read the key version states");
         }
     }
+}
+
+/// Records `versions` of `kind` when the database knows none yet (first start after the
+/// key-lifecycle migration), under the key-admin lock, so concurrent first starts agree: the
+/// first wins.
+async fn seed_versions(
+    store: &dyn Store,
+    kind: &str,
+    provider: &str,
+    versions: &[(u32, &str)],
+    now: Micros,
+) -> Result<(), StoreError> {
+    let mut tx = store.key_admin(kind).await?;
+    if tx.known_versions().await? == 0 {
+        for (version, state) in versions {
+            tx.insert(*version, state, provider, now).await?;
+        }
+    }
+    tx.commit().await
 }
 
 fn state_error(error: StoreError, version: u32, wanted: &'static str) -> KeyError {

@@ -1,25 +1,33 @@
-//! Persistence behind one trait, [`Store`], with one implementation per backend: SQLite
-//! (the embedded default) and PostgreSQL (production, possibly shared by several vault
-//! instances).
+//! Persistence behind one trait, [`Store`], with one driver per backend: SQLite on
+//! rusqlite (the embedded default, `sqlite/`) and PostgreSQL on sqlx (production, possibly
+//! shared by several vault instances, `postgres/`).
+//!
+//! Each backend is split by aggregate (records; accounts and consents; audit; key versions;
+//! jobs), with its SQL in one place per aggregate; `queries` holds the statements both
+//! dialects run unchanged. What is not SQL (decoding rows, linking audit events into their
+//! chain, the order of a create's checks, idempotency replays, why a conditional write
+//! changed nothing) is written once in `rules` and called by both.
 //!
 //! The store never sees plaintext: it moves sealed field bytes, wrapped keys, blind-index
 //! MACs and audit events that carry no identity. Every multi-row change runs in one
-//! transaction, so a failure never leaves a half-written record. Nothing here relies on
-//! in-process state for correctness: uniqueness, idempotency and optimistic concurrency are
-//! enforced by the database, so instances sharing one PostgreSQL agree.
+//! transaction with its audit event, so a failure never leaves a half-written record or a
+//! change without its event. Nothing here relies on in-process state for correctness:
+//! uniqueness, idempotency and optimistic concurrency are enforced by the database, so
+//! instances sharing one PostgreSQL agree.
 
 mod postgres;
 mod queries;
-mod shared;
+mod rules;
 mod sqlite;
-mod sqlite_direct;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::audit::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
 
 pub use postgres::PostgresStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{MigrationError, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,17 +42,33 @@ pub enum StoreError {
     /// The record is suspended and the write did not override it.
     #[error("the account is suspended")]
     Suspended,
+    /// From PostgreSQL (sqlx).
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    /// The database could not be reached or could not commit (the SQLite writer stopped, a
-    /// group commit failed).
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    /// From the SQLite request path, which runs on rusqlite (see `sqlite_direct`).
+    Postgres(#[from] sqlx::Error),
+    /// From SQLite (rusqlite).
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("migration failed: {0}")]
-    Migration(#[from] sqlx::migrate::MigrateError),
+    /// The database could not be reached, is closed, or was opened read-only.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A file of the database could not be created or made private.
+    #[error("database file {path}")]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread of the SQLite store could not be started.
+    #[error("cannot start a database thread")]
+    Thread(#[source] std::io::Error),
+    /// The SQLite group commit a write was part of failed: nothing of the group was written.
+    /// Shared by every write of the group, hence the `Arc`.
+    #[error("the group commit failed: {0}")]
+    CommitFailed(#[source] Arc<StoreError>),
+    #[error("PostgreSQL migration failed: {0}")]
+    PostgresMigration(#[from] sqlx::migrate::MigrateError),
+    #[error("SQLite migration failed: {0}")]
+    SqliteMigration(#[from] MigrationError),
     #[error("stored data is malformed: {0}")]
     Corrupt(String),
     /// The key version a write wrapped under is no longer the active one: another instance
@@ -61,9 +85,6 @@ pub enum StoreError {
     /// ones (another instance rotated the index key): the caller refreshes and retries.
     #[error("index key version {0} is no longer active, or another version is live")]
     StaleIndexVersion(u32),
-    /// The key provider failed while the database held the key-admin lock.
-    #[error("key provider: {0}")]
-    KeyProvider(String),
 }
 
 /// Microseconds since the Unix epoch; the one time representation both backends share.
@@ -281,18 +302,42 @@ pub struct KeyVersionRow {
     pub records: i64,
 }
 
-/// What a rotation did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rotation {
-    /// A new version was created and is active; `previous` became decrypt-only.
-    Rotated { version: u32, previous: u32 },
-    /// The active version was no longer the one the caller expected (another rotation won):
-    /// nothing was created.
-    NotRotated { active: u32 },
+/// Key administration of one kind (`kek` or `index`) inside one write transaction that
+/// holds the kind's key-admin lock from [`Store::key_admin`] until [`KeyAdminTx::commit`]
+/// (dropped without a commit, it rolls back). The key layer runs its steps and calls its
+/// key provider between them: material is created before the state that names it commits,
+/// and erased before the state that says so. On SQLite the transaction holds the writer
+/// thread (and with it the write lock); on PostgreSQL it holds the kind's row lock.
+#[async_trait]
+pub trait KeyAdminTx: Send {
+    /// The active version, read under the lock: a rotation that committed while this one
+    /// waited is visible.
+    async fn active(&mut self) -> Result<Option<u32>, StoreError>;
+    /// A version's state (`NotFound` when there is no such version).
+    async fn state(&mut self, version: u32) -> Result<String, StoreError>;
+    /// One more than the highest version of the kind.
+    async fn next_version(&mut self) -> Result<u32, StoreError>;
+    /// Live records the version still wraps (KEKs) or indexes (index keys).
+    async fn records_under(&mut self, version: u32) -> Result<i64, StoreError>;
+    async fn set_state(&mut self, version: u32, state: &str) -> Result<(), StoreError>;
+    async fn insert(
+        &mut self,
+        version: u32,
+        state: &str,
+        provider: &str,
+        now: Micros,
+    ) -> Result<(), StoreError>;
+    async fn retire(&mut self, version: u32, now: Micros) -> Result<(), StoreError>;
+    async fn destroy(&mut self, version: u32, now: Micros) -> Result<(), StoreError>;
+    /// How many versions of the kind the database knows (none before the first start after
+    /// the key-lifecycle migration, when the key layer seeds them under this lock, so
+    /// concurrent first starts agree: the first wins).
+    async fn known_versions(&mut self) -> Result<i64, StoreError>;
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
-/// Creates key material for a version inside the key-admin transaction.
-pub type ProvisionFn<'a> = dyn Fn(u32) -> Result<(), String> + Send + Sync + 'a;
+/// An open key-administration transaction.
+pub type KeyAdmin = Box<dyn KeyAdminTx>;
 
 /// Re-wraps one data key for a record under the target version; `None` when it cannot be
 /// unwrapped (the record is left as it is and counted as failed).
@@ -517,15 +562,8 @@ pub trait Store: Send + Sync + 'static {
     /// Closes the pool on shutdown, after the last call: waits for checked-out connections
     /// to come back, then closes them all so the database sees an orderly goodbye.
     async fn close(&self);
-    /// Records the given key versions when the database knows none of `kind` yet (first start
-    /// after the key-lifecycle migration). Concurrent first starts agree: the first wins.
-    async fn seed_key_versions(
-        &self,
-        kind: &str,
-        provider: &str,
-        versions: &[(u32, &str)],
-        now: Micros,
-    ) -> Result<(), StoreError>;
+    /// Opens a key-administration transaction for `kind`, holding its lock.
+    async fn key_admin(&self, kind: &str) -> Result<KeyAdmin, StoreError>;
 
     /// The active version of `kind`, if any.
     async fn active_key_version(&self, kind: &str) -> Result<Option<u32>, StoreError>;
@@ -535,35 +573,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every version of `kind`, oldest first, with the records each wraps.
     async fn key_versions(&self, kind: &str) -> Result<Vec<KeyVersionRow>, StoreError>;
-
-    /// Creates version max+1 as active and makes `expected_active` decrypt-only, provided
-    /// `expected_active` is still the active one once the key-admin lock is held.
-    async fn rotate_key(
-        &self,
-        kind: &str,
-        expected_active: u32,
-        provider: &str,
-        now: Micros,
-        provision: &ProvisionFn<'_>,
-    ) -> Result<Rotation, StoreError>;
-
-    /// Marks a decrypt-only version retired, if no live record's key is wrapped under it.
-    async fn retire_key_version(
-        &self,
-        kind: &str,
-        version: u32,
-        now: Micros,
-    ) -> Result<KeyVersionRow, StoreError>;
-
-    /// Destroys a retired version: `destroy` erases the material, then the state becomes
-    /// DESTROYED, both under the key-admin lock.
-    async fn destroy_key_version(
-        &self,
-        kind: &str,
-        version: u32,
-        now: Micros,
-        destroy: &ProvisionFn<'_>,
-    ) -> Result<KeyVersionRow, StoreError>;
 
     /// Starts a rewrap job's progress row, owned by `owner` with a lease until
     /// `lease_until`.
@@ -660,10 +669,9 @@ impl StoreError {
     /// isolates such an event instead of failing its whole group commit.
     pub fn is_refused_data(&self) -> bool {
         match self {
-            StoreError::Database(sqlx::Error::Database(error)) => {
+            StoreError::Postgres(sqlx::Error::Database(error)) => {
                 // SQLSTATE classes 22 (data exception, e.g. a NUL byte in text), 23
-                // (integrity constraint) and 54 (program limit exceeded) on PostgreSQL;
-                // the constraint kinds sqlx recognises on either backend.
+                // (integrity constraint) and 54 (program limit exceeded).
                 !matches!(error.kind(), sqlx::error::ErrorKind::Other)
                     || error
                         .code()

@@ -1,5 +1,6 @@
-//! SQL both backends run unchanged. sqlx binds `$N` placeholders on SQLite as well as on
-//! PostgreSQL, so only statements whose dialects really differ live in the backend modules.
+//! SQL both backends run unchanged, by aggregate. Placeholders are `$N`, which PostgreSQL
+//! binds by position and SQLite by name (`sqlite::driver` binds `$1`, `$2`, ... by name), so
+//! only statements whose dialects really differ (row locks) live in the backends' modules.
 
 /// A caller's request key with its record's fate; rows stored before `$3` have expired.
 pub const SELECT_CREATE_REQUEST: &str = "SELECT c.record_id, c.fingerprint, r.deleted_at \
@@ -155,46 +156,13 @@ pub const SET_CHAIN_HASH: &str = "UPDATE audit_chains SET head_hash = $2 WHERE c
 pub const REGISTER_CHAIN: &str = "INSERT INTO audit_chains (chain_id, started_at, head_seq, head_hash) \
      VALUES ($1, $2, 0, $3)";
 
-/// Columns of one audit event row, in the order [`insert_audit_events`] binds them.
-const AUDIT_EVENT_COLUMNS: usize = 19;
-
-/// Most rows one audit `INSERT` carries: 2 432 parameters, far below both backends' limits.
-pub const AUDIT_INSERT_MAX_ROWS: usize = 128;
-
-/// `INSERT INTO audit_events ... VALUES (...), (...)` with `rows` rows, `rows` a power of two
-/// up to [`AUDIT_INSERT_MAX_ROWS`]. A batch is split into such chunks (37 = 32 + 4 + 1) so
-/// that at most eight distinct statements exist and each stays in sqlx's statement cache,
-/// while a batch costs a handful of statements instead of one per event.
-pub fn insert_audit_events(rows: usize) -> &'static str {
-    static STATEMENTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    assert!(
-        rows.is_power_of_two() && rows <= AUDIT_INSERT_MAX_ROWS,
-        "audit insert chunk of {rows} rows"
-    );
-    let statements = STATEMENTS.get_or_init(|| {
-        (0..=AUDIT_INSERT_MAX_ROWS.trailing_zeros())
-            .map(|power| {
-                let rows = 1usize << power;
-                let values: Vec<String> = (0..rows)
-                    .map(|row| {
-                        let params: Vec<String> = (1..=AUDIT_EVENT_COLUMNS)
-                            .map(|column| format!("${}", row * AUDIT_EVENT_COLUMNS + column))
-                            .collect();
-                        format!("({})", params.join(", "))
-                    })
-                    .collect();
-                format!(
-                    "INSERT INTO audit_events \
-                     (chain_id, seq, event_id, occurred_at, caller, peer, rpc, record_id, \
-                      record_ids, purpose, justification, released, plaintext, outcome, reason, \
-                      request_id, trace_id, prev_hash, hash) VALUES {}",
-                    values.join(", ")
-                )
-            })
-            .collect()
-    });
-    &statements[rows.trailing_zeros() as usize]
-}
+/// One audit event (SQLite, one statement per event inside the writer's transaction;
+/// PostgreSQL writes a whole batch in one statement, `postgres::audit`).
+pub const INSERT_AUDIT_EVENT: &str = "INSERT INTO audit_events \
+     (chain_id, seq, event_id, occurred_at, caller, peer, rpc, record_id, record_ids, purpose, \
+      justification, released, plaintext, outcome, reason, request_id, trace_id, prev_hash, \
+      hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+      $17, $18, $19)";
 
 const EVENT_COLUMNS: &str = "chain_id, seq, event_id, occurred_at, caller, peer, rpc, record_ids, \
      purpose, justification, released, outcome, reason, request_id, trace_id, prev_hash, hash";

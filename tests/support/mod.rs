@@ -18,6 +18,7 @@ pub mod fixtures;
 pub mod process;
 pub mod proxy;
 pub mod softhsm;
+pub mod sqlite;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use pdvault::proto::vault_client::VaultClient;
 use pdvault::reload::ConfigSource;
 use pdvault::startup::Application;
 use pdvault::vault::Clock;
-use sqlx::Connection;
+use sqlx::{AssertSqlSafe, Connection};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
@@ -135,6 +136,34 @@ pub fn test_clock() -> Arc<SteppingClock> {
     })
 }
 
+/// The configuration every test app starts from: files under `data_dir`, the test callers.
+fn test_config(data_dir: &tempfile::TempDir) -> Config {
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.path().join("data"),
+        ..Config::default()
+    };
+    config.log.filter = "warn".into();
+    config.privacy_policy.current_version = "2025-01".into();
+    // The witness file, where the attack tests read it (stdout would mix with the
+    // harness's output).
+    config.audit.checkpoint_sink = data_dir.path().join("witness.jsonl").display().to_string();
+    // A connection a test leaves open must not hold its app's shutdown for long.
+    config.shutdown.grace_period_ms = 5_000;
+    config.callers = CALLERS
+        .iter()
+        .map(|caller| CallerConfig {
+            name: caller.name.into(),
+            token_sha256: token_sha256_hex(caller.token),
+            rpcs: caller.rpcs.iter().map(|s| s.to_string()).collect(),
+            purposes: caller.purposes.iter().map(|s| s.to_string()).collect(),
+            grants: caller.grants.iter().map(|s| s.to_string()).collect(),
+            ..CallerConfig::default()
+        })
+        .collect();
+    config
+}
+
 pub struct TestApp {
     pub backend: Backend,
     pub config: Config,
@@ -175,29 +204,7 @@ impl TestApp {
         reload: impl FnOnce(&Config) -> Option<ConfigSource>,
     ) -> Option<TestApp> {
         let data_dir = tempfile::tempdir().unwrap();
-        let mut config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: data_dir.path().join("data"),
-            ..Config::default()
-        };
-        config.log.filter = "warn".into();
-        config.privacy_policy.current_version = "2025-01".into();
-        // The witness file, where the attack tests read it (stdout would mix with the
-        // harness's output).
-        config.audit.checkpoint_sink = data_dir.path().join("witness.jsonl").display().to_string();
-        // A connection a test leaves open must not hold its app's shutdown for long.
-        config.shutdown.grace_period_ms = 5_000;
-        config.callers = CALLERS
-            .iter()
-            .map(|caller| CallerConfig {
-                name: caller.name.into(),
-                token_sha256: token_sha256_hex(caller.token),
-                rpcs: caller.rpcs.iter().map(|s| s.to_string()).collect(),
-                purposes: caller.purposes.iter().map(|s| s.to_string()).collect(),
-                grants: caller.grants.iter().map(|s| s.to_string()).collect(),
-                ..CallerConfig::default()
-            })
-            .collect();
+        let mut config = test_config(&data_dir);
         let postgres = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => Some(PostgresDatabase::create().await?),
@@ -217,6 +224,37 @@ impl TestApp {
         }
         let source = reload(&config);
         Some(TestApp::start(backend, config, data_dir, postgres, source).await)
+    }
+
+    /// Starts a SQLite vault on a copy of `fixture`, a data directory an earlier release
+    /// left (its `data/` with database, keyring and signer state, and its `witness.jsonl`),
+    /// configured as that release's tests configured it. The fixture's own cipher suite and
+    /// local keyring are kept whatever the suite's environment asks: its records were
+    /// sealed that way.
+    pub async fn adopt(fixture: &std::path::Path) -> TestApp {
+        let data_dir = tempfile::tempdir().unwrap();
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", fixture.display()))
+            .arg(data_dir.path())
+            .status()
+            .unwrap();
+        assert!(copied.success(), "copies the fixture");
+        // A checkout gives files the umask's modes; the vault refuses a data directory or
+        // keyring other users could read.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let data = data_dir.path().join("data");
+            std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+            for file in std::fs::read_dir(&data).unwrap() {
+                let file = file.unwrap().path();
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+        }
+        let mut config = test_config(&data_dir);
+        config.keys.suite = "aes256gcm-hmacsha256".into();
+        TestApp::start(Backend::Sqlite, config, data_dir, None, None).await
     }
 
     /// A second vault process sharing this one's database and keyring, as several instances
@@ -355,17 +393,15 @@ impl TestApp {
     /// Runs a statement directly against the vault's database, bypassing the vault.
     pub async fn execute_sql(&self, sql: &str) {
         match self.backend {
-            Backend::Sqlite => {
-                let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
-                    .await
-                    .unwrap();
-                sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
-            }
+            Backend::Sqlite => sqlite::execute(&self.database_url, sql).await,
             Backend::Postgres => {
                 let mut conn = sqlx::PgConnection::connect(&self.database_url)
                     .await
                     .unwrap();
-                sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+                sqlx::raw_sql(AssertSqlSafe(sql))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
             }
         }
     }
@@ -373,17 +409,15 @@ impl TestApp {
     /// The single integer a query returns, read directly from the vault's database.
     pub async fn count(&self, sql: &str) -> i64 {
         match self.backend {
-            Backend::Sqlite => {
-                let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
-                    .await
-                    .unwrap();
-                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
-            }
+            Backend::Sqlite => sqlite::scalar(&self.database_url, sql).await,
             Backend::Postgres => {
                 let mut conn = sqlx::PgConnection::connect(&self.database_url)
                     .await
                     .unwrap();
-                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+                sqlx::query_scalar(AssertSqlSafe(sql))
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap()
             }
         }
     }
@@ -391,17 +425,15 @@ impl TestApp {
     /// The single blob a query returns, read directly from the vault's database.
     pub async fn bytes(&self, sql: &str) -> Vec<u8> {
         match self.backend {
-            Backend::Sqlite => {
-                let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
-                    .await
-                    .unwrap();
-                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
-            }
+            Backend::Sqlite => sqlite::scalar(&self.database_url, sql).await,
             Backend::Postgres => {
                 let mut conn = sqlx::PgConnection::connect(&self.database_url)
                     .await
                     .unwrap();
-                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+                sqlx::query_scalar(AssertSqlSafe(sql))
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap()
             }
         }
     }
@@ -410,24 +442,12 @@ impl TestApp {
     pub async fn query_plan(&self, sql: &str) -> String {
         use sqlx::Row;
         match self.backend {
-            Backend::Sqlite => {
-                let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
-                    .await
-                    .unwrap();
-                let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
-                    .fetch_all(&mut conn)
-                    .await
-                    .unwrap();
-                rows.iter()
-                    .map(|row| row.get::<String, _>("detail"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            }
+            Backend::Sqlite => sqlite::plan(&self.database_url, sql).await,
             Backend::Postgres => {
                 let mut conn = sqlx::PgConnection::connect(&self.database_url)
                     .await
                     .unwrap();
-                let rows = sqlx::query(&format!("EXPLAIN {sql}"))
+                let rows = sqlx::query(AssertSqlSafe(format!("EXPLAIN {sql}")))
                     .fetch_all(&mut conn)
                     .await
                     .unwrap();
@@ -541,7 +561,7 @@ impl PostgresDatabase {
                 )
             });
         let name = format!("pdvault_test_{}", random_suffix());
-        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)
             .await
             .unwrap();
@@ -559,10 +579,10 @@ impl PostgresDatabase {
 
     pub async fn drop_database(self) {
         if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
-            let _ = sqlx::raw_sql(&format!(
+            let _ = sqlx::raw_sql(AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
-            ))
+            )))
             .execute(&mut conn)
             .await;
         }

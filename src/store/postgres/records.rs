@@ -1,0 +1,343 @@
+//! PostgreSQL SQL of the records aggregate: creates, reads, lookups, updates, deletes,
+//! re-keys and retention. The decisions come from `store::rules`, as on SQLite.
+
+use sqlx::{AssertSqlSafe, PgConnection, Row};
+
+use super::audit::append;
+use super::keys::{index_refusal, kek_active};
+use crate::audit::AuditEvent;
+use crate::store::rules::{self, RecordRows};
+use crate::store::{
+    AccountState, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordMeta, RecordRekey,
+    RecordUpdate, SealedField, StoreError, StoredRecord, queries,
+};
+
+pub(super) async fn get(
+    conn: &mut PgConnection,
+    record_id: &str,
+) -> Result<Option<StoredRecord>, StoreError> {
+    let rows = sqlx::query(queries::SELECT_LIVE_RECORD)
+        .bind(record_id)
+        .fetch_all(conn)
+        .await?;
+    let mut record = RecordRows::default();
+    for row in &rows {
+        record.push(record_id, row)?;
+    }
+    Ok(record.finish())
+}
+
+pub(super) async fn account_state(
+    conn: &mut PgConnection,
+    record_id: &str,
+) -> Result<Option<AccountState>, StoreError> {
+    let row = sqlx::query(queries::SELECT_ACCOUNT_STATE)
+        .bind(record_id)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(rules::account).transpose()
+}
+
+pub(super) async fn find_by_index(
+    conn: &mut PgConnection,
+    column: &str,
+    indexes: &[Vec<u8>],
+) -> Result<Vec<LookupMatch>, StoreError> {
+    if indexes.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Built from a fixed column name and placeholders only; every value is bound.
+    let sql = queries::find_by_index(column, indexes.len());
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for index in indexes {
+        query = query.bind(index);
+    }
+    let rows = query.fetch_all(conn).await?;
+    rows.iter().map(rules::lookup_match).collect()
+}
+
+async fn meta(conn: &mut PgConnection, record_id: &str) -> Result<Option<RecordMeta>, StoreError> {
+    let Some(row) = sqlx::query(queries::SELECT_META)
+        .bind(record_id)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let present_fields: Vec<String> = sqlx::query_scalar(queries::SELECT_FIELD_NAMES)
+        .bind(record_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(Some(RecordMeta {
+        record_id: record_id.to_owned(),
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        present_fields,
+    }))
+}
+
+pub(super) async fn replayed(
+    conn: &mut PgConnection,
+    request: &CreateRequestKey,
+) -> Result<Option<InsertOutcome>, StoreError> {
+    let Some(row) = sqlx::query(queries::SELECT_CREATE_REQUEST)
+        .bind(&request.caller)
+        .bind(&request.request_id)
+        .bind(request.expired_before)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let record_id: String = row.try_get("record_id")?;
+    let meta = meta(conn, &record_id).await?;
+    rules::replay(
+        request,
+        row.try_get("deleted_at")?,
+        row.try_get("fingerprint")?,
+        || meta,
+    )
+    .map(Some)
+}
+
+async fn replace_fields(
+    conn: &mut PgConnection,
+    record_id: &str,
+    fields: &[SealedField],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(queries::DELETE_FIELDS)
+        .bind(record_id)
+        .execute(&mut *conn)
+        .await?;
+    insert_fields(conn, record_id, fields).await
+}
+
+async fn insert_fields(
+    conn: &mut PgConnection,
+    record_id: &str,
+    fields: &[SealedField],
+) -> Result<(), sqlx::Error> {
+    for field in fields {
+        sqlx::query(queries::INSERT_FIELD)
+            .bind(record_id)
+            .bind(&field.field)
+            .bind(&field.ciphertext)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+fn duplicate_as_refusal(error: sqlx::Error) -> StoreError {
+    if error
+        .as_database_error()
+        .is_some_and(|e| e.is_unique_violation())
+    {
+        StoreError::DuplicateDocument
+    } else {
+        error.into()
+    }
+}
+
+/// A create's statements inside its transaction; a refusal is an `Err` (rolled back).
+pub(super) async fn insert(
+    conn: &mut PgConnection,
+    record: &NewRecord,
+    request: Option<&CreateRequestKey>,
+    audit: &AuditEvent,
+    heads: &super::Heads,
+) -> Result<(), StoreError> {
+    if !kek_active(conn, record.kek_version).await? {
+        return Err(StoreError::StaleKeyVersion(record.kek_version));
+    }
+    if let Some(refused) = index_refusal(conn, &record.record_id, &record.indexes).await? {
+        return Err(refused);
+    }
+    let indexes = &record.indexes;
+    sqlx::query(queries::INSERT_RECORD)
+        .bind(&record.record_id)
+        .bind(record.created_at)
+        .bind(&record.wrapped_key)
+        .bind(i64::from(record.kek_version))
+        .bind(&indexes.document)
+        .bind(&indexes.phone)
+        .bind(&record.age_gate)
+        .bind(&record.policy_version)
+        .bind(record.retain_until)
+        .bind(i64::from(indexes.version))
+        .execute(&mut *conn)
+        .await
+        .map_err(duplicate_as_refusal)?;
+    insert_fields(conn, &record.record_id, &record.fields).await?;
+    if let Some(request) = request {
+        sqlx::query(queries::DELETE_EXPIRED_CREATE_REQUEST)
+            .bind(&request.caller)
+            .bind(&request.request_id)
+            .bind(request.expired_before)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(queries::INSERT_CREATE_REQUEST)
+            .bind(&request.caller)
+            .bind(&request.request_id)
+            .bind(&record.record_id)
+            .bind(&request.fingerprint)
+            .bind(record.created_at)
+            .execute(&mut *conn)
+            .await
+            .map_err(duplicate_as_refusal)?;
+    }
+    append(conn, std::slice::from_ref(audit), heads).await
+}
+
+pub(super) async fn update(
+    conn: &mut PgConnection,
+    update: &RecordUpdate,
+    audit: &AuditEvent,
+    heads: &super::Heads,
+) -> Result<RecordMeta, StoreError> {
+    if let Some(refused) = index_refusal(conn, &update.record_id, &update.indexes).await? {
+        return Err(refused);
+    }
+    let created_at: Option<i64> = sqlx::query_scalar(queries::UPDATE_RECORD)
+        .bind(&update.record_id)
+        .bind(update.expected_version)
+        .bind(update.updated_at)
+        .bind(&update.indexes.document)
+        .bind(&update.indexes.phone)
+        .bind(&update.age_gate)
+        .bind(&update.policy_version)
+        .bind(i64::from(update.override_suspension))
+        .bind(i64::from(update.indexes.version))
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(duplicate_as_refusal)?;
+    let Some(created_at) = created_at else {
+        let state = account_state(conn, &update.record_id).await?;
+        return Err(rules::update_refusal(state, update.override_suspension));
+    };
+    replace_fields(conn, &update.record_id, &update.fields).await?;
+    append(conn, std::slice::from_ref(audit), heads).await?;
+    Ok(rules::meta_after(
+        update.record_id.clone(),
+        update.expected_version,
+        created_at,
+        update.updated_at,
+        &update.fields,
+    ))
+}
+
+pub(super) async fn delete(
+    conn: &mut PgConnection,
+    record_id: &str,
+    deleted_at: i64,
+    override_suspension: bool,
+    audit: &AuditEvent,
+    heads: &super::Heads,
+) -> Result<(), StoreError> {
+    let shredded = sqlx::query(queries::SHRED_RECORD)
+        .bind(record_id)
+        .bind(deleted_at)
+        .bind(i64::from(override_suspension))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if shredded == 0 {
+        return Err(rules::delete_refusal(account_state(conn, record_id).await?));
+    }
+    for sql in [
+        queries::DELETE_FIELDS,
+        queries::SHRED_GUARDIANS,
+        queries::FORGET_CREATE_REQUESTS,
+    ] {
+        sqlx::query(sql).bind(record_id).execute(&mut *conn).await?;
+    }
+    append(conn, std::slice::from_ref(audit), heads).await
+}
+
+pub(super) async fn rekey(
+    conn: &mut PgConnection,
+    rekey: &RecordRekey,
+    audit: &AuditEvent,
+    heads: &super::Heads,
+) -> Result<RecordMeta, StoreError> {
+    if !kek_active(conn, rekey.kek_version).await? {
+        return Err(StoreError::StaleKeyVersion(rekey.kek_version));
+    }
+    let created_at: Option<i64> = sqlx::query_scalar(queries::REKEY_RECORD)
+        .bind(&rekey.record_id)
+        .bind(rekey.expected_version)
+        .bind(rekey.updated_at)
+        .bind(&rekey.wrapped_key)
+        .bind(i64::from(rekey.kek_version))
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(created_at) = created_at else {
+        return Err(rules::rekey_refusal(
+            account_state(conn, &rekey.record_id).await?,
+        ));
+    };
+    // The record's row is locked now: a write sealing under its key waits for this
+    // transaction (see `accounts::record_key_is`). Every other ciphertext bound to the
+    // record moves with the fields, or nothing does.
+    let mut moved = 0;
+    let notes = rekey.bound.notes.iter().zip(&rekey.resealed.notes);
+    for ((event_id, old), (_, new)) in notes {
+        moved += sqlx::query(queries::RESEAL_NOTE)
+            .bind(event_id)
+            .bind(new)
+            .bind(old)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    }
+    let guardians = rekey.bound.guardians.iter().zip(&rekey.resealed.guardians);
+    for ((consent_id, old), (_, new)) in guardians {
+        moved += sqlx::query(queries::RESEAL_GUARDIAN)
+            .bind(consent_id)
+            .bind(new)
+            .bind(old)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    }
+    let bound: i64 = sqlx::query_scalar(queries::COUNT_BOUND)
+        .bind(&rekey.record_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !rules::rekey_complete(rekey, moved, bound) {
+        return Err(StoreError::VersionConflict);
+    }
+    replace_fields(conn, &rekey.record_id, &rekey.fields).await?;
+    append(conn, std::slice::from_ref(audit), heads).await?;
+    Ok(rules::meta_after(
+        rekey.record_id.clone(),
+        rekey.expected_version,
+        created_at,
+        rekey.updated_at,
+        &rekey.fields,
+    ))
+}
+
+pub(super) async fn expired(
+    conn: &mut PgConnection,
+    now: i64,
+    limit: i64,
+) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(queries::SELECT_EXPIRED)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?)
+}
+
+pub(super) async fn expire_create_requests(
+    conn: &mut PgConnection,
+    before: i64,
+) -> Result<u64, StoreError> {
+    Ok(sqlx::query(queries::EXPIRE_CREATE_REQUESTS)
+        .bind(before)
+        .execute(conn)
+        .await?
+        .rows_affected())
+}

@@ -1,0 +1,512 @@
+//! What both backends do that is not SQL, written once: how rows decode into the store's
+//! types ([`Columns`] is the one thing each driver implements), how audit events are linked
+//! into their chain before they are written, the order of a create's checks and what an
+//! idempotency key's replay means, and how a write that changed no row is explained.
+//!
+//! The backends (`sqlite/`, `postgres/`) hold the SQL and the transactions; they call in
+//! here for every decision, so the two cannot drift apart.
+
+use crate::audit::{AuditEvent, ChainHead, Checkpoint, CheckpointLink, ExpiryMarker, StoredEvent};
+
+use super::{
+    AccountEventRow, AccountState, CreateRequestKey, InsertOutcome, KeyVersionRow, LookupMatch,
+    NewRecord, RecordIndexes, RecordMeta, RewrapJobRow, SealedField, StoreError, StoredRecord,
+};
+
+/// Column access by name, the only thing a driver's row type must provide for decoding.
+pub(crate) trait Columns {
+    fn i64(&self, name: &str) -> Result<i64, StoreError>;
+    fn opt_i64(&self, name: &str) -> Result<Option<i64>, StoreError>;
+    fn text(&self, name: &str) -> Result<String, StoreError>;
+    fn opt_text(&self, name: &str) -> Result<Option<String>, StoreError>;
+    fn bytes(&self, name: &str) -> Result<Vec<u8>, StoreError>;
+    fn opt_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+}
+
+pub(crate) fn to_version(value: i64) -> Result<u32, StoreError> {
+    u32::try_from(value)
+        .map_err(|_| StoreError::Corrupt(format!("key version {value} out of range")))
+}
+
+/// The account-state columns (`queries::account_columns!`).
+pub(crate) fn account(row: &impl Columns) -> Result<AccountState, StoreError> {
+    Ok(AccountState {
+        deleted: row.opt_i64("deleted_at")?.is_some(),
+        suspended: row.opt_i64("suspended_at")?.is_some(),
+        age_gate: row.opt_bytes("age_gate")?,
+        index_version: to_version(row.i64("index_version")?)?,
+        policy_version: row.opt_text("policy_version")?,
+        active_consents: row.i64("active_consents")?,
+    })
+}
+
+pub(crate) fn lookup_match(row: &impl Columns) -> Result<LookupMatch, StoreError> {
+    Ok(LookupMatch {
+        record_id: row.text("record_id")?,
+        account: account(row)?,
+    })
+}
+
+/// Gathers the rows of `queries::SELECT_LIVE_RECORD` (the record's columns repeated on each
+/// of its field rows) into one record.
+#[derive(Default)]
+pub(crate) struct RecordRows {
+    record: Option<StoredRecord>,
+}
+
+impl RecordRows {
+    pub(crate) fn push(&mut self, record_id: &str, row: &impl Columns) -> Result<(), StoreError> {
+        let stored = match &mut self.record {
+            Some(stored) => stored,
+            None => {
+                let wrapped_key = row.opt_bytes("wrapped_key")?.ok_or_else(|| {
+                    StoreError::Corrupt("live record without a wrapped key".into())
+                })?;
+                self.record.insert(StoredRecord {
+                    meta: RecordMeta {
+                        record_id: record_id.to_owned(),
+                        version: row.i64("version")?,
+                        created_at: row.i64("created_at")?,
+                        updated_at: row.i64("updated_at")?,
+                        present_fields: Vec::new(),
+                    },
+                    wrapped_key,
+                    fields: Vec::new(),
+                    account: account(row)?,
+                })
+            }
+        };
+        if let (Some(field), Some(ciphertext)) =
+            (row.opt_text("field")?, row.opt_bytes("ciphertext")?)
+        {
+            stored.meta.present_fields.push(field.clone());
+            stored.fields.push(SealedField { field, ciphertext });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(self) -> Option<StoredRecord> {
+        self.record
+    }
+}
+
+pub(crate) fn account_event(row: &impl Columns) -> Result<AccountEventRow, StoreError> {
+    Ok(AccountEventRow {
+        event_id: row.text("event_id")?,
+        record_id: row.text("record_id")?,
+        occurred_at: row.i64("occurred_at")?,
+        kind: row.text("kind")?,
+        actor: row.text("actor")?,
+        reason: row.opt_text("reason")?,
+        note: row.opt_bytes("note")?,
+        ticket: row.opt_text("ticket")?,
+        consent_id: row.opt_text("consent_id")?,
+    })
+}
+
+pub(crate) fn stored_event(row: &impl Columns) -> Result<StoredEvent, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("audit event {what}"));
+    let record_ids = row.text("record_ids")?;
+    let released = row.text("released")?;
+    Ok(StoredEvent {
+        event: AuditEvent {
+            event_id: row.text("event_id")?,
+            occurred_at: row.i64("occurred_at")?,
+            chain_id: row.text("chain_id")?,
+            caller: row.text("caller")?,
+            peer: row.opt_text("peer")?,
+            rpc: row.text("rpc")?,
+            record_ids: serde_json::from_str(&record_ids).map_err(|_| corrupt("record_ids"))?,
+            purpose: row.opt_text("purpose")?,
+            justification: row.opt_text("justification")?,
+            released: serde_json::from_str(&released).map_err(|_| corrupt("released"))?,
+            outcome: row.text("outcome")?,
+            reason: row.opt_text("reason")?,
+            request_id: row.opt_text("request_id")?,
+            trace_id: row.opt_text("trace_id")?,
+        },
+        seq: row.i64("seq")?,
+        prev_hash: row.bytes("prev_hash")?,
+        hash: row.bytes("hash")?,
+    })
+}
+
+pub(crate) fn chain_head(row: &impl Columns) -> Result<ChainHead, StoreError> {
+    Ok(ChainHead {
+        chain_id: row.text("chain_id")?,
+        seq: row.i64("head_seq")?,
+        hash: row.bytes("head_hash")?,
+    })
+}
+
+pub(crate) fn expiry_marker(row: &impl Columns) -> Result<ExpiryMarker, StoreError> {
+    Ok(ExpiryMarker {
+        chain_id: row.text("chain_id")?,
+        up_to_seq: row.i64("up_to_seq")?,
+        hash: row.bytes("hash")?,
+        expired_at: row.i64("expired_at")?,
+        signature: row.bytes("signature")?,
+    })
+}
+
+/// A checkpoint row of either format. A format this build does not know is refused rather
+/// than read as an older one.
+pub(crate) fn checkpoint(row: &impl Columns) -> Result<Checkpoint, StoreError> {
+    let id = row.i64("id")?;
+    let corrupt = |what: &str| StoreError::Corrupt(format!("checkpoint {id}: {what}"));
+    let heads = row.text("heads")?;
+    let link = match row.i64("format")? {
+        1 => None,
+        2 => Some(CheckpointLink {
+            signer: row
+                .opt_text("signer_id")?
+                .ok_or_else(|| corrupt("format 2 without a signer"))?,
+            counter: row
+                .opt_i64("counter")?
+                .ok_or_else(|| corrupt("format 2 without a counter"))?,
+            key_id: row.opt_text("key_id")?.unwrap_or_default(),
+            prev: row.opt_bytes("prev_hash")?.unwrap_or_default(),
+            closed: match row.opt_text("closed")? {
+                Some(text) => serde_json::from_str(&text).map_err(|_| corrupt("closed"))?,
+                None => Vec::new(),
+            },
+        }),
+        _ => return Err(corrupt("unknown format")),
+    };
+    Ok(Checkpoint {
+        id,
+        created_at: row.i64("created_at")?,
+        heads: serde_json::from_str(&heads).map_err(|_| corrupt("heads"))?,
+        signature: row.bytes("signature")?,
+        link,
+    })
+}
+
+/// A checkpoint as `queries::INSERT_CHECKPOINT` binds it.
+pub(crate) struct CheckpointParams {
+    pub created_at: i64,
+    pub heads: String,
+    pub signature: Vec<u8>,
+    pub format: i32,
+    pub signer: Option<String>,
+    pub counter: Option<i64>,
+    pub key_id: Option<String>,
+    pub prev: Option<Vec<u8>>,
+    pub closed: Option<String>,
+}
+
+impl CheckpointParams {
+    pub(crate) fn of(checkpoint: &Checkpoint) -> Result<CheckpointParams, StoreError> {
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
+        let link = checkpoint.link.as_ref();
+        Ok(CheckpointParams {
+            created_at: checkpoint.created_at,
+            heads: serde_json::to_string(&checkpoint.heads).map_err(corrupt)?,
+            signature: checkpoint.signature.clone(),
+            format: i32::from(checkpoint.format()),
+            signer: link.map(|link| link.signer.clone()),
+            counter: link.map(|link| link.counter),
+            key_id: link.map(|link| link.key_id.clone()),
+            prev: link.map(|link| link.prev.clone()),
+            closed: link
+                .map(|link| serde_json::to_string(&link.closed))
+                .transpose()
+                .map_err(corrupt)?,
+        })
+    }
+}
+
+pub(crate) fn key_version(row: &impl Columns) -> Result<KeyVersionRow, StoreError> {
+    Ok(KeyVersionRow {
+        version: to_version(row.i64("version")?)?,
+        state: row.text("state")?,
+        provider: row.text("provider")?,
+        created_at: row.i64("created_at")?,
+        records: row.i64("records")?,
+    })
+}
+
+pub(crate) fn rewrap_job(row: &impl Columns) -> Result<RewrapJobRow, StoreError> {
+    Ok(RewrapJobRow {
+        job_id: row.text("job_id")?,
+        state: row.text("state")?,
+        target_version: row.i64("target_version")?,
+        target_index_version: row.opt_i64("target_index_version")?,
+        started_at: row.i64("started_at")?,
+        updated_at: row.i64("updated_at")?,
+        rewrapped: row.i64("rewrapped")?,
+        reindexed: row.i64("reindexed")?,
+        failed: row.i64("failed")?,
+        owner_instance: row.opt_text("owner_instance")?,
+    })
+}
+
+/// One audit event as it is written: its place in the chain and every column's value.
+pub(crate) struct EventRow {
+    pub chain_id: String,
+    pub seq: i64,
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub caller: String,
+    pub peer: Option<String>,
+    pub rpc: String,
+    /// The one record the event is about, if it names exactly one.
+    pub record_id: Option<String>,
+    pub record_ids: String,
+    pub purpose: Option<String>,
+    pub justification: Option<String>,
+    pub released: String,
+    pub plaintext: i64,
+    pub outcome: String,
+    pub reason: Option<String>,
+    pub request_id: Option<String>,
+    pub trace_id: Option<String>,
+    pub prev_hash: Vec<u8>,
+    pub hash: Vec<u8>,
+}
+
+/// Links `events` (all of one chain) after the chain's head: the head, once advanced by
+/// `events.len()`, is at `head_seq` and was at `head_hash`. Returns the rows to write and
+/// the new head hash. The one place both backends compute the chain.
+pub(crate) fn link_events(
+    events: &[AuditEvent],
+    head_seq: i64,
+    head_hash: &[u8],
+) -> Result<(Vec<EventRow>, Vec<u8>), StoreError> {
+    let Some(first) = events.first() else {
+        return Ok((Vec::new(), head_hash.to_vec()));
+    };
+    if events.iter().any(|e| e.chain_id != first.chain_id) {
+        return Err(StoreError::Corrupt(
+            "one audit batch spans several chains".into(),
+        ));
+    }
+    let first_seq = head_seq - events.len() as i64 + 1;
+    let mut prev_hash = head_hash.to_vec();
+    let mut rows = Vec::with_capacity(events.len());
+    for (seq, event) in (first_seq..).zip(events) {
+        let hash = crate::audit::link(event, seq, &prev_hash).to_vec();
+        rows.push(EventRow {
+            chain_id: event.chain_id.clone(),
+            seq,
+            event_id: event.event_id.clone(),
+            occurred_at: event.occurred_at,
+            caller: event.caller.clone(),
+            peer: event.peer.clone(),
+            rpc: event.rpc.clone(),
+            record_id: event.subject().map(str::to_owned),
+            record_ids: super::encode_json_list(&event.record_ids),
+            purpose: event.purpose.clone(),
+            justification: event.justification.clone(),
+            released: super::encode_json_list(&event.released),
+            plaintext: i64::from(event.released_plaintext()),
+            outcome: event.outcome.clone(),
+            reason: event.reason.clone(),
+            request_id: event.request_id.clone(),
+            trace_id: event.trace_id.clone(),
+            prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
+            hash,
+        });
+    }
+    Ok((rows, prev_hash))
+}
+
+/// The (record id, chain, seq) rows of `audit_event_records`: one per record of every event
+/// that names several (an event naming one keeps it in its own `record_id` column).
+pub(crate) fn event_record_rows<'a>(
+    events: &'a [AuditEvent],
+    rows: &'a [EventRow],
+) -> impl Iterator<Item = (&'a str, i64, &'a str, i64)> + 'a {
+    events
+        .iter()
+        .zip(rows)
+        .filter(|(event, _)| event.record_ids.len() > 1)
+        .flat_map(|(event, row)| {
+            event.record_ids.iter().map(move |record_id| {
+                (
+                    record_id.as_str(),
+                    event.occurred_at,
+                    event.chain_id.as_str(),
+                    row.seq,
+                )
+            })
+        })
+}
+
+/// Whether a write's index versions are still right, given the live index versions the
+/// database holds now (the active one already checked): every live version must be one the
+/// write computed for.
+pub(crate) fn index_versions_refusal(indexes: &RecordIndexes, live: &[i64]) -> Option<StoreError> {
+    let stale = live.iter().any(|version| {
+        u32::try_from(*version).map_or(true, |v| !indexes.computed_for.contains(&v))
+    });
+    stale.then_some(StoreError::StaleIndexVersion(indexes.version))
+}
+
+/// What the create request row an earlier create left means for a new one with the same
+/// key: `deleted_at` and `fingerprint` of its row, and its record's metadata when live.
+pub(crate) fn replay(
+    request: &CreateRequestKey,
+    deleted_at: Option<i64>,
+    fingerprint: Option<Vec<u8>>,
+    meta: impl FnOnce() -> Option<RecordMeta>,
+) -> Result<InsertOutcome, StoreError> {
+    let (None, Some(fingerprint)) = (deleted_at, fingerprint) else {
+        return Ok(InsertOutcome::ReplayedDeleted);
+    };
+    let same_request = std::iter::once(&request.fingerprint)
+        .chain(&request.fingerprint_elsewhere)
+        .any(|candidate| {
+            subtle::ConstantTimeEq::ct_eq(fingerprint.as_slice(), candidate.as_slice()).into()
+        });
+    let meta = meta().ok_or(StoreError::NotFound)?;
+    Ok(InsertOutcome::Replayed { meta, same_request })
+}
+
+/// The two steps of a create a backend provides; [`create`] orders them.
+pub(crate) trait CreateSteps {
+    /// The outcome an earlier create with this request key decides, if there was one.
+    async fn replayed(
+        &self,
+        request: &CreateRequestKey,
+    ) -> Result<Option<InsertOutcome>, StoreError>;
+
+    /// Writes the record in one transaction with its checks (KEK version active, index
+    /// versions current, document not held elsewhere), its request key and its audit
+    /// event; a refusal (`StaleKeyVersion`, `StaleIndexVersion`, `DuplicateDocument`) wrote
+    /// nothing.
+    async fn insert(
+        &self,
+        record: NewRecord,
+        request: Option<CreateRequestKey>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
+}
+
+/// A create: a replay answers from the first attempt; otherwise the record is written, and
+/// a duplicate document that turns out to be this request's own earlier attempt (a
+/// concurrent retry that won, or a first attempt indexed under another index version) is a
+/// replay, not a duplicate.
+pub(crate) async fn create(
+    steps: &impl CreateSteps,
+    record: NewRecord,
+    request: Option<CreateRequestKey>,
+    audit: &AuditEvent,
+) -> Result<InsertOutcome, StoreError> {
+    if let Some(request) = &request
+        && let Some(outcome) = steps.replayed(request).await?
+    {
+        return Ok(outcome);
+    }
+    let meta = RecordMeta {
+        record_id: record.record_id.clone(),
+        version: 1,
+        created_at: record.created_at,
+        updated_at: record.created_at,
+        present_fields: super::present_fields(&record.fields),
+    };
+    match steps.insert(record, request.clone(), audit.clone()).await {
+        Ok(()) => Ok(InsertOutcome::Inserted(meta)),
+        Err(StoreError::DuplicateDocument) => {
+            if let Some(request) = &request
+                && let Some(outcome) = steps.replayed(request).await?
+            {
+                return Ok(outcome);
+            }
+            Err(StoreError::DuplicateDocument)
+        }
+        Err(refused) => Err(refused),
+    }
+}
+
+/// Why a conditional update (of fields, or a re-key) changed no row, from the record's
+/// account state read in the same transaction.
+pub(crate) fn update_refusal(state: Option<AccountState>, override_suspension: bool) -> StoreError {
+    match state {
+        None => StoreError::NotFound,
+        Some(state) if state.deleted => StoreError::NotFound,
+        Some(state) if state.suspended && !override_suspension => StoreError::Suspended,
+        Some(_) => StoreError::VersionConflict,
+    }
+}
+
+/// Why a delete changed no row.
+pub(crate) fn delete_refusal(state: Option<AccountState>) -> StoreError {
+    match state {
+        Some(state) if !state.deleted && state.suspended => StoreError::Suspended,
+        _ => StoreError::NotFound,
+    }
+}
+
+/// What a suspension or reinstatement that changed no row means: it already was so (`false`),
+/// or there is no live record.
+pub(crate) fn unchanged_suspension(state: Option<AccountState>) -> Result<bool, StoreError> {
+    match state {
+        Some(state) if !state.deleted => Ok(false),
+        _ => Err(StoreError::NotFound),
+    }
+}
+
+/// What a re-key that changed no row means.
+pub(crate) fn rekey_refusal(state: Option<AccountState>) -> StoreError {
+    match state {
+        Some(state) if !state.deleted => StoreError::VersionConflict,
+        _ => StoreError::NotFound,
+    }
+}
+
+/// The history entries of a revocation: one per revoked consent, ids `<event_id>_<n>`.
+pub(crate) fn revocation_entries(
+    history: &AccountEventRow,
+    revoked: &[String],
+) -> Vec<AccountEventRow> {
+    revoked
+        .iter()
+        .enumerate()
+        .map(|(n, consent)| AccountEventRow {
+            event_id: format!("{}_{n}", history.event_id),
+            consent_id: Some(consent.clone()),
+            ..history.clone()
+        })
+        .collect()
+}
+
+/// A revocation's audit event names the record whose consents were revoked.
+pub(crate) fn revocation_event(audit: &AuditEvent, record_id: &str) -> AuditEvent {
+    let mut audit = audit.clone();
+    audit.record_ids = vec![record_id.to_owned()];
+    audit
+}
+
+/// Whether a re-key moved every ciphertext bound to the record: each re-sealed one replaced
+/// (`moved`), and none there that it did not re-seal (`bound`, counted after).
+pub(crate) fn rekey_complete(rekey: &super::RecordRekey, moved: u64, bound: i64) -> bool {
+    let expected = (rekey.resealed.notes.len() + rekey.resealed.guardians.len()) as i64;
+    moved as i64 == expected && bound == expected
+}
+
+/// The metadata a successful field update or re-key leaves.
+pub(crate) fn meta_after(
+    record_id: String,
+    expected_version: i64,
+    created_at: i64,
+    updated_at: i64,
+    fields: &[SealedField],
+) -> RecordMeta {
+    RecordMeta {
+        record_id,
+        version: expected_version + 1,
+        created_at,
+        updated_at,
+        present_fields: super::present_fields(fields),
+    }
+}
+
+/// Which count says how many live records a key version still serves.
+pub(crate) fn count_under(kind: &str) -> &'static str {
+    if kind == "index" {
+        super::queries::COUNT_UNDER_INDEX_VERSION
+    } else {
+        super::queries::COUNT_UNDER_KEK_VERSION
+    }
+}

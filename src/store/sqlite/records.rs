@@ -1,0 +1,316 @@
+//! SQLite SQL of the records aggregate: creates, reads, lookups, updates, deletes, re-keys
+//! and retention. Each function runs on a connection the driver hands it (a reader's, or
+//! the writer's inside a job's savepoint); the decisions come from `store::rules`.
+
+use rusqlite::{Connection, ToSql};
+
+use super::audit::append;
+use super::driver::{execute, first, rows, scalar};
+use super::keys::{index_refusal, kek_active};
+use crate::audit::AuditEvent;
+use crate::store::rules::{self, RecordRows};
+use crate::store::{
+    AccountState, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordMeta, RecordRekey,
+    RecordUpdate, SealedField, StoreError, StoredRecord, queries,
+};
+
+pub(super) fn get(conn: &Connection, record_id: &str) -> Result<Option<StoredRecord>, StoreError> {
+    let mut record = RecordRows::default();
+    rows(conn, queries::SELECT_LIVE_RECORD, &[&record_id], |row| {
+        record.push(record_id, row)
+    })?;
+    Ok(record.finish())
+}
+
+pub(super) fn account_state(
+    conn: &Connection,
+    record_id: &str,
+) -> Result<Option<AccountState>, StoreError> {
+    first(conn, queries::SELECT_ACCOUNT_STATE, &[&record_id], |row| {
+        rules::account(row)
+    })
+}
+
+pub(super) fn find_by_index(
+    conn: &Connection,
+    column: &str,
+    indexes: &[Vec<u8>],
+) -> Result<Vec<LookupMatch>, StoreError> {
+    if indexes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = queries::find_by_index(column, indexes.len());
+    let params: Vec<&dyn ToSql> = indexes.iter().map(|index| index as &dyn ToSql).collect();
+    rows(conn, &sql, &params, |row| rules::lookup_match(row))
+}
+
+fn meta(conn: &Connection, record_id: &str) -> Result<Option<RecordMeta>, StoreError> {
+    let Some((version, created_at, updated_at)) =
+        first(conn, queries::SELECT_META, &[&record_id], |row| {
+            Ok((
+                row.get("version")?,
+                row.get("created_at")?,
+                row.get("updated_at")?,
+            ))
+        })?
+    else {
+        return Ok(None);
+    };
+    let present_fields = rows(conn, queries::SELECT_FIELD_NAMES, &[&record_id], |row| {
+        Ok(row.get(0)?)
+    })?;
+    Ok(Some(RecordMeta {
+        record_id: record_id.to_owned(),
+        version,
+        created_at,
+        updated_at,
+        present_fields,
+    }))
+}
+
+/// What an earlier create with `request`'s key decides, if there was one.
+pub(super) fn replayed(
+    conn: &Connection,
+    request: &CreateRequestKey,
+) -> Result<Option<InsertOutcome>, StoreError> {
+    let found = first(
+        conn,
+        queries::SELECT_CREATE_REQUEST,
+        &[
+            &request.caller,
+            &request.request_id,
+            &request.expired_before,
+        ],
+        |row| {
+            Ok((
+                row.get::<_, String>("record_id")?,
+                row.get::<_, Option<i64>>("deleted_at")?,
+                row.get::<_, Option<Vec<u8>>>("fingerprint")?,
+            ))
+        },
+    )?;
+    let Some((record_id, deleted_at, fingerprint)) = found else {
+        return Ok(None);
+    };
+    let meta = meta(conn, &record_id)?;
+    rules::replay(request, deleted_at, fingerprint, || meta).map(Some)
+}
+
+fn replace_fields(
+    conn: &Connection,
+    record_id: &str,
+    fields: &[SealedField],
+) -> Result<(), StoreError> {
+    execute(conn, queries::DELETE_FIELDS, &[&record_id])?;
+    insert_fields(conn, record_id, fields)
+}
+
+fn insert_fields(
+    conn: &Connection,
+    record_id: &str,
+    fields: &[SealedField],
+) -> Result<(), StoreError> {
+    for field in fields {
+        execute(
+            conn,
+            queries::INSERT_FIELD,
+            &[&record_id, &field.field, &field.ciphertext],
+        )?;
+    }
+    Ok(())
+}
+
+/// A create, inside its job's savepoint; a refusal is an `Err` (the savepoint rolls back).
+pub(super) fn insert(
+    conn: &Connection,
+    record: &NewRecord,
+    request: Option<&CreateRequestKey>,
+    audit: &AuditEvent,
+) -> Result<(), StoreError> {
+    // The write lock is held from BEGIN IMMEDIATE: these reads cannot go stale before commit.
+    if !kek_active(conn, record.kek_version)? {
+        return Err(StoreError::StaleKeyVersion(record.kek_version));
+    }
+    if let Some(refused) = index_refusal(conn, &record.record_id, &record.indexes)? {
+        return Err(refused);
+    }
+    let indexes = &record.indexes;
+    let inserted = (|| -> Result<(), StoreError> {
+        execute(
+            conn,
+            queries::INSERT_RECORD,
+            &[
+                &record.record_id,
+                &record.created_at,
+                &record.wrapped_key,
+                &i64::from(record.kek_version),
+                &indexes.document,
+                &indexes.phone,
+                &record.age_gate,
+                &record.policy_version,
+                &record.retain_until,
+                &i64::from(indexes.version),
+            ],
+        )?;
+        insert_fields(conn, &record.record_id, &record.fields)?;
+        if let Some(request) = request {
+            execute(
+                conn,
+                queries::DELETE_EXPIRED_CREATE_REQUEST,
+                &[
+                    &request.caller,
+                    &request.request_id,
+                    &request.expired_before,
+                ],
+            )?;
+            execute(
+                conn,
+                queries::INSERT_CREATE_REQUEST,
+                &[
+                    &request.caller,
+                    &request.request_id,
+                    &record.record_id,
+                    &request.fingerprint,
+                    &record.created_at,
+                ],
+            )?;
+        }
+        append(conn, std::slice::from_ref(audit))
+    })();
+    inserted.map_err(duplicate_as_refusal)
+}
+
+/// The live-document index (or a concurrent retry's request row) already holds it.
+fn duplicate_as_refusal(error: StoreError) -> StoreError {
+    match &error {
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(failure, _))
+            if matches!(
+                failure.extended_code,
+                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+            ) =>
+        {
+            StoreError::DuplicateDocument
+        }
+        _ => error,
+    }
+}
+
+pub(super) fn update(
+    conn: &Connection,
+    update: &RecordUpdate,
+    audit: &AuditEvent,
+) -> Result<RecordMeta, StoreError> {
+    if let Some(refused) = index_refusal(conn, &update.record_id, &update.indexes)? {
+        return Err(refused);
+    }
+    let created_at: Option<i64> = first(
+        conn,
+        queries::UPDATE_RECORD,
+        &[
+            &update.record_id,
+            &update.expected_version,
+            &update.updated_at,
+            &update.indexes.document,
+            &update.indexes.phone,
+            &update.age_gate,
+            &update.policy_version,
+            &i64::from(update.override_suspension),
+            &i64::from(update.indexes.version),
+        ],
+        |row| Ok(row.get(0)?),
+    )
+    .map_err(duplicate_as_refusal)?;
+    let Some(created_at) = created_at else {
+        let state = account_state(conn, &update.record_id)?;
+        return Err(rules::update_refusal(state, update.override_suspension));
+    };
+    replace_fields(conn, &update.record_id, &update.fields)?;
+    append(conn, std::slice::from_ref(audit))?;
+    Ok(rules::meta_after(
+        update.record_id.clone(),
+        update.expected_version,
+        created_at,
+        update.updated_at,
+        &update.fields,
+    ))
+}
+
+pub(super) fn delete(
+    conn: &Connection,
+    record_id: &str,
+    deleted_at: i64,
+    override_suspension: bool,
+    audit: &AuditEvent,
+) -> Result<(), StoreError> {
+    let shredded = execute(
+        conn,
+        queries::SHRED_RECORD,
+        &[&record_id, &deleted_at, &i64::from(override_suspension)],
+    )?;
+    if shredded == 0 {
+        return Err(rules::delete_refusal(account_state(conn, record_id)?));
+    }
+    execute(conn, queries::DELETE_FIELDS, &[&record_id])?;
+    execute(conn, queries::SHRED_GUARDIANS, &[&record_id])?;
+    execute(conn, queries::FORGET_CREATE_REQUESTS, &[&record_id])?;
+    append(conn, std::slice::from_ref(audit))
+}
+
+pub(super) fn rekey(
+    conn: &Connection,
+    rekey: &RecordRekey,
+    audit: &AuditEvent,
+) -> Result<RecordMeta, StoreError> {
+    if !kek_active(conn, rekey.kek_version)? {
+        return Err(StoreError::StaleKeyVersion(rekey.kek_version));
+    }
+    let created_at: Option<i64> = first(
+        conn,
+        queries::REKEY_RECORD,
+        &[
+            &rekey.record_id,
+            &rekey.expected_version,
+            &rekey.updated_at,
+            &rekey.wrapped_key,
+            &i64::from(rekey.kek_version),
+        ],
+        |row| Ok(row.get(0)?),
+    )?;
+    let Some(created_at) = created_at else {
+        return Err(rules::rekey_refusal(account_state(conn, &rekey.record_id)?));
+    };
+    // Every other ciphertext bound to the record moves with the fields, or nothing does.
+    let mut moved = 0;
+    let notes = rekey.bound.notes.iter().zip(&rekey.resealed.notes);
+    for ((event_id, old), (_, new)) in notes {
+        moved += execute(conn, queries::RESEAL_NOTE, &[event_id, new, old])?;
+    }
+    let guardians = rekey.bound.guardians.iter().zip(&rekey.resealed.guardians);
+    for ((consent_id, old), (_, new)) in guardians {
+        moved += execute(conn, queries::RESEAL_GUARDIAN, &[consent_id, new, old])?;
+    }
+    let bound: i64 = scalar(conn, queries::COUNT_BOUND, &[&rekey.record_id])?;
+    if !rules::rekey_complete(rekey, moved, bound) {
+        return Err(StoreError::VersionConflict);
+    }
+    replace_fields(conn, &rekey.record_id, &rekey.fields)?;
+    append(conn, std::slice::from_ref(audit))?;
+    Ok(rules::meta_after(
+        rekey.record_id.clone(),
+        rekey.expected_version,
+        created_at,
+        rekey.updated_at,
+        &rekey.fields,
+    ))
+}
+
+pub(super) fn expired(conn: &Connection, now: i64, limit: i64) -> Result<Vec<String>, StoreError> {
+    rows(conn, queries::SELECT_EXPIRED, &[&now, &limit], |row| {
+        Ok(row.get(0)?)
+    })
+}
+
+pub(super) fn expire_create_requests(conn: &Connection, before: i64) -> Result<u64, StoreError> {
+    execute(conn, queries::EXPIRE_CREATE_REQUESTS, &[&before])
+}
