@@ -472,8 +472,8 @@ async fn the_breach_question_is_answered_from_an_index(app: &TestApp) {
             i64::MAX
         ))
         .await;
-    // PostgreSQL has a partial index for it; SQLite filters the entries of its one time
-    // index, which carries `plaintext` and `caller` (migration 0010).
+    // PostgreSQL has a partial index for it; SQLite reads the range of its one time index
+    // (migration 0010).
     let index = match app.backend {
         Backend::Sqlite => "USING INDEX audit_events_time",
         Backend::Postgres => "audit_events_plaintext_releases",

@@ -20,9 +20,7 @@ SELECT chain_id FROM (
 ) GROUP BY chain_id ORDER BY min(t), chain_id;
 
 -- The events, keyed by their place: appending to a chain appends to this B-tree (the newest
--- chain has the highest number), and (chain, seq) stays unique through the key. The event id
--- keeps no index of its own: ids are 128 random bits behind a time prefix, and nothing looks
--- an event up by id.
+-- chain has the highest number), and (chain, seq) stays unique through the key.
 CREATE TABLE audit_events_v10 (
     pos           INTEGER PRIMARY KEY,
     chain_id      TEXT NOT NULL,
@@ -57,11 +55,12 @@ FROM audit_events e JOIN audit_chain_numbers n ON n.chain_id = e.chain_id;
 DROP TABLE audit_events;
 ALTER TABLE audit_events_v10 RENAME TO audit_events;
 
--- The one time index, newest-first listings' order. It also carries `plaintext` and `caller`,
--- so "whose data did this caller receive in plaintext between T1 and T2" filters index entries
--- without reading events (the partial index that answered it, and the per-caller index, each
--- cost a page write per group commit). Its keys only grow.
-CREATE INDEX audit_events_time ON audit_events (occurred_at, plaintext, caller);
+-- The one time index: newest-first listings walk it, and it keeps what their cursor names,
+-- (occurred_at, event_id), unique, so the same event cannot be appended twice. Its keys only
+-- grow. The per-caller index and the partial index of plaintext releases are gone (each cost
+-- page writes at every group commit): "whose data did this caller receive in plaintext
+-- between T1 and T2" reads the range of this index.
+CREATE UNIQUE INDEX audit_events_time ON audit_events (occurred_at, event_id);
 
 -- The per-person index, in sealed blocks. A block is a range of one chain's events,
 -- (block = pos of its first event, last_pos]; once sealed, one row per (record named, event)

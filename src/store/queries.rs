@@ -201,7 +201,7 @@ pub fn list_audit_events() -> String {
 }
 
 /// The breach question: on PostgreSQL from the partial index `audit_events_plaintext_releases`,
-/// on SQLite from the `plaintext` and `caller` columns of the time index.
+/// on SQLite from the time index's range (`audit_events_time`).
 pub fn plaintext_releases() -> String {
     format!(
         "SELECT {EVENT_COLUMNS} FROM audit_events \

@@ -694,6 +694,7 @@ mod tests {
         }
         let frames = (size() - before) as f64 / (page as f64 + 24.0);
         let per_commit = frames / commits as f64;
+        eprintln!("{per_commit:.2} WAL frames per group commit of 10 events");
         assert!(
             per_commit <= 10.0,
             "{per_commit:.1} WAL frames per group commit of 10 events"
