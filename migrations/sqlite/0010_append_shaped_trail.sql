@@ -55,6 +55,19 @@ FROM audit_events e JOIN audit_chain_numbers n ON n.chain_id = e.chain_id;
 DROP TABLE audit_events;
 ALTER TABLE audit_events_v10 RENAME TO audit_events;
 
+-- An event inserted without its place (by hand: the vault always gives it) is moved to it, its
+-- chain numbered if new, so chain walks by position see it and verification judges it. A row
+-- left elsewhere anyway (this trigger dropped first) fails verification (`chain_ids`).
+CREATE TRIGGER audit_events_placed AFTER INSERT ON audit_events
+WHEN NEW.pos IS NOT (SELECT n.chain_no * 1099511627776 + NEW.seq
+                     FROM audit_chain_numbers n WHERE n.chain_id = NEW.chain_id)
+BEGIN
+    INSERT OR IGNORE INTO audit_chain_numbers (chain_id) VALUES (NEW.chain_id);
+    UPDATE audit_events SET pos = (SELECT n.chain_no * 1099511627776 + NEW.seq
+                                   FROM audit_chain_numbers n WHERE n.chain_id = NEW.chain_id)
+    WHERE pos = NEW.pos;
+END;
+
 -- The one time index: newest-first listings walk it, and it keeps what their cursor names,
 -- (occurred_at, event_id), unique, so the same event cannot be appended twice. Its keys only
 -- grow. The per-caller index and the partial index of plaintext releases are gone (each cost

@@ -625,9 +625,11 @@ mod tests {
         store.register_chain("chn_a", 1, GENESIS).await.unwrap();
         append(&store, "chn_a", 0, 3, 3).await;
         assert!(store.chain_ids().await.is_ok());
-        // Someone with the file writes an event of chain a where no chain walk looks.
+        // Someone with the file drops the trigger that moves events to their place, then
+        // writes an event of chain a where no chain walk looks.
         store
             .write(|conn| {
+                super::execute(conn, "DROP TRIGGER audit_events_placed", &[])?;
                 super::execute(
                     conn,
                     "INSERT INTO audit_events SELECT $1, chain_id, 9, event_id || 'x', \
