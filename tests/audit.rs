@@ -472,8 +472,14 @@ async fn the_breach_question_is_answered_from_an_index(app: &TestApp) {
             i64::MAX
         ))
         .await;
+    // PostgreSQL has a partial index for it; SQLite reads the range of its one time index
+    // (migration 0010).
+    let index = match app.backend {
+        Backend::Sqlite => "USING INDEX audit_events_time",
+        Backend::Postgres => "audit_events_plaintext_releases",
+    };
     assert!(
-        plan.contains("audit_events_plaintext_releases"),
+        plan.contains(index),
         "the breach query must use its index, not scan:\n{plan}"
     );
 }

@@ -158,10 +158,6 @@ pub const REVOKE_CONSENTS: &str = "UPDATE guardian_consents SET revoked_at = $3,
 pub const ADVANCE_CHAIN: &str = "UPDATE audit_chains SET head_seq = head_seq + $2 \
      WHERE chain_id = $1 RETURNING head_seq, head_hash";
 
-/// One record an event naming several records names (see migration 0006).
-pub const INSERT_EVENT_RECORD: &str = "INSERT INTO audit_event_records \
-     (record_id, occurred_at, chain_id, seq) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
-
 pub const DELETE_EVENT_RECORDS_PREFIX: &str =
     "DELETE FROM audit_event_records WHERE chain_id = $1 AND seq <= $2";
 
@@ -170,24 +166,16 @@ pub const SET_CHAIN_HASH: &str = "UPDATE audit_chains SET head_hash = $2 WHERE c
 pub const REGISTER_CHAIN: &str = "INSERT INTO audit_chains (chain_id, started_at, head_seq, head_hash) \
      VALUES ($1, $2, 0, $3)";
 
-/// One audit event (SQLite, one statement per event inside the writer's transaction;
-/// PostgreSQL writes a whole batch in one statement, `postgres::audit`).
-pub const INSERT_AUDIT_EVENT: &str = "INSERT INTO audit_events \
-     (chain_id, seq, event_id, occurred_at, caller, peer, rpc, record_id, record_ids, purpose, \
-      justification, released, plaintext, outcome, reason, request_id, trace_id, prev_hash, \
-      hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-      $17, $18, $19)";
-
-const EVENT_COLUMNS: &str = "chain_id, seq, event_id, occurred_at, caller, peer, rpc, record_ids, \
+pub(crate) const EVENT_COLUMNS: &str = "chain_id, seq, event_id, occurred_at, caller, peer, rpc, record_ids, \
      purpose, justification, released, outcome, reason, request_id, trace_id, prev_hash, hash";
 
 /// The filters of [`list_audit_events`] after the record, on the events of `e`.
-const EVENT_FILTERS: &str = "($2 IS NULL OR e.caller = $2) AND ($3 IS NULL OR e.purpose = $3) \
+pub(crate) const EVENT_FILTERS: &str = "($2 IS NULL OR e.caller = $2) AND ($3 IS NULL OR e.purpose = $3) \
      AND ($4 IS NULL OR e.outcome = $4) AND e.occurred_at >= $5 AND e.occurred_at < $6 \
      AND (e.occurred_at < $7 OR (e.occurred_at = $7 AND e.event_id < $8))";
 
 /// `EVENT_COLUMNS` of `audit_events e`.
-fn event_columns_of_e() -> String {
+pub(crate) fn event_columns_of_e() -> String {
     EVENT_COLUMNS
         .split(", ")
         .map(|column| format!("e.{column}"))
@@ -226,7 +214,8 @@ pub fn list_audit_events() -> String {
     )
 }
 
-/// The breach question, answered from the partial index `audit_events_plaintext_releases`.
+/// The breach question: on PostgreSQL from the partial index `audit_events_plaintext_releases`,
+/// on SQLite from the time index's range (`audit_events_time`).
 pub fn plaintext_releases() -> String {
     format!(
         "SELECT {EVENT_COLUMNS} FROM audit_events \
@@ -236,17 +225,23 @@ pub fn plaintext_releases() -> String {
     )
 }
 
-/// Released fields of one record under the given purposes, newest first. `$3..` are the
-/// purposes, spliced in as numbered placeholders.
-pub fn disclosures(purposes: usize) -> String {
+/// The filters of [`disclosures`] on the events of `e`: released fields, under one of the
+/// `purposes` (`$5..`), before the cursor (`$2`, `$3`).
+pub(crate) fn disclosure_filters(purposes: usize) -> String {
     let placeholders: Vec<String> = (0..purposes).map(|i| format!("${}", i + 5)).collect();
-    let columns = event_columns_of_e();
-    let filters = format!(
+    format!(
         "e.outcome = 'OK' AND e.released <> '[]' \
          AND (e.occurred_at < $2 OR (e.occurred_at = $2 AND e.event_id < $3)) \
          AND e.purpose IN ({})",
         placeholders.join(", ")
-    );
+    )
+}
+
+/// Released fields of one record under the given purposes, newest first. `$5..` are the
+/// purposes, spliced in as numbered placeholders.
+pub fn disclosures(purposes: usize) -> String {
+    let columns = event_columns_of_e();
+    let filters = disclosure_filters(purposes);
     format!(
         "SELECT {EVENT_COLUMNS} FROM ( \
            SELECT * FROM (SELECT {columns} FROM audit_events e \
