@@ -39,9 +39,16 @@ pub enum ProbeError {
     Timeout(&'static str),
 }
 
-/// Probes the vault's dependencies every `interval_ms` and publishes the result, forever.
-/// Status changes are logged once each, not on every probe.
-pub async fn monitor(reporter: HealthReporter, vault: Arc<Vault>, config: HealthConfig) {
+/// Probes the vault's dependencies every `interval_ms` and publishes the result, until
+/// `stop` is cancelled (shutdown, which then marks everything NOT_SERVING once this has
+/// returned, so a probe finishing late cannot mark it SERVING again). Status changes are
+/// logged once each, not on every probe.
+pub async fn monitor(
+    reporter: HealthReporter,
+    vault: Arc<Vault>,
+    config: HealthConfig,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let interval = Duration::from_millis(config.interval_ms.max(10));
     let timeout = Duration::from_millis(config.probe_timeout_ms.max(1));
     let mut last: Option<bool> = None;
@@ -74,7 +81,11 @@ pub async fn monitor(reporter: HealthReporter, vault: Arc<Vault>, config: Health
                 last_checkpoint_health = Some(ok);
             }
         }
-        let result = probe(&vault, timeout).await;
+        // A probe only reads: abandoning one loses nothing.
+        let result = tokio::select! {
+            () = stop.cancelled() => break,
+            result = probe(&vault, timeout) => result,
+        };
         let serving = result.is_ok();
         if last != Some(serving) {
             match &result {
@@ -84,7 +95,10 @@ pub async fn monitor(reporter: HealthReporter, vault: Arc<Vault>, config: Health
             set_all(&reporter, serving).await;
             last = Some(serving);
         }
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(interval) => {}
+        }
     }
 }
 

@@ -214,7 +214,8 @@ impl KeyAdmin {
     }
 
     /// Runs a rewrap job, sending progress to `progress` until it ends or the receiver is
-    /// dropped (which cancels the job after its current batch).
+    /// dropped (which cancels the job after its current batch). Shutdown interrupts it
+    /// after its current batch too (the vault's tasks' token).
     pub async fn rewrap(
         &self,
         ctx: &CallContext,
@@ -240,6 +241,7 @@ impl KeyAdmin {
             batch_size,
             &now,
             &progress,
+            &self.vault.tasks().token(),
         )
         .await;
         let summary = match &result {

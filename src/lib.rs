@@ -23,6 +23,7 @@ pub mod retention;
 pub mod rewrap;
 pub mod startup;
 pub mod store;
+pub mod tasks;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

@@ -231,11 +231,16 @@ pub fn record_checkpoint_health(health: &crate::audit::SignerHealth) {
         .set(f64::from(u8::from(health.witness_failure.is_some())));
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped. HTTP/1 with one request
-/// per connection: all a Prometheus scraper needs, without another HTTP stack.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+/// Serves `GET /metrics` on `listener` until `tasks` is cancelled, each scrape a task of
+/// `tasks` too (bounded by a 10 s timeout). HTTP/1 with one request per connection: all a
+/// Prometheus scraper needs, without another HTTP stack.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, tasks: crate::tasks::Tasks) {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let accepted = tokio::select! {
+            () = tasks.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, _) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%error, "metrics listener accept failed");
@@ -244,7 +249,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
             }
         };
         let handle = handle.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let exchange = answer(stream, &handle);
             if tokio::time::timeout(Duration::from_secs(10), exchange)
                 .await

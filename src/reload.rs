@@ -233,9 +233,12 @@ fn first_difference(path: &str, a: &serde_json::Value, b: &serde_json::Value) ->
     }
 }
 
-/// Reloads on every SIGHUP, for as long as the server runs.
+/// Reloads on every SIGHUP until `stop` is cancelled.
 #[cfg(unix)]
-pub async fn reload_on_sighup(reloader: Arc<PolicyReloader>) {
+pub async fn reload_on_sighup(
+    reloader: Arc<PolicyReloader>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = match signal(SignalKind::hangup()) {
         Ok(hangup) => hangup,
@@ -244,7 +247,15 @@ pub async fn reload_on_sighup(reloader: Arc<PolicyReloader>) {
             return;
         }
     };
-    while hangup.recv().await.is_some() {
+    loop {
+        // A reload once begun finishes; shutdown stops the wait for the next signal.
+        let received = tokio::select! {
+            () = stop.cancelled() => None,
+            received = hangup.recv() => received,
+        };
+        if received.is_none() {
+            break;
+        }
         tracing::info!("SIGHUP: reloading the policy");
         // The outcome is logged by reload itself.
         let _ = reloader.reload("signal:SIGHUP").await;

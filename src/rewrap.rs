@@ -21,10 +21,16 @@
 //! now runs as another process), and `GetKeyStatus` does the same before it answers. Leases
 //! are wall-clock times: instances sharing a database need clocks within [`LEASE`] of each
 //! other (NTP keeps them far closer).
+//!
+//! A server shutting down cancels the job ([`crate::tasks`]): it is never dropped mid-batch;
+//! it stops before its next batch, marks its row INTERRUPTED (as the sweep would mark a dead
+//! server's) and ends with [`RewrapError::Interrupted`], so `pdvault keys rewrap` on any
+//! instance resumes it from what the records say.
 
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::keys::{KeyError, KeyManager};
 use crate::store::{JobOwner, Micros, RewrapBatch, Store, StoreError};
@@ -64,6 +70,12 @@ pub enum RewrapError {
     /// Whoever asked for progress went away; the job stops after its current batch.
     #[error("the rewrap job was cancelled")]
     Cancelled,
+    /// The server is shutting down; the job stopped after its current batch.
+    #[error(
+        "the server is shutting down: the rewrap job stopped after its current batch; run it \
+         again to resume"
+    )]
+    Interrupted,
 }
 
 /// One pass's progress: the KEK rewrap or the re-index.
@@ -165,13 +177,19 @@ pub async fn interrupt_abandoned(vault: &Vault) -> Result<u64, StoreError> {
     Ok(interrupted)
 }
 
-/// Looks for abandoned jobs at start and every [`ABANDONED_SWEEP`], for as long as the
-/// server runs.
-pub async fn interrupt_abandoned_periodically(vault: std::sync::Arc<Vault>) {
+/// Looks for abandoned jobs at start and every [`ABANDONED_SWEEP`], until `stop` is
+/// cancelled (a sweep once begun finishes).
+pub async fn interrupt_abandoned_periodically(
+    vault: std::sync::Arc<Vault>,
+    stop: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(ABANDONED_SWEEP);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
         if let Err(error) = interrupt_abandoned(&vault).await {
             tracing::warn!(%error, "could not look for abandoned rewrap jobs");
         }
@@ -180,7 +198,8 @@ pub async fn interrupt_abandoned_periodically(vault: std::sync::Arc<Vault>) {
 
 /// Runs one rewrap job to the end (the KEK pass, then the re-index pass), sending progress
 /// after every batch. `now` stamps the job's progress and lease, which is renewed every
-/// [`LEASE_RENEWAL`] for as long as the job runs.
+/// [`LEASE_RENEWAL`] for as long as the job runs. Once `stop` is cancelled (shutdown) the
+/// job ends before its next batch, its row INTERRUPTED.
 pub async fn run(
     keys: &KeyManager,
     job_id: String,
@@ -188,7 +207,12 @@ pub async fn run(
     batch_size: u32,
     now: &(dyn Fn() -> Micros + Send + Sync),
     progress: &mpsc::Sender<Progress>,
+    stop: &CancellationToken,
 ) -> Result<Progress, RewrapError> {
+    if stop.is_cancelled() {
+        // Asked for while the server stops: no row, nothing to resume.
+        return Err(RewrapError::Interrupted);
+    }
     let store = keys.store().clone();
     let batch_size = i64::from(batch_size.clamp(1, MAX_BATCH_SIZE));
     let kek_target = keys.refresh_active().await?;
@@ -224,7 +248,10 @@ pub async fn run(
     let work = async {
         send(progress, &state).await?;
         for pass in [Pass::Kek, Pass::Index] {
-            run_pass(keys, pass, &job_id, batch_size, now, progress, &mut state).await?;
+            run_pass(
+                keys, pass, &job_id, batch_size, now, progress, stop, &mut state,
+            )
+            .await?;
         }
         state.done = true;
         Ok(())
@@ -252,6 +279,8 @@ pub async fn run(
     let final_state = match &outcome {
         Ok(()) => "DONE",
         Err(RewrapError::Cancelled) => "CANCELLED",
+        // What the sweep would say of a dead server's job: run it again to resume.
+        Err(RewrapError::Interrupted) => "INTERRUPTED",
         Err(_) => "FAILED",
     };
     if let Err(error) = store.finish_rewrap_job(&job_id, final_state, now()).await {
@@ -264,7 +293,8 @@ pub async fn run(
 
 /// Sweeps the records in id order until none is left under an older version of `pass`'s
 /// key, starting over when a rotation moved the target, and pausing when every row left is
-/// held by someone else.
+/// held by someone else. Looks at `stop` before every batch, never during one.
+#[allow(clippy::too_many_arguments)]
 async fn run_pass(
     keys: &KeyManager,
     pass: Pass,
@@ -272,6 +302,7 @@ async fn run_pass(
     batch_size: i64,
     now: &(dyn Fn() -> Micros + Send + Sync),
     progress: &mpsc::Sender<Progress>,
+    stop: &CancellationToken,
     state: &mut Progress,
 ) -> Result<(), RewrapError> {
     let store = keys.store().clone();
@@ -281,6 +312,9 @@ async fn run_pass(
         let mut pass_moved = 0;
         pass.of(state).failed = 0;
         loop {
+            if stop.is_cancelled() {
+                return Err(RewrapError::Interrupted);
+            }
             let target = pass.of(state).target_version;
             let batch = pass
                 .batch(keys, job_id, target, &cursor, batch_size, now())
@@ -324,7 +358,10 @@ async fn run_pass(
             if idle_passes > LOCKED_ROWS_RETRIES {
                 return Err(RewrapError::Stalled { remaining });
             }
-            tokio::time::sleep(LOCKED_ROWS_PAUSE).await;
+            tokio::select! {
+                () = stop.cancelled() => return Err(RewrapError::Interrupted),
+                () = tokio::time::sleep(LOCKED_ROWS_PAUSE) => {}
+            }
         } else {
             idle_passes = 0;
         }

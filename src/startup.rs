@@ -19,11 +19,20 @@
 //! checkpoint that introduces this process's audit chain and closes any chain an earlier
 //! process of this instance left open.
 //!
-//! Shutdown, in order: [`Application::run_until`] marks health NOT_SERVING, stops accepting
-//! connections when its signal fires and lets in-flight calls finish within the grace
-//! period (each call commits its audit event before it answers); the audit writer is closed,
-//! flushes what is still queued and stops; a last signed checkpoint closes this process's
-//! chain at its final head; then the database pool closes.
+//! Every background task belongs to one of two [`Tasks`] groups (see [`crate::tasks`]):
+//! the vault's (maintenance, sweeps, health, reloads, rewrap jobs, export streams) and the
+//! infrastructure they use until their end (the audit writer, the key-state watcher, the
+//! metrics listener). Nothing is aborted at shutdown.
+//!
+//! Shutdown, in order, when [`Application::run_until`]'s signal fires: the vault's tasks are
+//! cancelled (each stops at its next safe point: a rewrap job before its next batch) and,
+//! once the health monitor has returned, health is NOT_SERVING; no connection is accepted
+//! and in-flight calls finish within the grace period (each call commits its audit event
+//! before it answers); the vault's tasks are waited for, within the same grace period (a
+//! rewrap job records its summary event and its row INTERRUPTED); the audit writer is
+//! closed, flushes what is still queued and stops; a last signed checkpoint closes this
+//! process's chain at its final head; the key-state watcher and the metrics listener stop;
+//! then the database pool closes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -32,6 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tonic::transport::ServerTlsConfig;
 
 use crate::accounts::AccountRules;
@@ -56,6 +66,7 @@ use crate::proto::key_management_server::KeyManagementServer;
 use crate::proto::vault_server::VaultServer;
 use crate::reload::{ConfigSource, PolicyReloader};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
+use crate::tasks::Tasks;
 use crate::telemetry::RequestLayer;
 use crate::tls::TlsError;
 use crate::transport::ConnectionLimits;
@@ -135,6 +146,9 @@ pub struct Application {
     tls: Option<ServerTlsConfig>,
     config: Config,
     vault: Arc<Vault>,
+    /// The tasks every other one needs until its end: the audit writer (`audit_writer`),
+    /// the key-state watcher and the metrics listener. Stopped last.
+    infrastructure: Tasks,
     audit_writer: tokio::task::JoinHandle<()>,
     reloader: Option<Arc<PolicyReloader>>,
     admin_token_path: Option<PathBuf>,
@@ -164,8 +178,13 @@ impl Application {
         let admin_token_path = config.admin.enabled.then(|| config.admin_token_path());
         let retention = crate::retention::Retention::build(&config.retention)?;
         let signer = Arc::new(open_signer(&config)?);
-        let (audit, audit_writer) =
-            AuditLog::start(Arc::clone(&store), clock.now().timestamp_micros()).await?;
+        let infrastructure = Tasks::new();
+        let (audit, audit_writer) = AuditLog::start_in(
+            Arc::clone(&store),
+            clock.now().timestamp_micros(),
+            &infrastructure,
+        )
+        .await?;
         signer.start_chain(audit.chain_id()).await;
         // A refusal or failure here is an alarm (logged, in health and metrics), not a
         // reason to stay down: the database's administrators must not be able to stop the
@@ -198,6 +217,7 @@ impl Application {
             tls,
             config,
             vault,
+            infrastructure,
             audit_writer,
             reloader: None,
             admin_token_path,
@@ -240,54 +260,62 @@ impl Application {
     /// Serves until SIGINT or SIGTERM, reloading the policy on SIGHUP.
     pub async fn run_until_stopped(self) -> Result<(), StartupError> {
         #[cfg(unix)]
-        let hangup = self
-            .reloader
-            .clone()
-            .map(|reloader| tokio::spawn(crate::reload::reload_on_sighup(reloader)));
-        let result = self.run_until(shutdown_signal()).await;
-        #[cfg(unix)]
-        if let Some(hangup) = hangup {
-            hangup.abort();
+        if let Some(reloader) = self.reloader.clone() {
+            let tasks = self.vault.tasks();
+            tasks.spawn(crate::reload::reload_on_sighup(reloader, tasks.token()));
         }
-        result
+        self.run_until(shutdown_signal()).await
     }
 
-    /// Serves until `shutdown` completes, then drains in-flight calls for at most the
-    /// grace period and closes the store.
+    /// Serves until `shutdown` completes, then drains in-flight calls and the background
+    /// tasks for at most the grace period, the audit writer's queue, and closes the store
+    /// (the order is in the module header).
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartupError> {
         let config = self.config;
         let limits = &config.limits;
-        let maintenance = tokio::spawn(audit_maintenance(
+        let jobs = self.vault.tasks().clone();
+        let infrastructure = self.infrastructure;
+        jobs.spawn(audit_maintenance(
             Arc::clone(&self.vault),
             config.audit.clone(),
+            jobs.token(),
         ));
-        let request_ids = tokio::spawn(crate::vault::expire_request_ids_periodically(Arc::clone(
-            &self.vault,
-        )));
-        let abandoned_jobs = tokio::spawn(crate::rewrap::interrupt_abandoned_periodically(
+        jobs.spawn(crate::vault::expire_request_ids_periodically(
             Arc::clone(&self.vault),
+            jobs.token(),
         ));
-        // Destructions by other instances reach this one through it.
-        let key_states = tokio::spawn(crate::keys::manager::watch_key_states(Arc::clone(
-            self.vault.keys(),
-        )));
+        jobs.spawn(crate::rewrap::interrupt_abandoned_periodically(
+            Arc::clone(&self.vault),
+            jobs.token(),
+        ));
+        // Destructions by other instances reach this one through it, until the last call
+        // and job are done.
+        infrastructure.spawn(crate::keys::manager::watch_key_states(
+            Arc::clone(self.vault.keys()),
+            infrastructure.token(),
+        ));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // Not serving until the first probe says otherwise.
         crate::health::set_not_serving(&reporter).await;
-        let monitor = tokio::spawn(crate::health::monitor(
+        let monitor = jobs.spawn(crate::health::monitor(
             reporter.clone(),
             Arc::clone(&self.vault),
             config.health.clone(),
+            jobs.token(),
         ));
-        let metrics = self.metrics_listener.map(|listener| {
+        if let Some(listener) = self.metrics_listener {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "metrics listening");
             }
-            tokio::spawn(crate::metrics::serve(listener, crate::metrics::install()))
-        });
+            infrastructure.spawn(crate::metrics::serve(
+                listener,
+                crate::metrics::install(),
+                infrastructure.clone(),
+            ));
+        }
         // Installed even without a listener, so the hooks always have a recorder.
         crate::metrics::install();
         // Both reflection versions: grpcurl speaks v1, Python's grpcio-reflection and several
@@ -342,21 +370,34 @@ impl Application {
             .add_service(key_service)
             .add_service(admin_service);
 
-        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+        let grace = Duration::from_millis(config.shutdown.grace_period_ms);
+        // When the grace period ends: set once the signal fired.
+        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(None::<Instant>);
+        let stopping = stopping_rx.clone();
         let signal = {
-            let reporter = reporter.clone();
+            let (reporter, jobs) = (reporter.clone(), jobs.clone());
             async move {
                 shutdown.await;
-                tracing::info!("shutting down: no new connections; draining in-flight calls");
-                monitor.abort();
+                let deadline = Instant::now() + grace;
+                tracing::info!(
+                    "shutting down: no new connections; draining in-flight calls; background \
+                     jobs stop at their next safe point"
+                );
+                jobs.cancel();
+                // Once the monitor has returned, no late probe marks the vault SERVING again.
+                let _ = monitor.await;
                 crate::health::set_not_serving(&reporter).await;
-                let _ = stopping_tx.send(true);
+                let _ = stopping_tx.send(Some(deadline));
             }
         };
-        let grace = Duration::from_millis(config.shutdown.grace_period_ms);
         let grace_elapsed = async move {
-            let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-            tokio::time::sleep(grace).await;
+            let deadline = match stopping_rx.wait_for(Option::is_some).await {
+                Ok(deadline) => *deadline,
+                Err(_) => None,
+            };
+            if let Some(deadline) = deadline {
+                tokio::time::sleep_until(deadline).await;
+            }
         };
         tracing::info!(addr = %self.local_addr, tls = config.tls.cert_path.is_some(), "pdvault listening");
         let incoming = crate::transport::Incoming::new(self.listener, connections);
@@ -371,13 +412,16 @@ impl Application {
                 Ok(())
             }
         };
-        if let Some(metrics) = metrics {
-            metrics.abort();
+        // Cancelled with the signal already (here too when serving failed without one). A
+        // job still in a batch at the deadline is left to commit or roll it back whole.
+        let deadline = (*stopping.borrow()).unwrap_or_else(|| Instant::now() + grace);
+        if !jobs.stop(deadline).await {
+            tracing::warn!(
+                running = jobs.len(),
+                "background jobs still running at the end of the grace period; each finishes \
+                 or rolls back its batch on its own"
+            );
         }
-        maintenance.abort();
-        request_ids.abort();
-        abandoned_jobs.abort();
-        key_states.abort();
         // Calls still holding a vault handle now get AUDIT_UNAVAILABLE: nothing leaves
         // unaudited. What is queued is flushed before the writer stops.
         self.vault.audit().close();
@@ -400,6 +444,12 @@ impl Application {
             }
             signer.close();
         }
+        if !infrastructure.stop(Instant::now() + grace).await {
+            tracing::warn!(
+                running = infrastructure.len(),
+                "the key-state watcher or a metrics scrape did not stop within the grace period"
+            );
+        }
         // A call abandoned at the end of the grace period may still hold a connection;
         // closing waits for it no longer than the grace period either.
         if tokio::time::timeout(grace, self.vault.store().close())
@@ -414,11 +464,16 @@ impl Application {
 }
 
 /// Signs checkpoints every `checkpoint_interval_secs` and, about hourly, removes audit
-/// segments past retention. Failures are logged (a refusal raises the signer's alarm) and
-/// retried on the next tick: a missed checkpoint widens the window a cut tail could go
-/// unseen, and shows in health once the newest is older than two intervals, but must not
-/// stop serving.
-async fn audit_maintenance(vault: Arc<Vault>, config: AuditConfig) {
+/// segments past retention, until `stop` is cancelled (a round once begun finishes; the
+/// shutdown checkpoint follows the writer's last flush). Failures are logged (a refusal
+/// raises the signer's alarm) and retried on the next tick: a missed checkpoint widens the
+/// window a cut tail could go unseen, and shows in health once the newest is older than two
+/// intervals, but must not stop serving.
+async fn audit_maintenance(
+    vault: Arc<Vault>,
+    config: AuditConfig,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let (store, keys) = (vault.store(), vault.keys());
     let signer = vault.checkpoint_signer().cloned();
     let interval = std::time::Duration::from_secs(config.checkpoint_interval_secs.max(1));
@@ -430,7 +485,10 @@ async fn audit_maintenance(vault: Arc<Vault>, config: AuditConfig) {
         .unwrap_or(i64::MAX / 86_400_000_000)
         .saturating_mul(86_400_000_000);
     for tick in 1u64.. {
-        ticker.tick().await;
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
         let now = vault.now_micros();
         if let Some(signer) = &signer {
             // The signer logs its own failures and alarms.

@@ -218,6 +218,9 @@ pub struct Vault {
     max_batch_size: std::sync::atomic::AtomicUsize,
     /// Seals and opens export cursors; derived from the keyring, so every instance agrees.
     export_cursors: export::CursorKey,
+    /// The background tasks the vault's use cases start (rewrap jobs, export streams) and
+    /// the application's periodic ones; cancelled first at shutdown (`crate::tasks`).
+    tasks: crate::tasks::Tasks,
 }
 
 impl Vault {
@@ -247,7 +250,13 @@ impl Vault {
             rules: ArcSwap::from_pointee(rules),
             retention: Retention::default(),
             checkpoint_signer: None,
+            tasks: crate::tasks::Tasks::new(),
         }
+    }
+
+    /// The background tasks that stop first at shutdown (see [`crate::tasks`]).
+    pub fn tasks(&self) -> &crate::tasks::Tasks {
+        &self.tasks
     }
 
     /// Sets the signer of this instance's audit checkpoints.

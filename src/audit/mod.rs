@@ -116,6 +116,17 @@ impl AuditLog {
         store: Arc<dyn Store>,
         now_micros: i64,
     ) -> Result<(AuditLog, tokio::task::JoinHandle<()>), StoreError> {
+        AuditLog::start_in(store, now_micros, &crate::tasks::Tasks::new()).await
+    }
+
+    /// As [`AuditLog::start`], the writer a task of `tasks` (the server's infrastructure
+    /// group): it ignores the group's token, since it must outlive every task that audits,
+    /// and stops only once [`AuditLog::close`] was called and the queue is flushed.
+    pub async fn start_in(
+        store: Arc<dyn Store>,
+        now_micros: i64,
+        tasks: &crate::tasks::Tasks,
+    ) -> Result<(AuditLog, tokio::task::JoinHandle<()>), StoreError> {
         let chain_id = new_chain_id();
         store
             .register_chain(&chain_id, now_micros, &genesis(&chain_id))
@@ -123,7 +134,7 @@ impl AuditLog {
         let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
         let stats = Arc::new(BatchStats::default());
         let (closing, closed) = tokio::sync::watch::channel(false);
-        let writer = tokio::spawn(run_writer(store, queue, closed, Arc::clone(&stats)));
+        let writer = tasks.spawn(run_writer(store, queue, closed, Arc::clone(&stats)));
         tracing::info!(chain_id, "audit chain started");
         Ok((
             AuditLog {

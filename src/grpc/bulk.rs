@@ -150,8 +150,11 @@ impl VaultService {
         let (sink, items) = mpsc::channel(EXPORT_BUFFER);
         let vault = self.vault.clone();
         // The export outlives this handler (it streams after the response headers); the
-        // receiver dropping (the client went away) ends it at its next row.
-        tokio::spawn(async move { vault.run_export(&ctx, export, sink).await });
+        // receiver dropping (the client went away, or shutdown closed the connection) ends
+        // it at its next row. A task of the vault's, so shutdown waits for it.
+        self.vault
+            .tasks()
+            .spawn(async move { vault.run_export(&ctx, export, sink).await });
         let stream = ReceiverStream::new(items).map(|item| {
             use proto::export_records_response::Item as Message;
             match item {

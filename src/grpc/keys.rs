@@ -88,7 +88,8 @@ impl KeyManagement for KeyManagementService {
         let batch_size = checked(self.admin.vault(), &ctx, subject, batch_size).await?;
         let (out, stream) = mpsc::channel::<Result<proto::RewrapProgress, Status>>(8);
         let admin = self.admin.clone();
-        tokio::spawn(async move {
+        // A task of the vault's, so shutdown interrupts it between batches and waits for it.
+        self.admin.vault().tasks().spawn(async move {
             let (progress_tx, mut progress_rx) = mpsc::channel::<Progress>(8);
             let job = admin.rewrap(&ctx, batch_size, progress_tx);
             let forward = {
@@ -276,6 +277,10 @@ fn admin_status(error: AdminError) -> Status {
         }
         AdminError::Rewrap(RewrapError::Cancelled) => {
             error_info(Code::Cancelled, "the rewrap job was cancelled", "CANCELLED")
+        }
+        // Retryable: the records say where the next job resumes.
+        AdminError::Rewrap(error @ RewrapError::Interrupted) => {
+            error_info(Code::Unavailable, &error.to_string(), "REWRAP_INCOMPLETE")
         }
     }
 }

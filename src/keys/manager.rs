@@ -819,15 +819,18 @@ fn parse_states(rows: Vec<(u32, String)>) -> Result<BTreeMap<u32, KeyVersionStat
         .collect()
 }
 
-/// Re-reads the key version states every `keys.state_cache_ms` for as long as the vault
-/// runs (the application aborts it at shutdown), so versions destroyed by another instance
+/// Re-reads the key version states every `keys.state_cache_ms` until `stop` is cancelled
+/// (the application does so last at shutdown), so versions destroyed by another instance
 /// lose their material and cached data keys here too, and unwraps seldom wait for a read.
 /// A failed read is logged; unwraps then read the states themselves, and fail closed.
-pub async fn watch_key_states(keys: Arc<KeyManager>) {
+pub async fn watch_key_states(keys: Arc<KeyManager>, stop: tokio_util::sync::CancellationToken) {
     let mut ticker = tokio::time::interval(keys.state_cache().max(Duration::from_millis(100)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
         if let Err(error) = keys.refresh_states().await {
             tracing::warn!(%error, "cannot re-read the key version states");
         }

@@ -660,14 +660,20 @@ impl Vault {
     }
 }
 
-/// Removes expired create request ids about every ten minutes, for as long as the vault
-/// serves (retries use only unexpired ones whether or not this has run). Failures are
-/// logged and retried on the next round.
-pub async fn expire_request_ids_periodically(vault: std::sync::Arc<Vault>) {
+/// Removes expired create request ids about every ten minutes, until `stop` is cancelled
+/// (retries use only unexpired ones whether or not this has run; a round once begun
+/// finishes). Failures are logged and retried on the next round.
+pub async fn expire_request_ids_periodically(
+    vault: std::sync::Arc<Vault>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(600));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
         match vault.expire_request_ids().await {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "expired create request ids"),
