@@ -26,6 +26,18 @@
 //! The provider talks to the module through [`KekModule`], the handful of calls it needs,
 //! so its own logic (formats, IVs, the cache) is tested against a double as well as SoftHSM2.
 //!
+//! # The module's thread
+//!
+//! A module call blocks for as long as the device takes (a network HSM: a round trip), and
+//! calls are serialised. None runs on a tokio worker: the real module lives on its own
+//! thread (`pdvault-pkcs11`, [`ModuleThread`]), which opens the session, makes every call
+//! and closes the session when the provider is dropped. A caller hands its call over and
+//! waits for the answer; on a worker of the multi-threaded runtime it announces the wait
+//! (`tokio::task::block_in_place`), so the runtime moves the worker's other tasks to
+//! another thread meanwhile. `Pkcs11Module::call` asserts in debug builds (the test suite's)
+//! that it runs on that thread, outside any runtime, as the SQLite driver asserts for its
+//! statements.
+//!
 //! # The unwrapped-key cache
 //!
 //! Every unwrap is a round trip into the module, and a module serialises them. To keep
@@ -47,6 +59,7 @@
 //! `keys.provider = "pkcs11"`: an SM4 deployment keeps its KEKs with the local provider
 //! (SM4-KW under an HKDF-SM3-derived KEK). Format-1 wraps of SM4 keys made before still open.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -144,10 +157,11 @@ impl std::fmt::Debug for Pkcs11KekProvider {
 }
 
 impl Pkcs11KekProvider {
-    /// Opens a session on the configured token and logs in with the PIN from its file.
+    /// Opens a session on the configured token and logs in with the PIN from its file, on
+    /// the module's own thread.
     pub fn open(config: &Pkcs11Config) -> Result<Pkcs11KekProvider, KeyError> {
         Ok(Pkcs11KekProvider::with_module(
-            Box::new(Pkcs11Module::open(config)?),
+            Box::new(ModuleThread::open(config)?),
             config.cache_max_entries,
             Duration::from_secs(config.cache_ttl_seconds),
         ))
@@ -275,7 +289,150 @@ impl KekProvider for Pkcs11KekProvider {
     }
 }
 
-/// The module itself, through one logged-in session.
+thread_local! {
+    /// Set on the module threads, and nowhere else.
+    static MODULE_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Asserts (debug builds) that a module call runs on a module thread, outside any tokio
+/// runtime: never on a worker, where it would stall every task queued behind it.
+fn assert_module_thread() {
+    debug_assert!(
+        MODULE_THREAD.with(Cell::get) && tokio::runtime::Handle::try_current().is_err(),
+        "a PKCS#11 call outside the module's thread"
+    );
+}
+
+/// A call handed to the module's thread; it sends its own answer back.
+type ModuleJob = Box<dyn FnOnce(&Pkcs11Module) + Send>;
+
+/// The real module, owned by its own thread: the [`KekModule`] the provider holds. Each
+/// call is handed over with its inputs copied (key material in wiping buffers) and waited
+/// for. The thread ends, closing the session, once the provider drops this handle.
+struct ModuleThread {
+    jobs: crossbeam_channel::Sender<ModuleJob>,
+}
+
+fn module_thread_gone() -> KeyError {
+    KeyError::Hsm("the PKCS#11 module's thread has stopped".into())
+}
+
+/// Waits for the module thread's answer. On a worker of a multi-threaded runtime the wait
+/// is announced, so the runtime hands the worker's other tasks to another thread; elsewhere
+/// (a blocking-pool thread, a plain thread, a single-threaded runtime, which has no other
+/// thread to hand them to) it just waits.
+fn wait_for_module<T>(wait: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    }
+}
+
+impl ModuleThread {
+    /// Starts the thread and opens the module on it.
+    fn open(config: &Pkcs11Config) -> Result<ModuleThread, KeyError> {
+        let config = config.clone();
+        let (jobs, queue) = crossbeam_channel::unbounded::<ModuleJob>();
+        let (opened, open_outcome) = crossbeam_channel::bounded(1);
+        std::thread::Builder::new()
+            .name("pdvault-pkcs11".into())
+            .spawn(move || {
+                MODULE_THREAD.with(|flag| flag.set(true));
+                let module = match Pkcs11Module::open(&config) {
+                    Ok(module) => {
+                        let _ = opened.send(Ok(()));
+                        module
+                    }
+                    Err(error) => {
+                        let _ = opened.send(Err(error));
+                        return;
+                    }
+                };
+                // Until every handle is dropped; the session closes with `module`.
+                for job in queue {
+                    job(&module);
+                }
+            })
+            .map_err(|error| KeyError::Hsm(format!("cannot start the PKCS#11 thread: {error}")))?;
+        wait_for_module(|| open_outcome.recv()).map_err(|_| module_thread_gone())??;
+        Ok(ModuleThread { jobs })
+    }
+
+    /// Runs `call` on the module's thread and returns its answer.
+    fn run<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&Pkcs11Module) -> Result<T, KeyError> + Send + 'static,
+    ) -> Result<T, KeyError> {
+        let (answer, answered) = crossbeam_channel::bounded(1);
+        self.jobs
+            .send(Box::new(move |module: &Pkcs11Module| {
+                let _ = answer.send(call(module));
+            }))
+            .map_err(|_| module_thread_gone())?;
+        wait_for_module(|| answered.recv()).map_err(|_| module_thread_gone())?
+    }
+}
+
+impl KekModule for ModuleThread {
+    fn versions(&self) -> Result<Vec<u32>, KeyError> {
+        self.run(|module| module.versions())
+    }
+
+    fn generate(&self, version: u32) -> Result<(), KeyError> {
+        self.run(move |module| module.generate(version))
+    }
+
+    fn destroy(&self, version: u32) -> Result<(), KeyError> {
+        self.run(move |module| module.destroy(version))
+    }
+
+    fn wraps_with_kw(&self, version: u32) -> Result<bool, KeyError> {
+        self.run(move |module| module.wraps_with_kw(version))
+    }
+
+    fn wrap_kw(&self, version: u32, plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+        // A data key and its context: the copy wipes itself.
+        let plaintext = Zeroizing::new(plaintext.to_vec());
+        self.run(move |module| module.wrap_kw(version, &plaintext))
+    }
+
+    fn unwrap_kw(&self, version: u32, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let wrapped = wrapped.to_vec();
+        self.run(move |module| module.unwrap_kw(version, &wrapped))
+    }
+
+    fn encrypt_gcm(
+        &self,
+        version: u32,
+        iv: &mut [u8; 12],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, KeyError> {
+        let (mut used, aad) = (*iv, aad.to_vec());
+        let plaintext = Zeroizing::new(plaintext.to_vec());
+        let (sealed, used) = self.run(move |module| {
+            let sealed = module.encrypt_gcm(version, &mut used, &aad, &plaintext)?;
+            Ok((sealed, used))
+        })?;
+        *iv = used;
+        Ok(sealed)
+    }
+
+    fn decrypt_gcm(
+        &self,
+        version: u32,
+        iv: &[u8],
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let (iv, aad, ciphertext) = (iv.to_vec(), aad.to_vec(), ciphertext.to_vec());
+        self.run(move |module| module.decrypt_gcm(version, &iv, &aad, &ciphertext))
+    }
+}
+
+/// The module itself, through one logged-in session; lives on its [`ModuleThread`].
 struct Pkcs11Module {
     pkcs11: Pkcs11,
     slot: Slot,
@@ -352,6 +509,7 @@ impl From<Pkcs11Error> for CallError {
 
 impl Pkcs11Module {
     fn open(config: &Pkcs11Config) -> Result<Pkcs11Module, KeyError> {
+        assert_module_thread();
         let pkcs11 = module(&config.module)?;
         let slot = pkcs11
             .get_slots_with_token()
@@ -405,6 +563,7 @@ impl Pkcs11Module {
         version: u32,
         call: impl Fn(&Session) -> Result<T, CallError>,
     ) -> Result<T, KeyError> {
+        assert_module_thread();
         static MODULE_LOCK: Mutex<()> = Mutex::new(());
         let _module = MODULE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let mut slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
@@ -757,6 +916,15 @@ impl KeyCache {
 mod tests {
     use super::*;
     use aes_gcm::aead::{Aead, KeyInit, Payload};
+
+    /// The assertion the SoftHSM2 tests run through on every module call is live: off the
+    /// module's thread (here, the test's own) it fails.
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "a PKCS#11 call outside the module's thread")]
+    fn a_module_call_off_its_thread_fails_in_debug_builds() {
+        assert_module_thread();
+    }
 
     #[test]
     fn only_refused_input_counts_as_an_integrity_failure() {
