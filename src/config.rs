@@ -512,7 +512,7 @@ pub const MIN_AUDIT_RETENTION_DAYS: u64 = 180;
 impl Config {
     /// Refuses settings whose value cannot be right: zero where the setting cannot be off,
     /// and an audit retention that would destroy the trail. Every command checks it after
-    /// loading, and [`crate::startup::Application::build`] before anything is opened.
+    /// loading, and [`crate::app::Application::build`] before anything is opened.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let refuse =
             |key: &str, reason: &str| Err(ConfigError::Invalid(format!("{key}: {reason}")));

@@ -37,11 +37,11 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{AuditPublicKey, AuditSigningKey};
 use crate::store::{Micros, Store, StoreError};
 
-use super::chain::{
+use super::witness::{CheckpointSink, WitnessLine};
+use crate::domain::audit_chain::{
     ChainHead, ChainVerifier, Checkpoint, CheckpointLink, ExpiryMarker, Hash, Problem,
     checkpoint_genesis, genesis, marker_message,
 };
-use super::witness::{CheckpointSink, WitnessLine};
 
 /// Events read per round trip while checking what a chain appended.
 const WALK_PAGE: u32 = 2000;
@@ -150,7 +150,7 @@ struct SignerState {
 #[serde(deny_unknown_fields)]
 struct VouchedChain {
     seq: i64,
-    #[serde(with = "super::chain::hex_bytes")]
+    #[serde(with = "crate::domain::audit_chain::hex_bytes")]
     hash: Vec<u8>,
     /// Signed as final: its head may not move again.
     #[serde(default)]
@@ -299,7 +299,7 @@ impl CheckpointSigner {
             Ok(checkpoint) => {
                 status.last_checkpoint = Some(Instant::now());
                 status.alarm = None;
-                crate::metrics::record_checkpoint_signed(&self.signer);
+                crate::telemetry::metrics::record_checkpoint_signed(&self.signer);
                 tracing::debug!(
                     signer = self.signer,
                     counter = checkpoint.link.as_ref().map_or(0, |l| l.counter),
@@ -309,7 +309,10 @@ impl CheckpointSigner {
             }
             Err(CheckpointError::Refused(refusal)) => {
                 status.alarm = Some(refusal.to_string());
-                crate::metrics::record_checkpoint_refused(&self.signer, refusal.reason());
+                crate::telemetry::metrics::record_checkpoint_refused(
+                    &self.signer,
+                    refusal.reason(),
+                );
                 tracing::error!(
                     signer = self.signer,
                     reason = refusal.reason(),
@@ -523,7 +526,7 @@ impl CheckpointSigner {
         match outcome {
             Ok(()) => status.witness_failure = None,
             Err(error) => {
-                crate::metrics::record_witness_failure(&self.signer);
+                crate::telemetry::metrics::record_witness_failure(&self.signer);
                 tracing::error!(
                     signer = self.signer,
                     sink = %self.sink,

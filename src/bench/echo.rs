@@ -221,6 +221,6 @@ pub async fn bind(
     // Built exactly as `startup::Application::run_until` builds the vault's server.
     let serve = tonic::transport::Server::builder()
         .add_service(VaultServer::new(EchoVault))
-        .serve_with_incoming_shutdown(crate::startup::incoming(listener), shutdown);
+        .serve_with_incoming_shutdown(crate::app::incoming(listener), shutdown);
     Ok((addr, serve))
 }

@@ -34,11 +34,11 @@ pub use echo::EchoVault;
 pub use identities::IdentityGenerator;
 pub use report::{PhaseReport, Report, RpcReport, Stats};
 
+use crate::app::{Application, generate_token};
 use crate::config::{Config, FlagOverrides};
 use crate::policy::{CallerConfig, token_sha256_hex};
 use crate::proto;
 use crate::proto::vault_client::VaultClient;
-use crate::startup::{Application, generate_token};
 
 /// The purpose reads are made for by default: it releases every field in plain.
 pub const DEFAULT_PURPOSE: &str = "service-delivery";

@@ -18,11 +18,11 @@ use std::sync::Arc;
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
+use crate::app::reload::ConfigSource;
+use crate::app::{Application, generate_token, open_store};
 use crate::config::{Config, FlagOverrides};
 use crate::keys::Keyring;
 use crate::policy::token_sha256_hex;
-use crate::reload::ConfigSource;
-use crate::startup::{Application, generate_token, open_store};
 use crate::store::Store;
 
 pub mod accounts;
@@ -293,7 +293,7 @@ async fn serve(args: ConfigArgs) -> Result<(), String> {
 async fn migrate(args: ConfigArgs) -> Result<(), String> {
     let config = args.load()?;
     crate::telemetry::init(&config.log);
-    crate::startup::create_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
+    crate::app::create_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
     let store = open_store(&config).await.map_err(|e| e.to_string())?;
     store.migrate().await.map_err(|e| e.to_string())?;
     println!("migrations applied");
@@ -331,7 +331,7 @@ async fn audit_verify(args: VerifyArgs) -> Result<(), String> {
             .audit_signing()
             .public_key(),
     };
-    let store = crate::startup::open_store_read_only(&config)
+    let store = crate::app::open_store_read_only(&config)
         .await
         .map_err(|e| format!("cannot verify: {e}"))?;
     let witness_file = args.checkpoints.clone().or_else(|| {
@@ -393,7 +393,7 @@ async fn audit_verify(args: VerifyArgs) -> Result<(), String> {
 async fn audit_checkpoint(args: ConfigArgs) -> Result<(), String> {
     let config = args.load()?;
     // Locks the signer state first: while the vault runs, it is the one that signs.
-    let signer = crate::startup::open_signer(&config).map_err(|e| e.to_string())?;
+    let signer = crate::app::open_signer(&config).map_err(|e| e.to_string())?;
     let (store, keys) = open_existing(&args).await?;
     let now = chrono::Utc::now().timestamp_micros();
     let checkpoint = signer

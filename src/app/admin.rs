@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use tonic::{Code, Request, Response, Status};
 
-use super::{call_context, error_info, to_status};
+use crate::app::reload::{PolicyReloader, ReloadError};
+use crate::grpc::{call_context, error_info, to_status};
 use crate::policy::Rpc;
 use crate::proto;
-use crate::reload::{PolicyReloader, ReloadError};
 use crate::vault::{AuditSubject, Vault, VaultError};
 
 pub struct AdminService {

@@ -3,10 +3,10 @@
 //! audit events); the use cases live beside it by aggregate: records (`records.rs`: create,
 //! read for a purpose, update, delete, find), the audit trail (`trail.rs`), record keys and
 //! retention (`lifecycle.rs`), and account state (suspension, minors, consent) in
-//! `crate::accounts`. `decisions.rs` audits every refusal.
+//! `crate::vault::accounts`. `decisions.rs` audits every refusal.
 //!
 //! Order of operations on a read is the heart of the design: the request's strings are
-//! checked (`crate::edge`), grants are checked, then the record is opened, the release
+//! checked (`crate::domain::edge`), grants are checked, then the record is opened, the release
 //! computed, the audit event durably committed, and only then is anything returned. If the
 //! audit write fails, nothing is released ([`VaultError::AuditUnavailable`]). Every refusal
 //! is audited too, with checked values only (see `decisions.rs`).
@@ -20,20 +20,24 @@ use arc_swap::ArcSwap;
 use chrono::{DateTime, NaiveDate, Utc};
 use zeroize::Zeroizing;
 
-use crate::accounts::AccountRules;
 use crate::audit::{AuditEvent, AuditLog, CheckpointSigner};
 use crate::crypto::{CryptoError, EtagKey};
 use crate::domain::{FieldName, IdType, Violation};
 use crate::keys::{KeyError, KeyManager};
+use crate::policy::retention::Retention;
 use crate::policy::{Caller, Grant, Policy, ReleaseLevel, Rpc};
-use crate::retention::Retention;
 use crate::store::{Micros, Store, StoreError};
+use crate::vault::accounts::AccountRules;
 
+pub mod accounts;
 mod batch;
 mod decisions;
 mod export;
+pub mod key_admin;
 mod lifecycle;
 mod records;
+pub mod reindex;
+pub mod rewrap;
 mod trail;
 
 pub use batch::CreateItem;

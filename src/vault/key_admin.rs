@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::keys::{KeyError, KeyKind, KeyStatus, KeyVersionInfo, RotateOutcome};
 use crate::policy::Grant;
-use crate::rewrap::{self, Progress, RewrapError};
+use crate::vault::rewrap::{self, Progress, RewrapError};
 use crate::vault::{AuditSubject, CallContext, Vault, VaultError};
 
 #[derive(Debug, thiserror::Error)]

@@ -46,7 +46,7 @@ impl Permits {
     /// A slot, held until the permit is dropped, or the load-shedding refusal.
     pub fn try_take(&self) -> Result<OwnedSemaphorePermit, Status> {
         Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
-            crate::metrics::record_denial("OVERLOADED");
+            crate::telemetry::metrics::record_denial("OVERLOADED");
             with_reason(
                 tonic::Code::Unavailable,
                 "server is at its concurrency limit; retry with backoff",
@@ -83,7 +83,7 @@ impl CallerInFlight {
         let count = held.entry(caller.to_owned()).or_insert(0);
         if self.max != 0 && *count >= self.max {
             drop(held);
-            crate::metrics::record_denial("RATE_LIMITED");
+            crate::telemetry::metrics::record_denial("RATE_LIMITED");
             return Err(with_reason(
                 tonic::Code::ResourceExhausted,
                 "too many calls in flight from this caller or address; retry later",
