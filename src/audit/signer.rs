@@ -35,7 +35,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{AuditPublicKey, AuditSigningKey};
+// Declared with the metrics that report it, which sit below audit (audit records its
+// batches and checkpoints through them).
 use crate::store::{Micros, Store, StoreError};
+pub use crate::telemetry::metrics::SignerHealth;
 
 use super::witness::{CheckpointSink, WitnessLine};
 use crate::domain::audit_chain::{
@@ -166,26 +169,6 @@ struct Signing {
     /// The chain this process appends to, if it appends at all (`pdvault audit checkpoint`
     /// does not).
     current: Option<String>,
-}
-
-/// What health and metrics report about the signer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignerHealth {
-    pub signer: String,
-    /// Since the newest checkpoint this instance signed (or since it started, before one).
-    pub age: Duration,
-    /// Older than twice the checkpoint interval.
-    pub stale: bool,
-    /// The refusal that stopped signing, until a checkpoint succeeds again.
-    pub alarm: Option<String>,
-    /// Why the last append to the witness sink failed, until one succeeds again.
-    pub witness_failure: Option<String>,
-}
-
-impl SignerHealth {
-    pub fn ok(&self) -> bool {
-        !self.stale && self.alarm.is_none() && self.witness_failure.is_none()
-    }
 }
 
 #[derive(Default)]
