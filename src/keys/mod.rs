@@ -34,7 +34,7 @@
 //! material is always in the keyring file, whatever holds the KEKs: lookups MAC in memory.
 //! A record names the index version its blind indexes were computed with; lookups compute
 //! the candidate index under every live version, the rewrap job moves records to the active
-//! one (`crate::vault::reindex`), and a version nothing uses any more can be retired and destroyed
+//! one (`vault/reindex.rs`), and a version nothing uses any more can be retired and destroyed
 //! like a KEK version. Keyring files written before index keys had versions (a single
 //! `blind_index_key` and `pseudonym_key`) read as index version 1, and are rewritten in the
 //! versioned form on their first edit.

@@ -15,7 +15,7 @@
 //! it is versioned with the index keys rather than being one more key to keep forever. A
 //! record's age gate is sealed under the state key of the record's `index_version`, the
 //! same version its blind indexes were computed with: a write seals it under the active
-//! index version, and the re-index pass of the rewrap job (`crate::vault::reindex`) opens it under
+//! index version, and the re-index pass of the rewrap job (`reindex.rs`) opens it under
 //! the old version and re-seals it under the new one in the same compare-and-swap that
 //! replaces the indexes. Reading it takes the state key of the version the row names, so a
 //! minor stays a minor before, during and after a re-index, and an index version can be

@@ -1,7 +1,7 @@
 //! Re-indexing one record under a new index version: the part of the rewrap job that
 //! decrypts, and therefore runs inside the vault only.
 //!
-//! It owns the per-record computation the re-index pass of [`crate::vault::rewrap`] applies to
+//! It owns the per-record computation the re-index pass of the rewrap job (`rewrap.rs`) applies to
 //! each record still under an older index version: unwrap the record's data key, open the
 //! fields blind indexes are computed from (`id_type`, `id_number`, `phone`), MAC them under
 //! the target version's blind-index key, and move the age gate from the old version's state
