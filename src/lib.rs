@@ -3,7 +3,6 @@
 
 pub mod app;
 pub mod audit;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod crypto;
