@@ -1,4 +1,8 @@
 //! `pdvault.v1.Admin`: operator calls, authenticated and granted like every other RPC.
+//!
+//! The one gRPC service outside `grpc/`: its call drives the application's reload
+//! (`reload.rs`), and `grpc/` sits below `app`. It authenticates, grants and audits through
+//! the gRPC layer's own functions, as the services there do.
 
 use std::sync::Arc;
 

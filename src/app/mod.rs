@@ -1,4 +1,14 @@
-//! Builds a running vault from configuration: validates it, creates the data directory
+//! The application: the server plumbing around the vault, and the top of the module graph
+//! (nothing below imports `app`). This file is [`Application`]; beside it:
+//!
+//! - `transport.rs`: accepted connections (per-address and idle limits, keepalive).
+//! - `health.rs`: `grpc.health.v1`, driven by database and key-provider probes.
+//! - `reload.rs`: live policy reload (SIGHUP and `Admin.ReloadPolicy`).
+//! - `admin.rs`: the `Admin` gRPC service. It sits here, not in `grpc/`, because what it
+//!   does is operate the application (reload); `grpc/` holds the vault's own services and
+//!   never imports `app`.
+//!
+//! [`Application`] builds a running vault from configuration: validates it, creates the data directory
 //! private (or refuses an existing one open to group or others), opens the store and
 //! applies migrations, loads the keyring, creates the initial administrator credential on
 //! first start (only here: a reload never does), builds the policy, checks transport

@@ -3,9 +3,10 @@
 //! peer address for calls that prove no identity.
 //!
 //! The deadline is a tower layer around every gRPC service; the caps and rates are applied
-//! by the admission layer (`admission.rs`), which authenticates a call before it
-//! may take a slot. Both read them from [`LiveLimits`], which a policy reload replaces. Each answers with a proper gRPC status itself (`DEADLINE_EXCEEDED`,
-//! `UNAVAILABLE`, `RESOURCE_EXHAUSTED`) so clients can tell "retry later" from a bug.
+//! by the admission layer (`admission.rs`), which authenticates a call before it may take a
+//! slot. Both read them from [`LiveLimits`], which a policy reload replaces. Each answers
+//! with a proper gRPC status itself (`DEADLINE_EXCEEDED`, `UNAVAILABLE`,
+//! `RESOURCE_EXHAUSTED`) so clients can tell "retry later" from a bug.
 //! Shedding refuses at once instead of queueing: a queue in front of a saturated database
 //! only turns overload into timeouts for everyone. Caller buckets are keyed on names from
 //! configuration and peer buckets are pruned, so their memory stays bounded.

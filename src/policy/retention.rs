@@ -4,6 +4,9 @@
 //! A deadline is fixed when the record is created and stored with it (`retain_until`), so a
 //! later configuration change does not silently shorten or extend what was promised for
 //! records already held. `pdvault purge` crypto-shreds records past their deadline.
+//!
+//! The `retention` configuration section ([`RetentionConfig`]) is declared here, beside the
+//! rules it configures, and re-exported by `config`, which sits above `policy`.
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -1,5 +1,8 @@
 //! Logging setup, and the per-call layer that gives every gRPC call a request id, a span,
-//! a completion log line and its request metrics.
+//! a completion log line and its request metrics; the metrics themselves in `metrics.rs`.
+//!
+//! Low in the module graph (it needs only `config` and `domain::edge`), so that every layer
+//! that counts something (audit, vault, grpc, app) can reach the metric hooks.
 //!
 //! Logs carry caller names, record ids, purposes, reasons and request ids: never identity
 //! values, which no code path formats into a log line (identity types redact their `Debug`),
