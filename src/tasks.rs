@@ -8,7 +8,7 @@
 //! within the grace period. A task that has not returned by then is left to finish on its
 //! own (a batch commits or rolls back whole); shutdown logs it and goes on.
 //!
-//! The application has two groups, stopped in this order (`startup::Application::run_until`,
+//! The application has two groups, stopped in this order (`app::Application::run_until`,
 //! ARCHITECTURE.md "Shutdown"):
 //!
 //! 1. the vault's ([`crate::vault::Vault::tasks`]): the audit maintenance (checkpoints and

@@ -1,4 +1,14 @@
-//! Builds a running vault from configuration: validates it, creates the data directory
+//! The application: the server plumbing around the vault, and the top of the module graph
+//! (nothing below imports `app`). This file is [`Application`]; beside it:
+//!
+//! - `transport.rs`: accepted connections (per-address and idle limits, keepalive).
+//! - `health.rs`: `grpc.health.v1`, driven by database and key-provider probes.
+//! - `reload.rs`: live policy reload (SIGHUP and `Admin.ReloadPolicy`).
+//! - `admin.rs`: the `Admin` gRPC service. It sits here, not in `grpc/`, because what it
+//!   does is operate the application (reload); `grpc/` holds the vault's own services and
+//!   never imports `app`.
+//!
+//! [`Application`] builds a running vault from configuration: validates it, creates the data directory
 //! private (or refuses an existing one open to group or others), opens the store and
 //! applies migrations, loads the keyring, creates the initial administrator credential on
 //! first start (only here: a reload never does), builds the policy, checks transport
@@ -11,7 +21,7 @@
 //! reflection v1 and v1alpha) behind the same layers: request ids and metrics outermost, then
 //! admission (authentication, rates, the request read under a deadline, the concurrency
 //! cap; see [`crate::grpc::admission`]), then the timeout. Connections come from
-//! [`crate::transport::Incoming`] (per-peer limit, idle limit, TCP keepalive, back-off when
+//! [`crate::app::transport::Incoming`] (per-peer limit, idle limit, TCP keepalive, back-off when
 //! descriptors run out); each advertises `limits.max_streams_per_connection` and is pinged
 //! over HTTP/2 so a dead peer's connection is closed.
 //!
@@ -34,6 +44,11 @@
 //! process's chain at its final head; the key-state watcher and the metrics listener stop;
 //! then the database pool closes.
 
+pub mod admin;
+pub mod health;
+pub mod reload;
+pub mod transport;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,32 +59,32 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tonic::transport::ServerTlsConfig;
 
-use crate::accounts::AccountRules;
+use crate::app::admin::AdminService;
+use crate::app::reload::{ConfigSource, PolicyReloader};
+use crate::app::transport::ConnectionLimits;
 use crate::audit::{AuditLog, CheckpointError, CheckpointSigner, CheckpointSink};
 use crate::config::{AuditConfig, Config};
 use crate::crypto::Suite;
-use crate::grpc::admin::AdminService;
 use crate::grpc::admission::AdmissionLayer;
 use crate::grpc::keys::KeyManagementService;
+use crate::grpc::limits::LiveLimits;
+use crate::grpc::tls::TlsError;
 use crate::grpc::{AccountSecurityService, AuditService, VaultService};
-use crate::hsm::Pkcs11KekProvider;
-use crate::key_admin::KeyAdmin;
+use crate::keys::pkcs11::Pkcs11KekProvider;
 use crate::keys::{
     KekProvider, KeyError, KeyManager, Keyring, KeyringError, LocalKekProvider, write_private_file,
 };
-use crate::limits::LiveLimits;
 use crate::policy::{CallerConfig, Grant, Policy, PolicyError, Rpc, token_sha256_hex};
 use crate::proto::account_security_server::AccountSecurityServer;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::audit_server::AuditServer;
 use crate::proto::key_management_server::KeyManagementServer;
 use crate::proto::vault_server::VaultServer;
-use crate::reload::{ConfigSource, PolicyReloader};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
 use crate::tasks::Tasks;
 use crate::telemetry::RequestLayer;
-use crate::tls::TlsError;
-use crate::transport::ConnectionLimits;
+use crate::vault::accounts::AccountRules;
+use crate::vault::key_admin::KeyAdmin;
 use crate::vault::{Clock, SystemClock, Vault};
 
 /// The caller name of the credential created on first start.
@@ -100,7 +115,7 @@ pub enum StartupError {
     #[error("keys: {0}")]
     Keys(#[from] KeyError),
     #[error("{0}")]
-    Retention(#[from] crate::retention::RetentionError),
+    Retention(#[from] crate::policy::retention::RetentionError),
     #[error("audit checkpoints: {0}")]
     Checkpoints(#[from] CheckpointError),
     #[error("audit.checkpoint_sink: empty (use stdout or the path of a file)")]
@@ -167,8 +182,8 @@ impl Application {
         clock: Arc<dyn Clock>,
     ) -> Result<Application, StartupError> {
         config.validate()?;
-        crate::tls::check_listen(config.listen, &config.tls)?;
-        let tls = crate::tls::server_tls_config(&config.tls)?;
+        crate::grpc::tls::check_listen(config.listen, &config.tls)?;
+        let tls = crate::grpc::tls::server_tls_config(&config.tls)?;
         create_private_dir(&config.data_dir)?;
         let store = open_store(&config).await?;
         store.migrate().await?;
@@ -176,7 +191,7 @@ impl Application {
         let policy = build_policy(&config, AdminToken::CreateIfMissing)?;
         let rules = AccountRules::from_config(&config)?;
         let admin_token_path = config.admin.enabled.then(|| config.admin_token_path());
-        let retention = crate::retention::Retention::build(&config.retention)?;
+        let retention = crate::policy::retention::Retention::build(&config.retention)?;
         let signer = Arc::new(open_signer(&config)?);
         let infrastructure = Tasks::new();
         let (audit, audit_writer) = AuditLog::start_in(
@@ -262,7 +277,10 @@ impl Application {
         #[cfg(unix)]
         if let Some(reloader) = self.reloader.clone() {
             let tasks = self.vault.tasks();
-            tasks.spawn(crate::reload::reload_on_sighup(reloader, tasks.token()));
+            tasks.spawn(crate::app::reload::reload_on_sighup(
+                reloader,
+                tasks.token(),
+            ));
         }
         self.run_until(shutdown_signal()).await
     }
@@ -287,7 +305,7 @@ impl Application {
             Arc::clone(&self.vault),
             jobs.token(),
         ));
-        jobs.spawn(crate::rewrap::interrupt_abandoned_periodically(
+        jobs.spawn(crate::vault::rewrap::interrupt_abandoned_periodically(
             Arc::clone(&self.vault),
             jobs.token(),
         ));
@@ -299,8 +317,8 @@ impl Application {
         ));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // Not serving until the first probe says otherwise.
-        crate::health::set_not_serving(&reporter).await;
-        let monitor = jobs.spawn(crate::health::monitor(
+        crate::app::health::set_not_serving(&reporter).await;
+        let monitor = jobs.spawn(crate::app::health::monitor(
             reporter.clone(),
             Arc::clone(&self.vault),
             config.health.clone(),
@@ -310,14 +328,14 @@ impl Application {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "metrics listening");
             }
-            infrastructure.spawn(crate::metrics::serve(
+            infrastructure.spawn(crate::telemetry::metrics::serve(
                 listener,
-                crate::metrics::install(),
+                crate::telemetry::metrics::install(),
                 infrastructure.clone(),
             ));
         }
         // Installed even without a listener, so the hooks always have a recorder.
-        crate::metrics::install();
+        crate::telemetry::metrics::install();
         // Both reflection versions: grpcurl speaks v1, Python's grpcio-reflection and several
         // GUI clients only v1alpha.
         let reflection = || {
@@ -386,7 +404,7 @@ impl Application {
                 jobs.cancel();
                 // Once the monitor has returned, no late probe marks the vault SERVING again.
                 let _ = monitor.await;
-                crate::health::set_not_serving(&reporter).await;
+                crate::app::health::set_not_serving(&reporter).await;
                 let _ = stopping_tx.send(Some(deadline));
             }
         };
@@ -400,7 +418,7 @@ impl Application {
             }
         };
         tracing::info!(addr = %self.local_addr, tls = config.tls.cert_path.is_some(), "pdvault listening");
-        let incoming = crate::transport::Incoming::new(self.listener, connections);
+        let incoming = crate::app::transport::Incoming::new(self.listener, connections);
         let served = router.serve_with_incoming_shutdown(incoming, signal);
         let result = tokio::select! {
             result = served => result.map_err(StartupError::from),
