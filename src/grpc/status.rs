@@ -600,7 +600,7 @@ mod tests {
             (
                 KeyError::WrongState {
                     version: 2,
-                    state: "RETIRED".into(),
+                    state: "retired".into(),
                     wanted: "ACTIVE",
                 },
                 C::FailedPrecondition,
