@@ -7,9 +7,9 @@ use tonic::{Request, Response, Status};
 
 use super::status::to_status;
 use super::{call_context, checked, encode_page_token, paging, timestamp, violation};
-use crate::accounts::{AccountAction, AccountHistoryEntry, SuspensionReason};
 use crate::domain::Violation;
 use crate::proto;
+use crate::vault::accounts::{AccountAction, AccountHistoryEntry, SuspensionReason};
 use crate::vault::{AuditSubject, Vault};
 
 #[derive(Clone)]

@@ -47,7 +47,7 @@ use tower::{Layer, Service};
 
 use super::status::RequestError;
 use crate::config::LimitsConfig;
-use crate::limits::{CallLimits, LimitError, LiveLimits};
+use crate::grpc::limits::{CallLimits, LimitError, LiveLimits};
 use crate::vault::Vault;
 
 /// The 5-byte prefix of every gRPC message: compressed flag and big-endian length.
@@ -152,7 +152,7 @@ where
             return Box::pin(inner.call(request));
         }
         if !is_grpc(request.headers()) {
-            crate::metrics::record_denial("UNSUPPORTED_MEDIA_TYPE");
+            crate::telemetry::metrics::record_denial("UNSUPPORTED_MEDIA_TYPE");
             return Box::pin(async { Ok(unsupported_media_type()) });
         }
         Box::pin(async move {
@@ -184,12 +184,12 @@ enum Admitted {
     Service(
         http::Request<Body>,
         tokio::sync::OwnedSemaphorePermit,
-        crate::limits::CallerSlot,
+        crate::grpc::limits::CallerSlot,
     ),
     Unauthenticated(
         http::Request<Body>,
         tokio::sync::OwnedSemaphorePermit,
-        Option<crate::limits::CallerSlot>,
+        Option<crate::grpc::limits::CallerSlot>,
     ),
 }
 
@@ -209,7 +209,7 @@ impl Shared {
                 Some(ip) => Some(
                     limits
                         .unauthenticated_per_peer
-                        .try_take(&crate::limits::peer_key(ip).to_string())?,
+                        .try_take(&crate::grpc::limits::peer_key(ip).to_string())?,
                 ),
                 None => None,
             };

@@ -13,12 +13,12 @@ use tonic::{Request, Response, Status};
 use crate::domain::Violation;
 use crate::grpc::status::to_status;
 use crate::grpc::{call_context, checked, timestamp};
-use crate::key_admin::KeyAdmin;
 use crate::keys::{KeyKind, KeyVersionInfo, KeyVersionState};
 use crate::proto;
 use crate::proto::key_management_server::KeyManagement;
-use crate::rewrap::{MAX_BATCH_SIZE, Progress};
 use crate::vault::AuditSubject;
+use crate::vault::key_admin::KeyAdmin;
+use crate::vault::rewrap::{MAX_BATCH_SIZE, Progress};
 
 /// `pdvault.v1.KeyManagement`.
 #[derive(Clone)]

@@ -1,8 +1,9 @@
 //! The one place errors become a `tonic::Status`.
 //!
 //! Every layer fails with its own typed error ([`VaultError`], [`KeyError`], [`AdminError`],
-//! [`ReloadError`], [`LimitError`], and this layer's own [`RequestError`]); each becomes a
-//! status here and nowhere else, so the codes and reasons clients see are written down once.
+//! [`RewrapError`], [`LimitError`], this layer's own [`RequestError`], and the application's
+//! refused reload through [`policy_invalid`]); each becomes a status here and nowhere else,
+//! so the codes and reasons clients see are written down once.
 //! A status carries a message naming fields, versions and reasons, never a value the caller
 //! sent, and the richer error model's details: a `google.rpc.ErrorInfo` in domain `pdvault`
 //! whose reason clients switch on (with metadata where a number helps the caller: a size
@@ -21,12 +22,11 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use crate::key_admin::AdminError;
+use super::limits::LimitError;
 use crate::keys::KeyError;
-use crate::limits::LimitError;
-use crate::reload::ReloadError;
-use crate::rewrap::RewrapError;
 use crate::vault::VaultError;
+use crate::vault::key_admin::AdminError;
+use crate::vault::rewrap::RewrapError;
 
 /// ErrorInfo domain for every error this service raises.
 pub const ERROR_DOMAIN: &str = "pdvault";
@@ -76,7 +76,7 @@ impl From<RequestError> for Status {
             E::Unauthenticated => (Code::Unauthenticated, "UNAUTHENTICATED"),
             E::ReadTimeout => (Code::DeadlineExceeded, "REQUEST_READ_TIMEOUT"),
             E::TooLarge { max } => {
-                crate::metrics::record_denial("MESSAGE_TOO_LARGE");
+                crate::telemetry::metrics::record_denial("MESSAGE_TOO_LARGE");
                 return error_info_with(
                     Code::OutOfRange,
                     &error.to_string(),
@@ -94,7 +94,7 @@ impl From<RequestError> for Status {
             }
             E::Limit(limit) => return Status::from(*limit),
         };
-        crate::metrics::record_denial(reason);
+        crate::telemetry::metrics::record_denial(reason);
         error_info(code, &error.to_string(), reason)
     }
 }
@@ -122,7 +122,7 @@ impl From<LimitError> for Status {
                 );
             }
         };
-        crate::metrics::record_denial(reason);
+        crate::telemetry::metrics::record_denial(reason);
         error_info(code, &error.to_string(), reason)
     }
 }
@@ -176,7 +176,7 @@ pub fn to_status(error: VaultError) -> Status {
         E::Key(cause) => return key_status(cause),
     };
     if matches!(code, Code::PermissionDenied | Code::FailedPrecondition) {
-        crate::metrics::record_denial(reason);
+        crate::telemetry::metrics::record_denial(reason);
     }
     error_info(code, &error.to_string(), reason)
 }
@@ -206,7 +206,7 @@ pub fn key_status(error: &KeyError) -> Status {
             version(v),
         ),
         KeyError::Destroyed { version: v } => {
-            crate::metrics::record_denial("KEY_VERSION_DESTROYED");
+            crate::telemetry::metrics::record_denial("KEY_VERSION_DESTROYED");
             error_info_with(
                 Code::FailedPrecondition,
                 &message,
@@ -277,16 +277,15 @@ impl From<RewrapError> for Status {
     }
 }
 
-/// Configuration errors name keys and sources, never identity values, so they are safe to
-/// return to an administrator.
-impl From<ReloadError> for Status {
-    fn from(error: ReloadError) -> Status {
-        error_info(
-            Code::FailedPrecondition,
-            &format!("configuration refused: {error}"),
-            "POLICY_INVALID",
-        )
-    }
+/// A reload refused (`app::reload`'s `ReloadError`, taken as any error because `grpc` sits
+/// below `app`). Configuration errors name keys and sources, never identity values, so they
+/// are safe to return to an administrator.
+pub fn policy_invalid(error: &dyn std::error::Error) -> Status {
+    error_info(
+        Code::FailedPrecondition,
+        &format!("configuration refused: {error}"),
+        "POLICY_INVALID",
+    )
 }
 
 /// `UNAVAILABLE` / `STORAGE_UNAVAILABLE`: the cause is logged, never returned.
@@ -824,15 +823,15 @@ mod tests {
 
     #[test]
     fn a_refused_reload_is_policy_invalid_and_names_the_key() {
-        let status = Status::from(ReloadError::Fixed {
-            key: "database.url".into(),
-        });
+        let error = crate::config::ConfigError::Invalid("callers[1].purposes: unknown".into());
+        let status = policy_invalid(&error);
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert_eq!(reason_of(&status), "POLICY_INVALID");
         assert!(
             status
                 .message()
-                .starts_with("configuration refused: database.url:")
+                .starts_with("configuration refused: invalid configuration: callers[1].purposes:"),
+            "{status:?}"
         );
     }
 }

@@ -53,7 +53,7 @@ impl KeyKind {
     }
 }
 
-/// What the PKCS#11 provider ([`crate::hsm`]) fails with, besides a KEK the module does not
+/// What the PKCS#11 provider (`pkcs11.rs`) fails with, besides a KEK the module does not
 /// hold ([`KeyError::MaterialMissing`]) and a refused unwrap ([`CryptoError::Integrity`]).
 /// Defined here, beside [`KeyError`], so that `keys` need not import the provider.
 #[derive(Debug, thiserror::Error)]

@@ -3,11 +3,10 @@
 //! peer address for calls that prove no identity.
 //!
 //! The deadline is a tower layer around every gRPC service; the caps and rates are applied
-//! by the admission layer ([`crate::grpc::admission`]), which authenticates a call before it
-//! may take a slot. Both read them from [`LiveLimits`], which a policy reload replaces. Each
-//! refusal is a [`LimitError`], answered with its own gRPC status (`DEADLINE_EXCEEDED`,
-//! `UNAVAILABLE`, `RESOURCE_EXHAUSTED`, made in [`crate::grpc::status`]) so clients can tell
-//! "retry later" from a bug.
+//! by the admission layer (`admission.rs`), which authenticates a call before it may take a
+//! slot. Both read them from [`LiveLimits`], which a policy reload replaces. Each refusal is
+//! a [`LimitError`], answered with its own gRPC status (`DEADLINE_EXCEEDED`, `UNAVAILABLE`,
+//! `RESOURCE_EXHAUSTED`, made in `status.rs`) so clients can tell "retry later" from a bug.
 //! Shedding refuses at once instead of queueing: a queue in front of a saturated database
 //! only turns overload into timeouts for everyone. Caller buckets are keyed on names from
 //! configuration and peer buckets are pruned, so their memory stays bounded.
@@ -33,7 +32,7 @@ use crate::config::LimitsConfig;
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 /// What the limits refuse a call for. Each becomes its gRPC status (code and ErrorInfo
-/// reason: `OVERLOADED`, `RATE_LIMITED`, `REQUEST_TIMEOUT`) in [`crate::grpc::status`].
+/// reason: `OVERLOADED`, `RATE_LIMITED`, `REQUEST_TIMEOUT`) in `status.rs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
     /// Every slot of a cap is taken: shed at once rather than queue.

@@ -1,14 +1,18 @@
 //! `pdvault.v1.Admin`: operator calls, authenticated and granted like every other RPC.
+//!
+//! The one gRPC service outside `grpc/`: its call drives the application's reload
+//! (`reload.rs`), and `grpc/` sits below `app`. It authenticates, grants and audits through
+//! the gRPC layer's own functions, as the services there do.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::call_context;
-use super::status::{RequestError, to_status};
+use crate::app::reload::PolicyReloader;
+use crate::grpc::call_context;
+use crate::grpc::status::{RequestError, policy_invalid, to_status};
 use crate::policy::Rpc;
 use crate::proto;
-use crate::reload::PolicyReloader;
 use crate::vault::{AuditSubject, Vault, VaultError};
 
 pub struct AdminService {
@@ -43,7 +47,10 @@ impl proto::admin_server::Admin for AdminService {
             .as_ref()
             .ok_or(RequestError::ReloadUnavailable)?;
         tracing::info!(caller = %caller.name, "policy reload requested");
-        let reloaded = reloader.reload(&caller.name).await?;
+        let reloaded = reloader
+            .reload(&caller.name)
+            .await
+            .map_err(|error| policy_invalid(&error))?;
         let mut purposes: Vec<String> =
             reloaded.policy.purpose_names().map(str::to_owned).collect();
         purposes.sort();
