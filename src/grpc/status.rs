@@ -10,7 +10,7 @@
 //! limit, a key version), and for bad input a `google.rpc.BadRequest` naming every bad field.
 //!
 //! Codes and reasons are a contract: tests and the Python clients check them, and
-//! ARCHITECTURE.md lists them. The unit tests below pin every variant to its code and reason.
+//! the README lists them. The unit tests below pin every variant to its code and reason.
 //!
 //! Causes below the surface (a database error, the module's error, a bug) are logged here
 //! and never returned: the client learns `STORAGE_UNAVAILABLE` or `INTERNAL`, the operator
