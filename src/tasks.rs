@@ -11,12 +11,12 @@
 //! The application has two groups, stopped in this order (`app::Application::run_until`,
 //! ARCHITECTURE.md "Shutdown"):
 //!
-//! 1. the vault's ([`crate::vault::Vault::tasks`]): the audit maintenance (checkpoints and
+//! 1. the vault's (`Vault::tasks`, src/vault/mod.rs): the audit maintenance (checkpoints and
 //!    retention), the request-id expiry, the abandoned-job sweeper, the health monitor,
 //!    SIGHUP reloads, rewrap and re-index jobs, and the export streams of in-flight calls.
 //!    Cancelled when the shutdown signal fires, waited for once in-flight calls are done.
 //! 2. the infrastructure the first group needs until its end: the audit writer (closed
-//!    through [`crate::audit::AuditLog::close`], so it flushes its queue first), the
+//!    through `AuditLog::close` in src/audit/mod.rs, so it flushes its queue first), the
 //!    key-state watcher and the metrics listener with its scrapes.
 
 use std::future::Future;
