@@ -6,6 +6,9 @@
 //! creating 100 000 records one durable commit at a time through the API is a benchmark of
 //! fsync, not of anything this tool is for. The identities are synthetic.
 
+// A development tool crate stops at the first broken expectation: unwrapping is how it says so.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::PathBuf;
 
 use pdvault::app::{open_keys, open_store};

@@ -1,6 +1,12 @@
 //! pdvault: the one place where identity data lives and the one gate through which it
 //! leaves. See ARCHITECTURE.md for the bird's-eye view and the invariants.
 
+// Nothing in the vault needs unsafe code (the PKCS#11 binding is safe), so none may appear;
+// `forbid`, unlike Cargo.toml's `deny`, cannot be allowed again further down. The unit-test
+// build keeps `deny`: it includes the suite's machine check, which runs before `main`
+// through `ctor` (tests/support/environment.rs).
+#![cfg_attr(not(test), forbid(unsafe_code))]
+
 pub mod app;
 pub mod audit;
 pub mod cli;

@@ -2,6 +2,8 @@
 //! `pdvault bench` to the load generator, a module of this binary only (`bench/`), so the
 //! server library does not carry it.
 
+#![forbid(unsafe_code)]
+
 mod bench;
 
 #[tokio::main]

@@ -1,6 +1,9 @@
 //! End-to-end tests of `pdvault.v1.Vault`: the real server on an ephemeral port, driven
 //! over gRPC, once per backend (SQLite and PostgreSQL).
 
+// A test crate stops at the first broken expectation: unwrapping is how it says so.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use pdvault::proto::{

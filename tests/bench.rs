@@ -3,6 +3,9 @@
 //! and that every request the harness makes is one the vault accepts; they never look at
 //! how fast anything was.
 
+// A test crate stops at the first broken expectation: unwrapping is how it says so.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 // The load generator is a module of the `pdvault` binary, not of the library: compiled in
 // here too, so its report is checked as typed values rather than parsed back from text.

@@ -4,6 +4,9 @@
 //!
 //! Loops are bounded in count and time and talk to the test's own server on loopback.
 
+// A test crate stops at the first broken expectation: unwrapping is how it says so.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use std::time::{Duration, Instant};

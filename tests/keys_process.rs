@@ -2,6 +2,9 @@
 //! the middle of a rewrap and restarted (the killed job shows INTERRUPTED), and the `pdvault keys` commands a scheduler runs,
 //! and `pdvault purge`, with their exit codes. Runs on both backends.
 
+// A test crate stops at the first broken expectation: unwrapping is how it says so.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 // For the check of the machine before any test runs; this file starts its own servers.
 mod support;
 

@@ -3,6 +3,9 @@
 //! credential), private files, the read-only `pdvault audit verify`, and rewrap jobs whose
 //! server died.
 
+// A test crate stops at the first broken expectation: unwrapping is how it says so.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use pdvault::app::reload::ConfigSource;

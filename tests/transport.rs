@@ -4,6 +4,9 @@
 //!
 //! Every loop is bounded in count and time, on loopback, against the test's own server.
 
+// A test crate stops at the first broken expectation: unwrapping is how it says so.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use std::net::SocketAddr;

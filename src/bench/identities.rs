@@ -53,6 +53,10 @@ impl IdentityGenerator {
         let rest = slot / DIVISIONS.len() as u64;
         let day = rest % BIRTH_DAYS;
         let sequence = rest / BIRTH_DAYS;
+        #[allow(
+            clippy::expect_used,
+            reason = "`day` is below BIRTH_DAYS, so the date stays within 1950..2000"
+        )]
         let birth = NaiveDate::from_ymd_opt(1950, 1, 1)
             .and_then(|d| d.checked_add_days(Days::new(day)))
             .expect("birth dates stay within 1950..2000");

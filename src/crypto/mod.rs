@@ -139,6 +139,10 @@ impl Suite {
     }
 
     /// HKDF with the suite's hash (SHA-256 or SM3): `out.len()` bytes from `ikm` for `info`.
+    #[allow(
+        clippy::expect_used,
+        reason = "callers ask for one key (32 bytes); HKDF refuses only more than 255 blocks"
+    )]
     fn hkdf(self, salt: &[u8], ikm: &[u8], info: &[&[u8]], out: &mut [u8]) {
         let info = length_prefixed(info);
         match self {
@@ -256,6 +260,10 @@ impl SecretKey {
         match suite {
             Suite::Aes256GcmHmacSha256 => Cipher::Aes(Box::new(Aes256Gcm::new((&*self.0).into()))),
             Suite::Sm4GcmHmacSm3 => {
+                #[allow(
+                    clippy::expect_used,
+                    reason = "a 32-byte key has a first 16-byte chunk"
+                )]
                 let key = self
                     .0
                     .first_chunk::<16>()
@@ -265,6 +273,7 @@ impl SecretKey {
         }
     }
 
+    #[allow(clippy::expect_used, reason = "HMAC takes a key of any length")]
     fn mac(&self, suite: Suite) -> Mac256 {
         match suite {
             Suite::Aes256GcmHmacSha256 => Mac256::Sha256(
@@ -861,6 +870,10 @@ impl BlindIndexKey {
     /// stored, so it lives and rotates with this key, and is domain-separated from indexes;
     /// it uses this key's suite (SM4 and SM3 in an SM4 deployment) and derives one key per
     /// record (see [`StateKey`]).
+    #[allow(
+        clippy::expect_used,
+        reason = "HMAC-SHA-256 and HMAC-SM3 give 32 bytes, a key's length"
+    )]
     pub fn derive_state_key(&self) -> StateKey {
         let mut base = self.compute(&[b"pdvault.state-key.v2"]);
         // Format 1 gates: AES-256-GCM under this MAC, whatever the suite.
@@ -1006,6 +1019,10 @@ impl AuditSigningKey {
     /// A key for another purpose derived from this key's seed under `label` (HMAC-SHA-256
     /// of the label keyed with the seed, as HKDF-Expand's first block is): the keyring then
     /// needs no further secret, and the derived key reveals nothing about the signing key.
+    #[allow(
+        clippy::expect_used,
+        reason = "HMAC-SHA-256 gives 32 bytes, a key's length"
+    )]
     pub fn derive_key(&self, label: &[u8]) -> SecretKey {
         let seed = Zeroizing::new(self.0.to_bytes());
         let mut derived = mac_parts(

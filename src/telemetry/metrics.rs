@@ -42,6 +42,10 @@ const KNOWN_METHODS: &[&str] = &[
 
 /// Installs the process-wide recorder on first use and returns a handle that renders it.
 /// Every application in a process shares it (tests start many).
+#[allow(
+    clippy::expect_used,
+    reason = "the bucket lists are non-empty constants, the builder's only refusal"
+)]
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE

@@ -138,6 +138,10 @@ fn valid_request_id(value: &HeaderValue) -> bool {
     crate::domain::edge::check_request_id(value.as_bytes()).is_ok()
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "`req_` and lower-case base32 are visible ASCII, always a header value"
+)]
 fn new_request_id() -> HeaderValue {
     let mut bytes = [0u8; 12];
     // Uniqueness is all a request id needs; should the OS generator fail, time will do.

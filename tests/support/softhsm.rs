@@ -43,8 +43,13 @@ fn token() -> &'static Token {
         // Private, as the vault insists for a PIN file.
         pdvault::keys::write_private_file(&dir.join("pin"), b"1234\n").unwrap();
         // SAFETY: set once, before the module is loaded, from the one initialiser; the
-        // module reads it when the first provider initialises the library.
-        unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
+        // module reads it when the first provider initialises the library. SoftHSM2 reads
+        // its configuration only from the environment, so this is the one way to point it
+        // at the test token.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("SOFTHSM2_CONF", &conf)
+        };
         Token { dir }
     })
 }
