@@ -16,6 +16,7 @@ pub mod age;
 mod contact;
 mod disclosure;
 mod id_document;
+pub mod ids;
 mod person;
 
 use std::borrow::Cow;
