@@ -838,6 +838,38 @@ mod tests {
         .unwrap();
     }
 
+    /// A row whose id column holds something no vault issued (edited behind the vault's
+    /// back) is a corrupt row: the read fails naming the column, never the value, and
+    /// nothing panics.
+    #[tokio::test]
+    async fn a_row_with_a_malformed_id_is_a_corrupt_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault.db");
+        let store = SqliteStore::open(&path, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        behind_the_store(
+            &path,
+            "INSERT INTO records (record_id, version, created_at, updated_at, wrapped_key, \
+             kek_version, retain_until) VALUES ('11010519491231002X', 1, 1, 1, x'00', 1, 5); \
+             INSERT INTO rewrap_jobs (job_id, target_version, state, started_at, updated_at) \
+             VALUES ('job 7', 1, 'DONE', 1, 1)",
+        )
+        .await;
+        let refused = [
+            store.expired_records(10, 10).await.map(|_| ()).unwrap_err(),
+            store.scan_live_records(None, 10, 10).await.map(|_| ()).unwrap_err(),
+            store.rewrap_jobs(10).await.map(|_| ()).unwrap_err(),
+        ];
+        for error in refused {
+            let StoreError::Corrupt(what) = &error else {
+                panic!("{error:?}");
+            };
+            assert!(what.contains("is not a"), "{what}");
+            assert!(!what.contains("1101") && !what.contains("job 7"), "{what}");
+        }
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn migrations_apply_once_and_refuse_a_newer_or_changed_database() {
         let dir = tempfile::tempdir().unwrap();
