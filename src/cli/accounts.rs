@@ -5,6 +5,7 @@
 use clap::{Args, Subcommand};
 
 use super::client::{ClientArgs, describe};
+use crate::domain::ids::RecordId;
 
 /// `pdvault accounts`: a caller granted `accounts.suspend` (and the CheckAccount RPC for
 /// `status`).
@@ -18,7 +19,8 @@ pub struct AccountsArgs {
 enum AccountsCommand {
     /// Suspend an account.
     Suspend {
-        record_id: String,
+        #[arg(value_parser = record_id_arg)]
+        record_id: RecordId,
         #[arg(long, value_enum)]
         reason: ReasonArg,
         #[arg(long, default_value = "")]
@@ -28,16 +30,29 @@ enum AccountsCommand {
     },
     /// Lift a suspension.
     Reinstate {
-        record_id: String,
+        #[arg(value_parser = record_id_arg)]
+        record_id: RecordId,
         #[arg(long, default_value = "")]
         note: String,
         #[arg(long, default_value = "")]
         ticket: String,
     },
     /// Show an account's status and flags (needs the CheckAccount RPC).
-    Status { record_id: String },
+    Status {
+        #[arg(value_parser = record_id_arg)]
+        record_id: RecordId,
+    },
     /// List an account's suspension and consent history, oldest first.
-    History { record_id: String },
+    History {
+        #[arg(value_parser = record_id_arg)]
+        record_id: RecordId,
+    },
+}
+
+/// A record id on the command line is checked before anything is sent: a value of another
+/// shape (an identity value typed in the wrong place, say) never leaves the terminal.
+fn record_id_arg(raw: &str) -> Result<RecordId, String> {
+    RecordId::parse("RECORD_ID", raw).map_err(|violation| violation.reason.to_string())
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -73,7 +88,7 @@ pub async fn run(connection: &ClientArgs, args: AccountsArgs) -> Result<(), Stri
             };
             let response = security
                 .suspend_account(vault.request(proto::SuspendAccountRequest {
-                    record_id,
+                    record_id: record_id.into_string(),
                     reason: reason as i32,
                     note,
                     ticket,
@@ -90,7 +105,7 @@ pub async fn run(connection: &ClientArgs, args: AccountsArgs) -> Result<(), Stri
         } => {
             let response = security
                 .reinstate_account(vault.request(proto::ReinstateAccountRequest {
-                    record_id,
+                    record_id: record_id.into_string(),
                     note,
                     ticket,
                 }))
@@ -101,7 +116,9 @@ pub async fn run(connection: &ClientArgs, args: AccountsArgs) -> Result<(), Stri
         }
         AccountsCommand::Status { record_id } => {
             let state = VaultClient::new(vault.channel.clone())
-                .check_account(vault.request(proto::CheckAccountRequest { record_id }))
+                .check_account(vault.request(proto::CheckAccountRequest {
+                    record_id: record_id.into_string(),
+                }))
                 .await
                 .map_err(describe)?
                 .into_inner();
@@ -123,7 +140,7 @@ pub async fn run(connection: &ClientArgs, args: AccountsArgs) -> Result<(), Stri
             loop {
                 let page = security
                     .list_account_events(vault.request(proto::ListAccountEventsRequest {
-                        record_id: record_id.clone(),
+                        record_id: record_id.to_string(),
                         page_size: 0,
                         page_token: page_token.clone(),
                     }))

@@ -18,11 +18,11 @@
 //! right edge instead of taking every insert at a random leaf.
 //!
 //! Ids issued before (the database and clients keep them for years) still parse: record ids
-//! `rec_` + 26 RFC 4648 base32 characters (128 random bits), chain and signer ids the prefix
-//! + 16 of them (80 bits), event and job ids the prefix + 13 hex digits (microseconds) + 26
-//! base32 characters (or `n` and a counter, the fallback of a failed generator). The two
-//! alphabets overlap, so an old id can look like a new one; nothing depends on telling them
-//! apart.
+//! are `rec_` and 26 RFC 4648 base32 characters (128 random bits), chain and signer ids their
+//! prefix and 16 of them (80 bits), event and job ids their prefix, 13 hex digits
+//! (microseconds) and 26 base32 characters (or `n` and a counter, the fallback of a failed
+//! generator). The two alphabets overlap, so an old id can look like a new one; nothing
+//! depends on telling them apart.
 //!
 //! What a new id reveals: the millisecond it was made. For records that is the creation
 //! time, which a caller allowed to read the record already gets as `Record.create_time`, an
@@ -224,7 +224,7 @@ id_type!(
 );
 
 id_type!(
-    /// An audit event's id (also the id of an account-history entry written with it).
+    /// An audit event's id.
     EventId,
     "evt_",
     Legacy::MicrosThenRandom,

@@ -857,7 +857,11 @@ mod tests {
         .await;
         let refused = [
             store.expired_records(10, 10).await.map(|_| ()).unwrap_err(),
-            store.scan_live_records(None, 10, 10).await.map(|_| ()).unwrap_err(),
+            store
+                .scan_live_records(None, 10, 10)
+                .await
+                .map(|_| ())
+                .unwrap_err(),
             store.rewrap_jobs(10).await.map(|_| ()).unwrap_err(),
         ];
         for error in refused {
