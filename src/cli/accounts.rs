@@ -190,3 +190,16 @@ fn print_action(response: &crate::proto::AccountActionResponse) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_id_argument_is_checked_before_anything_is_sent() {
+        let id = record_id_arg("rec_mzxw6ytboi2dcnzrgq3tmojqgq").unwrap();
+        assert_eq!(id.as_str(), "rec_mzxw6ytboi2dcnzrgq3tmojqgq");
+        let refused = record_id_arg("11010519491231002X").unwrap_err();
+        assert_eq!(refused, "is not a record id issued by this vault");
+    }
+}

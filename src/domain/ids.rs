@@ -31,6 +31,12 @@
 //! and nothing else. The 74 random bits keep ids unguessable (an id is never a credential:
 //! every read is authorized by token, grant and purpose).
 //!
+//! Not ids here: a create's `request_id` and the `x-request-id` header are chosen by the
+//! caller (an idempotency key, a correlation id), so they have no shape the vault could
+//! check beyond what `edge` checks of all free text; and the ids of account-history entries
+//! (`acc_`) and consents (`con_`) are still random tokens of their own, outside any index
+//! that time order would help.
+//!
 //! Pure apart from the clock and the OS generator the generator reads. Violation reasons
 //! are static text that never repeats the input.
 
