@@ -5,11 +5,11 @@
 
 mod support;
 
+use pdvault::app::reload::ConfigSource;
 use pdvault::proto::admin_client::AdminClient;
 use pdvault::proto::{
     CheckAccountRequest, CreateRecordRequest, GetRecordRequest, Identity, ReloadPolicyRequest,
 };
-use pdvault::reload::ConfigSource;
 use support::fixtures::reason;
 use support::proxy::{ProxyState, TcpProxy};
 use support::{ANALYTICS, Backend, CLAIMS, LOGIN, TestApp, authed};
@@ -857,7 +857,7 @@ async fn data_files_stay_private(backend: Backend) {
     // A database left readable by an older version is closed on the next start.
     if backend == Backend::Sqlite {
         std::fs::set_permissions(&sqlite, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let store = pdvault::startup::open_store(&config).await.unwrap();
+        let store = pdvault::app::open_store(&config).await.unwrap();
         store.close().await;
         assert_eq!(mode(&sqlite), 0o600);
     }
@@ -867,7 +867,7 @@ async fn data_files_stay_private(backend: Backend) {
     let data_dir = open_dir.path().join("data");
     std::fs::create_dir(&data_dir).unwrap();
     std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o750)).unwrap();
-    let refused = pdvault::startup::Application::build(pdvault::config::Config {
+    let refused = pdvault::app::Application::build(pdvault::config::Config {
         data_dir: data_dir.clone(),
         database: pdvault::config::DatabaseConfig {
             url: None,

@@ -38,8 +38,8 @@ use tokio::sync::mpsc;
 
 use crate::crypto::DataKey;
 use crate::domain::FieldName;
+use crate::domain::edge::{MAX_JUSTIFICATION_BYTES, check_text};
 use crate::domain::ids::RecordId;
-use crate::edge::{MAX_JUSTIFICATION_BYTES, check_text};
 use crate::keys::{IndexKeyPair, KeyManager};
 use crate::policy::{Purpose, ReleaseLevel, Rpc};
 use crate::store::{Micros, StoredRecord};
