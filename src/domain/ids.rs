@@ -5,8 +5,9 @@
 //! `&str` would let a purpose name, a placeholder or an identity value sent in the wrong
 //! field stand where an id belongs. Here every id is a newtype with no public constructor
 //! from an unchecked string: it is made by [`generate`](RecordId::generate) or by `parse`,
-//! which is called where a string enters (a request field, a command-line argument, a
-//! database row a store decodes) and refuses with a [`Violation`] naming the field.
+//! which is called where a string enters (a request field, a database row a store decodes)
+//! and refuses with a [`Violation`] naming the field. The command-line clients pass record
+//! ids through as they were typed: the vault refuses a malformed one, naming the field.
 //!
 //! # Shapes
 //!
