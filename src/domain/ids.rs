@@ -60,10 +60,7 @@ const OLD_MICROS_LEN: usize = 13;
 const OLD_COUNTER_MAX_LEN: usize = 20;
 
 fn refused(field: &str, reason: &'static str) -> Violation {
-    Violation {
-        field: field.to_owned(),
-        reason: reason.to_owned(),
-    }
+    Violation::at(field, reason)
 }
 
 /// Which shapes an id kind accepted before the common one.
