@@ -1297,8 +1297,9 @@ async fn d13_rekey_moves_notes_and_inline_guardians(app: &TestApp) {
         .await
         .unwrap();
     let store = app.store().await;
-    let before = store.get_record(&id).await.unwrap().unwrap();
-    let bound_before = store.bound_ciphertexts(&id).await.unwrap();
+    let stored_id = pdvault::domain::ids::RecordId::parse("record_id", &id).unwrap();
+    let before = store.get_record(&stored_id).await.unwrap().unwrap();
+    let bound_before = store.bound_ciphertexts(&stored_id).await.unwrap();
     assert_eq!(
         (bound_before.notes.len(), bound_before.guardians.len()),
         (1, 1)
@@ -1331,8 +1332,8 @@ async fn d13_rekey_moves_notes_and_inline_guardians(app: &TestApp) {
         .map(|event| event.note)
         .collect();
     assert_eq!(notes, ["", "家长来电称账号被盗"]);
-    let after = store.get_record(&id).await.unwrap().unwrap();
-    let bound = store.bound_ciphertexts(&id).await.unwrap();
+    let after = store.get_record(&stored_id).await.unwrap().unwrap();
+    let bound = store.bound_ciphertexts(&stored_id).await.unwrap();
     let (consent_id, guardian) = &bound.guardians[0];
     assert_eq!(consent_id, &consent.consent_id);
     assert_ne!(guardian, &bound_before.guardians[0].1);

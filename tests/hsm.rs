@@ -181,7 +181,7 @@ async fn hsm_lifecycle(backend: Backend) {
     .await
     .unwrap();
     let wrapped = stored
-        .get_record(&ids[0])
+        .get_record(&pdvault::domain::ids::RecordId::parse("record_id", &ids[0]).unwrap())
         .await
         .unwrap()
         .unwrap()

@@ -20,6 +20,11 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
+/// A record id from a response, as the store takes it.
+fn record_id(raw: &str) -> pdvault::domain::ids::RecordId {
+    pdvault::domain::ids::RecordId::parse("record_id", raw).unwrap()
+}
+
 async fn keys_client(app: &TestApp) -> KeyManagementClient<Channel> {
     KeyManagementClient::new(app.channel().await)
 }
@@ -558,11 +563,15 @@ async fn crypto_shredding_reaches_an_old_copy_of_the_database(app: &TestApp) {
     // The old copy still holds the deleted person's ciphertexts and wrapped key...
     let old = backup.store().await;
     let old_deleted = old
-        .get_record(&deleted)
+        .get_record(&record_id(&deleted))
         .await
         .unwrap()
         .expect("in the copy");
-    let old_kept = old.get_record(&kept).await.unwrap().expect("in the copy");
+    let old_kept = old
+        .get_record(&record_id(&kept))
+        .await
+        .unwrap()
+        .expect("in the copy");
     assert!(!old_deleted.fields.is_empty());
 
     // ...but no key that still exists opens them: the copy's wrapped key names version 1,
@@ -573,11 +582,16 @@ async fn crypto_shredding_reaches_an_old_copy_of_the_database(app: &TestApp) {
         Err(pdvault::crypto::CryptoError::UnknownKey { version: 1, .. })
     ));
     let live = backup.live_store(app).await;
-    assert!(live.get_record(&deleted).await.unwrap().is_none());
+    assert!(
+        live.get_record(&record_id(&deleted))
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // A record that still exists keeps its data key across the rewrap: the live wrapped key
     // opens the copy's ciphertexts, so restoring from the copy loses nobody who exists.
-    let live_kept = live.get_record(&kept).await.unwrap().unwrap();
+    let live_kept = live.get_record(&record_id(&kept)).await.unwrap().unwrap();
     let dek = keyring.unwrap(&live_kept.wrapped_key, &kept).unwrap();
     let email = old_kept.fields.iter().find(|f| f.field == "email").unwrap();
     let plain = dek.open_field(&kept, "email", &email.ciphertext).unwrap();
@@ -690,7 +704,7 @@ async fn rekey_replaces_the_data_key_and_every_ciphertext(app: &TestApp) {
     let id = create(app, 7).await;
     assert!(rotate(app, 1).await.created);
     let store = open(&app.database_url).await;
-    let before = store.get_record(&id).await.unwrap().unwrap();
+    let before = store.get_record(&record_id(&id)).await.unwrap().unwrap();
     let keyring = pdvault::keys::Keyring::load(&keyring_path(app)).unwrap();
     let old_key = keyring.unwrap(&before.wrapped_key, &id).unwrap();
     let etag_before = get(app, CLAIMS.token, &id, "service-delivery", "")
@@ -726,7 +740,7 @@ async fn rekey_replaces_the_data_key_and_every_ciphertext(app: &TestApp) {
     assert_eq!(rekeyed.kek_version, 2, "moves to the active KEK version");
     assert_ne!(rekeyed.etag, etag_before);
 
-    let after = store.get_record(&id).await.unwrap().unwrap();
+    let after = store.get_record(&record_id(&id)).await.unwrap().unwrap();
     assert_ne!(after.wrapped_key, before.wrapped_key);
     assert_eq!(after.fields.len(), before.fields.len());
     for (new, old) in after.fields.iter().zip(&before.fields) {
@@ -939,7 +953,7 @@ async fn postgres_retention_deadlines_and_the_purge() {
 async fn suites_of(app: &TestApp, id: &str) -> (u8, Vec<u8>) {
     let stored = open(&app.database_url)
         .await
-        .get_record(id)
+        .get_record(&record_id(id))
         .await
         .unwrap()
         .unwrap();
@@ -1041,7 +1055,12 @@ async fn old_format_wrapped_keys_open_and_rewrap_moves_them_to_kw(app: &TestApp)
 
     let id = create(app, 5).await;
     let store = open(&app.database_url).await;
-    let stored = store.get_record(&id).await.unwrap().unwrap().wrapped_key;
+    let stored = store
+        .get_record(&record_id(&id))
+        .await
+        .unwrap()
+        .unwrap()
+        .wrapped_key;
     assert_eq!(stored[0], 2, "new wraps are format 2");
     assert_eq!(
         stored.len(),
@@ -1087,14 +1106,24 @@ async fn old_format_wrapped_keys_open_and_rewrap_moves_them_to_kw(app: &TestApp)
     ))
     .await;
     assert_eq!(
-        store.get_record(&id).await.unwrap().unwrap().wrapped_key,
+        store
+            .get_record(&record_id(&id))
+            .await
+            .unwrap()
+            .unwrap()
+            .wrapped_key,
         legacy
     );
     assert_eq!(email_of(app, &id).await.unwrap(), "person5@example.com");
 
     assert!(rotate(app, 1).await.created);
     rewrap(app, 0).await.unwrap();
-    let moved = store.get_record(&id).await.unwrap().unwrap().wrapped_key;
+    let moved = store
+        .get_record(&record_id(&id))
+        .await
+        .unwrap()
+        .unwrap()
+        .wrapped_key;
     assert_eq!(moved[0], 2, "the rewrap writes format 2");
     assert_eq!(moved[1], legacy[1], "and keeps the record's suite");
     assert_eq!(

@@ -1032,6 +1032,17 @@ async fn audit_verify_reads_only_what_exists_on_postgres() {
     audit_verify_reads_only_what_exists(Backend::Postgres).await;
 }
 
+// Rewrap job ids of the shape the vault issued before ids were time-ordered (`rwj_`, 13 hex
+// digits of microseconds, 26 base32 characters): the store refuses any other as corrupt.
+const JOB_DEAD: &str = "rwj_0000000000001deaddeaddeaddeaddeaddeadde";
+const JOB_SIBLING: &str = "rwj_0000000000002siblingsiblingsiblingsibli";
+const JOB_MINE: &str = "rwj_0000000000003minemineminemineminemineme";
+const JOB_LEGACY: &str = "rwj_0000000000004legacylegacylegacylegacyle";
+
+fn job_id(raw: &str) -> pdvault::domain::ids::JobId {
+    pdvault::domain::ids::JobId::parse("job_id", raw).unwrap()
+}
+
 /// Rewrap jobs by id, with their state, as `GetKeyStatus` reports them.
 async fn job_states(app: &TestApp) -> std::collections::BTreeMap<String, String> {
     use pdvault::proto::GetKeyStatusRequest;
@@ -1070,7 +1081,7 @@ async fn rewrap_jobs_of_dead_servers_are_interrupted(backend: Backend) {
     // A sibling that stopped renewing ten minutes ago.
     store
         .start_rewrap_job(
-            "rwj_dead",
+            &job_id(JOB_DEAD),
             1,
             &other("chn_dead"),
             now - 12 * minute,
@@ -1081,7 +1092,7 @@ async fn rewrap_jobs_of_dead_servers_are_interrupted(backend: Backend) {
     // A sibling that is alive.
     store
         .start_rewrap_job(
-            "rwj_sibling",
+            &job_id(JOB_SIBLING),
             1,
             &other("chn_alive"),
             now,
@@ -1091,22 +1102,22 @@ async fn rewrap_jobs_of_dead_servers_are_interrupted(backend: Backend) {
         .unwrap();
     // This process's own job, alive: it must survive every sweep until this process stops.
     store
-        .start_rewrap_job("rwj_mine", 1, &me, now, now + 10 * minute)
+        .start_rewrap_job(&job_id(JOB_MINE), 1, &me, now, now + 10 * minute)
         .await
         .unwrap();
     // A job from before leases, last progress long ago.
     app.execute_sql(&format!(
         "INSERT INTO rewrap_jobs (job_id, target_version, state, started_at, updated_at) \
-         VALUES ('rwj_legacy', 1, 'RUNNING', {}, {})",
+         VALUES ('{JOB_LEGACY}', 1, 'RUNNING', {}, {})",
         now - 30 * minute,
         now - 20 * minute
     ))
     .await;
     let seen = job_states(&app).await;
-    assert_eq!(seen["rwj_dead"], "INTERRUPTED");
-    assert_eq!(seen["rwj_legacy"], "INTERRUPTED");
-    assert_eq!(seen["rwj_sibling"], "RUNNING");
-    assert_eq!(seen["rwj_mine"], "RUNNING");
+    assert_eq!(seen[JOB_DEAD], "INTERRUPTED");
+    assert_eq!(seen[JOB_LEGACY], "INTERRUPTED");
+    assert_eq!(seen[JOB_SIBLING], "RUNNING");
+    assert_eq!(seen[JOB_MINE], "RUNNING");
 
     // `pdvault keys status` shows it too.
     let token_file = app.config.admin_token_path();
@@ -1126,7 +1137,7 @@ async fn rewrap_jobs_of_dead_servers_are_interrupted(backend: Backend) {
     assert!(
         output
             .lines()
-            .any(|line| line.contains("rwj_dead") && line.contains("INTERRUPTED")),
+            .any(|line| line.contains(JOB_DEAD) && line.contains("INTERRUPTED")),
         "{output}"
     );
 
@@ -1134,8 +1145,8 @@ async fn rewrap_jobs_of_dead_servers_are_interrupted(backend: Backend) {
     // the job's process is gone, at once, without waiting for the lease.
     let app = app.restart().await;
     let seen = job_states(&app).await;
-    assert_eq!(seen["rwj_mine"], "INTERRUPTED");
-    assert_eq!(seen["rwj_sibling"], "RUNNING");
+    assert_eq!(seen[JOB_MINE], "INTERRUPTED");
+    assert_eq!(seen[JOB_SIBLING], "RUNNING");
     app.stop().await;
 }
 

@@ -48,6 +48,7 @@ pub use checkpoint::{VerifyReport, expire, verify, verify_with, write_checkpoint
 pub use signer::{CheckpointError, CheckpointSigner, Refusal, SignerHealth};
 pub use witness::{CheckpointSink, Witness};
 
+use crate::domain::ids::ChainId;
 use crate::store::{Store, StoreError};
 
 /// How many events one group commit takes at most.
@@ -127,7 +128,7 @@ impl AuditLog {
         now_micros: i64,
         tasks: &crate::tasks::Tasks,
     ) -> Result<(AuditLog, tokio::task::JoinHandle<()>), StoreError> {
-        let chain_id = new_chain_id();
+        let chain_id = ChainId::generate().into_string();
         store
             .register_chain(&chain_id, now_micros, &genesis(&chain_id))
             .await?;
@@ -276,20 +277,4 @@ pub async fn append_isolating(
                 .collect()
         }
     }
-}
-
-fn new_chain_id() -> String {
-    let mut bytes = [0u8; 10];
-    // A chain id needs uniqueness, not secrecy; the clock backs up a failing generator.
-    if getrandom::fill(&mut bytes).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        bytes.copy_from_slice(&nanos.to_be_bytes()[6..]);
-    }
-    format!(
-        "chn_{}",
-        data_encoding::BASE32_NOPAD.encode(&bytes).to_lowercase()
-    )
 }

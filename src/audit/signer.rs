@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{AuditPublicKey, AuditSigningKey};
+use crate::domain::ids::SignerId;
 // Declared with the metrics that report it, which sit below audit (audit records its
 // batches and checkpoints through them).
 use crate::store::{Micros, Store, StoreError};
@@ -228,7 +229,7 @@ impl CheckpointSigner {
         } else {
             let state = SignerState {
                 format: STATE_FORMAT,
-                signer: new_signer_id(),
+                signer: SignerId::generate().into_string(),
                 key_id: None,
                 last: None,
                 last_stored: false,
@@ -712,22 +713,6 @@ fn problem_seq(problem: &Problem) -> Option<i64> {
         Problem::Missing { expected_seq, .. } => Some(*expected_seq),
         _ => None,
     }
-}
-
-fn new_signer_id() -> String {
-    let mut bytes = [0u8; 10];
-    // Unique, not secret: a failing generator falls back to the clock.
-    if getrandom::fill(&mut bytes).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        bytes.copy_from_slice(&nanos.to_be_bytes()[6..]);
-    }
-    format!(
-        "sgn_{}",
-        data_encoding::BASE32_NOPAD.encode(&bytes).to_lowercase()
-    )
 }
 
 /// Takes an exclusive lock on `<state>.lock` (a file of its own: the state file is replaced

@@ -4,7 +4,7 @@
 //!
 //! Everything a caller sends that can reach an audit event, a log line, an error message or
 //! a database row passes through here first and comes out as a type that says it was
-//! checked ([`RecordId`], [`FreeText`]) or as a [`Violation`] naming the field. The rules are
+//! checked ([`RecordId`], from `domain::ids`, and [`FreeText`]) or as a [`Violation`] naming the field. The rules are
 //! the same everywhere: a byte limit per field (the trail is kept for years, so its rows must
 //! be bounded), valid text, and no control, format (bidi overrides, zero-width characters),
 //! separator-line, private-use or unassigned code points, which could hide text from the
@@ -20,10 +20,8 @@
 use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
 
 use crate::domain::Violation;
+pub use crate::domain::ids::RecordId;
 
-/// Record ids are `rec_` and 26 lowercase base32 characters (128 random bits).
-pub const RECORD_ID_PREFIX: &str = "rec_";
-const RECORD_ID_RANDOM_LEN: usize = 26;
 /// Purpose names: configured, short identifiers.
 pub const MAX_PURPOSE_BYTES: usize = 64;
 /// A justification or a reason: a legal basis or a ticket-like reference, never prose.
@@ -48,58 +46,10 @@ fn violation(field: &str, reason: &'static str) -> Violation {
     Violation::at(field, reason)
 }
 
-/// A record id of the shape this vault issues. Holding one says nothing about whether the
-/// record exists; it says the string is safe to store, log and return.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RecordId(String);
-
-impl RecordId {
-    /// Checks `raw` as the request field `field`.
-    pub fn parse(field: &str, raw: &str) -> Result<RecordId, Violation> {
-        if raw.is_empty() {
-            return Err(violation(field, "is required"));
-        }
-        if is_record_id(raw) {
-            Ok(RecordId(raw.to_owned()))
-        } else {
-            Err(violation(field, "is not a record id issued by this vault"))
-        }
-    }
-
-    /// A fresh random id: 128 bits from the OS generator, never derived from identity.
-    pub fn generate() -> Result<RecordId, getrandom::Error> {
-        let mut bytes = [0u8; 16];
-        getrandom::fill(&mut bytes)?;
-        let random = data_encoding::BASE32_NOPAD.encode(&bytes).to_lowercase();
-        Ok(RecordId(format!("{RECORD_ID_PREFIX}{random}")))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn into_string(self) -> String {
-        self.0
-    }
-}
-
-impl std::fmt::Display for RecordId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-fn is_record_id(raw: &str) -> bool {
-    raw.strip_prefix(RECORD_ID_PREFIX).is_some_and(|rest| {
-        rest.len() == RECORD_ID_RANDOM_LEN
-            && rest.bytes().all(|b| matches!(b, b'a'..=b'z' | b'2'..=b'7'))
-    })
-}
-
 /// What the trail may hold for a record id a caller sent: the id when it has the shape of
 /// one, otherwise a placeholder that keeps only its length.
 pub fn audit_record_id(raw: &str) -> String {
-    if is_record_id(raw) {
+    if RecordId::is_valid(raw) {
         raw.to_owned()
     } else {
         placeholder("malformed record id", raw.len())

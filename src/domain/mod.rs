@@ -18,6 +18,7 @@ mod contact;
 mod disclosure;
 pub mod edge;
 mod id_document;
+pub mod ids;
 mod person;
 
 use std::borrow::Cow;

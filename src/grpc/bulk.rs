@@ -50,7 +50,7 @@ pub(super) fn release_message(release: Release) -> proto::GetRecordResponse {
         })
         .collect();
     proto::GetRecordResponse {
-        record_id: release.record_id,
+        record_id: release.record_id.into_string(),
         fields,
         etag: release.etag,
     }

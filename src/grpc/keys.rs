@@ -128,7 +128,7 @@ impl KeyManagement for KeyManagementService {
                 .jobs
                 .into_iter()
                 .map(|job| proto::RewrapJob {
-                    job_id: job.job_id,
+                    job_id: job.job_id.into_string(),
                     state: job.state,
                     target_version: u32::try_from(job.target_version).unwrap_or(0),
                     target_index_version: job
@@ -181,7 +181,7 @@ impl KeyManagement for KeyManagementService {
             .map_err(to_status)?;
         Ok(Response::new(proto::RekeyRecordResponse {
             etag: vault.etag(&meta),
-            record_id: meta.record_id,
+            record_id: meta.record_id.into_string(),
             kek_version,
         }))
     }
@@ -230,7 +230,7 @@ fn key_kind(kind: proto::KeyKind) -> KeyKind {
 
 fn progress_message(progress: Progress) -> proto::RewrapProgress {
     proto::RewrapProgress {
-        job_id: progress.job_id,
+        job_id: progress.job_id.into_string(),
         target_version: progress.kek.target_version,
         total: progress.kek.total,
         rewrapped: progress.kek.moved as i64,

@@ -32,6 +32,7 @@ pub use account::AccountSecurityService;
 pub use audit::AuditService;
 
 use crate::domain::edge::MAX_JUSTIFICATION_BYTES;
+use crate::domain::ids::RecordId;
 use crate::domain::{Gender, IdType, IdentityInput, Violation};
 use crate::policy::{Caller, CertificateMatch, Policy};
 use crate::proto;
@@ -426,12 +427,15 @@ impl proto::vault_server::Vault for VaultService {
             .map_err(to_status)?;
         Ok(Response::new(proto::GuardianConsent {
             consent_id: consent.consent_id,
-            record_id: consent.record_id,
+            record_id: consent.record_id.into_string(),
             relationship: request.relationship,
             evidence_ref: consent.evidence_ref,
             policy_version: consent.policy_version,
             grant_time: Some(timestamp(consent.granted_at)),
-            guardian_record_id: consent.guardian_record_id.unwrap_or_default(),
+            guardian_record_id: consent
+                .guardian_record_id
+                .map(RecordId::into_string)
+                .unwrap_or_default(),
         }))
     }
 
@@ -521,7 +525,7 @@ pub(crate) fn release_level(level: crate::policy::ReleaseLevel) -> proto::Releas
 fn record_message(vault: &Vault, meta: RecordMeta) -> proto::Record {
     proto::Record {
         etag: vault.etag(&meta),
-        record_id: meta.record_id,
+        record_id: meta.record_id.into_string(),
         create_time: Some(timestamp(meta.created_at)),
         update_time: Some(timestamp(meta.updated_at)),
         present_fields: meta.present_fields,

@@ -24,6 +24,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::crypto::{AuditSigningKey, CryptoError, DataKey, Suite, parse_wrap_header};
+use crate::domain::ids::RecordId;
 use crate::store::{KeyVersionRow, Micros, Store, StoreError};
 
 use super::{IndexKeyPair, IndexKeys, KekProvider, KeyringError, ResidentKeys};
@@ -787,19 +788,19 @@ impl KeyManager {
     pub fn rewrapper(
         &self,
         target: u32,
-    ) -> impl Fn(&str, &[u8]) -> Option<Vec<u8>> + Send + Sync + '_ {
-        move |record_id: &str, wrapped: &[u8]| {
-            let dek = match self.unwrap_cached_state(wrapped, record_id) {
+    ) -> impl Fn(&RecordId, &[u8]) -> Option<Vec<u8>> + Send + Sync + '_ {
+        move |record_id: &RecordId, wrapped: &[u8]| {
+            let dek = match self.unwrap_cached_state(wrapped, record_id.as_str()) {
                 Ok(dek) => dek,
                 Err(error) => {
-                    tracing::error!(%error, record_id, "cannot unwrap a data key for rewrap");
+                    tracing::error!(%error, %record_id, "cannot unwrap a data key for rewrap");
                     return None;
                 }
             };
-            match self.provider.wrap(target, &dek, record_id) {
+            match self.provider.wrap(target, &dek, record_id.as_str()) {
                 Ok(rewrapped) => Some(rewrapped),
                 Err(error) => {
-                    tracing::error!(%error, record_id, "cannot wrap a data key for rewrap");
+                    tracing::error!(%error, %record_id, "cannot wrap a data key for rewrap");
                     None
                 }
             }

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
+use crate::domain::ids::{JobId, RecordId};
 
 pub use postgres::PostgresStore;
 pub use sqlite::{MigrationError, SqliteStore};
@@ -97,7 +98,7 @@ pub type Micros = i64;
 /// A new record, already sealed.
 #[derive(Debug)]
 pub struct NewRecord {
-    pub record_id: String,
+    pub record_id: RecordId,
     pub created_at: Micros,
     pub wrapped_key: Vec<u8>,
     pub kek_version: u32,
@@ -156,7 +157,7 @@ pub struct CreateRequestKey {
 /// Metadata of a live record: nothing here identifies the person.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordMeta {
-    pub record_id: String,
+    pub record_id: RecordId,
     pub version: i64,
     pub created_at: Micros,
     pub updated_at: Micros,
@@ -209,7 +210,7 @@ pub struct AccountState {
 /// A record a lookup matched, with its account state.
 #[derive(Debug, Clone)]
 pub struct LookupMatch {
-    pub record_id: String,
+    pub record_id: RecordId,
     pub account: AccountState,
 }
 
@@ -217,7 +218,7 @@ pub struct LookupMatch {
 #[derive(Debug, Clone)]
 pub struct AccountEventRow {
     pub event_id: String,
-    pub record_id: String,
+    pub record_id: RecordId,
     pub occurred_at: Micros,
     /// SUSPENDED, REINSTATED, CONSENT_RECORDED or CONSENT_REVOKED.
     pub kind: String,
@@ -233,8 +234,8 @@ pub struct AccountEventRow {
 #[derive(Debug, Clone)]
 pub struct ConsentRow {
     pub consent_id: String,
-    pub record_id: String,
-    pub guardian_record_id: Option<String>,
+    pub record_id: RecordId,
+    pub guardian_record_id: Option<RecordId>,
     /// A guardian without a record: their identity sealed under the minor's data key.
     pub guardian_sealed: Option<Vec<u8>>,
     pub relationship: String,
@@ -257,7 +258,7 @@ pub struct BoundCiphertexts {
 /// A record's ciphertexts re-sealed under a fresh data key, and that key wrapped.
 #[derive(Debug)]
 pub struct RecordRekey {
-    pub record_id: String,
+    pub record_id: RecordId,
     pub expected_version: i64,
     pub updated_at: Micros,
     pub wrapped_key: Vec<u8>,
@@ -273,7 +274,7 @@ pub struct RecordRekey {
 /// Replaces a record's sealed fields and indexes if its version is still `expected_version`.
 #[derive(Debug)]
 pub struct RecordUpdate {
-    pub record_id: String,
+    pub record_id: RecordId,
     pub expected_version: i64,
     pub updated_at: Micros,
     pub indexes: RecordIndexes,
@@ -353,14 +354,14 @@ pub type KeyAdmin = Box<dyn KeyAdminTx>;
 
 /// Re-wraps one data key for a record under the target version; `None` when it cannot be
 /// unwrapped (the record is left as it is and counted as failed).
-pub type RewrapFn<'a> = dyn Fn(&str, &[u8]) -> Option<Vec<u8>> + Send + Sync + 'a;
+pub type RewrapFn<'a> = dyn Fn(&RecordId, &[u8]) -> Option<Vec<u8>> + Send + Sync + 'a;
 
 /// A live record under an older index version, as a re-index batch reads it: still
 /// sealed. `fields` holds only what indexes are computed from (`id_type`, `id_number`,
 /// `phone`).
 #[derive(Debug)]
 pub struct ReindexRow {
-    pub record_id: String,
+    pub record_id: RecordId,
     pub index_version: u32,
     pub wrapped_key: Vec<u8>,
     pub fields: Vec<SealedField>,
@@ -390,7 +391,7 @@ pub struct JobOwner {
 /// A rewrap job as `keys status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RewrapJobRow {
-    pub job_id: String,
+    pub job_id: JobId,
     /// RUNNING, DONE, FAILED, CANCELLED or INTERRUPTED.
     pub state: String,
     pub target_version: i64,
@@ -411,7 +412,7 @@ pub struct RewrapBatch {
     pub rewrapped: u64,
     pub failed: u64,
     /// Where the next batch of this pass starts.
-    pub last_record_id: Option<String>,
+    pub last_record_id: Option<RecordId>,
     /// The target version stopped being active (a rotation happened): nothing was done.
     pub target_inactive: bool,
 }
@@ -442,14 +443,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError>;
 
     /// A live record, or `None` when it never existed or was deleted.
-    async fn get_record(&self, record_id: &str) -> Result<Option<StoredRecord>, StoreError>;
+    async fn get_record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>, StoreError>;
 
     /// Up to `limit` live records created at or before `created_before`, whose ids sort
     /// after `after`, in id order, each read as [`Store::get_record`] reads one: the keyset
     /// scan of an export.
     async fn scan_live_records(
         &self,
-        after: &str,
+        after: Option<&RecordId>,
         created_before: Micros,
         limit: u32,
     ) -> Result<Vec<StoredRecord>, StoreError>;
@@ -466,7 +467,7 @@ pub trait Store: Send + Sync + 'static {
     /// tombstone, and writes the audit event in the same transaction. A suspended record is refused (`Suspended`) unless `override_suspension`.
     async fn delete_record(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         deleted_at: Micros,
         override_suspension: bool,
         audit: &AuditEvent,
@@ -480,7 +481,8 @@ pub trait Store: Send + Sync + 'static {
     async fn find_by_phone(&self, indexes: &[Vec<u8>]) -> Result<Vec<LookupMatch>, StoreError>;
 
     /// The account state of a record (live or deleted); reads no identity.
-    async fn account_state(&self, record_id: &str) -> Result<Option<AccountState>, StoreError>;
+    async fn account_state(&self, record_id: &RecordId)
+    -> Result<Option<AccountState>, StoreError>;
 
     /// Suspends (`true`) or reinstates a live record, with its history entry and audit event.
     /// `Ok(false)` when it already was in that state (nothing written). `sealed_under`: the
@@ -488,7 +490,7 @@ pub trait Store: Send + Sync + 'static {
     /// (`VersionConflict`) if the record no longer has it (it was re-keyed meanwhile).
     async fn set_suspended(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         suspended: bool,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
@@ -498,7 +500,7 @@ pub trait Store: Send + Sync + 'static {
     /// An account's history, oldest first, after the (occurred_at, event_id) cursor.
     async fn list_account_events(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         limit: u32,
         after: Option<(Micros, String)>,
     ) -> Result<Vec<AccountEventRow>, StoreError>;
@@ -517,7 +519,7 @@ pub trait Store: Send + Sync + 'static {
     /// history entry per revoked consent (ids `<history.event_id>_<n>`) and the audit event.
     async fn revoke_consents(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         consent_id: Option<&str>,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
@@ -525,7 +527,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<String>, StoreError>;
 
     /// A record's ciphertexts outside its fields (see [`BoundCiphertexts`]).
-    async fn bound_ciphertexts(&self, record_id: &str) -> Result<BoundCiphertexts, StoreError>;
+    async fn bound_ciphertexts(&self, record_id: &RecordId)
+    -> Result<BoundCiphertexts, StoreError>;
 
     /// Removes create request keys stored before `before`; returns how many.
     async fn expire_create_requests(&self, before: Micros) -> Result<u64, StoreError>;
@@ -548,7 +551,7 @@ pub trait Store: Send + Sync + 'static {
     /// Events that released fields of `record_id` under one of `purposes`, newest first.
     async fn list_disclosures(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         purposes: &[String],
         limit: u32,
         after: Option<(Micros, String)>,
@@ -611,7 +614,7 @@ pub trait Store: Send + Sync + 'static {
     /// `lease_until`.
     async fn start_rewrap_job(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         target: u32,
         owner: &JobOwner,
         now: Micros,
@@ -621,7 +624,7 @@ pub trait Store: Send + Sync + 'static {
     /// Extends a running job's lease; `false` when the job is no longer running.
     async fn renew_rewrap_lease(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         lease_until: Micros,
     ) -> Result<bool, StoreError>;
 
@@ -643,9 +646,9 @@ pub trait Store: Send + Sync + 'static {
     /// job or a writer holds are skipped, not waited for.
     async fn rewrap_batch(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         target: u32,
-        after: &str,
+        after: Option<&RecordId>,
         limit: i64,
         now: Micros,
         rewrap: &RewrapFn<'_>,
@@ -660,9 +663,9 @@ pub trait Store: Send + Sync + 'static {
     /// another job or a writer holds are skipped.
     async fn reindex_batch(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         target: u32,
-        after: &str,
+        after: Option<&RecordId>,
         limit: i64,
         now: Micros,
         reindex: &ReindexFn<'_>,
@@ -674,7 +677,7 @@ pub trait Store: Send + Sync + 'static {
     /// Closes a rewrap job with its final state.
     async fn finish_rewrap_job(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         state: &str,
         now: Micros,
     ) -> Result<(), StoreError>;
@@ -689,10 +692,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<RecordMeta, StoreError>;
 
     /// Up to `limit` live records whose retention deadline is at or before `now`.
-    async fn expired_records(&self, now: Micros, limit: i64) -> Result<Vec<String>, StoreError>;
+    async fn expired_records(&self, now: Micros, limit: i64) -> Result<Vec<RecordId>, StoreError>;
 
     /// A job's (rewrapped, failed) counters and state.
-    async fn rewrap_job(&self, job_id: &str) -> Result<Option<(i64, i64, String)>, StoreError>;
+    async fn rewrap_job(&self, job_id: &JobId) -> Result<Option<(i64, i64, String)>, StoreError>;
 }
 
 impl StoreError {

@@ -6,9 +6,11 @@
 //! The backends (`sqlite/`, `postgres/`) hold the SQL and the transactions; they call in
 //! here for every decision, so the two cannot drift apart.
 
+use crate::domain::Violation;
 use crate::domain::audit_chain::{
     AuditEvent, ChainHead, Checkpoint, CheckpointLink, ExpiryMarker, StoredEvent,
 };
+use crate::domain::ids::{JobId, RecordId};
 
 use super::{
     AccountEventRow, AccountState, CreateRequestKey, InsertOutcome, KeyVersionRow, LookupMatch,
@@ -23,6 +25,27 @@ pub(crate) trait Columns {
     fn opt_text(&self, name: &str) -> Result<Option<String>, StoreError>;
     fn bytes(&self, name: &str) -> Result<Vec<u8>, StoreError>;
     fn opt_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// A record id column: a value of another shape is a corrupt row, never a panic.
+    fn record_id(&self, name: &str) -> Result<RecordId, StoreError> {
+        stored_id(name, &self.text(name)?, RecordId::parse)
+    }
+
+    fn job_id(&self, name: &str) -> Result<JobId, StoreError> {
+        stored_id(name, &self.text(name)?, JobId::parse)
+    }
+}
+
+/// Decodes an id column. The error names the column and the reason, not the value: a
+/// corrupt row may hold anything, identity included.
+pub(crate) fn stored_id<T>(
+    column: &str,
+    raw: &str,
+    parse: fn(&str, &str) -> Result<T, Violation>,
+) -> Result<T, StoreError> {
+    parse(column, raw).map_err(|violation| {
+        StoreError::Corrupt(format!("column {}: {}", violation.field, violation.reason))
+    })
 }
 
 pub(crate) fn to_version(value: i64) -> Result<u32, StoreError> {
@@ -44,7 +67,7 @@ pub(crate) fn account(row: &impl Columns) -> Result<AccountState, StoreError> {
 
 pub(crate) fn lookup_match(row: &impl Columns) -> Result<LookupMatch, StoreError> {
     Ok(LookupMatch {
-        record_id: row.text("record_id")?,
+        record_id: row.record_id("record_id")?,
         account: account(row)?,
     })
 }
@@ -57,7 +80,11 @@ pub(crate) struct RecordRows {
 }
 
 impl RecordRows {
-    pub(crate) fn push(&mut self, record_id: &str, row: &impl Columns) -> Result<(), StoreError> {
+    pub(crate) fn push(
+        &mut self,
+        record_id: &RecordId,
+        row: &impl Columns,
+    ) -> Result<(), StoreError> {
         let stored = match &mut self.record {
             Some(stored) => stored,
             None => {
@@ -66,7 +93,7 @@ impl RecordRows {
                 })?;
                 self.record.insert(StoredRecord {
                     meta: RecordMeta {
-                        record_id: record_id.to_owned(),
+                        record_id: record_id.clone(),
                         version: row.i64("version")?,
                         created_at: row.i64("created_at")?,
                         updated_at: row.i64("updated_at")?,
@@ -97,12 +124,12 @@ impl RecordRows {
 #[derive(Default)]
 pub(crate) struct ScannedRecords {
     records: Vec<StoredRecord>,
-    current: Option<(String, RecordRows)>,
+    current: Option<(RecordId, RecordRows)>,
 }
 
 impl ScannedRecords {
     pub(crate) fn push(&mut self, row: &impl Columns) -> Result<(), StoreError> {
-        let record_id = row.text("record_id")?;
+        let record_id = row.record_id("record_id")?;
         if self.current.as_ref().is_none_or(|(id, _)| *id != record_id) {
             self.flush();
             self.current = Some((record_id.clone(), RecordRows::default()));
@@ -128,7 +155,7 @@ impl ScannedRecords {
 pub(crate) fn account_event(row: &impl Columns) -> Result<AccountEventRow, StoreError> {
     Ok(AccountEventRow {
         event_id: row.text("event_id")?,
-        record_id: row.text("record_id")?,
+        record_id: row.record_id("record_id")?,
         occurred_at: row.i64("occurred_at")?,
         kind: row.text("kind")?,
         actor: row.text("actor")?,
@@ -262,7 +289,7 @@ pub(crate) fn key_version(row: &impl Columns) -> Result<KeyVersionRow, StoreErro
 
 pub(crate) fn rewrap_job(row: &impl Columns) -> Result<RewrapJobRow, StoreError> {
     Ok(RewrapJobRow {
-        job_id: row.text("job_id")?,
+        job_id: row.job_id("job_id")?,
         state: row.text("state")?,
         target_version: row.i64("target_version")?,
         target_index_version: row.opt_i64("target_index_version")?,
@@ -511,9 +538,9 @@ pub(crate) fn revocation_entries(
 }
 
 /// A revocation's audit event names the record whose consents were revoked.
-pub(crate) fn revocation_event(audit: &AuditEvent, record_id: &str) -> AuditEvent {
+pub(crate) fn revocation_event(audit: &AuditEvent, record_id: &RecordId) -> AuditEvent {
     let mut audit = audit.clone();
-    audit.record_ids = vec![record_id.to_owned()];
+    audit.record_ids = vec![record_id.to_string()];
     audit
 }
 
@@ -526,7 +553,7 @@ pub(crate) fn rekey_complete(rekey: &super::RecordRekey, moved: u64, bound: i64)
 
 /// The metadata a successful field update or re-key leaves.
 pub(crate) fn meta_after(
-    record_id: String,
+    record_id: RecordId,
     expected_version: i64,
     created_at: i64,
     updated_at: i64,

@@ -252,7 +252,7 @@ impl Vault {
 
     fn birth_date(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         state: &AccountState,
     ) -> Result<Option<NaiveDate>, VaultError> {
         let Some(gate) = &state.age_gate else {
@@ -260,14 +260,14 @@ impl Vault {
         };
         let opened = self
             .state_key(state)?
-            .open(record_id, AGE_GATE_FIELD, gate)?;
+            .open(record_id.as_str(), AGE_GATE_FIELD, gate)?;
         let text = std::str::from_utf8(&opened).map_err(|_| VaultError::DataLoss)?;
         NaiveDate::parse_from_str(text, "%Y-%m-%d")
             .map(Some)
             .map_err(|_| VaultError::DataLoss)
     }
 
-    fn is_minor(&self, record_id: &str, state: &AccountState) -> Result<bool, VaultError> {
+    fn is_minor(&self, record_id: &RecordId, state: &AccountState) -> Result<bool, VaultError> {
         Ok(self
             .birth_date(record_id, state)?
             .is_some_and(|birth| !has_reached(birth, self.rules().age_of_majority, self.today())))
@@ -278,7 +278,7 @@ impl Vault {
     /// purpose is exempt).
     pub(crate) fn check_release_allowed(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         purpose: &Purpose,
         state: &AccountState,
     ) -> Result<(), VaultError> {
@@ -310,7 +310,7 @@ impl Vault {
         let result = async {
             let record_id = RecordId::parse("record_id", record_id)?;
             self.authorize(ctx, Rpc::CheckAccount)?;
-            let view = self.account_view(record_id.as_str()).await?;
+            let view = self.account_view(&record_id).await?;
             let mut event = self.event(
                 ctx,
                 Rpc::CheckAccount.as_str(),
@@ -326,7 +326,7 @@ impl Vault {
         self.audited(ctx, subject, result).await
     }
 
-    async fn account_view(&self, record_id: &str) -> Result<AccountView, VaultError> {
+    async fn account_view(&self, record_id: &RecordId) -> Result<AccountView, VaultError> {
         let state = self
             .store
             .account_state(record_id)
@@ -388,20 +388,19 @@ impl Vault {
         action: AccountAction,
         suspend: bool,
     ) -> Result<bool, VaultError> {
-        let record_id = RecordId::parse("record_id", &action.record_id)?;
+        let record_id = &RecordId::parse("record_id", &action.record_id)?;
         let note = FreeText::parse("note", &action.note, MAX_NOTE_BYTES)?;
         let ticket = FreeText::parse("ticket", &action.ticket, MAX_REFERENCE_BYTES)?;
         self.require_grant(ctx, Grant::AccountsSuspend)?;
         if suspend && action.reason.is_none() {
             return Err(violation("reason", "is required"));
         }
-        let record_id = record_id.as_str();
         let sealed = self.seal_note(record_id, note.as_str()).await?;
         let now = self.now_micros();
         let reason = action.reason.map(|r| r.as_str().to_owned());
         let history = AccountEventRow {
             event_id: format!("acc_{}", random_token()?),
-            record_id: record_id.to_owned(),
+            record_id: record_id.clone(),
             occurred_at: now,
             kind: if suspend { "SUSPENDED" } else { "REINSTATED" }.to_owned(),
             actor: ctx.caller.name.clone(),
@@ -410,7 +409,7 @@ impl Vault {
             ticket: ticket.non_empty(),
             consent_id: None,
         };
-        let mut audit = self.event(ctx, rpc, vec![record_id.to_owned()], "OK", reason);
+        let mut audit = self.event(ctx, rpc, vec![record_id.to_string()], "OK", reason);
         audit.justification = ticket.non_empty();
         let changed = self
             .store
@@ -453,8 +452,7 @@ impl Vault {
         limit: u32,
         after: Option<(Micros, String)>,
     ) -> Result<Vec<AccountHistoryEntry>, VaultError> {
-        let record_id = RecordId::parse("record_id", record_id)?;
-        let record_id = record_id.as_str();
+        let record_id = &RecordId::parse("record_id", record_id)?;
         self.require_grant(ctx, Grant::AccountsSuspend)?;
         if self.store.account_state(record_id).await?.is_none() {
             return Err(VaultError::NotFound);
@@ -464,14 +462,18 @@ impl Vault {
             .list_account_events(record_id, limit, after)
             .await?;
         let dek = match self.store.get_record(record_id).await? {
-            Some(stored) => Some(self.keys.unwrap(&stored.wrapped_key, record_id).await?),
+            Some(stored) => Some(
+                self.keys
+                    .unwrap(&stored.wrapped_key, record_id.as_str())
+                    .await?,
+            ),
             None => None,
         };
         let mut entries = Vec::with_capacity(rows.len());
         for row in rows {
             let note = match (&dek, &row.note) {
                 (Some(dek), Some(sealed)) => {
-                    let opened = dek.open_field(record_id, NOTE_FIELD, sealed)?;
+                    let opened = dek.open_field(record_id.as_str(), NOTE_FIELD, sealed)?;
                     Some(String::from_utf8(opened.to_vec()).map_err(|_| VaultError::DataLoss)?)
                 }
                 _ => None,
@@ -481,7 +483,7 @@ impl Vault {
         let event = self.event(
             ctx,
             "ListAccountEvents",
-            vec![record_id.to_owned()],
+            vec![record_id.to_string()],
             "OK",
             None,
         );
@@ -494,7 +496,7 @@ impl Vault {
 
     /// Seals a staff note under the record's data key, so it is shredded with the record.
     /// Fails when the record is not live, note or no note.
-    async fn seal_note(&self, record_id: &str, note: &str) -> Result<SealedNote, VaultError> {
+    async fn seal_note(&self, record_id: &RecordId, note: &str) -> Result<SealedNote, VaultError> {
         let stored = self
             .store
             .get_record(record_id)
@@ -503,9 +505,12 @@ impl Vault {
         if note.is_empty() {
             return Ok(SealedNote::default());
         }
-        let dek = self.keys.unwrap(&stored.wrapped_key, record_id).await?;
+        let dek = self
+            .keys
+            .unwrap(&stored.wrapped_key, record_id.as_str())
+            .await?;
         Ok(SealedNote {
-            note: Some(dek.seal_field(record_id, NOTE_FIELD, note.as_bytes())?),
+            note: Some(dek.seal_field(record_id.as_str(), NOTE_FIELD, note.as_bytes())?),
             under: Some(stored.wrapped_key),
         })
     }
@@ -530,8 +535,7 @@ impl Vault {
         ctx: &CallContext,
         request: ConsentRequest,
     ) -> Result<ConsentRow, VaultError> {
-        let record_id = RecordId::parse("record_id", &request.record_id)?;
-        let record_id = record_id.as_str();
+        let record_id = &RecordId::parse("record_id", &request.record_id)?;
         let guardian_record = match &request.guardian {
             Guardian::Record(id) => Some(RecordId::parse("guardian_record_id", id)?),
             Guardian::Identity(_) => None,
@@ -563,9 +567,8 @@ impl Vault {
         let consent_id = format!("con_{}", random_token()?);
         let (guardian_record_id, guardian_sealed) = match (request.guardian, guardian_record) {
             (_, Some(guardian_id)) => {
-                self.check_guardian_record(record_id, guardian_id.as_str())
-                    .await?;
-                (Some(guardian_id.into_string()), None)
+                self.check_guardian_record(record_id, &guardian_id).await?;
+                (Some(guardian_id), None)
             }
             (Guardian::Record(_), None) => {
                 return Err(VaultError::Internal("guardian record id not parsed"));
@@ -580,7 +583,7 @@ impl Vault {
         let now = self.now_micros();
         let consent = ConsentRow {
             consent_id: consent_id.clone(),
-            record_id: record_id.to_owned(),
+            record_id: record_id.clone(),
             guardian_record_id,
             guardian_sealed,
             relationship: request.relationship.as_str().to_owned(),
@@ -591,7 +594,7 @@ impl Vault {
         };
         let history = AccountEventRow {
             event_id: format!("acc_{}", random_token()?),
-            record_id: record_id.to_owned(),
+            record_id: record_id.clone(),
             occurred_at: now,
             kind: "CONSENT_RECORDED".into(),
             actor: ctx.caller.name.clone(),
@@ -600,8 +603,8 @@ impl Vault {
             ticket: None,
             consent_id: Some(consent_id),
         };
-        let mut record_ids = vec![record_id.to_owned()];
-        record_ids.extend(consent.guardian_record_id.clone());
+        let mut record_ids = vec![record_id.to_string()];
+        record_ids.extend(consent.guardian_record_id.as_ref().map(RecordId::to_string));
         let mut audit = self.event(
             ctx,
             Rpc::RecordGuardianConsent.as_str(),
@@ -623,8 +626,8 @@ impl Vault {
 
     async fn check_guardian_record(
         &self,
-        minor_id: &str,
-        guardian_id: &str,
+        minor_id: &RecordId,
+        guardian_id: &RecordId,
     ) -> Result<(), VaultError> {
         if guardian_id == minor_id {
             return Err(violation(
@@ -651,7 +654,7 @@ impl Vault {
     /// Validates a guardian given inline and seals their identity under the minor's key.
     async fn seal_guardian_identity(
         &self,
-        minor_id: &str,
+        minor_id: &RecordId,
         minor_wrapped_key: &[u8],
         consent_id: &str,
         input: IdentityInput,
@@ -681,7 +684,7 @@ impl Vault {
             .find_by_document(document)
             .await?
             .iter()
-            .any(|found| found.record_id == minor_id);
+            .any(|found| found.record_id == *minor_id);
         if same_person {
             return Err(violation(
                 "guardian_identity.id_number",
@@ -701,8 +704,11 @@ impl Vault {
             .collect();
         let plaintext =
             zeroize::Zeroizing::new(serde_json::to_vec(&canonical).map_err(VaultError::Encode)?);
-        let dek = self.keys.unwrap(minor_wrapped_key, minor_id).await?;
-        Ok(dek.seal_field(minor_id, &guardian_field(consent_id), &plaintext)?)
+        let dek = self
+            .keys
+            .unwrap(minor_wrapped_key, minor_id.as_str())
+            .await?;
+        Ok(dek.seal_field(minor_id.as_str(), &guardian_field(consent_id), &plaintext)?)
     }
 
     pub async fn revoke_guardian_consent(
@@ -724,8 +730,7 @@ impl Vault {
         consent_id: Option<&str>,
         note: &str,
     ) -> Result<Vec<String>, VaultError> {
-        let record_id = RecordId::parse("record_id", record_id)?;
-        let record_id = record_id.as_str();
+        let record_id = &RecordId::parse("record_id", record_id)?;
         let note = FreeText::parse("note", note, MAX_NOTE_BYTES)?;
         if let Some(id) = consent_id {
             FreeText::parse("consent_id", id, MAX_REFERENCE_BYTES)?;
@@ -734,7 +739,7 @@ impl Vault {
         let sealed = self.seal_note(record_id, note.as_str()).await?;
         let history = AccountEventRow {
             event_id: format!("acc_{}", random_token()?),
-            record_id: record_id.to_owned(),
+            record_id: record_id.clone(),
             occurred_at: self.now_micros(),
             kind: "CONSENT_REVOKED".into(),
             actor: ctx.caller.name.clone(),
@@ -746,7 +751,7 @@ impl Vault {
         let audit: AuditEvent = self.event(
             ctx,
             Rpc::RevokeGuardianConsent.as_str(),
-            vec![record_id.to_owned()],
+            vec![record_id.to_string()],
             "OK",
             None,
         );

@@ -93,7 +93,7 @@ impl Vault {
         let released_ids: Vec<String> = released
             .iter()
             .filter_map(|result| result.as_ref().ok())
-            .map(|release| release.record_id.clone())
+            .map(|release| release.record_id.to_string())
             .collect();
         let mut events = Vec::with_capacity(1 + record_ids.len() - released_ids.len());
         if !released_ids.is_empty() {
@@ -152,7 +152,7 @@ impl Vault {
         wanted: Option<&BTreeSet<FieldName>>,
     ) -> Result<Release, VaultError> {
         let record_id = RecordId::parse(&format!("record_ids[{index}]"), raw)?;
-        self.open_release(record_id.as_str(), purpose, wanted).await
+        self.open_release(&record_id, purpose, wanted).await
     }
 
     /// Creates each item, independently: one result per item, in order. `Err` of the whole

@@ -39,6 +39,7 @@ use tokio::sync::mpsc;
 use crate::crypto::DataKey;
 use crate::domain::FieldName;
 use crate::domain::edge::{MAX_JUSTIFICATION_BYTES, check_text};
+use crate::domain::ids::RecordId;
 use crate::keys::{IndexKeyPair, KeyManager};
 use crate::policy::{Purpose, ReleaseLevel, Rpc};
 use crate::store::{Micros, StoredRecord};
@@ -334,16 +335,16 @@ impl Vault {
             .collect();
         let mut audited_once = false;
         let mut position = census.done;
-        let mut after = state.after.clone();
+        let mut after = resumed_after(&state.after)?;
         loop {
             let page = self
                 .store
-                .scan_live_records(&after, state.as_of, PAGE)
+                .scan_live_records(after.as_ref(), state.as_of, PAGE)
                 .await?;
             let Some(last) = page.last() else {
                 break;
             };
-            after = last.meta.record_id.clone();
+            after = Some(last.meta.record_id.clone());
             let mut rows = Vec::new();
             for stored in &page {
                 let Some(row) = self.export_row(purpose, &index_keys, stored, true).await? else {
@@ -351,7 +352,7 @@ impl Vault {
                 };
                 let expected = census.rows.get(position).copied();
                 position += 1;
-                if expected != Some(row_digest(&stored.meta.record_id, &row.class)) {
+                if expected != Some(row_digest(stored.meta.record_id.as_str(), &row.class)) {
                     return Err(VaultError::ExportChanged);
                 }
                 if census.classes.get(&row.class).copied().unwrap_or(0) >= u64::from(export.k) {
@@ -397,7 +398,7 @@ impl Vault {
             let event = self.export_event(ctx, &export, &state, summary, Vec::new(), released);
             self.commit_before_answer(event).await?;
         }
-        state.after = after;
+        state.after = after.map(RecordId::into_string).unwrap_or_default();
         let cursor = self.export_cursors.seal(caller, &purpose.name, &state)?;
         let _ = sink.send(Ok(ExportItem::Summary { summary, cursor })).await;
         Ok(())
@@ -419,16 +420,16 @@ impl Vault {
         };
         let mut digest = Sha256::new();
         digest.update(b"pdvault.export-census.v1");
-        let mut after = String::new();
+        let mut after: Option<RecordId> = None;
         loop {
             let page = self
                 .store
-                .scan_live_records(&after, state.as_of, PAGE)
+                .scan_live_records(after.as_ref(), state.as_of, PAGE)
                 .await?;
             let Some(last) = page.last() else {
                 break;
             };
-            after = last.meta.record_id.clone();
+            after = Some(last.meta.record_id.clone());
             for stored in &page {
                 let Some(row) = self.export_row(purpose, index_keys, stored, false).await? else {
                     continue;
@@ -458,7 +459,7 @@ impl Vault {
         stored: &StoredRecord,
         all_fields: bool,
     ) -> Result<Option<ExportRow>, VaultError> {
-        let record_id = stored.meta.record_id.as_str();
+        let record_id = &stored.meta.record_id;
         match self.check_release_allowed(record_id, purpose, &stored.account) {
             Ok(()) => {}
             Err(VaultError::AccountSuspended | VaultError::GuardianConsentRequired) => {
@@ -466,7 +467,10 @@ impl Vault {
             }
             Err(other) => return Err(other),
         }
-        let dek = self.keys.unwrap(&stored.wrapped_key, record_id).await?;
+        let dek = self
+            .keys
+            .unwrap(&stored.wrapped_key, record_id.as_str())
+            .await?;
         let mut fields = Vec::new();
         let mut quasi: [Option<String>; QUASI_IDENTIFIERS.len()] = Default::default();
         for sealed in &stored.fields {
@@ -479,7 +483,8 @@ impl Vault {
             if level == ReleaseLevel::None || (!all_fields && slot.is_none()) {
                 continue;
             }
-            let plaintext = dek.open_field(record_id, &sealed.field, &sealed.ciphertext)?;
+            let plaintext =
+                dek.open_field(record_id.as_str(), &sealed.field, &sealed.ciphertext)?;
             let canonical = std::str::from_utf8(&plaintext).map_err(|_| VaultError::DataLoss)?;
             let Some(value) = apply_level(&index_keys.pseudonym, purpose, field, level, canonical)
             else {
@@ -550,6 +555,16 @@ fn class_of(quasi: &[Option<String>]) -> [u8; 16] {
 
 /// What the second pass checks a row against: record and class, in 64 bits (a collision
 /// would take a change that happens to keep this digest, among the rows of one export).
+/// Where a resumed export's scan goes on from: after the record its cursor names, or from
+/// the start when it names none. The cursor is sealed by the vault, so a record id in it
+/// that does not parse is the vault's own corruption, refused like any other bad cursor.
+fn resumed_after(raw: &str) -> Result<Option<RecordId>, VaultError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(RecordId::parse("resume_cursor", raw)?))
+}
+
 fn row_digest(record_id: &str, class: &[u8; 16]) -> u64 {
     let mut digest = Sha256::new();
     digest.update(record_id.as_bytes());

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use crate::domain::ids::JobId;
 use crate::keys::{KeyError, KeyKind, KeyStatus, KeyVersionInfo, RotateOutcome};
 use crate::policy::Grant;
 use crate::vault::rewrap::{self, Progress, RewrapError};
@@ -230,7 +231,7 @@ impl KeyAdmin {
             // A job that runs is audited by its summary, whatever its end.
             return self.settle(ctx, "RewrapRecords", Err(refused)).await;
         }
-        let job_id = crate::vault::new_event_id().replacen("evt_", "rwj_", 1);
+        let job_id = JobId::generate();
         let clock = self.vault.clock().clone();
         let now = move || clock.now().timestamp_micros();
         let batch_size = if batch_size == 0 {

@@ -42,17 +42,19 @@ impl Vault {
         record_id: &str,
         reason: &str,
     ) -> Result<(RecordMeta, u32), VaultError> {
-        let record_id = RecordId::parse("record_id", record_id)?;
+        let record_id = &RecordId::parse("record_id", record_id)?;
         let reason = FreeText::parse("reason", reason, MAX_JUSTIFICATION_BYTES)?;
         self.require_grant(ctx, Grant::KeysRotate)?;
-        let record_id = record_id.as_str();
         let stored = self
             .store
             .get_record(record_id)
             .await?
             .ok_or(VaultError::NotFound)?;
         let bound = self.store.bound_ciphertexts(record_id).await?;
-        let old = self.keys.unwrap(&stored.wrapped_key, record_id).await?;
+        let old = self
+            .keys
+            .unwrap(&stored.wrapped_key, record_id.as_str())
+            .await?;
         // The configured suite: re-keying is how a record moves from one suite to another.
         let fresh = self.keys.generate_data_key()?;
         let mut fields = Vec::with_capacity(stored.fields.len());
@@ -79,13 +81,13 @@ impl Vault {
             resealed.guardians.push((consent_id.clone(), new));
         }
         drop(old);
-        let mut audit = self.event(ctx, "RekeyRecord", vec![record_id.to_owned()], "OK", None);
+        let mut audit = self.event(ctx, "RekeyRecord", vec![record_id.to_string()], "OK", None);
         audit.justification = reason.non_empty();
         let mut refreshed = false;
         loop {
-            let (wrapped_key, kek_version) = self.keys.wrap(&fresh, record_id)?;
+            let (wrapped_key, kek_version) = self.keys.wrap(&fresh, record_id.as_str())?;
             let rekey = RecordRekey {
-                record_id: record_id.to_owned(),
+                record_id: record_id.clone(),
                 expected_version: stored.meta.version,
                 updated_at: self.now_micros(),
                 wrapped_key,
@@ -144,7 +146,7 @@ impl Vault {
                 let mut audit = self.event(
                     ctx,
                     "PurgeExpiredRecords",
-                    vec![record_id.clone()],
+                    vec![record_id.to_string()],
                     "OK",
                     None,
                 );
@@ -154,7 +156,7 @@ impl Vault {
                     .delete_record(&record_id, now, true, &audit)
                     .await
                 {
-                    Ok(()) => purged.push(record_id),
+                    Ok(()) => purged.push(record_id.into_string()),
                     // Deleted meanwhile, by its owner or another purge.
                     Err(StoreError::NotFound) => {}
                     Err(error) => return Err(error.into()),
@@ -176,12 +178,12 @@ impl Vault {
 fn reseal(
     old: &DataKey,
     new: &DataKey,
-    record_id: &str,
+    record_id: &RecordId,
     name: &str,
     sealed: &[u8],
 ) -> Result<Vec<u8>, VaultError> {
-    let plaintext: Zeroizing<Vec<u8>> = old.open_field(record_id, name, sealed)?;
-    Ok(new.seal_field(record_id, name, &plaintext)?)
+    let plaintext: Zeroizing<Vec<u8>> = old.open_field(record_id.as_str(), name, sealed)?;
+    Ok(new.seal_field(record_id.as_str(), name, &plaintext)?)
 }
 
 /// The violation a refused retention period becomes.

@@ -35,6 +35,7 @@ use zeroize::Zeroizing;
 
 use crate::audit::{AuditEvent, AuditLog, CheckpointSigner};
 use crate::crypto::{CryptoError, EtagKey};
+use crate::domain::ids::{EventId, RecordId};
 use crate::domain::{FieldName, IdType, Violation};
 use crate::keys::{KeyError, KeyManager};
 use crate::policy::retention::Retention;
@@ -208,7 +209,7 @@ pub struct ReleasedValue {
 }
 
 pub struct Release {
-    pub record_id: String,
+    pub record_id: RecordId,
     pub etag: String,
     pub fields: Vec<(FieldName, ReleasedValue)>,
 }
@@ -395,7 +396,7 @@ impl Vault {
         reason: Option<String>,
     ) -> Result<(), VaultError> {
         let event = AuditEvent {
-            event_id: new_event_id(),
+            event_id: EventId::generate().into_string(),
             occurred_at: self.now_micros(),
             chain_id: self.audit.chain_id().to_owned(),
             caller: actor.to_owned(),
@@ -433,7 +434,7 @@ impl Vault {
         reason: Option<String>,
     ) -> AuditEvent {
         AuditEvent {
-            event_id: new_event_id(),
+            event_id: EventId::generate().into_string(),
             occurred_at: self.now_micros(),
             chain_id: self.audit.chain_id().to_owned(),
             caller: ctx.caller.name.clone(),
@@ -461,18 +462,4 @@ pub(crate) fn random_token() -> Result<String, VaultError> {
     Ok(data_encoding::BASE32_NOPAD
         .encode(bytes.as_ref())
         .to_lowercase())
-}
-
-pub(crate) fn new_event_id() -> String {
-    // Time first, then randomness: ids sort by creation, so the unique index on event ids
-    // grows at its right edge instead of costing a random page write per audit event.
-    // Uniqueness comes from the random part; should the OS generator fail, a process-wide
-    // counter stands in (and the read fails later anyway, needing the generator too).
-    static FALLBACK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let micros = Utc::now().timestamp_micros().max(0);
-    let token = random_token().unwrap_or_else(|_| {
-        let n = FALLBACK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        format!("n{n}")
-    });
-    format!("evt_{micros:013x}{token}")
 }

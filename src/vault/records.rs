@@ -46,7 +46,7 @@ const MAX_LISTED_FIELDS: usize = FieldName::ALL.len();
 impl Vault {
     /// The etag a record's metadata is answered with.
     pub fn etag(&self, meta: &RecordMeta) -> String {
-        self.etags.etag(&meta.record_id, meta.version)
+        self.etags.etag(meta.record_id.as_str(), meta.version)
     }
 
     pub async fn create_record(
@@ -130,8 +130,7 @@ impl Vault {
             ));
         }
         let record_id = RecordId::generate()
-            .map_err(|_| VaultError::Crypto(crate::crypto::CryptoError::Random))?
-            .into_string();
+            .map_err(|_| VaultError::Crypto(crate::crypto::CryptoError::Random))?;
         let dek = self.keys.generate_data_key()?;
         let fields = seal_all(&dek, &record_id, &identity.canonical_fields())?;
         let now = self.now_micros();
@@ -143,7 +142,7 @@ impl Vault {
                 retention_days,
             )
             .map_err(super::lifecycle::retention_violation)?;
-        let audit = self.event(ctx, rpc.as_str(), vec![record_id.clone()], "OK", None);
+        let audit = self.event(ctx, rpc.as_str(), vec![record_id.to_string()], "OK", None);
         Ok(SealedCreate {
             identity,
             dek,
@@ -164,7 +163,7 @@ impl Vault {
         ctx: &CallContext,
         create: &SealedCreate,
     ) -> Result<BatchInsert, VaultError> {
-        let (wrapped_key, kek_version) = self.keys.wrap(&create.dek, &create.record_id)?;
+        let (wrapped_key, kek_version) = self.keys.wrap(&create.dek, create.record_id.as_str())?;
         let (indexes, age_gate) = self.write_indexes(&create.record_id, &create.identity)?;
         let request = match &create.request_id {
             Some(request_id) => Some(self.request_key(
@@ -250,7 +249,7 @@ impl Vault {
         self.authorize(ctx, Rpc::GetRecord)?;
         let purpose = self.granted_purpose(ctx, purpose_name, &justification)?;
         let release = self
-            .open_release(record_id.as_str(), purpose, wanted.as_ref())
+            .open_release(&record_id, purpose, wanted.as_ref())
             .await?;
         let mut event = self.event(
             ctx,
@@ -269,7 +268,7 @@ impl Vault {
     /// caller commits the event before it answers.
     pub(super) async fn open_release(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         purpose: &Purpose,
         wanted: Option<&BTreeSet<FieldName>>,
     ) -> Result<Release, VaultError> {
@@ -279,7 +278,10 @@ impl Vault {
             .await?
             .ok_or(VaultError::NotFound)?;
         self.check_release_allowed(record_id, purpose, &stored.account)?;
-        let dek = self.keys.unwrap(&stored.wrapped_key, record_id).await?;
+        let dek = self
+            .keys
+            .unwrap(&stored.wrapped_key, record_id.as_str())
+            .await?;
         // Pseudonyms are always those of the active index version: they change when the
         // index key is rotated.
         let (_, index_keys) = self.keys.active_index()?;
@@ -291,7 +293,8 @@ impl Vault {
             if level == ReleaseLevel::None || !wanted.is_none_or(|w| w.contains(&field)) {
                 continue;
             }
-            let plaintext = dek.open_field(record_id, &sealed.field, &sealed.ciphertext)?;
+            let plaintext =
+                dek.open_field(record_id.as_str(), &sealed.field, &sealed.ciphertext)?;
             let canonical = std::str::from_utf8(&plaintext).map_err(|_| VaultError::DataLoss)?;
             if let Some(value) =
                 apply_level(&index_keys.pseudonym, purpose, field, level, canonical)
@@ -300,7 +303,7 @@ impl Vault {
             }
         }
         Ok(Release {
-            record_id: record_id.to_owned(),
+            record_id: record_id.clone(),
             etag: self.etag(&stored.meta),
             fields,
         })
@@ -355,8 +358,7 @@ impl Vault {
         etag: &str,
         policy_version: Option<String>,
     ) -> Result<RecordMeta, VaultError> {
-        let record_id = RecordId::parse("record_id", record_id)?;
-        let record_id = record_id.as_str();
+        let record_id = &RecordId::parse("record_id", record_id)?;
         if !EtagKey::well_formed(etag) {
             return Err(violation(
                 "etag",
@@ -391,16 +393,23 @@ impl Vault {
         if stored.account.suspended && !override_suspension {
             return Err(VaultError::AccountSuspended);
         }
-        if !self.etags.matches(etag, record_id, stored.meta.version) {
+        if !self
+            .etags
+            .matches(etag, record_id.as_str(), stored.meta.version)
+        {
             return Err(VaultError::EtagMismatch);
         }
         let expected_version = stored.meta.version;
-        let dek = self.keys.unwrap(&stored.wrapped_key, record_id).await?;
+        let dek = self
+            .keys
+            .unwrap(&stored.wrapped_key, record_id.as_str())
+            .await?;
         let mut current = Vec::with_capacity(stored.fields.len());
         for sealed in &stored.fields {
             let field = FieldName::parse(&sealed.field)
                 .ok_or_else(|| VaultError::Internal("stored field has an unknown name"))?;
-            let plaintext = dek.open_field(record_id, &sealed.field, &sealed.ciphertext)?;
+            let plaintext =
+                dek.open_field(record_id.as_str(), &sealed.field, &sealed.ciphertext)?;
             let value = String::from_utf8(plaintext.to_vec()).map_err(|_| VaultError::DataLoss)?;
             current.push((field, value));
         }
@@ -422,7 +431,7 @@ impl Vault {
         let audit = self.event(
             ctx,
             Rpc::UpdateRecord.as_str(),
-            vec![record_id.to_owned()],
+            vec![record_id.to_string()],
             "OK",
             None,
         );
@@ -432,7 +441,7 @@ impl Vault {
             attempts += 1;
             let (indexes, age_gate) = self.write_indexes(record_id, &identity)?;
             let update = RecordUpdate {
-                record_id: record_id.to_owned(),
+                record_id: record_id.clone(),
                 expected_version,
                 updated_at,
                 indexes,
@@ -474,7 +483,7 @@ impl Vault {
             audit.justification = reason.non_empty();
             let override_suspension = ctx.caller.has_grant(Grant::AccountsSuspend);
             self.store
-                .delete_record(record_id.as_str(), now, override_suspension, &audit)
+                .delete_record(&record_id, now, override_suspension, &audit)
                 .await?;
             Ok(now)
         }
@@ -540,7 +549,10 @@ impl Vault {
             self.check_release_allowed(&found.record_id, purpose, &found.account)?;
         }
         Ok((
-            matches.into_iter().map(|m| m.record_id).collect(),
+            matches
+                .into_iter()
+                .map(|m| m.record_id.into_string())
+                .collect(),
             justification,
         ))
     }
@@ -550,7 +562,7 @@ impl Vault {
     /// under the active version's state key.
     fn write_indexes(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         identity: &Identity,
     ) -> Result<(RecordIndexes, Option<Vec<u8>>), VaultError> {
         let live = self.keys.live_index_keys()?;
@@ -572,7 +584,7 @@ impl Vault {
                 .collect(),
             computed_for: live.iter().map(|(v, _)| *v).collect(),
         };
-        let age_gate = self.seal_age_gate(active, record_id, identity.date_of_birth())?;
+        let age_gate = self.seal_age_gate(active, record_id.as_str(), identity.date_of_birth())?;
         Ok((indexes, age_gate))
     }
 
@@ -703,7 +715,7 @@ pub(super) fn read_strings(purpose: &str, justification: &str) -> Result<FreeTex
 pub(super) struct SealedCreate {
     identity: Identity,
     dek: DataKey,
-    record_id: String,
+    record_id: RecordId,
     fields: Vec<SealedField>,
     now: i64,
     retain_until: Option<i64>,
@@ -733,14 +745,14 @@ pub(super) fn created(outcome: InsertOutcome) -> Result<RecordMeta, VaultError> 
 
 pub(crate) fn seal_all(
     dek: &DataKey,
-    record_id: &str,
+    record_id: &RecordId,
     canonical: &[(FieldName, String)],
 ) -> Result<Vec<SealedField>, VaultError> {
     let plaintexts: Vec<(&str, &[u8])> = canonical
         .iter()
         .map(|(field, value)| (field.as_str(), value.as_bytes()))
         .collect();
-    let sealed = dek.seal_fields(record_id, &plaintexts)?;
+    let sealed = dek.seal_fields(record_id.as_str(), &plaintexts)?;
     Ok(canonical
         .iter()
         .zip(sealed)

@@ -40,7 +40,7 @@ pub fn reindexer(
             Err(error) => {
                 tracing::error!(
                     %error,
-                    record_id = row.record_id,
+                    record_id = %row.record_id,
                     "cannot re-index a record; it stays under its index version"
                 );
                 None
@@ -61,8 +61,8 @@ fn reindex_record(
                 .index_keys(row.index_version)?
                 .blind_index
                 .derive_state_key();
-            let birth = from_state.open(&row.record_id, AGE_GATE_FIELD, gate)?;
-            Some(to_state.seal(&row.record_id, AGE_GATE_FIELD, &birth)?)
+            let birth = from_state.open(row.record_id.as_str(), AGE_GATE_FIELD, gate)?;
+            Some(to_state.seal(row.record_id.as_str(), AGE_GATE_FIELD, &birth)?)
         }
         None => None,
     };
@@ -73,12 +73,12 @@ fn reindex_record(
             age_gate,
         });
     }
-    let dek = keys.unwrap_cached_state(&row.wrapped_key, &row.record_id)?;
+    let dek = keys.unwrap_cached_state(&row.wrapped_key, row.record_id.as_str())?;
     let open = |field: FieldName| -> Result<Option<Zeroizing<Vec<u8>>>, KeyError> {
         row.fields
             .iter()
             .find(|sealed| sealed.field == field.as_str())
-            .map(|sealed| dek.open_field(&row.record_id, &sealed.field, &sealed.ciphertext))
+            .map(|sealed| dek.open_field(row.record_id.as_str(), &sealed.field, &sealed.ciphertext))
             .transpose()
             .map_err(KeyError::from)
     };

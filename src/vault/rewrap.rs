@@ -32,6 +32,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::ids::{JobId, RecordId};
 use crate::keys::{KeyError, KeyManager};
 use crate::store::{JobOwner, Micros, RewrapBatch, Store, StoreError};
 use crate::vault::Vault;
@@ -94,7 +95,7 @@ pub struct PassProgress {
 /// A job's progress, as sent after every batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Progress {
-    pub job_id: String,
+    pub job_id: JobId,
     /// Data keys under older KEK versions.
     pub kek: PassProgress,
     /// Blind indexes under older index versions.
@@ -127,9 +128,9 @@ impl Pass {
     async fn batch(
         self,
         keys: &KeyManager,
-        job_id: &str,
+        job_id: &JobId,
         target: u32,
-        after: &str,
+        after: Option<&RecordId>,
         limit: i64,
         now: Micros,
     ) -> Result<RewrapBatch, RewrapError> {
@@ -202,7 +203,7 @@ pub async fn interrupt_abandoned_periodically(
 /// job ends before its next batch, its row INTERRUPTED.
 pub async fn run(
     keys: &KeyManager,
-    job_id: String,
+    job_id: JobId,
     owner: &JobOwner,
     batch_size: u32,
     now: &(dyn Fn() -> Micros + Send + Sync),
@@ -284,7 +285,7 @@ pub async fn run(
         Err(_) => "FAILED",
     };
     if let Err(error) = store.finish_rewrap_job(&job_id, final_state, now()).await {
-        tracing::error!(%error, job_id, "cannot record the end of a rewrap job");
+        tracing::error!(%error, %job_id, "cannot record the end of a rewrap job");
     }
     outcome?;
     let _ = progress.send(state.clone()).await;
@@ -298,7 +299,7 @@ pub async fn run(
 async fn run_pass(
     keys: &KeyManager,
     pass: Pass,
-    job_id: &str,
+    job_id: &JobId,
     batch_size: i64,
     now: &(dyn Fn() -> Micros + Send + Sync),
     progress: &mpsc::Sender<Progress>,
@@ -308,7 +309,8 @@ async fn run_pass(
     let store = keys.store().clone();
     let mut idle_passes = 0;
     loop {
-        let mut cursor = String::new();
+        // Where the sweep goes on from: `None` starts at the first record id.
+        let mut cursor: Option<RecordId> = None;
         let mut pass_moved = 0;
         pass.of(state).failed = 0;
         loop {
@@ -317,7 +319,7 @@ async fn run_pass(
             }
             let target = pass.of(state).target_version;
             let batch = pass
-                .batch(keys, job_id, target, &cursor, batch_size, now())
+                .batch(keys, job_id, target, cursor.as_ref(), batch_size, now())
                 .await?;
             if batch.target_inactive {
                 // Someone rotated meanwhile: aim at the new version from the start.
@@ -326,13 +328,13 @@ async fn run_pass(
                 let this = pass.of(state);
                 this.target_version = target;
                 this.total = this.moved as i64 + older;
-                cursor.clear();
+                cursor = None;
                 continue;
             }
             let Some(last) = batch.last_record_id else {
                 break;
             };
-            cursor = last;
+            cursor = Some(last);
             pass_moved += batch.rewrapped;
             let this = pass.of(state);
             this.moved += batch.rewrapped;

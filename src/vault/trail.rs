@@ -85,7 +85,7 @@ impl Vault {
             let purposes = ctx.policy.disclosure_purposes();
             let events = self
                 .store
-                .list_disclosures(record_id.as_str(), &purposes, limit, after)
+                .list_disclosures(&record_id, &purposes, limit, after)
                 .await?;
             self.audit_read(ctx, "ListDisclosures", Some(record_id.into_string()))
                 .await?;

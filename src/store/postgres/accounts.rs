@@ -1,6 +1,7 @@
 //! PostgreSQL SQL of the accounts-and-consents aggregate: suspensions, account history,
 //! guardian consents and the ciphertexts bound to a record outside its fields.
 
+use crate::domain::ids::RecordId;
 use sqlx::PgConnection;
 
 use super::audit::append;
@@ -17,14 +18,14 @@ const LOCK_RECORD_KEY: &str = "SELECT record_id FROM records \
 
 async fn record_key_is(
     conn: &mut PgConnection,
-    record_id: &str,
+    record_id: &RecordId,
     sealed_under: Option<&[u8]>,
 ) -> Result<bool, StoreError> {
     let Some(wrapped_key) = sealed_under else {
         return Ok(true);
     };
     let found = sqlx::query(LOCK_RECORD_KEY)
-        .bind(record_id)
+        .bind(record_id.as_str())
         .bind(wrapped_key)
         .fetch_optional(conn)
         .await?;
@@ -37,7 +38,7 @@ async fn insert_history(
 ) -> Result<(), StoreError> {
     sqlx::query(queries::INSERT_ACCOUNT_EVENT)
         .bind(&event.event_id)
-        .bind(&event.record_id)
+        .bind(event.record_id.as_str())
         .bind(event.occurred_at)
         .bind(&event.kind)
         .bind(&event.actor)
@@ -52,7 +53,7 @@ async fn insert_history(
 
 pub(super) async fn set_suspended(
     conn: &mut PgConnection,
-    record_id: &str,
+    record_id: &RecordId,
     suspended: bool,
     history: &AccountEventRow,
     sealed_under: Option<&[u8]>,
@@ -64,10 +65,10 @@ pub(super) async fn set_suspended(
     }
     let changed = if suspended {
         sqlx::query(queries::SUSPEND)
-            .bind(record_id)
+            .bind(record_id.as_str())
             .bind(history.occurred_at)
     } else {
-        sqlx::query(queries::REINSTATE).bind(record_id)
+        sqlx::query(queries::REINSTATE).bind(record_id.as_str())
     }
     .execute(&mut *conn)
     .await?
@@ -82,13 +83,13 @@ pub(super) async fn set_suspended(
 
 pub(super) async fn list_events(
     conn: &mut PgConnection,
-    record_id: &str,
+    record_id: &RecordId,
     limit: u32,
     after: Option<(i64, String)>,
 ) -> Result<Vec<AccountEventRow>, StoreError> {
     let (time, event_id) = after.unwrap_or((i64::MIN, String::new()));
     let rows = sqlx::query(queries::LIST_ACCOUNT_EVENTS)
-        .bind(record_id)
+        .bind(record_id.as_str())
         .bind(time)
         .bind(event_id)
         .bind(i64::from(limit))
@@ -110,8 +111,8 @@ pub(super) async fn insert_consent(
     }
     sqlx::query(queries::INSERT_CONSENT)
         .bind(&consent.consent_id)
-        .bind(&consent.record_id)
-        .bind(&consent.guardian_record_id)
+        .bind(consent.record_id.as_str())
+        .bind(consent.guardian_record_id.as_ref().map(RecordId::as_str))
         .bind(&consent.guardian_sealed)
         .bind(&consent.relationship)
         .bind(&consent.evidence_ref)
@@ -126,7 +127,7 @@ pub(super) async fn insert_consent(
 
 pub(super) async fn revoke_consents(
     conn: &mut PgConnection,
-    record_id: &str,
+    record_id: &RecordId,
     consent_id: Option<&str>,
     history: &AccountEventRow,
     sealed_under: Option<&[u8]>,
@@ -137,7 +138,7 @@ pub(super) async fn revoke_consents(
         return Err(StoreError::VersionConflict);
     }
     let revoked: Vec<String> = sqlx::query_scalar(queries::REVOKE_CONSENTS)
-        .bind(record_id)
+        .bind(record_id.as_str())
         .bind(consent_id)
         .bind(history.occurred_at)
         .bind(&history.actor)
@@ -155,14 +156,14 @@ pub(super) async fn revoke_consents(
 
 pub(super) async fn bound_ciphertexts(
     conn: &mut PgConnection,
-    record_id: &str,
+    record_id: &RecordId,
 ) -> Result<BoundCiphertexts, StoreError> {
     let notes: Vec<(String, Vec<u8>)> = sqlx::query_as(queries::SELECT_BOUND_NOTES)
-        .bind(record_id)
+        .bind(record_id.as_str())
         .fetch_all(&mut *conn)
         .await?;
     let guardians: Vec<(String, Vec<u8>)> = sqlx::query_as(queries::SELECT_BOUND_GUARDIANS)
-        .bind(record_id)
+        .bind(record_id.as_str())
         .fetch_all(&mut *conn)
         .await?;
     Ok(BoundCiphertexts { notes, guardians })

@@ -11,6 +11,7 @@
 //! cold or stale after a rollback), the statement writes nothing; the head is then read
 //! under a row lock and the batch linked and written again.
 
+use crate::domain::ids::RecordId;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -245,7 +246,7 @@ pub(super) async fn list(
 
 pub(super) async fn disclosures(
     conn: &mut PgConnection,
-    record_id: &str,
+    record_id: &RecordId,
     purposes: &[String],
     limit: u32,
     after: Option<(i64, String)>,
@@ -255,7 +256,7 @@ pub(super) async fn disclosures(
     }
     let (cursor_time, cursor_id) = after.unwrap_or((i64::MAX, String::new()));
     let mut query = sqlx::query(AssertSqlSafe(queries::disclosures(purposes.len())))
-        .bind(record_id)
+        .bind(record_id.as_str())
         .bind(cursor_time)
         .bind(cursor_id)
         .bind(i64::from(limit));

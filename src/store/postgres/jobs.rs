@@ -3,6 +3,7 @@
 //! or a writer holds are skipped, not waited for) in the transaction that writes them, so
 //! concurrent jobs on several instances share the work.
 
+use crate::domain::ids::{JobId, RecordId};
 use sqlx::{PgConnection, Row};
 
 use super::keys::{index_active, kek_active};
@@ -22,14 +23,14 @@ const SELECT_REINDEX_BATCH: &str = "SELECT record_id, version, index_version, \
 
 pub(super) async fn start(
     conn: &mut PgConnection,
-    job_id: &str,
+    job_id: &JobId,
     target: u32,
     owner: &JobOwner,
     now: i64,
     lease_until: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(queries::INSERT_REWRAP_JOB)
-        .bind(job_id)
+        .bind(job_id.as_str())
         .bind(i64::from(target))
         .bind(now)
         .bind(owner.instance.as_deref())
@@ -42,11 +43,11 @@ pub(super) async fn start(
 
 pub(super) async fn renew(
     conn: &mut PgConnection,
-    job_id: &str,
+    job_id: &JobId,
     lease_until: i64,
 ) -> Result<bool, StoreError> {
     let done = sqlx::query(queries::RENEW_REWRAP_LEASE)
-        .bind(job_id)
+        .bind(job_id.as_str())
         .bind(lease_until)
         .execute(conn)
         .await?;
@@ -82,12 +83,12 @@ pub(super) async fn list(
 
 pub(super) async fn finish(
     conn: &mut PgConnection,
-    job_id: &str,
+    job_id: &JobId,
     state: &str,
     now: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(queries::FINISH_REWRAP_JOB)
-        .bind(job_id)
+        .bind(job_id.as_str())
         .bind(state)
         .bind(now)
         .execute(conn)
@@ -97,10 +98,10 @@ pub(super) async fn finish(
 
 pub(super) async fn get(
     conn: &mut PgConnection,
-    job_id: &str,
+    job_id: &JobId,
 ) -> Result<Option<(i64, i64, String)>, StoreError> {
     let row = sqlx::query(queries::SELECT_REWRAP_JOB)
-        .bind(job_id)
+        .bind(job_id.as_str())
         .fetch_optional(conn)
         .await?;
     row.map(|row| {
@@ -134,9 +135,9 @@ fn inactive() -> RewrapBatch {
 /// One rewrap batch inside the caller's transaction; `None`: nothing to commit.
 pub(super) async fn rewrap(
     conn: &mut PgConnection,
-    job_id: &str,
+    job_id: &JobId,
     target: u32,
-    after: &str,
+    after: Option<&RecordId>,
     limit: i64,
     now: i64,
     rewrap: &RewrapFn<'_>,
@@ -146,7 +147,7 @@ pub(super) async fn rewrap(
     }
     let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(SELECT_REWRAP_BATCH)
         .bind(i64::from(target))
-        .bind(after)
+        .bind(after.map_or("", RecordId::as_str))
         .bind(limit)
         .fetch_all(&mut *conn)
         .await?;
@@ -155,10 +156,11 @@ pub(super) async fn rewrap(
         ..RewrapBatch::default()
     };
     for (record_id, wrapped) in rows {
+        let record_id = rules::stored_id("record_id", &record_id, RecordId::parse)?;
         match rewrap(&record_id, &wrapped) {
             Some(rewrapped) => {
                 batch.rewrapped += sqlx::query(queries::REWRAP_RECORD)
-                    .bind(&record_id)
+                    .bind(record_id.as_str())
                     .bind(&rewrapped)
                     .bind(i64::from(target))
                     .bind(&wrapped)
@@ -171,7 +173,7 @@ pub(super) async fn rewrap(
         batch.last_record_id = Some(record_id);
     }
     sqlx::query(queries::ADVANCE_REWRAP_JOB)
-        .bind(job_id)
+        .bind(job_id.as_str())
         .bind(batch.rewrapped as i64)
         .bind(batch.failed as i64)
         .bind(now)
@@ -183,9 +185,9 @@ pub(super) async fn rewrap(
 /// One re-index batch inside the caller's transaction.
 pub(super) async fn reindex(
     conn: &mut PgConnection,
-    job_id: &str,
+    job_id: &JobId,
     target: u32,
-    after: &str,
+    after: Option<&RecordId>,
     limit: i64,
     now: i64,
     reindex: &ReindexFn<'_>,
@@ -195,7 +197,7 @@ pub(super) async fn reindex(
     }
     let rows = sqlx::query(SELECT_REINDEX_BATCH)
         .bind(i64::from(target))
-        .bind(after)
+        .bind(after.map_or("", RecordId::as_str))
         .bind(limit)
         .fetch_all(&mut *conn)
         .await?;
@@ -205,11 +207,12 @@ pub(super) async fn reindex(
     };
     for row in &rows {
         let record_id: String = row.try_get("record_id")?;
+        let record_id = rules::stored_id("record_id", &record_id, RecordId::parse)?;
         let version: i64 = row.try_get("version")?;
         let index_version: i64 = row.try_get("index_version")?;
         let wrapped_key: Option<Vec<u8>> = row.try_get("wrapped_key")?;
         let fields: Vec<(String, Vec<u8>)> = sqlx::query_as(queries::SELECT_INDEXED_FIELDS)
-            .bind(&record_id)
+            .bind(record_id.as_str())
             .fetch_all(&mut *conn)
             .await?;
         let input = ReindexRow {
@@ -225,7 +228,7 @@ pub(super) async fn reindex(
         match reindex(&input) {
             Some(done) => {
                 batch.rewrapped += sqlx::query(queries::REINDEX_RECORD)
-                    .bind(&record_id)
+                    .bind(record_id.as_str())
                     .bind(&done.document_index)
                     .bind(&done.phone_index)
                     .bind(&done.age_gate)
@@ -241,7 +244,7 @@ pub(super) async fn reindex(
         batch.last_record_id = Some(record_id);
     }
     sqlx::query(queries::ADVANCE_REINDEX_JOB)
-        .bind(job_id)
+        .bind(job_id.as_str())
         .bind(batch.rewrapped as i64)
         .bind(batch.failed as i64)
         .bind(now)

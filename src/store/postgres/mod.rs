@@ -33,6 +33,7 @@ use super::{
     RewrapJobRow, Store, StoreError, StoredRecord, queries,
 };
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
+use crate::domain::ids::{JobId, RecordId};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -260,13 +261,13 @@ impl Store for PostgresStore {
         Ok(outcomes)
     }
 
-    async fn get_record(&self, record_id: &str) -> Result<Option<StoredRecord>, StoreError> {
+    async fn get_record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>, StoreError> {
         records::get(&mut *self.conn().await?, record_id).await
     }
 
     async fn scan_live_records(
         &self,
-        after: &str,
+        after: Option<&RecordId>,
         created_before: Micros,
         limit: u32,
     ) -> Result<Vec<StoredRecord>, StoreError> {
@@ -286,7 +287,7 @@ impl Store for PostgresStore {
 
     async fn delete_record(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         deleted_at: Micros,
         override_suspension: bool,
         audit: &AuditEvent,
@@ -313,13 +314,16 @@ impl Store for PostgresStore {
         records::find_by_index(&mut *self.conn().await?, "phone_index", indexes).await
     }
 
-    async fn account_state(&self, record_id: &str) -> Result<Option<AccountState>, StoreError> {
+    async fn account_state(
+        &self,
+        record_id: &RecordId,
+    ) -> Result<Option<AccountState>, StoreError> {
         records::account_state(&mut *self.conn().await?, record_id).await
     }
 
     async fn set_suspended(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         suspended: bool,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
@@ -342,7 +346,7 @@ impl Store for PostgresStore {
 
     async fn list_account_events(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         limit: u32,
         after: Option<(Micros, String)>,
     ) -> Result<Vec<AccountEventRow>, StoreError> {
@@ -364,7 +368,7 @@ impl Store for PostgresStore {
 
     async fn revoke_consents(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         consent_id: Option<&str>,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
@@ -385,7 +389,10 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn bound_ciphertexts(&self, record_id: &str) -> Result<BoundCiphertexts, StoreError> {
+    async fn bound_ciphertexts(
+        &self,
+        record_id: &RecordId,
+    ) -> Result<BoundCiphertexts, StoreError> {
         accounts::bound_ciphertexts(&mut *self.conn().await?, record_id).await
     }
 
@@ -421,7 +428,7 @@ impl Store for PostgresStore {
 
     async fn list_disclosures(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         purposes: &[String],
         limit: u32,
         after: Option<(Micros, String)>,
@@ -514,7 +521,7 @@ impl Store for PostgresStore {
 
     async fn start_rewrap_job(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         target: u32,
         owner: &JobOwner,
         now: Micros,
@@ -533,7 +540,7 @@ impl Store for PostgresStore {
 
     async fn renew_rewrap_lease(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         lease_until: Micros,
     ) -> Result<bool, StoreError> {
         jobs::renew(&mut *self.conn().await?, job_id, lease_until).await
@@ -554,9 +561,9 @@ impl Store for PostgresStore {
 
     async fn rewrap_batch(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         target: u32,
-        after: &str,
+        after: Option<&RecordId>,
         limit: i64,
         now: Micros,
         rewrap: &RewrapFn<'_>,
@@ -573,9 +580,9 @@ impl Store for PostgresStore {
 
     async fn reindex_batch(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         target: u32,
-        after: &str,
+        after: Option<&RecordId>,
         limit: i64,
         now: Micros,
         reindex: &ReindexFn<'_>,
@@ -597,7 +604,7 @@ impl Store for PostgresStore {
 
     async fn finish_rewrap_job(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         state: &str,
         now: Micros,
     ) -> Result<(), StoreError> {
@@ -615,11 +622,11 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn expired_records(&self, now: Micros, limit: i64) -> Result<Vec<String>, StoreError> {
+    async fn expired_records(&self, now: Micros, limit: i64) -> Result<Vec<RecordId>, StoreError> {
         records::expired(&mut *self.conn().await?, now, limit).await
     }
 
-    async fn rewrap_job(&self, job_id: &str) -> Result<Option<(i64, i64, String)>, StoreError> {
+    async fn rewrap_job(&self, job_id: &JobId) -> Result<Option<(i64, i64, String)>, StoreError> {
         jobs::get(&mut *self.conn().await?, job_id).await
     }
 }

@@ -1,6 +1,7 @@
 //! PostgreSQL SQL of the records aggregate: creates, reads, lookups, updates, deletes,
 //! re-keys and retention. The decisions come from `store::rules`, as on SQLite.
 
+use crate::domain::ids::RecordId;
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use super::audit::append;
@@ -14,10 +15,10 @@ use crate::store::{
 
 pub(super) async fn get(
     conn: &mut PgConnection,
-    record_id: &str,
+    record_id: &RecordId,
 ) -> Result<Option<StoredRecord>, StoreError> {
     let rows = sqlx::query(queries::SELECT_LIVE_RECORD)
-        .bind(record_id)
+        .bind(record_id.as_str())
         .fetch_all(conn)
         .await?;
     let mut record = RecordRows::default();
@@ -30,12 +31,12 @@ pub(super) async fn get(
 /// A page of the export's keyset scan (`Store::scan_live_records`), from one statement.
 pub(super) async fn scan(
     conn: &mut PgConnection,
-    after: &str,
+    after: Option<&RecordId>,
     created_before: i64,
     limit: u32,
 ) -> Result<Vec<StoredRecord>, StoreError> {
     let rows = sqlx::query(queries::SCAN_LIVE_RECORDS)
-        .bind(after)
+        .bind(after.map_or("", RecordId::as_str))
         .bind(created_before)
         .bind(i64::from(limit))
         .fetch_all(conn)
@@ -49,10 +50,10 @@ pub(super) async fn scan(
 
 pub(super) async fn account_state(
     conn: &mut PgConnection,
-    record_id: &str,
+    record_id: &RecordId,
 ) -> Result<Option<AccountState>, StoreError> {
     let row = sqlx::query(queries::SELECT_ACCOUNT_STATE)
-        .bind(record_id)
+        .bind(record_id.as_str())
         .fetch_optional(conn)
         .await?;
     row.as_ref().map(rules::account).transpose()
@@ -76,16 +77,19 @@ pub(super) async fn find_by_index(
     rows.iter().map(rules::lookup_match).collect()
 }
 
-async fn meta(conn: &mut PgConnection, record_id: &str) -> Result<Option<RecordMeta>, StoreError> {
+async fn meta(
+    conn: &mut PgConnection,
+    record_id: &RecordId,
+) -> Result<Option<RecordMeta>, StoreError> {
     let Some(row) = sqlx::query(queries::SELECT_META)
-        .bind(record_id)
+        .bind(record_id.as_str())
         .fetch_optional(&mut *conn)
         .await?
     else {
         return Ok(None);
     };
     let present_fields: Vec<String> = sqlx::query_scalar(queries::SELECT_FIELD_NAMES)
-        .bind(record_id)
+        .bind(record_id.as_str())
         .fetch_all(&mut *conn)
         .await?;
     Ok(Some(RecordMeta {
@@ -111,6 +115,7 @@ pub(super) async fn replayed(
         return Ok(None);
     };
     let record_id: String = row.try_get("record_id")?;
+    let record_id = rules::stored_id("record_id", &record_id, RecordId::parse)?;
     let meta = meta(conn, &record_id).await?;
     rules::replay(
         request,
@@ -123,11 +128,11 @@ pub(super) async fn replayed(
 
 async fn replace_fields(
     conn: &mut PgConnection,
-    record_id: &str,
+    record_id: &RecordId,
     fields: &[SealedField],
 ) -> Result<(), sqlx::Error> {
     sqlx::query(queries::DELETE_FIELDS)
-        .bind(record_id)
+        .bind(record_id.as_str())
         .execute(&mut *conn)
         .await?;
     insert_fields(conn, record_id, fields).await
@@ -135,12 +140,12 @@ async fn replace_fields(
 
 async fn insert_fields(
     conn: &mut PgConnection,
-    record_id: &str,
+    record_id: &RecordId,
     fields: &[SealedField],
 ) -> Result<(), sqlx::Error> {
     for field in fields {
         sqlx::query(queries::INSERT_FIELD)
-            .bind(record_id)
+            .bind(record_id.as_str())
             .bind(&field.field)
             .bind(&field.ciphertext)
             .execute(&mut *conn)
@@ -171,12 +176,12 @@ pub(super) async fn insert(
     if !kek_active(conn, record.kek_version).await? {
         return Err(StoreError::StaleKeyVersion(record.kek_version));
     }
-    if let Some(refused) = index_refusal(conn, &record.record_id, &record.indexes).await? {
+    if let Some(refused) = index_refusal(conn, record.record_id.as_str(), &record.indexes).await? {
         return Err(refused);
     }
     let indexes = &record.indexes;
     sqlx::query(queries::INSERT_RECORD)
-        .bind(&record.record_id)
+        .bind(record.record_id.as_str())
         .bind(record.created_at)
         .bind(&record.wrapped_key)
         .bind(i64::from(record.kek_version))
@@ -200,7 +205,7 @@ pub(super) async fn insert(
         sqlx::query(queries::INSERT_CREATE_REQUEST)
             .bind(&request.caller)
             .bind(&request.request_id)
-            .bind(&record.record_id)
+            .bind(record.record_id.as_str())
             .bind(&request.fingerprint)
             .bind(record.created_at)
             .execute(&mut *conn)
@@ -282,11 +287,11 @@ pub(super) async fn update(
     audit: &AuditEvent,
     heads: &super::Heads,
 ) -> Result<RecordMeta, StoreError> {
-    if let Some(refused) = index_refusal(conn, &update.record_id, &update.indexes).await? {
+    if let Some(refused) = index_refusal(conn, update.record_id.as_str(), &update.indexes).await? {
         return Err(refused);
     }
     let created_at: Option<i64> = sqlx::query_scalar(queries::UPDATE_RECORD)
-        .bind(&update.record_id)
+        .bind(update.record_id.as_str())
         .bind(update.expected_version)
         .bind(update.updated_at)
         .bind(&update.indexes.document)
@@ -315,14 +320,14 @@ pub(super) async fn update(
 
 pub(super) async fn delete(
     conn: &mut PgConnection,
-    record_id: &str,
+    record_id: &RecordId,
     deleted_at: i64,
     override_suspension: bool,
     audit: &AuditEvent,
     heads: &super::Heads,
 ) -> Result<(), StoreError> {
     let shredded = sqlx::query(queries::SHRED_RECORD)
-        .bind(record_id)
+        .bind(record_id.as_str())
         .bind(deleted_at)
         .bind(i64::from(override_suspension))
         .execute(&mut *conn)
@@ -336,7 +341,10 @@ pub(super) async fn delete(
         queries::SHRED_GUARDIANS,
         queries::FORGET_CREATE_REQUESTS,
     ] {
-        sqlx::query(sql).bind(record_id).execute(&mut *conn).await?;
+        sqlx::query(sql)
+            .bind(record_id.as_str())
+            .execute(&mut *conn)
+            .await?;
     }
     append(conn, std::slice::from_ref(audit), heads).await
 }
@@ -351,7 +359,7 @@ pub(super) async fn rekey(
         return Err(StoreError::StaleKeyVersion(rekey.kek_version));
     }
     let created_at: Option<i64> = sqlx::query_scalar(queries::REKEY_RECORD)
-        .bind(&rekey.record_id)
+        .bind(rekey.record_id.as_str())
         .bind(rekey.expected_version)
         .bind(rekey.updated_at)
         .bind(&rekey.wrapped_key)
@@ -388,7 +396,7 @@ pub(super) async fn rekey(
             .rows_affected();
     }
     let bound: i64 = sqlx::query_scalar(queries::COUNT_BOUND)
-        .bind(&rekey.record_id)
+        .bind(rekey.record_id.as_str())
         .fetch_one(&mut *conn)
         .await?;
     if !rules::rekey_complete(rekey, moved, bound) {
@@ -409,12 +417,16 @@ pub(super) async fn expired(
     conn: &mut PgConnection,
     now: i64,
     limit: i64,
-) -> Result<Vec<String>, StoreError> {
-    Ok(sqlx::query_scalar(queries::SELECT_EXPIRED)
+) -> Result<Vec<RecordId>, StoreError> {
+    let found: Vec<String> = sqlx::query_scalar(queries::SELECT_EXPIRED)
         .bind(now)
         .bind(limit)
         .fetch_all(conn)
-        .await?)
+        .await?;
+    found
+        .iter()
+        .map(|raw| rules::stored_id("record_id", raw, RecordId::parse))
+        .collect()
 }
 
 pub(super) async fn expire_create_requests(

@@ -1,6 +1,7 @@
 //! SQLite SQL of the accounts-and-consents aggregate: suspensions, account history,
 //! guardian consents and the ciphertexts bound to a record outside its fields.
 
+use crate::domain::ids::RecordId;
 use rusqlite::Connection;
 
 use super::audit::append;
@@ -16,7 +17,7 @@ use crate::store::{AccountEventRow, BoundCiphertexts, ConsentRow, StoreError, qu
 /// refused.
 fn record_key_is(
     conn: &Connection,
-    record_id: &str,
+    record_id: &RecordId,
     sealed_under: Option<&[u8]>,
 ) -> Result<bool, StoreError> {
     let Some(wrapped_key) = sealed_under else {
@@ -52,7 +53,7 @@ fn insert_history(conn: &Connection, event: &AccountEventRow) -> Result<(), Stor
 
 pub(super) fn set_suspended(
     conn: &Connection,
-    record_id: &str,
+    record_id: &RecordId,
     suspended: bool,
     history: &AccountEventRow,
     sealed_under: Option<&[u8]>,
@@ -76,7 +77,7 @@ pub(super) fn set_suspended(
 
 pub(super) fn list_events(
     conn: &Connection,
-    record_id: &str,
+    record_id: &RecordId,
     limit: u32,
     after: Option<(i64, String)>,
 ) -> Result<Vec<AccountEventRow>, StoreError> {
@@ -120,7 +121,7 @@ pub(super) fn insert_consent(
 
 pub(super) fn revoke_consents(
     conn: &Connection,
-    record_id: &str,
+    record_id: &RecordId,
     consent_id: Option<&str>,
     history: &AccountEventRow,
     sealed_under: Option<&[u8]>,
@@ -152,7 +153,7 @@ pub(super) fn revoke_consents(
 
 pub(super) fn bound_ciphertexts(
     conn: &Connection,
-    record_id: &str,
+    record_id: &RecordId,
 ) -> Result<BoundCiphertexts, StoreError> {
     let pair = |row: &rusqlite::Row<'_>| Ok((row.get(0)?, row.get(1)?));
     Ok(BoundCiphertexts {

@@ -431,13 +431,22 @@ mod tests {
 
     const GENESIS: &[u8] = &[0; 32];
 
+    // Record ids of the shape the store takes (`list_disclosures` wants a parsed one).
+    const REC_A: &str = "rec_aaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const REC_B: &str = "rec_bbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const REC_C: &str = "rec_cccccccccccccccccccccccccc";
+
+    fn record_id(raw: &str) -> crate::domain::ids::RecordId {
+        crate::domain::ids::RecordId::parse("record_id", raw).unwrap()
+    }
+
     /// Event `n` of `chain`: about `rec_a` alone, `rec_b` alone, `rec_a` among others, or no
     /// record, in turn; PLAIN releases under `service-delivery` every other event.
     fn event(chain: &str, n: i64) -> AuditEvent {
         let record_ids = match n % 4 {
-            0 => vec!["rec_a".to_owned()],
-            1 => vec!["rec_b".to_owned()],
-            2 => vec!["rec_c".to_owned(), "rec_a".to_owned()],
+            0 => vec![REC_A.to_owned()],
+            1 => vec![REC_B.to_owned()],
+            2 => vec![REC_C.to_owned(), REC_A.to_owned()],
             _ => vec![],
         };
         AuditEvent {
@@ -536,7 +545,7 @@ mod tests {
         // One block sealed by an append, the rest of chain a still a tail.
         assert_eq!(count(&store, "SELECT count(*) FROM audit_blocks").await, 1);
         let chains = [("chn_a", 0..a_end)];
-        for record in ["rec_a", "rec_b", "rec_c"] {
+        for record in [REC_A, REC_B, REC_C] {
             assert_eq!(
                 listing(&store, record, 1000).await,
                 expected(&chains, record)
@@ -547,7 +556,7 @@ mod tests {
         assert_eq!(count(&store, "SELECT count(*) FROM audit_blocks").await, 2);
         append(&store, "chn_b", 0, 300, 50).await;
         let chains = [("chn_a", 0..a_end), ("chn_b", 0..300)];
-        for record in ["rec_a", "rec_b", "rec_c", "rec_none"] {
+        for record in [REC_A, REC_B, REC_C, "rec_none"] {
             let want = expected(&chains, record);
             assert_eq!(listing(&store, record, 1000).await, want, "{record}");
             // Page by page across the blocks and tails.
@@ -555,10 +564,15 @@ mod tests {
         }
         // Disclosures: released fields of rec_a (its events with n % 2 == 0).
         let disclosed = store
-            .list_disclosures("rec_a", &["service-delivery".to_owned()], 100_000, None)
+            .list_disclosures(
+                &record_id(REC_A),
+                &["service-delivery".to_owned()],
+                100_000,
+                None,
+            )
             .await
             .unwrap();
-        let want: Vec<String> = expected(&chains, "rec_a")
+        let want: Vec<String> = expected(&chains, REC_A)
             .into_iter()
             .filter(|id| {
                 let n: i64 = id[4..12].parse().unwrap();
@@ -600,7 +614,7 @@ mod tests {
         let deleted = store.expire_chain_prefix(&marker).await.unwrap();
         assert_eq!(deleted, cut as u64);
         let chains = [("chn_a", cut..end)];
-        for record in ["rec_a", "rec_c"] {
+        for record in [REC_A, REC_C] {
             assert_eq!(
                 listing(&store, record, 500).await,
                 expected(&chains, record)

@@ -8,18 +8,19 @@
 //! deleted in between keeps what its writer gave it; the job re-checks in its transaction
 //! that the target version is still active.
 
+use crate::domain::ids::{JobId, RecordId};
 use rusqlite::Connection;
 
 use super::driver::{execute, first, rows, scalar};
 use super::keys::{index_active, kek_active};
-use crate::store::rules;
+use crate::store::rules::{self, Columns};
 use crate::store::{
     JobOwner, ReindexRow, Reindexed, RewrapBatch, RewrapJobRow, SealedField, StoreError, queries,
 };
 
 pub(super) fn start(
     conn: &Connection,
-    job_id: &str,
+    job_id: &JobId,
     target: u32,
     owner: &JobOwner,
     now: i64,
@@ -40,7 +41,11 @@ pub(super) fn start(
     Ok(())
 }
 
-pub(super) fn renew(conn: &Connection, job_id: &str, lease_until: i64) -> Result<bool, StoreError> {
+pub(super) fn renew(
+    conn: &Connection,
+    job_id: &JobId,
+    lease_until: i64,
+) -> Result<bool, StoreError> {
     Ok(execute(conn, queries::RENEW_REWRAP_LEASE, &[&job_id, &lease_until])? > 0)
 }
 
@@ -65,7 +70,7 @@ pub(super) fn list(conn: &Connection, limit: i64) -> Result<Vec<RewrapJobRow>, S
 
 pub(super) fn finish(
     conn: &Connection,
-    job_id: &str,
+    job_id: &JobId,
     state: &str,
     now: i64,
 ) -> Result<(), StoreError> {
@@ -75,7 +80,7 @@ pub(super) fn finish(
 
 pub(super) fn get(
     conn: &Connection,
-    job_id: &str,
+    job_id: &JobId,
 ) -> Result<Option<(i64, i64, String)>, StoreError> {
     first(conn, queries::SELECT_REWRAP_JOB, &[&job_id], |row| {
         Ok((row.get("rewrapped")?, row.get("failed")?, row.get("state")?))
@@ -97,21 +102,21 @@ pub(super) fn select_rewrap(
     target: u32,
     after: &str,
     limit: i64,
-) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+) -> Result<Vec<(RecordId, Vec<u8>)>, StoreError> {
     rows(
         conn,
         super::SELECT_REWRAP_BATCH,
         &[&i64::from(target), &after, &limit],
-        |row| Ok((row.get("record_id")?, row.get("wrapped_key")?)),
+        |row| Ok((row.record_id("record_id")?, row.get("wrapped_key")?)),
     )
 }
 
 /// Writes a rewrap batch: `rewrapped` holds (record id, key as read, key re-wrapped).
 pub(super) fn write_rewrap(
     conn: &Connection,
-    job_id: &str,
+    job_id: &JobId,
     target: u32,
-    rewrapped: &[(String, Vec<u8>, Vec<u8>)],
+    rewrapped: &[(RecordId, Vec<u8>, Vec<u8>)],
     failed: u64,
     now: i64,
 ) -> Result<Option<u64>, StoreError> {
@@ -149,7 +154,7 @@ pub(super) fn select_reindex(
             let wrapped_key: Option<Vec<u8>> = row.get("wrapped_key")?;
             Ok((
                 ReindexRow {
-                    record_id: row.get("record_id")?,
+                    record_id: row.record_id("record_id")?,
                     index_version: rules::to_version(row.get("index_version")?)?,
                     wrapped_key: wrapped_key.unwrap_or_default(),
                     fields: Vec::new(),
@@ -179,11 +184,11 @@ pub(super) fn select_reindex(
 }
 
 /// One re-indexed record: its id, the version and index version read, and the new values.
-pub(super) type ReindexWrite = (String, i64, u32, Reindexed);
+pub(super) type ReindexWrite = (RecordId, i64, u32, Reindexed);
 
 pub(super) fn write_reindex(
     conn: &Connection,
-    job_id: &str,
+    job_id: &JobId,
     target: u32,
     done: &[ReindexWrite],
     failed: u64,
@@ -226,7 +231,7 @@ pub(super) fn write_reindex(
 /// no longer active, nothing written).
 pub(super) fn outcome(
     selected: usize,
-    last_record_id: Option<String>,
+    last_record_id: Option<RecordId>,
     changed: Option<u64>,
     failed: u64,
 ) -> RewrapBatch {

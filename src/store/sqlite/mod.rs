@@ -43,6 +43,7 @@ use super::{
     RewrapJobRow, Store, StoreError, StoredRecord,
 };
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
+use crate::domain::ids::{JobId, RecordId};
 
 // SQLite has a single writer and every write transaction begins IMMEDIATE, holding the
 // write lock from its first statement: the statements PostgreSQL runs with row locks need
@@ -148,7 +149,7 @@ impl SqliteStore {
     async fn batch<R, W: Send + 'static>(
         &self,
         selected: Vec<R>,
-        record_id: impl Fn(&R) -> &String,
+        record_id: impl Fn(&R) -> &RecordId,
         mut compute: impl FnMut(R) -> Option<W>,
         write: impl FnOnce(&rusqlite::Connection, &[W], u64) -> Result<Option<u64>, StoreError>
         + Send
@@ -166,6 +167,19 @@ impl SqliteStore {
         }
         let changed = self.write(move |conn| write(conn, &done, failed)).await?;
         Ok(jobs::outcome(count, last, changed, failed))
+    }
+}
+
+/// Ids bind as the text they are, so statements take them as any other parameter.
+impl rusqlite::ToSql for RecordId {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::ToSql for JobId {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
     }
 }
 
@@ -367,18 +381,18 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn get_record(&self, record_id: &str) -> Result<Option<StoredRecord>, StoreError> {
-        let record_id = record_id.to_owned();
+    async fn get_record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>, StoreError> {
+        let record_id = record_id.clone();
         self.read(move |conn| records::get(conn, &record_id)).await
     }
 
     async fn scan_live_records(
         &self,
-        after: &str,
+        after: Option<&RecordId>,
         created_before: Micros,
         limit: u32,
     ) -> Result<Vec<StoredRecord>, StoreError> {
-        let after = after.to_owned();
+        let after = after.map_or_else(String::new, |id| id.as_str().to_owned());
         self.read(move |conn| records::scan(conn, &after, created_before, limit))
             .await
     }
@@ -395,12 +409,12 @@ impl Store for SqliteStore {
 
     async fn delete_record(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         deleted_at: Micros,
         override_suspension: bool,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        let (record_id, audit) = (record_id.to_owned(), audit.clone());
+        let (record_id, audit) = (record_id.clone(), audit.clone());
         self.write(move |conn| {
             records::delete(conn, &record_id, deleted_at, override_suspension, &audit)
         })
@@ -419,21 +433,24 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn account_state(&self, record_id: &str) -> Result<Option<AccountState>, StoreError> {
-        let record_id = record_id.to_owned();
+    async fn account_state(
+        &self,
+        record_id: &RecordId,
+    ) -> Result<Option<AccountState>, StoreError> {
+        let record_id = record_id.clone();
         self.read(move |conn| records::account_state(conn, &record_id))
             .await
     }
 
     async fn set_suspended(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         suspended: bool,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
         audit: &AuditEvent,
     ) -> Result<bool, StoreError> {
-        let (record_id, history, audit) = (record_id.to_owned(), history.clone(), audit.clone());
+        let (record_id, history, audit) = (record_id.clone(), history.clone(), audit.clone());
         let sealed_under = sealed_under.map(<[u8]>::to_vec);
         self.write(move |conn| {
             accounts::set_suspended(
@@ -450,11 +467,11 @@ impl Store for SqliteStore {
 
     async fn list_account_events(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         limit: u32,
         after: Option<(Micros, String)>,
     ) -> Result<Vec<AccountEventRow>, StoreError> {
-        let record_id = record_id.to_owned();
+        let record_id = record_id.clone();
         self.read(move |conn| accounts::list_events(conn, &record_id, limit, after))
             .await
     }
@@ -476,13 +493,13 @@ impl Store for SqliteStore {
 
     async fn revoke_consents(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         consent_id: Option<&str>,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
         audit: &AuditEvent,
     ) -> Result<Vec<String>, StoreError> {
-        let (record_id, history, audit) = (record_id.to_owned(), history.clone(), audit.clone());
+        let (record_id, history, audit) = (record_id.clone(), history.clone(), audit.clone());
         let consent_id = consent_id.map(str::to_owned);
         let sealed_under = sealed_under.map(<[u8]>::to_vec);
         self.write(move |conn| {
@@ -498,8 +515,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn bound_ciphertexts(&self, record_id: &str) -> Result<BoundCiphertexts, StoreError> {
-        let record_id = record_id.to_owned();
+    async fn bound_ciphertexts(
+        &self,
+        record_id: &RecordId,
+    ) -> Result<BoundCiphertexts, StoreError> {
+        let record_id = record_id.clone();
         self.read(move |conn| accounts::bound_ciphertexts(conn, &record_id))
             .await
     }
@@ -532,13 +552,13 @@ impl Store for SqliteStore {
 
     async fn list_disclosures(
         &self,
-        record_id: &str,
+        record_id: &RecordId,
         purposes: &[String],
         limit: u32,
         after: Option<(Micros, String)>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let (record_id, purposes) = (record_id.to_owned(), purposes.to_vec());
-        self.read(move |conn| audit::disclosures(conn, &record_id, &purposes, limit, after))
+        let (record_id, purposes) = (record_id.clone(), purposes.to_vec());
+        self.read(move |conn| audit::disclosures(conn, record_id.as_str(), &purposes, limit, after))
             .await
     }
 
@@ -631,23 +651,23 @@ impl Store for SqliteStore {
 
     async fn start_rewrap_job(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         target: u32,
         owner: &JobOwner,
         now: Micros,
         lease_until: Micros,
     ) -> Result<(), StoreError> {
-        let (job_id, owner) = (job_id.to_owned(), owner.clone());
+        let (job_id, owner) = (job_id.clone(), owner.clone());
         self.write(move |conn| jobs::start(conn, &job_id, target, &owner, now, lease_until))
             .await
     }
 
     async fn renew_rewrap_lease(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         lease_until: Micros,
     ) -> Result<bool, StoreError> {
-        let job_id = job_id.to_owned();
+        let job_id = job_id.clone();
         self.write(move |conn| jobs::renew(conn, &job_id, lease_until))
             .await
     }
@@ -669,18 +689,18 @@ impl Store for SqliteStore {
 
     async fn rewrap_batch(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         target: u32,
-        after: &str,
+        after: Option<&RecordId>,
         limit: i64,
         now: Micros,
         rewrap: &RewrapFn<'_>,
     ) -> Result<RewrapBatch, StoreError> {
-        let after = after.to_owned();
+        let after = after.map_or_else(String::new, |id| id.as_str().to_owned());
         let selected = self
             .read(move |conn| jobs::select_rewrap(conn, target, &after, limit))
             .await?;
-        let job_id = job_id.to_owned();
+        let job_id = job_id.clone();
         self.batch(
             selected,
             |(record_id, _)| record_id,
@@ -696,18 +716,18 @@ impl Store for SqliteStore {
 
     async fn reindex_batch(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         target: u32,
-        after: &str,
+        after: Option<&RecordId>,
         limit: i64,
         now: Micros,
         reindex: &ReindexFn<'_>,
     ) -> Result<RewrapBatch, StoreError> {
-        let after = after.to_owned();
+        let after = after.map_or_else(String::new, |id| id.as_str().to_owned());
         let selected = self
             .read(move |conn| jobs::select_reindex(conn, target, &after, limit))
             .await?;
-        let job_id = job_id.to_owned();
+        let job_id = job_id.clone();
         self.batch(
             selected,
             |(row, _)| &row.record_id,
@@ -726,11 +746,11 @@ impl Store for SqliteStore {
 
     async fn finish_rewrap_job(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         state: &str,
         now: Micros,
     ) -> Result<(), StoreError> {
-        let (job_id, state) = (job_id.to_owned(), state.to_owned());
+        let (job_id, state) = (job_id.clone(), state.to_owned());
         self.write(move |conn| jobs::finish(conn, &job_id, &state, now))
             .await
     }
@@ -745,13 +765,13 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn expired_records(&self, now: Micros, limit: i64) -> Result<Vec<String>, StoreError> {
+    async fn expired_records(&self, now: Micros, limit: i64) -> Result<Vec<RecordId>, StoreError> {
         self.read(move |conn| records::expired(conn, now, limit))
             .await
     }
 
-    async fn rewrap_job(&self, job_id: &str) -> Result<Option<(i64, i64, String)>, StoreError> {
-        let job_id = job_id.to_owned();
+    async fn rewrap_job(&self, job_id: &JobId) -> Result<Option<(i64, i64, String)>, StoreError> {
+        let job_id = job_id.clone();
         self.read(move |conn| jobs::get(conn, &job_id)).await
     }
 }
@@ -778,9 +798,10 @@ mod tests {
             .await
             .unwrap();
         store.migrate().await.unwrap();
-        assert!(store.account_state("rec_none").await.unwrap().is_none());
+        let none = RecordId::parse("record_id", "rec_nnnnnnnnnnnnnnnnnnnnnnnnnn").unwrap();
+        assert!(store.account_state(&none).await.unwrap().is_none());
         store.close().await;
-        let read = store.account_state("rec_none").await.unwrap_err();
+        let read = store.account_state(&none).await.unwrap_err();
         assert!(read.to_string().contains("closed"), "{read}");
         let write = store.append_audit(&[]).await.unwrap_err();
         assert!(matches!(write, StoreError::Unavailable(_)), "{write}");
@@ -815,6 +836,42 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    /// A row whose id column holds something no vault issued (edited behind the vault's
+    /// back) is a corrupt row: the read fails naming the column, never the value, and
+    /// nothing panics.
+    #[tokio::test]
+    async fn a_row_with_a_malformed_id_is_a_corrupt_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault.db");
+        let store = SqliteStore::open(&path, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        behind_the_store(
+            &path,
+            "INSERT INTO records (record_id, version, created_at, updated_at, wrapped_key, \
+             kek_version, retain_until) VALUES ('11010519491231002X', 1, 1, 1, x'00', 1, 5); \
+             INSERT INTO rewrap_jobs (job_id, target_version, state, started_at, updated_at) \
+             VALUES ('job 7', 1, 'DONE', 1, 1)",
+        )
+        .await;
+        let refused = [
+            store.expired_records(10, 10).await.map(|_| ()).unwrap_err(),
+            store
+                .scan_live_records(None, 10, 10)
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            store.rewrap_jobs(10).await.map(|_| ()).unwrap_err(),
+        ];
+        for error in refused {
+            let StoreError::Corrupt(what) = &error else {
+                panic!("{error:?}");
+            };
+            assert!(what.contains("is not a"), "{what}");
+            assert!(!what.contains("1101") && !what.contains("job 7"), "{what}");
+        }
+        store.close().await;
     }
 
     #[tokio::test]

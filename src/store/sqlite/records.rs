@@ -2,19 +2,23 @@
 //! and retention. Each function runs on a connection the driver hands it (a reader's, or
 //! the writer's inside a job's savepoint); the decisions come from `store::rules`.
 
+use crate::domain::ids::RecordId;
 use rusqlite::{Connection, ToSql};
 
 use super::audit::append;
 use super::driver::{execute, first, rows, scalar};
 use super::keys::{index_refusal, kek_active};
 use crate::domain::audit_chain::AuditEvent;
-use crate::store::rules::{self, RecordRows};
+use crate::store::rules::{self, Columns, RecordRows};
 use crate::store::{
     AccountState, BatchInsert, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordMeta,
     RecordRekey, RecordUpdate, SealedField, StoreError, StoredRecord, queries,
 };
 
-pub(super) fn get(conn: &Connection, record_id: &str) -> Result<Option<StoredRecord>, StoreError> {
+pub(super) fn get(
+    conn: &Connection,
+    record_id: &RecordId,
+) -> Result<Option<StoredRecord>, StoreError> {
     let mut record = RecordRows::default();
     rows(conn, queries::SELECT_LIVE_RECORD, &[&record_id], |row| {
         record.push(record_id, row)
@@ -41,7 +45,7 @@ pub(super) fn scan(
 
 pub(super) fn account_state(
     conn: &Connection,
-    record_id: &str,
+    record_id: &RecordId,
 ) -> Result<Option<AccountState>, StoreError> {
     first(conn, queries::SELECT_ACCOUNT_STATE, &[&record_id], |row| {
         rules::account(row)
@@ -61,7 +65,7 @@ pub(super) fn find_by_index(
     rows(conn, &sql, &params, |row| rules::lookup_match(row))
 }
 
-fn meta(conn: &Connection, record_id: &str) -> Result<Option<RecordMeta>, StoreError> {
+fn meta(conn: &Connection, record_id: &RecordId) -> Result<Option<RecordMeta>, StoreError> {
     let Some((version, created_at, updated_at)) =
         first(conn, queries::SELECT_META, &[&record_id], |row| {
             Ok((
@@ -109,13 +113,14 @@ pub(super) fn replayed(
     let Some((record_id, deleted_at, fingerprint)) = found else {
         return Ok(None);
     };
+    let record_id = rules::stored_id("record_id", &record_id, RecordId::parse)?;
     let meta = meta(conn, &record_id)?;
     rules::replay(request, deleted_at, fingerprint, || meta).map(Some)
 }
 
 fn replace_fields(
     conn: &Connection,
-    record_id: &str,
+    record_id: &RecordId,
     fields: &[SealedField],
 ) -> Result<(), StoreError> {
     execute(conn, queries::DELETE_FIELDS, &[&record_id])?;
@@ -124,7 +129,7 @@ fn replace_fields(
 
 fn insert_fields(
     conn: &Connection,
-    record_id: &str,
+    record_id: &RecordId,
     fields: &[SealedField],
 ) -> Result<(), StoreError> {
     for field in fields {
@@ -148,7 +153,7 @@ pub(super) fn insert(
     if !kek_active(conn, record.kek_version)? {
         return Err(StoreError::StaleKeyVersion(record.kek_version));
     }
-    if let Some(refused) = index_refusal(conn, &record.record_id, &record.indexes)? {
+    if let Some(refused) = index_refusal(conn, record.record_id.as_str(), &record.indexes)? {
         return Err(refused);
     }
     let indexes = &record.indexes;
@@ -267,7 +272,7 @@ pub(super) fn update(
     update: &RecordUpdate,
     audit: &AuditEvent,
 ) -> Result<RecordMeta, StoreError> {
-    if let Some(refused) = index_refusal(conn, &update.record_id, &update.indexes)? {
+    if let Some(refused) = index_refusal(conn, update.record_id.as_str(), &update.indexes)? {
         return Err(refused);
     }
     let created_at: Option<i64> = first(
@@ -304,7 +309,7 @@ pub(super) fn update(
 
 pub(super) fn delete(
     conn: &Connection,
-    record_id: &str,
+    record_id: &RecordId,
     deleted_at: i64,
     override_suspension: bool,
     audit: &AuditEvent,
@@ -371,9 +376,13 @@ pub(super) fn rekey(
     ))
 }
 
-pub(super) fn expired(conn: &Connection, now: i64, limit: i64) -> Result<Vec<String>, StoreError> {
+pub(super) fn expired(
+    conn: &Connection,
+    now: i64,
+    limit: i64,
+) -> Result<Vec<RecordId>, StoreError> {
     rows(conn, queries::SELECT_EXPIRED, &[&now, &limit], |row| {
-        Ok(row.get(0)?)
+        row.record_id("record_id")
     })
 }
 
