@@ -2,8 +2,8 @@
 //! destruction, on both backends, with several instances sharing one database where the
 //! scenario is about instances; re-keying and the retention purge.
 
-mod support;
-
+use crate::support::fixtures::{get, reason};
+use crate::support::{Backend, CLAIMS, TestApp, authed, join_all};
 use pdvault::proto::key_management_client::KeyManagementClient;
 use pdvault::proto::{
     self, CreateRecordRequest, DeleteRecordRequest, DestroyKeyVersionRequest, GetKeyStatusRequest,
@@ -11,8 +11,6 @@ use pdvault::proto::{
     RetireKeyVersionRequest, RewrapRecordsRequest, RotateKeyEncryptionKeyRequest,
     UpdateRecordRequest,
 };
-use support::fixtures::{get, reason};
-use support::{Backend, CLAIMS, TestApp, authed, join_all};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;

@@ -4,10 +4,12 @@
 //!
 //! Loops are bounded in count and time and talk to the test's own server on loopback.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::fixtures::*;
+use crate::support::{
+    ANALYTICS, Backend, CLAIMS, COMPLIANCE, LOGIN, SECURITY, TestApp, authed, join_all,
+};
 use pdvault::audit::{AuditEvent, AuditLog, Problem};
 use pdvault::config::Config;
 use pdvault::policy::{CallerConfig, token_sha256_hex};
@@ -22,8 +24,6 @@ use pdvault::proto::{
     RevokeGuardianConsentRequest, RotateKeyEncryptionKeyRequest, SuspendAccountRequest,
     UpdateRecordRequest, find_records_request, record_guardian_consent_request,
 };
-use support::fixtures::*;
-use support::{ANALYTICS, Backend, CLAIMS, COMPLIANCE, LOGIN, SECURITY, TestApp, authed, join_all};
 use tonic::Code;
 use tonic_types::StatusExt;
 

@@ -3,8 +3,8 @@
 //! clients (the real binary) reaching a vault that requires client certificates, and one
 //! that serves plain HTTP/2, with the shared connection flags anywhere on the line.
 
-mod support;
-
+use crate::support::fixtures::reason;
+use crate::support::{ANALYTICS, Backend, CLAIMS, SECURITY, TestApp, authed};
 use pdvault::config::Config;
 use pdvault::policy::CallerConfig;
 use pdvault::proto::vault_client::VaultClient;
@@ -13,8 +13,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
     SanType,
 };
-use support::fixtures::reason;
-use support::{ANALYTICS, Backend, CLAIMS, SECURITY, TestApp, authed};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity as TlsIdentity};
 

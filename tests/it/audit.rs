@@ -2,16 +2,14 @@
 //! concurrency, tamper-evident, queryable, and expiring without breaking verification.
 //! Every scenario runs on SQLite and on PostgreSQL.
 
-mod support;
-
+use crate::support::fixtures::*;
+use crate::support::{Backend, CLAIMS, COMPLIANCE, TestApp, authed, join_all};
 use pdvault::audit::{AuditEvent, Problem};
 use pdvault::proto::audit_client::AuditClient;
 use pdvault::proto::{
     CreateRecordRequest, DeleteRecordRequest, Identity, ListAuditEventsRequest,
     ListDisclosuresRequest, VerifyAuditChainRequest,
 };
-use support::fixtures::*;
-use support::{Backend, CLAIMS, COMPLIANCE, TestApp, authed, join_all};
 use tonic::Code;
 use tonic::transport::Channel;
 

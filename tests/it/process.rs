@@ -3,21 +3,19 @@
 //! the policy (and a broken or emptied file changes nothing, minting no credential), and a
 //! full scenario's logs hold no identity value.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::support::fixtures::{reason, resident_id};
+use crate::support::process::ServerProcess;
+use crate::support::{ANALYTICS, CLAIMS, COMPLIANCE, PostgresDatabase, authed, callers_toml};
 use pdvault::proto::vault_client::VaultClient;
 use pdvault::proto::{
     self, CreateRecordRequest, DeleteRecordRequest, FindRecordsRequest, GetRecordRequest, Identity,
     UpdateRecordRequest, find_records_request,
 };
 use sqlx::Connection;
-use support::fixtures::{reason, resident_id};
-use support::process::ServerProcess;
-use support::{ANALYTICS, CLAIMS, COMPLIANCE, PostgresDatabase, authed, callers_toml};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -33,7 +31,7 @@ async fn client(server: &ServerProcess) -> VaultClient<Channel> {
 /// Record ids in the audit trail's CreateRecord events, read straight from the database.
 async fn audited_creates(database_url: &str) -> BTreeSet<String> {
     let rows: Vec<String> = if database_url.starts_with("sqlite:") {
-        support::sqlite::column(
+        crate::support::sqlite::column(
             database_url,
             "SELECT record_ids FROM audit_events WHERE rpc = 'CreateRecord' AND outcome = 'OK'",
         )
@@ -153,7 +151,7 @@ async fn audited_releases(database_url: &str) -> BTreeSet<String> {
     let sql = "SELECT request_id FROM audit_events \
                WHERE rpc = 'GetRecord' AND outcome = 'OK' AND request_id IS NOT NULL";
     let rows: Vec<String> = if database_url.starts_with("sqlite:") {
-        support::sqlite::column(database_url, sql).await
+        crate::support::sqlite::column(database_url, sql).await
     } else {
         let mut conn = sqlx::PgConnection::connect(database_url).await.unwrap();
         sqlx::query_scalar(sql).fetch_all(&mut conn).await.unwrap()

@@ -2,8 +2,8 @@
 //! acceptance, on both backends. Birthdays are crossed with the test clock, never the wall
 //! clock.
 
-mod support;
-
+use crate::support::fixtures::*;
+use crate::support::{CLAIMS, COMPLIANCE, LOGIN, SECURITY, TestApp, authed};
 use chrono::{DateTime, TimeZone, Utc};
 use pdvault::proto::account_security_client::AccountSecurityClient;
 use pdvault::proto::{
@@ -12,8 +12,6 @@ use pdvault::proto::{
     RevokeGuardianConsentRequest, SuspendAccountRequest, UpdateRecordRequest, find_records_request,
     record_guardian_consent_request,
 };
-use support::fixtures::*;
-use support::{CLAIMS, COMPLIANCE, LOGIN, SECURITY, TestApp, authed};
 use tonic::Code;
 use tonic::transport::Channel;
 

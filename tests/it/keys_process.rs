@@ -2,9 +2,6 @@
 //! the middle of a rewrap and restarted (the killed job shows INTERRUPTED), and the `pdvault keys` commands a scheduler runs,
 //! and `pdvault purge`, with their exit codes. Runs on both backends.
 
-// For the check of the machine before any test runs; this file starts its own servers.
-mod support;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -149,7 +146,7 @@ impl Deployment {
                 .await
                 .unwrap();
         } else {
-            support::sqlite::execute(&self.database_url, sql).await;
+            crate::support::sqlite::execute(&self.database_url, sql).await;
         }
     }
 
@@ -163,7 +160,7 @@ impl Deployment {
                 .await
                 .unwrap()
         } else {
-            support::sqlite::scalar(&self.database_url, sql).await
+            crate::support::sqlite::scalar(&self.database_url, sql).await
         }
     }
 }

@@ -3,16 +3,14 @@
 //! credential), private files, the read-only `pdvault audit verify`, and rewrap jobs whose
 //! server died.
 
-mod support;
-
+use crate::support::fixtures::reason;
+use crate::support::proxy::{ProxyState, TcpProxy};
+use crate::support::{ANALYTICS, Backend, CLAIMS, LOGIN, TestApp, authed};
 use pdvault::proto::admin_client::AdminClient;
 use pdvault::proto::{
     CheckAccountRequest, CreateRecordRequest, GetRecordRequest, Identity, ReloadPolicyRequest,
 };
 use pdvault::reload::ConfigSource;
-use support::fixtures::reason;
-use support::proxy::{ProxyState, TcpProxy};
-use support::{ANALYTICS, Backend, CLAIMS, LOGIN, TestApp, authed};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -530,7 +528,7 @@ async fn admin_reload_applies_new_grants_and_refuses_bad_files() {
 /// a granted read releases nothing; PostgreSQL back, reads work again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_releases_nothing_and_recovers() {
-    use support::fixtures::{create, get, zhang_san};
+    use crate::support::fixtures::{create, get, zhang_san};
     let Some((app, proxy)) = spawn_behind_proxy(|_| {}).await else {
         return;
     };
@@ -642,7 +640,7 @@ async fn reload_changes_policy_never_the_service(backend: Backend) {
         ),
         (changed(&|c| c.admin.enabled = false), "admin.enabled"),
         // Of `limits`, what the listener is built with (the per-call limits reload: see
-        // tests/transport.rs).
+        // tests/it/transport.rs).
         (
             changed(&|c| c.limits.max_streams_per_connection = 7),
             "limits.max_streams_per_connection",
@@ -1180,15 +1178,16 @@ async fn a_database_of_the_sqlx_release_is_adopted() {
     assert_eq!(app.count(recorded).await, migrations);
     let history = "SELECT group_concat(version || ' ' || installed_on || ' ' || hex(checksum), ';') \
                    FROM _sqlx_migrations";
-    let applied: String = support::sqlite::scalar(&app.database_url, history).await;
+    let applied: String = crate::support::sqlite::scalar(&app.database_url, history).await;
 
-    let name =
-        |response: &pdvault::proto::GetRecordResponse| support::fixtures::value(response, "name").0;
-    let first = support::fixtures::get(&app, CLAIMS.token, ids[0], "service-delivery", "x")
+    let name = |response: &pdvault::proto::GetRecordResponse| {
+        crate::support::fixtures::value(response, "name").0
+    };
+    let first = crate::support::fixtures::get(&app, CLAIMS.token, ids[0], "service-delivery", "x")
         .await
         .expect("reads the first record");
     assert_eq!(name(&first), "张小三");
-    let second = support::fixtures::get(&app, CLAIMS.token, ids[1], "service-delivery", "x")
+    let second = crate::support::fixtures::get(&app, CLAIMS.token, ids[1], "service-delivery", "x")
         .await
         .expect("reads the second record");
     assert_eq!(name(&second), "李四");
@@ -1201,7 +1200,7 @@ async fn a_database_of_the_sqlx_release_is_adopted() {
 
     // Started again, it still applies nothing and rewrites no record of what it applied.
     let app = app.restart().await;
-    let again: String = support::sqlite::scalar(&app.database_url, history).await;
+    let again: String = crate::support::sqlite::scalar(&app.database_url, history).await;
     assert_eq!(again, applied);
     app.stop().await;
 }

@@ -2,8 +2,7 @@
 //! destroyed inside the token, never leave it, and two instances share them through it.
 //! (`PDVAULT_TEST_KEK_PROVIDER=pkcs11` runs the other integration tests on it too.)
 
-mod support;
-
+use crate::support::{Backend, CLAIMS, TestApp, authed, softhsm};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki::session::{Session, UserType};
@@ -14,7 +13,6 @@ use pdvault::proto::{
     RekeyRecordRequest, RetireKeyVersionRequest, RewrapRecordsRequest,
     RotateKeyEncryptionKeyRequest,
 };
-use support::{Backend, CLAIMS, TestApp, authed, softhsm};
 use tonic::transport::Channel;
 
 async fn spawn(
@@ -596,7 +594,7 @@ fn hsm_wrapped_keys_of_format_2_still_unwrap() {
 }
 
 /// Writes the HSM golden vectors of the current format (`PDVAULT_GOLDEN_HSM` names the file,
-/// which must not exist): run once per new format, like `tests/golden.rs`'s generator.
+/// which must not exist): run once per new format, like `tests/it/golden.rs`'s generator.
 /// `2026-11/hsm.json` (format 1, GCM, both suites) was written before KW by its predecessor.
 #[test]
 #[ignore]

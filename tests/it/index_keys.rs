@@ -3,8 +3,8 @@
 //! across a re-index, retiring and destroying an index version, and an instance that learns
 //! of another's rotation. The real server, on both backends.
 
-mod support;
-
+use crate::support::fixtures::{reason, resident_id};
+use crate::support::{ANALYTICS, CLAIMS, TestApp, authed};
 use pdvault::proto::key_management_client::KeyManagementClient;
 use pdvault::proto::{
     self, CreateRecordRequest, DestroyKeyVersionRequest, DocumentKey, FindRecordsRequest,
@@ -12,8 +12,6 @@ use pdvault::proto::{
     RetireKeyVersionRequest, RewrapRecordsRequest, RotateIndexKeyRequest, UpdateRecordRequest,
     find_records_request,
 };
-use support::fixtures::{reason, resident_id};
-use support::{ANALYTICS, CLAIMS, TestApp, authed};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -523,8 +521,8 @@ async fn an_old_format_age_gate_opens_and_reindexing_moves_it(app: &TestApp) {
     .unwrap();
     let hex = data_encoding::HEXLOWER.encode(&old);
     let literal = match app.backend {
-        support::Backend::Sqlite => format!("X'{hex}'"),
-        support::Backend::Postgres => format!("'\\x{hex}'::bytea"),
+        crate::support::Backend::Sqlite => format!("X'{hex}'"),
+        crate::support::Backend::Postgres => format!("'\\x{hex}'::bytea"),
     };
     app.execute_sql(&format!(
         "UPDATE records SET age_gate = {literal} WHERE record_id = '{minor}'"
@@ -599,8 +597,8 @@ async fn find_other(app: &TestApp, id_number: &str) -> Vec<String> {
 fn hex_literal(app: &TestApp, bytes: &[u8]) -> String {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     match app.backend {
-        support::Backend::Sqlite => format!("X'{hex}'"),
-        support::Backend::Postgres => format!("'\\x{hex}'::bytea"),
+        crate::support::Backend::Sqlite => format!("X'{hex}'"),
+        crate::support::Backend::Postgres => format!("'\\x{hex}'::bytea"),
     }
 }
 

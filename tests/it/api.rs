@@ -1,14 +1,12 @@
 //! End-to-end tests of `pdvault.v1.Vault`: the real server on an ephemeral port, driven
 //! over gRPC, once per backend (SQLite and PostgreSQL).
 
-mod support;
-
+use crate::support::fixtures::*;
+use crate::support::{ANALYTICS, CLAIMS, COMPLIANCE, LOGIN, TestApp, authed};
 use pdvault::proto::{
     self, CheckAccountRequest, CreateRecordRequest, DeleteRecordRequest, DocumentKey,
     FindRecordsRequest, GetRecordRequest, Identity, UpdateRecordRequest, find_records_request,
 };
-use support::fixtures::*;
-use support::{ANALYTICS, CLAIMS, COMPLIANCE, LOGIN, TestApp, authed};
 use tonic::Code;
 
 async fn create_then_get_releases_plaintext_for_a_granted_purpose(app: &TestApp) {
@@ -516,7 +514,7 @@ async fn deletion_shreds_the_record(app: &TestApp) {
         ))
         .await;
     assert_eq!(tombstones, 1);
-    if app.backend == support::Backend::Sqlite {
+    if app.backend == crate::support::Backend::Sqlite {
         // Not even in free pages of the file (PostgreSQL leaves dead row versions to VACUUM;
         // destroying the KEK versions is what reaches those, and backups).
         app.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").await;

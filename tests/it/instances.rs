@@ -2,12 +2,10 @@
 //! every answer reflects every committed change made through any instance, and each
 //! instance's audit chain verifies beside the others.
 
-mod support;
-
+use crate::support::fixtures::*;
+use crate::support::{CLAIMS, LOGIN, SECURITY, TestApp, authed};
 use pdvault::proto::account_security_client::AccountSecurityClient;
 use pdvault::proto::{self, CheckAccountRequest, CreateRecordRequest, SuspendAccountRequest};
-use support::fixtures::*;
-use support::{CLAIMS, LOGIN, SECURITY, TestApp, authed};
 use tonic::Code;
 use tonic::transport::Channel;
 

@@ -3,12 +3,10 @@
 //! and that every request the harness makes is one the vault accepts; they never look at
 //! how fast anything was.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{CLAIMS, TestApp};
 use pdvault::bench::{BenchOptions, DEFAULT_FIELDS, DEFAULT_PURPOSE, Mix, Report, TargetSpec};
-use support::{CLAIMS, TestApp};
 
 fn options(target: TargetSpec) -> BenchOptions {
     BenchOptions {

@@ -1,10 +1,10 @@
 //! End-to-end tests of the many-records calls of `pdvault.v1.Vault`: `BatchGetRecords`,
 //! `BatchCreateRecords` and `ExportRecords`, on both backends.
 
-mod support;
-
 use std::collections::{BTreeMap, HashSet};
 
+use crate::support::fixtures::*;
+use crate::support::{ANALYTICS, Backend, CLAIMS, COMPLIANCE, SECURITY, TestApp, authed};
 use pdvault::policy::{PurposeConfig, ReleaseLevel};
 use pdvault::proto::{
     self, BatchCreateRecordsRequest, BatchGetRecordsRequest, CreateRecordRequest,
@@ -12,8 +12,6 @@ use pdvault::proto::{
     account_security_client::AccountSecurityClient, audit_client::AuditClient,
     batch_create_record_result, batch_get_record_result, export_records_response,
 };
-use support::fixtures::*;
-use support::{ANALYTICS, Backend, CLAIMS, COMPLIANCE, SECURITY, TestApp, authed};
 use tonic::Code;
 use tonic_types::{ErrorDetails, StatusExt};
 
