@@ -10,7 +10,8 @@
 //! Sharing a process means sharing what a process has once: the machine check
 //! (`support::environment`) runs once before the harness, one SoftHSM2 token serves every
 //! test (`support::softhsm`), one tracing subscriber and one metrics recorder collect from
-//! every app.
+//! every app. The few tests whose assertions are about process-wide state run in a process
+//! of their own (`support::own_process`).
 
 #[macro_use]
 mod support;

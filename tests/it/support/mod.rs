@@ -15,6 +15,7 @@
 
 pub mod environment;
 pub mod fixtures;
+pub mod own_process;
 pub mod process;
 pub mod proxy;
 pub mod softhsm;
