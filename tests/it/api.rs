@@ -171,14 +171,7 @@ async fn rpcs_must_be_granted(app: &TestApp) {
     let status = app
         .client()
         .await
-        .create_record(authed(
-            LOGIN.token,
-            CreateRecordRequest {
-                identity: Some(zhang_san()),
-                request_id: String::new(),
-                ..Default::default()
-            },
-        ))
+        .create_record(authed(LOGIN.token, create_request(zhang_san(), "")))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
@@ -217,14 +210,7 @@ async fn invalid_identities_are_refused_field_by_field(app: &TestApp) {
             ..zhang_san()
         };
         let status = client
-            .create_record(authed(
-                CLAIMS.token,
-                CreateRecordRequest {
-                    identity: Some(identity),
-                    request_id: String::new(),
-                    ..Default::default()
-                },
-            ))
+            .create_record(authed(CLAIMS.token, create_request(identity, "")))
             .await
             .unwrap_err();
         assert_eq!(bad_fields(&status), ["id_number"]);
@@ -242,14 +228,7 @@ async fn invalid_identities_are_refused_field_by_field(app: &TestApp) {
         ..zhang_san()
     };
     let status = client
-        .create_record(authed(
-            CLAIMS.token,
-            CreateRecordRequest {
-                identity: Some(identity),
-                request_id: String::new(),
-                ..Default::default()
-            },
-        ))
+        .create_record(authed(CLAIMS.token, create_request(identity, "")))
         .await
         .unwrap_err();
     let mut fields = bad_fields(&status);
@@ -320,16 +299,7 @@ async fn duplicate_documents_are_refused_without_naming_the_other_record(app: &T
 
 async fn retried_creates_are_idempotent(app: &TestApp) {
     let mut client = app.client().await;
-    let request = |identity| {
-        authed(
-            CLAIMS.token,
-            CreateRecordRequest {
-                identity: Some(identity),
-                request_id: "req-42".into(),
-                ..Default::default()
-            },
-        )
-    };
+    let request = |identity| authed(CLAIMS.token, create_request(identity, "req-42"));
     let first = client
         .create_record(request(zhang_san()))
         .await

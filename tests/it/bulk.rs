@@ -9,7 +9,6 @@ use pdvault::policy::{PurposeConfig, ReleaseLevel};
 use pdvault::proto::{
     self, BatchCreateRecordsRequest, BatchGetRecordsRequest, CreateRecordRequest,
     ExportRecordsRequest, Identity, ListAuditEventsRequest, SuspendAccountRequest,
-    account_security_client::AccountSecurityClient, audit_client::AuditClient,
     batch_create_record_result, batch_get_record_result, export_records_response,
 };
 use tonic::Code;
@@ -58,7 +57,9 @@ fn person(name: &str, yyyymmdd: &str, sequence: &str) -> Identity {
 }
 
 async fn suspend(app: &TestApp, record_id: &str) {
-    let changed = AccountSecurityClient::new(app.channel().await)
+    let changed = app
+        .security_client()
+        .await
         .suspend_account(authed(
             SECURITY.token,
             SuspendAccountRequest {
@@ -77,7 +78,8 @@ async fn suspend(app: &TestApp, record_id: &str) {
 
 /// The events of a person's trail.
 async fn trail(app: &TestApp, record_id: &str) -> Vec<proto::AuditEvent> {
-    AuditClient::new(app.channel().await)
+    app.audit_client()
+        .await
         .list_audit_events(authed(
             COMPLIANCE.token,
             ListAuditEventsRequest {
@@ -275,14 +277,6 @@ async fn batch_reads_are_checked_once_for_the_whole_call(app: &TestApp) {
         refused.contains(&"OPERATION_NOT_GRANTED".to_owned()),
         "{refused:?}"
     );
-}
-
-fn create_request(identity: Identity, request_id: &str) -> CreateRecordRequest {
-    CreateRecordRequest {
-        identity: Some(identity),
-        request_id: request_id.into(),
-        ..Default::default()
-    }
 }
 
 async fn batch_create(

@@ -2,18 +2,16 @@
 //! destroyed inside the token, never leave it, and two instances share them through it.
 //! (`PDVAULT_TEST_KEK_PROVIDER=pkcs11` runs the other integration tests on it too.)
 
+use crate::support::fixtures::create_request;
 use crate::support::{Backend, CLAIMS, TestApp, authed, softhsm};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
-use pdvault::proto::key_management_client::KeyManagementClient;
 use pdvault::proto::{
-    CreateRecordRequest, DestroyKeyVersionRequest, GetKeyStatusRequest, GetRecordRequest, Identity,
-    RekeyRecordRequest, RetireKeyVersionRequest, RewrapRecordsRequest,
-    RotateKeyEncryptionKeyRequest,
+    DestroyKeyVersionRequest, GetKeyStatusRequest, GetRecordRequest, Identity, RekeyRecordRequest,
+    RetireKeyVersionRequest, RewrapRecordsRequest, RotateKeyEncryptionKeyRequest,
 };
-use tonic::transport::Channel;
 
 async fn spawn(
     backend: Backend,
@@ -33,28 +31,18 @@ async fn spawn(
     .expect("spawns")
 }
 
-async fn keys(app: &TestApp) -> KeyManagementClient<Channel> {
-    KeyManagementClient::new(
-        Channel::from_shared(format!("http://{}", app.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    )
-}
-
 async fn create(app: &TestApp, i: usize) -> String {
     app.client()
         .await
         .create_record(authed(
             CLAIMS.token,
-            CreateRecordRequest {
-                identity: Some(Identity {
+            create_request(
+                Identity {
                     email: format!("h{i}@example.com"),
                     ..Identity::default()
-                }),
-                ..Default::default()
-            },
+                },
+                "",
+            ),
         ))
         .await
         .unwrap()
@@ -203,7 +191,8 @@ async fn hsm_lifecycle(backend: Backend) {
         Some(app.data_dir.path().join("data/admin.token")),
     )
     .await;
-    let rotated = keys(&other)
+    let rotated = other
+        .keys_client()
         .await
         .rotate_key_encryption_key(authed(
             &app.admin_token,
@@ -219,7 +208,8 @@ async fn hsm_lifecycle(backend: Backend) {
     let fresh = create(&app, 100).await;
     assert_eq!(email(&other, &fresh).await, "h100@example.com");
 
-    let mut stream = keys(&app)
+    let mut stream = app
+        .keys_client()
         .await
         .rewrap_records(authed(
             &app.admin_token,
@@ -236,7 +226,7 @@ async fn hsm_lifecycle(backend: Backend) {
     assert!(last.done);
     assert_eq!(last.rewrapped, 20);
 
-    let mut client = keys(&app).await;
+    let mut client = app.keys_client().await;
     client
         .retire_key_version(authed(
             &app.admin_token,

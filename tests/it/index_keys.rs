@@ -3,21 +3,14 @@
 //! across a re-index, retiring and destroying an index version, and an instance that learns
 //! of another's rotation. The real server, on both backends.
 
-use crate::support::fixtures::{reason, resident_id};
+use crate::support::fixtures::{create_request, reason, resident_id};
 use crate::support::{ANALYTICS, CLAIMS, TestApp, authed};
-use pdvault::proto::key_management_client::KeyManagementClient;
 use pdvault::proto::{
-    self, CreateRecordRequest, DestroyKeyVersionRequest, DocumentKey, FindRecordsRequest,
-    GetKeyStatusRequest, GetRecordRequest, Identity, KeyKind, KeyVersionState,
-    RetireKeyVersionRequest, RewrapRecordsRequest, RotateIndexKeyRequest, UpdateRecordRequest,
-    find_records_request,
+    self, DestroyKeyVersionRequest, DocumentKey, FindRecordsRequest, GetKeyStatusRequest,
+    GetRecordRequest, Identity, KeyKind, KeyVersionState, RetireKeyVersionRequest,
+    RewrapRecordsRequest, RotateIndexKeyRequest, UpdateRecordRequest, find_records_request,
 };
 use tonic::Code;
-use tonic::transport::Channel;
-
-async fn keys_client(app: &TestApp) -> KeyManagementClient<Channel> {
-    KeyManagementClient::new(app.channel().await)
-}
 
 fn person(id_number: &str, phone: &str) -> Identity {
     Identity {
@@ -32,13 +25,7 @@ fn person(id_number: &str, phone: &str) -> Identity {
 async fn create(app: &TestApp, identity: Identity) -> Result<String, tonic::Status> {
     app.client()
         .await
-        .create_record(authed(
-            CLAIMS.token,
-            CreateRecordRequest {
-                identity: Some(identity),
-                ..Default::default()
-            },
-        ))
+        .create_record(authed(CLAIMS.token, create_request(identity, "")))
         .await
         .map(|r| r.into_inner().record_id)
 }
@@ -119,7 +106,8 @@ async fn assert_minor(app: &TestApp, record_id: &str) {
 }
 
 async fn index_versions(app: &TestApp) -> (u32, Vec<(u32, KeyVersionState, i64)>) {
-    let status = keys_client(app)
+    let status = app
+        .keys_client()
         .await
         .get_key_status(authed(&app.admin_token, GetKeyStatusRequest {}))
         .await
@@ -136,7 +124,7 @@ async fn index_versions(app: &TestApp) -> (u32, Vec<(u32, KeyVersionState, i64)>
 }
 
 async fn rotate_index(app: &TestApp, expected: u32) -> proto::RotateIndexKeyResponse {
-    keys_client(app)
+    app.keys_client()
         .await
         .rotate_index_key(authed(
             &app.admin_token,
@@ -150,7 +138,8 @@ async fn rotate_index(app: &TestApp, expected: u32) -> proto::RotateIndexKeyResp
 }
 
 async fn rewrap(app: &TestApp, batch_size: u32) -> Vec<proto::RewrapProgress> {
-    let mut stream = keys_client(app)
+    let mut stream = app
+        .keys_client()
         .await
         .rewrap_records(authed(
             &app.admin_token,
@@ -167,7 +156,7 @@ async fn rewrap(app: &TestApp, batch_size: u32) -> Vec<proto::RewrapProgress> {
 }
 
 async fn retire_index(app: &TestApp, version: u32) -> Result<proto::KeyVersion, tonic::Status> {
-    keys_client(app)
+    app.keys_client()
         .await
         .retire_key_version(authed(
             &app.admin_token,
@@ -181,7 +170,7 @@ async fn retire_index(app: &TestApp, version: u32) -> Result<proto::KeyVersion, 
 }
 
 async fn destroy_index(app: &TestApp, version: u32) -> Result<proto::KeyVersion, tonic::Status> {
-    keys_client(app)
+    app.keys_client()
         .await
         .destroy_key_version(authed(
             &app.admin_token,
@@ -363,7 +352,8 @@ async fn index_rotation_reindex_retire_destroy(app: &TestApp) {
     assert_duplicate(app, person(&adult_id, "13900000000")).await;
     assert_minor(app, &minor).await;
     // The KEK versions were not touched.
-    let status = keys_client(app)
+    let status = app
+        .keys_client()
         .await
         .get_key_status(authed(&app.admin_token, GetKeyStatusRequest {}))
         .await

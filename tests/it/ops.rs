@@ -21,10 +21,6 @@ use tonic_types::StatusExt;
 
 const UNKNOWN_RECORD: &str = "rec_aaaaaaaaaaaaaaaaaaaaaaaaaa";
 
-async fn channel(app: &TestApp) -> Channel {
-    app.channel().await
-}
-
 fn get_request(token: &str, purpose: &str) -> tonic::Request<GetRecordRequest> {
     authed(
         token,
@@ -66,7 +62,7 @@ async fn health_follows_postgres_reachability() {
     let Some((app, proxy)) = spawn_behind_proxy(|_| {}).await else {
         return;
     };
-    let mut health = HealthClient::new(channel(&app).await);
+    let mut health = HealthClient::new(app.channel().await);
     for service in ["", "pdvault.v1.Vault"] {
         let mut stream = health
             .watch(HealthCheckRequest {
@@ -103,7 +99,7 @@ async fn reflection_lists_the_services() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
     let app = TestApp::spawn(Backend::Sqlite).await.unwrap();
-    let mut client = ServerReflectionClient::new(channel(&app).await);
+    let mut client = ServerReflectionClient::new(app.channel().await);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -475,7 +471,7 @@ async fn admin_reload_applies_new_grants_and_refuses_bad_files() {
     .unwrap();
     let write =
         |purposes: &[&str]| std::fs::write(&file, reload_file(&app.config, purposes)).unwrap();
-    let mut admin = AdminClient::new(channel(&app).await);
+    let mut admin = AdminClient::new(app.channel().await);
     let mut vault = app.client().await;
     let analytics_read = || get_request(ANALYTICS.token, "service-delivery");
     let status = vault.get_record(analytics_read()).await.unwrap_err();
@@ -608,7 +604,7 @@ async fn reload_changes_policy_never_the_service(backend: Backend) {
     else {
         return;
     };
-    let mut admin = AdminClient::new(channel(&app).await);
+    let mut admin = AdminClient::new(app.channel().await);
     let mut vault = app.client().await;
     let reload = |admin: &mut AdminClient<Channel>| {
         let mut admin = admin.clone();
@@ -1038,8 +1034,10 @@ async fn audit_verify_reads_only_what_exists_on_postgres() {
 /// Rewrap jobs by id, with their state, as `GetKeyStatus` reports them.
 async fn job_states(app: &TestApp) -> std::collections::BTreeMap<String, String> {
     use pdvault::proto::GetKeyStatusRequest;
-    use pdvault::proto::key_management_client::KeyManagementClient;
-    let status = KeyManagementClient::new(app.channel().await)
+
+    let status = app
+        .keys_client()
+        .await
         .get_key_status(authed(&app.admin_token, GetKeyStatusRequest {}))
         .await
         .unwrap()

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::support::fixtures::{reason, resident_id};
 use crate::support::process::ServerProcess;
-use crate::support::{ANALYTICS, CLAIMS, COMPLIANCE, PostgresDatabase, authed, callers_toml};
+use crate::support::{
+    ANALYTICS, CLAIMS, COMPLIANCE, PostgresDatabase, authed, callers_toml, connect,
+};
 use pdvault::proto::vault_client::VaultClient;
 use pdvault::proto::{
     self, CreateRecordRequest, DeleteRecordRequest, FindRecordsRequest, GetRecordRequest, Identity,
@@ -20,12 +22,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 async fn client(server: &ServerProcess) -> VaultClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    VaultClient::new(channel)
+    VaultClient::new(connect(server.addr).await)
 }
 
 /// Record ids in the audit trail's CreateRecord events, read straight from the database.
@@ -160,17 +157,14 @@ async fn audited_releases(database_url: &str) -> BTreeSet<String> {
 }
 
 fn create_request(name: &str, phone: String) -> tonic::Request<CreateRecordRequest> {
+    let identity = Identity {
+        name: name.into(),
+        phone,
+        ..Identity::default()
+    };
     authed(
         CLAIMS.token,
-        CreateRecordRequest {
-            identity: Some(Identity {
-                name: name.into(),
-                phone,
-                ..Identity::default()
-            }),
-            request_id: String::new(),
-            ..Default::default()
-        },
+        crate::support::fixtures::create_request(identity, ""),
     )
 }
 
@@ -447,11 +441,7 @@ async fn logs_of_a_full_scenario_hold_no_identity_value() {
     };
     let mut request = authed(
         CLAIMS.token,
-        CreateRecordRequest {
-            identity: Some(identity.clone()),
-            request_id: "scenario-1".into(),
-            ..Default::default()
-        },
+        crate::support::fixtures::create_request(identity.clone(), "scenario-1"),
     );
     request
         .metadata_mut()

@@ -125,14 +125,11 @@ async fn connect(
 }
 
 fn create_request() -> CreateRecordRequest {
-    CreateRecordRequest {
-        identity: Some(Identity {
-            name: "陈七".into(),
-            ..Identity::default()
-        }),
-        request_id: String::new(),
-        ..Default::default()
-    }
+    let identity = Identity {
+        name: "陈七".into(),
+        ..Identity::default()
+    };
+    crate::support::fixtures::create_request(identity, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

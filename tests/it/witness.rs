@@ -15,7 +15,6 @@ use crate::support::fixtures::*;
 use crate::support::{Backend, CLAIMS, COMPLIANCE, TestApp, authed};
 use pdvault::audit::{AuditEvent, CheckpointError, Problem, Refusal, StoredEvent, VerifyReport};
 use pdvault::proto::VerifyAuditChainRequest;
-use pdvault::proto::audit_client::AuditClient;
 
 /// The vault's chain after four checkpoints: the one introducing it at start (head 0), then
 /// heads 3, 6 and 9 (a create and eight reads). Returns the chain id.
@@ -693,7 +692,7 @@ async fn a_second_process_cannot_sign_as_the_same_instance(app: &TestApp) {
 /// `VerifyAuditChain` compares with the configured witness file too.
 async fn verify_audit_chain_reads_the_configured_witness_file(app: &TestApp) {
     let chain = history(app).await;
-    let mut client = AuditClient::new(app.channel().await);
+    let mut client = app.audit_client().await;
     let response = client
         .verify_audit_chain(authed(COMPLIANCE.token, VerifyAuditChainRequest {}))
         .await

@@ -28,6 +28,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use chrono::{DateTime, TimeZone, Utc};
 use pdvault::config::Config;
 use pdvault::policy::{CallerConfig, token_sha256_hex};
+use pdvault::proto::account_security_client::AccountSecurityClient;
+use pdvault::proto::audit_client::AuditClient;
+use pdvault::proto::key_management_client::KeyManagementClient;
 use pdvault::proto::vault_client::VaultClient;
 use pdvault::reload::ConfigSource;
 use pdvault::startup::Application;
@@ -329,20 +332,23 @@ impl TestApp {
 
     /// A connection to the test server, for any of its services' clients.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connects to the test server")
+        connect(self.addr).await
     }
 
     pub async fn client(&self) -> VaultClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connects to the test server");
-        VaultClient::new(channel)
+        VaultClient::new(self.channel().await)
+    }
+
+    pub async fn keys_client(&self) -> KeyManagementClient<Channel> {
+        KeyManagementClient::new(self.channel().await)
+    }
+
+    pub async fn audit_client(&self) -> AuditClient<Channel> {
+        AuditClient::new(self.channel().await)
+    }
+
+    pub async fn security_client(&self) -> AccountSecurityClient<Channel> {
+        AccountSecurityClient::new(self.channel().await)
     }
 
     /// A second handle on the vault's database, for what tests do behind the vault's back.
@@ -596,6 +602,15 @@ fn random_suffix() -> String {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).unwrap();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A plaintext gRPC connection to a vault at `addr` (an in-process app or a `pdvault` process).
+pub async fn connect(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects to the test server")
 }
 
 /// Wraps a message with a caller's bearer token.
