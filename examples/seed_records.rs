@@ -8,9 +8,9 @@
 
 use std::path::PathBuf;
 
+use pdvault::app::{open_keys, open_store};
 use pdvault::config::Config;
 use pdvault::crypto::DataKey;
-use pdvault::startup::{open_keys, open_store};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -19,6 +19,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{CallerConfig, PurposeConfig, default_purposes};
+// The `retention` section is declared beside the rules it configures (policy/retention.rs),
+// which sit below this module; re-exported so every section is reachable from here.
+pub use crate::policy::retention::RetentionConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -52,41 +55,6 @@ pub struct Config {
     pub purposes: BTreeMap<String, PurposeConfig>,
     pub callers: Vec<CallerConfig>,
     pub retention: RetentionConfig,
-}
-
-/// How long records are kept before `pdvault purge` crypto-shreds them. Days count from
-/// creation; 0 means no deadline.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetentionConfig {
-    /// Deadline for records whose document type has no entry in `id_types`.
-    pub default_days: u32,
-    /// Per document type (`RESIDENT_ID`, `PASSPORT`, ...): overrides `default_days`.
-    pub id_types: BTreeMap<String, u32>,
-    /// The longest retention a caller may ask for on create; 0 means callers may not.
-    pub max_days: u32,
-    /// How long a create's `request_id` answers retries (its key holds an HMAC of the
-    /// identity, so it is not kept longer than retries need); 0: until the record is deleted.
-    pub request_id_ttl_hours: u32,
-}
-
-impl Default for RetentionConfig {
-    fn default() -> RetentionConfig {
-        RetentionConfig {
-            default_days: 0,
-            id_types: BTreeMap::new(),
-            max_days: 0,
-            request_id_ttl_hours: 24,
-        }
-    }
-}
-
-impl RetentionConfig {
-    /// `request_id_ttl_hours` as a duration; `None` when request ids do not expire.
-    pub fn request_id_ttl(&self) -> Option<std::time::Duration> {
-        (self.request_id_ttl_hours != 0)
-            .then(|| std::time::Duration::from_secs(u64::from(self.request_id_ttl_hours) * 3600))
-    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -512,7 +480,7 @@ pub const MIN_AUDIT_RETENTION_DAYS: u64 = 180;
 impl Config {
     /// Refuses settings whose value cannot be right: zero where the setting cannot be off,
     /// and an audit retention that would destroy the trail. Every command checks it after
-    /// loading, and [`crate::startup::Application::build`] before anything is opened.
+    /// loading, and `Application::build` (`app/mod.rs`) before anything is opened.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let refuse =
             |key: &str, reason: &str| Err(ConfigError::Invalid(format!("{key}: {reason}")));

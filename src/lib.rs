@@ -1,31 +1,17 @@
 //! pdvault: the one place where identity data lives and the one gate through which it
 //! leaves. See ARCHITECTURE.md for the bird's-eye view and the invariants.
 
-pub mod accounts;
+pub mod app;
 pub mod audit;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod domain;
-pub mod edge;
 pub mod grpc;
-pub mod health;
-pub mod hsm;
-pub mod key_admin;
 pub mod keys;
-pub mod limits;
-pub mod metrics;
 pub mod policy;
-pub mod reindex;
-pub mod reload;
-pub mod retention;
-pub mod rewrap;
-pub mod startup;
 pub mod store;
 pub mod telemetry;
-pub mod tls;
-pub mod transport;
 pub mod vault;
 
 /// The test suite's check of the machine (PostgreSQL, SoftHSM2, Python's grpcio), in this

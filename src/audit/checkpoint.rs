@@ -16,11 +16,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::crypto::{AuditPublicKey, AuditSigningKey};
 use crate::store::{Micros, Store, StoreError};
 
-use super::chain::{
+use super::witness::Witness;
+use crate::domain::audit_chain::{
     ChainHead, ChainVerifier, Checkpoint, ExpiryMarker, Problem, checkpoint_genesis,
     checkpoint_message, marker_message,
 };
-use super::witness::Witness;
 
 /// Events read per round trip while verifying.
 const VERIFY_PAGE: u32 = 2000;

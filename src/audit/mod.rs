@@ -18,7 +18,7 @@
 //! events the store itself refuses fail ([`append_isolating`]). A batch that fails because
 //! the database is unreachable fails as a whole, at once: splitting it would only multiply
 //! the waits. The edge checks every string before it can reach an event
-//! (`crate::edge`); this is the second wall.
+//! (`crate::domain::edge`); this is the second wall.
 //!
 //! Shutdown: [`AuditLog::close`] (or dropping every handle) stops new events from entering;
 //! the writer flushes what is already queued and exits, and the join handle
@@ -30,7 +30,6 @@
 //! against what it signed before), `witness` (the copy of every checkpoint kept outside the
 //! database) and `checkpoint` (verification with the public key alone, and retention).
 
-mod chain;
 mod checkpoint;
 mod signer;
 mod witness;
@@ -41,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-pub use chain::{
+pub use crate::domain::audit_chain::{
     AuditEvent, ChainHead, ChainVerifier, Checkpoint, CheckpointLink, ExpiryMarker, Problem,
     StoredEvent, checkpoint_genesis, genesis, link,
 };
@@ -213,8 +212,8 @@ async fn run_writer(
         let outcomes = append_isolating(store.as_ref(), &events).await;
         let flush = started.elapsed();
         stats.record(events.len(), flush);
-        crate::metrics::record_audit_batch(events.len());
-        crate::metrics::record_audit_flush(flush);
+        crate::telemetry::metrics::record_audit_batch(events.len());
+        crate::telemetry::metrics::record_audit_flush(flush);
         tracing::debug!(
             batch = events.len(),
             flush_us = flush.as_micros() as u64,

@@ -35,13 +35,16 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{AuditPublicKey, AuditSigningKey};
+// Declared with the metrics that report it, which sit below audit (audit records its
+// batches and checkpoints through them).
 use crate::store::{Micros, Store, StoreError};
+pub use crate::telemetry::metrics::SignerHealth;
 
-use super::chain::{
+use super::witness::{CheckpointSink, WitnessLine};
+use crate::domain::audit_chain::{
     ChainHead, ChainVerifier, Checkpoint, CheckpointLink, ExpiryMarker, Hash, Problem,
     checkpoint_genesis, genesis, marker_message,
 };
-use super::witness::{CheckpointSink, WitnessLine};
 
 /// Events read per round trip while checking what a chain appended.
 const WALK_PAGE: u32 = 2000;
@@ -150,7 +153,7 @@ struct SignerState {
 #[serde(deny_unknown_fields)]
 struct VouchedChain {
     seq: i64,
-    #[serde(with = "super::chain::hex_bytes")]
+    #[serde(with = "crate::domain::audit_chain::hex_bytes")]
     hash: Vec<u8>,
     /// Signed as final: its head may not move again.
     #[serde(default)]
@@ -166,26 +169,6 @@ struct Signing {
     /// The chain this process appends to, if it appends at all (`pdvault audit checkpoint`
     /// does not).
     current: Option<String>,
-}
-
-/// What health and metrics report about the signer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignerHealth {
-    pub signer: String,
-    /// Since the newest checkpoint this instance signed (or since it started, before one).
-    pub age: Duration,
-    /// Older than twice the checkpoint interval.
-    pub stale: bool,
-    /// The refusal that stopped signing, until a checkpoint succeeds again.
-    pub alarm: Option<String>,
-    /// Why the last append to the witness sink failed, until one succeeds again.
-    pub witness_failure: Option<String>,
-}
-
-impl SignerHealth {
-    pub fn ok(&self) -> bool {
-        !self.stale && self.alarm.is_none() && self.witness_failure.is_none()
-    }
 }
 
 #[derive(Default)]
@@ -299,7 +282,7 @@ impl CheckpointSigner {
             Ok(checkpoint) => {
                 status.last_checkpoint = Some(Instant::now());
                 status.alarm = None;
-                crate::metrics::record_checkpoint_signed(&self.signer);
+                crate::telemetry::metrics::record_checkpoint_signed(&self.signer);
                 tracing::debug!(
                     signer = self.signer,
                     counter = checkpoint.link.as_ref().map_or(0, |l| l.counter),
@@ -309,7 +292,10 @@ impl CheckpointSigner {
             }
             Err(CheckpointError::Refused(refusal)) => {
                 status.alarm = Some(refusal.to_string());
-                crate::metrics::record_checkpoint_refused(&self.signer, refusal.reason());
+                crate::telemetry::metrics::record_checkpoint_refused(
+                    &self.signer,
+                    refusal.reason(),
+                );
                 tracing::error!(
                     signer = self.signer,
                     reason = refusal.reason(),
@@ -523,7 +509,7 @@ impl CheckpointSigner {
         match outcome {
             Ok(()) => status.witness_failure = None,
             Err(error) => {
-                crate::metrics::record_witness_failure(&self.signer);
+                crate::telemetry::metrics::record_witness_failure(&self.signer);
                 tracing::error!(
                     signer = self.signer,
                     sink = %self.sink,

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::chain::{ChainHead, Checkpoint, CheckpointLink, Problem};
+use crate::domain::audit_chain::{ChainHead, Checkpoint, CheckpointLink, Problem};
 
 /// The key every witness line carries, with the checkpoint format as its value.
 const MARKER: &str = "pdvault_checkpoint";
@@ -85,13 +85,13 @@ pub(crate) struct WitnessLine {
     signer: String,
     counter: i64,
     key_id: String,
-    #[serde(with = "super::chain::hex_bytes")]
+    #[serde(with = "crate::domain::audit_chain::hex_bytes")]
     prev: Vec<u8>,
     created_at: i64,
     heads: Vec<ChainHead>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     closed: Vec<String>,
-    #[serde(with = "super::chain::hex_bytes")]
+    #[serde(with = "crate::domain::audit_chain::hex_bytes")]
     signature: Vec<u8>,
 }
 
@@ -113,19 +113,20 @@ impl WitnessLine {
     }
 
     pub(crate) fn into_checkpoint(self) -> Option<Checkpoint> {
-        (self.pdvault_checkpoint == super::chain::CHECKPOINT_FORMAT_CHAINED).then_some(Checkpoint {
-            id: 0,
-            created_at: self.created_at,
-            heads: self.heads,
-            signature: self.signature,
-            link: Some(CheckpointLink {
-                signer: self.signer,
-                counter: self.counter,
-                key_id: self.key_id,
-                prev: self.prev,
-                closed: self.closed,
-            }),
-        })
+        (self.pdvault_checkpoint == crate::domain::audit_chain::CHECKPOINT_FORMAT_CHAINED)
+            .then_some(Checkpoint {
+                id: 0,
+                created_at: self.created_at,
+                heads: self.heads,
+                signature: self.signature,
+                link: Some(CheckpointLink {
+                    signer: self.signer,
+                    counter: self.counter,
+                    key_id: self.key_id,
+                    prev: self.prev,
+                    closed: self.closed,
+                }),
+            })
     }
 }
 

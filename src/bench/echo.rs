@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use crate::proto;
-use crate::proto::vault_server::VaultServer;
+use pdvault::proto;
+use pdvault::proto::vault_server::VaultServer;
 
 use super::BenchError;
 
@@ -221,6 +221,6 @@ pub async fn bind(
     // Built exactly as `startup::Application::run_until` builds the vault's server.
     let serve = tonic::transport::Server::builder()
         .add_service(VaultServer::new(EchoVault))
-        .serve_with_incoming_shutdown(crate::startup::incoming(listener), shutdown);
+        .serve_with_incoming_shutdown(pdvault::app::incoming(listener), shutdown);
     Ok((addr, serve))
 }

@@ -8,7 +8,7 @@
 
 use chrono::{Days, NaiveDate};
 
-use crate::proto;
+use pdvault::proto;
 
 /// County-level division codes whose provinces exist; the vault checks only the province.
 const DIVISIONS: [&str; 16] = [
@@ -117,7 +117,7 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
-    use crate::domain::{IdDocument, IdType, PhoneNumber};
+    use pdvault::domain::{IdDocument, IdType, PhoneNumber};
 
     #[test]
     fn check_character_matches_the_standards_example() {
@@ -132,9 +132,9 @@ mod tests {
         let mut documents = HashSet::new();
         for index in (0..20_000).chain([SPACE - 1, 123_456_789]) {
             let identity = generator.identity(index);
-            let input = crate::domain::IdentityInput {
+            let input = pdvault::domain::IdentityInput {
                 name: Some(identity.name.clone()),
-                gender: crate::domain::Gender::parse(if identity.gender == 1 {
+                gender: pdvault::domain::Gender::parse(if identity.gender == 1 {
                     "MALE"
                 } else {
                     "FEMALE"
@@ -148,7 +148,7 @@ mod tests {
                 address: Some(identity.address.clone()),
                 postal_code: Some(identity.postal_code.clone()),
             };
-            let parsed = crate::domain::Identity::parse(input, today);
+            let parsed = pdvault::domain::Identity::parse(input, today);
             assert!(parsed.is_ok(), "identity {index} is rejected");
             assert!(IdDocument::parse(IdType::ResidentId, &identity.id_number, today).is_ok());
             assert!(PhoneNumber::parse(&identity.phone).is_ok());

@@ -13,6 +13,10 @@
 //! do not share a scheduler queue. Latency is measured per request from the moment it was
 //! due: in closed loop (the default) that is when it was sent; with `--rate` it is its slot
 //! in the schedule, so a stalled server shows up as latency rather than as fewer requests.
+//!
+//! A module of the `pdvault` binary (`main.rs` hands it `pdvault bench`'s parsed flags), not
+//! of the server library: everything it uses of the vault is the library's public API.
+//! `tests/it/bench.rs` compiles it in too, to check its report as typed values.
 
 mod echo;
 mod identities;
@@ -30,20 +34,16 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
-pub use echo::EchoVault;
 pub use identities::IdentityGenerator;
 pub use report::{PhaseReport, Report, RpcReport, Stats};
 
-use crate::config::{Config, FlagOverrides};
-use crate::policy::{CallerConfig, token_sha256_hex};
-use crate::proto;
-use crate::proto::vault_client::VaultClient;
-use crate::startup::{Application, generate_token};
+use pdvault::app::{Application, generate_token};
+use pdvault::cli::{BenchArgs, ClientArgs};
+use pdvault::config::{Config, FlagOverrides};
+use pdvault::policy::{CallerConfig, token_sha256_hex};
+use pdvault::proto;
+use pdvault::proto::vault_client::VaultClient;
 
-/// The purpose reads are made for by default: it releases every field in plain.
-pub const DEFAULT_PURPOSE: &str = "service-delivery";
-/// The four fields `GetRecord` asks for by default (the issue's "4 fields plain").
-pub const DEFAULT_FIELDS: [&str; 4] = ["name", "id_number", "phone", "email"];
 /// The caller name of the credential an in-process vault is started with.
 pub const BENCH_CALLER: &str = "bench";
 /// Worker threads of a server runtime started here, as `pdvault serve` gets on this machine.
@@ -997,7 +997,7 @@ struct Server {
     token: Zeroizing<String>,
     running: Option<Running>,
     /// Group-commit counters of a vault started here.
-    audit: Option<Arc<crate::audit::BatchStats>>,
+    audit: Option<Arc<pdvault::audit::BatchStats>>,
 }
 
 struct Running {
@@ -1220,6 +1220,76 @@ impl SplitMix {
     }
 }
 
+/// `pdvault bench`: the flags the library's command line parsed, made into options; runs the
+/// load generator and prints its report (a table, or JSON with `--json`).
+pub async fn command(connection: ClientArgs, args: BenchArgs) -> Result<(), String> {
+    let seconds = |flag: &str, value: f64| {
+        std::time::Duration::try_from_secs_f64(value)
+            .map_err(|_| format!("--{flag} must be a non-negative number of seconds"))
+    };
+    let target = match &connection.addr {
+        Some(addr) => {
+            if args.database_url.is_some() {
+                return Err("--database-url is for the vault started here, not with --addr".into());
+            }
+            // The load generator opens its own plaintext connections (src/bench): refuse
+            // rather than send tokens in clear to a vault the flags say speaks TLS.
+            if connection.ca.is_some() || connection.cert.is_some() || connection.key.is_some() {
+                return Err("bench does not speak TLS: --ca, --cert and --key are not \
+                            supported with bench"
+                    .into());
+            }
+            let token = match connection.token()? {
+                Some(token) => token,
+                None => pdvault::keys::read_secret_file(
+                    std::path::Path::new(pdvault::cli::client::BENCH_TOKEN_FILE),
+                    4096,
+                )
+                .map_err(|e| {
+                    format!(
+                        "--addr needs --token, --token-file, PDVAULT_TOKEN or \
+                         PDVAULT_TOKEN_FILE ({e})"
+                    )
+                })?,
+            };
+            TargetSpec::External {
+                addr: addr.clone(),
+                token,
+            }
+        }
+        None => TargetSpec::InProcess {
+            database_url: args.database_url,
+        },
+    };
+    let options = BenchOptions {
+        target,
+        connections: args.connections,
+        in_flight: args.in_flight,
+        duration: seconds("duration", args.duration)?,
+        warmup: seconds("warmup", args.warmup)?,
+        mix: args
+            .mix
+            .as_deref()
+            .map(Mix::parse)
+            .transpose()
+            .map_err(|e| e.to_string())?,
+        rate: args.rate,
+        seed: args.seed,
+        baseline: args.baseline,
+        purpose: args.purpose,
+        fields: args.fields.into_iter().filter(|f| !f.is_empty()).collect(),
+        export: args.export,
+    };
+    let report = run(options).await.map_err(|e| e.to_string())?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        println!("{json}");
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1267,7 +1337,7 @@ mod tests {
             rate: None,
             seed: 0,
             baseline: false,
-            purpose: DEFAULT_PURPOSE.into(),
+            purpose: pdvault::cli::DEFAULT_BENCH_PURPOSE.into(),
             fields: Vec::new(),
             export: None,
         };

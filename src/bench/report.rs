@@ -201,10 +201,6 @@ impl Stats {
             max_ms: ms(1.0),
         }
     }
-
-    pub fn failed(&self) -> u64 {
-        self.failures.values().sum()
-    }
 }
 
 /// Nearest-rank percentile of sorted values.

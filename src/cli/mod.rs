@@ -10,6 +10,7 @@
 //! - `accounts.rs`: `pdvault accounts ...`.
 //! - `export.rs`: `pdvault export`, a resumable CSV export of an export purpose.
 
+use std::future::Future;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,11 +19,11 @@ use std::sync::Arc;
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
+use crate::app::reload::ConfigSource;
+use crate::app::{Application, generate_token, open_store};
 use crate::config::{Config, FlagOverrides};
 use crate::keys::Keyring;
 use crate::policy::token_sha256_hex;
-use crate::reload::ConfigSource;
-use crate::startup::{Application, generate_token, open_store};
 use crate::store::Store;
 
 pub mod accounts;
@@ -30,7 +31,13 @@ pub mod client;
 pub mod export;
 pub mod keys;
 
-use client::ClientArgs;
+pub use client::ClientArgs;
+
+/// The purpose `pdvault bench` reads for by default: it releases every field in plain.
+pub const DEFAULT_BENCH_PURPOSE: &str = "service-delivery";
+/// The four fields `pdvault bench`'s `GetRecord` asks for by default (the issue's "4 fields
+/// plain"); `--fields` defaults to them.
+pub const DEFAULT_BENCH_FIELDS: [&str; 4] = ["name", "id_number", "phone", "email"];
 
 #[derive(Debug, Parser)]
 #[command(name = "pdvault", version, about = "Personal-data vault")]
@@ -131,54 +138,56 @@ where
     Ok(cli)
 }
 
+/// `pdvault bench`'s own flags. The load generator is not in this library: the binary
+/// runs it (`src/bench/`), handed these by [`run`].
 #[derive(Debug, Args)]
-struct BenchArgs {
+pub struct BenchArgs {
     /// Database of the vault started here (default: SQLite in the temporary data directory);
     /// not with --addr.
     #[arg(long)]
-    database_url: Option<String>,
+    pub database_url: Option<String>,
     /// HTTP/2 connections to spread requests over.
     #[arg(long, default_value_t = 4)]
-    connections: usize,
+    pub connections: usize,
     /// Requests in flight at once, over all connections.
     #[arg(long, default_value_t = 32)]
-    in_flight: usize,
+    pub in_flight: usize,
     /// Seconds measured per phase.
     #[arg(long, default_value_t = 10.0)]
-    duration: f64,
+    pub duration: f64,
     /// Seconds run before measuring, per phase.
     #[arg(long, default_value_t = 2.0)]
-    warmup: f64,
+    pub warmup: f64,
     /// RPC mix for a single phase, e.g. `get=70,find=10,check=15,create=5`. Without it every
     /// RPC gets a phase of its own, then GetRecord runs at half its peak rate.
     #[arg(long)]
-    mix: Option<String>,
+    pub mix: Option<String>,
     /// Pace the --mix phase at this many requests per second in total (open loop).
     #[arg(long)]
-    rate: Option<f64>,
+    pub rate: Option<f64>,
     /// Synthetic identities to create before measuring.
     #[arg(long, default_value_t = 1000)]
-    seed: u64,
+    pub seed: u64,
     /// Also drive a do-nothing echo service on the same gRPC stack and print ratios to it.
     #[arg(long)]
-    baseline: bool,
+    pub baseline: bool,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// Purpose of GetRecord and FindRecords.
-    #[arg(long, default_value = crate::bench::DEFAULT_PURPOSE)]
-    purpose: String,
+    #[arg(long, default_value = DEFAULT_BENCH_PURPOSE)]
+    pub purpose: String,
     /// Fields GetRecord asks for, comma-separated; empty asks for all the purpose releases.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "name,id_number,phone,email"
     )]
-    fields: Vec<String>,
+    pub fields: Vec<String>,
     /// After the phases, time one ExportRecords of every record under this export purpose
     /// (e.g. business-analytics), and the memory it takes.
     #[arg(long)]
-    export: Option<String>,
+    pub export: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,14 +256,19 @@ impl ConfigArgs {
     }
 }
 
-/// Runs the command line and returns the process exit code.
-pub async fn run() -> ExitCode {
+/// Runs the command line and returns the process exit code. `pdvault bench` goes to
+/// `bench`, the load generator the binary owns (the server library does not carry it).
+pub async fn run<F, Fut>(bench: F) -> ExitCode
+where
+    F: FnOnce(ClientArgs, BenchArgs) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
     let cli = match parse_from(std::env::args_os()) {
         Ok(cli) => cli,
         Err(error) => error.exit(),
     };
-    let client = &cli.client;
-    let result = match cli.command {
+    let Cli { client, command } = cli;
+    let result = match command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => migrate(args).await,
         Command::Token(TokenCommand::Generate) => token_generate(),
@@ -262,12 +276,17 @@ pub async fn run() -> ExitCode {
         Command::Audit(AuditCommand::Verify(args)) => audit_verify(args).await,
         Command::Audit(AuditCommand::Checkpoint(args)) => audit_checkpoint(args).await,
         Command::Audit(AuditCommand::PublicKey(args)) => audit_public_key(args),
-        Command::Accounts(args) => accounts::run(client, args).await,
-        Command::Keys(args) => keys::run(client, args).await,
-        Command::Purge(args) => keys::purge(client, args).await,
+        Command::Accounts(args) => accounts::run(&client, args).await,
+        Command::Keys(args) => keys::run(&client, args).await,
+        Command::Purge(args) => keys::purge(&client, args).await,
         Command::Bench(args) => bench(client, args).await,
-        Command::Export(args) => export::run(client, args).await,
+        Command::Export(args) => export::run(&client, args).await,
     };
+    exit_code(result)
+}
+
+/// The process exit code of a command's result, its error printed first.
+fn exit_code(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -293,7 +312,7 @@ async fn serve(args: ConfigArgs) -> Result<(), String> {
 async fn migrate(args: ConfigArgs) -> Result<(), String> {
     let config = args.load()?;
     crate::telemetry::init(&config.log);
-    crate::startup::create_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
+    crate::app::create_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
     let store = open_store(&config).await.map_err(|e| e.to_string())?;
     store.migrate().await.map_err(|e| e.to_string())?;
     println!("migrations applied");
@@ -331,7 +350,7 @@ async fn audit_verify(args: VerifyArgs) -> Result<(), String> {
             .audit_signing()
             .public_key(),
     };
-    let store = crate::startup::open_store_read_only(&config)
+    let store = crate::app::open_store_read_only(&config)
         .await
         .map_err(|e| format!("cannot verify: {e}"))?;
     let witness_file = args.checkpoints.clone().or_else(|| {
@@ -393,7 +412,7 @@ async fn audit_verify(args: VerifyArgs) -> Result<(), String> {
 async fn audit_checkpoint(args: ConfigArgs) -> Result<(), String> {
     let config = args.load()?;
     // Locks the signer state first: while the vault runs, it is the one that signs.
-    let signer = crate::startup::open_signer(&config).map_err(|e| e.to_string())?;
+    let signer = crate::app::open_signer(&config).map_err(|e| e.to_string())?;
     let (store, keys) = open_existing(&args).await?;
     let now = chrono::Utc::now().timestamp_micros();
     let checkpoint = signer
@@ -413,77 +432,6 @@ fn audit_public_key(args: ConfigArgs) -> Result<(), String> {
     let config = args.load()?;
     let keys = Keyring::load(&config.keyring_path()).map_err(|e| e.to_string())?;
     println!("{}", keys.audit_signing().public_key_hex());
-    Ok(())
-}
-
-async fn bench(connection: &ClientArgs, args: BenchArgs) -> Result<(), String> {
-    use crate::bench::{BenchOptions, Mix, TargetSpec};
-    let seconds = |flag: &str, value: f64| {
-        std::time::Duration::try_from_secs_f64(value)
-            .map_err(|_| format!("--{flag} must be a non-negative number of seconds"))
-    };
-    let target = match &connection.addr {
-        Some(addr) => {
-            if args.database_url.is_some() {
-                return Err("--database-url is for the vault started here, not with --addr".into());
-            }
-            // The load generator opens its own plaintext connections (src/bench): refuse
-            // rather than send tokens in clear to a vault the flags say speaks TLS.
-            if connection.ca.is_some() || connection.cert.is_some() || connection.key.is_some() {
-                return Err("bench does not speak TLS: --ca, --cert and --key are not \
-                            supported with bench"
-                    .into());
-            }
-            let token = match connection.token()? {
-                Some(token) => token,
-                None => crate::keys::read_secret_file(
-                    std::path::Path::new(client::BENCH_TOKEN_FILE),
-                    4096,
-                )
-                .map_err(|e| {
-                    format!(
-                        "--addr needs --token, --token-file, PDVAULT_TOKEN or \
-                         PDVAULT_TOKEN_FILE ({e})"
-                    )
-                })?,
-            };
-            TargetSpec::External {
-                addr: addr.clone(),
-                token,
-            }
-        }
-        None => TargetSpec::InProcess {
-            database_url: args.database_url,
-        },
-    };
-    let options = BenchOptions {
-        target,
-        connections: args.connections,
-        in_flight: args.in_flight,
-        duration: seconds("duration", args.duration)?,
-        warmup: seconds("warmup", args.warmup)?,
-        mix: args
-            .mix
-            .as_deref()
-            .map(Mix::parse)
-            .transpose()
-            .map_err(|e| e.to_string())?,
-        rate: args.rate,
-        seed: args.seed,
-        baseline: args.baseline,
-        purpose: args.purpose,
-        fields: args.fields.into_iter().filter(|f| !f.is_empty()).collect(),
-        export: args.export,
-    };
-    let report = crate::bench::run(options)
-        .await
-        .map_err(|e| e.to_string())?;
-    if args.json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        println!("{json}");
-    } else {
-        print!("{}", report.to_text());
-    }
     Ok(())
 }
 

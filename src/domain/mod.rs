@@ -13,8 +13,10 @@
 //!   hand-written `Debug` that redacts it and no `Display`.
 
 pub mod age;
+pub mod audit_chain;
 mod contact;
 mod disclosure;
+pub mod edge;
 mod id_document;
 mod person;
 

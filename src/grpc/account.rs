@@ -6,9 +6,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{call_context, checked, encode_page_token, paging, timestamp, to_status, violation};
-use crate::accounts::{AccountAction, AccountHistoryEntry, SuspensionReason};
 use crate::domain::Violation;
 use crate::proto;
+use crate::vault::accounts::{AccountAction, AccountHistoryEntry, SuspensionReason};
 use crate::vault::{AuditSubject, Vault};
 
 #[derive(Clone)]

@@ -48,7 +48,7 @@ use tower::{Layer, Service};
 use super::codec::malformed;
 use super::error_info;
 use crate::config::LimitsConfig;
-use crate::limits::{CallLimits, LiveLimits};
+use crate::grpc::limits::{CallLimits, LiveLimits};
 use crate::vault::Vault;
 
 /// The 5-byte prefix of every gRPC message: compressed flag and big-endian length.
@@ -153,7 +153,7 @@ where
             return Box::pin(inner.call(request));
         }
         if !is_grpc(request.headers()) {
-            crate::metrics::record_denial("UNSUPPORTED_MEDIA_TYPE");
+            crate::telemetry::metrics::record_denial("UNSUPPORTED_MEDIA_TYPE");
             return Box::pin(async { Ok(unsupported_media_type()) });
         }
         Box::pin(async move {
@@ -185,12 +185,12 @@ enum Admitted {
     Service(
         http::Request<Body>,
         tokio::sync::OwnedSemaphorePermit,
-        crate::limits::CallerSlot,
+        crate::grpc::limits::CallerSlot,
     ),
     Unauthenticated(
         http::Request<Body>,
         tokio::sync::OwnedSemaphorePermit,
-        Option<crate::limits::CallerSlot>,
+        Option<crate::grpc::limits::CallerSlot>,
     ),
 }
 
@@ -206,7 +206,7 @@ impl Shared {
                 Some(ip) => Some(
                     limits
                         .unauthenticated_per_peer
-                        .try_take(&crate::limits::peer_key(ip).to_string())?,
+                        .try_take(&crate::grpc::limits::peer_key(ip).to_string())?,
                 ),
                 None => None,
             };
@@ -236,7 +236,7 @@ impl Shared {
             }
         };
         if !limits.callers.check(&caller.name) {
-            crate::metrics::record_denial("RATE_LIMITED");
+            crate::telemetry::metrics::record_denial("RATE_LIMITED");
             return Err(error_info(
                 tonic::Code::ResourceExhausted,
                 "caller rate limit exceeded; retry later",
@@ -272,7 +272,7 @@ impl Shared {
             // The client reset its stream: nobody reads the answer.
             Ok(Err(_)) => Err(malformed("the request stream failed before its end")),
             Err(_) => {
-                crate::metrics::record_denial("REQUEST_READ_TIMEOUT");
+                crate::telemetry::metrics::record_denial("REQUEST_READ_TIMEOUT");
                 Err(error_info(
                     tonic::Code::DeadlineExceeded,
                     "the request message did not arrive within the read deadline",
@@ -288,7 +288,7 @@ fn charge_peer(limits: &CallLimits, peer: Option<IpAddr>) -> Result<(), Status> 
     if limits.peers.check(peer) {
         Ok(())
     } else {
-        crate::metrics::record_denial("RATE_LIMITED");
+        crate::telemetry::metrics::record_denial("RATE_LIMITED");
         Err(error_info(
             tonic::Code::ResourceExhausted,
             "too many unauthenticated calls from this address; retry later",
@@ -298,7 +298,7 @@ fn charge_peer(limits: &CallLimits, peer: Option<IpAddr>) -> Result<(), Status> 
 }
 
 fn too_large(max: usize) -> Status {
-    crate::metrics::record_denial("MESSAGE_TOO_LARGE");
+    crate::telemetry::metrics::record_denial("MESSAGE_TOO_LARGE");
     error_info(
         tonic::Code::OutOfRange,
         &format!("request message larger than the limit of {max} bytes"),

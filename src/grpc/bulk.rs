@@ -79,7 +79,7 @@ impl VaultService {
                 use proto::batch_get_record_result::Result as Item;
                 let item = match result {
                     Ok(release) => {
-                        crate::metrics::record_release(
+                        crate::telemetry::metrics::record_release(
                             &request.purpose,
                             release
                                 .fields

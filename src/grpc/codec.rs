@@ -23,7 +23,7 @@ pub const MALFORMED_REQUEST: &str = "MALFORMED_REQUEST";
 /// `INVALID_ARGUMENT` / `MALFORMED_REQUEST` saying what was wrong with the framing or the
 /// encoding, never what was sent.
 pub fn malformed(what: &str) -> Status {
-    crate::metrics::record_denial(MALFORMED_REQUEST);
+    crate::telemetry::metrics::record_denial(MALFORMED_REQUEST);
     super::error_info(
         tonic::Code::InvalidArgument,
         &format!("malformed request: {what}"),

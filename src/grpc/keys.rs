@@ -11,12 +11,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
 use crate::grpc::{call_context, checked, error_info, timestamp, to_status, violation};
-use crate::key_admin::{AdminError, KeyAdmin};
 use crate::keys::{KeyError, KeyKind, KeyVersionInfo, KeyVersionState};
 use crate::proto;
 use crate::proto::key_management_server::KeyManagement;
-use crate::rewrap::{MAX_BATCH_SIZE, Progress, RewrapError};
 use crate::vault::AuditSubject;
+use crate::vault::key_admin::{AdminError, KeyAdmin};
+use crate::vault::rewrap::{MAX_BATCH_SIZE, Progress, RewrapError};
 
 /// `pdvault.v1.KeyManagement`.
 #[derive(Clone)]
@@ -292,7 +292,7 @@ pub(crate) fn key_status(error: &KeyError) -> Status {
             error_info(Code::FailedPrecondition, &message, "KEY_VERSION_IN_USE")
         }
         KeyError::Destroyed { .. } => {
-            crate::metrics::record_denial("KEY_VERSION_DESTROYED");
+            crate::telemetry::metrics::record_denial("KEY_VERSION_DESTROYED");
             error_info(Code::FailedPrecondition, &message, "KEY_VERSION_DESTROYED")
         }
         KeyError::MaterialMissing { .. } | KeyError::IndexMaterialMissing { .. } => {

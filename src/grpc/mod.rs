@@ -13,10 +13,11 @@
 //! A caller proves who it is with a bearer token, a client certificate mapped to it in
 //! config, or both; when both are presented they must name the same caller.
 
-pub mod admin;
 pub mod admission;
 pub mod codec;
 pub mod keys;
+pub mod limits;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,12 +33,12 @@ mod bulk;
 pub use account::AccountSecurityService;
 pub use audit::AuditService;
 
-use crate::accounts::{AccountStatus, ConsentRequest, Guardian, Relationship};
+use crate::domain::edge::MAX_JUSTIFICATION_BYTES;
 use crate::domain::{Gender, IdType, IdentityInput, Violation};
-use crate::edge::MAX_JUSTIFICATION_BYTES;
 use crate::policy::{Caller, CertificateMatch, Policy};
 use crate::proto;
 use crate::store::{Micros, RecordMeta};
+use crate::vault::accounts::{AccountStatus, ConsentRequest, Guardian, Relationship};
 use crate::vault::{AuditSubject, CallContext, LookupKey, Vault, VaultError};
 
 /// ErrorInfo domain for every error this service raises.
@@ -80,10 +81,10 @@ pub(crate) async fn call_context<T>(
         .get::<crate::telemetry::ClientRequestIdRefused>()
         .is_some()
     {
-        violations.push(crate::edge::request_id_violation());
+        violations.push(crate::domain::edge::request_id_violation());
     }
     let request_id = match header(crate::telemetry::REQUEST_ID_HEADER) {
-        Some(raw) => match crate::edge::check_request_id(raw) {
+        Some(raw) => match crate::domain::edge::check_request_id(raw) {
             Ok(()) => Some(String::from_utf8_lossy(raw).into_owned()),
             Err(violation) => {
                 violations.push(violation);
@@ -93,7 +94,7 @@ pub(crate) async fn call_context<T>(
         None => None,
     };
     let trace_id = match header("traceparent") {
-        Some(raw) => match crate::edge::parse_traceparent(raw) {
+        Some(raw) => match crate::domain::edge::parse_traceparent(raw) {
             Ok(trace_id) => Some(trace_id),
             Err(violation) => {
                 violations.push(violation);
@@ -182,7 +183,7 @@ pub(crate) fn identify(
         None => None,
     };
     // rustls has verified the chain; the leaf is first.
-    let certificate = leaf_certificate.and_then(crate::tls::certificate_identity);
+    let certificate = leaf_certificate.and_then(crate::grpc::tls::certificate_identity);
     let by_certificate =
         match certificate.map(|identity| policy.authenticate_certificate(&identity)) {
             Some(CertificateMatch::Caller(caller)) => Some(caller),
@@ -213,7 +214,7 @@ pub(crate) fn identify(
 }
 
 fn unauthenticated(message: &str, reason: &'static str) -> Status {
-    crate::metrics::record_denial(reason);
+    crate::telemetry::metrics::record_denial(reason);
     error_info(Code::Unauthenticated, message, reason)
 }
 
@@ -259,7 +260,7 @@ impl proto::vault_server::Vault for VaultService {
             )
             .await
             .map_err(to_status)?;
-        crate::metrics::record_release(
+        crate::telemetry::metrics::record_release(
             &request.purpose,
             release
                 .fields
@@ -588,7 +589,7 @@ pub(crate) fn decode_page_token(token: &str) -> Result<Cursor, Violation> {
     let text = String::from_utf8(decoded).map_err(|_| bad())?;
     let (time, id) = text.split_once(':').ok_or_else(bad)?;
     // The id goes back into a query: it must be one of the ids this service issues.
-    if crate::edge::check_text("page_token", id, MAX_PAGE_TOKEN_BYTES).is_err() {
+    if crate::domain::edge::check_text("page_token", id, MAX_PAGE_TOKEN_BYTES).is_err() {
         return Err(bad());
     }
     Ok(Some((time.parse().map_err(|_| bad())?, id.to_owned())))
@@ -677,7 +678,7 @@ pub fn to_status(error: VaultError) -> Status {
         E::Key(cause) => return keys::key_status(cause),
     };
     if matches!(code, Code::PermissionDenied | Code::FailedPrecondition) {
-        crate::metrics::record_denial(reason);
+        crate::telemetry::metrics::record_denial(reason);
     }
     error_info(code, &error.to_string(), reason)
 }

@@ -15,7 +15,7 @@
 //!   appends the new version to that file while holding the database's key-admin lock, and
 //!   only then commits the new state, so the database never names a version whose material
 //!   was not written first.
-//! - a PKCS#11 module ([`crate::hsm`]), where material never leaves the module.
+//! - a PKCS#11 module ([`crate::keys::pkcs11`]), where material never leaves the module.
 //!
 //! # How an instance learns about a version another instance created
 //!
@@ -34,7 +34,7 @@
 //! material is always in the keyring file, whatever holds the KEKs: lookups MAC in memory.
 //! A record names the index version its blind indexes were computed with; lookups compute
 //! the candidate index under every live version, the rewrap job moves records to the active
-//! one (`crate::reindex`), and a version nothing uses any more can be retired and destroyed
+//! one (`vault/reindex.rs`), and a version nothing uses any more can be retired and destroyed
 //! like a KEK version. Keyring files written before index keys had versions (a single
 //! `blind_index_key` and `pseudonym_key`) read as index version 1, and are rewritten in the
 //! versioned form on their first edit.
@@ -74,6 +74,7 @@ use crate::crypto::{
 pub mod index;
 pub mod local;
 pub mod manager;
+pub mod pkcs11;
 
 pub use index::{IndexKeyPair, IndexKeys};
 pub use local::LocalKekProvider;

@@ -6,7 +6,9 @@
 //! The backends (`sqlite/`, `postgres/`) hold the SQL and the transactions; they call in
 //! here for every decision, so the two cannot drift apart.
 
-use crate::audit::{AuditEvent, ChainHead, Checkpoint, CheckpointLink, ExpiryMarker, StoredEvent};
+use crate::domain::audit_chain::{
+    AuditEvent, ChainHead, Checkpoint, CheckpointLink, ExpiryMarker, StoredEvent,
+};
 
 use super::{
     AccountEventRow, AccountState, CreateRequestKey, InsertOutcome, KeyVersionRow, LookupMatch,
@@ -318,7 +320,7 @@ pub(crate) fn link_events(
     let mut prev_hash = head_hash.to_vec();
     let mut rows = Vec::with_capacity(events.len());
     for (seq, event) in (first_seq..).zip(events) {
-        let hash = crate::audit::link(event, seq, &prev_hash).to_vec();
+        let hash = crate::domain::audit_chain::link(event, seq, &prev_hash).to_vec();
         rows.push(EventRow {
             chain_id: event.chain_id.clone(),
             seq,

@@ -28,8 +28,8 @@ use std::sync::Arc;
 
 use futures_util::future::join_all;
 
+use crate::domain::edge::{MAX_JUSTIFICATION_BYTES, RecordId, audit_record_id};
 use crate::domain::{FieldName, IdentityInput, Violation};
-use crate::edge::{MAX_JUSTIFICATION_BYTES, RecordId, audit_record_id};
 use crate::policy::{Purpose, Rpc};
 use crate::store::{RecordMeta, StoreError};
 

@@ -9,7 +9,7 @@
 //!
 //! A refusal event holds only values the vault has checked, because the caller may be
 //! hostile: an [`AuditSubject`] is built from what the caller sent before the call runs, through
-//! the edge's checks (`crate::edge`), so a malformed record id becomes a placeholder with its
+//! the edge's checks (`crate::domain::edge`), so a malformed record id becomes a placeholder with its
 //! length and an unknown purpose a placeholder, whatever step refused the call. Free text (a
 //! justification, a reason, a ticket) is kept only when it passed the checks and the caller
 //! was allowed to make the call: a caller refused for its grants, or for bad input, does not
@@ -18,7 +18,7 @@
 //! Writing a refusal event is best effort: a refusal releases nothing, so failing to record it
 //! must not turn it into an outage; the failure is logged.
 
-use crate::edge::{FreeText, audit_purpose, audit_record_id};
+use crate::domain::edge::{FreeText, audit_purpose, audit_record_id};
 use crate::keys::KeyError;
 use crate::policy::Policy;
 

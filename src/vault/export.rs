@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 
 use crate::crypto::DataKey;
 use crate::domain::FieldName;
-use crate::edge::{MAX_JUSTIFICATION_BYTES, check_text};
+use crate::domain::edge::{MAX_JUSTIFICATION_BYTES, check_text};
 use crate::keys::{IndexKeyPair, KeyManager};
 use crate::policy::{Purpose, ReleaseLevel, Rpc};
 use crate::store::{Micros, StoredRecord};

@@ -5,9 +5,9 @@
 use zeroize::Zeroizing;
 
 use crate::crypto::DataKey;
-use crate::edge::{FreeText, MAX_JUSTIFICATION_BYTES, RecordId};
+use crate::domain::edge::{FreeText, MAX_JUSTIFICATION_BYTES, RecordId};
 use crate::policy::Grant;
-use crate::retention::RetentionError;
+use crate::policy::retention::RetentionError;
 use crate::store::{BoundCiphertexts, RecordMeta, RecordRekey, SealedField, StoreError};
 
 use super::decisions::AuditSubject;
@@ -64,11 +64,17 @@ impl Vault {
         }
         let mut resealed = BoundCiphertexts::default();
         for (event_id, note) in &bound.notes {
-            let new = reseal(&old, &fresh, record_id, crate::accounts::NOTE_FIELD, note)?;
+            let new = reseal(
+                &old,
+                &fresh,
+                record_id,
+                crate::vault::accounts::NOTE_FIELD,
+                note,
+            )?;
             resealed.notes.push((event_id.clone(), new));
         }
         for (consent_id, guardian) in &bound.guardians {
-            let name = crate::accounts::guardian_field(consent_id);
+            let name = crate::vault::accounts::guardian_field(consent_id);
             let new = reseal(&old, &fresh, record_id, &name, guardian)?;
             resealed.guardians.push((consent_id.clone(), new));
         }

@@ -1,6 +1,6 @@
 //! Records: create, read for a purpose, update, delete and find.
 //!
-//! Each use case checks the request's strings first (`crate::edge`), then the caller's
+//! Each use case checks the request's strings first (`crate::domain::edge`), then the caller's
 //! grants, then does its work; whatever refuses it, [`Vault::audited`] records the refusal.
 //! A granted read commits its audit event before it returns anything; a write commits its
 //! event in the change's transaction.
@@ -21,12 +21,12 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::audit::AuditEvent;
 use crate::crypto::{BlindIndexKey, DataKey, EtagKey, PseudonymKey};
-use crate::domain::{
-    FieldName, IdDocument, Identity, IdentityInput, PhoneNumber, generalize, mask,
-};
-use crate::edge::{
+use crate::domain::edge::{
     FreeText, MAX_JUSTIFICATION_BYTES, MAX_POLICY_VERSION_BYTES, MAX_PURPOSE_BYTES,
     MAX_REFERENCE_BYTES, MIN_JUSTIFICATION_CHARS, RecordId, check_text,
+};
+use crate::domain::{
+    FieldName, IdDocument, Identity, IdentityInput, PhoneNumber, generalize, mask,
 };
 use crate::policy::{Grant, Purpose, ReleaseLevel, Rpc};
 use crate::store::{

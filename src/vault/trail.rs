@@ -9,7 +9,7 @@
 
 use crate::audit::{StoredEvent, VerifyReport, Witness};
 use crate::domain::Violation;
-use crate::edge::{FreeText, MAX_FILTER_BYTES, MAX_PURPOSE_BYTES, RecordId, check_text};
+use crate::domain::edge::{FreeText, MAX_FILTER_BYTES, MAX_PURPOSE_BYTES, RecordId, check_text};
 use crate::policy::Grant;
 use crate::store::{AuditQuery, Micros};
 

@@ -159,7 +159,7 @@ async fn hsm_lifecycle(backend: Backend) {
         ids.push(create(&app, i).await);
     }
     // Wrapped keys name the module, not the keyring file.
-    let stored = pdvault::startup::open_store(&{
+    let stored = pdvault::app::open_store(&{
         let mut c = pdvault::config::Config::default();
         c.database.url = Some(app.database_url.clone());
         c
@@ -369,12 +369,12 @@ async fn the_sm4_suite_is_refused_with_the_module() {
     };
     config.keys.suite = "sm4gcm-hmacsm3".into();
     config.keys.provider = "pkcs11".into();
-    let store = pdvault::startup::open_store(&config).await.unwrap();
-    let error = pdvault::startup::open_keys(&config, &store, 0)
+    let store = pdvault::app::open_store(&config).await.unwrap();
+    let error = pdvault::app::open_keys(&config, &store, 0)
         .await
         .unwrap_err();
     assert!(
-        matches!(error, pdvault::startup::StartupError::Sm4WithPkcs11),
+        matches!(error, pdvault::app::StartupError::Sm4WithPkcs11),
         "{error}"
     );
     assert!(!config.keyring_path().exists(), "nothing was created");
@@ -392,7 +392,7 @@ fn a_pin_file_others_can_read_is_refused() {
     config.pin_file = dir.path().join("pin");
     std::fs::write(&config.pin_file, "1234\n").unwrap();
     std::fs::set_permissions(&config.pin_file, std::fs::Permissions::from_mode(0o640)).unwrap();
-    match pdvault::hsm::Pkcs11KekProvider::open(&config) {
+    match pdvault::keys::pkcs11::Pkcs11KekProvider::open(&config) {
         Err(pdvault::keys::KeyError::SecretFile(pdvault::keys::SecretFileError::Exposed {
             mode,
             ..
@@ -401,7 +401,7 @@ fn a_pin_file_others_can_read_is_refused() {
         Ok(_) => panic!("opened with a PIN file others can read"),
     }
     std::fs::set_permissions(&config.pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert!(pdvault::hsm::Pkcs11KekProvider::open(&config).is_ok());
+    assert!(pdvault::keys::pkcs11::Pkcs11KekProvider::open(&config).is_ok());
 }
 
 /// The golden HSM-wrapped data keys (`tests/fixtures/golden/2026-11/hsm.json`): data keys
@@ -413,7 +413,11 @@ const HSM_GOLDEN: &str = "tests/fixtures/golden/2026-11/hsm.json";
 /// Imports `value` as KEK `version` under `prefix`, as non-extractable as the KEKs the
 /// vault generates, allowed to encrypt (as KEKs were made before KW), and returns a
 /// provider configured for that prefix.
-fn provider_with_kek(prefix: &str, version: u32, value: &[u8]) -> pdvault::hsm::Pkcs11KekProvider {
+fn provider_with_kek(
+    prefix: &str,
+    version: u32,
+    value: &[u8],
+) -> pdvault::keys::pkcs11::Pkcs11KekProvider {
     provider_with_imported_kek(
         prefix,
         version,
@@ -427,7 +431,7 @@ fn provider_with_kw_kek(
     prefix: &str,
     version: u32,
     value: &[u8],
-) -> pdvault::hsm::Pkcs11KekProvider {
+) -> pdvault::keys::pkcs11::Pkcs11KekProvider {
     provider_with_imported_kek(
         prefix,
         version,
@@ -446,11 +450,11 @@ fn provider_with_imported_kek(
     version: u32,
     value: &[u8],
     usage: &[Attribute],
-) -> pdvault::hsm::Pkcs11KekProvider {
+) -> pdvault::keys::pkcs11::Pkcs11KekProvider {
     let mut config = softhsm::config("golden");
     config.key_label_prefix = prefix.to_owned();
     // Opening the provider first initialises the library and logs the application in.
-    let provider = pdvault::hsm::Pkcs11KekProvider::open(&config).unwrap();
+    let provider = pdvault::keys::pkcs11::Pkcs11KekProvider::open(&config).unwrap();
     let module = Pkcs11::new(&config.module).unwrap();
     let _ = module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
     let slot = module

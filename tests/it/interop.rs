@@ -71,7 +71,7 @@ async fn python_client_passes_with_the_administrator_token() {
     }
     let app = TestApp::spawn(Backend::Sqlite).await.unwrap();
     let admin_token = app.admin_token.clone();
-    run_interop(&app, &admin_token, pdvault::startup::ADMIN_CALLER).await;
+    run_interop(&app, &admin_token, pdvault::app::ADMIN_CALLER).await;
     app.stop().await;
 }
 

@@ -666,7 +666,7 @@ impl Backup {
 async fn open(url: &str) -> std::sync::Arc<dyn pdvault::store::Store> {
     let mut config = pdvault::config::Config::default();
     config.database.url = Some(url.to_owned());
-    pdvault::startup::open_store(&config).await.unwrap()
+    pdvault::app::open_store(&config).await.unwrap()
 }
 
 async fn rekey_replaces_the_data_key_and_every_ciphertext(app: &TestApp) {

@@ -6,11 +6,11 @@
 use crate::support::fixtures::reason;
 use crate::support::proxy::{ProxyState, TcpProxy};
 use crate::support::{ANALYTICS, Backend, CLAIMS, LOGIN, TestApp, authed};
+use pdvault::app::reload::ConfigSource;
 use pdvault::proto::admin_client::AdminClient;
 use pdvault::proto::{
     CheckAccountRequest, CreateRecordRequest, GetRecordRequest, Identity, ReloadPolicyRequest,
 };
-use pdvault::reload::ConfigSource;
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -859,7 +859,7 @@ async fn data_files_stay_private(backend: Backend) {
     // A database left readable by an older version is closed on the next start.
     if backend == Backend::Sqlite {
         std::fs::set_permissions(&sqlite, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let store = pdvault::startup::open_store(&config).await.unwrap();
+        let store = pdvault::app::open_store(&config).await.unwrap();
         store.close().await;
         assert_eq!(mode(&sqlite), 0o600);
     }
@@ -869,7 +869,7 @@ async fn data_files_stay_private(backend: Backend) {
     let data_dir = open_dir.path().join("data");
     std::fs::create_dir(&data_dir).unwrap();
     std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o750)).unwrap();
-    let refused = pdvault::startup::Application::build(pdvault::config::Config {
+    let refused = pdvault::app::Application::build(pdvault::config::Config {
         data_dir: data_dir.clone(),
         database: pdvault::config::DatabaseConfig {
             url: None,

@@ -446,7 +446,7 @@ async fn a5_a_reload_changes_the_rate_limits() {
         |_| {},
         |config| {
             std::fs::write(&file, toml::to_string(config).unwrap()).unwrap();
-            Some(pdvault::reload::ConfigSource {
+            Some(pdvault::app::reload::ConfigSource {
                 file: Some(file.clone()),
                 flags: Default::default(),
             })

@@ -676,11 +676,11 @@ async fn format_1_checkpoints_keep_verifying_and_an_upgraded_database_is_adopted
 
 /// One process signs as one instance: a second one on the same state file is refused.
 async fn a_second_process_cannot_sign_as_the_same_instance(app: &TestApp) {
-    let refused = pdvault::startup::open_signer(&app.config);
+    let refused = pdvault::app::open_signer(&app.config);
     assert!(
         matches!(
             refused,
-            Err(pdvault::startup::StartupError::Checkpoints(
+            Err(pdvault::app::StartupError::Checkpoints(
                 CheckpointError::StateLocked { .. }
             ))
         ),
@@ -728,7 +728,7 @@ async fn verify_audit_chain_reads_the_configured_witness_file(app: &TestApp) {
 async fn checkpoint_health(
     app: &TestApp,
 ) -> tonic_health::pb::health_check_response::ServingStatus {
-    get_health(app, pdvault::health::CHECKPOINT_SERVICE).await
+    get_health(app, pdvault::app::health::CHECKPOINT_SERVICE).await
 }
 
 async fn get_health(
@@ -755,7 +755,7 @@ async fn wait_for_checkpoint_health(
         let mut client = tonic_health::pb::health_client::HealthClient::new(app.channel().await);
         let status = client
             .check(tonic_health::pb::HealthCheckRequest {
-                service: pdvault::health::CHECKPOINT_SERVICE.into(),
+                service: pdvault::app::health::CHECKPOINT_SERVICE.into(),
             })
             .await
             .map(|r| r.into_inner().status());

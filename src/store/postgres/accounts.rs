@@ -5,7 +5,7 @@ use sqlx::PgConnection;
 
 use super::audit::append;
 use super::records::account_state;
-use crate::audit::AuditEvent;
+use crate::domain::audit_chain::AuditEvent;
 use crate::store::rules;
 use crate::store::{AccountEventRow, BoundCiphertexts, ConsentRow, StoreError, queries};
 

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
-use crate::audit::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
+use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
 use crate::store::rules::{self, CheckpointParams};
 use crate::store::{AuditQuery, StoreError, queries};
 

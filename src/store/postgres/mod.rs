@@ -32,7 +32,7 @@ use super::{
     Micros, NewRecord, RecordMeta, RecordRekey, RecordUpdate, ReindexFn, RewrapBatch, RewrapFn,
     RewrapJobRow, Store, StoreError, StoredRecord, queries,
 };
-use crate::audit::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
+use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 

@@ -5,7 +5,7 @@ use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use super::audit::append;
 use super::keys::{index_refusal, kek_active};
-use crate::audit::AuditEvent;
+use crate::domain::audit_chain::AuditEvent;
 use crate::store::rules::{self, RecordRows};
 use crate::store::{
     AccountState, BatchInsert, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordMeta,

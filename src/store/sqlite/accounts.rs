@@ -6,7 +6,7 @@ use rusqlite::Connection;
 use super::audit::append;
 use super::driver::{execute, first, rows};
 use super::records::account_state;
-use crate::audit::AuditEvent;
+use crate::domain::audit_chain::AuditEvent;
 use crate::store::rules;
 use crate::store::{AccountEventRow, BoundCiphertexts, ConsentRow, StoreError, queries};
 

@@ -13,7 +13,7 @@
 use rusqlite::{Connection, ToSql};
 
 use super::driver::{execute, first, rows, scalar};
-use crate::audit::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
+use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
 use crate::store::rules::{self, CheckpointParams};
 use crate::store::{AuditQuery, StoreError, queries};
 
@@ -426,7 +426,7 @@ mod tests {
     //! how many pages a group commit writes.
 
     use super::{CHAIN_SPAN, SEAL_EVERY};
-    use crate::audit::{AuditEvent, ExpiryMarker, StoredEvent};
+    use crate::domain::audit_chain::{AuditEvent, ExpiryMarker, StoredEvent};
     use crate::store::{AuditQuery, SqliteStore, Store};
 
     const GENESIS: &[u8] = &[0; 32];

@@ -42,7 +42,7 @@ use super::{
     Micros, NewRecord, RecordMeta, RecordRekey, RecordUpdate, ReindexFn, RewrapBatch, RewrapFn,
     RewrapJobRow, Store, StoreError, StoredRecord,
 };
-use crate::audit::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
+use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
 
 // SQLite has a single writer and every write transaction begins IMMEDIATE, holding the
 // write lock from its first statement: the statements PostgreSQL runs with row locks need

@@ -7,7 +7,7 @@ use rusqlite::{Connection, ToSql};
 use super::audit::append;
 use super::driver::{execute, first, rows, scalar};
 use super::keys::{index_refusal, kek_active};
-use crate::audit::AuditEvent;
+use crate::domain::audit_chain::AuditEvent;
 use crate::store::rules::{self, RecordRows};
 use crate::store::{
     AccountState, BatchInsert, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordMeta,

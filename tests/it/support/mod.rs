@@ -26,14 +26,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use chrono::{DateTime, TimeZone, Utc};
+use pdvault::app::Application;
+use pdvault::app::reload::ConfigSource;
 use pdvault::config::Config;
 use pdvault::policy::{CallerConfig, token_sha256_hex};
 use pdvault::proto::account_security_client::AccountSecurityClient;
 use pdvault::proto::audit_client::AuditClient;
 use pdvault::proto::key_management_client::KeyManagementClient;
 use pdvault::proto::vault_client::VaultClient;
-use pdvault::reload::ConfigSource;
-use pdvault::startup::Application;
 use pdvault::vault::Clock;
 use sqlx::{AssertSqlSafe, Connection};
 use tokio::sync::oneshot;
@@ -353,7 +353,7 @@ impl TestApp {
 
     /// A second handle on the vault's database, for what tests do behind the vault's back.
     pub async fn store(&self) -> Arc<dyn pdvault::store::Store> {
-        pdvault::startup::open_store(&self.config).await.unwrap()
+        pdvault::app::open_store(&self.config).await.unwrap()
     }
 
     /// The witness file the vault's checkpoints are appended to.

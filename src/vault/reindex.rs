@@ -1,11 +1,11 @@
 //! Re-indexing one record under a new index version: the part of the rewrap job that
 //! decrypts, and therefore runs inside the vault only.
 //!
-//! It owns the per-record computation the re-index pass of [`crate::rewrap`] applies to
+//! It owns the per-record computation the re-index pass of the rewrap job (`rewrap.rs`) applies to
 //! each record still under an older index version: unwrap the record's data key, open the
 //! fields blind indexes are computed from (`id_type`, `id_number`, `phone`), MAC them under
 //! the target version's blind-index key, and move the age gate from the old version's state
-//! key to the target's (see `crate::accounts` on why the state key follows the index
+//! key to the target's (see `crate::vault::accounts` on why the state key follows the index
 //! version). The store writes the result with a compare-and-swap on the record's version
 //! and index version, so a record changed meanwhile keeps what its writer gave it.
 //!
@@ -21,11 +21,11 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
-use crate::accounts::AGE_GATE_FIELD;
 use crate::crypto::{CryptoError, StateKey};
 use crate::domain::FieldName;
 use crate::keys::{IndexKeyPair, KeyError, KeyManager};
 use crate::store::{ReindexRow, Reindexed};
+use crate::vault::accounts::AGE_GATE_FIELD;
 
 /// The closure a re-index batch applies to each record, aiming at index version `target`.
 pub fn reindexer(

@@ -216,10 +216,30 @@ pub fn record_witness_failure(signer: &str) {
     counter!("pdvault_audit_witness_failures_total", "signer" => signer.to_owned()).increment(1);
 }
 
+/// What health and metrics report about the signer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignerHealth {
+    pub signer: String,
+    /// Since the newest checkpoint this instance signed (or since it started, before one).
+    pub age: Duration,
+    /// Older than twice the checkpoint interval.
+    pub stale: bool,
+    /// The refusal that stopped signing, until a checkpoint succeeds again.
+    pub alarm: Option<String>,
+    /// Why the last append to the witness sink failed, until one succeeds again.
+    pub witness_failure: Option<String>,
+}
+
+impl SignerHealth {
+    pub fn ok(&self) -> bool {
+        !self.stale && self.alarm.is_none() && self.witness_failure.is_none()
+    }
+}
+
 /// Hook for the health monitor: the signer's newest checkpoint's age and alarms. The
 /// signer id is the label (`sgn_…`, one per instance), so instances sharing a recorder (and
 /// a dashboard) stay apart.
-pub fn record_checkpoint_health(health: &crate::audit::SignerHealth) {
+pub fn record_checkpoint_health(health: &SignerHealth) {
     let signer = health.signer.clone();
     gauge!("pdvault_audit_checkpoint_age_seconds", "signer" => signer.clone())
         .set(health.age.as_secs_f64());
@@ -309,7 +329,7 @@ mod tests {
         record_rewrap_progress(5, 95);
         record_key_versions(2, &[(1, 95), (2, 5)]);
         record_checkpoint_refused("sgn_unit", "chain_cut");
-        record_checkpoint_health(&crate::audit::SignerHealth {
+        record_checkpoint_health(&SignerHealth {
             signer: "sgn_unit".into(),
             age: Duration::from_secs(150),
             stale: true,

@@ -4,12 +4,51 @@
 //! A deadline is fixed when the record is created and stored with it (`retain_until`), so a
 //! later configuration change does not silently shorten or extend what was promised for
 //! records already held. `pdvault purge` crypto-shreds records past their deadline.
+//!
+//! The `retention` configuration section ([`RetentionConfig`]) is declared here, beside the
+//! rules it configures, and re-exported by `config`, which sits above `policy`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::config::RetentionConfig;
+use serde::{Deserialize, Serialize};
+
 use crate::domain::IdType;
 use crate::store::Micros;
+
+/// How long records are kept before `pdvault purge` crypto-shreds them. Days count from
+/// creation; 0 means no deadline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Deadline for records whose document type has no entry in `id_types`.
+    pub default_days: u32,
+    /// Per document type (`RESIDENT_ID`, `PASSPORT`, ...): overrides `default_days`.
+    pub id_types: BTreeMap<String, u32>,
+    /// The longest retention a caller may ask for on create; 0 means callers may not.
+    pub max_days: u32,
+    /// How long a create's `request_id` answers retries (its key holds an HMAC of the
+    /// identity, so it is not kept longer than retries need); 0: until the record is deleted.
+    pub request_id_ttl_hours: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> RetentionConfig {
+        RetentionConfig {
+            default_days: 0,
+            id_types: BTreeMap::new(),
+            max_days: 0,
+            request_id_ttl_hours: 24,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// `request_id_ttl_hours` as a duration; `None` when request ids do not expire.
+    pub fn request_id_ttl(&self) -> Option<std::time::Duration> {
+        (self.request_id_ttl_hours != 0)
+            .then(|| std::time::Duration::from_secs(u64::from(self.request_id_ttl_hours) * 3600))
+    }
+}
 
 const MICROS_PER_DAY: i64 = 86_400 * 1_000_000;
 

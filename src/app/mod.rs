@@ -1,4 +1,14 @@
-//! Builds a running vault from configuration: validates it, creates the data directory
+//! The application: the server plumbing around the vault, and the top of the module graph
+//! (nothing below imports `app`). This file is [`Application`]; beside it:
+//!
+//! - `transport.rs`: accepted connections (per-address and idle limits, keepalive).
+//! - `health.rs`: `grpc.health.v1`, driven by database and key-provider probes.
+//! - `reload.rs`: live policy reload (SIGHUP and `Admin.ReloadPolicy`).
+//! - `admin.rs`: the `Admin` gRPC service. It sits here, not in `grpc/`, because what it
+//!   does is operate the application (reload); `grpc/` holds the vault's own services and
+//!   never imports `app`.
+//!
+//! [`Application`] builds a running vault from configuration: validates it, creates the data directory
 //! private (or refuses an existing one open to group or others), opens the store and
 //! applies migrations, loads the keyring, creates the initial administrator credential on
 //! first start (only here: a reload never does), builds the policy, checks transport
@@ -11,7 +21,7 @@
 //! reflection v1 and v1alpha) behind the same layers: request ids and metrics outermost, then
 //! admission (authentication, rates, the request read under a deadline, the concurrency
 //! cap; see [`crate::grpc::admission`]), then the timeout. Connections come from
-//! [`crate::transport::Incoming`] (per-peer limit, idle limit, TCP keepalive, back-off when
+//! [`crate::app::transport::Incoming`] (per-peer limit, idle limit, TCP keepalive, back-off when
 //! descriptors run out); each advertises `limits.max_streams_per_connection` and is pinged
 //! over HTTP/2 so a dead peer's connection is closed.
 //!
@@ -25,6 +35,11 @@
 //! flushes what is still queued and stops; a last signed checkpoint closes this process's
 //! chain at its final head; then the database pool closes.
 
+pub mod admin;
+pub mod health;
+pub mod reload;
+pub mod transport;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,31 +49,31 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::ServerTlsConfig;
 
-use crate::accounts::AccountRules;
+use crate::app::admin::AdminService;
+use crate::app::reload::{ConfigSource, PolicyReloader};
+use crate::app::transport::ConnectionLimits;
 use crate::audit::{AuditLog, CheckpointError, CheckpointSigner, CheckpointSink};
 use crate::config::{AuditConfig, Config};
 use crate::crypto::Suite;
-use crate::grpc::admin::AdminService;
 use crate::grpc::admission::AdmissionLayer;
 use crate::grpc::keys::KeyManagementService;
+use crate::grpc::limits::LiveLimits;
+use crate::grpc::tls::TlsError;
 use crate::grpc::{AccountSecurityService, AuditService, VaultService};
-use crate::hsm::Pkcs11KekProvider;
-use crate::key_admin::KeyAdmin;
+use crate::keys::pkcs11::Pkcs11KekProvider;
 use crate::keys::{
     KekProvider, KeyError, KeyManager, Keyring, KeyringError, LocalKekProvider, write_private_file,
 };
-use crate::limits::LiveLimits;
 use crate::policy::{CallerConfig, Grant, Policy, PolicyError, Rpc, token_sha256_hex};
 use crate::proto::account_security_server::AccountSecurityServer;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::audit_server::AuditServer;
 use crate::proto::key_management_server::KeyManagementServer;
 use crate::proto::vault_server::VaultServer;
-use crate::reload::{ConfigSource, PolicyReloader};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
 use crate::telemetry::RequestLayer;
-use crate::tls::TlsError;
-use crate::transport::ConnectionLimits;
+use crate::vault::accounts::AccountRules;
+use crate::vault::key_admin::KeyAdmin;
 use crate::vault::{Clock, SystemClock, Vault};
 
 /// The caller name of the credential created on first start.
@@ -89,7 +104,7 @@ pub enum StartupError {
     #[error("keys: {0}")]
     Keys(#[from] KeyError),
     #[error("{0}")]
-    Retention(#[from] crate::retention::RetentionError),
+    Retention(#[from] crate::policy::retention::RetentionError),
     #[error("audit checkpoints: {0}")]
     Checkpoints(#[from] CheckpointError),
     #[error("audit.checkpoint_sink: empty (use stdout or the path of a file)")]
@@ -153,8 +168,8 @@ impl Application {
         clock: Arc<dyn Clock>,
     ) -> Result<Application, StartupError> {
         config.validate()?;
-        crate::tls::check_listen(config.listen, &config.tls)?;
-        let tls = crate::tls::server_tls_config(&config.tls)?;
+        crate::grpc::tls::check_listen(config.listen, &config.tls)?;
+        let tls = crate::grpc::tls::server_tls_config(&config.tls)?;
         create_private_dir(&config.data_dir)?;
         let store = open_store(&config).await?;
         store.migrate().await?;
@@ -162,7 +177,7 @@ impl Application {
         let policy = build_policy(&config, AdminToken::CreateIfMissing)?;
         let rules = AccountRules::from_config(&config)?;
         let admin_token_path = config.admin.enabled.then(|| config.admin_token_path());
-        let retention = crate::retention::Retention::build(&config.retention)?;
+        let retention = crate::policy::retention::Retention::build(&config.retention)?;
         let signer = Arc::new(open_signer(&config)?);
         let (audit, audit_writer) =
             AuditLog::start(Arc::clone(&store), clock.now().timestamp_micros()).await?;
@@ -243,7 +258,7 @@ impl Application {
         let hangup = self
             .reloader
             .clone()
-            .map(|reloader| tokio::spawn(crate::reload::reload_on_sighup(reloader)));
+            .map(|reloader| tokio::spawn(crate::app::reload::reload_on_sighup(reloader)));
         let result = self.run_until(shutdown_signal()).await;
         #[cfg(unix)]
         if let Some(hangup) = hangup {
@@ -267,7 +282,7 @@ impl Application {
         let request_ids = tokio::spawn(crate::vault::expire_request_ids_periodically(Arc::clone(
             &self.vault,
         )));
-        let abandoned_jobs = tokio::spawn(crate::rewrap::interrupt_abandoned_periodically(
+        let abandoned_jobs = tokio::spawn(crate::vault::rewrap::interrupt_abandoned_periodically(
             Arc::clone(&self.vault),
         ));
         // Destructions by other instances reach this one through it.
@@ -276,8 +291,8 @@ impl Application {
         )));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // Not serving until the first probe says otherwise.
-        crate::health::set_not_serving(&reporter).await;
-        let monitor = tokio::spawn(crate::health::monitor(
+        crate::app::health::set_not_serving(&reporter).await;
+        let monitor = tokio::spawn(crate::app::health::monitor(
             reporter.clone(),
             Arc::clone(&self.vault),
             config.health.clone(),
@@ -286,10 +301,13 @@ impl Application {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "metrics listening");
             }
-            tokio::spawn(crate::metrics::serve(listener, crate::metrics::install()))
+            tokio::spawn(crate::telemetry::metrics::serve(
+                listener,
+                crate::telemetry::metrics::install(),
+            ))
         });
         // Installed even without a listener, so the hooks always have a recorder.
-        crate::metrics::install();
+        crate::telemetry::metrics::install();
         // Both reflection versions: grpcurl speaks v1, Python's grpcio-reflection and several
         // GUI clients only v1alpha.
         let reflection = || {
@@ -349,7 +367,7 @@ impl Application {
                 shutdown.await;
                 tracing::info!("shutting down: no new connections; draining in-flight calls");
                 monitor.abort();
-                crate::health::set_not_serving(&reporter).await;
+                crate::app::health::set_not_serving(&reporter).await;
                 let _ = stopping_tx.send(true);
             }
         };
@@ -359,7 +377,7 @@ impl Application {
             tokio::time::sleep(grace).await;
         };
         tracing::info!(addr = %self.local_addr, tls = config.tls.cert_path.is_some(), "pdvault listening");
-        let incoming = crate::transport::Incoming::new(self.listener, connections);
+        let incoming = crate::app::transport::Incoming::new(self.listener, connections);
         let served = router.serve_with_incoming_shutdown(incoming, signal);
         let result = tokio::select! {
             result = served => result.map_err(StartupError::from),

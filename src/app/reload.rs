@@ -26,12 +26,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use figment::Provider;
 use figment::providers::{Format, Toml};
 
-use crate::accounts::AccountRules;
+use crate::app::{AdminToken, StartupError, build_policy};
 use crate::config::{Config, ConfigError, FlagOverrides};
-use crate::limits::{FIXED_LIMITS, LiveLimits};
+use crate::grpc::limits::{FIXED_LIMITS, LiveLimits};
 use crate::policy::Policy;
-use crate::startup::{AdminToken, StartupError, build_policy};
 use crate::vault::Vault;
+use crate::vault::accounts::AccountRules;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {

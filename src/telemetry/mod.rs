@@ -1,9 +1,14 @@
 //! Logging setup, and the per-call layer that gives every gRPC call a request id, a span,
-//! a completion log line and its request metrics.
+//! a completion log line and its request metrics; the metrics themselves in `metrics.rs`.
+//!
+//! Low in the module graph (it needs only `config` and `domain::edge`), so that every layer
+//! that counts something (audit, vault, grpc, app) can reach the metric hooks.
 //!
 //! Logs carry caller names, record ids, purposes, reasons and request ids: never identity
 //! values, which no code path formats into a log line (identity types redact their `Debug`),
 //! and never request or response bodies, which this layer does not look at.
+
+pub mod metrics;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,7 +26,7 @@ use crate::config::{LogConfig, LogFormat};
 /// The metadata key a request id travels in, both ways.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Longest client-chosen request id kept; longer or non-printable ones are replaced.
-pub const MAX_REQUEST_ID_LEN: usize = crate::edge::MAX_REQUEST_ID_BYTES;
+pub const MAX_REQUEST_ID_LEN: usize = crate::domain::edge::MAX_REQUEST_ID_BYTES;
 
 /// Marks a request whose client sent an `x-request-id` that is not printable ASCII of at
 /// most [`MAX_REQUEST_ID_LEN`] bytes: it was replaced by a generated one here, and the
@@ -92,7 +97,7 @@ where
                 generated
             }
         };
-        let method = crate::metrics::method_label(request.uri().path());
+        let method = crate::telemetry::metrics::method_label(request.uri().path());
         let span = tracing::info_span!(
             "call",
             method,
@@ -115,7 +120,7 @@ where
                         None => tonic::Code::Ok,
                     };
                     let elapsed = started.elapsed();
-                    crate::metrics::record_request(method, code, elapsed);
+                    crate::telemetry::metrics::record_request(method, code, elapsed);
                     tracing::info!(
                         code = ?code,
                         elapsed_ms = elapsed.as_secs_f64() * 1000.0,
@@ -130,7 +135,7 @@ where
 }
 
 fn valid_request_id(value: &HeaderValue) -> bool {
-    crate::edge::check_request_id(value.as_bytes()).is_ok()
+    crate::domain::edge::check_request_id(value.as_bytes()).is_ok()
 }
 
 fn new_request_id() -> HeaderValue {

@@ -6,7 +6,7 @@
 //! (live HTTP/2 clients answer the server's pings, which counts), TCP keepalive finds peers
 //! that vanished without a FIN, and one peer may hold at most
 //! `limits.max_connections_per_peer` (an IPv4 address, or an IPv6 /64: see
-//! [`crate::limits::peer_key`]). When `accept` fails because descriptors ran out
+//! [`crate::grpc::limits::peer_key`]). When `accept` fails because descriptors ran out
 //! (EMFILE/ENFILE), the listener logs it and backs off instead of spinning on the error, so
 //! calls already in flight keep the descriptors they need (a database connection, a file).
 //!
@@ -29,7 +29,7 @@ use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::LimitsConfig;
-use crate::limits::peer_key;
+use crate::grpc::limits::peer_key;
 
 /// Idle time before the kernel's first TCP keepalive probe, and between probes.
 const TCP_KEEPALIVE_TIME: Duration = Duration::from_secs(60);
@@ -127,7 +127,7 @@ impl Incoming {
 
     fn accepted(&mut self, stream: TcpStream, peer: SocketAddr) -> Option<Connection> {
         let Some(slot) = self.admit(peer.ip()) else {
-            crate::metrics::record_denial("CONNECTION_LIMIT");
+            crate::telemetry::metrics::record_denial("CONNECTION_LIMIT");
             if let Some(unlogged) = self.refused_log.allow(Instant::now()) {
                 tracing::warn!(
                     peer = %peer.ip(),
@@ -196,7 +196,7 @@ impl Stream for Incoming {
                 }
                 Poll::Ready(Err(error)) if out_of_descriptors(&error) => {
                     let wait = self.next_backoff;
-                    crate::metrics::record_denial("DESCRIPTORS_EXHAUSTED");
+                    crate::telemetry::metrics::record_denial("DESCRIPTORS_EXHAUSTED");
                     if let Some(unlogged) = self.exhausted_log.allow(Instant::now()) {
                         tracing::error!(
                             %error,

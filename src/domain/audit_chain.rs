@@ -1,6 +1,9 @@
 //! The audit trail's tamper evidence: canonical encoding of events, the hash chain that links
 //! them, signed checkpoints of chain heads, and the verifier that walks it all.
 //!
+//! Here, below the store, because the store persists these types and links events as it
+//! appends them; `audit` (the writer, the signer, verification) re-exports them.
+//!
 //! Pure: no I/O and no clock. The store calls [`link`] inside the transaction that appends
 //! an event; `audit::verify` feeds stored rows to [`ChainVerifier`] page by page, so
 //! verification needs memory for one page, not for the trail.
@@ -534,7 +537,7 @@ impl ChainVerifier {
     }
 }
 
-pub(super) mod hex_bytes {
+pub(crate) mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {

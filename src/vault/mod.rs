@@ -1,12 +1,25 @@
 //! The vault's use cases, independent of gRPC. This is where the policy meets the data.
 //! `Vault` is defined here with what every use case shares (the call context, errors,
-//! audit events); the use cases live beside it by aggregate: records (`records.rs`: create,
-//! read for a purpose, update, delete, find), the audit trail (`trail.rs`), record keys and
-//! retention (`lifecycle.rs`), and account state (suspension, minors, consent) in
-//! `crate::accounts`. `decisions.rs` audits every refusal.
+//! audit events); the use cases live beside it by aggregate, each file an `impl Vault`:
+//!
+//! - `records.rs`: create, read for a purpose, update, delete, find; etags.
+//! - `batch.rs`, `export.rs`: the many-records calls (`BatchGetRecords`,
+//!   `BatchCreateRecords`; the k-anonymous `ExportRecords`).
+//! - `accounts.rs`: account state (suspension, minors, consent, policy versions) and the
+//!   release gate every read passes.
+//! - `trail.rs`: reads of the audit trail; `decisions.rs`: every decision audited.
+//! - `lifecycle.rs`: record keys (re-keying) and retention (purge).
+//! - `key_admin.rs`: key administration (rotate, rewrap, retire, destroy), with the rewrap
+//!   job (`rewrap.rs`) and its re-index pass (`reindex.rs`).
+//!
+//! One pattern, one exception: key administration is [`key_admin::KeyAdmin`], a handle
+//! holding an `Arc<Vault>` and nothing else, rather than `impl Vault` methods, because
+//! `RewrapRecords` starts a job that outlives the call and needs its own `Arc<Vault>`, which
+//! a `&self` method does not have. It uses the same call context, audit log, keys and
+//! refusal auditing as every other use case here; read it as one more aggregate.
 //!
 //! Order of operations on a read is the heart of the design: the request's strings are
-//! checked (`crate::edge`), grants are checked, then the record is opened, the release
+//! checked (`crate::domain::edge`), grants are checked, then the record is opened, the release
 //! computed, the audit event durably committed, and only then is anything returned. If the
 //! audit write fails, nothing is released ([`VaultError::AuditUnavailable`]). Every refusal
 //! is audited too, with checked values only (see `decisions.rs`).
@@ -20,20 +33,24 @@ use arc_swap::ArcSwap;
 use chrono::{DateTime, NaiveDate, Utc};
 use zeroize::Zeroizing;
 
-use crate::accounts::AccountRules;
 use crate::audit::{AuditEvent, AuditLog, CheckpointSigner};
 use crate::crypto::{CryptoError, EtagKey};
 use crate::domain::{FieldName, IdType, Violation};
 use crate::keys::{KeyError, KeyManager};
+use crate::policy::retention::Retention;
 use crate::policy::{Caller, Grant, Policy, ReleaseLevel, Rpc};
-use crate::retention::Retention;
 use crate::store::{Micros, Store, StoreError};
+use crate::vault::accounts::AccountRules;
 
+pub mod accounts;
 mod batch;
 mod decisions;
 mod export;
+pub mod key_admin;
 mod lifecycle;
 mod records;
+pub mod reindex;
+pub mod rewrap;
 mod trail;
 
 pub use batch::CreateItem;

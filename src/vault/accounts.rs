@@ -15,7 +15,7 @@
 //! it is versioned with the index keys rather than being one more key to keep forever. A
 //! record's age gate is sealed under the state key of the record's `index_version`, the
 //! same version its blind indexes were computed with: a write seals it under the active
-//! index version, and the re-index pass of the rewrap job (`crate::reindex`) opens it under
+//! index version, and the re-index pass of the rewrap job (`reindex.rs`) opens it under
 //! the old version and re-seals it under the new one in the same compare-and-swap that
 //! replaces the indexes. Reading it takes the state key of the version the row names, so a
 //! minor stays a minor before, during and after a re-index, and an index version can be
@@ -32,11 +32,11 @@ use crate::audit::AuditEvent;
 use crate::config::Config;
 use crate::crypto::StateKey;
 use crate::domain::age::has_reached;
-use crate::domain::{FieldName, Identity, IdentityInput, Violation};
-use crate::edge::{
+use crate::domain::edge::{
     FreeText, MAX_NOTE_BYTES, MAX_POLICY_VERSION_BYTES, MAX_REFERENCE_BYTES,
     MIN_JUSTIFICATION_CHARS, RecordId,
 };
+use crate::domain::{FieldName, Identity, IdentityInput, Violation};
 use crate::keys::IndexKeyPair;
 use crate::policy::{Grant, PolicyError, Purpose, ReleaseLevel, Rpc};
 use crate::store::{AccountEventRow, AccountState, ConsentRow, Micros};

@@ -10,6 +10,10 @@
 //! change stands, because a rotation or destruction cannot be taken back. A refused
 //! operation (no grant, a version in the wrong state, ...) is audited as a refusal. Events
 //! carry version numbers and counts, never key material.
+//!
+//! [`KeyAdmin`] wraps an `Arc<Vault>` instead of adding `impl Vault` methods as the other
+//! use cases do (see the `vault` module header) only because a rewrap job outlives the call
+//! that starts it and needs a `Vault` it owns.
 
 use std::sync::Arc;
 
@@ -17,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::keys::{KeyError, KeyKind, KeyStatus, KeyVersionInfo, RotateOutcome};
 use crate::policy::Grant;
-use crate::rewrap::{self, Progress, RewrapError};
+use crate::vault::rewrap::{self, Progress, RewrapError};
 use crate::vault::{AuditSubject, CallContext, Vault, VaultError};
 
 #[derive(Debug, thiserror::Error)]

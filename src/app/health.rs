@@ -49,7 +49,7 @@ pub async fn monitor(reporter: HealthReporter, vault: Arc<Vault>, config: Health
     loop {
         if let Some(signer) = vault.checkpoint_signer() {
             let health = signer.health();
-            crate::metrics::record_checkpoint_health(&health);
+            crate::telemetry::metrics::record_checkpoint_health(&health);
             let ok = health.ok();
             if last_checkpoint_health != Some(ok) {
                 if ok {

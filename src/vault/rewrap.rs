@@ -2,7 +2,7 @@
 //! active one, without decrypting any field; then, in a second pass, re-computes the blind
 //! indexes (and re-seals the age gate) of every record still under an older index version
 //! with the active index keys. That pass does decrypt the identity fields indexes are made
-//! from, inside the vault only ([`crate::reindex`]).
+//! from, inside the vault only ([`crate::vault::reindex`]).
 //!
 //! Progress lives in the database, not here: a record needs rewrapping exactly when its
 //! `kek_version` is older than the active one (re-indexing, when its `index_version` is),
@@ -130,7 +130,7 @@ impl Pass {
                     .await?
             }
             Pass::Index => {
-                let reindex = crate::reindex::reindexer(keys, target)?;
+                let reindex = crate::vault::reindex::reindexer(keys, target)?;
                 store
                     .reindex_batch(job_id, target, after, limit, now, &reindex)
                     .await?

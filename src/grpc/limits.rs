@@ -3,9 +3,10 @@
 //! peer address for calls that prove no identity.
 //!
 //! The deadline is a tower layer around every gRPC service; the caps and rates are applied
-//! by the admission layer ([`crate::grpc::admission`]), which authenticates a call before it
-//! may take a slot. Both read them from [`LiveLimits`], which a policy reload replaces. Each answers with a proper gRPC status itself (`DEADLINE_EXCEEDED`,
-//! `UNAVAILABLE`, `RESOURCE_EXHAUSTED`) so clients can tell "retry later" from a bug.
+//! by the admission layer (`admission.rs`), which authenticates a call before it may take a
+//! slot. Both read them from [`LiveLimits`], which a policy reload replaces. Each answers
+//! with a proper gRPC status itself (`DEADLINE_EXCEEDED`, `UNAVAILABLE`,
+//! `RESOURCE_EXHAUSTED`) so clients can tell "retry later" from a bug.
 //! Shedding refuses at once instead of queueing: a queue in front of a saturated database
 //! only turns overload into timeouts for everyone. Caller buckets are keyed on names from
 //! configuration and peer buckets are pruned, so their memory stays bounded.
@@ -46,7 +47,7 @@ impl Permits {
     /// A slot, held until the permit is dropped, or the load-shedding refusal.
     pub fn try_take(&self) -> Result<OwnedSemaphorePermit, Status> {
         Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
-            crate::metrics::record_denial("OVERLOADED");
+            crate::telemetry::metrics::record_denial("OVERLOADED");
             with_reason(
                 tonic::Code::Unavailable,
                 "server is at its concurrency limit; retry with backoff",
@@ -83,7 +84,7 @@ impl CallerInFlight {
         let count = held.entry(caller.to_owned()).or_insert(0);
         if self.max != 0 && *count >= self.max {
             drop(held);
-            crate::metrics::record_denial("RATE_LIMITED");
+            crate::telemetry::metrics::record_denial("RATE_LIMITED");
             return Err(with_reason(
                 tonic::Code::ResourceExhausted,
                 "too many calls in flight from this caller or address; retry later",

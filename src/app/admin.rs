@@ -1,13 +1,17 @@
 //! `pdvault.v1.Admin`: operator calls, authenticated and granted like every other RPC.
+//!
+//! The one gRPC service outside `grpc/`: its call drives the application's reload
+//! (`reload.rs`), and `grpc/` sits below `app`. It authenticates, grants and audits through
+//! the gRPC layer's own functions, as the services there do.
 
 use std::sync::Arc;
 
 use tonic::{Code, Request, Response, Status};
 
-use super::{call_context, error_info, to_status};
+use crate::app::reload::{PolicyReloader, ReloadError};
+use crate::grpc::{call_context, error_info, to_status};
 use crate::policy::Rpc;
 use crate::proto;
-use crate::reload::{PolicyReloader, ReloadError};
 use crate::vault::{AuditSubject, Vault, VaultError};
 
 pub struct AdminService {

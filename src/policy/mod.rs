@@ -8,6 +8,8 @@
 //! as a SPIFFE id, or the subject CN); the TLS handshake has already proven possession.
 //! Purposes are configuration; the shipped defaults mirror clause 1.3 of the privacy policy.
 
+pub mod retention;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -411,7 +413,7 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> PolicyError {
 
 fn build_purpose(name: &str, config: &PurposeConfig) -> Result<Purpose, PolicyError> {
     if name.is_empty()
-        || name.len() > crate::edge::MAX_PURPOSE_BYTES
+        || name.len() > crate::domain::edge::MAX_PURPOSE_BYTES
         || !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
@@ -488,7 +490,7 @@ fn build_caller(
     }
     // Caller names are written into every audit event and log line of their calls.
     if let Err(refused) =
-        crate::edge::check_text("name", &config.name, crate::edge::MAX_FILTER_BYTES)
+        crate::domain::edge::check_text("name", &config.name, crate::domain::edge::MAX_FILTER_BYTES)
     {
         return Err(invalid(key("name"), refused.reason));
     }

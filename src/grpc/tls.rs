@@ -5,6 +5,9 @@
 //! because identity data and bearer tokens cross this connection. Certificate *verification*
 //! is rustls's (chain to `client_ca_path`); this module only reads the names out of the leaf
 //! the handshake already verified, for the policy to map to a caller.
+//!
+//! In `grpc/` rather than `app/` because authentication (`grpc/mod.rs`) reads the client
+//! certificate's identity here, and the gRPC layer never imports `app`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
