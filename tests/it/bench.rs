@@ -7,12 +7,12 @@
 // here too, so its report is checked as typed values rather than parsed back from text.
 #[path = "../../src/bench/mod.rs"]
 #[allow(dead_code)]
-mod bench;
+mod generator;
 
 use std::time::Duration;
 
 use crate::support::{CLAIMS, TestApp};
-use bench::{BenchOptions, Mix, Report, TargetSpec};
+use generator::{BenchOptions, Mix, Report, TargetSpec};
 use pdvault::cli::{
     DEFAULT_BENCH_FIELDS as DEFAULT_FIELDS, DEFAULT_BENCH_PURPOSE as DEFAULT_PURPOSE,
 };
@@ -60,7 +60,7 @@ fn assert_all_succeeded(report: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
-    let report = bench::run(BenchOptions {
+    let report = generator::run(BenchOptions {
         baseline: true,
         // A call counts only if it starts and ends inside the window; a debug-build batch of
         // 100 creates on a loaded machine can take longer than the other tests' 300 ms.
@@ -111,7 +111,7 @@ async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
     // Batch phases count records as well as calls.
     for phase in &report.phases[4..6] {
         let rpc = &phase.rpcs[0];
-        assert_eq!(rpc.records_per_call, bench::BATCH);
+        assert_eq!(rpc.records_per_call, generator::BATCH);
         assert_eq!(rpc.records_per_sec, rpc.vault.req_per_sec * 100.0);
     }
     let half = &report.phases[6];
@@ -152,7 +152,7 @@ async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
 }
 
 async fn a_mixed_run_against_a_running_vault(app: &TestApp) {
-    let report = bench::run(BenchOptions {
+    let report = generator::run(BenchOptions {
         mix: Some(Mix::parse("get=4,find=2,check=2,create=1").unwrap()),
         ..options(TargetSpec::External {
             addr: app.addr.to_string(),
