@@ -529,8 +529,23 @@ impl TestApp {
         if let Some(server) = self.server.take() {
             let _ = server.await;
         }
+        if self.owns_deployment()
+            && self.config.keys.provider == "pkcs11"
+            && let Some(pkcs11) = &self.config.keys.pkcs11
+        {
+            softhsm::destroy_deployment_objects(pkcs11);
+        }
         if let Some(pg) = self.postgres.take() {
             pg.drop_database().await;
+        }
+    }
+
+    /// Whether this app's database is its own (made for it), not another app's it was
+    /// pointed at: the deployment ends when this app stops.
+    fn owns_deployment(&self) -> bool {
+        match &self.postgres {
+            Some(pg) => pg.url() == self.database_url,
+            None => self.backend == Backend::Sqlite && self.config.database.url.is_none(),
         }
     }
 }
