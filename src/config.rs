@@ -27,8 +27,13 @@ pub use crate::policy::retention::RetentionConfig;
 pub enum ConfigError {
     #[error("config file {0} does not exist")]
     MissingFile(PathBuf),
+    /// A setting `Config::validate` refuses: `key: reason`.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// The layers do not make a `Config` (a wrong type, an unknown key); the message names
+    /// each key, and the environment variable when one set it.
+    #[error("invalid configuration: {}", describe_figment_error(.0))]
+    Load(#[source] Box<figment::Error>),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -438,7 +443,7 @@ impl Config {
         figment = figment.merge(flag_layer);
         let config = figment
             .extract::<Config>()
-            .map_err(|e| ConfigError::Invalid(describe_figment_error(e)))?;
+            .map_err(|e| ConfigError::Load(Box::new(e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -577,8 +582,9 @@ impl Config {
 }
 
 /// One line per problem, each naming its key and source.
-fn describe_figment_error(error: figment::Error) -> String {
+fn describe_figment_error(error: &figment::Error) -> String {
     error
+        .clone()
         .into_iter()
         .map(|e| {
             let from_env = e

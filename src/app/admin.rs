@@ -6,10 +6,11 @@
 
 use std::sync::Arc;
 
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
-use crate::app::reload::{PolicyReloader, ReloadError};
-use crate::grpc::{call_context, error_info, to_status};
+use crate::app::reload::PolicyReloader;
+use crate::grpc::call_context;
+use crate::grpc::status::{RequestError, policy_invalid, to_status};
 use crate::policy::Rpc;
 use crate::proto;
 use crate::vault::{AuditSubject, Vault, VaultError};
@@ -41,15 +42,15 @@ impl proto::admin_server::Admin for AdminService {
             self.vault.audit_refusal(&ctx, subject, &refused).await;
             return Err(to_status(refused));
         }
-        let reloader = self.reloader.as_ref().ok_or_else(|| {
-            error_info(
-                Code::FailedPrecondition,
-                "this server has no configuration source to reload from",
-                "RELOAD_UNAVAILABLE",
-            )
-        })?;
+        let reloader = self
+            .reloader
+            .as_ref()
+            .ok_or(RequestError::ReloadUnavailable)?;
         tracing::info!(caller = %caller.name, "policy reload requested");
-        let reloaded = reloader.reload(&caller.name).await.map_err(reload_status)?;
+        let reloaded = reloader
+            .reload(&caller.name)
+            .await
+            .map_err(|error| policy_invalid(&error))?;
         let mut purposes: Vec<String> =
             reloaded.policy.purpose_names().map(str::to_owned).collect();
         purposes.sort();
@@ -59,14 +60,4 @@ impl proto::admin_server::Admin for AdminService {
             purposes,
         }))
     }
-}
-
-/// Configuration errors name keys and sources, never identity values, so they are safe to
-/// return to an administrator.
-fn reload_status(error: ReloadError) -> Status {
-    error_info(
-        Code::FailedPrecondition,
-        &format!("configuration refused: {error}"),
-        "POLICY_INVALID",
-    )
 }

@@ -32,9 +32,12 @@ const PROBE_RECORD_ID: &str = "health-probe";
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("database: {0}")]
-    Database(String),
+    Database(#[source] crate::store::StoreError),
     #[error("key provider: {0}")]
-    Keys(String),
+    Keys(#[source] crate::keys::KeyError),
+    /// The blocking task of the key provider's probe panicked or was cancelled.
+    #[error("key provider: {0}")]
+    Task(#[source] tokio::task::JoinError),
     #[error("{0} probe timed out")]
     Timeout(&'static str),
 }
@@ -109,20 +112,17 @@ pub async fn probe(vault: &Vault, timeout: Duration) -> Result<(), ProbeError> {
     tokio::time::timeout(timeout, vault.store().ping())
         .await
         .map_err(|_| ProbeError::Timeout("database"))?
-        .map_err(|e| ProbeError::Database(e.to_string()))?;
+        .map_err(ProbeError::Database)?;
     let keys = Arc::clone(vault.keys());
-    let round_trip = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let dek = keys.generate_data_key().map_err(|e| e.to_string())?;
-        let (wrapped, _) = keys
-            .wrap(&dek, PROBE_RECORD_ID)
-            .map_err(|e| e.to_string())?;
+    let round_trip = tokio::task::spawn_blocking(move || {
+        let dek = keys.generate_data_key()?;
+        let (wrapped, _) = keys.wrap(&dek, PROBE_RECORD_ID)?;
         keys.unwrap_cached_state(&wrapped, PROBE_RECORD_ID)
             .map(drop)
-            .map_err(|e| e.to_string())
     });
     tokio::time::timeout(timeout, round_trip)
         .await
         .map_err(|_| ProbeError::Timeout("key provider"))?
-        .map_err(|e| ProbeError::Keys(e.to_string()))?
+        .map_err(ProbeError::Task)?
         .map_err(ProbeError::Keys)
 }

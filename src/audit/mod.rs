@@ -57,8 +57,9 @@ const QUEUE_CAPACITY: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
+    /// The store refused or could not take the batch; every event of it shares the cause.
     #[error("audit store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Arc<StoreError>),
     #[error("audit writer has stopped")]
     Stopped,
 }
@@ -257,9 +258,10 @@ pub async fn append_isolating(
             if error.is_refused_data() {
                 tracing::error!(%error, event_id = %events[0].event_id, "the store refused an audit event");
             }
+            let error = Arc::new(error);
             events
                 .iter()
-                .map(|_| Err(AuditError::Unavailable(error.to_string())))
+                .map(|_| Err(AuditError::Unavailable(Arc::clone(&error))))
                 .collect()
         }
     }

@@ -64,6 +64,13 @@ pub enum CheckpointError {
         "signer state file {path} is malformed ({reason}); it names this instance's signer, so move it away only to start a new one"
     )]
     StateMalformed { path: PathBuf, reason: String },
+    #[error(
+        "signer state file {path} is malformed ({source}); it names this instance's signer, so move it away only to start a new one"
+    )]
+    StateJson {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("signer state file {path} is in use by another running pdvault process")]
     StateLocked { path: PathBuf },
     #[error("refused to sign: {0}")]
@@ -207,9 +214,9 @@ impl CheckpointSigner {
         let state = if state_path.exists() {
             let text = std::fs::read_to_string(state_path).map_err(io)?;
             let state: SignerState =
-                serde_json::from_str(&text).map_err(|e| CheckpointError::StateMalformed {
+                serde_json::from_str(&text).map_err(|source| CheckpointError::StateJson {
                     path: state_path.to_owned(),
-                    reason: e.to_string(),
+                    source,
                 })?;
             if state.format != STATE_FORMAT {
                 return Err(CheckpointError::StateMalformed {

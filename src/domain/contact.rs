@@ -33,8 +33,8 @@ pub struct PhoneNumber {
 impl PhoneNumber {
     /// Accepts `+86…`, `0086…` or a bare national number (landlines with or without the
     /// leading trunk 0), with spaces, `-`, `(` and `)` as separators.
-    pub fn parse(raw: &str) -> Result<PhoneNumber, String> {
-        PhoneNumber::parse_reason(raw).map_err(String::from)
+    pub fn parse(raw: &str) -> Result<PhoneNumber, &'static str> {
+        PhoneNumber::parse_reason(raw)
     }
 
     pub(super) fn parse_reason(raw: &str) -> Result<PhoneNumber, Reason> {
@@ -129,8 +129,8 @@ fn is_mainland_mobile(national: &str) -> bool {
 pub struct Email(String);
 
 impl Email {
-    pub fn parse(raw: &str) -> Result<Email, String> {
-        Email::parse_reason(raw).map_err(String::from)
+    pub fn parse(raw: &str) -> Result<Email, &'static str> {
+        Email::parse_reason(raw)
     }
 
     pub(super) fn parse_reason(raw: &str) -> Result<Email, Reason> {
@@ -183,8 +183,8 @@ fn email_reason(error: email_address::Error) -> Reason {
 pub struct PostalCode(String);
 
 impl PostalCode {
-    pub fn parse(raw: &str) -> Result<PostalCode, String> {
-        PostalCode::parse_reason(raw).map_err(String::from)
+    pub fn parse(raw: &str) -> Result<PostalCode, &'static str> {
+        PostalCode::parse_reason(raw)
     }
 
     pub(super) fn parse_reason(raw: &str) -> Result<PostalCode, Reason> {

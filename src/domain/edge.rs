@@ -44,11 +44,8 @@ pub const MAX_REQUEST_ID_BYTES: usize = 128;
 /// `traceparent`: far longer than any version of the format needs.
 const MAX_TRACEPARENT_BYTES: usize = 256;
 
-fn violation(field: &str, reason: &str) -> Violation {
-    Violation {
-        field: field.to_owned(),
-        reason: reason.to_owned(),
-    }
+fn violation(field: &str, reason: &'static str) -> Violation {
+    Violation::at(field, reason)
 }
 
 /// A record id of the shape this vault issues. Holding one says nothing about whether the
@@ -150,9 +147,10 @@ impl FreeText {
             return Err(violation(field, "is required"));
         }
         if visible_chars(raw) < min_visible {
-            return Err(violation(
+            return Err(Violation::bounded(
                 field,
-                &format!("must have at least {min_visible} visible characters"),
+                "must have at least {limit} visible characters",
+                min_visible as u64,
             ));
         }
         Ok(text)
@@ -180,9 +178,10 @@ impl FreeText {
 /// database, written to a log line and shown to a person without hiding anything.
 pub fn check_text(field: &str, raw: &str, max_bytes: usize) -> Result<(), Violation> {
     if raw.len() > max_bytes {
-        return Err(violation(
+        return Err(Violation::bounded(
             field,
-            &format!("must be at most {max_bytes} bytes"),
+            "must be at most {limit} bytes",
+            max_bytes as u64,
         ));
     }
     if let Some(reason) = raw.chars().find_map(hidden_character) {
@@ -316,7 +315,11 @@ mod tests {
         // 22 CJK characters are 66 bytes.
         let long = "用".repeat(22);
         let refused = FreeText::parse("note", &long, 64).unwrap_err();
-        assert_eq!(refused.reason, "must be at most 64 bytes");
+        assert_eq!(refused.description(), "must be at most 64 bytes");
+        assert_eq!(
+            (refused.reason, refused.limit),
+            ("must be at most {limit} bytes", Some(64))
+        );
         for hidden in [
             "a\0b",
             "line\nbreak",
@@ -347,7 +350,12 @@ mod tests {
         assert!(check("R-42").is_ok());
         assert_eq!(check("").unwrap_err().reason, "is required");
         assert_eq!(check("   ").unwrap_err().reason, "is required");
-        assert!(check("a b c").unwrap_err().reason.contains("at least 4"));
+        assert!(
+            check("a b c")
+                .unwrap_err()
+                .description()
+                .contains("at least 4")
+        );
         assert!(check("\u{200b}").is_err());
         assert!(check("\u{202e}abcd").is_err());
     }

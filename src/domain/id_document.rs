@@ -111,8 +111,8 @@ pub struct IdDocument {
 impl IdDocument {
     /// Validates and normalises `raw` as a number of `id_type`. The error is a reason that
     /// never contains any part of `raw`.
-    pub fn parse(id_type: IdType, raw: &str, today: NaiveDate) -> Result<IdDocument, String> {
-        IdDocument::parse_reason(id_type, raw, today).map_err(String::from)
+    pub fn parse(id_type: IdType, raw: &str, today: NaiveDate) -> Result<IdDocument, &'static str> {
+        IdDocument::parse_reason(id_type, raw, today)
     }
 
     pub(super) fn parse_reason(

@@ -86,25 +86,65 @@ impl FieldName {
     }
 }
 
-/// One rejected field. `reason` never contains the submitted value or any part of it.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
+/// One rejected field. `reason` is `'static`, so it cannot hold the submitted value or any
+/// part of it: a type, not a convention. A reason that states a bound the vault sets (a
+/// byte limit, a batch size from configuration) says `{limit}` where the number goes and
+/// carries the number in `limit`; [`Violation::description`] puts it in.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
-    /// Contract field name, e.g. `"id_number"`.
+    /// Contract field name, e.g. `"id_number"`, or its path in the request
+    /// (`requests[3].identity.id_number`).
     pub field: String,
-    pub reason: String,
+    pub reason: &'static str,
+    /// The bound `reason` names as `{limit}`, if it names one.
+    pub limit: Option<u64>,
 }
 
 impl Violation {
-    /// The reason is `'static` so that callers elsewhere in the crate cannot interpolate a
-    /// submitted value into it either.
     pub fn new(field: FieldName, reason: &'static str) -> Violation {
+        Violation::at(field.as_str(), reason)
+    }
+
+    /// A violation of the request field (or path) `field`.
+    pub fn at(field: impl Into<String>, reason: &'static str) -> Violation {
         Violation {
-            field: field.as_str().to_owned(),
-            reason: reason.to_owned(),
+            field: field.into(),
+            reason,
+            limit: None,
+        }
+    }
+
+    /// A violation whose reason states a bound: `reason` says `{limit}` where it goes.
+    pub fn bounded(field: impl Into<String>, reason: &'static str, limit: u64) -> Violation {
+        debug_assert!(reason.contains("{limit}"), "{reason}");
+        Violation {
+            field: field.into(),
+            reason,
+            limit: Some(limit),
+        }
+    }
+
+    /// The same violation, of the field at `field` (a path in a larger request).
+    pub fn moved_to(self, field: String) -> Violation {
+        Violation { field, ..self }
+    }
+
+    /// The reason as a person reads it: the bound, if any, in place of `{limit}`.
+    pub fn description(&self) -> Cow<'static, str> {
+        match self.limit {
+            Some(limit) => Cow::Owned(self.reason.replace("{limit}", &limit.to_string())),
+            None => Cow::Borrowed(self.reason),
         }
     }
 }
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.description())
+    }
+}
+
+impl std::error::Error for Violation {}
 
 /// Raw input from the edge. Empty strings have already been turned into `None` by the caller.
 #[derive(Clone, Default)]
@@ -575,7 +615,7 @@ mod tests {
         violations
             .iter()
             .filter(|v| v.field == field.as_str())
-            .map(|v| v.reason.as_str())
+            .map(|v| v.reason)
             .collect()
     }
 

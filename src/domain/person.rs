@@ -20,8 +20,8 @@ const MAX_ADDRESS_CHARS: usize = 256;
 pub struct PersonName(String);
 
 impl PersonName {
-    pub fn parse(raw: &str) -> Result<PersonName, String> {
-        PersonName::parse_reason(raw).map_err(String::from)
+    pub fn parse(raw: &str) -> Result<PersonName, &'static str> {
+        PersonName::parse_reason(raw)
     }
 
     pub(super) fn parse_reason(raw: &str) -> Result<PersonName, Reason> {
@@ -59,8 +59,8 @@ impl fmt::Debug for PersonName {
 pub struct Address(String);
 
 impl Address {
-    pub fn parse(raw: &str) -> Result<Address, String> {
-        Address::parse_reason(raw).map_err(String::from)
+    pub fn parse(raw: &str) -> Result<Address, &'static str> {
+        Address::parse_reason(raw)
     }
 
     pub(super) fn parse_reason(raw: &str) -> Result<Address, Reason> {
@@ -85,8 +85,8 @@ pub struct Nationality(CountryCode);
 
 impl Nationality {
     /// Case-insensitive; the canonical form is upper case.
-    pub fn parse(raw: &str) -> Result<Nationality, String> {
-        Nationality::parse_reason(raw).map_err(String::from)
+    pub fn parse(raw: &str) -> Result<Nationality, &'static str> {
+        Nationality::parse_reason(raw)
     }
 
     pub(super) fn parse_reason(raw: &str) -> Result<Nationality, Reason> {
@@ -114,8 +114,8 @@ impl fmt::Debug for Nationality {
 
 /// Parses a stated date of birth: strictly `YYYY-MM-DD`, a real calendar date, not before
 /// 1800-01-01 and not after `today`.
-pub fn parse_date_of_birth(raw: &str, today: NaiveDate) -> Result<NaiveDate, String> {
-    date_of_birth_reason(raw, today).map_err(String::from)
+pub fn parse_date_of_birth(raw: &str, today: NaiveDate) -> Result<NaiveDate, &'static str> {
+    date_of_birth_reason(raw, today)
 }
 
 pub(super) fn date_of_birth_reason(raw: &str, today: NaiveDate) -> Result<NaiveDate, Reason> {

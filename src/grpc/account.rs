@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{call_context, checked, encode_page_token, paging, timestamp, to_status, violation};
+use super::status::to_status;
+use super::{call_context, checked, encode_page_token, paging, timestamp, violation};
 use crate::domain::Violation;
 use crate::proto;
 use crate::vault::accounts::{AccountAction, AccountHistoryEntry, SuspensionReason};

@@ -45,10 +45,9 @@ use tonic::body::Body;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
-use super::codec::malformed;
-use super::error_info;
+use super::status::RequestError;
 use crate::config::LimitsConfig;
-use crate::grpc::limits::{CallLimits, LiveLimits};
+use crate::grpc::limits::{CallLimits, LimitError, LiveLimits};
 use crate::vault::Vault;
 
 /// The 5-byte prefix of every gRPC message: compressed flag and big-endian length.
@@ -175,7 +174,7 @@ where
                         }))
                     }))
                 }
-                Err(status) => Ok(status.into_http()),
+                Err(refused) => Ok(Status::from(refused).into_http()),
             }
         })
     }
@@ -195,7 +194,11 @@ enum Admitted {
 }
 
 impl Shared {
-    async fn admit(&self, kind: Kind, request: http::Request<Body>) -> Result<Admitted, Status> {
+    async fn admit(
+        &self,
+        kind: Kind,
+        request: http::Request<Body>,
+    ) -> Result<Admitted, RequestError> {
         let limits = self.limits.current();
         let peer = peer_addr(request.extensions()).map(|addr| addr.ip());
         if kind == Kind::Unauthenticated {
@@ -230,18 +233,17 @@ impl Shared {
             match super::identify(&policy, authorization, leaf) {
                 Ok(caller) => caller,
                 Err(refused) => {
-                    charge_peer(&limits, peer)?;
+                    if let Err(limited) = charge_peer(&limits, peer) {
+                        // The rate answers the call; the credential's refusal still counts.
+                        super::status::count_unanswered(refused);
+                        return Err(limited.into());
+                    }
                     return Err(refused);
                 }
             }
         };
         if !limits.callers.check(&caller.name) {
-            crate::telemetry::metrics::record_denial("RATE_LIMITED");
-            return Err(error_info(
-                tonic::Code::ResourceExhausted,
-                "caller rate limit exceeded; retry later",
-                "RATE_LIMITED",
-            ));
+            return Err(LimitError::CallerRate.into());
         }
         let caller_slot = limits.per_caller.try_take(&caller.name)?;
         let (parts, body) = request.into_parts();
@@ -261,54 +263,38 @@ impl Shared {
     }
 
     /// The whole request body, within the read deadline and the message size limit.
-    async fn read_message(&self, body: Body, deadline: Duration) -> Result<Bytes, Status> {
+    async fn read_message(&self, body: Body, deadline: Duration) -> Result<Bytes, RequestError> {
         let limit = self.max_message_bytes.saturating_add(FRAME_HEADER_BYTES);
         let collect = http_body_util::Limited::new(body, limit).collect();
         match tokio::time::timeout(deadline, collect).await {
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
             Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-                Err(too_large(self.max_message_bytes))
+                Err(RequestError::TooLarge {
+                    max: self.max_message_bytes,
+                })
             }
             // The client reset its stream: nobody reads the answer.
-            Ok(Err(_)) => Err(malformed("the request stream failed before its end")),
-            Err(_) => {
-                crate::telemetry::metrics::record_denial("REQUEST_READ_TIMEOUT");
-                Err(error_info(
-                    tonic::Code::DeadlineExceeded,
-                    "the request message did not arrive within the read deadline",
-                    "REQUEST_READ_TIMEOUT",
-                ))
-            }
+            Ok(Err(_)) => Err(RequestError::Malformed(
+                "the request stream failed before its end",
+            )),
+            Err(_) => Err(RequestError::ReadTimeout),
         }
     }
 }
 
 /// Charges one unauthenticated call to its peer's rate.
-fn charge_peer(limits: &CallLimits, peer: Option<IpAddr>) -> Result<(), Status> {
+fn charge_peer(limits: &CallLimits, peer: Option<IpAddr>) -> Result<(), LimitError> {
     if limits.peers.check(peer) {
         Ok(())
     } else {
-        crate::telemetry::metrics::record_denial("RATE_LIMITED");
-        Err(error_info(
-            tonic::Code::ResourceExhausted,
-            "too many unauthenticated calls from this address; retry later",
-            "RATE_LIMITED",
-        ))
+        Err(LimitError::PeerRate)
     }
-}
-
-fn too_large(max: usize) -> Status {
-    crate::telemetry::metrics::record_denial("MESSAGE_TOO_LARGE");
-    error_info(
-        tonic::Code::OutOfRange,
-        &format!("request message larger than the limit of {max} bytes"),
-        "MESSAGE_TOO_LARGE",
-    )
 }
 
 /// Every pdvault RPC takes exactly one request message: one complete frame, uncompressed
 /// unless the request names its `grpc-encoding`.
-fn check_framing(body: &[u8], compressed_allowed: bool, max: usize) -> Result<(), Status> {
+fn check_framing(body: &[u8], compressed_allowed: bool, max: usize) -> Result<(), RequestError> {
+    let malformed = RequestError::Malformed;
     if body.is_empty() {
         return Err(malformed("no request message"));
     }
@@ -323,7 +309,7 @@ fn check_framing(body: &[u8], compressed_allowed: bool, max: usize) -> Result<()
     }
     let declared = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
     if declared > max {
-        return Err(too_large(max));
+        return Err(RequestError::TooLarge { max });
     }
     let payload = body.len() - FRAME_HEADER_BYTES;
     if payload < declared {
@@ -400,10 +386,10 @@ mod tests {
             frame(1, 3, b"abc"),
             frame(7, 3, b"abc"),
         ] {
-            let refused = check_framing(&bad, false, max).unwrap_err();
+            let refused = Status::from(check_framing(&bad, false, max).unwrap_err());
             assert_eq!(reason(&refused), malformed, "{bad:?}");
         }
-        let big = check_framing(&frame(0, 17, b""), false, max).unwrap_err();
+        let big = Status::from(check_framing(&frame(0, 17, b""), false, max).unwrap_err());
         assert_eq!(
             reason(&big),
             (tonic::Code::OutOfRange, "MESSAGE_TOO_LARGE".to_owned())

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{call_context, checked, encode_page_token, paging, timestamp, to_status};
+use super::status::to_status;
+use super::{call_context, checked, encode_page_token, paging, timestamp};
 use crate::audit::StoredEvent;
 use crate::proto;
 use crate::vault::{AuditFilters, AuditSubject, TimeBound, Vault};

@@ -1,7 +1,7 @@
 //! The many-records calls of `pdvault.v1.Vault`: `BatchGetRecords`, `BatchCreateRecords`
 //! and the `ExportRecords` stream. Proto ⇄ domain only; the decisions are the vault's
 //! (`vault/batch.rs`, `vault/export.rs`). A per-item error is the `google.rpc.Status` the
-//! single call would have failed with ([`super::to_status`]), details included.
+//! single call would have failed with ([`super::status::to_status`]), details included.
 
 use std::pin::Pin;
 
@@ -11,7 +11,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::{VaultService, identity_input, non_empty, record_message, release_level, to_status};
+use super::status::to_status;
+use super::{VaultService, identity_input, non_empty, record_message, release_level};
 use crate::proto;
 use crate::vault::{CreateItem, ExportItem, ExportRequest, Release, VaultError};
 

@@ -5,8 +5,9 @@
 //! truncated message, a wrong wire type, nesting past prost's recursion limit) with
 //! `INTERNAL`, which tells a client "the server is broken, retry" and sets off the
 //! operators' alarms for what is a malformed request. Here it is `INVALID_ARGUMENT` with
-//! ErrorInfo reason `MALFORMED_REQUEST`, like the framing errors the admission layer finds
-//! ([`super::admission`]). The message never quotes the bytes it could not decode.
+//! ErrorInfo reason `MALFORMED_REQUEST` ([`RequestError::Decode`]), like the framing errors
+//! the admission layer finds ([`super::admission`]). The message never quotes the bytes it
+//! could not decode.
 //!
 //! Generated clients use the same codec (tonic-prost-build takes one codec path), where the
 //! status means a response from the server did not decode.
@@ -17,19 +18,7 @@ use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::ProstEncoder;
 
-/// ErrorInfo reason of a request that is not a well-formed gRPC message.
-pub const MALFORMED_REQUEST: &str = "MALFORMED_REQUEST";
-
-/// `INVALID_ARGUMENT` / `MALFORMED_REQUEST` saying what was wrong with the framing or the
-/// encoding, never what was sent.
-pub fn malformed(what: &str) -> Status {
-    crate::telemetry::metrics::record_denial(MALFORMED_REQUEST);
-    super::error_info(
-        tonic::Code::InvalidArgument,
-        &format!("malformed request: {what}"),
-        MALFORMED_REQUEST,
-    )
-}
+use super::status::RequestError;
 
 /// prost encoding; decode failures are `INVALID_ARGUMENT`.
 #[derive(Debug, Clone)]
@@ -77,10 +66,9 @@ impl<U: prost::Message + Default> Decoder for StrictDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        // prost's error names the field path and the wire problem, never field values.
         U::decode(buf)
             .map(Some)
-            .map_err(|error| malformed(&error.to_string()))
+            .map_err(|error| RequestError::Decode(error).into())
     }
 
     fn buffer_settings(&self) -> BufferSettings {

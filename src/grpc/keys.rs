@@ -1,22 +1,24 @@
 //! The gRPC edge of key administration: `pdvault.v1.KeyManagement` over [`KeyAdmin`].
 //!
-//! Part of the gRPC layer, so it is where key and rewrap errors become `Status`, each with
-//! an ErrorInfo in domain `pdvault`. Messages carry versions and counts, never material.
+//! Key and rewrap errors become `Status` in [`super::status`], like every other error.
+//! Messages carry versions and counts, never material.
 
 use std::pin::Pin;
 
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
-use crate::grpc::{call_context, checked, error_info, timestamp, to_status, violation};
-use crate::keys::{KeyError, KeyKind, KeyVersionInfo, KeyVersionState};
+use crate::domain::Violation;
+use crate::grpc::status::to_status;
+use crate::grpc::{call_context, checked, timestamp};
+use crate::keys::{KeyKind, KeyVersionInfo, KeyVersionState};
 use crate::proto;
 use crate::proto::key_management_server::KeyManagement;
 use crate::vault::AuditSubject;
-use crate::vault::key_admin::{AdminError, KeyAdmin};
-use crate::vault::rewrap::{MAX_BATCH_SIZE, Progress, RewrapError};
+use crate::vault::key_admin::KeyAdmin;
+use crate::vault::rewrap::{MAX_BATCH_SIZE, Progress};
 
 /// `pdvault.v1.KeyManagement`.
 #[derive(Clone)]
@@ -43,8 +45,7 @@ impl KeyManagement for KeyManagementService {
         let (outcome, active) = self
             .admin
             .rotate(&ctx, KeyKind::Kek, (expected != 0).then_some(expected))
-            .await
-            .map_err(admin_status)?;
+            .await?;
         Ok(Response::new(proto::RotateKeyEncryptionKeyResponse {
             active: Some(key_version(active)),
             created: outcome.created,
@@ -60,8 +61,7 @@ impl KeyManagement for KeyManagementService {
         let (outcome, active) = self
             .admin
             .rotate(&ctx, KeyKind::Index, (expected != 0).then_some(expected))
-            .await
-            .map_err(admin_status)?;
+            .await?;
         Ok(Response::new(proto::RotateIndexKeyResponse {
             active: Some(key_version(active)),
             created: outcome.created,
@@ -77,9 +77,10 @@ impl KeyManagement for KeyManagementService {
         let ctx = call_context(self.admin.vault(), &request, "RewrapRecords").await?;
         let batch_size = request.into_inner().batch_size;
         let batch_size = if batch_size > MAX_BATCH_SIZE {
-            Err(vec![violation(
+            Err(vec![Violation::bounded(
                 "batch_size",
-                &format!("must be at most {MAX_BATCH_SIZE}"),
+                "must be at most {limit}",
+                MAX_BATCH_SIZE.into(),
             )])
         } else {
             Ok(batch_size)
@@ -104,7 +105,7 @@ impl KeyManagement for KeyManagementService {
             };
             let (result, ()) = tokio::join!(job, forward);
             if let Err(error) = result {
-                let _ = out.send(Err(admin_status(error))).await;
+                let _ = out.send(Err(Status::from(error))).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
@@ -115,7 +116,7 @@ impl KeyManagement for KeyManagementService {
         request: Request<proto::GetKeyStatusRequest>,
     ) -> Result<Response<proto::KeyStatus>, Status> {
         let ctx = call_context(self.admin.vault(), &request, "GetKeyStatus").await?;
-        let status = self.admin.status(&ctx).await.map_err(admin_status)?;
+        let status = self.admin.status(&ctx).await?;
         let (keks, index) = (status.kek, status.index);
         Ok(Response::new(proto::KeyStatus {
             active_version: keks.active_version,
@@ -151,11 +152,7 @@ impl KeyManagement for KeyManagementService {
         let ctx = call_context(self.admin.vault(), &request, "RetireKeyVersion").await?;
         let request = request.into_inner();
         let (version, kind) = (request.version, key_kind(request.kind()));
-        let info = self
-            .admin
-            .retire(&ctx, kind, version)
-            .await
-            .map_err(admin_status)?;
+        let info = self.admin.retire(&ctx, kind, version).await?;
         Ok(Response::new(key_version(info)))
     }
 
@@ -166,11 +163,7 @@ impl KeyManagement for KeyManagementService {
         let ctx = call_context(self.admin.vault(), &request, "DestroyKeyVersion").await?;
         let request = request.into_inner();
         let (version, kind) = (request.version, key_kind(request.kind()));
-        let info = self
-            .admin
-            .destroy(&ctx, kind, version)
-            .await
-            .map_err(admin_status)?;
+        let info = self.admin.destroy(&ctx, kind, version).await?;
         Ok(Response::new(key_version(info)))
     }
 
@@ -248,80 +241,5 @@ fn progress_message(progress: Progress) -> proto::RewrapProgress {
         reindexed: progress.index.moved as i64,
         index_failed: progress.index.failed as i64,
         index_remaining: progress.index.remaining,
-    }
-}
-
-fn admin_status(error: AdminError) -> Status {
-    match error {
-        AdminError::NotGranted(_) => error_info(
-            Code::PermissionDenied,
-            &error.to_string(),
-            "OPERATION_NOT_GRANTED",
-        ),
-        AdminError::Key(error) => key_status(&error),
-        AdminError::Vault(error) => to_status(error),
-        AdminError::AuditUnavailable => {
-            error_info(Code::Unavailable, &error.to_string(), "AUDIT_UNAVAILABLE")
-        }
-        AdminError::Rewrap(RewrapError::Key(error)) => key_status(&error),
-        AdminError::Rewrap(RewrapError::Store(error)) => {
-            to_status(crate::vault::VaultError::from(error))
-        }
-        AdminError::Rewrap(error @ (RewrapError::Failed { .. } | RewrapError::Stalled { .. })) => {
-            error_info(
-                Code::FailedPrecondition,
-                &error.to_string(),
-                "REWRAP_INCOMPLETE",
-            )
-        }
-        AdminError::Rewrap(RewrapError::Cancelled) => {
-            error_info(Code::Cancelled, "the rewrap job was cancelled", "CANCELLED")
-        }
-    }
-}
-
-/// The status of a key error, wherever it surfaced.
-pub(crate) fn key_status(error: &KeyError) -> Status {
-    let message = error.to_string();
-    match error {
-        KeyError::NoSuchVersion(_) => error_info(Code::NotFound, &message, "KEY_VERSION_NOT_FOUND"),
-        KeyError::WrongState { .. } => {
-            error_info(Code::FailedPrecondition, &message, "KEY_VERSION_STATE")
-        }
-        KeyError::InUse { .. } => {
-            error_info(Code::FailedPrecondition, &message, "KEY_VERSION_IN_USE")
-        }
-        KeyError::Destroyed { .. } => {
-            crate::telemetry::metrics::record_denial("KEY_VERSION_DESTROYED");
-            error_info(Code::FailedPrecondition, &message, "KEY_VERSION_DESTROYED")
-        }
-        KeyError::MaterialMissing { .. } | KeyError::IndexMaterialMissing { .. } => {
-            tracing::error!(error = %message, "key material unavailable");
-            error_info(Code::Unavailable, &message, "KEY_UNAVAILABLE")
-        }
-        KeyError::Crypto(crate::crypto::CryptoError::Integrity) => {
-            tracing::error!("a wrapped key failed authentication");
-            error_info(
-                Code::DataLoss,
-                "stored data failed authentication",
-                "CIPHERTEXT_INVALID",
-            )
-        }
-        KeyError::Store(cause) => {
-            tracing::error!(error = %cause, "storage failure");
-            error_info(
-                Code::Unavailable,
-                "storage unavailable",
-                "STORAGE_UNAVAILABLE",
-            )
-        }
-        KeyError::Keyring(_) | KeyError::Crypto(_) | KeyError::Hsm(_) | KeyError::SecretFile(_) => {
-            tracing::error!(error = %message, "key provider failure");
-            error_info(
-                Code::Unavailable,
-                "key provider unavailable",
-                "KEY_UNAVAILABLE",
-            )
-        }
     }
 }

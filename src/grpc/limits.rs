@@ -4,9 +4,9 @@
 //!
 //! The deadline is a tower layer around every gRPC service; the caps and rates are applied
 //! by the admission layer (`admission.rs`), which authenticates a call before it may take a
-//! slot. Both read them from [`LiveLimits`], which a policy reload replaces. Each answers
-//! with a proper gRPC status itself (`DEADLINE_EXCEEDED`, `UNAVAILABLE`,
-//! `RESOURCE_EXHAUSTED`) so clients can tell "retry later" from a bug.
+//! slot. Both read them from [`LiveLimits`], which a policy reload replaces. Each refusal is
+//! a [`LimitError`], answered with its own gRPC status (`DEADLINE_EXCEEDED`, `UNAVAILABLE`,
+//! `RESOURCE_EXHAUSTED`, made in `status.rs`) so clients can tell "retry later" from a bug.
 //! Shedding refuses at once instead of queueing: a queue in front of a saturated database
 //! only turns overload into timeouts for everyone. Caller buckets are keyed on names from
 //! configuration and peer buckets are pruned, so their memory stays bounded.
@@ -31,6 +31,27 @@ use crate::config::LimitsConfig;
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
+/// What the limits refuse a call for. Each becomes its gRPC status (code and ErrorInfo
+/// reason: `OVERLOADED`, `RATE_LIMITED`, `REQUEST_TIMEOUT`) in `status.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// Every slot of a cap is taken: shed at once rather than queue.
+    #[error("server is at its concurrency limit; retry with backoff")]
+    Overloaded,
+    /// The caller, or the address, already has its most calls in flight.
+    #[error("too many calls in flight from this caller or address; retry later")]
+    InFlight,
+    /// The caller spent its rate (`limits.caller_requests_per_minute`).
+    #[error("caller rate limit exceeded; retry later")]
+    CallerRate,
+    /// The address spent its rate of calls without a valid credential.
+    #[error("too many unauthenticated calls from this address; retry later")]
+    PeerRate,
+    /// The call ran past `limits.request_timeout_ms`.
+    #[error("the call exceeded the server's timeout")]
+    Timeout,
+}
+
 /// A cap on calls in flight: a call over the cap is refused with `UNAVAILABLE` at once.
 #[derive(Clone)]
 pub struct Permits {
@@ -45,15 +66,10 @@ impl Permits {
     }
 
     /// A slot, held until the permit is dropped, or the load-shedding refusal.
-    pub fn try_take(&self) -> Result<OwnedSemaphorePermit, Status> {
-        Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
-            crate::telemetry::metrics::record_denial("OVERLOADED");
-            with_reason(
-                tonic::Code::Unavailable,
-                "server is at its concurrency limit; retry with backoff",
-                "OVERLOADED",
-            )
-        })
+    pub fn try_take(&self) -> Result<OwnedSemaphorePermit, LimitError> {
+        Arc::clone(&self.permits)
+            .try_acquire_owned()
+            .map_err(|_| LimitError::Overloaded)
     }
 }
 
@@ -79,17 +95,11 @@ impl CallerInFlight {
 
     /// A slot for one more call of `caller`, held until dropped, or the refusal
     /// (`RESOURCE_EXHAUSTED` / `RATE_LIMITED`: the caller's own load, retry later).
-    pub fn try_take(&self, caller: &str) -> Result<CallerSlot, Status> {
+    pub fn try_take(&self, caller: &str) -> Result<CallerSlot, LimitError> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let count = held.entry(caller.to_owned()).or_insert(0);
         if self.max != 0 && *count >= self.max {
-            drop(held);
-            crate::telemetry::metrics::record_denial("RATE_LIMITED");
-            return Err(with_reason(
-                tonic::Code::ResourceExhausted,
-                "too many calls in flight from this caller or address; retry later",
-                "RATE_LIMITED",
-            ));
+            return Err(LimitError::InFlight);
         }
         *count += 1;
         Ok(CallerSlot {
@@ -178,12 +188,7 @@ where
                 Ok(response) => response,
                 Err(_) => {
                     tracing::warn!(timeout_ms = timeout.as_millis() as u64, "call timed out");
-                    Ok(with_reason(
-                        tonic::Code::DeadlineExceeded,
-                        "the call exceeded the server's timeout",
-                        "REQUEST_TIMEOUT",
-                    )
-                    .into_http())
+                    Ok(Status::from(LimitError::Timeout).into_http())
                 }
             }
         })
@@ -332,21 +337,6 @@ impl CallLimits {
     }
 }
 
-/// A status the layers answer with themselves, with its ErrorInfo reason (domain `pdvault`)
-/// like every other error of the service.
-fn with_reason(code: tonic::Code, message: &str, reason: &str) -> Status {
-    use tonic_types::{ErrorDetails, StatusExt};
-    Status::with_error_details(
-        code,
-        message,
-        ErrorDetails::with_error_info(
-            reason,
-            crate::grpc::ERROR_DOMAIN,
-            std::collections::HashMap::new(),
-        ),
-    )
-}
-
 /// The address a peer is counted under, for its rate bucket and its connection slots alike.
 /// An IPv6 address stands for its /64, the block one host usually holds, so a host cannot
 /// dodge a per-peer limit by walking its addresses; an IPv4-mapped IPv6 address is the IPv4
@@ -435,7 +425,7 @@ mod tests {
         let cap = CallerInFlight::new(2);
         let first = cap.try_take("claims").unwrap();
         let _second = cap.try_take("claims").unwrap();
-        let refused = cap.try_take("claims").err().unwrap();
+        let refused = Status::from(cap.try_take("claims").err().unwrap());
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         let _other = cap
             .try_take("login")
@@ -562,7 +552,7 @@ mod tests {
         use tower::ServiceExt;
         let permits = Permits::new(1);
         let taken = permits.try_take().unwrap();
-        let shed = permits.try_take().unwrap_err();
+        let shed = Status::from(permits.try_take().unwrap_err());
         assert_eq!(shed.code(), tonic::Code::Unavailable);
         assert_eq!(
             reason_of(&shed.into_http()),

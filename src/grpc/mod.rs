@@ -1,11 +1,10 @@
 //! The gRPC edge: authenticates each call, turns protobuf messages into domain input, calls
-//! [`crate::vault::Vault`], and maps its errors to `Status`.
+//! [`crate::vault::Vault`], and answers its errors as `Status`.
 //!
-//! This is the only layer that knows about tonic. It is also the only place errors become
-//! `Status`, each with the richer error model's details: every error carries a
-//! `google.rpc.ErrorInfo` (domain `pdvault`) whose reason clients can switch on, and bad
-//! input also a `google.rpc.BadRequest` naming every bad field. Messages name fields and
-//! reasons, never values.
+//! This is the only layer that knows about tonic. Errors become `Status` in one place,
+//! [`status`], each with the richer error model's details (a `google.rpc.ErrorInfo` whose
+//! reason clients can switch on, and for bad input a `google.rpc.BadRequest` naming every bad
+//! field). Messages name fields and reasons, never values.
 //!
 //! Requests the layer refuses before the vault sees them (an unknown enum value, a bad page
 //! token, a malformed `x-request-id`) are audited like every other refusal ([`refuse`]).
@@ -17,14 +16,13 @@ pub mod admission;
 pub mod codec;
 pub mod keys;
 pub mod limits;
+pub mod status;
 pub mod tls;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use data_encoding::BASE64URL_NOPAD;
-use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+use tonic::{Request, Response, Status};
 
 mod account;
 mod audit;
@@ -40,11 +38,7 @@ use crate::proto;
 use crate::store::{Micros, RecordMeta};
 use crate::vault::accounts::{AccountStatus, ConsentRequest, Guardian, Relationship};
 use crate::vault::{AuditSubject, CallContext, LookupKey, Vault, VaultError};
-
-/// ErrorInfo domain for every error this service raises.
-pub const ERROR_DOMAIN: &str = "pdvault";
-/// ErrorInfo reason of `INVALID_ARGUMENT` beside its BadRequest.
-pub const FIELD_INVALID: &str = "FIELD_INVALID";
+use status::{RequestError, to_status};
 
 /// `pdvault.v1.Vault` over a shared [`Vault`]. Rate limits are the admission layer's, as
 /// for every service.
@@ -147,7 +141,7 @@ pub(crate) async fn checked<T>(
 pub(crate) fn authenticate<T>(
     vault: &Vault,
     request: &Request<T>,
-) -> Result<(Arc<Policy>, Arc<Caller>), Status> {
+) -> Result<(Arc<Policy>, Arc<Caller>), RequestError> {
     let policy = vault.policy();
     let authorization = request
         .metadata()
@@ -169,7 +163,7 @@ pub(crate) fn identify(
     policy: &Policy,
     authorization: Option<&str>,
     leaf_certificate: Option<&[u8]>,
-) -> Result<Arc<Caller>, Status> {
+) -> Result<Arc<Caller>, RequestError> {
     let token = authorization
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim)
@@ -178,7 +172,7 @@ pub(crate) fn identify(
         Some(token) => Some(
             policy
                 .authenticate(token)
-                .ok_or_else(|| unauthenticated("invalid bearer token", "INVALID_TOKEN"))?,
+                .ok_or(RequestError::InvalidToken)?,
         ),
         None => None,
     };
@@ -187,35 +181,17 @@ pub(crate) fn identify(
     let by_certificate =
         match certificate.map(|identity| policy.authenticate_certificate(&identity)) {
             Some(CertificateMatch::Caller(caller)) => Some(caller),
-            Some(CertificateMatch::Ambiguous) => {
-                return Err(unauthenticated(
-                    "client certificate names more than one caller",
-                    "CERTIFICATE_AMBIGUOUS",
-                ));
-            }
+            Some(CertificateMatch::Ambiguous) => return Err(RequestError::CertificateAmbiguous),
             Some(CertificateMatch::Unmapped) | None => None,
         };
     let caller = match (by_token, by_certificate) {
         (Some(token), Some(certificate)) if token.name != certificate.name => {
-            return Err(unauthenticated(
-                "bearer token and client certificate name different callers",
-                "CALLER_MISMATCH",
-            ));
+            return Err(RequestError::CallerMismatch);
         }
         (Some(caller), _) | (None, Some(caller)) => caller,
-        (None, None) => {
-            return Err(unauthenticated(
-                "missing bearer token or mapped client certificate",
-                "UNAUTHENTICATED",
-            ));
-        }
+        (None, None) => return Err(RequestError::Unauthenticated),
     };
     Ok(caller)
-}
-
-fn unauthenticated(message: &str, reason: &'static str) -> Status {
-    crate::telemetry::metrics::record_denial(reason);
-    error_info(Code::Unauthenticated, message, reason)
 }
 
 #[tonic::async_trait]
@@ -563,11 +539,8 @@ pub(crate) fn non_empty(value: String) -> Option<String> {
     (!value.is_empty()).then_some(value)
 }
 
-pub(crate) fn violation(field: &str, reason: &str) -> Violation {
-    Violation {
-        field: field.to_owned(),
-        reason: reason.to_owned(),
-    }
+pub(crate) fn violation(field: &str, reason: &'static str) -> Violation {
+    Violation::at(field, reason)
 }
 
 /// Keyset cursors travel as opaque page tokens: base64url of "<micros>:<id>".
@@ -624,83 +597,9 @@ pub(crate) fn paging(
     }
 }
 
-pub(crate) fn error_info(code: Code, message: &str, reason: &str) -> Status {
-    Status::with_error_details(
-        code,
-        message,
-        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new()),
-    )
-}
-
-/// The one place a domain error becomes a gRPC status.
-pub fn to_status(error: VaultError) -> Status {
-    use VaultError as E;
-    let (code, reason) = match &error {
-        E::InvalidArgument(violations) => {
-            let mut details = ErrorDetails::with_bad_request(
-                violations
-                    .iter()
-                    .map(|v| FieldViolation::new(v.field.clone(), v.reason.clone()))
-                    .collect::<Vec<_>>(),
-            );
-            details.set_error_info(FIELD_INVALID, ERROR_DOMAIN, HashMap::new());
-            return Status::with_error_details(Code::InvalidArgument, error.to_string(), details);
-        }
-        E::OperationNotGranted(_) => (Code::PermissionDenied, "OPERATION_NOT_GRANTED"),
-        E::PurposeNotGranted => (Code::PermissionDenied, "PURPOSE_NOT_GRANTED"),
-        E::RecordDeleted => (Code::FailedPrecondition, "RECORD_DELETED"),
-        E::AccountSuspended => (Code::FailedPrecondition, "ACCOUNT_SUSPENDED"),
-        E::GuardianConsentRequired => (Code::FailedPrecondition, "GUARDIAN_CONSENT_REQUIRED"),
-        E::GuardianNotAdult => (Code::FailedPrecondition, "GUARDIAN_NOT_ADULT"),
-        E::NotAMinor => (Code::FailedPrecondition, "NOT_A_MINOR"),
-        E::ExportNotAllowed => (Code::PermissionDenied, "EXPORT_NOT_ALLOWED"),
-        E::ExportChanged => (Code::FailedPrecondition, "EXPORT_CHANGED"),
-        E::NotFound => (Code::NotFound, "RECORD_NOT_FOUND"),
-        E::DuplicateIdentity => (Code::AlreadyExists, "DUPLICATE_IDENTITY"),
-        E::EtagMismatch => (Code::Aborted, "ETAG_MISMATCH"),
-        E::AuditUnavailable => (Code::Unavailable, "AUDIT_UNAVAILABLE"),
-        E::DataLoss => {
-            tracing::error!("a stored ciphertext failed authentication");
-            (Code::DataLoss, "CIPHERTEXT_INVALID")
-        }
-        E::Storage(cause) => {
-            tracing::error!(error = %cause, "storage failure");
-            return error_info(
-                Code::Unavailable,
-                "storage unavailable",
-                "STORAGE_UNAVAILABLE",
-            );
-        }
-        E::Internal(cause) => {
-            tracing::error!(error = %cause, "internal error");
-            return internal();
-        }
-        E::Key(cause) => return keys::key_status(cause),
-    };
-    if matches!(code, Code::PermissionDenied | Code::FailedPrecondition) {
-        crate::telemetry::metrics::record_denial(reason);
-    }
-    error_info(code, &error.to_string(), reason)
-}
-
-/// `INTERNAL`, with its reason: the cause is logged, never returned.
-pub(crate) fn internal() -> Status {
-    error_info(Code::Internal, "internal error", "INTERNAL")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn reason_of(status: &Status) -> String {
-        status
-            .get_details_error_info()
-            .map(|info| {
-                assert_eq!(info.domain, ERROR_DOMAIN);
-                info.reason
-            })
-            .unwrap_or_default()
-    }
 
     /// Page tokens are unpadded base64url (RFC 4648, section 5) as the `base64` crate wrote
     /// them before `data-encoding` took its place: a token a client holds across an upgrade
@@ -722,51 +621,5 @@ mod tests {
             let violation = decode_page_token(refused).unwrap_err();
             assert_eq!(violation.field, "page_token", "{refused}");
         }
-    }
-
-    #[test]
-    fn every_vault_error_becomes_a_status_with_a_reason() {
-        use crate::keys::KeyError;
-        let errors = [
-            VaultError::InvalidArgument(vec![violation("record_id", "is required")]),
-            VaultError::OperationNotGranted("GetRecord"),
-            VaultError::PurposeNotGranted,
-            VaultError::NotFound,
-            VaultError::RecordDeleted,
-            VaultError::DuplicateIdentity,
-            VaultError::EtagMismatch,
-            VaultError::AccountSuspended,
-            VaultError::GuardianConsentRequired,
-            VaultError::GuardianNotAdult,
-            VaultError::NotAMinor,
-            VaultError::ExportNotAllowed,
-            VaultError::ExportChanged,
-            VaultError::DataLoss,
-            VaultError::AuditUnavailable,
-            VaultError::Storage(crate::store::StoreError::NotFound),
-            VaultError::Key(KeyError::NoSuchVersion(3)),
-            VaultError::Internal("a bug".into()),
-        ];
-        for error in errors {
-            let described = format!("{error:?}");
-            let status = to_status(error);
-            assert!(!reason_of(&status).is_empty(), "{described}: {status:?}");
-        }
-        let internal = to_status(VaultError::Internal("secret cause".into()));
-        assert_eq!(internal.code(), Code::Internal);
-        assert_eq!(reason_of(&internal), "INTERNAL");
-        assert!(!internal.message().contains("secret cause"));
-        let invalid = to_status(VaultError::InvalidArgument(vec![violation(
-            "purpose", "bad",
-        )]));
-        assert_eq!(reason_of(&invalid), FIELD_INVALID);
-        let fields: Vec<String> = invalid
-            .get_details_bad_request()
-            .unwrap()
-            .field_violations
-            .into_iter()
-            .map(|v| v.field)
-            .collect();
-        assert_eq!(fields, ["purpose"]);
     }
 }

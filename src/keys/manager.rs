@@ -53,6 +53,22 @@ impl KeyKind {
     }
 }
 
+/// What the PKCS#11 provider (`pkcs11.rs`) fails with, besides a KEK the module does not
+/// hold ([`KeyError::MaterialMissing`]) and a refused unwrap ([`CryptoError::Integrity`]).
+/// Defined here, beside [`KeyError`], so that `keys` need not import the provider.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    /// The module's own error (device, session, memory, mechanism).
+    #[error("{0}")]
+    Module(#[source] cryptoki::error::Error),
+    #[error("no token labelled {0}")]
+    NoToken(String),
+    #[error("the module's KEKs are AES-256: SM4 data keys are wrapped by the local provider")]
+    Sm4DataKey,
+    #[error("the module returned a wrap of unexpected length")]
+    WrapLength,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("keyring: {0}")]
@@ -79,7 +95,7 @@ pub enum KeyError {
     #[error("key version {version} still wraps (or indexes) {records} records; rewrap them first")]
     InUse { version: u32, records: i64 },
     #[error("hardware security module: {0}")]
-    Hsm(String),
+    Hsm(#[from] HsmError),
     #[error("hardware security module: {0}")]
     SecretFile(#[from] super::SecretFileError),
     /// The version that wrapped this data key is destroyed: what it wrapped stays shut, on

@@ -79,7 +79,8 @@ pub mod pkcs11;
 pub use index::{IndexKeyPair, IndexKeys};
 pub use local::LocalKekProvider;
 pub use manager::{
-    KeyError, KeyKind, KeyManager, KeyStatus, KeyVersionInfo, KeyVersionState, RotateOutcome,
+    HsmError, KeyError, KeyKind, KeyManager, KeyStatus, KeyVersionInfo, KeyVersionState,
+    RotateOutcome,
 };
 
 /// Holds KEK material and performs wrap and unwrap with it. Implementations are
@@ -123,6 +124,12 @@ pub enum KeyringError {
     },
     #[error("keyring file {path} is malformed: {reason}")]
     Malformed { path: PathBuf, reason: String },
+    /// The file is not the keyring's JSON, or the keyring could not be written as JSON.
+    #[error("keyring file {path} is malformed: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("keyring file {path} is readable by group or others (mode {mode:o}); chmod 600 it")]
     Permissions { path: PathBuf, mode: u32 },
     #[error(transparent)]
@@ -179,7 +186,10 @@ impl Keyring {
             reason,
         };
         let mut file: KeyringFile =
-            serde_json::from_str(&text).map_err(|e| malformed(format!("{e}")))?;
+            serde_json::from_str(&text).map_err(|source| KeyringError::Json {
+                path: path.to_owned(),
+                source,
+            })?;
         file.upgrade().map_err(malformed)?;
         let mut keks = BTreeMap::new();
         for entry in &file.keks {
@@ -408,10 +418,10 @@ fn write_new_keyring(path: &Path) -> Result<(), KeyringError> {
         index_keys: vec![new_index_entry(1)?],
         audit_signing_key: encode_key(&SecretKey::generate()?),
     };
-    let json = Zeroizing::new(serde_json::to_string_pretty(&file).map_err(|e| {
-        KeyringError::Malformed {
+    let json = Zeroizing::new(serde_json::to_string_pretty(&file).map_err(|source| {
+        KeyringError::Json {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source,
         }
     })?);
     write_private_file(path, json.as_bytes()).map_err(|source| KeyringError::Io {
@@ -505,13 +515,16 @@ fn edit_keyring_file(
         reason,
     };
     let mut file: KeyringFile =
-        serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|source| KeyringError::Json {
+            path: path.to_owned(),
+            source,
+        })?;
     file.upgrade().map_err(malformed)?;
     change(&mut file)?;
-    let json = Zeroizing::new(serde_json::to_string_pretty(&file).map_err(|e| {
-        KeyringError::Malformed {
+    let json = Zeroizing::new(serde_json::to_string_pretty(&file).map_err(|source| {
+        KeyringError::Json {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source,
         }
     })?);
     let temporary = path.with_extension("json.tmp");

@@ -67,7 +67,7 @@ use crate::crypto::{
     CryptoError, DataKey, SecretKey, Suite, WrappedBody, kw_open, kw_plaintext, random_nonce,
     split_wrapped, wrap_aad, wrap_header, wrap_header_gcm,
 };
-use crate::keys::{KekProvider, KeyError};
+use crate::keys::{HsmError, KekProvider, KeyError};
 
 /// The KEK id wrapped keys carry when this provider wrapped them.
 pub const HSM_KEY_ID: &str = "hsm";
@@ -92,7 +92,7 @@ fn module(path: &Path) -> Result<Pkcs11, KeyError> {
 }
 
 fn hsm_error(error: Pkcs11Error) -> KeyError {
-    KeyError::Hsm(error.to_string())
+    KeyError::Hsm(HsmError::Module(error))
 }
 
 /// The calls into a module that the provider makes, by KEK version. Implementations map a
@@ -195,10 +195,7 @@ impl KekProvider for Pkcs11KekProvider {
 
     fn wrap(&self, version: u32, dek: &DataKey, record_id: &str) -> Result<Vec<u8>, KeyError> {
         if dek.suite() != Suite::Aes256GcmHmacSha256 {
-            return Err(KeyError::Hsm(
-                "the module's KEKs are AES-256: SM4 data keys are wrapped by the local provider"
-                    .into(),
-            ));
+            return Err(HsmError::Sm4DataKey.into());
         }
         let out = if self.wraps_with_kw(version)? {
             let mut out = wrap_header(dek.suite(), HSM_KEY_ID, version)?;
@@ -218,8 +215,7 @@ impl KekProvider for Pkcs11KekProvider {
             out
         };
         // What the module returned must have the layout unwrapping expects.
-        split_wrapped(&out)
-            .map_err(|_| KeyError::Hsm("the module returned a wrap of unexpected length".into()))?;
+        split_wrapped(&out).map_err(|_| HsmError::WrapLength)?;
         Ok(out)
     }
 
@@ -362,7 +358,7 @@ impl Pkcs11Module {
                     .get_token_info(*slot)
                     .is_ok_and(|info| info.label().trim_end() == config.token_label)
             })
-            .ok_or_else(|| KeyError::Hsm(format!("no token labelled {}", config.token_label)))?;
+            .ok_or_else(|| HsmError::NoToken(config.token_label.clone()))?;
         let pin = read_pin(&config.pin_file)?;
         let kw_mechanism = pkcs11
             .get_mechanism_info(slot, MechanismType::AES_KEY_WRAP)
@@ -955,7 +951,7 @@ mod tests {
         let dek = DataKey::generate_for(Suite::Sm4GcmHmacSm3).unwrap();
         assert!(matches!(
             provider.wrap(1, &dek, "r1"),
-            Err(KeyError::Hsm(_))
+            Err(KeyError::Hsm(HsmError::Sm4DataKey))
         ));
     }
 

@@ -69,8 +69,12 @@ pub enum StoreError {
     PostgresMigration(#[from] sqlx::migrate::MigrateError),
     #[error("SQLite migration failed: {0}")]
     SqliteMigration(#[from] MigrationError),
+    /// What is wrong with a row, by column, id or version: never a stored value.
     #[error("stored data is malformed: {0}")]
     Corrupt(String),
+    /// A value to be stored (a checkpoint's heads) could not be encoded as JSON.
+    #[error("cannot encode a value to store: {0}")]
+    Encode(#[source] serde_json::Error),
     /// The key version a write wrapped under is no longer the active one: another instance
     /// rotated. The caller refreshes its view of the active version and retries.
     #[error("key version {0} is no longer active")]

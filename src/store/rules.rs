@@ -232,11 +232,10 @@ pub(crate) struct CheckpointParams {
 
 impl CheckpointParams {
     pub(crate) fn of(checkpoint: &Checkpoint) -> Result<CheckpointParams, StoreError> {
-        let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
         let link = checkpoint.link.as_ref();
         Ok(CheckpointParams {
             created_at: checkpoint.created_at,
-            heads: serde_json::to_string(&checkpoint.heads).map_err(corrupt)?,
+            heads: serde_json::to_string(&checkpoint.heads).map_err(StoreError::Encode)?,
             signature: checkpoint.signature.clone(),
             format: i32::from(checkpoint.format()),
             signer: link.map(|link| link.signer.clone()),
@@ -246,7 +245,7 @@ impl CheckpointParams {
             closed: link
                 .map(|link| serde_json::to_string(&link.closed))
                 .transpose()
-                .map_err(corrupt)?,
+                .map_err(StoreError::Encode)?,
         })
     }
 }

@@ -36,7 +36,7 @@ use crate::domain::edge::{
     FreeText, MAX_NOTE_BYTES, MAX_POLICY_VERSION_BYTES, MAX_REFERENCE_BYTES,
     MIN_JUSTIFICATION_CHARS, RecordId,
 };
-use crate::domain::{FieldName, Identity, IdentityInput, Violation};
+use crate::domain::{FieldName, Identity, IdentityInput};
 use crate::keys::IndexKeyPair;
 use crate::policy::{Grant, PolicyError, Purpose, ReleaseLevel, Rpc};
 use crate::store::{AccountEventRow, AccountState, ConsentRow, Micros};
@@ -568,7 +568,7 @@ impl Vault {
                 (Some(guardian_id.into_string()), None)
             }
             (Guardian::Record(_), None) => {
-                return Err(VaultError::Internal("guardian record id not parsed".into()));
+                return Err(VaultError::Internal("guardian record id not parsed"));
             }
             (Guardian::Identity(input), None) => {
                 let sealed = self
@@ -660,9 +660,9 @@ impl Vault {
             VaultError::InvalidArgument(
                 violations
                     .into_iter()
-                    .map(|v| Violation {
-                        field: format!("guardian_identity.{}", v.field),
-                        reason: v.reason,
+                    .map(|v| {
+                        let field = format!("guardian_identity.{}", v.field);
+                        v.moved_to(field)
                     })
                     .collect(),
             )
@@ -699,9 +699,8 @@ impl Vault {
             })
             .map(|(field, value)| (field.as_str().to_owned(), value))
             .collect();
-        let plaintext = zeroize::Zeroizing::new(
-            serde_json::to_vec(&canonical).map_err(|e| VaultError::Internal(e.to_string()))?,
-        );
+        let plaintext =
+            zeroize::Zeroizing::new(serde_json::to_vec(&canonical).map_err(VaultError::Encode)?);
         let dek = self.keys.unwrap(minor_wrapped_key, minor_id).await?;
         Ok(dek.seal_field(minor_id, &guardian_field(consent_id), &plaintext)?)
     }

@@ -193,7 +193,7 @@ impl Vault {
         self.write_batch(ctx, pending, &mut results).await;
         let answered = join_all(results.into_iter().enumerate().map(|(i, result)| {
             let result = result
-                .unwrap_or(Err(VaultError::Internal("batch item lost".into())))
+                .unwrap_or(Err(VaultError::Internal("batch item lost")))
                 .map_err(|error| item_error(i, error));
             self.audited(ctx, AuditSubject::new(rpc.as_str()), result)
         }))
@@ -283,10 +283,12 @@ impl Vault {
         if len == 0 {
             Err(violation(field, "must name at least one item"))
         } else if len > max {
-            Err(violation(
+            Err(Violation::bounded(
                 field,
-                &format!("must name at most {max} items (limits.max_batch_size)"),
-            ))
+                "must name at most {limit} items (limits.max_batch_size)",
+                max as u64,
+            )
+            .into())
         } else {
             Ok(())
         }
@@ -318,8 +320,8 @@ fn item_error(index: usize, error: VaultError) -> VaultError {
         VaultError::InvalidArgument(violations) => VaultError::InvalidArgument(
             violations
                 .into_iter()
-                .map(|v| Violation {
-                    field: if FieldName::parse(&v.field).is_some() || v.field == "identity" {
+                .map(|v| {
+                    let field = if FieldName::parse(&v.field).is_some() || v.field == "identity" {
                         let path = v.field.strip_prefix("identity").unwrap_or(&v.field);
                         if path.is_empty() {
                             format!("requests[{index}].identity")
@@ -328,8 +330,8 @@ fn item_error(index: usize, error: VaultError) -> VaultError {
                         }
                     } else {
                         format!("requests[{index}].{}", v.field)
-                    },
-                    reason: v.reason,
+                    };
+                    v.moved_to(field)
                 })
                 .collect(),
         ),

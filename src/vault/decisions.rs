@@ -172,7 +172,11 @@ pub fn refusal_reason(error: &VaultError) -> (&'static str, String) {
         VaultError::NotAMinor => ("DENIED", "NOT_A_MINOR".into()),
         VaultError::ExportNotAllowed => ("DENIED", "EXPORT_NOT_ALLOWED".into()),
         VaultError::ExportChanged => ("DENIED", "EXPORT_CHANGED".into()),
-        VaultError::Storage(_) | VaultError::Internal(_) => ("ERROR", "INTERNAL".into()),
+        VaultError::Storage(_)
+        | VaultError::Crypto(_)
+        | VaultError::Task(_)
+        | VaultError::Encode(_)
+        | VaultError::Internal(_) => ("ERROR", "INTERNAL".into()),
         VaultError::Key(KeyError::Destroyed { .. }) => ("DENIED", "KEY_VERSION_DESTROYED".into()),
         VaultError::Key(_) => ("ERROR", "KEY_UNAVAILABLE".into()),
     }

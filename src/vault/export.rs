@@ -244,7 +244,7 @@ impl Vault {
             let (state, resumed) = if request.resume_cursor.is_empty() {
                 let mut export_id = [0u8; 16];
                 getrandom::fill(&mut export_id)
-                    .map_err(|_| VaultError::Internal("random number generator failed".into()))?;
+                    .map_err(|_| VaultError::Crypto(crate::crypto::CryptoError::Random))?;
                 let state = CursorState {
                     export_id,
                     as_of: self.now_micros(),
@@ -471,7 +471,7 @@ impl Vault {
         let mut quasi: [Option<String>; QUASI_IDENTIFIERS.len()] = Default::default();
         for sealed in &stored.fields {
             let field = FieldName::parse(&sealed.field)
-                .ok_or_else(|| VaultError::Internal("stored field has an unknown name".into()))?;
+                .ok_or_else(|| VaultError::Internal("stored field has an unknown name"))?;
             let level = purpose.level(field);
             let slot = QUASI_IDENTIFIERS
                 .iter()

@@ -186,12 +186,17 @@ fn reseal(
 
 /// The violation a refused retention period becomes.
 pub(super) fn retention_violation(error: RetentionError) -> VaultError {
-    let reason = match error {
+    const FIELD: &str = "retention_days";
+    match error {
         RetentionError::CallerRetentionDisabled => {
-            "may not be set: no retention limit is configured".to_owned()
+            violation(FIELD, "may not be set: no retention limit is configured")
         }
-        RetentionError::OutOfRange { max } => format!("must be between 1 and {max} days"),
-        RetentionError::UnknownIdType(_) => "is not valid".to_owned(),
-    };
-    violation("retention_days", &reason)
+        RetentionError::OutOfRange { max } => crate::domain::Violation::bounded(
+            FIELD,
+            "must be between 1 and {limit} days",
+            max.into(),
+        )
+        .into(),
+        RetentionError::UnknownIdType(_) => violation(FIELD, "is not valid"),
+    }
 }

@@ -107,11 +107,22 @@ pub enum VaultError {
     #[error("the audit trail cannot be written; nothing is released")]
     AuditUnavailable,
     #[error("storage unavailable: {0}")]
-    Storage(StoreError),
+    Storage(#[source] StoreError),
     #[error("keys: {0}")]
-    Key(KeyError),
+    Key(#[source] KeyError),
+    /// A cipher or the random number generator failed; a stored ciphertext that does not
+    /// authenticate is [`VaultError::DataLoss`] instead.
+    #[error("crypto: {0}")]
+    Crypto(#[source] CryptoError),
+    /// A blocking task the call waited for panicked or was cancelled.
+    #[error("a blocking task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    /// A value the vault builds itself could not be encoded.
+    #[error("encoding: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// A bug: something the code relies on did not hold. Says what, never a value.
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(&'static str),
 }
 
 impl From<StoreError> for VaultError {
@@ -146,7 +157,7 @@ impl From<CryptoError> for VaultError {
     fn from(error: CryptoError) -> VaultError {
         match error {
             CryptoError::Integrity => VaultError::DataLoss,
-            other => VaultError::Internal(other.to_string()),
+            other => VaultError::Crypto(other),
         }
     }
 }
@@ -154,16 +165,13 @@ impl From<CryptoError> for VaultError {
 fn describe_violations(violations: &[Violation]) -> String {
     violations
         .iter()
-        .map(|v| format!("{}: {}", v.field, v.reason))
+        .map(Violation::to_string)
         .collect::<Vec<_>>()
         .join("; ")
 }
 
-pub(crate) fn violation(field: &str, reason: &str) -> VaultError {
-    VaultError::InvalidArgument(vec![Violation {
-        field: field.to_owned(),
-        reason: reason.to_owned(),
-    }])
+pub(crate) fn violation(field: &str, reason: &'static str) -> VaultError {
+    VaultError::InvalidArgument(vec![Violation::at(field, reason)])
 }
 
 /// Wall-clock time, injectable so tests can stand on any date.
@@ -440,8 +448,7 @@ pub(crate) fn non_empty(value: &str) -> Option<String> {
 
 pub(crate) fn random_token() -> Result<String, VaultError> {
     let mut bytes = Zeroizing::new([0u8; 16]);
-    getrandom::fill(bytes.as_mut())
-        .map_err(|_| VaultError::Internal("random number generator failed".into()))?;
+    getrandom::fill(bytes.as_mut()).map_err(|_| VaultError::Crypto(CryptoError::Random))?;
     Ok(data_encoding::BASE32_NOPAD
         .encode(bytes.as_ref())
         .to_lowercase())

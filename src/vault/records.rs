@@ -130,7 +130,7 @@ impl Vault {
             ));
         }
         let record_id = RecordId::generate()
-            .map_err(|_| VaultError::Internal("random number generator failed".into()))?
+            .map_err(|_| VaultError::Crypto(crate::crypto::CryptoError::Random))?
             .into_string();
         let dek = self.keys.generate_data_key()?;
         let fields = seal_all(&dek, &record_id, &identity.canonical_fields())?;
@@ -286,7 +286,7 @@ impl Vault {
         let mut fields = Vec::new();
         for sealed in &stored.fields {
             let field = FieldName::parse(&sealed.field)
-                .ok_or_else(|| VaultError::Internal("stored field has an unknown name".into()))?;
+                .ok_or_else(|| VaultError::Internal("stored field has an unknown name"))?;
             let level = purpose.level(field);
             if level == ReleaseLevel::None || !wanted.is_none_or(|w| w.contains(&field)) {
                 continue;
@@ -367,10 +367,12 @@ impl Vault {
             check_text("policy_version", version, MAX_POLICY_VERSION_BYTES)?;
         }
         if mask.len() > MAX_LISTED_FIELDS {
-            return Err(violation(
+            return Err(crate::domain::Violation::bounded(
                 "update_mask",
-                &format!("must name at most {MAX_LISTED_FIELDS} fields"),
-            ));
+                "must name at most {limit} fields",
+                MAX_LISTED_FIELDS as u64,
+            )
+            .into());
         }
         self.authorize(ctx, Rpc::UpdateRecord)?;
         // Accepting a new policy version alone is an update with nothing else to replace.
@@ -397,7 +399,7 @@ impl Vault {
         let mut current = Vec::with_capacity(stored.fields.len());
         for sealed in &stored.fields {
             let field = FieldName::parse(&sealed.field)
-                .ok_or_else(|| VaultError::Internal("stored field has an unknown name".into()))?;
+                .ok_or_else(|| VaultError::Internal("stored field has an unknown name"))?;
             let plaintext = dek.open_field(record_id, &sealed.field, &sealed.ciphertext)?;
             let value = String::from_utf8(plaintext.to_vec()).map_err(|_| VaultError::DataLoss)?;
             current.push((field, value));
@@ -524,12 +526,12 @@ impl Vault {
                 let id_type =
                     id_type.ok_or_else(|| violation("document.id_type", "is required"))?;
                 let document = IdDocument::parse(id_type, &id_number, today)
-                    .map_err(|reason| violation("document.id_number", &reason))?;
+                    .map_err(|reason| violation("document.id_number", reason))?;
                 self.find_by_document(&document).await?
             }
             LookupKey::Phone(raw) => {
                 let phone =
-                    PhoneNumber::parse(&raw).map_err(|reason| violation("phone", &reason))?;
+                    PhoneNumber::parse(&raw).map_err(|reason| violation("phone", reason))?;
                 self.find_indexed(IndexedKey::Phone, |key| key.phone(phone.e164()))
                     .await?
             }
@@ -554,7 +556,7 @@ impl Vault {
         let live = self.keys.live_index_keys()?;
         let ((version, active), others) = live
             .split_first()
-            .ok_or_else(|| VaultError::Internal("no live index version".into()))?;
+            .ok_or_else(|| VaultError::Internal("no live index version"))?;
         let document = |key: &BlindIndexKey| {
             identity
                 .id_document()
@@ -595,7 +597,7 @@ impl Vault {
             .map(|(_, keys)| keys.blind_index.fingerprint(&parts));
         let fingerprint = fingerprints
             .next()
-            .ok_or_else(|| VaultError::Internal("no live index version".into()))?;
+            .ok_or_else(|| VaultError::Internal("no live index version"))?;
         Ok(CreateRequestKey {
             caller: ctx.caller.name.clone(),
             request_id: request_id.to_owned(),
@@ -784,10 +786,12 @@ pub(super) fn requested_fields(
         return Ok(None);
     }
     if requested.len() > MAX_LISTED_FIELDS {
-        return Err(violation(
+        return Err(crate::domain::Violation::bounded(
             "fields",
-            &format!("must name at most {MAX_LISTED_FIELDS} fields"),
-        ));
+            "must name at most {limit} fields",
+            MAX_LISTED_FIELDS as u64,
+        )
+        .into());
     }
     requested
         .iter()
@@ -917,9 +921,11 @@ fn derived_fields_follow_the_document(
         let refused: Vec<_> = DERIVED
             .into_iter()
             .filter(|field| replaced.contains(field) && carried_before.carries(*field))
-            .map(|field| crate::domain::Violation {
-                field: field.as_str().to_owned(),
-                reason: "is derived from id_number; update id_number instead".to_owned(),
+            .map(|field| {
+                crate::domain::Violation::new(
+                    field,
+                    "is derived from id_number; update id_number instead",
+                )
             })
             .collect();
         return if refused.is_empty() {

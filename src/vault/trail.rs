@@ -109,7 +109,7 @@ impl Vault {
                         Witness::read(&path).unwrap_or_else(|error| Witness::unreadable(&error))
                     })
                     .await
-                    .map_err(|e| VaultError::Internal(e.to_string()))?,
+                    .map_err(VaultError::Task)?,
                 ),
                 None => None,
             };
@@ -200,16 +200,13 @@ fn optional(
 /// Microseconds since the epoch of a wire timestamp, if it is a real instant.
 pub(crate) fn micros(field: &str, bound: TimeBound) -> Result<Micros, Violation> {
     if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&bound.seconds) {
-        return Err(Violation {
-            field: field.to_owned(),
-            reason: "must be between the years 1 and 9999".to_owned(),
-        });
+        return Err(Violation::at(field, "must be between the years 1 and 9999"));
     }
     if !(0..1_000_000_000).contains(&bound.nanos) {
-        return Err(Violation {
-            field: field.to_owned(),
-            reason: "nanos must be between 0 and 999999999".to_owned(),
-        });
+        return Err(Violation::at(
+            field,
+            "nanos must be between 0 and 999999999",
+        ));
     }
     // In range by the checks above: |seconds| < 2^38, so the product fits in an i64.
     Ok(bound.seconds * 1_000_000 + i64::from(bound.nanos) / 1_000)
