@@ -1,10 +1,10 @@
-//! The test suite's check of the machine (`tests/support/environment.rs`), compiled into the
+//! The test suite's check of the machine (`tests/it/support/environment.rs`), compiled into the
 //! library's unit-test binary: `cargo test` runs this binary first, so on a machine that
 //! lacks a component the check's one sentence is the first thing the run prints. The check's
-//! own tests live here rather than in that file so they run once, not in every
-//! integration-test binary.
+//! own tests live here rather than in that file so they run once, not in the
+//! integration-test binary too.
 
-#[path = "../tests/support/environment.rs"]
+#[path = "../tests/it/support/environment.rs"]
 mod check;
 
 #[cfg(test)]

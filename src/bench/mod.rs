@@ -16,7 +16,7 @@
 //!
 //! A module of the `pdvault` binary (`main.rs` hands it `pdvault bench`'s parsed flags), not
 //! of the server library: everything it uses of the vault is the library's public API.
-//! `tests/bench.rs` compiles it in too, to check its report as typed values.
+//! `tests/it/bench.rs` compiles it in too, to check its report as typed values.
 
 mod echo;
 mod identities;

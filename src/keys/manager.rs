@@ -68,6 +68,12 @@ pub enum HsmError {
     Sm4DataKey,
     #[error("the module returned a wrap of unexpected length")]
     WrapLength,
+    /// The thread that makes every module call could not be started.
+    #[error("cannot start the PKCS#11 thread")]
+    ThreadStart(#[source] std::io::Error),
+    /// That thread has ended (the module panicked or the provider is shutting down).
+    #[error("the PKCS#11 module's thread has stopped")]
+    ThreadGone,
 }
 
 #[derive(Debug, thiserror::Error)]

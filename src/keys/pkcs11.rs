@@ -310,7 +310,7 @@ struct ModuleThread {
 }
 
 fn module_thread_gone() -> KeyError {
-    KeyError::Hsm("the PKCS#11 module's thread has stopped".into())
+    KeyError::Hsm(HsmError::ThreadGone)
 }
 
 /// Waits for the module thread's answer. On a worker of a multi-threaded runtime the wait
@@ -351,7 +351,7 @@ impl ModuleThread {
                     job(&module);
                 }
             })
-            .map_err(|error| KeyError::Hsm(format!("cannot start the PKCS#11 thread: {error}")))?;
+            .map_err(|error| KeyError::Hsm(HsmError::ThreadStart(error)))?;
         wait_for_module(|| open_outcome.recv()).map_err(|_| module_thread_gone())??;
         Ok(ModuleThread { jobs })
     }

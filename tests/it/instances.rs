@@ -2,17 +2,10 @@
 //! every answer reflects every committed change made through any instance, and each
 //! instance's audit chain verifies beside the others.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
-use pdvault::proto::account_security_client::AccountSecurityClient;
-use pdvault::proto::{self, CheckAccountRequest, CreateRecordRequest, SuspendAccountRequest};
-use support::fixtures::*;
-use support::{CLAIMS, LOGIN, SECURITY, TestApp, authed};
+use crate::support::fixtures::*;
+use crate::support::{CLAIMS, LOGIN, SECURITY, TestApp, authed};
+use pdvault::proto::{self, CheckAccountRequest, SuspendAccountRequest};
 use tonic::Code;
-use tonic::transport::Channel;
 
 async fn instances_share_state_through_the_database_only(a: &TestApp) {
     let b = a.spawn_sibling().await;
@@ -28,24 +21,14 @@ async fn instances_share_state_through_the_database_only(a: &TestApp) {
     let status = b
         .client()
         .await
-        .create_record(authed(
-            CLAIMS.token,
-            CreateRecordRequest {
-                identity: Some(zhang_san()),
-                ..Default::default()
-            },
-        ))
+        .create_record(authed(CLAIMS.token, create_request(zhang_san(), "")))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
 
     // Suspended through B: A refuses at once.
-    let channel = Channel::from_shared(format!("http://{}", b.addr))
-        .unwrap()
-        .connect()
+    b.security_client()
         .await
-        .unwrap();
-    AccountSecurityClient::new(channel)
         .suspend_account(authed(
             SECURITY.token,
             SuspendAccountRequest {

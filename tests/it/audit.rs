@@ -2,25 +2,14 @@
 //! concurrency, tamper-evident, queryable, and expiring without breaking verification.
 //! Every scenario runs on SQLite and on PostgreSQL.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
+use crate::support::fixtures::*;
+use crate::support::{Backend, CLAIMS, COMPLIANCE, TestApp, authed, join_all};
 use pdvault::audit::{AuditEvent, Problem};
-use pdvault::proto::audit_client::AuditClient;
 use pdvault::proto::{
-    CreateRecordRequest, DeleteRecordRequest, Identity, ListAuditEventsRequest,
-    ListDisclosuresRequest, VerifyAuditChainRequest,
+    DeleteRecordRequest, Identity, ListAuditEventsRequest, ListDisclosuresRequest,
+    VerifyAuditChainRequest,
 };
-use support::fixtures::*;
-use support::{Backend, CLAIMS, COMPLIANCE, TestApp, authed, join_all};
 use tonic::Code;
-use tonic::transport::Channel;
-
-async fn audit_client(app: &TestApp) -> AuditClient<Channel> {
-    AuditClient::new(app.channel().await)
-}
 
 async fn verify(app: &TestApp) -> pdvault::audit::VerifyReport {
     app.verify_with_witness().await
@@ -264,7 +253,7 @@ async fn a_forged_checkpoint_is_detected(app: &TestApp) {
 
 async fn verification_is_served_over_grpc_to_audit_readers_only(app: &TestApp) {
     trail(app).await;
-    let mut client = audit_client(app).await;
+    let mut client = app.audit_client().await;
     let report = client
         .verify_audit_chain(authed(COMPLIANCE.token, VerifyAuditChainRequest {}))
         .await
@@ -306,7 +295,7 @@ async fn disclosures_list_lawful_releases_and_survive_deletion(app: &TestApp) {
         ))
         .await
         .unwrap();
-    let mut client = audit_client(app).await;
+    let mut client = app.audit_client().await;
     let disclosures = client
         .list_disclosures(authed(
             COMPLIANCE.token,
@@ -367,7 +356,7 @@ async fn listing_pages_through_the_trail(app: &TestApp) {
             .await
             .unwrap();
     }
-    let mut client = audit_client(app).await;
+    let mut client = app.audit_client().await;
     let mut seen = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -594,14 +583,7 @@ async fn concurrent_creates_commit_together_and_a_duplicate_fails_alone(app: &Te
     let calls = distinct.chain(same_document).map(|identity| async move {
         let mut client = app.client().await;
         client
-            .create_record(authed(
-                CLAIMS.token,
-                CreateRecordRequest {
-                    identity: Some(identity),
-                    request_id: String::new(),
-                    ..Default::default()
-                },
-            ))
+            .create_record(authed(CLAIMS.token, create_request(identity, "")))
             .await
     });
     let outcomes = join_all(calls.map(Box::pin).collect()).await;

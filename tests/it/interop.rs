@@ -9,12 +9,7 @@
 //! (`support::environment`) fails the run when it cannot import them. Like PostgreSQL, it is
 //! mandatory: skipping takes an explicit `PDVAULT_TEST_SKIP_PYTHON=1`, which CI never sets.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
-use support::{Backend, CLAIMS, TestApp};
+use crate::support::{Backend, CLAIMS, TestApp};
 
 fn skipped() -> bool {
     let skip = std::env::var("PDVAULT_TEST_SKIP_PYTHON").is_ok_and(|v| v == "1");

@@ -2,27 +2,16 @@
 //! acceptance, on both backends. Birthdays are crossed with the test clock, never the wall
 //! clock.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
+use crate::support::fixtures::*;
+use crate::support::{CLAIMS, COMPLIANCE, LOGIN, SECURITY, TestApp, authed};
 use chrono::{DateTime, TimeZone, Utc};
-use pdvault::proto::account_security_client::AccountSecurityClient;
 use pdvault::proto::{
     self, CheckAccountRequest, CheckAccountResponse, FindRecordsRequest, GuardianIdentity,
     Identity, ListAccountEventsRequest, RecordGuardianConsentRequest, ReinstateAccountRequest,
     RevokeGuardianConsentRequest, SuspendAccountRequest, UpdateRecordRequest, find_records_request,
     record_guardian_consent_request,
 };
-use support::fixtures::*;
-use support::{CLAIMS, COMPLIANCE, LOGIN, SECURITY, TestApp, authed};
 use tonic::Code;
-use tonic::transport::Channel;
-
-async fn security_client(app: &TestApp) -> AccountSecurityClient<Channel> {
-    AccountSecurityClient::new(app.channel().await)
-}
 
 async fn check(app: &TestApp, record_id: &str) -> CheckAccountResponse {
     app.client()
@@ -39,7 +28,7 @@ async fn check(app: &TestApp, record_id: &str) -> CheckAccountResponse {
 }
 
 async fn suspend(app: &TestApp, token: &str, record_id: &str) -> Result<bool, tonic::Status> {
-    security_client(app)
+    app.security_client()
         .await
         .suspend_account(authed(
             token,
@@ -111,7 +100,8 @@ async fn suspension_blocks_service_reads_but_not_fraud_prevention(app: &TestApp)
     // Suspending again changes nothing and says so.
     assert!(!suspend(app, SECURITY.token, id).await.unwrap());
 
-    let reinstated = security_client(app)
+    let reinstated = app
+        .security_client()
         .await
         .reinstate_account(authed(
             SECURITY.token,
@@ -130,7 +120,8 @@ async fn suspension_blocks_service_reads_but_not_fraud_prevention(app: &TestApp)
         .unwrap();
     assert_eq!(check(app, id).await.status(), proto::AccountStatus::Active);
 
-    let history = security_client(app)
+    let history = app
+        .security_client()
         .await
         .list_account_events(authed(
             SECURITY.token,
@@ -283,7 +274,8 @@ async fn a_minor_needs_a_guardians_consent(app: &TestApp) {
         .unwrap_err();
     assert_eq!(reason(&status), "GUARDIAN_CONSENT_REQUIRED");
 
-    let kinds: Vec<_> = security_client(app)
+    let kinds: Vec<_> = app
+        .security_client()
         .await
         .list_account_events(authed(
             SECURITY.token,

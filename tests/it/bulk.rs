@@ -1,22 +1,16 @@
 //! End-to-end tests of the many-records calls of `pdvault.v1.Vault`: `BatchGetRecords`,
 //! `BatchCreateRecords` and `ExportRecords`, on both backends.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::collections::{BTreeMap, HashSet};
 
+use crate::support::fixtures::*;
+use crate::support::{ANALYTICS, Backend, CLAIMS, COMPLIANCE, SECURITY, TestApp, authed};
 use pdvault::policy::{PurposeConfig, ReleaseLevel};
 use pdvault::proto::{
     self, BatchCreateRecordsRequest, BatchGetRecordsRequest, CreateRecordRequest,
     ExportRecordsRequest, Identity, ListAuditEventsRequest, SuspendAccountRequest,
-    account_security_client::AccountSecurityClient, audit_client::AuditClient,
     batch_create_record_result, batch_get_record_result, export_records_response,
 };
-use support::fixtures::*;
-use support::{ANALYTICS, Backend, CLAIMS, COMPLIANCE, SECURITY, TestApp, authed};
 use tonic::Code;
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -63,7 +57,9 @@ fn person(name: &str, yyyymmdd: &str, sequence: &str) -> Identity {
 }
 
 async fn suspend(app: &TestApp, record_id: &str) {
-    let changed = AccountSecurityClient::new(app.channel().await)
+    let changed = app
+        .security_client()
+        .await
         .suspend_account(authed(
             SECURITY.token,
             SuspendAccountRequest {
@@ -82,7 +78,8 @@ async fn suspend(app: &TestApp, record_id: &str) {
 
 /// The events of a person's trail.
 async fn trail(app: &TestApp, record_id: &str) -> Vec<proto::AuditEvent> {
-    AuditClient::new(app.channel().await)
+    app.audit_client()
+        .await
         .list_audit_events(authed(
             COMPLIANCE.token,
             ListAuditEventsRequest {
@@ -280,14 +277,6 @@ async fn batch_reads_are_checked_once_for_the_whole_call(app: &TestApp) {
         refused.contains(&"OPERATION_NOT_GRANTED".to_owned()),
         "{refused:?}"
     );
-}
-
-fn create_request(identity: Identity, request_id: &str) -> CreateRecordRequest {
-    CreateRecordRequest {
-        identity: Some(identity),
-        request_id: request_id.into(),
-        ..Default::default()
-    }
 }
 
 async fn batch_create(

@@ -2,12 +2,6 @@
 //! the middle of a rewrap and restarted (the killed job shows INTERRUPTED), and the `pdvault keys` commands a scheduler runs,
 //! and `pdvault purge`, with their exit codes. Runs on both backends.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-// For the check of the machine before any test runs; this file starts its own servers.
-mod support;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -16,7 +10,8 @@ use pdvault::proto::key_management_client::KeyManagementClient;
 use pdvault::proto::vault_client::VaultClient;
 use pdvault::proto::{CreateRecordRequest, GetRecordRequest, Identity, RewrapRecordsRequest};
 use sqlx::{AssertSqlSafe, Connection};
-use tonic::transport::Channel;
+
+use crate::support::{authed, connect};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_pdvault");
 const RECORDS: usize = 1_500;
@@ -152,7 +147,7 @@ impl Deployment {
                 .await
                 .unwrap();
         } else {
-            support::sqlite::execute(&self.database_url, sql).await;
+            crate::support::sqlite::execute(&self.database_url, sql).await;
         }
     }
 
@@ -166,7 +161,7 @@ impl Deployment {
                 .await
                 .unwrap()
         } else {
-            support::sqlite::scalar(&self.database_url, sql).await
+            crate::support::sqlite::scalar(&self.database_url, sql).await
         }
     }
 }
@@ -174,22 +169,6 @@ impl Deployment {
 fn free_port() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
-}
-
-async fn channel(server: &Server) -> Channel {
-    Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
-fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
 }
 
 fn text(output: &Output) -> String {
@@ -206,7 +185,7 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
     let token = deployment.token();
 
     // Records, created a few at a time in parallel.
-    let vault = VaultClient::new(channel(&server).await);
+    let vault = VaultClient::new(connect(server.addr).await);
     let mut ids = Vec::with_capacity(RECORDS);
     for chunk in (0..RECORDS).collect::<Vec<_>>().chunks(50) {
         let mut tasks = tokio::task::JoinSet::new();
@@ -246,7 +225,7 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
 
     // Start a rewrap in small batches, and kill the server as soon as it has reported
     // progress.
-    let mut keys = KeyManagementClient::new(channel(&server).await);
+    let mut keys = KeyManagementClient::new(connect(server.addr).await);
     let mut stream = keys
         .rewrap_records(authed(&token, RewrapRecordsRequest { batch_size: 10 }))
         .await
@@ -306,7 +285,7 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
         assert!(output.status.success(), "{}", text(&output));
     }
 
-    let mut vault = VaultClient::new(channel(&server).await);
+    let mut vault = VaultClient::new(connect(server.addr).await);
     for (i, id) in &ids {
         let record = vault
             .get_record(authed(

@@ -2,31 +2,20 @@
 //! destruction, on both backends, with several instances sharing one database where the
 //! scenario is about instances; re-keying and the retention purge.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
-use pdvault::proto::key_management_client::KeyManagementClient;
+use crate::support::fixtures::{create_request, get, reason};
+use crate::support::{Backend, CLAIMS, TestApp, authed, join_all};
 use pdvault::proto::{
     self, CreateRecordRequest, DeleteRecordRequest, DestroyKeyVersionRequest, GetKeyStatusRequest,
     GetRecordRequest, Identity, KeyVersionState, PurgeExpiredRecordsRequest, RekeyRecordRequest,
     RetireKeyVersionRequest, RewrapRecordsRequest, RotateKeyEncryptionKeyRequest,
     UpdateRecordRequest,
 };
-use support::fixtures::{get, reason};
-use support::{Backend, CLAIMS, TestApp, authed, join_all};
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 /// A record id from a response, as the store takes it.
 fn record_id(raw: &str) -> pdvault::domain::ids::RecordId {
     pdvault::domain::ids::RecordId::parse("record_id", raw).unwrap()
-}
-
-async fn keys_client(app: &TestApp) -> KeyManagementClient<Channel> {
-    KeyManagementClient::new(app.channel().await)
 }
 
 fn person(i: usize) -> Identity {
@@ -40,14 +29,7 @@ fn person(i: usize) -> Identity {
 async fn create(app: &TestApp, i: usize) -> String {
     app.client()
         .await
-        .create_record(authed(
-            CLAIMS.token,
-            CreateRecordRequest {
-                identity: Some(person(i)),
-                request_id: String::new(),
-                ..Default::default()
-            },
-        ))
+        .create_record(authed(CLAIMS.token, create_request(person(i), "")))
         .await
         .expect("create succeeds")
         .into_inner()
@@ -73,7 +55,7 @@ async fn email_of(app: &TestApp, record_id: &str) -> Result<String, tonic::Statu
 }
 
 async fn status(app: &TestApp) -> proto::KeyStatus {
-    keys_client(app)
+    app.keys_client()
         .await
         .get_key_status(authed(&app.admin_token, GetKeyStatusRequest {}))
         .await
@@ -93,7 +75,7 @@ async fn version_state(app: &TestApp, version: u32) -> (KeyVersionState, i64) {
 }
 
 async fn rotate(app: &TestApp, expected: u32) -> proto::RotateKeyEncryptionKeyResponse {
-    keys_client(app)
+    app.keys_client()
         .await
         .rotate_key_encryption_key(authed(
             &app.admin_token,
@@ -111,7 +93,8 @@ async fn rewrap(
     app: &TestApp,
     batch_size: u32,
 ) -> Result<Vec<proto::RewrapProgress>, tonic::Status> {
-    let mut stream = keys_client(app)
+    let mut stream = app
+        .keys_client()
         .await
         .rewrap_records(authed(
             &app.admin_token,
@@ -127,7 +110,7 @@ async fn rewrap(
 }
 
 async fn retire(app: &TestApp, version: u32) -> Result<proto::KeyVersion, tonic::Status> {
-    keys_client(app)
+    app.keys_client()
         .await
         .retire_key_version(authed(
             &app.admin_token,
@@ -141,7 +124,7 @@ async fn retire(app: &TestApp, version: u32) -> Result<proto::KeyVersion, tonic:
 }
 
 async fn destroy(app: &TestApp, version: u32) -> Result<proto::KeyVersion, tonic::Status> {
-    keys_client(app)
+    app.keys_client()
         .await
         .destroy_key_version(authed(
             &app.admin_token,
@@ -278,7 +261,7 @@ async fn lifecycle_rotate_rewrap_retire_destroy(app: &TestApp) {
 }
 
 async fn key_management_needs_the_keys_rotate_grant(app: &TestApp) {
-    let mut client = keys_client(app).await;
+    let mut client = app.keys_client().await;
     let denied = client
         .rotate_key_encryption_key(authed(
             CLAIMS.token,
@@ -712,7 +695,8 @@ async fn rekey_replaces_the_data_key_and_every_ciphertext(app: &TestApp) {
         .unwrap()
         .etag;
 
-    let denied = keys_client(app)
+    let denied = app
+        .keys_client()
         .await
         .rekey_record(authed(
             CLAIMS.token,
@@ -725,7 +709,8 @@ async fn rekey_replaces_the_data_key_and_every_ciphertext(app: &TestApp) {
         .unwrap_err();
     assert_eq!(reason(&denied), "OPERATION_NOT_GRANTED");
 
-    let rekeyed = keys_client(app)
+    let rekeyed = app
+        .keys_client()
         .await
         .rekey_record(authed(
             &app.admin_token,
@@ -791,7 +776,8 @@ async fn rekey_replaces_the_data_key_and_every_ciphertext(app: &TestApp) {
         .await,
         1
     );
-    let missing = keys_client(app)
+    let missing = app
+        .keys_client()
         .await
         .rekey_record(authed(
             &app.admin_token,
@@ -868,7 +854,7 @@ async fn retention_deadlines_and_the_purge(backend: Backend) {
         "retention_days"
     );
 
-    let mut client = keys_client(&app).await;
+    let mut client = app.keys_client().await;
     let purge = |limit| PurgeExpiredRecordsRequest { limit };
     let denied = client
         .purge_expired_records(authed(CLAIMS.token, purge(0)))
@@ -1014,7 +1000,7 @@ async fn suites_coexist_and_rekeying_migrates_a_record(app: &TestApp) {
             .record_ids;
         assert_eq!(found, std::slice::from_ref(&new));
     }
-    keys_client(&sm4)
+    sm4.keys_client()
         .await
         .rekey_record(authed(
             &sm4.admin_token,

@@ -42,17 +42,19 @@ pub fn li_si() -> Identity {
     }
 }
 
+/// A create of `identity`; an empty `request_id` is a create that is never retried.
+pub fn create_request(identity: Identity, request_id: impl Into<String>) -> CreateRecordRequest {
+    CreateRecordRequest {
+        identity: Some(identity),
+        request_id: request_id.into(),
+        ..Default::default()
+    }
+}
+
 pub async fn create(app: &TestApp, identity: Identity) -> proto::Record {
     app.client()
         .await
-        .create_record(authed(
-            CLAIMS.token,
-            CreateRecordRequest {
-                identity: Some(identity),
-                request_id: String::new(),
-                ..Default::default()
-            },
-        ))
+        .create_record(authed(CLAIMS.token, create_request(identity, "")))
         .await
         .expect("create succeeds")
         .into_inner()

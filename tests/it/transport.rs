@@ -4,14 +4,11 @@
 //!
 //! Every loop is bounded in count and time, on loopback, against the test's own server.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::support::fixtures::*;
+use crate::support::{ANALYTICS, Backend, CLAIMS, COMPLIANCE, LOGIN, SECURITY, TestApp, authed};
 use bytes::Bytes;
 use pdvault::config::Config;
 use pdvault::proto::account_security_client::AccountSecurityClient;
@@ -22,8 +19,6 @@ use pdvault::proto::{
     CheckAccountRequest, GetKeyStatusRequest, GetRecordRequest, ListAccountEventsRequest,
     ListAuditEventsRequest, ReloadPolicyRequest,
 };
-use support::fixtures::*;
-use support::{ANALYTICS, Backend, CLAIMS, COMPLIANCE, LOGIN, SECURITY, TestApp, authed};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tonic::Code;
@@ -845,7 +840,8 @@ async fn c11_silent_connections_are_closed_after_the_idle_limit() {
 async fn c11_running_out_of_descriptors_is_logged_and_survived() {
     const OPEN_FILES: u32 = 64;
     let server =
-        support::process::ServerProcess::start_with_open_files("", "info", Some(OPEN_FILES)).await;
+        crate::support::process::ServerProcess::start_with_open_files("", "info", Some(OPEN_FILES))
+            .await;
     let mut flood = Vec::new();
     for _ in 0..(OPEN_FILES as usize + 40) {
         if let Ok(Ok(stream)) =

@@ -15,6 +15,7 @@
 
 pub mod environment;
 pub mod fixtures;
+pub mod own_process;
 pub mod process;
 pub mod proxy;
 pub mod softhsm;
@@ -29,6 +30,9 @@ use pdvault::app::Application;
 use pdvault::app::reload::ConfigSource;
 use pdvault::config::Config;
 use pdvault::policy::{CallerConfig, token_sha256_hex};
+use pdvault::proto::account_security_client::AccountSecurityClient;
+use pdvault::proto::audit_client::AuditClient;
+use pdvault::proto::key_management_client::KeyManagementClient;
 use pdvault::proto::vault_client::VaultClient;
 use pdvault::vault::Clock;
 use sqlx::{AssertSqlSafe, Connection};
@@ -328,20 +332,23 @@ impl TestApp {
 
     /// A connection to the test server, for any of its services' clients.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connects to the test server")
+        connect(self.addr).await
     }
 
     pub async fn client(&self) -> VaultClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connects to the test server");
-        VaultClient::new(channel)
+        VaultClient::new(self.channel().await)
+    }
+
+    pub async fn keys_client(&self) -> KeyManagementClient<Channel> {
+        KeyManagementClient::new(self.channel().await)
+    }
+
+    pub async fn audit_client(&self) -> AuditClient<Channel> {
+        AuditClient::new(self.channel().await)
+    }
+
+    pub async fn security_client(&self) -> AccountSecurityClient<Channel> {
+        AccountSecurityClient::new(self.channel().await)
     }
 
     /// A second handle on the vault's database, for what tests do behind the vault's back.
@@ -522,8 +529,23 @@ impl TestApp {
         if let Some(server) = self.server.take() {
             let _ = server.await;
         }
+        if self.owns_deployment()
+            && self.config.keys.provider == "pkcs11"
+            && let Some(pkcs11) = &self.config.keys.pkcs11
+        {
+            softhsm::destroy_deployment_objects(pkcs11);
+        }
         if let Some(pg) = self.postgres.take() {
             pg.drop_database().await;
+        }
+    }
+
+    /// Whether this app's database is its own (made for it), not another app's it was
+    /// pointed at: the deployment ends when this app stops.
+    fn owns_deployment(&self) -> bool {
+        match &self.postgres {
+            Some(pg) => pg.url() == self.database_url,
+            None => self.backend == Backend::Sqlite && self.config.database.url.is_none(),
         }
     }
 }
@@ -595,6 +617,15 @@ fn random_suffix() -> String {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).unwrap();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A plaintext gRPC connection to a vault at `addr` (an in-process app or a `pdvault` process).
+pub async fn connect(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects to the test server")
 }
 
 /// Wraps a message with a caller's bearer token.

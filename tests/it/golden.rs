@@ -3,7 +3,7 @@
 //!
 //! A sealed field, a wrapped data key (both suites), blind indexes and pseudonyms, the
 //! keyring file that holds their keys, audit event hashes and a signer's chain of format-2
-//! checkpoints as witness lines (and, in `tests/hsm.rs`, data keys the PKCS#11 provider
+//! checkpoints as witness lines (and, in `tests/it/hsm.rs`, data keys the PKCS#11 provider
 //! wrapped). Records, backups and witness files outlive the code that
 //! wrote them: a change that stops these opening (a new associated-data layout, a different
 //! canonical encoding) must bump a format byte and keep the old format readable, never
@@ -16,9 +16,6 @@
 //! The keys in the fixtures are test keys, generated for the fixtures and used nowhere else.
 //! `write_golden_vectors` (ignored) is how a fixture directory was produced; it refuses to
 //! overwrite one.
-
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 
@@ -251,7 +248,7 @@ fn audit_event_hashes_and_format_2_checkpoints_still_verify() {
 }
 
 /// Writes a fixture directory from keys made now and the code of today. Run once per new
-/// format (`cargo test --test golden write_golden_vectors -- --ignored`, with
+/// format (`cargo test --test it golden::write_golden_vectors -- --ignored`, with
 /// `PDVAULT_GOLDEN_DIR` naming a directory that does not exist yet), then commit it and point
 /// the tests at it; never rerun it over a committed directory.
 #[test]
@@ -494,7 +491,7 @@ fn wrapped_keys_and_age_gates_of_format_2_still_open() {
 }
 
 /// Writes `2026-11-format-2/records.json` under the keys of `2026-11/keyring.json`
-/// (`cargo test --test golden write_format_2_golden_vectors -- --ignored`, with
+/// (`cargo test --test it golden::write_format_2_golden_vectors -- --ignored`, with
 /// `PDVAULT_GOLDEN_DIR` naming a directory that does not exist yet).
 #[test]
 #[ignore]

@@ -3,26 +3,14 @@
 //! across a re-index, retiring and destroying an index version, and an instance that learns
 //! of another's rotation. The real server, on both backends.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
-use pdvault::proto::key_management_client::KeyManagementClient;
+use crate::support::fixtures::{create_request, reason, resident_id};
+use crate::support::{ANALYTICS, CLAIMS, TestApp, authed};
 use pdvault::proto::{
-    self, CreateRecordRequest, DestroyKeyVersionRequest, DocumentKey, FindRecordsRequest,
-    GetKeyStatusRequest, GetRecordRequest, Identity, KeyKind, KeyVersionState,
-    RetireKeyVersionRequest, RewrapRecordsRequest, RotateIndexKeyRequest, UpdateRecordRequest,
-    find_records_request,
+    self, DestroyKeyVersionRequest, DocumentKey, FindRecordsRequest, GetKeyStatusRequest,
+    GetRecordRequest, Identity, KeyKind, KeyVersionState, RetireKeyVersionRequest,
+    RewrapRecordsRequest, RotateIndexKeyRequest, UpdateRecordRequest, find_records_request,
 };
-use support::fixtures::{reason, resident_id};
-use support::{ANALYTICS, CLAIMS, TestApp, authed};
 use tonic::Code;
-use tonic::transport::Channel;
-
-async fn keys_client(app: &TestApp) -> KeyManagementClient<Channel> {
-    KeyManagementClient::new(app.channel().await)
-}
 
 fn person(id_number: &str, phone: &str) -> Identity {
     Identity {
@@ -37,13 +25,7 @@ fn person(id_number: &str, phone: &str) -> Identity {
 async fn create(app: &TestApp, identity: Identity) -> Result<String, tonic::Status> {
     app.client()
         .await
-        .create_record(authed(
-            CLAIMS.token,
-            CreateRecordRequest {
-                identity: Some(identity),
-                ..Default::default()
-            },
-        ))
+        .create_record(authed(CLAIMS.token, create_request(identity, "")))
         .await
         .map(|r| r.into_inner().record_id)
 }
@@ -124,7 +106,8 @@ async fn assert_minor(app: &TestApp, record_id: &str) {
 }
 
 async fn index_versions(app: &TestApp) -> (u32, Vec<(u32, KeyVersionState, i64)>) {
-    let status = keys_client(app)
+    let status = app
+        .keys_client()
         .await
         .get_key_status(authed(&app.admin_token, GetKeyStatusRequest {}))
         .await
@@ -141,7 +124,7 @@ async fn index_versions(app: &TestApp) -> (u32, Vec<(u32, KeyVersionState, i64)>
 }
 
 async fn rotate_index(app: &TestApp, expected: u32) -> proto::RotateIndexKeyResponse {
-    keys_client(app)
+    app.keys_client()
         .await
         .rotate_index_key(authed(
             &app.admin_token,
@@ -155,7 +138,8 @@ async fn rotate_index(app: &TestApp, expected: u32) -> proto::RotateIndexKeyResp
 }
 
 async fn rewrap(app: &TestApp, batch_size: u32) -> Vec<proto::RewrapProgress> {
-    let mut stream = keys_client(app)
+    let mut stream = app
+        .keys_client()
         .await
         .rewrap_records(authed(
             &app.admin_token,
@@ -172,7 +156,7 @@ async fn rewrap(app: &TestApp, batch_size: u32) -> Vec<proto::RewrapProgress> {
 }
 
 async fn retire_index(app: &TestApp, version: u32) -> Result<proto::KeyVersion, tonic::Status> {
-    keys_client(app)
+    app.keys_client()
         .await
         .retire_key_version(authed(
             &app.admin_token,
@@ -186,7 +170,7 @@ async fn retire_index(app: &TestApp, version: u32) -> Result<proto::KeyVersion, 
 }
 
 async fn destroy_index(app: &TestApp, version: u32) -> Result<proto::KeyVersion, tonic::Status> {
-    keys_client(app)
+    app.keys_client()
         .await
         .destroy_key_version(authed(
             &app.admin_token,
@@ -368,7 +352,8 @@ async fn index_rotation_reindex_retire_destroy(app: &TestApp) {
     assert_duplicate(app, person(&adult_id, "13900000000")).await;
     assert_minor(app, &minor).await;
     // The KEK versions were not touched.
-    let status = keys_client(app)
+    let status = app
+        .keys_client()
         .await
         .get_key_status(authed(&app.admin_token, GetKeyStatusRequest {}))
         .await
@@ -526,8 +511,8 @@ async fn an_old_format_age_gate_opens_and_reindexing_moves_it(app: &TestApp) {
     .unwrap();
     let hex = data_encoding::HEXLOWER.encode(&old);
     let literal = match app.backend {
-        support::Backend::Sqlite => format!("X'{hex}'"),
-        support::Backend::Postgres => format!("'\\x{hex}'::bytea"),
+        crate::support::Backend::Sqlite => format!("X'{hex}'"),
+        crate::support::Backend::Postgres => format!("'\\x{hex}'::bytea"),
     };
     app.execute_sql(&format!(
         "UPDATE records SET age_gate = {literal} WHERE record_id = '{minor}'"
@@ -602,8 +587,8 @@ async fn find_other(app: &TestApp, id_number: &str) -> Vec<String> {
 fn hex_literal(app: &TestApp, bytes: &[u8]) -> String {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     match app.backend {
-        support::Backend::Sqlite => format!("X'{hex}'"),
-        support::Backend::Postgres => format!("'\\x{hex}'::bytea"),
+        crate::support::Backend::Sqlite => format!("X'{hex}'"),
+        crate::support::Backend::Postgres => format!("'\\x{hex}'::bytea"),
     }
 }
 

@@ -8,19 +8,13 @@
 //! Where the attack leaves the database consistent in itself, the tests also show that
 //! verifying the database alone passes: that is what the witness file is for.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::fixtures::*;
+use crate::support::{Backend, CLAIMS, COMPLIANCE, TestApp, authed};
 use pdvault::audit::{AuditEvent, CheckpointError, Problem, Refusal, StoredEvent, VerifyReport};
 use pdvault::proto::VerifyAuditChainRequest;
-use pdvault::proto::audit_client::AuditClient;
-use support::fixtures::*;
-use support::{Backend, CLAIMS, COMPLIANCE, TestApp, authed};
 
 /// The vault's chain after four checkpoints: the one introducing it at start (head 0), then
 /// heads 3, 6 and 9 (a create and eight reads). Returns the chain id.
@@ -698,7 +692,7 @@ async fn a_second_process_cannot_sign_as_the_same_instance(app: &TestApp) {
 /// `VerifyAuditChain` compares with the configured witness file too.
 async fn verify_audit_chain_reads_the_configured_witness_file(app: &TestApp) {
     let chain = history(app).await;
-    let mut client = AuditClient::new(app.channel().await);
+    let mut client = app.audit_client().await;
     let response = client
         .verify_audit_chain(authed(COMPLIANCE.token, VerifyAuditChainRequest {}))
         .await
@@ -896,7 +890,7 @@ mod configured {
 /// stopped, and both ways of `audit verify` (the keyring with the configured witness file;
 /// the public key with `--checkpoints` and nothing else) pass an untouched trail.
 async fn operator_commands(database: Option<&str>) {
-    use support::process::ServerProcess;
+    use crate::support::process::ServerProcess;
     let witness_dir = tempfile::tempdir().unwrap();
     let witness = witness_dir.path().join("checkpoints.jsonl");
     let database_section = database
@@ -1000,7 +994,7 @@ async fn operator_commands_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_on_postgres() {
-    let Some(database) = support::PostgresDatabase::create().await else {
+    let Some(database) = crate::support::PostgresDatabase::create().await else {
         return;
     };
     operator_commands(Some(&database.url())).await;

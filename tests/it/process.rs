@@ -3,40 +3,32 @@
 //! the policy (and a broken or emptied file changes nothing, minting no credential), and a
 //! full scenario's logs hold no identity value.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::support::fixtures::{reason, resident_id};
+use crate::support::process::ServerProcess;
+use crate::support::{
+    ANALYTICS, CLAIMS, COMPLIANCE, PostgresDatabase, authed, callers_toml, connect,
+};
 use pdvault::proto::vault_client::VaultClient;
 use pdvault::proto::{
     self, CreateRecordRequest, DeleteRecordRequest, FindRecordsRequest, GetRecordRequest, Identity,
     UpdateRecordRequest, find_records_request,
 };
 use sqlx::Connection;
-use support::fixtures::{reason, resident_id};
-use support::process::ServerProcess;
-use support::{ANALYTICS, CLAIMS, COMPLIANCE, PostgresDatabase, authed, callers_toml};
 use tonic::Code;
 use tonic::transport::Channel;
 
 async fn client(server: &ServerProcess) -> VaultClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    VaultClient::new(channel)
+    VaultClient::new(connect(server.addr).await)
 }
 
 /// Record ids in the audit trail's CreateRecord events, read straight from the database.
 async fn audited_creates(database_url: &str) -> BTreeSet<String> {
     let rows: Vec<String> = if database_url.starts_with("sqlite:") {
-        support::sqlite::column(
+        crate::support::sqlite::column(
             database_url,
             "SELECT record_ids FROM audit_events WHERE rpc = 'CreateRecord' AND outcome = 'OK'",
         )
@@ -156,7 +148,7 @@ async fn audited_releases(database_url: &str) -> BTreeSet<String> {
     let sql = "SELECT request_id FROM audit_events \
                WHERE rpc = 'GetRecord' AND outcome = 'OK' AND request_id IS NOT NULL";
     let rows: Vec<String> = if database_url.starts_with("sqlite:") {
-        support::sqlite::column(database_url, sql).await
+        crate::support::sqlite::column(database_url, sql).await
     } else {
         let mut conn = sqlx::PgConnection::connect(database_url).await.unwrap();
         sqlx::query_scalar(sql).fetch_all(&mut conn).await.unwrap()
@@ -165,17 +157,14 @@ async fn audited_releases(database_url: &str) -> BTreeSet<String> {
 }
 
 fn create_request(name: &str, phone: String) -> tonic::Request<CreateRecordRequest> {
+    let identity = Identity {
+        name: name.into(),
+        phone,
+        ..Identity::default()
+    };
     authed(
         CLAIMS.token,
-        CreateRecordRequest {
-            identity: Some(Identity {
-                name: name.into(),
-                phone,
-                ..Identity::default()
-            }),
-            request_id: String::new(),
-            ..Default::default()
-        },
+        crate::support::fixtures::create_request(identity, ""),
     )
 }
 
@@ -452,11 +441,7 @@ async fn logs_of_a_full_scenario_hold_no_identity_value() {
     };
     let mut request = authed(
         CLAIMS.token,
-        CreateRecordRequest {
-            identity: Some(identity.clone()),
-            request_id: "scenario-1".into(),
-            ..Default::default()
-        },
+        crate::support::fixtures::create_request(identity.clone(), "scenario-1"),
     );
     request
         .metadata_mut()

@@ -3,11 +3,8 @@
 //! clients (the real binary) reaching a vault that requires client certificates, and one
 //! that serves plain HTTP/2, with the shared connection flags anywhere on the line.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
+use crate::support::fixtures::reason;
+use crate::support::{ANALYTICS, Backend, CLAIMS, SECURITY, TestApp, authed};
 use pdvault::config::Config;
 use pdvault::policy::CallerConfig;
 use pdvault::proto::vault_client::VaultClient;
@@ -16,8 +13,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
     SanType,
 };
-use support::fixtures::reason;
-use support::{ANALYTICS, Backend, CLAIMS, SECURITY, TestApp, authed};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity as TlsIdentity};
 
@@ -130,14 +125,11 @@ async fn connect(
 }
 
 fn create_request() -> CreateRecordRequest {
-    CreateRecordRequest {
-        identity: Some(Identity {
-            name: "陈七".into(),
-            ..Identity::default()
-        }),
-        request_id: String::new(),
-        ..Default::default()
-    }
+    let identity = Identity {
+        name: "陈七".into(),
+        ..Identity::default()
+    };
+    crate::support::fixtures::create_request(identity, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

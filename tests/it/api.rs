@@ -1,17 +1,12 @@
 //! End-to-end tests of `pdvault.v1.Vault`: the real server on an ephemeral port, driven
 //! over gRPC, once per backend (SQLite and PostgreSQL).
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
+use crate::support::fixtures::*;
+use crate::support::{ANALYTICS, CLAIMS, COMPLIANCE, LOGIN, TestApp, authed};
 use pdvault::proto::{
     self, CheckAccountRequest, CreateRecordRequest, DeleteRecordRequest, DocumentKey,
     FindRecordsRequest, GetRecordRequest, Identity, UpdateRecordRequest, find_records_request,
 };
-use support::fixtures::*;
-use support::{ANALYTICS, CLAIMS, COMPLIANCE, LOGIN, TestApp, authed};
 use tonic::Code;
 
 async fn create_then_get_releases_plaintext_for_a_granted_purpose(app: &TestApp) {
@@ -176,14 +171,7 @@ async fn rpcs_must_be_granted(app: &TestApp) {
     let status = app
         .client()
         .await
-        .create_record(authed(
-            LOGIN.token,
-            CreateRecordRequest {
-                identity: Some(zhang_san()),
-                request_id: String::new(),
-                ..Default::default()
-            },
-        ))
+        .create_record(authed(LOGIN.token, create_request(zhang_san(), "")))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
@@ -222,14 +210,7 @@ async fn invalid_identities_are_refused_field_by_field(app: &TestApp) {
             ..zhang_san()
         };
         let status = client
-            .create_record(authed(
-                CLAIMS.token,
-                CreateRecordRequest {
-                    identity: Some(identity),
-                    request_id: String::new(),
-                    ..Default::default()
-                },
-            ))
+            .create_record(authed(CLAIMS.token, create_request(identity, "")))
             .await
             .unwrap_err();
         assert_eq!(bad_fields(&status), ["id_number"]);
@@ -247,14 +228,7 @@ async fn invalid_identities_are_refused_field_by_field(app: &TestApp) {
         ..zhang_san()
     };
     let status = client
-        .create_record(authed(
-            CLAIMS.token,
-            CreateRecordRequest {
-                identity: Some(identity),
-                request_id: String::new(),
-                ..Default::default()
-            },
-        ))
+        .create_record(authed(CLAIMS.token, create_request(identity, "")))
         .await
         .unwrap_err();
     let mut fields = bad_fields(&status);
@@ -325,16 +299,7 @@ async fn duplicate_documents_are_refused_without_naming_the_other_record(app: &T
 
 async fn retried_creates_are_idempotent(app: &TestApp) {
     let mut client = app.client().await;
-    let request = |identity| {
-        authed(
-            CLAIMS.token,
-            CreateRecordRequest {
-                identity: Some(identity),
-                request_id: "req-42".into(),
-                ..Default::default()
-            },
-        )
-    };
+    let request = |identity| authed(CLAIMS.token, create_request(identity, "req-42"));
     let first = client
         .create_record(request(zhang_san()))
         .await
@@ -519,7 +484,7 @@ async fn deletion_shreds_the_record(app: &TestApp) {
         ))
         .await;
     assert_eq!(tombstones, 1);
-    if app.backend == support::Backend::Sqlite {
+    if app.backend == crate::support::Backend::Sqlite {
         // Not even in free pages of the file (PostgreSQL leaves dead row versions to VACUUM;
         // destroying the KEK versions is what reaches those, and backups).
         app.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").await;

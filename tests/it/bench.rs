@@ -3,23 +3,19 @@
 //! and that every request the harness makes is one the vault accepts; they never look at
 //! how fast anything was.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
 // The load generator is a module of the `pdvault` binary, not of the library: compiled in
 // here too, so its report is checked as typed values rather than parsed back from text.
-#[path = "../src/bench/mod.rs"]
+#[path = "../../src/bench/mod.rs"]
 #[allow(dead_code)]
-mod bench;
+mod generator;
 
 use std::time::Duration;
 
-use bench::{BenchOptions, Mix, Report, TargetSpec};
+use crate::support::{CLAIMS, TestApp};
+use generator::{BenchOptions, Mix, Report, TargetSpec};
 use pdvault::cli::{
     DEFAULT_BENCH_FIELDS as DEFAULT_FIELDS, DEFAULT_BENCH_PURPOSE as DEFAULT_PURPOSE,
 };
-use support::{CLAIMS, TestApp};
 
 fn options(target: TargetSpec) -> BenchOptions {
     BenchOptions {
@@ -64,7 +60,7 @@ fn assert_all_succeeded(report: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
-    let report = bench::run(BenchOptions {
+    let report = generator::run(BenchOptions {
         baseline: true,
         // A call counts only if it starts and ends inside the window; a debug-build batch of
         // 100 creates on a loaded machine can take longer than the other tests' 300 ms.
@@ -115,7 +111,7 @@ async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
     // Batch phases count records as well as calls.
     for phase in &report.phases[4..6] {
         let rpc = &phase.rpcs[0];
-        assert_eq!(rpc.records_per_call, bench::BATCH);
+        assert_eq!(rpc.records_per_call, generator::BATCH);
         assert_eq!(rpc.records_per_sec, rpc.vault.req_per_sec * 100.0);
     }
     let half = &report.phases[6];
@@ -156,7 +152,7 @@ async fn in_process_run_with_baseline_reports_every_rpc_and_its_ratio() {
 }
 
 async fn a_mixed_run_against_a_running_vault(app: &TestApp) {
-    let report = bench::run(BenchOptions {
+    let report = generator::run(BenchOptions {
         mix: Some(Mix::parse("get=4,find=2,check=2,create=1").unwrap()),
         ..options(TargetSpec::External {
             addr: app.addr.to_string(),

@@ -4,13 +4,12 @@
 //!
 //! Loops are bounded in count and time and talk to the test's own server on loopback.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::fixtures::*;
+use crate::support::{
+    ANALYTICS, Backend, CLAIMS, COMPLIANCE, LOGIN, SECURITY, TestApp, authed, join_all,
+};
 use pdvault::audit::{AuditEvent, AuditLog, Problem};
 use pdvault::config::Config;
 use pdvault::policy::{CallerConfig, token_sha256_hex};
@@ -25,8 +24,6 @@ use pdvault::proto::{
     RevokeGuardianConsentRequest, RotateKeyEncryptionKeyRequest, SuspendAccountRequest,
     UpdateRecordRequest, find_records_request, record_guardian_consent_request,
 };
-use support::fixtures::*;
-use support::{ANALYTICS, Backend, CLAIMS, COMPLIANCE, LOGIN, SECURITY, TestApp, authed, join_all};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -359,14 +356,7 @@ async fn a1_every_request_string_is_checked_at_the_edge(app: &TestApp) {
         );
         check(
             vault
-                .create_record(authed(
-                    CLAIMS.token,
-                    CreateRecordRequest {
-                        identity: Some(li_si()),
-                        request_id: bad.clone(),
-                        ..Default::default()
-                    },
-                ))
+                .create_record(authed(CLAIMS.token, create_request(li_si(), bad.clone())))
                 .await
                 .unwrap_err(),
             "request_id",
@@ -850,7 +840,9 @@ async fn a4_a_required_justification_is_visible_text(app: &TestApp) {
         .get_record(read(COMPLIANCE.token, id, "legal-compliance", basis))
         .await
         .unwrap();
-    let disclosures = AuditClient::new(app.channel().await)
+    let disclosures = app
+        .audit_client()
+        .await
         .list_disclosures(authed(
             COMPLIANCE.token,
             ListDisclosuresRequest {
@@ -877,13 +869,7 @@ async fn b6_refused_writes_are_audited(app: &TestApp) {
     let channel = app.channel().await;
     let mut vault = VaultClient::new(channel.clone());
     let duplicate = vault
-        .create_record(authed(
-            CLAIMS.token,
-            CreateRecordRequest {
-                identity: Some(zhang_san()),
-                ..Default::default()
-            },
-        ))
+        .create_record(authed(CLAIMS.token, create_request(zhang_san(), "")))
         .await
         .unwrap_err();
     assert_eq!(error_reason(&duplicate), "DUPLICATE_IDENTITY");
@@ -1047,7 +1033,9 @@ async fn b7_check_account_is_audited_like_a_read(app: &TestApp) {
         .await
         .unwrap_err();
     assert_eq!(error_reason(&refused), "OPERATION_NOT_GRANTED");
-    let events = AuditClient::new(app.channel().await)
+    let events = app
+        .audit_client()
+        .await
         .list_audit_events(authed(
             COMPLIANCE.token,
             ListAuditEventsRequest {
@@ -1363,14 +1351,7 @@ async fn d13_rekey_moves_notes_and_inline_guardians(app: &TestApp) {
 async fn d14_a_retried_create_never_revives_a_deleted_record(app: &TestApp) {
     let mut client = app.client().await;
     let create = |identity: Identity, request_id: &str| {
-        authed(
-            CLAIMS.token,
-            CreateRecordRequest {
-                identity: Some(identity),
-                request_id: request_id.into(),
-                ..Default::default()
-            },
-        )
+        authed(CLAIMS.token, create_request(identity, request_id))
     };
     let first = client
         .create_record(create(zhang_san(), "req-7"))
@@ -1580,7 +1561,7 @@ async fn d15_events_naming_several_records_are_in_each_persons_trail(app: &TestA
 // --- D18. Time filters are real instants ----------------------------------------------------
 
 async fn d18_time_filters_out_of_range_are_invalid(app: &TestApp) {
-    let mut audit = AuditClient::new(app.channel().await);
+    let mut audit = app.audit_client().await;
     let at = |seconds, nanos| Some(prost_types::Timestamp { seconds, nanos });
     for (start, end, field) in [
         (at(253_402_300_800, 0), None, "start_time"),

@@ -12,7 +12,7 @@
 //! skip their tests.
 //!
 //! This file must not name `pdvault::` or `crate::` items: it is compiled into the library's
-//! unit tests and into every integration-test binary alike.
+//! unit tests and into the integration-test binary (`tests/it`) alike.
 
 use std::fmt;
 use std::path::Path;

@@ -2,20 +2,14 @@
 //! resumes after a restart, the audit events of calls in flight are all committed, the trail
 //! verifies afterwards, and the vault is down within its grace period. On both backends.
 
-// A test crate stops at the first broken expectation: unwrapping is how it says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::time::{Duration, Instant};
 
-use pdvault::proto::key_management_client::KeyManagementClient;
+use crate::support::fixtures::reason;
+use crate::support::{Backend, CLAIMS, TestApp, authed};
 use pdvault::proto::{
     self, BatchCreateRecordsRequest, CreateRecordRequest, GetRecordRequest, Identity,
     RewrapRecordsRequest, RotateKeyEncryptionKeyRequest,
 };
-use support::fixtures::reason;
-use support::{Backend, CLAIMS, TestApp, authed};
 use tonic::Code;
 
 const RECORDS: usize = 200;
@@ -57,12 +51,9 @@ async fn create_records(app: &TestApp) -> Vec<String> {
     ids
 }
 
-async fn keys_client(app: &TestApp) -> KeyManagementClient<tonic::transport::Channel> {
-    KeyManagementClient::new(app.channel().await)
-}
-
 async fn rotate(app: &TestApp) {
-    let rotated = keys_client(app)
+    let rotated = app
+        .keys_client()
         .await
         .rotate_key_encryption_key(authed(
             &app.admin_token,
@@ -75,7 +66,7 @@ async fn rotate(app: &TestApp) {
 }
 
 async fn rewrap_stream(app: &TestApp, batch_size: u32) -> tonic::Streaming<proto::RewrapProgress> {
-    keys_client(app)
+    app.keys_client()
         .await
         .rewrap_records(authed(
             &app.admin_token,
