@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use figment::Provider;
 use figment::providers::{Format, Toml};
 
-use crate::app::{AdminToken, StartupError, build_policy};
+use crate::app::build::{AdminToken, StartupError, build_policy};
 use crate::config::{Config, ConfigError, FlagOverrides};
 use crate::grpc::limits::{FIXED_LIMITS, LiveLimits};
 use crate::policy::Policy;
