@@ -468,6 +468,16 @@ fn session_lost(error: &Pkcs11Error) -> bool {
     )
 }
 
+/// How often a listing of the token's KEKs is taken again when reading one object failed.
+const LISTING_ATTEMPTS: u32 = 5;
+
+/// Where one pass of a KEK listing failed: the search itself, or reading an object it found
+/// (which another session may have changed since).
+enum ListError {
+    Search(Pkcs11Error),
+    ObjectRead(Pkcs11Error),
+}
+
 /// Errors by which the module refuses the bytes it was given to unwrap or decrypt: a wrong
 /// KEK, a changed wrap, a wrong tag or record. Those are the stored data failing
 /// authentication (fail closed, not retried); anything else (a device error, memory, a
@@ -614,6 +624,29 @@ impl Pkcs11Module {
         })
     }
 
+    /// One pass of [`KekModule::versions`]: the search, then each object's label.
+    fn list_versions(&self, session: &Session) -> Result<Vec<u32>, ListError> {
+        let objects = session
+            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+            .map_err(ListError::Search)?;
+        let mut versions = Vec::new();
+        for object in objects {
+            let attributes = session
+                .get_attributes(object, &[AttributeType::Label])
+                .map_err(ListError::ObjectRead)?;
+            for attribute in attributes {
+                if let Attribute::Label(label) = attribute {
+                    let version = std::str::from_utf8(&label)
+                        .ok()
+                        .and_then(|label| label.strip_prefix(&self.prefix))
+                        .and_then(|number| number.parse::<u32>().ok());
+                    versions.extend(version);
+                }
+            }
+        }
+        Ok(versions)
+    }
+
     fn label(&self, version: u32) -> Vec<u8> {
         format!("{}{version}", self.prefix).into_bytes()
     }
@@ -667,19 +700,24 @@ fn gcm<'a>(iv: &'a mut [u8], aad: &'a [u8]) -> Result<Mechanism<'a>, Pkcs11Error
 impl KekModule for Pkcs11Module {
     fn versions(&self) -> Result<Vec<u32>, KeyError> {
         let mut versions = self.call(0, |session| {
-            let mut versions = Vec::new();
-            for object in session.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])? {
-                for attribute in session.get_attributes(object, &[AttributeType::Label])? {
-                    if let Attribute::Label(label) = attribute {
-                        let version = std::str::from_utf8(&label)
-                            .ok()
-                            .and_then(|label| label.strip_prefix(&self.prefix))
-                            .and_then(|number| number.parse::<u32>().ok());
-                        versions.extend(version);
+            // The search covers every secret key of a token that other deployments and
+            // instances share, and it is not atomic with the reads of each object's label
+            // that follow: an object destroyed in between, or its handle reused by a new
+            // one, fails its read (SoftHSM2 answers with whatever code the half-changed
+            // object gives: CKR_OBJECT_HANDLE_INVALID, CKR_GENERAL_ERROR,
+            // CKR_ATTRIBUTE_VALUE_INVALID, a length that changed between the two reads).
+            // So a listing that fails on one object is taken again from the search; only
+            // a failure that persists is the module's.
+            let mut attempt = 1;
+            loop {
+                match self.list_versions(session) {
+                    Err(ListError::ObjectRead(_)) if attempt < LISTING_ATTEMPTS => attempt += 1,
+                    Err(ListError::ObjectRead(error) | ListError::Search(error)) => {
+                        return Err(error.into());
                     }
+                    Ok(versions) => return Ok(versions),
                 }
             }
-            Ok(versions)
         })?;
         versions.sort_unstable();
         versions.dedup();

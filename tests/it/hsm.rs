@@ -639,3 +639,75 @@ fn write_hsm_golden_vectors() {
     text.push('\n');
     std::fs::write(out, text).unwrap();
 }
+
+/// Listing a deployment's KEKs while other objects of the token come and go never fails.
+/// The listing searches every secret-key object of the token (labels cannot be searched by
+/// prefix) and then reads each one's label; an object destroyed in between, its handle
+/// perhaps already reused by a new one, is not one of the listing's KEKs. Other processes
+/// (vault instances of other deployments) change the token in production the way this
+/// test's own session does here, outside the provider's serialisation of its calls.
+#[test]
+fn listing_kek_versions_survives_other_objects_coming_and_going() {
+    use pdvault::keys::KekProvider;
+    use pdvault::keys::pkcs11::Pkcs11KekProvider;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let _turn = TOKEN.blocking_lock();
+    let mut config = softhsm::config("churn");
+    config.key_label_prefix = unique_prefix("churn");
+    let provider = Pkcs11KekProvider::open(&config).unwrap();
+    provider.provision(1).unwrap();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let churn = rw_token_session(&config);
+            let mut round = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                // Labels of varying length, so a reused handle's label changes size.
+                let label = format!("{}-{}", "x".repeat((round % 40) as usize), round);
+                // SoftHSM2 itself now and then refuses a create racing a search of
+                // another thread (CKR_GENERAL_ERROR, CKR_TEMPLATE_INCONSISTENT): this
+                // thread only makes churn, so such a round is skipped.
+                if let Ok(object) = churn.create_object(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(cryptoki::object::KeyType::AES),
+                    Attribute::Value(vec![7; 32]),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Label(label.into_bytes()),
+                ]) {
+                    let _ = churn.destroy_object(object);
+                }
+                round += 1;
+            }
+        });
+        let failed: Vec<String> = (0..2000)
+            .filter_map(|_| provider.versions().err())
+            .map(|error| format!("{error:?}"))
+            .collect();
+        done.store(true, Ordering::Relaxed);
+        assert!(
+            failed.is_empty(),
+            "{} of 2000 listings failed, first: {:?}",
+            failed.len(),
+            failed.first()
+        );
+    });
+    assert_eq!(provider.versions().unwrap(), vec![1]);
+    provider.destroy(1).unwrap();
+}
+
+/// A read-write session of the test's own on the token.
+fn rw_token_session(config: &pdvault::config::Pkcs11Config) -> Session {
+    let module = Pkcs11::new(&config.module).unwrap();
+    let _ = module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = module
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| module.get_token_info(*slot).unwrap().label().trim_end() == config.token_label)
+        .unwrap();
+    let session = module.open_rw_session(slot).unwrap();
+    let _ = session.login(UserType::User, Some(&AuthPin::from("1234".to_owned())));
+    session
+}
