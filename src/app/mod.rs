@@ -22,7 +22,7 @@
 //! Serving stacks every gRPC service (vault, audit, account security, admin, health,
 //! reflection v1 and v1alpha) behind the same layers: request ids and metrics outermost, then
 //! admission (authentication, rates, the request read under a deadline, the concurrency
-//! cap; see [`crate::grpc::admission`]), then the timeout. Connections come from
+//! cap; see [`crate::grpc::admission`], which holds the three layers in order), then the timeout. Connections come from
 //! [`crate::app::transport::Incoming`] (per-peer limit, idle limit, TCP keepalive, back-off when
 //! descriptors run out); each advertises `limits.max_streams_per_connection` and is pinged
 //! over HTTP/2 so a dead peer's connection is closed.
@@ -71,7 +71,7 @@ use crate::app::reload::{ConfigSource, PolicyReloader};
 use crate::app::transport::ConnectionLimits;
 use crate::audit::AuditLog;
 use crate::config::{AuditConfig, Config};
-use crate::grpc::admission::AdmissionLayer;
+use crate::grpc::admission;
 use crate::grpc::keys::KeyManagementService;
 use crate::grpc::limits::LiveLimits;
 use crate::grpc::{AccountSecurityService, AuditService, VaultService};
@@ -81,7 +81,6 @@ use crate::proto::audit_server::AuditServer;
 use crate::proto::key_management_server::KeyManagementServer;
 use crate::proto::vault_server::VaultServer;
 use crate::tasks::Tasks;
-use crate::telemetry::RequestLayer;
 use crate::vault::accounts::AccountRules;
 use crate::vault::key_admin::KeyAdmin;
 use crate::vault::{Clock, SystemClock, Vault};
@@ -293,14 +292,7 @@ impl Application {
             self.reloader.clone(),
         ))
         .max_decoding_message_size(limits.max_message_bytes);
-        let layers = tower::ServiceBuilder::new()
-            .layer(RequestLayer)
-            .layer(AdmissionLayer::new(
-                Arc::clone(&self.vault),
-                Arc::clone(&self.limits),
-                limits,
-            ))
-            .layer(self.limits.timeout_layer());
+        let layers = admission::layers(Arc::clone(&self.vault), Arc::clone(&self.limits), limits);
         let connections = ConnectionLimits::from_config(limits);
         let mut builder = tonic::transport::Server::builder()
             .max_concurrent_streams(limits.max_streams_per_connection.max(1))

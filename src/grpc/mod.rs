@@ -73,12 +73,12 @@ pub(crate) async fn call_context<T>(
     // The request layer replaces a malformed client id with one of its own and says so.
     if request
         .extensions()
-        .get::<crate::telemetry::ClientRequestIdRefused>()
+        .get::<admission::ClientRequestIdRefused>()
         .is_some()
     {
         violations.push(crate::domain::edge::request_id_violation());
     }
-    let request_id = match header(crate::telemetry::REQUEST_ID_HEADER) {
+    let request_id = match header(admission::REQUEST_ID_HEADER) {
         Some(raw) => match crate::domain::edge::check_request_id(raw) {
             Ok(()) => Some(String::from_utf8_lossy(raw).into_owned()),
             Err(violation) => {
