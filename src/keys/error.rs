@@ -75,7 +75,7 @@ pub enum KeyError {
     #[error("keyring: {0}")]
     Keyring(#[from] KeyringError),
     #[error("storage: {0}")]
-    Store(StoreError),
+    Store(#[source] StoreError),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
     /// The database names a version whose material this instance cannot find, even after
@@ -121,3 +121,19 @@ impl From<StoreError> for KeyError {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    /// A storage failure stays the cause of the key error it becomes, so logs that walk
+    /// `source()` show it.
+    #[test]
+    fn a_storage_failure_is_the_key_errors_source() {
+        let error = KeyError::from(StoreError::Unavailable("closed".to_owned()));
+        assert!(matches!(error, KeyError::Store(_)));
+        let source = error.source().expect("the store error is the source");
+        assert_eq!(source.to_string(), "database unavailable: closed");
+    }
+}
