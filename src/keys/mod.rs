@@ -82,9 +82,13 @@ pub use index::{IndexKeyPair, IndexKeys};
 pub use local::LocalKekProvider;
 pub use manager::{KeyKind, KeyManager, KeyStatus, KeyVersionInfo, KeyVersionState, RotateOutcome};
 
-/// Holds KEK material and performs wrap and unwrap with it. Implementations are
-/// synchronous: the local provider reads a small file and the PKCS#11 one calls into the
-/// module, both brief enough to run on the async workers.
+/// Holds KEK material and performs wrap and unwrap with it. The methods are synchronous,
+/// and each implementation keeps them off the async workers' time in its own way: the local
+/// provider wraps and unwraps in memory and touches the keyring file only to provision,
+/// destroy or re-read versions (a small file, rarely); the PKCS#11
+/// provider hands every module call to the module's own thread and waits for the answer,
+/// announced with `tokio::task::block_in_place` on a worker, so a slow device never holds
+/// a worker's other tasks (see [`pkcs11`], "The module's thread").
 pub trait KekProvider: Send + Sync + 'static {
     /// The name wrapped keys carry for this provider (`local`, `hsm`).
     fn key_id(&self) -> &str;
