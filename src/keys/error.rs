@@ -105,6 +105,27 @@ pub enum KeyError {
     Destroyed { version: u32 },
 }
 
+impl KeyError {
+    /// The reason clients see in this error's ErrorInfo (`grpc/status.rs` picks the code)
+    /// and the one a refused call's audit event records: written once, here.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            KeyError::NoSuchVersion(_) => "KEY_VERSION_NOT_FOUND",
+            KeyError::WrongState { .. } => "KEY_VERSION_STATE",
+            KeyError::InUse { .. } => "KEY_VERSION_IN_USE",
+            KeyError::Destroyed { .. } => "KEY_VERSION_DESTROYED",
+            KeyError::Crypto(CryptoError::Integrity) => "CIPHERTEXT_INVALID",
+            KeyError::Store(_) => "STORAGE_UNAVAILABLE",
+            KeyError::MaterialMissing { .. }
+            | KeyError::IndexMaterialMissing { .. }
+            | KeyError::Keyring(_)
+            | KeyError::Crypto(_)
+            | KeyError::Hsm(_)
+            | KeyError::SecretFile(_) => "KEY_UNAVAILABLE",
+        }
+    }
+}
+
 impl From<StoreError> for KeyError {
     fn from(error: StoreError) -> KeyError {
         match error {
