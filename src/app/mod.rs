@@ -365,9 +365,16 @@ impl Application {
             );
         }
         // Calls still holding a vault handle now get AUDIT_UNAVAILABLE: nothing leaves
-        // unaudited. What is queued is flushed before the writer stops.
+        // unaudited. What is queued is flushed before the writer stops. The writer gets a
+        // grace period of its own, counted from here, even when the first one is spent: it
+        // holds events that were accepted before the signal. What follows shares that one
+        // deadline, so the whole shutdown takes at most two grace periods from the signal
+        // (plus the final checkpoint's write).
         self.vault.audit().close();
-        let drained = tokio::time::timeout(grace, self.audit_writer).await.is_ok();
+        let closing = Instant::now() + grace;
+        let drained = tokio::time::timeout_at(closing, self.audit_writer)
+            .await
+            .is_ok();
         if !drained {
             tracing::error!("audit writer did not drain within the grace period");
         }
@@ -386,15 +393,15 @@ impl Application {
             }
             signer.close();
         }
-        if !infrastructure.stop(Instant::now() + grace).await {
+        if !infrastructure.stop(closing).await {
             tracing::warn!(
                 running = infrastructure.len(),
                 "the key-state watcher or a metrics scrape did not stop within the grace period"
             );
         }
         // A call abandoned at the end of the grace period may still hold a connection;
-        // closing waits for it no longer than the grace period either.
-        if tokio::time::timeout(grace, self.vault.store().close())
+        // closing waits for it no longer than the writer's deadline either.
+        if tokio::time::timeout_at(closing, self.vault.store().close())
             .await
             .is_err()
         {
