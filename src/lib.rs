@@ -4,7 +4,7 @@
 // Nothing in the vault needs unsafe code (the PKCS#11 binding is safe), so none may appear;
 // `forbid`, unlike Cargo.toml's `deny`, cannot be allowed again further down. The unit-test
 // build keeps `deny`: it includes the suite's machine check, which runs before `main`
-// through `ctor` (tests/support/environment.rs).
+// through `ctor` (tests/it/support/environment.rs).
 #![cfg_attr(not(test), forbid(unsafe_code))]
 
 pub mod app;

@@ -22,7 +22,7 @@
 //! Serving stacks every gRPC service (vault, audit, account security, admin, health,
 //! reflection v1 and v1alpha) behind the same layers: request ids and metrics outermost, then
 //! admission (authentication, rates, the request read under a deadline, the concurrency
-//! cap; see [`crate::grpc::admission`]), then the timeout. Connections come from
+//! cap; see [`crate::grpc::admission`], which holds the three layers in order), then the timeout. Connections come from
 //! [`crate::app::transport::Incoming`] (per-peer limit, idle limit, TCP keepalive, back-off when
 //! descriptors run out); each advertises `limits.max_streams_per_connection` and is pinged
 //! over HTTP/2 so a dead peer's connection is closed.
@@ -71,7 +71,7 @@ use crate::app::reload::{ConfigSource, PolicyReloader};
 use crate::app::transport::ConnectionLimits;
 use crate::audit::AuditLog;
 use crate::config::{AuditConfig, Config};
-use crate::grpc::admission::AdmissionLayer;
+use crate::grpc::admission;
 use crate::grpc::keys::KeyManagementService;
 use crate::grpc::limits::LiveLimits;
 use crate::grpc::{AccountSecurityService, AuditService, VaultService};
@@ -81,7 +81,6 @@ use crate::proto::audit_server::AuditServer;
 use crate::proto::key_management_server::KeyManagementServer;
 use crate::proto::vault_server::VaultServer;
 use crate::tasks::Tasks;
-use crate::telemetry::RequestLayer;
 use crate::vault::accounts::AccountRules;
 use crate::vault::key_admin::KeyAdmin;
 use crate::vault::{Clock, SystemClock, Vault};
@@ -293,14 +292,7 @@ impl Application {
             self.reloader.clone(),
         ))
         .max_decoding_message_size(limits.max_message_bytes);
-        let layers = tower::ServiceBuilder::new()
-            .layer(RequestLayer)
-            .layer(AdmissionLayer::new(
-                Arc::clone(&self.vault),
-                Arc::clone(&self.limits),
-                limits,
-            ))
-            .layer(self.limits.timeout_layer());
+        let layers = admission::layers(Arc::clone(&self.vault), Arc::clone(&self.limits), limits);
         let connections = ConnectionLimits::from_config(limits);
         let mut builder = tonic::transport::Server::builder()
             .max_concurrent_streams(limits.max_streams_per_connection.max(1))
@@ -373,9 +365,16 @@ impl Application {
             );
         }
         // Calls still holding a vault handle now get AUDIT_UNAVAILABLE: nothing leaves
-        // unaudited. What is queued is flushed before the writer stops.
+        // unaudited. What is queued is flushed before the writer stops. The writer gets a
+        // grace period of its own, counted from here, even when the first one is spent: it
+        // holds events that were accepted before the signal. What follows shares that one
+        // deadline, so the whole shutdown takes at most two grace periods from the signal
+        // (plus the final checkpoint's write).
         self.vault.audit().close();
-        let drained = tokio::time::timeout(grace, self.audit_writer).await.is_ok();
+        let closing = Instant::now() + grace;
+        let drained = tokio::time::timeout_at(closing, self.audit_writer)
+            .await
+            .is_ok();
         if !drained {
             tracing::error!("audit writer did not drain within the grace period");
         }
@@ -394,15 +393,15 @@ impl Application {
             }
             signer.close();
         }
-        if !infrastructure.stop(Instant::now() + grace).await {
+        if !infrastructure.stop(closing).await {
             tracing::warn!(
                 running = infrastructure.len(),
                 "the key-state watcher or a metrics scrape did not stop within the grace period"
             );
         }
         // A call abandoned at the end of the grace period may still hold a connection;
-        // closing waits for it no longer than the grace period either.
-        if tokio::time::timeout(grace, self.vault.store().close())
+        // closing waits for it no longer than the writer's deadline either.
+        if tokio::time::timeout_at(closing, self.vault.store().close())
             .await
             .is_err()
         {

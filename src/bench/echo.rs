@@ -218,7 +218,7 @@ pub async fn bind(
     let addr = listener
         .local_addr()
         .map_err(|e| BenchError::Io(format!("echo listener: {e}")))?;
-    // Built exactly as `startup::Application::run_until` builds the vault's server.
+    // tonic's server with `serve_with_incoming_shutdown`, as `app::Application::run_until` serves the vault.
     let serve = tonic::transport::Server::builder()
         .add_service(VaultServer::new(EchoVault))
         .serve_with_incoming_shutdown(pdvault::app::incoming(listener), shutdown);

@@ -81,6 +81,8 @@ const CONTEXT_LEN: usize = 16;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 pub const KEY_LEN: usize = 32;
+/// The most HKDF expands to with SHA-256 or SM3: 255 blocks of 32 bytes (RFC 5869).
+const HKDF_MAX_OUTPUT: usize = 255 * 32;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
@@ -138,20 +140,23 @@ impl Suite {
         }
     }
 
-    /// HKDF with the suite's hash (SHA-256 or SM3): `out.len()` bytes from `ikm` for `info`.
+    /// HKDF with the suite's hash (SHA-256 or SM3): `N` bytes from `ikm` for `info`.
     #[allow(
         clippy::expect_used,
-        reason = "callers ask for one key (32 bytes); HKDF refuses only more than 255 blocks"
+        reason = "HKDF refuses only more than 255 hash blocks, and the const assertion \
+                  keeps N (a key's length, fixed by the caller's array type) within them"
     )]
-    fn hkdf(self, salt: &[u8], ikm: &[u8], info: &[&[u8]], out: &mut [u8]) {
+    fn hkdf<const N: usize>(self, salt: &[u8], ikm: &[u8], info: &[&[u8]], out: &mut [u8; N]) {
+        // Both hashes have 32-byte blocks; a longer `out` does not compile.
+        const { assert!(N <= HKDF_MAX_OUTPUT) };
         let info = length_prefixed(info);
         match self {
             Suite::Aes256GcmHmacSha256 => hkdf::Hkdf::<Sha256>::new(Some(salt), ikm)
                 .expand(&info, out)
-                .expect("a key is far below HKDF's output limit"),
+                .expect("N is within HKDF's output limit, asserted at compile time"),
             Suite::Sm4GcmHmacSm3 => hkdf::Hkdf::<Sm3>::new(Some(salt), ikm)
                 .expand(&info, out)
-                .expect("a key is far below HKDF's output limit"),
+                .expect("N is within HKDF's output limit, asserted at compile time"),
         }
     }
 
@@ -546,7 +551,7 @@ impl Kek {
 
     /// The KEK `suite` wraps under: HKDF of the stored material with the suite's hash and
     /// label, so the stored key itself serves no algorithm.
-    fn derive(&self, suite: Suite, out: &mut [u8]) {
+    fn derive<const N: usize>(&self, suite: Suite, out: &mut [u8; N]) {
         suite.hkdf(
             b"pdvault.kek.v2",
             self.key.expose(),
@@ -560,12 +565,12 @@ impl Kek {
         match suite {
             Suite::Aes256GcmHmacSha256 => Kw::Aes(self.aes.get_or_init(|| {
                 let mut key = Zeroizing::new([0u8; 32]);
-                self.derive(suite, key.as_mut());
+                self.derive(suite, &mut key);
                 Box::new(aes_kw::AesKw::new((&*key).into()))
             })),
             Suite::Sm4GcmHmacSm3 => Kw::Sm4(self.sm4.get_or_init(|| {
                 let mut key = Zeroizing::new([0u8; 16]);
-                self.derive(suite, key.as_mut());
+                self.derive(suite, &mut key);
                 Box::new(aes_kw::AesKw::new((&*key).into()))
             })),
         }
@@ -797,7 +802,7 @@ impl StateKey {
                 self.suite.as_str().as_bytes(),
                 record_id.as_bytes(),
             ],
-            key.as_mut(),
+            &mut key,
         );
         DataKey::from_secret(SecretKey(key), self.suite)
     }

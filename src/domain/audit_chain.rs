@@ -101,7 +101,8 @@ pub struct CheckpointLink {
     pub signer: String,
     /// 1 for the signer's first checkpoint, one more for each after.
     pub counter: i64,
-    /// [`crate::crypto::AuditPublicKey::key_id`] of the key that signed.
+    /// `crypto::AuditPublicKey::key_id` of the key that signed (named, not linked: `domain`
+    /// imports no other module).
     pub key_id: String,
     /// Hash of the signer's previous checkpoint, or [`checkpoint_genesis`] for the first.
     #[serde(with = "hex_bytes")]

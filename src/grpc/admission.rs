@@ -1,9 +1,15 @@
-//! Admission: what a call must show before it may hold any of the server's capacity.
+//! The layers a gRPC call passes between the socket and its service, in order, all in this
+//! file so a reader follows a call through one: the request layer ([`RequestLayer`]: request
+//! id, span, completion log line, request metrics), admission ([`AdmissionLayer`]: what a
+//! call must show before it may hold any of the server's capacity), then the call timeout
+//! ([`TimeoutLayer`]). [`layers`] stacks them; `app` puts the stack in front of every
+//! service. The limits they apply and their state are `limits.rs`; the metric hooks are
+//! `telemetry::metrics`.
 //!
-//! A call that takes a slot of `limits.max_concurrent_requests` and then sends nothing holds
-//! that slot until its deadline; before this layer, 450 such streams on one connection from
-//! a client without a token shut every caller (and the health check) out. So, in order:
-//!
+//! Admission exists because a call that takes a slot of `limits.max_concurrent_requests`
+//! and then sends nothing holds that slot until its deadline; before this layer, 450 such
+//! streams on one connection from a client without a token shut every caller (and the
+//! health check) out. So, in order:
 //! 1. Health `Check` passes straight through: it reads a watch channel, costs nothing, and
 //!    a load balancer that sees it refused takes a loaded instance out for nothing. Health
 //!    `Watch` is another matter: a stream held open for as long as the peer likes, with a
@@ -26,7 +32,8 @@
 //!    compressed flag without `grpc-encoding`): framing errors are `INVALID_ARGUMENT` /
 //!    `MALFORMED_REQUEST`, the caller's error, not `INTERNAL`.
 //! 6. Only then does the call take a slot, refused with `UNAVAILABLE` / `OVERLOADED` when
-//!    none is free, and run under the call timeout.
+//!    none is free, and run under the call timeout (`DEADLINE_EXCEEDED` /
+//!    `REQUEST_TIMEOUT`, its handler dropped), read per call so a reload changes it.
 //!
 //! The handlers authenticate again (they need the caller and its policy snapshot, and audit
 //! in its name); this layer only decides who gets in.
@@ -35,15 +42,19 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::HeaderValue;
 use http_body_util::BodyExt;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-use tower::{Layer, Service};
+use tower::layer::util::{Identity, Stack};
+use tower::{Layer, Service, ServiceBuilder};
+use tracing::Instrument;
 
 use super::status::RequestError;
 use crate::config::LimitsConfig;
@@ -54,6 +65,146 @@ use crate::vault::Vault;
 const FRAME_HEADER_BYTES: usize = 5;
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// The metadata key a request id travels in, both ways.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Longest client-chosen request id kept; longer or non-printable ones are replaced.
+pub const MAX_REQUEST_ID_LEN: usize = crate::domain::edge::MAX_REQUEST_ID_BYTES;
+
+/// Marks a request whose client sent an `x-request-id` that is not printable ASCII of at
+/// most [`MAX_REQUEST_ID_LEN`] bytes: it was replaced by a generated one here, and the
+/// pdvault services refuse the call as `INVALID_ARGUMENT` (the value itself goes nowhere).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientRequestIdRefused;
+
+/// The stack [`layers`] builds (tower nests the first layer added outermost).
+pub type Layers = Stack<TimeoutLayer, Stack<AdmissionLayer, Stack<RequestLayer, Identity>>>;
+
+/// The layers in the order a call passes them: [`RequestLayer`] outermost (so even a refused
+/// call has a request id, a log line and its metrics), then [`AdmissionLayer`], then
+/// [`TimeoutLayer`] around the service.
+pub fn layers(
+    vault: Arc<Vault>,
+    limits: Arc<LiveLimits>,
+    config: &LimitsConfig,
+) -> ServiceBuilder<Layers> {
+    let timeout = TimeoutLayer::new(&limits);
+    ServiceBuilder::new()
+        .layer(RequestLayer)
+        .layer(AdmissionLayer::new(vault, limits, config))
+        .layer(timeout)
+}
+
+// 1. The request layer.
+
+/// Request ids, spans, completion logs and request metrics for every call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestLayer;
+
+impl<S> Layer<S> for RequestLayer {
+    type Service = RequestService<S>;
+
+    fn layer(&self, inner: S) -> RequestService<S> {
+        RequestService { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct RequestService<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for RequestService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Send,
+    S::Future: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let request_id = match request.headers().get(REQUEST_ID_HEADER) {
+            Some(value) if valid_request_id(value) => value.clone(),
+            sent => {
+                if sent.is_some() {
+                    // The pdvault services refuse the call; logs and the response still
+                    // carry an id to correlate the refusal by.
+                    request.extensions_mut().insert(ClientRequestIdRefused);
+                }
+                let generated = new_request_id();
+                // The handlers read the id from metadata, so the generated one goes there.
+                request
+                    .headers_mut()
+                    .insert(REQUEST_ID_HEADER, generated.clone());
+                generated
+            }
+        };
+        let method = crate::telemetry::metrics::method_label(request.uri().path());
+        let span = tracing::info_span!(
+            "call",
+            method,
+            request_id = request_id.to_str().unwrap_or_default()
+        );
+        let started = Instant::now();
+        let future = span.in_scope(|| self.inner.call(request));
+        Box::pin(
+            async move {
+                let mut result = future.await;
+                if let Ok(response) = &mut result {
+                    response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+                    // Unary errors are trailers-only responses, so their status is in the
+                    // headers; a response without one is an OK whose status trails the body,
+                    // unless it is not a gRPC answer at all (HTTP 415 for a request that was
+                    // not gRPC), which gRPC's HTTP mapping calls UNKNOWN.
+                    let code = match response.headers().get("grpc-status") {
+                        Some(value) => tonic::Code::from_bytes(value.as_bytes()),
+                        None if response.status() != http::StatusCode::OK => tonic::Code::Unknown,
+                        None => tonic::Code::Ok,
+                    };
+                    let elapsed = started.elapsed();
+                    crate::telemetry::metrics::record_request(method, code, elapsed);
+                    tracing::info!(
+                        code = ?code,
+                        elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                        "call finished"
+                    );
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+fn valid_request_id(value: &HeaderValue) -> bool {
+    crate::domain::edge::check_request_id(value.as_bytes()).is_ok()
+}
+
+#[allow(
+    clippy::expect_used,
+    reason = "`req_` and lower-case base32 are visible ASCII, always a header value"
+)]
+fn new_request_id() -> HeaderValue {
+    let mut bytes = [0u8; 12];
+    // Uniqueness is all a request id needs; should the OS generator fail, time will do.
+    if getrandom::fill(&mut bytes).is_err() {
+        let now = chrono::Utc::now().timestamp_micros().to_le_bytes();
+        bytes[..8].copy_from_slice(&now);
+    }
+    let id = format!(
+        "req_{}",
+        data_encoding::BASE32_NOPAD.encode(&bytes).to_lowercase()
+    );
+    HeaderValue::from_str(&id).expect("base32 is a valid header value")
+}
+
+// 2. Admission.
 
 /// What a request path is, for admission.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -351,6 +502,71 @@ fn peer_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
         })
 }
 
+// 3. The call timeout.
+
+/// Fails a call that runs longer than the configured timeout with `DEADLINE_EXCEEDED`,
+/// dropping (and so cancelling) its handler. The timeout is read per call, so a reload
+/// ([`LiveLimits::replace`]) changes it for the next call.
+#[derive(Clone)]
+pub struct TimeoutLayer {
+    timeout_ms: Arc<AtomicU64>,
+}
+
+impl TimeoutLayer {
+    /// The timeout `limits` hold, followed across reloads.
+    pub fn new(limits: &LiveLimits) -> TimeoutLayer {
+        TimeoutLayer {
+            timeout_ms: limits.request_timeout_ms(),
+        }
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout {
+            inner,
+            timeout_ms: Arc::clone(&self.timeout_ms),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Timeout<S> {
+    inner: S,
+    timeout_ms: Arc<AtomicU64>,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Timeout<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Send,
+    S::Future: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let future = self.inner.call(request);
+        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed).max(1));
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, future).await {
+                Ok(response) => response,
+                Err(_) => {
+                    tracing::warn!(timeout_ms = timeout.as_millis() as u64, "call timed out");
+                    Ok(Status::from(LimitError::Timeout).into_http())
+                }
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,5 +638,58 @@ mod tests {
             Kind::Unauthenticated
         );
         assert_eq!(kind("/pdvault.v1.Vault/GetRecord"), Kind::Service);
+    }
+
+    #[test]
+    fn request_ids_are_bounded_and_printable() {
+        assert!(valid_request_id(&HeaderValue::from_static("abc-123")));
+        assert!(!valid_request_id(&HeaderValue::from_static("")));
+        assert!(!valid_request_id(&HeaderValue::from_static("a b")));
+        let long = "a".repeat(MAX_REQUEST_ID_LEN + 1);
+        assert!(!valid_request_id(&HeaderValue::from_str(&long).unwrap()));
+        let generated = new_request_id();
+        assert!(valid_request_id(&generated));
+        assert_ne!(generated, new_request_id());
+    }
+
+    /// A service that answers OK when `release` fires.
+    fn held(
+        release: Arc<tokio::sync::Notify>,
+    ) -> impl Service<
+        http::Request<()>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future = BoxFuture<http::Response<tonic::body::Body>, std::convert::Infallible>,
+    > + Clone {
+        tower::service_fn(move |_: http::Request<()>| {
+            let release = Arc::clone(&release);
+            Box::pin(async move {
+                release.notified().await;
+                Ok(http::Response::new(tonic::body::Body::default()))
+            }) as BoxFuture<_, _>
+        })
+    }
+
+    #[tokio::test]
+    async fn timed_out_calls_carry_their_reason() {
+        use tower::ServiceExt;
+        let live = LiveLimits::new(&LimitsConfig {
+            request_timeout_ms: 10,
+            ..LimitsConfig::default()
+        });
+        let release = Arc::new(tokio::sync::Notify::new());
+        let mut timed = TimeoutLayer::new(&live).layer(held(release));
+        let late = timed
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap();
+        let status = Status::from_header_map(late.headers()).expect("a grpc-status");
+        assert_eq!(
+            reason(&status),
+            (tonic::Code::DeadlineExceeded, "REQUEST_TIMEOUT".to_owned())
+        );
     }
 }

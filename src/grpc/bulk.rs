@@ -12,9 +12,11 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::status::to_status;
-use super::{VaultService, identity_input, non_empty, record_message, release_level};
+use super::{
+    VaultService, identity_input, non_empty, record_message, release_level, release_message,
+};
 use crate::proto;
-use crate::vault::{CreateItem, ExportItem, ExportRequest, Release, VaultError};
+use crate::vault::{CreateItem, ExportItem, ExportRequest, VaultError};
 
 pub(super) type ExportStream =
     Pin<Box<dyn Stream<Item = Result<proto::ExportRecordsResponse, Status>> + Send>>;
@@ -33,27 +35,6 @@ fn item_status(error: VaultError) -> tonic_types::pb::Status {
         message: status.message().to_owned(),
         details: Vec::new(),
     })
-}
-
-pub(super) fn release_message(release: Release) -> proto::GetRecordResponse {
-    let fields = release
-        .fields
-        .into_iter()
-        .map(|(field, released)| {
-            (
-                field.as_str().to_owned(),
-                proto::ReleasedField {
-                    value: released.value,
-                    level: release_level(released.level) as i32,
-                },
-            )
-        })
-        .collect();
-    proto::GetRecordResponse {
-        record_id: release.record_id.into_string(),
-        fields,
-        etag: release.etag,
-    }
 }
 
 impl VaultService {

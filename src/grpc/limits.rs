@@ -2,9 +2,10 @@
 //! per call, caps on calls in flight with load shedding, a rate per caller and a rate per
 //! peer address for calls that prove no identity.
 //!
-//! The deadline is a tower layer around every gRPC service; the caps and rates are applied
-//! by the admission layer (`admission.rs`), which authenticates a call before it may take a
-//! slot. Both read them from [`LiveLimits`], which a policy reload replaces. Each refusal is
+//! This file holds the limits and their state; the layers that apply them are in
+//! `admission.rs`, with every other layer a call passes: the caps and rates in the admission
+//! layer, which authenticates a call before it may take a slot, and the deadline in the
+//! timeout layer. Both read them from [`LiveLimits`], which a policy reload replaces. Each refusal is
 //! a [`LimitError`], answered with its own gRPC status (`DEADLINE_EXCEEDED`, `UNAVAILABLE`,
 //! `RESOURCE_EXHAUSTED`, made in `status.rs`) so clients can tell "retry later" from a bug.
 //! Shedding refuses at once instead of queueing: a queue in front of a saturated database
@@ -12,24 +13,17 @@
 //! configuration and peer buckets are pruned, so their memory stays bounded.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::Status;
-use tower::{Layer, Service};
 
 use crate::config::LimitsConfig;
-
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 /// What the limits refuse a call for. Each becomes its gRPC status (code and ErrorInfo
 /// reason: `OVERLOADED`, `RATE_LIMITED`, `REQUEST_TIMEOUT`) in `status.rs`.
@@ -133,68 +127,6 @@ impl Drop for CallerSlot {
     }
 }
 
-/// Fails a call that runs longer than the configured timeout with `DEADLINE_EXCEEDED`,
-/// dropping (and so cancelling) its handler. The timeout is read per call, so a reload
-/// ([`LiveLimits::replace`]) changes it for the next call.
-#[derive(Clone)]
-pub struct TimeoutLayer {
-    timeout_ms: Arc<AtomicU64>,
-}
-
-impl TimeoutLayer {
-    pub fn new(timeout: Duration) -> TimeoutLayer {
-        TimeoutLayer {
-            timeout_ms: Arc::new(AtomicU64::new(timeout.as_millis() as u64)),
-        }
-    }
-}
-
-impl<S> Layer<S> for TimeoutLayer {
-    type Service = Timeout<S>;
-
-    fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout {
-            inner,
-            timeout_ms: Arc::clone(&self.timeout_ms),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Timeout<S> {
-    inner: S,
-    timeout_ms: Arc<AtomicU64>,
-}
-
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Timeout<S>
-where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Send,
-    S::Future: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = http::Response<ResBody>;
-    type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let future = self.inner.call(request);
-        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed).max(1));
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, future).await {
-                Ok(response) => response,
-                Err(_) => {
-                    tracing::warn!(timeout_ms = timeout.as_millis() as u64, "call timed out");
-                    Ok(Status::from(LimitError::Timeout).into_http())
-                }
-            }
-        })
-    }
-}
-
 /// The per-call limits in force: rates, slot caps and the read deadline, which the
 /// admission layer reads per call.
 pub struct CallLimits {
@@ -243,11 +175,11 @@ impl LiveLimits {
         self.current.load_full()
     }
 
-    /// The call timeout layer, reading the timeout these limits hold.
-    pub fn timeout_layer(&self) -> TimeoutLayer {
-        TimeoutLayer {
-            timeout_ms: Arc::clone(&self.request_timeout_ms),
-        }
+    /// The call timeout in force, in milliseconds: shared with the timeout layer
+    /// (`admission::TimeoutLayer`), which reads it per call, so a reload changes it for the
+    /// next call.
+    pub fn request_timeout_ms(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.request_timeout_ms)
     }
 
     /// Puts `config`'s per-call limits in force for the next call.
@@ -418,6 +350,8 @@ impl CallerRateLimiter {
 
 #[cfg(test)]
 mod tests {
+    use tonic::Status;
+
     use super::*;
 
     #[test]
@@ -471,24 +405,6 @@ mod tests {
             .map(|info| info.reason)
             .unwrap_or_default();
         (status.code(), reason)
-    }
-
-    /// A service that answers OK when `release` fires.
-    fn held(
-        release: Arc<tokio::sync::Notify>,
-    ) -> impl Service<
-        http::Request<()>,
-        Response = http::Response<tonic::body::Body>,
-        Error = std::convert::Infallible,
-        Future = BoxFuture<http::Response<tonic::body::Body>, std::convert::Infallible>,
-    > + Clone {
-        tower::service_fn(move |_: http::Request<()>| {
-            let release = Arc::clone(&release);
-            Box::pin(async move {
-                release.notified().await;
-                Ok(http::Response::new(tonic::body::Body::default()))
-            }) as BoxFuture<_, _>
-        })
     }
 
     #[test]
@@ -547,9 +463,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn shed_and_timed_out_calls_carry_their_reasons() {
-        use tower::ServiceExt;
+    #[test]
+    fn shed_calls_carry_their_reason() {
         let permits = Permits::new(1);
         let taken = permits.try_take().unwrap();
         let shed = Status::from(permits.try_take().unwrap_err());
@@ -560,19 +475,5 @@ mod tests {
         );
         drop(taken);
         assert!(permits.try_take().is_ok());
-
-        let release = Arc::new(tokio::sync::Notify::new());
-        let mut timed = TimeoutLayer::new(Duration::from_millis(10)).layer(held(release));
-        let late = timed
-            .ready()
-            .await
-            .unwrap()
-            .call(http::Request::new(()))
-            .await
-            .unwrap();
-        assert_eq!(
-            reason_of(&late),
-            (tonic::Code::DeadlineExceeded, "REQUEST_TIMEOUT".to_owned())
-        );
     }
 }

@@ -38,7 +38,7 @@ use crate::policy::{Caller, CertificateMatch, Policy};
 use crate::proto;
 use crate::store::{Micros, RecordMeta};
 use crate::vault::accounts::{AccountStatus, ConsentRequest, Guardian, Relationship};
-use crate::vault::{AuditSubject, CallContext, LookupKey, Vault, VaultError};
+use crate::vault::{AuditSubject, CallContext, LookupKey, Release, Vault, VaultError};
 use status::{RequestError, to_status};
 
 /// `pdvault.v1.Vault` over a shared [`Vault`]. Rate limits are the admission layer's, as
@@ -73,12 +73,12 @@ pub(crate) async fn call_context<T>(
     // The request layer replaces a malformed client id with one of its own and says so.
     if request
         .extensions()
-        .get::<crate::telemetry::ClientRequestIdRefused>()
+        .get::<admission::ClientRequestIdRefused>()
         .is_some()
     {
         violations.push(crate::domain::edge::request_id_violation());
     }
-    let request_id = match header(crate::telemetry::REQUEST_ID_HEADER) {
+    let request_id = match header(admission::REQUEST_ID_HEADER) {
         Some(raw) => match crate::domain::edge::check_request_id(raw) {
             Ok(()) => Some(String::from_utf8_lossy(raw).into_owned()),
             Err(violation) => {
@@ -244,7 +244,7 @@ impl proto::vault_server::Vault for VaultService {
                 .iter()
                 .map(|(_, released)| released.level.as_str()),
         );
-        Ok(Response::new(bulk::release_message(release)))
+        Ok(Response::new(release_message(release)))
     }
 
     async fn batch_get_records(
@@ -508,6 +508,29 @@ fn id_type(value: i32, field: &str) -> Result<Option<IdType>, Vec<Violation>> {
         Ok(P::Passport) => Ok(Some(IdType::Passport)),
         Ok(P::Other) => Ok(Some(IdType::Other)),
         Err(_) => Err(vec![violation(field, "is not a known IdType value")]),
+    }
+}
+
+/// A release as the `GetRecordResponse` that `GetRecord` answers and each released
+/// `BatchGetRecords` item carries: each field with the level it was released at.
+fn release_message(release: Release) -> proto::GetRecordResponse {
+    let fields = release
+        .fields
+        .into_iter()
+        .map(|(field, released)| {
+            (
+                field.as_str().to_owned(),
+                proto::ReleasedField {
+                    value: released.value,
+                    level: release_level(released.level) as i32,
+                },
+            )
+        })
+        .collect();
+    proto::GetRecordResponse {
+        record_id: release.record_id.into_string(),
+        fields,
+        etag: release.etag,
     }
 }
 

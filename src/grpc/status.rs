@@ -10,7 +10,11 @@
 //! limit, a key version), and for bad input a `google.rpc.BadRequest` naming every bad field.
 //!
 //! Codes and reasons are a contract: tests and the Python clients check them, and
-//! the README lists them. The unit tests below pin every variant to its code and reason.
+//! the README lists them. The code is chosen here; the ErrorInfo reason is the error's own
+//! `reason()` (`VaultError`, `KeyError`, `AdminError`, `RewrapError`), because a refused
+//! call's audit event records the same reason and the two must not drift apart. The unit
+//! tests below pin every variant to its code and reason, and the audit's reason to the
+//! status's.
 //!
 //! Causes below the surface (a database error, the module's error, a bug) are logged here
 //! and never returned: the client learns `STORAGE_UNAVAILABLE` or `INTERNAL`, the operator
@@ -137,7 +141,8 @@ impl From<VaultError> for Status {
 /// or its code and reason; storage and internal causes are logged, not returned.
 pub fn to_status(error: VaultError) -> Status {
     use VaultError as E;
-    let (code, reason) = match &error {
+    let reason = error.reason();
+    let code = match &error {
         E::InvalidArgument(violations) => {
             let mut details = ErrorDetails::with_bad_request(
                 violations
@@ -145,33 +150,33 @@ pub fn to_status(error: VaultError) -> Status {
                     .map(|v| FieldViolation::new(v.field.clone(), v.description()))
                     .collect::<Vec<_>>(),
             );
-            details.set_error_info(FIELD_INVALID, ERROR_DOMAIN, HashMap::new());
+            details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
             return Status::with_error_details(Code::InvalidArgument, error.to_string(), details);
         }
-        E::OperationNotGranted(_) => (Code::PermissionDenied, "OPERATION_NOT_GRANTED"),
-        E::PurposeNotGranted => (Code::PermissionDenied, "PURPOSE_NOT_GRANTED"),
-        E::RecordDeleted => (Code::FailedPrecondition, "RECORD_DELETED"),
-        E::AccountSuspended => (Code::FailedPrecondition, "ACCOUNT_SUSPENDED"),
-        E::GuardianConsentRequired => (Code::FailedPrecondition, "GUARDIAN_CONSENT_REQUIRED"),
-        E::GuardianNotAdult => (Code::FailedPrecondition, "GUARDIAN_NOT_ADULT"),
-        E::NotAMinor => (Code::FailedPrecondition, "NOT_A_MINOR"),
-        E::ExportNotAllowed => (Code::PermissionDenied, "EXPORT_NOT_ALLOWED"),
-        E::ExportChanged => (Code::FailedPrecondition, "EXPORT_CHANGED"),
-        E::NotFound => (Code::NotFound, "RECORD_NOT_FOUND"),
-        E::DuplicateIdentity => (Code::AlreadyExists, "DUPLICATE_IDENTITY"),
-        E::EtagMismatch => (Code::Aborted, "ETAG_MISMATCH"),
-        E::AuditUnavailable => (Code::Unavailable, "AUDIT_UNAVAILABLE"),
+        E::OperationNotGranted(_) | E::PurposeNotGranted | E::ExportNotAllowed => {
+            Code::PermissionDenied
+        }
+        E::RecordDeleted
+        | E::AccountSuspended
+        | E::GuardianConsentRequired
+        | E::GuardianNotAdult
+        | E::NotAMinor
+        | E::ExportChanged => Code::FailedPrecondition,
+        E::NotFound => Code::NotFound,
+        E::DuplicateIdentity => Code::AlreadyExists,
+        E::EtagMismatch => Code::Aborted,
+        E::AuditUnavailable => Code::Unavailable,
         E::DataLoss => {
             tracing::error!("a stored ciphertext failed authentication");
-            (Code::DataLoss, "CIPHERTEXT_INVALID")
+            Code::DataLoss
         }
         E::Storage(cause) => {
             tracing::error!(error = %cause, "storage failure");
-            return storage_unavailable();
+            return storage_unavailable(reason);
         }
         E::Crypto(_) | E::Task(_) | E::Encode(_) | E::Internal(_) => {
             tracing::error!(%error, "internal error");
-            return internal();
+            return internal(reason);
         }
         E::Key(cause) => return key_status(cause),
     };
@@ -185,75 +190,51 @@ pub fn to_status(error: VaultError) -> Status {
 /// Messages carry versions and counts, never material.
 pub fn key_status(error: &KeyError) -> Status {
     let message = error.to_string();
+    let reason = error.reason();
     let version = |version: &u32| [("version", version.to_string())];
     match error {
-        KeyError::NoSuchVersion(v) => error_info_with(
-            Code::NotFound,
-            &message,
-            "KEY_VERSION_NOT_FOUND",
-            version(v),
-        ),
-        KeyError::WrongState { version: v, .. } => error_info_with(
-            Code::FailedPrecondition,
-            &message,
-            "KEY_VERSION_STATE",
-            version(v),
-        ),
-        KeyError::InUse { version: v, .. } => error_info_with(
-            Code::FailedPrecondition,
-            &message,
-            "KEY_VERSION_IN_USE",
-            version(v),
-        ),
+        KeyError::NoSuchVersion(v) => error_info_with(Code::NotFound, &message, reason, version(v)),
+        KeyError::WrongState { version: v, .. } => {
+            error_info_with(Code::FailedPrecondition, &message, reason, version(v))
+        }
+        KeyError::InUse { version: v, .. } => {
+            error_info_with(Code::FailedPrecondition, &message, reason, version(v))
+        }
         KeyError::Destroyed { version: v } => {
-            crate::telemetry::metrics::record_denial("KEY_VERSION_DESTROYED");
-            error_info_with(
-                Code::FailedPrecondition,
-                &message,
-                "KEY_VERSION_DESTROYED",
-                version(v),
-            )
+            crate::telemetry::metrics::record_denial(reason);
+            error_info_with(Code::FailedPrecondition, &message, reason, version(v))
         }
         KeyError::MaterialMissing { version: v }
         | KeyError::IndexMaterialMissing { version: v } => {
             tracing::error!(error = %message, "key material unavailable");
-            error_info_with(Code::Unavailable, &message, "KEY_UNAVAILABLE", version(v))
+            error_info_with(Code::Unavailable, &message, reason, version(v))
         }
         KeyError::Crypto(crate::crypto::CryptoError::Integrity) => {
             tracing::error!("a wrapped key failed authentication");
-            error_info(
-                Code::DataLoss,
-                "stored data failed authentication",
-                "CIPHERTEXT_INVALID",
-            )
+            error_info(Code::DataLoss, "stored data failed authentication", reason)
         }
         KeyError::Store(cause) => {
             tracing::error!(error = %cause, "storage failure");
-            storage_unavailable()
+            storage_unavailable(reason)
         }
         KeyError::Keyring(_) | KeyError::Crypto(_) | KeyError::Hsm(_) | KeyError::SecretFile(_) => {
             tracing::error!(error = %message, "key provider failure");
-            error_info(
-                Code::Unavailable,
-                "key provider unavailable",
-                "KEY_UNAVAILABLE",
-            )
+            error_info(Code::Unavailable, "key provider unavailable", reason)
         }
     }
 }
 
 impl From<AdminError> for Status {
     fn from(error: AdminError) -> Status {
+        let reason = error.reason();
         match error {
-            AdminError::NotGranted(_) => error_info(
-                Code::PermissionDenied,
-                &error.to_string(),
-                "OPERATION_NOT_GRANTED",
-            ),
+            AdminError::NotGranted(_) => {
+                error_info(Code::PermissionDenied, &error.to_string(), reason)
+            }
             AdminError::Key(error) => key_status(&error),
             AdminError::Vault(error) => to_status(error),
             AdminError::AuditUnavailable => {
-                error_info(Code::Unavailable, &error.to_string(), "AUDIT_UNAVAILABLE")
+                error_info(Code::Unavailable, &error.to_string(), reason)
             }
             AdminError::Rewrap(error) => error.into(),
         }
@@ -262,21 +243,18 @@ impl From<AdminError> for Status {
 
 impl From<RewrapError> for Status {
     fn from(error: RewrapError) -> Status {
+        let reason = error.reason();
         match error {
             RewrapError::Key(error) => key_status(&error),
             RewrapError::Store(error) => to_status(VaultError::from(error)),
-            RewrapError::Failed { .. } | RewrapError::Stalled { .. } => error_info(
-                Code::FailedPrecondition,
-                &error.to_string(),
-                "REWRAP_INCOMPLETE",
-            ),
+            RewrapError::Failed { .. } | RewrapError::Stalled { .. } => {
+                error_info(Code::FailedPrecondition, &error.to_string(), reason)
+            }
             RewrapError::Cancelled => {
-                error_info(Code::Cancelled, "the rewrap job was cancelled", "CANCELLED")
+                error_info(Code::Cancelled, "the rewrap job was cancelled", reason)
             }
             // Retryable: the records say where the next job resumes.
-            RewrapError::Interrupted => {
-                error_info(Code::Unavailable, &error.to_string(), "REWRAP_INCOMPLETE")
-            }
+            RewrapError::Interrupted => error_info(Code::Unavailable, &error.to_string(), reason),
         }
     }
 }
@@ -292,18 +270,16 @@ pub fn policy_invalid(error: &dyn std::error::Error) -> Status {
     )
 }
 
-/// `UNAVAILABLE` / `STORAGE_UNAVAILABLE`: the cause is logged, never returned.
-fn storage_unavailable() -> Status {
-    error_info(
-        Code::Unavailable,
-        "storage unavailable",
-        "STORAGE_UNAVAILABLE",
-    )
+/// `UNAVAILABLE` / `STORAGE_UNAVAILABLE` (the error's `reason()`): the cause is logged,
+/// never returned.
+fn storage_unavailable(reason: &'static str) -> Status {
+    error_info(Code::Unavailable, "storage unavailable", reason)
 }
 
-/// `INTERNAL`, with its reason: the cause is logged, never returned.
-fn internal() -> Status {
-    error_info(Code::Internal, "internal error", "INTERNAL")
+/// `INTERNAL`, with its reason (the error's `reason()`): the cause is logged, never
+/// returned.
+fn internal(reason: &'static str) -> Status {
+    error_info(Code::Internal, "internal error", reason)
 }
 
 fn error_info(code: Code, message: &str, reason: &'static str) -> Status {
@@ -672,6 +648,105 @@ mod tests {
         let destroyed = key_status(&KeyError::Destroyed { version: 5 });
         let info = destroyed.get_details_error_info().unwrap();
         assert_eq!(info.metadata.get("version").map(String::as_str), Some("5"));
+    }
+
+    /// One of every kind of key error.
+    fn key_errors() -> Vec<KeyError> {
+        let path = || PathBuf::from("/keys");
+        vec![
+            KeyError::NoSuchVersion(3),
+            KeyError::WrongState {
+                version: 2,
+                state: "retired".into(),
+                wanted: "ACTIVE",
+            },
+            KeyError::InUse {
+                version: 2,
+                records: 7,
+            },
+            KeyError::Destroyed { version: 1 },
+            KeyError::MaterialMissing { version: 4 },
+            KeyError::IndexMaterialMissing { version: 4 },
+            KeyError::Crypto(CryptoError::Integrity),
+            KeyError::Crypto(CryptoError::KeyLength),
+            KeyError::Store(StoreError::Unavailable("closed".into())),
+            KeyError::Keyring(KeyringError::Missing { path: path() }),
+            KeyError::Hsm(HsmError::WrapLength),
+            KeyError::SecretFile(SecretFileError::Exposed {
+                path: path(),
+                mode: 0o644,
+            }),
+        ]
+    }
+
+    /// A refused call's audit event records the reason its caller's status carries, for
+    /// every error (bad input: the fields the BadRequest names), so the trail and the
+    /// client cannot tell two stories.
+    #[tokio::test]
+    async fn the_audit_records_the_reason_the_status_carries() {
+        let mut vault_errors = vec![
+            VaultError::OperationNotGranted("GetRecord"),
+            VaultError::PurposeNotGranted,
+            VaultError::NotFound,
+            VaultError::RecordDeleted,
+            VaultError::DuplicateIdentity,
+            VaultError::EtagMismatch,
+            VaultError::AccountSuspended,
+            VaultError::GuardianConsentRequired,
+            VaultError::GuardianNotAdult,
+            VaultError::NotAMinor,
+            VaultError::ExportNotAllowed,
+            VaultError::ExportChanged,
+            VaultError::DataLoss,
+            VaultError::AuditUnavailable,
+            VaultError::Storage(StoreError::Unavailable("closed".into())),
+            VaultError::Crypto(CryptoError::Random),
+            VaultError::Task(join_error().await),
+            VaultError::Encode(json_error()),
+            VaultError::Internal("a bug"),
+        ];
+        vault_errors.extend(key_errors().into_iter().map(VaultError::Key));
+        for error in vault_errors {
+            listed(&error);
+            let described = format!("{error:?}");
+            let (_, audited) = crate::vault::refusal_outcome(&error);
+            let status = to_status(error);
+            assert_eq!(audited, reason_of(&status), "{described}");
+        }
+        let invalid = VaultError::InvalidArgument(vec![
+            violation("record_id", "is required"),
+            violation("purpose", "is required"),
+        ]);
+        let (outcome, audited) = crate::vault::refusal_outcome(&invalid);
+        let status = to_status(invalid);
+        let fields: Vec<String> = status
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!((outcome, audited), ("INVALID_ARGUMENT", fields.join(",")));
+
+        let mut admin_errors = vec![
+            AdminError::NotGranted("RotateKeyEncryptionKey"),
+            AdminError::Vault(VaultError::OperationNotGranted("RekeyRecord")),
+            AdminError::Vault(VaultError::NotFound),
+        ];
+        admin_errors.extend(key_errors().into_iter().map(AdminError::Key));
+        for error in admin_errors {
+            let described = format!("{error:?}");
+            let (_, audited) = crate::vault::key_admin::refusal(&error)
+                .unwrap_or_else(|| panic!("{described} is audited"));
+            assert_eq!(audited, reason_of(&Status::from(error)), "{described}");
+        }
+        // Audited otherwise (the job's summary) or not at all (the trail is down).
+        for error in [
+            AdminError::AuditUnavailable,
+            AdminError::Rewrap(RewrapError::Cancelled),
+        ] {
+            assert!(crate::vault::key_admin::refusal(&error).is_none());
+        }
     }
 
     #[test]

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::crypto::{BlindIndexKey, PseudonymKey, SecretKey, Suite};
 
-use super::{KeyError, Keyring, add_index_version, remove_index_version};
+use super::error::KeyError;
+use super::{Keyring, add_index_version, remove_index_version};
 
 /// One index version's keys: the blind-index key (which also derives the state key that
 /// seals age gates) and the pseudonym key.

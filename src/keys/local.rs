@@ -11,7 +11,8 @@ use std::sync::{Mutex, RwLock};
 
 use crate::crypto::{DataKey, Kek, parse_wrap_header};
 
-use super::{KekProvider, KeyError, Keyring, LOCAL_KEY_ID, add_kek_version, remove_kek_version};
+use super::error::KeyError;
+use super::{KekProvider, Keyring, LOCAL_KEY_ID, add_kek_version, remove_kek_version};
 
 #[derive(Debug)]
 pub struct LocalKekProvider {

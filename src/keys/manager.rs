@@ -23,11 +23,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::crypto::{AuditSigningKey, CryptoError, DataKey, Suite, parse_wrap_header};
+use crate::crypto::{AuditSigningKey, DataKey, Suite, parse_wrap_header};
 use crate::domain::ids::RecordId;
 use crate::store::{KeyVersionRow, Micros, Store, StoreError};
 
-use super::{IndexKeyPair, IndexKeys, KekProvider, KeyringError, ResidentKeys};
+use super::error::KeyError;
+use super::index::{IndexKeyPair, IndexKeys};
+use super::{KekProvider, ResidentKeys};
 
 /// The `key_versions.key_kind` of key-encryption keys.
 pub const KEK_KIND: &str = "kek";
@@ -50,79 +52,6 @@ impl KeyKind {
         match self {
             KeyKind::Kek => KEK_KIND,
             KeyKind::Index => INDEX_KIND,
-        }
-    }
-}
-
-/// What the PKCS#11 provider (`pkcs11.rs`) fails with, besides a KEK the module does not
-/// hold ([`KeyError::MaterialMissing`]) and a refused unwrap ([`CryptoError::Integrity`]).
-/// Defined here, beside [`KeyError`], so that `keys` need not import the provider.
-#[derive(Debug, thiserror::Error)]
-pub enum HsmError {
-    /// The module's own error (device, session, memory, mechanism).
-    #[error("{0}")]
-    Module(#[source] cryptoki::error::Error),
-    #[error("no token labelled {0}")]
-    NoToken(String),
-    #[error("the module's KEKs are AES-256: SM4 data keys are wrapped by the local provider")]
-    Sm4DataKey,
-    #[error("the module returned a wrap of unexpected length")]
-    WrapLength,
-    /// The thread that makes every module call could not be started.
-    #[error("cannot start the PKCS#11 thread")]
-    ThreadStart(#[source] std::io::Error),
-    /// That thread has ended (the module panicked or the provider is shutting down).
-    #[error("the PKCS#11 module's thread has stopped")]
-    ThreadGone,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    #[error("keyring: {0}")]
-    Keyring(#[from] KeyringError),
-    #[error("storage: {0}")]
-    Store(StoreError),
-    #[error(transparent)]
-    Crypto(#[from] CryptoError),
-    /// The database names a version whose material this instance cannot find, even after
-    /// re-reading it: the instances do not share their keyring, or it was destroyed.
-    #[error("key material for KEK version {version} is not available to this instance")]
-    MaterialMissing { version: u32 },
-    /// Like `MaterialMissing`, for blind-index and pseudonym keys.
-    #[error("index keys of version {version} are not available to this instance")]
-    IndexMaterialMissing { version: u32 },
-    #[error("key version {0} does not exist")]
-    NoSuchVersion(u32),
-    #[error("key version {version} is {state}; the operation needs it {wanted}")]
-    WrongState {
-        version: u32,
-        state: String,
-        wanted: &'static str,
-    },
-    #[error("key version {version} still wraps (or indexes) {records} records; rewrap them first")]
-    InUse { version: u32, records: i64 },
-    #[error("hardware security module: {0}")]
-    Hsm(#[from] HsmError),
-    #[error("hardware security module: {0}")]
-    SecretFile(#[from] super::SecretFileError),
-    /// The version that wrapped this data key is destroyed: what it wrapped stays shut, on
-    /// every instance, even one that still held the material when it was destroyed.
-    #[error("KEK version {version} is destroyed; the data keys it wrapped cannot be opened")]
-    Destroyed { version: u32 },
-}
-
-impl From<StoreError> for KeyError {
-    fn from(error: StoreError) -> KeyError {
-        match error {
-            StoreError::KeyVersionState { version, state } => KeyError::WrongState {
-                version,
-                wanted: "in another state",
-                state,
-            },
-            StoreError::KeyVersionInUse { version, records } => {
-                KeyError::InUse { version, records }
-            }
-            other => KeyError::Store(other),
         }
     }
 }

@@ -60,7 +60,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use data_encoding::BASE64;
 use serde::{Deserialize, Serialize};
@@ -71,21 +71,24 @@ use crate::crypto::{
     parse_wrap_header,
 };
 
+pub mod error;
 pub mod index;
 pub mod local;
 pub mod manager;
 pub mod pkcs11;
 
+pub use error::{HsmError, KeyError, KeyringError, SecretFileError};
 pub use index::{IndexKeyPair, IndexKeys};
 pub use local::LocalKekProvider;
-pub use manager::{
-    HsmError, KeyError, KeyKind, KeyManager, KeyStatus, KeyVersionInfo, KeyVersionState,
-    RotateOutcome,
-};
+pub use manager::{KeyKind, KeyManager, KeyStatus, KeyVersionInfo, KeyVersionState, RotateOutcome};
 
-/// Holds KEK material and performs wrap and unwrap with it. Implementations are
-/// synchronous: the local provider reads a small file and the PKCS#11 one calls into the
-/// module, both brief enough to run on the async workers.
+/// Holds KEK material and performs wrap and unwrap with it. The methods are synchronous,
+/// and each implementation keeps them off the async workers' time in its own way: the local
+/// provider wraps and unwraps in memory and touches the keyring file only to provision,
+/// destroy or re-read versions (a small file, rarely); the PKCS#11
+/// provider hands every module call to the module's own thread and waits for the answer,
+/// announced with `tokio::task::block_in_place` on a worker, so a slow device never holds
+/// a worker's other tasks (see [`pkcs11`], "The module's thread").
 pub trait KekProvider: Send + Sync + 'static {
     /// The name wrapped keys carry for this provider (`local`, `hsm`).
     fn key_id(&self) -> &str;
@@ -112,29 +115,6 @@ pub const LOCAL_KEY_ID: &str = "local";
 /// Format 1 held one blind-index and one pseudonym key; format 2 holds index versions.
 const KEYRING_FORMAT: u32 = 2;
 const KEYRING_FORMAT_SINGLE_INDEX_KEY: u32 = 1;
-
-#[derive(Debug, thiserror::Error)]
-pub enum KeyringError {
-    #[error("keyring file {path} does not exist and keys.create_if_missing is false")]
-    Missing { path: PathBuf },
-    #[error("cannot read or write keyring file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("keyring file {path} is malformed: {reason}")]
-    Malformed { path: PathBuf, reason: String },
-    /// The file is not the keyring's JSON, or the keyring could not be written as JSON.
-    #[error("keyring file {path} is malformed: {source}")]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("keyring file {path} is readable by group or others (mode {mode:o}); chmod 600 it")]
-    Permissions { path: PathBuf, mode: u32 },
-    #[error(transparent)]
-    Crypto(#[from] CryptoError),
-}
 
 /// Keys the vault needs in memory whatever provider holds its KEKs: lookups and pseudonyms
 /// need the MAC keys (every index version the file holds), and audit checkpoints the
@@ -559,20 +539,6 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let mut file = options.open(path)?;
     file.write_all(contents)?;
     file.sync_all()
-}
-
-/// A small secret read from a file: the hardware module's PIN, an administrator token.
-#[derive(Debug, thiserror::Error)]
-pub enum SecretFileError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is readable or writable by group or others (mode {mode:o}); chmod 600 it")]
-    Exposed { path: PathBuf, mode: u32 },
-    #[error("{path} does not hold a secret of at most {max} bytes of text")]
-    Malformed { path: PathBuf, max: u64 },
 }
 
 /// The permission bits of a file group or others may read or write, which no file holding a

@@ -80,7 +80,8 @@ use crate::crypto::{
     CryptoError, DataKey, SecretKey, Suite, WrappedBody, kw_open, kw_plaintext, random_nonce,
     split_wrapped, wrap_aad, wrap_header, wrap_header_gcm,
 };
-use crate::keys::{HsmError, KekProvider, KeyError};
+use crate::keys::KekProvider;
+use crate::keys::error::{HsmError, KeyError};
 
 /// The KEK id wrapped keys carry when this provider wrapped them.
 pub const HSM_KEY_ID: &str = "hsm";

@@ -146,38 +146,36 @@ pub(crate) fn may_keep_text(error: &VaultError) -> bool {
     )
 }
 
-/// The outcome and reason an audit event records for a refusal. Input errors name fields,
-/// never values.
+/// The outcome and reason an audit event records for a refusal. The reason is the one the
+/// caller's status carries ([`VaultError::reason`]), except for bad input, whose event names
+/// the fields (the status names them in its BadRequest), never values.
 pub fn refusal_reason(error: &VaultError) -> (&'static str, String) {
-    match error {
-        VaultError::InvalidArgument(violations) => (
-            "INVALID_ARGUMENT",
-            violations
-                .iter()
-                .map(|v| v.field.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
-        VaultError::OperationNotGranted(_) => ("DENIED", "OPERATION_NOT_GRANTED".into()),
-        VaultError::PurposeNotGranted => ("DENIED", "PURPOSE_NOT_GRANTED".into()),
-        VaultError::NotFound => ("NOT_FOUND", "NOT_FOUND".into()),
-        VaultError::RecordDeleted => ("NOT_FOUND", "RECORD_DELETED".into()),
-        VaultError::DataLoss => ("ERROR", "DATA_LOSS".into()),
-        VaultError::AuditUnavailable => ("ERROR", "AUDIT_UNAVAILABLE".into()),
-        VaultError::DuplicateIdentity => ("DENIED", "DUPLICATE_IDENTITY".into()),
-        VaultError::EtagMismatch => ("DENIED", "ETAG_MISMATCH".into()),
-        VaultError::AccountSuspended => ("DENIED", "ACCOUNT_SUSPENDED".into()),
-        VaultError::GuardianConsentRequired => ("DENIED", "GUARDIAN_CONSENT_REQUIRED".into()),
-        VaultError::GuardianNotAdult => ("DENIED", "GUARDIAN_NOT_ADULT".into()),
-        VaultError::NotAMinor => ("DENIED", "NOT_A_MINOR".into()),
-        VaultError::ExportNotAllowed => ("DENIED", "EXPORT_NOT_ALLOWED".into()),
-        VaultError::ExportChanged => ("DENIED", "EXPORT_CHANGED".into()),
-        VaultError::Storage(_)
-        | VaultError::Crypto(_)
-        | VaultError::Task(_)
-        | VaultError::Encode(_)
-        | VaultError::Internal(_) => ("ERROR", "INTERNAL".into()),
-        VaultError::Key(KeyError::Destroyed { .. }) => ("DENIED", "KEY_VERSION_DESTROYED".into()),
-        VaultError::Key(_) => ("ERROR", "KEY_UNAVAILABLE".into()),
-    }
+    use VaultError as E;
+    let outcome = match error {
+        E::InvalidArgument(violations) => {
+            let fields = violations.iter().map(|v| v.field.as_str());
+            return ("INVALID_ARGUMENT", fields.collect::<Vec<_>>().join(","));
+        }
+        E::NotFound | E::RecordDeleted => "NOT_FOUND",
+        E::OperationNotGranted(_)
+        | E::PurposeNotGranted
+        | E::DuplicateIdentity
+        | E::EtagMismatch
+        | E::AccountSuspended
+        | E::GuardianConsentRequired
+        | E::GuardianNotAdult
+        | E::NotAMinor
+        | E::ExportNotAllowed
+        | E::ExportChanged
+        | E::Key(KeyError::Destroyed { .. }) => "DENIED",
+        E::DataLoss
+        | E::AuditUnavailable
+        | E::Storage(_)
+        | E::Crypto(_)
+        | E::Task(_)
+        | E::Encode(_)
+        | E::Internal(_)
+        | E::Key(_) => "ERROR",
+    };
+    (outcome, error.reason().to_owned())
 }

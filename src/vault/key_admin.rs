@@ -39,6 +39,20 @@ pub enum AdminError {
     AuditUnavailable,
 }
 
+impl AdminError {
+    /// The reason clients see in this error's ErrorInfo (`grpc/status.rs` picks the code)
+    /// and the one a refused key operation's audit event records ([`refusal`]).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AdminError::NotGranted(_) => "OPERATION_NOT_GRANTED",
+            AdminError::Key(error) => error.reason(),
+            AdminError::Rewrap(error) => error.reason(),
+            AdminError::Vault(error) => error.reason(),
+            AdminError::AuditUnavailable => "AUDIT_UNAVAILABLE",
+        }
+    }
+}
+
 /// How many of the newest rewrap jobs `GetKeyStatus` lists.
 const STATUS_JOBS: i64 = 20;
 
@@ -275,20 +289,23 @@ impl KeyAdmin {
     }
 }
 
-/// The outcome and reason a refused key operation's event records; `None` for failures
-/// that are audited otherwise (a rewrap job's summary) or cannot be (the audit log itself).
-fn refusal(error: &AdminError) -> Option<(&'static str, String)> {
-    let denied = |reason: &str| Some(("DENIED", reason.to_owned()));
-    match error {
-        AdminError::NotGranted(_) => denied("OPERATION_NOT_GRANTED"),
-        AdminError::Key(KeyError::NoSuchVersion(_)) => denied("KEY_VERSION_NOT_FOUND"),
-        AdminError::Key(KeyError::WrongState { .. }) => denied("KEY_VERSION_STATE"),
-        AdminError::Key(KeyError::InUse { .. }) => denied("KEY_VERSION_IN_USE"),
-        AdminError::Key(KeyError::Destroyed { .. }) => denied("KEY_VERSION_DESTROYED"),
-        AdminError::Key(_) => Some(("ERROR", "KEY_UNAVAILABLE".to_owned())),
-        AdminError::Vault(error) => Some(crate::vault::refusal_outcome(error)),
-        AdminError::Rewrap(_) | AdminError::AuditUnavailable => None,
-    }
+/// The outcome and reason a refused key operation's event records (the reason is
+/// [`AdminError::reason`], the one its status carries); `None` for failures that are
+/// audited otherwise (a rewrap job's summary) or cannot be (the audit log itself).
+pub(crate) fn refusal(error: &AdminError) -> Option<(&'static str, String)> {
+    let outcome = match error {
+        AdminError::NotGranted(_)
+        | AdminError::Key(
+            KeyError::NoSuchVersion(_)
+            | KeyError::WrongState { .. }
+            | KeyError::InUse { .. }
+            | KeyError::Destroyed { .. },
+        ) => "DENIED",
+        AdminError::Key(_) => "ERROR",
+        AdminError::Vault(error) => return Some(crate::vault::refusal_outcome(error)),
+        AdminError::Rewrap(_) | AdminError::AuditUnavailable => return None,
+    };
+    Some((outcome, error.reason().to_owned()))
 }
 
 fn version_label(kind: KeyKind) -> &'static str {

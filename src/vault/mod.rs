@@ -126,6 +126,48 @@ pub enum VaultError {
     Internal(&'static str),
 }
 
+impl VaultError {
+    /// The reason clients see in this error's ErrorInfo (`grpc/status.rs` picks the code
+    /// and builds the status) and the one a refused call's audit event records
+    /// (`decisions.rs`; an invalid argument's event names the fields instead): written once,
+    /// here, so the two cannot drift apart.
+    pub fn reason(&self) -> &'static str {
+        use VaultError as E;
+        match self {
+            E::InvalidArgument(_) => "FIELD_INVALID",
+            E::OperationNotGranted(_) => "OPERATION_NOT_GRANTED",
+            E::PurposeNotGranted => "PURPOSE_NOT_GRANTED",
+            E::NotFound => "RECORD_NOT_FOUND",
+            E::RecordDeleted => "RECORD_DELETED",
+            E::DuplicateIdentity => "DUPLICATE_IDENTITY",
+            E::EtagMismatch => "ETAG_MISMATCH",
+            E::AccountSuspended => "ACCOUNT_SUSPENDED",
+            E::GuardianConsentRequired => "GUARDIAN_CONSENT_REQUIRED",
+            E::GuardianNotAdult => "GUARDIAN_NOT_ADULT",
+            E::NotAMinor => "NOT_A_MINOR",
+            E::ExportNotAllowed => "EXPORT_NOT_ALLOWED",
+            E::ExportChanged => "EXPORT_CHANGED",
+            E::DataLoss => "CIPHERTEXT_INVALID",
+            E::AuditUnavailable => "AUDIT_UNAVAILABLE",
+            E::Storage(_) => "STORAGE_UNAVAILABLE",
+            E::Key(error) => error.reason(),
+            E::Crypto(_) | E::Task(_) | E::Encode(_) | E::Internal(_) => "INTERNAL",
+        }
+    }
+}
+
+/// The reason of the [`VaultError`] a [`StoreError`] becomes, for errors that carry the
+/// store's error itself (a rewrap job's).
+pub(crate) fn store_reason(error: &StoreError) -> &'static str {
+    match error {
+        StoreError::NotFound => VaultError::NotFound.reason(),
+        StoreError::DuplicateDocument => VaultError::DuplicateIdentity.reason(),
+        StoreError::VersionConflict => VaultError::EtagMismatch.reason(),
+        StoreError::Suspended => VaultError::AccountSuspended.reason(),
+        _ => "STORAGE_UNAVAILABLE",
+    }
+}
+
 impl From<StoreError> for VaultError {
     fn from(error: StoreError) -> VaultError {
         match error {

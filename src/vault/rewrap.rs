@@ -79,6 +79,20 @@ pub enum RewrapError {
     Interrupted,
 }
 
+impl RewrapError {
+    /// The reason clients see in this error's ErrorInfo (`grpc/status.rs` picks the code).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RewrapError::Key(error) => error.reason(),
+            RewrapError::Store(error) => super::store_reason(error),
+            RewrapError::Failed { .. } | RewrapError::Stalled { .. } | RewrapError::Interrupted => {
+                "REWRAP_INCOMPLETE"
+            }
+            RewrapError::Cancelled => "CANCELLED",
+        }
+    }
+}
+
 /// One pass's progress: the KEK rewrap or the re-index.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PassProgress {
