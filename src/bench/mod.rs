@@ -39,7 +39,7 @@ pub use report::{PhaseReport, Report, RpcReport, Stats};
 
 use pdvault::app::{Application, generate_token};
 use pdvault::cli::client::ClientError;
-use pdvault::cli::{BenchArgs, ClientArgs};
+use pdvault::cli::{BenchArgs, CliError, ClientArgs};
 use pdvault::config::{Config, FlagOverrides};
 use pdvault::policy::{CallerConfig, token_sha256_hex};
 use pdvault::proto;
@@ -77,6 +77,24 @@ pub enum BenchError {
         #[source]
         first: Refusal,
     },
+    /// Not one seeding call reached the vault: the connection is refused after it opened
+    /// (TLS 1.3 servers check the client certificate after the client's handshake is done).
+    #[error("no call reached the vault at {addr}{hint}")]
+    Unreachable {
+        addr: String,
+        /// What the flags leave out that would explain it, or "".
+        hint: &'static str,
+        #[source]
+        first: Refusal,
+    },
+}
+
+impl Refusal {
+    /// Whether the call failed on the way (the connection, TLS) rather than being answered:
+    /// a status the vault sent has no source; one the transport made carries its cause.
+    fn never_reached(&self) -> bool {
+        std::error::Error::source(&self.0).is_some()
+    }
 }
 
 /// A call the vault, or the connection to it, refused: its code and message, and the
@@ -343,7 +361,16 @@ async fn drive(options: &BenchOptions, vault: &Server) -> Result<Outcome, BenchE
     let vault_clients = connect(&vault.endpoint, options.connections).await?;
     let workload = Arc::new(Workload::new(vault.bearer.clone(), options));
     let seed = if options.seed > 0 {
-        Some(seed_records(options, &vault_clients, &workload).await?)
+        match seed_records(options, &vault_clients, &workload).await {
+            Err(BenchError::Refused { first, .. }) if first.never_reached() => {
+                return Err(BenchError::Unreachable {
+                    addr: vault.endpoint.uri().to_string(),
+                    hint: vault.hint,
+                    first,
+                });
+            }
+            seeded => Some(seeded?),
+        }
     } else {
         None
     };
@@ -855,9 +882,7 @@ async fn seed_records(
                 failures: format!("{failures:?}"),
                 first: Refusal(status),
             },
-            None => BenchError::Seed(format!(
-                "no identity was created (failures: {failures:?})"
-            )),
+            None => BenchError::Seed(format!("no identity was created (failures: {failures:?})")),
         });
     }
     records.sort_unstable_by_key(|(index, _)| *index);
@@ -1025,6 +1050,8 @@ fn local_endpoint(addr: SocketAddr) -> Result<Endpoint, BenchError> {
 struct Server {
     endpoint: Endpoint,
     bearer: Option<MetadataValue<Ascii>>,
+    /// Said when no call reaches it: what the connection flags leave out, or "".
+    hint: &'static str,
     running: Option<Running>,
     /// Group-commit counters of a vault started here.
     audit: Option<Arc<pdvault::audit::BatchStats>>,
@@ -1040,9 +1067,16 @@ impl Server {
     /// A running vault, at the endpoint and with the credentials of the shared connection
     /// flags (plaintext, TLS or mTLS).
     fn external(connection: &ClientArgs) -> Result<Server, BenchError> {
+        let hint = if connection.ca.is_some() && connection.cert.is_none() {
+            "; no client certificate was given (--cert, --key), and a vault that requires \
+             one (mTLS) closes the connection"
+        } else {
+            ""
+        };
         Ok(Server {
             endpoint: connection.endpoint()?,
             bearer: connection.bearer()?,
+            hint,
             running: None,
             audit: None,
         })
@@ -1112,6 +1146,7 @@ impl Server {
             Ok(Ok((addr, stats))) => Ok(Server {
                 endpoint: local_endpoint(addr)?,
                 bearer: Some(bearer),
+                hint: "",
                 running: Some(running),
                 audit: Some(stats),
             }),
@@ -1154,6 +1189,7 @@ impl Server {
             Ok(Ok(addr)) => Ok(Server {
                 endpoint: local_endpoint(addr)?,
                 bearer: None,
+                hint: "",
                 running: Some(running),
                 audit: None,
             }),
@@ -1259,15 +1295,18 @@ impl SplitMix {
 
 /// `pdvault bench`: the flags the library's command line parsed, made into options; runs the
 /// load generator and prints its report (a table, or JSON with `--json`).
-pub async fn command(connection: ClientArgs, args: BenchArgs) -> Result<(), String> {
+pub async fn command(connection: ClientArgs, args: BenchArgs) -> Result<(), CliError> {
     let seconds = |flag: &str, value: f64| {
-        std::time::Duration::try_from_secs_f64(value)
-            .map_err(|_| format!("--{flag} must be a non-negative number of seconds"))
+        std::time::Duration::try_from_secs_f64(value).map_err(|_| {
+            CliError::Refused(format!("--{flag} must be a non-negative number of seconds"))
+        })
     };
     let target = match &connection.addr {
         Some(_) => {
             if args.database_url.is_some() {
-                return Err("--database-url is for the vault started here, not with --addr".into());
+                return Err(CliError::Refused(
+                    "--database-url is for the vault started here, not with --addr".into(),
+                ));
             }
             // The same flags, TLS and mTLS included, as every client command; with neither a
             // token nor a client certificate, a local vault's admin token.
@@ -1290,7 +1329,7 @@ pub async fn command(connection: ClientArgs, args: BenchArgs) -> Result<(), Stri
             .as_deref()
             .map(Mix::parse)
             .transpose()
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| CliError::Bench(Box::new(e)))?,
         rate: args.rate,
         seed: args.seed,
         baseline: args.baseline,
@@ -1298,9 +1337,12 @@ pub async fn command(connection: ClientArgs, args: BenchArgs) -> Result<(), Stri
         fields: args.fields.into_iter().filter(|f| !f.is_empty()).collect(),
         export: args.export,
     };
-    let report = run(options).await.map_err(|e| e.to_string())?;
+    let report = run(options)
+        .await
+        .map_err(|e| CliError::Bench(Box::new(e)))?;
     if args.json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        let json =
+            serde_json::to_string_pretty(&report).map_err(|e| CliError::Bench(Box::new(e)))?;
         println!("{json}");
     } else {
         print!("{}", report.to_text());

@@ -10,7 +10,6 @@
 //! others can read is refused ([`crate::keys::read_secret_file`]). A token given as a flag
 //! shows in the process list, so the environment and files are preferred.
 
-use std::error::Error as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -188,24 +187,6 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
-}
-
-impl From<ClientError> for String {
-    /// The message and every cause, for the one line a failed command prints.
-    fn from(error: ClientError) -> String {
-        let mut message = error.to_string();
-        let mut cause = error.source();
-        while let Some(inner) = cause {
-            // Some causes (tonic's) repeat their own cause in their text: say it once.
-            let text = inner.to_string();
-            if !message.contains(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            cause = inner.source();
-        }
-        message
-    }
 }
 
 /// A connected client: the channel, and the caller's credentials for each request.
@@ -422,11 +403,6 @@ fn read_pem(flag: &'static str, path: &Path) -> Result<Vec<u8>, ClientError> {
     Ok(pem)
 }
 
-/// A failed RPC as the one line a client prints: the code and the server's message.
-pub fn describe(status: tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,7 +514,9 @@ mod tests {
         assert_eq!(resolve(None, None, None, None).unwrap(), None);
         let refused = resolve(None, Some(&exposed), None, None).unwrap_err();
         assert!(
-            String::from(refused).contains("chmod 600"),
+            crate::cli::CliError::from(refused)
+                .report()
+                .contains("chmod 600"),
             "an exposed token file is refused with the fix"
         );
     }
@@ -564,7 +542,7 @@ mod tests {
             key: Some(key),
             ..half
         };
-        let error = String::from(exposed.endpoint().unwrap_err());
+        let error = crate::cli::CliError::from(exposed.endpoint().unwrap_err()).report();
         assert!(
             error.starts_with("--key: ") && error.contains("chmod 600"),
             "{error}"

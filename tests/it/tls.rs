@@ -400,7 +400,11 @@ async fn the_clients_reach_a_vault_that_requires_client_certificates() {
         file("claims.token")
     );
     let (ok, out) = pdvault(&line, &[]).await;
-    assert!(!ok && out.contains("XXX"), "{out}");
+    assert!(
+        !ok && out.contains("no call reached the vault")
+            && out.contains("no client certificate was given (--cert, --key)"),
+        "{out}"
+    );
     // `export` too: the CSV is written, header first.
     let csv = file("export.csv");
     let line = format!(
