@@ -5,6 +5,7 @@
 //! ([`client::ClientArgs`]), global so they are accepted anywhere on the line; scheduled jobs
 //! need only an address, a token with the grant and, for a TLS vault, its CA bundle.
 //!
+//! - `error.rs`: `CliError`, what every command fails with, printed with its causes by [`run`].
 //! - `client.rs`: the connection flags, and the channel (plaintext, TLS or mTLS) they make.
 //! - `keys.rs`: `pdvault keys ...` and `pdvault purge`.
 //! - `accounts.rs`: `pdvault accounts ...`.
@@ -133,7 +134,7 @@ where
             clap::error::ErrorKind::ArgumentConflict,
             format!(
                 "{flag} is a connection flag of the client commands (accounts, keys, \
-                     purge, bench); this command does not connect to a vault"
+                     purge, export, bench); this command does not connect to a vault"
             ),
         ));
     }
