@@ -79,22 +79,17 @@ pub enum BenchError {
     },
     /// Not one seeding call reached the vault: the connection is refused after it opened
     /// (TLS 1.3 servers check the client certificate after the client's handshake is done).
-    #[error("no call reached the vault at {addr}{hint}")]
+    #[error(
+        "no call reached the vault at {addr}{}",
+        hint.map(|hint| format!("; {hint}")).unwrap_or_default()
+    )]
     Unreachable {
         addr: String,
-        /// What the flags leave out that would explain it, or "".
-        hint: &'static str,
+        /// What the flags leave out that would explain it.
+        hint: Option<&'static str>,
         #[source]
         first: Refusal,
     },
-}
-
-impl Refusal {
-    /// Whether the call failed on the way (the connection, TLS) rather than being answered:
-    /// a status the vault sent has no source; one the transport made carries its cause.
-    fn never_reached(&self) -> bool {
-        std::error::Error::source(&self.0).is_some()
-    }
 }
 
 /// A call the vault, or the connection to it, refused: its code and message, and the
@@ -111,6 +106,14 @@ impl std::fmt::Display for Refusal {
 impl std::error::Error for Refusal {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         std::error::Error::source(&self.0)
+    }
+}
+
+impl Refusal {
+    /// Whether the call failed on the way (the connection, TLS) rather than being answered:
+    /// a status the vault sent has no source; one the transport made carries its cause.
+    fn never_reached(&self) -> bool {
+        std::error::Error::source(&self.0).is_some()
     }
 }
 
@@ -1050,8 +1053,8 @@ fn local_endpoint(addr: SocketAddr) -> Result<Endpoint, BenchError> {
 struct Server {
     endpoint: Endpoint,
     bearer: Option<MetadataValue<Ascii>>,
-    /// Said when no call reaches it: what the connection flags leave out, or "".
-    hint: &'static str,
+    /// Said when no call reaches it: what the connection flags leave out.
+    hint: Option<&'static str>,
     running: Option<Running>,
     /// Group-commit counters of a vault started here.
     audit: Option<Arc<pdvault::audit::BatchStats>>,
@@ -1067,16 +1070,10 @@ impl Server {
     /// A running vault, at the endpoint and with the credentials of the shared connection
     /// flags (plaintext, TLS or mTLS).
     fn external(connection: &ClientArgs) -> Result<Server, BenchError> {
-        let hint = if connection.ca.is_some() && connection.cert.is_none() {
-            "; no client certificate was given (--cert, --key), and a vault that requires \
-             one (mTLS) closes the connection"
-        } else {
-            ""
-        };
         Ok(Server {
             endpoint: connection.endpoint()?,
             bearer: connection.bearer()?,
-            hint,
+            hint: connection.closed_connection_hint(),
             running: None,
             audit: None,
         })
@@ -1146,7 +1143,7 @@ impl Server {
             Ok(Ok((addr, stats))) => Ok(Server {
                 endpoint: local_endpoint(addr)?,
                 bearer: Some(bearer),
-                hint: "",
+                hint: None,
                 running: Some(running),
                 audit: Some(stats),
             }),
@@ -1189,7 +1186,7 @@ impl Server {
             Ok(Ok(addr)) => Ok(Server {
                 endpoint: local_endpoint(addr)?,
                 bearer: None,
-                hint: "",
+                hint: None,
                 running: Some(running),
                 audit: None,
             }),

@@ -287,6 +287,16 @@ impl ClientArgs {
         .resolve()
     }
 
+    /// Why a vault may close a connection it accepted, as far as these flags tell: a TLS 1.3
+    /// server checks the client certificate only after the client's side of the handshake
+    /// is done, so a missing one shows as a broken first call, not as a refused connection.
+    pub fn closed_connection_hint(&self) -> Option<&'static str> {
+        (self.ca.is_some() && self.cert.is_none()).then_some(
+            "no client certificate was given (--cert, --key), and a vault that requires one \
+             (mTLS) closes the connection",
+        )
+    }
+
     /// These flags, with `--token-file path` added when they give no token (flag or
     /// environment) and no client certificate: a command's own default credential, read and
     /// checked like any other token file.

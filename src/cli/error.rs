@@ -38,6 +38,14 @@ pub enum CliError {
     /// the call never reached it, is the source.
     #[error("{:?}: {}", .0.code(), .0.message())]
     Rpc(#[source] tonic::Status),
+    /// A call the transport failed before the vault answered, where the connection flags
+    /// suggest why ([`super::ClientArgs::closed_connection_hint`]).
+    #[error("the call did not reach the vault; {hint}")]
+    Unreached {
+        hint: &'static str,
+        #[source]
+        call: Box<CliError>,
+    },
     /// A file the command reads or writes.
     #[error("cannot {doing} {}", path.display())]
     File {
@@ -95,6 +103,23 @@ impl From<&str> for CliError {
 }
 
 impl CliError {
+    /// This error, with `hint` (what the connection flags leave out) when it is a call or a
+    /// connection the transport failed; a status the vault sent has no source.
+    pub fn explained(self, hint: Option<&'static str>) -> CliError {
+        let unreached = match &self {
+            CliError::Rpc(status) => status.source().is_some(),
+            CliError::Client(ClientError::Connect { .. }) => true,
+            _ => false,
+        };
+        match hint {
+            Some(hint) if unreached => CliError::Unreached {
+                hint,
+                call: Box::new(self),
+            },
+            _ => self,
+        }
+    }
+
     /// A failure to `doing` (read, write, ...) `path`.
     pub fn file(doing: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CliError {
         let path = path.to_owned();

@@ -271,6 +271,7 @@ where
         Err(error) => error.exit(),
     };
     let Cli { client, command } = cli;
+    let hint = client.closed_connection_hint();
     let result = match command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => migrate(args).await,
@@ -285,7 +286,7 @@ where
         Command::Bench(args) => bench(client, args).await,
         Command::Export(args) => export::run(&client, args).await,
     };
-    exit_code(result)
+    exit_code(result.map_err(|error| error.explained(hint)))
 }
 
 /// The process exit code of a command's result, its error printed first.
