@@ -38,7 +38,8 @@ pub use identities::IdentityGenerator;
 pub use report::{PhaseReport, Report, RpcReport, Stats};
 
 use pdvault::app::{Application, generate_token};
-use pdvault::cli::{BenchArgs, ClientArgs};
+use pdvault::cli::client::ClientError;
+use pdvault::cli::{BenchArgs, CliError, ClientArgs};
 use pdvault::config::{Config, FlagOverrides};
 use pdvault::policy::{CallerConfig, token_sha256_hex};
 use pdvault::proto;
@@ -57,10 +58,63 @@ pub enum BenchError {
     Io(String),
     #[error("cannot start the vault: {0}")]
     Startup(String),
-    #[error("cannot connect to {addr}: {reason}")]
-    Connect { addr: String, reason: String },
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The connection flags of `--addr` do not make a usable endpoint or credential.
+    #[error(transparent)]
+    Client(#[from] ClientError),
     #[error("seeding failed: {0}")]
     Seed(String),
+    /// Not one seeding call got through: the first refusal says why (a vault that requires a
+    /// client certificate, a token it does not know, a grant missing).
+    #[error("seeding failed: no identity was created (failures: {failures})")]
+    Refused {
+        failures: String,
+        #[source]
+        first: Refusal,
+    },
+    /// Not one seeding call reached the vault: the connection is refused after it opened
+    /// (TLS 1.3 servers check the client certificate after the client's handshake is done).
+    #[error(
+        "no call reached the vault at {addr}{}",
+        hint.map(|hint| format!("; {hint}")).unwrap_or_default()
+    )]
+    Unreachable {
+        addr: String,
+        /// What the flags leave out that would explain it.
+        hint: Option<&'static str>,
+        #[source]
+        first: Refusal,
+    },
+}
+
+/// A call the vault, or the connection to it, refused: its code and message, and the
+/// transport's cause (a TLS alert, a reset) as the source.
+#[derive(Debug)]
+pub struct Refusal(tonic::Status);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.0.code(), self.0.message())
+    }
+}
+
+impl std::error::Error for Refusal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
+}
+
+impl Refusal {
+    /// Whether the call failed on the way (the connection, TLS) rather than being answered:
+    /// a status the vault sent has no source; one the transport made carries its cause.
+    fn never_reached(&self) -> bool {
+        std::error::Error::source(&self.0).is_some()
+    }
 }
 
 /// The RPCs the load generator knows.
@@ -190,34 +244,16 @@ impl Mix {
     }
 }
 
-/// Where the vault under test is. `Debug` leaves the token out, and the token is erased from
-/// memory when the spec is dropped.
-#[derive(Clone)]
+/// Where the vault under test is. `Debug` leaves the token out ([`ClientArgs`]'s does).
+#[derive(Clone, Debug)]
 pub enum TargetSpec {
-    /// A running vault and a bearer token allowed to call the RPCs of the mix.
-    External {
-        addr: String,
-        token: Zeroizing<String>,
-    },
+    /// A running vault, reached as every client command reaches one: `--addr`, a token (or
+    /// a client certificate the vault maps to a caller) allowed to call the RPCs of the mix,
+    /// and TLS or mTLS when the flags say so.
+    External { connection: ClientArgs },
     /// A vault started here on a fresh temporary data directory; `database_url` overrides
     /// the embedded SQLite default (e.g. a throw-away PostgreSQL database).
     InProcess { database_url: Option<String> },
-}
-
-impl std::fmt::Debug for TargetSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TargetSpec::External { addr, token: _ } => f
-                .debug_struct("External")
-                .field("addr", addr)
-                .field("token", &"<redacted>")
-                .finish(),
-            TargetSpec::InProcess { database_url } => f
-                .debug_struct("InProcess")
-                .field("database_url", database_url)
-                .finish(),
-        }
-    }
 }
 
 #[derive(Clone, Debug)]
@@ -276,10 +312,9 @@ impl BenchOptions {
 pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
     options.validate()?;
     let (vault, database) = match &options.target {
-        TargetSpec::External { addr, token } => (
-            Server::external(addr.clone(), token.clone()),
-            "external".to_owned(),
-        ),
+        TargetSpec::External { connection } => {
+            (Server::external(connection)?, "external".to_owned())
+        }
         TargetSpec::InProcess { database_url } => {
             let database = match database_url.as_deref() {
                 Some(url) if url.starts_with("postgres") => "postgresql",
@@ -326,10 +361,19 @@ type Outcome = (
 );
 
 async fn drive(options: &BenchOptions, vault: &Server) -> Result<Outcome, BenchError> {
-    let vault_clients = connect(&vault.addr, options.connections).await?;
-    let workload = Arc::new(Workload::new(&vault.token, options)?);
+    let vault_clients = connect(&vault.endpoint, options.connections).await?;
+    let workload = Arc::new(Workload::new(vault.bearer.clone(), options));
     let seed = if options.seed > 0 {
-        Some(seed_records(options, &vault_clients, &workload).await?)
+        match seed_records(options, &vault_clients, &workload).await {
+            Err(BenchError::Refused { first, .. }) if first.never_reached() => {
+                return Err(BenchError::Unreachable {
+                    addr: vault.endpoint.uri().to_string(),
+                    hint: vault.hint,
+                    first,
+                });
+            }
+            seeded => Some(seeded?),
+        }
     } else {
         None
     };
@@ -346,7 +390,7 @@ async fn drive(options: &BenchOptions, vault: &Server) -> Result<Outcome, BenchE
         None
     };
     let echo_clients = match &echo {
-        Some(echo) => Some(connect(&echo.addr, options.connections).await?),
+        Some(echo) => Some(connect(&echo.endpoint, options.connections).await?),
         None => None,
     };
     let mut phases = Vec::new();
@@ -555,7 +599,8 @@ fn progress(message: &str) {
 
 /// What every request needs: the credential, the seeded records and how to make identities.
 struct Workload {
-    bearer: MetadataValue<Ascii>,
+    /// `None` when a client certificate alone names the caller.
+    bearer: Option<MetadataValue<Ascii>>,
     generator: IdentityGenerator,
     /// Seeded records: (generator index, record id). Filled once before any phase runs.
     records: std::sync::OnceLock<Vec<(u64, String)>>,
@@ -565,25 +610,24 @@ struct Workload {
 }
 
 impl Workload {
-    fn new(token: &str, options: &BenchOptions) -> Result<Workload, BenchError> {
-        let bearer = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| BenchError::Invalid("the token is not a valid header value".into()))?;
-        Ok(Workload {
+    fn new(bearer: Option<MetadataValue<Ascii>>, options: &BenchOptions) -> Workload {
+        Workload {
             bearer,
             generator: IdentityGenerator::new(random_u64()),
             records: std::sync::OnceLock::new(),
             next_identity: AtomicU64::new(0),
             purpose: options.purpose.clone(),
             fields: options.fields.clone(),
-        })
+        }
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        request
-            .metadata_mut()
-            .insert("authorization", self.bearer.clone());
+        if let Some(bearer) = &self.bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+        }
         request
     }
 
@@ -756,6 +800,7 @@ async fn seed_records(
         tasks.push(tokio::spawn(async move {
             let mut created = Vec::new();
             let mut failures: BTreeMap<&'static str, u64> = BTreeMap::new();
+            let mut refused = None;
             loop {
                 let first = next.fetch_add(SEED_BATCH, Ordering::Relaxed);
                 if first >= total {
@@ -795,11 +840,12 @@ async fn seed_records(
                     }
                     Err(status) => {
                         *failures.entry(code_name(status.code())).or_default() += count;
+                        refused.get_or_insert(status);
                     }
                 }
                 done.fetch_add(count, Ordering::Relaxed);
             }
-            (created, failures)
+            (created, failures, refused)
         }));
     }
     let reporter = {
@@ -818,11 +864,13 @@ async fn seed_records(
     };
     let mut records = Vec::with_capacity(total as usize);
     let mut failures: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut first_refusal = None;
     for task in tasks {
-        let (created, failed) = task
+        let (created, failed, refused) = task
             .await
             .map_err(|e| BenchError::Seed(format!("a seeding task failed: {e}")))?;
         records.extend(created);
+        first_refusal = first_refusal.or(refused);
         for (code, n) in failed {
             *failures.entry(code).or_default() += n;
         }
@@ -832,9 +880,13 @@ async fn seed_records(
     // A few collisions with an earlier run's records are tolerable; a vault refusing
     // everything is not.
     if records.is_empty() {
-        return Err(BenchError::Seed(format!(
-            "no identity was created (failures: {failures:?})"
-        )));
+        return Err(match first_refusal {
+            Some(status) => BenchError::Refused {
+                failures: format!("{failures:?}"),
+                first: Refusal(status),
+            },
+            None => BenchError::Seed(format!("no identity was created (failures: {failures:?})")),
+        });
     }
     records.sort_unstable_by_key(|(index, _)| *index);
     let created = records.len() as u64;
@@ -968,33 +1020,41 @@ async fn drive_load(
     all
 }
 
-/// `connections` HTTP/2 connections to `addr`, one client each.
-async fn connect(addr: &str, connections: usize) -> Result<Vec<VaultClient<Channel>>, BenchError> {
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(uri).map_err(|e| BenchError::Connect {
-        addr: addr.to_owned(),
-        reason: e.to_string(),
-    })?;
+/// `connections` HTTP/2 connections (each its own TCP connection and, for a TLS endpoint,
+/// handshake) to `endpoint`, one client each.
+async fn connect(
+    endpoint: &Endpoint,
+    connections: usize,
+) -> Result<Vec<VaultClient<Channel>>, BenchError> {
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections {
-        let channel = endpoint.connect().await.map_err(|e| BenchError::Connect {
-            addr: addr.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| BenchError::Connect {
+                addr: endpoint.uri().to_string(),
+                source,
+            })?;
         clients.push(VaultClient::new(channel));
     }
     Ok(clients)
 }
 
-/// A server under test: its address, the token to call it with and, when started here,
-/// the thread running it.
+/// The plaintext endpoint of a server started here.
+fn local_endpoint(addr: SocketAddr) -> Result<Endpoint, BenchError> {
+    Endpoint::from_shared(format!("http://{addr}")).map_err(|source| BenchError::Connect {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// A server under test: where it is, the credentials to call it with and, when started
+/// here, the thread running it.
 struct Server {
-    addr: String,
-    token: Zeroizing<String>,
+    endpoint: Endpoint,
+    bearer: Option<MetadataValue<Ascii>>,
+    /// Said when no call reaches it: what the connection flags leave out.
+    hint: Option<&'static str>,
     running: Option<Running>,
     /// Group-commit counters of a vault started here.
     audit: Option<Arc<pdvault::audit::BatchStats>>,
@@ -1007,13 +1067,16 @@ struct Running {
 }
 
 impl Server {
-    fn external(addr: String, token: Zeroizing<String>) -> Server {
-        Server {
-            addr,
-            token,
+    /// A running vault, at the endpoint and with the credentials of the shared connection
+    /// flags (plaintext, TLS or mTLS).
+    fn external(connection: &ClientArgs) -> Result<Server, BenchError> {
+        Ok(Server {
+            endpoint: connection.endpoint()?,
+            bearer: connection.bearer()?,
+            hint: connection.closed_connection_hint(),
             running: None,
             audit: None,
-        }
+        })
     }
 
     /// A vault on a fresh temporary data directory with a `bench` caller, on its own runtime.
@@ -1026,7 +1089,12 @@ impl Server {
         };
         let mut config =
             Config::load(None, &flags).map_err(|e| BenchError::Startup(e.to_string()))?;
-        let token = generate_token().map_err(|e| BenchError::Startup(e.to_string()))?;
+        let token =
+            Zeroizing::new(generate_token().map_err(|e| BenchError::Startup(e.to_string()))?);
+        let mut bearer: MetadataValue<Ascii> = format!("Bearer {}", token.as_str())
+            .parse()
+            .map_err(|_| BenchError::Startup("the generated token is not a header value".into()))?;
+        bearer.set_sensitive(true);
         config.admin.enabled = false;
         // The load generator is one caller with --in-flight calls at once: its own cap
         // would measure the flag, not the vault.
@@ -1073,8 +1141,9 @@ impl Server {
         };
         match ready_rx.await {
             Ok(Ok((addr, stats))) => Ok(Server {
-                addr: addr.to_string(),
-                token: Zeroizing::new(token),
+                endpoint: local_endpoint(addr)?,
+                bearer: Some(bearer),
+                hint: None,
                 running: Some(running),
                 audit: Some(stats),
             }),
@@ -1115,8 +1184,9 @@ impl Server {
         };
         match ready_rx.await {
             Ok(Ok(addr)) => Ok(Server {
-                addr: addr.to_string(),
-                token: Zeroizing::default(),
+                endpoint: local_endpoint(addr)?,
+                bearer: None,
+                hint: None,
                 running: Some(running),
                 audit: None,
             }),
@@ -1222,40 +1292,24 @@ impl SplitMix {
 
 /// `pdvault bench`: the flags the library's command line parsed, made into options; runs the
 /// load generator and prints its report (a table, or JSON with `--json`).
-pub async fn command(connection: ClientArgs, args: BenchArgs) -> Result<(), String> {
+pub async fn command(connection: ClientArgs, args: BenchArgs) -> Result<(), CliError> {
     let seconds = |flag: &str, value: f64| {
-        std::time::Duration::try_from_secs_f64(value)
-            .map_err(|_| format!("--{flag} must be a non-negative number of seconds"))
+        std::time::Duration::try_from_secs_f64(value).map_err(|_| {
+            CliError::Refused(format!("--{flag} must be a non-negative number of seconds"))
+        })
     };
     let target = match &connection.addr {
-        Some(addr) => {
+        Some(_) => {
             if args.database_url.is_some() {
-                return Err("--database-url is for the vault started here, not with --addr".into());
+                return Err(CliError::Refused(
+                    "--database-url is for the vault started here, not with --addr".into(),
+                ));
             }
-            // The load generator opens its own plaintext connections (src/bench): refuse
-            // rather than send tokens in clear to a vault the flags say speaks TLS.
-            if connection.ca.is_some() || connection.cert.is_some() || connection.key.is_some() {
-                return Err("bench does not speak TLS: --ca, --cert and --key are not \
-                            supported with bench"
-                    .into());
-            }
-            let token = match connection.token()? {
-                Some(token) => token,
-                None => pdvault::keys::read_secret_file(
-                    std::path::Path::new(pdvault::cli::client::BENCH_TOKEN_FILE),
-                    4096,
-                )
-                .map_err(|e| {
-                    format!(
-                        "--addr needs --token, --token-file, PDVAULT_TOKEN or \
-                         PDVAULT_TOKEN_FILE ({e})"
-                    )
-                })?,
-            };
-            TargetSpec::External {
-                addr: addr.clone(),
-                token,
-            }
+            // The same flags, TLS and mTLS included, as every client command; with neither a
+            // token nor a client certificate, a local vault's admin token.
+            let connection = connection
+                .or_token_file(std::path::Path::new(pdvault::cli::client::BENCH_TOKEN_FILE))?;
+            TargetSpec::External { connection }
         }
         None => TargetSpec::InProcess {
             database_url: args.database_url,
@@ -1272,7 +1326,7 @@ pub async fn command(connection: ClientArgs, args: BenchArgs) -> Result<(), Stri
             .as_deref()
             .map(Mix::parse)
             .transpose()
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| CliError::Bench(Box::new(e)))?,
         rate: args.rate,
         seed: args.seed,
         baseline: args.baseline,
@@ -1280,9 +1334,12 @@ pub async fn command(connection: ClientArgs, args: BenchArgs) -> Result<(), Stri
         fields: args.fields.into_iter().filter(|f| !f.is_empty()).collect(),
         export: args.export,
     };
-    let report = run(options).await.map_err(|e| e.to_string())?;
+    let report = run(options)
+        .await
+        .map_err(|e| CliError::Bench(Box::new(e)))?;
     if args.json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        let json =
+            serde_json::to_string_pretty(&report).map_err(|e| CliError::Bench(Box::new(e)))?;
         println!("{json}");
     } else {
         print!("{}", report.to_text());
@@ -1297,8 +1354,11 @@ mod tests {
     #[test]
     fn the_target_debug_output_redacts_the_token() {
         let target = TargetSpec::External {
-            addr: "http://127.0.0.1:1".into(),
-            token: Zeroizing::new("s3cr3t-bearer-token".into()),
+            connection: ClientArgs {
+                addr: Some("http://127.0.0.1:1".into()),
+                token: Some("s3cr3t-bearer-token".into()),
+                ..ClientArgs::default()
+            },
         };
         let shown = format!("{target:?} {target:#?}");
         assert!(!shown.contains("s3cr3t-bearer-token"), "{shown}");

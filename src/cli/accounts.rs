@@ -4,7 +4,8 @@
 
 use clap::{Args, Subcommand};
 
-use super::client::{ClientArgs, describe};
+use super::CliError;
+use super::client::ClientArgs;
 
 /// `pdvault accounts`: a caller granted `accounts.suspend` (and the CheckAccount RPC for
 /// `status`).
@@ -50,7 +51,7 @@ enum ReasonArg {
 }
 
 /// The account-security client: one gRPC call per command, printed for a terminal.
-pub async fn run(connection: &ClientArgs, args: AccountsArgs) -> Result<(), String> {
+pub async fn run(connection: &ClientArgs, args: AccountsArgs) -> Result<(), CliError> {
     use crate::proto;
     use crate::proto::account_security_client::AccountSecurityClient;
     use crate::proto::vault_client::VaultClient;
@@ -78,8 +79,7 @@ pub async fn run(connection: &ClientArgs, args: AccountsArgs) -> Result<(), Stri
                     note,
                     ticket,
                 }))
-                .await
-                .map_err(describe)?
+                .await?
                 .into_inner();
             print_action(&response);
         }
@@ -94,16 +94,14 @@ pub async fn run(connection: &ClientArgs, args: AccountsArgs) -> Result<(), Stri
                     note,
                     ticket,
                 }))
-                .await
-                .map_err(describe)?
+                .await?
                 .into_inner();
             print_action(&response);
         }
         AccountsCommand::Status { record_id } => {
             let state = VaultClient::new(vault.channel.clone())
                 .check_account(vault.request(proto::CheckAccountRequest { record_id }))
-                .await
-                .map_err(describe)?
+                .await?
                 .into_inner();
             println!(
                 "{} {} minor={} under_14={} guardian_consent_required={} policy_reconsent_required={}",
@@ -127,8 +125,7 @@ pub async fn run(connection: &ClientArgs, args: AccountsArgs) -> Result<(), Stri
                         page_size: 0,
                         page_token: page_token.clone(),
                     }))
-                    .await
-                    .map_err(describe)?
+                    .await?
                     .into_inner();
                 for event in &page.events {
                     let time = event

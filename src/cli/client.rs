@@ -1,7 +1,8 @@
-//! The connection every client command shares (`keys`, `accounts`, `purge`, `bench --addr`):
-//! where the vault is, who is calling, and how the connection is secured. One set of flags,
-//! declared `global` on the top-level command so that they are accepted anywhere on the line
-//! (`pdvault keys rotate --addr X` as well as `pdvault --addr X keys rotate`), and one way of
+//! The connection every client command shares (`keys`, `accounts`, `purge`, `export`,
+//! `bench --addr`): where the vault is, who is calling, and how the connection is secured.
+//! One set of flags, declared `global` on the top-level command so that they are accepted
+//! anywhere on the line (`pdvault keys rotate --addr X` as well as
+//! `pdvault --addr X keys rotate`), and one way of
 //! turning them into a channel, so that every client reaches a vault that serves TLS or
 //! requires client certificates (the production setup) the same way.
 //!
@@ -9,7 +10,6 @@
 //! others can read is refused ([`crate::keys::read_secret_file`]). A token given as a flag
 //! shows in the process list, so the environment and files are preferred.
 
-use std::error::Error as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,7 +23,8 @@ use crate::keys::{SecretFileError, read_secret_file};
 /// Where a client command looks for the vault when neither --addr nor `PDVAULT_ADDR` says.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
 
-/// The token file `bench --addr` reads when no token is given: a local vault's admin token.
+/// The token file `bench --addr` reads when neither a token nor a client certificate is
+/// given: a local vault's admin token ([`ClientArgs::or_token_file`]).
 pub const BENCH_TOKEN_FILE: &str = "pdvault-data/admin.token";
 
 /// The environment variables these flags read. The server's configuration loader ignores
@@ -166,6 +167,16 @@ pub enum ClientError {
          certificate the vault maps to a caller)"
     )]
     NoToken,
+    #[error(
+        "no token given (--token, --token-file, PDVAULT_TOKEN or PDVAULT_TOKEN_FILE), and the \
+         default token file {} is not usable",
+        path.display()
+    )]
+    DefaultToken {
+        path: PathBuf,
+        #[source]
+        source: SecretFileError,
+    },
     #[error("the token is not a valid header value")]
     BadToken,
     #[error("--ca, --cert or --key: not usable for TLS")]
@@ -176,24 +187,6 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
-}
-
-impl From<ClientError> for String {
-    /// The message and every cause, for the one line a failed command prints.
-    fn from(error: ClientError) -> String {
-        let mut message = error.to_string();
-        let mut cause = error.source();
-        while let Some(inner) = cause {
-            // Some causes (tonic's) repeat their own cause in their text: say it once.
-            let text = inner.to_string();
-            if !message.contains(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            cause = inner.source();
-        }
-        message
-    }
 }
 
 /// A connected client: the channel, and the caller's credentials for each request.
@@ -294,6 +287,34 @@ impl ClientArgs {
         .resolve()
     }
 
+    /// Why a vault may close a connection it accepted, as far as these flags tell: a TLS 1.3
+    /// server checks the client certificate only after the client's side of the handshake
+    /// is done, so a missing one shows as a broken first call, not as a refused connection.
+    pub fn closed_connection_hint(&self) -> Option<&'static str> {
+        (self.ca.is_some() && self.cert.is_none()).then_some(
+            "no client certificate was given (--cert, --key), and a vault that requires one \
+             (mTLS) closes the connection",
+        )
+    }
+
+    /// These flags, with `--token-file path` added when they give no token (flag or
+    /// environment) and no client certificate: a command's own default credential, read and
+    /// checked like any other token file.
+    pub fn or_token_file(&self, path: &Path) -> Result<ClientArgs, ClientError> {
+        let mut args = self.clone();
+        if self.cert.is_none() && self.token()?.is_none() {
+            // Checked here, so that the error says which file was tried, and why.
+            read_secret_file(path, MAX_TOKEN_BYTES).map_err(|source| {
+                ClientError::DefaultToken {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
+            args.token_file = Some(path.to_owned());
+        }
+        Ok(args)
+    }
+
     /// The endpoint --addr and the TLS flags describe, not yet connected.
     pub fn endpoint(&self) -> Result<Endpoint, ClientError> {
         let uri = self.uri()?;
@@ -336,30 +357,42 @@ impl ClientArgs {
         Ok(Some(tls))
     }
 
-    /// Connects to the vault with the caller's credentials. A token is required unless a
+    /// The caller's credentials as the `authorization` value each request carries: `None`
+    /// when a client certificate alone is to name the caller. A token is required unless a
     /// client certificate is given (the vault may map it to a caller).
-    pub async fn connect(&self) -> Result<Client, ClientError> {
+    pub fn bearer(&self) -> Result<Option<MetadataValue<Ascii>>, ClientError> {
         let token = self.token()?;
         if token.is_none() && self.cert.is_none() {
             return Err(ClientError::NoToken);
         }
-        let bearer = token
+        token
             .map(|token| {
                 let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.as_str())
                     .parse()
                     .map_err(|_| ClientError::BadToken)?;
                 value.set_sensitive(true);
-                Ok::<_, ClientError>(value)
+                Ok(value)
             })
-            .transpose()?;
-        let endpoint = self.endpoint()?;
-        let addr = endpoint.uri().to_string();
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| ClientError::Connect { addr, source })?;
+            .transpose()
+    }
+
+    /// Connects to the vault with the caller's credentials.
+    pub async fn connect(&self) -> Result<Client, ClientError> {
+        let bearer = self.bearer()?;
+        let channel = open(&self.endpoint()?).await?;
         Ok(Client { channel, bearer })
     }
+}
+
+/// One connection (TCP, and the TLS handshake when the endpoint has TLS) to `endpoint`.
+async fn open(endpoint: &Endpoint) -> Result<Channel, ClientError> {
+    endpoint
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect {
+            addr: endpoint.uri().to_string(),
+            source,
+        })
 }
 
 fn read_pem(flag: &'static str, path: &Path) -> Result<Vec<u8>, ClientError> {
@@ -378,11 +411,6 @@ fn read_pem(flag: &'static str, path: &Path) -> Result<Vec<u8>, ClientError> {
             source,
         })?;
     Ok(pem)
-}
-
-/// A failed RPC as the one line a client prints: the code and the server's message.
-pub fn describe(status: tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
 }
 
 #[cfg(test)]
@@ -496,7 +524,9 @@ mod tests {
         assert_eq!(resolve(None, None, None, None).unwrap(), None);
         let refused = resolve(None, Some(&exposed), None, None).unwrap_err();
         assert!(
-            String::from(refused).contains("chmod 600"),
+            crate::cli::CliError::from(refused)
+                .report()
+                .contains("chmod 600"),
             "an exposed token file is refused with the fix"
         );
     }
@@ -522,7 +552,7 @@ mod tests {
             key: Some(key),
             ..half
         };
-        let error = String::from(exposed.endpoint().unwrap_err());
+        let error = crate::cli::CliError::from(exposed.endpoint().unwrap_err()).report();
         assert!(
             error.starts_with("--key: ") && error.contains("chmod 600"),
             "{error}"

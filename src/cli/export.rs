@@ -19,7 +19,8 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::client::{ClientArgs, describe};
+use super::CliError;
+use super::client::ClientArgs;
 use crate::domain::FieldName;
 use crate::proto;
 
@@ -55,22 +56,23 @@ fn state_path(out: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn read_state(path: &Path) -> Result<ResumeState, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+fn read_state(path: &Path) -> Result<ResumeState, CliError> {
+    let text = std::fs::read_to_string(path).map_err(CliError::file("read", path))?;
     let (length, cursor) = text
         .trim_end()
         .split_once('\n')
-        .ok_or_else(|| format!("{} is not an export state file", path.display()))?;
+        .ok_or_else(|| not_a_state_file(path))?;
     Ok(ResumeState {
         cursor: cursor.to_owned(),
-        length: length
-            .parse()
-            .map_err(|_| format!("{} is not an export state file", path.display()))?,
+        length: length.parse().map_err(|_| not_a_state_file(path))?,
     })
 }
 
-fn write_state(path: &Path, state: &ResumeState) -> Result<(), String> {
+fn not_a_state_file(path: &Path) -> CliError {
+    CliError::Refused(format!("{} is not an export state file", path.display()))
+}
+
+fn write_state(path: &Path, state: &ResumeState) -> Result<(), CliError> {
     let temporary = {
         let mut name = path.as_os_str().to_owned();
         name.push(".tmp");
@@ -82,11 +84,11 @@ fn write_state(path: &Path, state: &ResumeState) -> Result<(), String> {
         .truncate(true)
         .mode(0o600)
         .open(&temporary)
-        .map_err(|e| format!("cannot write {}: {e}", temporary.display()))?;
+        .map_err(CliError::file("write", &temporary))?;
     writeln!(file, "{}\n{}", state.length, state.cursor)
         .and_then(|()| file.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", temporary.display()))?;
-    std::fs::rename(&temporary, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        .map_err(CliError::file("write", &temporary))?;
+    std::fs::rename(&temporary, path).map_err(CliError::file("write", path))
 }
 
 /// One CSV field (RFC 4180): quoted when it holds a separator, a quote or a line break.
@@ -125,8 +127,8 @@ fn header() -> String {
 fn open_output(
     args: &ExportArgs,
     state_file: &Path,
-) -> Result<(File, Option<ResumeState>), String> {
-    let io = |e: std::io::Error| format!("{}: {e}", args.out.display());
+) -> Result<(File, Option<ResumeState>), CliError> {
+    let io = |e| CliError::file("write", &args.out)(e);
     if args.resume {
         let state = read_state(state_file)?;
         let mut file = OpenOptions::new().write(true).open(&args.out).map_err(io)?;
@@ -135,10 +137,10 @@ fn open_output(
         return Ok((file, Some(state)));
     }
     if state_file.exists() {
-        return Err(format!(
+        return Err(CliError::Refused(format!(
             "{} holds an interrupted export: continue it with --resume, or remove it",
             state_file.display()
-        ));
+        )));
     }
     let mut file = OpenOptions::new()
         .write(true)
@@ -151,12 +153,15 @@ fn open_output(
     Ok((file, None))
 }
 
-pub async fn run(connection: &ClientArgs, args: ExportArgs) -> Result<(), String> {
+pub async fn run(connection: &ClientArgs, args: ExportArgs) -> Result<(), CliError> {
     use crate::proto::vault_client::VaultClient;
 
     let state_file = state_path(&args.out);
     let (file, resumed) = open_output(&args, &state_file)?;
-    let mut length = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut length = file
+        .metadata()
+        .map_err(CliError::file("read", &args.out))?
+        .len();
     let mut out = BufWriter::new(file);
     let vault = connection.connect().await?;
     let mut client = VaultClient::new(vault.channel.clone());
@@ -167,22 +172,21 @@ pub async fn run(connection: &ClientArgs, args: ExportArgs) -> Result<(), String
             justification: args.justification.clone(),
             resume_cursor: cursor.clone(),
         }))
-        .await
-        .map_err(describe)?
+        .await?
         .into_inner();
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template("{spinner} exported {pos} rows ({per_sec}, {elapsed})")
-            .map_err(|e| e.to_string())?,
+            .map_err(CliError::Progress)?,
     );
     bar.enable_steady_tick(Duration::from_millis(200));
-    let io = |e: std::io::Error| format!("{}: {e}", args.out.display());
+    let io = |e| CliError::file("write", &args.out)(e);
     let mut since_save = 0u64;
     let outcome = loop {
         let message = match stream.message().await {
             Ok(Some(message)) => message,
-            Ok(None) => break Err("the stream ended before its summary".to_owned()),
-            Err(status) => break Err(describe(status)),
+            Ok(None) => break Err(CliError::from("the stream ended before its summary")),
+            Err(status) => break Err(CliError::from(status)),
         };
         match message.item {
             Some(proto::export_records_response::Item::Row(row)) => {
@@ -205,7 +209,7 @@ pub async fn run(connection: &ClientArgs, args: ExportArgs) -> Result<(), String
                 }
             }
             Some(proto::export_records_response::Item::Summary(summary)) => break Ok(summary),
-            None => break Err("the vault sent an empty message".to_owned()),
+            None => break Err(CliError::from("the vault sent an empty message")),
         }
     };
     out.flush().map_err(io)?;
@@ -214,7 +218,7 @@ pub async fn run(connection: &ClientArgs, args: ExportArgs) -> Result<(), String
         Ok(summary) => {
             bar.finish_and_clear();
             if state_file.exists() {
-                std::fs::remove_file(&state_file).map_err(|e| e.to_string())?;
+                std::fs::remove_file(&state_file).map_err(CliError::file("remove", &state_file))?;
             }
             println!(
                 "export done: {} rows exported, {} suppressed (k = {}) into {}",
@@ -229,10 +233,10 @@ pub async fn run(connection: &ClientArgs, args: ExportArgs) -> Result<(), String
             bar.abandon();
             if !cursor.is_empty() {
                 write_state(&state_file, &ResumeState { cursor, length })?;
-                return Err(format!(
-                    "{error}; continue with --resume (state in {})",
-                    state_file.display()
-                ));
+                return Err(CliError::Interrupted {
+                    cause: Box::new(error),
+                    state: state_file,
+                });
             }
             Err(error)
         }

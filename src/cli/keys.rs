@@ -11,7 +11,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::client::{ClientArgs, describe};
+use super::CliError;
+use super::client::ClientArgs;
 use crate::proto::key_management_client::KeyManagementClient;
 use crate::proto::{self, KeyVersionState};
 
@@ -31,14 +32,13 @@ pub struct PurgeArgs {
 }
 
 /// Runs `pdvault purge`: crypto-shreds records past their retention deadline.
-pub async fn purge(connection: &ClientArgs, args: PurgeArgs) -> Result<(), String> {
+pub async fn purge(connection: &ClientArgs, args: PurgeArgs) -> Result<(), CliError> {
     let vault = connection.connect().await?;
     let purged = KeyManagementClient::new(vault.channel.clone())
         .purge_expired_records(vault.request(proto::PurgeExpiredRecordsRequest {
             limit: args.limit.unwrap_or(0),
         }))
-        .await
-        .map_err(describe)?
+        .await?
         .into_inner()
         .purged_record_ids;
     println!(
@@ -99,7 +99,7 @@ fn kind_of(index: bool) -> (proto::KeyKind, &'static str) {
 }
 
 /// Runs a `keys` subcommand; `Err` becomes the message and the non-zero exit.
-pub async fn run(connection: &ClientArgs, args: KeysArgs) -> Result<(), String> {
+pub async fn run(connection: &ClientArgs, args: KeysArgs) -> Result<(), CliError> {
     let vault = connection.connect().await?;
     let mut client = KeyManagementClient::new(vault.channel.clone());
     match args.command {
@@ -111,8 +111,7 @@ pub async fn run(connection: &ClientArgs, args: KeysArgs) -> Result<(), String> 
                 .rotate_index_key(vault.request(proto::RotateIndexKeyRequest {
                     expected_active_version: expect_active.unwrap_or(0),
                 }))
-                .await
-                .map_err(describe)?
+                .await?
                 .into_inner();
             let active = response.active.unwrap_or_default();
             if response.created {
@@ -136,8 +135,7 @@ pub async fn run(connection: &ClientArgs, args: KeysArgs) -> Result<(), String> 
                 .rotate_key_encryption_key(vault.request(proto::RotateKeyEncryptionKeyRequest {
                     expected_active_version: expect_active.unwrap_or(0),
                 }))
-                .await
-                .map_err(describe)?
+                .await?
                 .into_inner();
             let active = response.active.unwrap_or_default();
             if response.created {
@@ -153,15 +151,14 @@ pub async fn run(connection: &ClientArgs, args: KeysArgs) -> Result<(), String> 
         KeysCommand::Rewrap { batch_size } => {
             let mut stream = client
                 .rewrap_records(vault.request(proto::RewrapRecordsRequest { batch_size }))
-                .await
-                .map_err(describe)?
+                .await?
                 .into_inner();
             let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
             bar.set_style(
                 ProgressStyle::with_template(
                     "{spinner} rewrap to v{msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
                 )
-                .map_err(|e| e.to_string())?
+                .map_err(CliError::Progress)?
                 .progress_chars("=> "),
             );
             bar.enable_steady_tick(Duration::from_millis(200));
@@ -177,7 +174,7 @@ pub async fn run(connection: &ClientArgs, args: KeysArgs) -> Result<(), String> 
                     Ok(None) => break,
                     Err(status) => {
                         bar.abandon();
-                        return Err(describe(status));
+                        return Err(status.into());
                     }
                 }
             }
@@ -195,7 +192,7 @@ pub async fn run(connection: &ClientArgs, args: KeysArgs) -> Result<(), String> 
                     );
                     Ok(())
                 }
-                Some(progress) => Err(format!(
+                Some(progress) => Err(CliError::Refused(format!(
                     "rewrap ended early: {} rewrapped, {} remaining; {} re-indexed, {} \
                      remaining (job {})",
                     progress.rewrapped,
@@ -203,15 +200,14 @@ pub async fn run(connection: &ClientArgs, args: KeysArgs) -> Result<(), String> 
                     progress.reindexed,
                     progress.index_remaining,
                     progress.job_id
-                )),
+                ))),
                 None => Err("rewrap ended without reporting progress".into()),
             }
         }
         KeysCommand::Status => {
             let status = client
                 .get_key_status(vault.request(proto::GetKeyStatusRequest {}))
-                .await
-                .map_err(describe)?
+                .await?
                 .into_inner();
             print_versions(&status.versions);
             println!("\nindex (blind-index and pseudonym) versions:");
@@ -226,8 +222,7 @@ pub async fn run(connection: &ClientArgs, args: KeysArgs) -> Result<(), String> 
                     version,
                     kind: kind as i32,
                 }))
-                .await
-                .map_err(describe)?
+                .await?
                 .into_inner();
             println!(
                 "{name} version {} is {}",
@@ -243,8 +238,7 @@ pub async fn run(connection: &ClientArgs, args: KeysArgs) -> Result<(), String> 
                     version,
                     kind: kind as i32,
                 }))
-                .await
-                .map_err(describe)?
+                .await?
                 .into_inner();
             println!(
                 "{name} version {} is {}",

@@ -5,6 +5,7 @@
 //! ([`client::ClientArgs`]), global so they are accepted anywhere on the line; scheduled jobs
 //! need only an address, a token with the grant and, for a TLS vault, its CA bundle.
 //!
+//! - `error.rs`: `CliError`, what every command fails with, printed with its causes by [`run`].
 //! - `client.rs`: the connection flags, and the channel (plaintext, TLS or mTLS) they make.
 //! - `keys.rs`: `pdvault keys ...` and `pdvault purge`.
 //! - `accounts.rs`: `pdvault accounts ...`.
@@ -28,10 +29,12 @@ use crate::store::Store;
 
 pub mod accounts;
 pub mod client;
+pub mod error;
 pub mod export;
 pub mod keys;
 
 pub use client::ClientArgs;
+pub use error::CliError;
 
 /// The purpose `pdvault bench` reads for by default: it releases every field in plain.
 pub const DEFAULT_BENCH_PURPOSE: &str = "service-delivery";
@@ -131,7 +134,7 @@ where
             clap::error::ErrorKind::ArgumentConflict,
             format!(
                 "{flag} is a connection flag of the client commands (accounts, keys, \
-                     purge, bench); this command does not connect to a vault"
+                     purge, export, bench); this command does not connect to a vault"
             ),
         ));
     }
@@ -250,9 +253,9 @@ impl ConfigArgs {
         }
     }
 
-    fn load(&self) -> Result<Config, String> {
+    fn load(&self) -> Result<Config, CliError> {
         let source = self.source();
-        Config::load(source.file.as_deref(), &source.flags).map_err(|e| e.to_string())
+        Ok(Config::load(source.file.as_deref(), &source.flags)?)
     }
 }
 
@@ -261,13 +264,14 @@ impl ConfigArgs {
 pub async fn run<F, Fut>(bench: F) -> ExitCode
 where
     F: FnOnce(ClientArgs, BenchArgs) -> Fut,
-    Fut: Future<Output = Result<(), String>>,
+    Fut: Future<Output = Result<(), CliError>>,
 {
     let cli = match parse_from(std::env::args_os()) {
         Ok(cli) => cli,
         Err(error) => error.exit(),
     };
     let Cli { client, command } = cli;
+    let hint = client.closed_connection_hint();
     let result = match command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => migrate(args).await,
@@ -282,91 +286,89 @@ where
         Command::Bench(args) => bench(client, args).await,
         Command::Export(args) => export::run(&client, args).await,
     };
-    exit_code(result)
+    exit_code(result.map_err(|error| error.explained(hint)))
 }
 
 /// The process exit code of a command's result, its error printed first.
-fn exit_code(result: Result<(), String>) -> ExitCode {
+fn exit_code(result: Result<(), CliError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("pdvault: {message}");
+        Err(error) => {
+            eprintln!("pdvault: {}", error.report());
             ExitCode::FAILURE
         }
     }
 }
 
-async fn serve(args: ConfigArgs) -> Result<(), String> {
+async fn serve(args: ConfigArgs) -> Result<(), CliError> {
     let config = args.load()?;
     crate::telemetry::init(&config.log);
-    let app = Application::build(config)
-        .await
-        .map_err(|e| e.to_string())?
-        .with_reload(args.source());
+    let app = Application::build(config).await?.with_reload(args.source());
     if let Some(path) = app.admin_token_path() {
         tracing::info!(path = %path.display(), "administrator token file");
     }
-    app.run_until_stopped().await.map_err(|e| e.to_string())
+    Ok(app.run_until_stopped().await?)
 }
 
-async fn migrate(args: ConfigArgs) -> Result<(), String> {
+async fn migrate(args: ConfigArgs) -> Result<(), CliError> {
     let config = args.load()?;
     crate::telemetry::init(&config.log);
-    crate::app::create_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
-    let store = open_store(&config).await.map_err(|e| e.to_string())?;
-    store.migrate().await.map_err(|e| e.to_string())?;
+    crate::app::create_private_dir(&config.data_dir)?;
+    let store = open_store(&config).await?;
+    store.migrate().await?;
     println!("migrations applied");
     Ok(())
 }
 
 /// The store and keyring of an installation, opened without creating anything.
-async fn open_existing(args: &ConfigArgs) -> Result<(Arc<dyn Store>, Keyring), String> {
+async fn open_existing(args: &ConfigArgs) -> Result<(Arc<dyn Store>, Keyring), CliError> {
     let (store, config) = open_database(args).await?;
-    let keys = Keyring::load(&config.keyring_path()).map_err(|e| e.to_string())?;
+    let keys = Keyring::load(&config.keyring_path())?;
     Ok((store, keys))
 }
 
 /// The store of an installation, without its keyring.
-async fn open_database(args: &ConfigArgs) -> Result<(Arc<dyn Store>, Config), String> {
+async fn open_database(args: &ConfigArgs) -> Result<(Arc<dyn Store>, Config), CliError> {
     let config = args.load()?;
     crate::telemetry::init(&config.log);
-    let store = open_store(&config).await.map_err(|e| e.to_string())?;
-    store.migrate().await.map_err(|e| e.to_string())?;
+    let store = open_store(&config).await?;
+    store.migrate().await?;
     Ok((store, config))
 }
 
 /// Verification reads and never writes: the database is opened read-only (SQLite
 /// `mode=ro`, PostgreSQL read-only transactions) and not migrated, and a database that does
 /// not exist is an error rather than a new empty one that "verifies".
-async fn audit_verify(args: VerifyArgs) -> Result<(), String> {
+async fn audit_verify(args: VerifyArgs) -> Result<(), CliError> {
     let config = args.config.load()?;
     crate::telemetry::init(&config.log);
     // An outside verifier brings the public key and needs no keyring (nor its KEKs).
     let public = match &args.public_key {
         Some(hex) => crate::crypto::AuditPublicKey::from_hex(hex)
             .ok_or("--public-key: not the 64 hex digits of an Ed25519 public key")?,
-        None => Keyring::load(&config.keyring_path())
-            .map_err(|e| e.to_string())?
+        None => Keyring::load(&config.keyring_path())?
             .audit_signing()
             .public_key(),
     };
     let store = crate::app::open_store_read_only(&config)
         .await
-        .map_err(|e| format!("cannot verify: {e}"))?;
+        .map_err(CliError::CannotVerify)?;
     let witness_file = args.checkpoints.clone().or_else(|| {
         crate::audit::CheckpointSink::parse(&config.audit.checkpoint_sink)
             .and_then(|sink| sink.file().map(ToOwned::to_owned))
     });
     let witness = match &witness_file {
-        Some(path) => Some(
-            crate::audit::Witness::read(path)
-                .map_err(|e| format!("witness file {}: {e}", path.display()))?,
-        ),
+        Some(path) => {
+            Some(
+                crate::audit::Witness::read(path).map_err(|source| CliError::Witness {
+                    path: path.clone(),
+                    source,
+                })?,
+            )
+        }
         None => None,
     };
-    let report = crate::audit::verify_with(store.as_ref(), &public, witness.as_ref())
-        .await
-        .map_err(|e| e.to_string())?;
+    let report = crate::audit::verify_with(store.as_ref(), &public, witness.as_ref()).await?;
     println!(
         "chains: {}  events: {}  checkpoints: {}",
         report.chains, report.events, report.checkpoints
@@ -402,23 +404,22 @@ async fn audit_verify(args: VerifyArgs) -> Result<(), String> {
     } else if report.checkpoints == 0 {
         Err("the audit trail has no checkpoints: it cannot be verified".into())
     } else {
-        Err(format!(
+        Err(CliError::Refused(format!(
             "{} problem(s) found in the audit trail",
             report.problems.len()
-        ))
+        )))
     }
 }
 
-async fn audit_checkpoint(args: ConfigArgs) -> Result<(), String> {
+async fn audit_checkpoint(args: ConfigArgs) -> Result<(), CliError> {
     let config = args.load()?;
     // Locks the signer state first: while the vault runs, it is the one that signs.
-    let signer = crate::app::open_signer(&config).map_err(|e| e.to_string())?;
+    let signer = crate::app::open_signer(&config)?;
     let (store, keys) = open_existing(&args).await?;
     let now = chrono::Utc::now().timestamp_micros();
     let checkpoint = signer
         .checkpoint(store.as_ref(), keys.audit_signing(), now, false)
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     println!(
         "checkpoint {} of signer {} written ({} head(s))",
         checkpoint.link.as_ref().map_or(0, |link| link.counter),
@@ -428,25 +429,31 @@ async fn audit_checkpoint(args: ConfigArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn audit_public_key(args: ConfigArgs) -> Result<(), String> {
+fn audit_public_key(args: ConfigArgs) -> Result<(), CliError> {
     let config = args.load()?;
-    let keys = Keyring::load(&config.keyring_path()).map_err(|e| e.to_string())?;
+    let keys = Keyring::load(&config.keyring_path())?;
     println!("{}", keys.audit_signing().public_key_hex());
     Ok(())
 }
 
-fn token_generate() -> Result<(), String> {
-    let token = zeroize::Zeroizing::new(generate_token().map_err(|e| e.to_string())?);
+fn token_generate() -> Result<(), CliError> {
+    let token = zeroize::Zeroizing::new(generate_token().map_err(|source| CliError::Io {
+        what: "cannot draw a random token",
+        source,
+    })?);
     println!("token:        {}", token.as_str());
     println!("token_sha256: {}", token_sha256_hex(&token));
     Ok(())
 }
 
-fn token_hash() -> Result<(), String> {
+fn token_hash() -> Result<(), CliError> {
     let mut token = zeroize::Zeroizing::new(String::new());
     std::io::stdin()
         .read_to_string(&mut token)
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| CliError::Io {
+            what: "cannot read the token from standard input",
+            source,
+        })?;
     println!("{}", token_sha256_hex(token.trim()));
     Ok(())
 }

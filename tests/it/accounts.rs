@@ -2,6 +2,7 @@
 //! acceptance, on both backends. Birthdays are crossed with the test clock, never the wall
 //! clock.
 
+use crate::support::cli::cli;
 use crate::support::fixtures::*;
 use crate::support::{CLAIMS, COMPLIANCE, LOGIN, SECURITY, TestApp, authed};
 use chrono::{DateTime, TimeZone, Utc};
@@ -471,55 +472,46 @@ async fn check_account_carries_no_identity(app: &TestApp) {
 
 async fn the_command_line_drives_a_running_vault(app: &TestApp) {
     let record = create(app, zhang_san()).await;
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"))
-            .arg("accounts")
+    let run = |args: &[&str], token: &str| {
+        cli("accounts")
             .args(args)
             .env("PDVAULT_ADDR", format!("http://{}", app.addr))
-            .env("PDVAULT_TOKEN", SECURITY.token)
-            .output()
-            .unwrap()
+            .env("PDVAULT_TOKEN", token)
+            .run()
     };
-    let out = run(&[
-        "suspend",
-        &record.record_id,
-        "--reason",
-        "user-request",
-        "--ticket",
-        "SEC-7",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("is now SUSPENDED"));
-    let out = run(&["status", &record.record_id]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("SUSPENDED"));
-    let out = run(&["reinstate", &record.record_id]);
-    assert!(out.status.success());
-    let out = run(&["history", &record.record_id]);
-    let history = String::from_utf8_lossy(&out.stdout);
+    let out = run(
+        &[
+            "suspend",
+            &record.record_id,
+            "--reason",
+            "user-request",
+            "--ticket",
+            "SEC-7",
+        ],
+        SECURITY.token,
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("is now SUSPENDED"));
+    let out = run(&["status", &record.record_id], SECURITY.token).await;
+    assert!(out.stdout.contains("SUSPENDED"));
+    let out = run(&["reinstate", &record.record_id], SECURITY.token).await;
+    assert!(out.ok);
+    let out = run(&["history", &record.record_id], SECURITY.token).await;
+    let history = out.stdout;
     assert!(
         history.contains("SUSPENDED by security reason=USER_REQUEST ticket=SEC-7"),
         "{history}"
     );
     assert!(history.contains("REINSTATED by security"), "{history}");
     // A caller without the grant is refused, and the command says so with a failing exit.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"))
-        .args([
-            "accounts",
-            "suspend",
-            &record.record_id,
-            "--reason",
-            "other",
-        ])
-        .env("PDVAULT_ADDR", format!("http://{}", app.addr))
-        .env("PDVAULT_TOKEN", CLAIMS.token)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"));
+    let out = run(
+        &["suspend", &record.record_id, "--reason", "other"],
+        CLAIMS.token,
+    )
+    .await;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("PermissionDenied"), "{}", out.stderr);
 }
 
 for_each_backend!(

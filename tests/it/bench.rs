@@ -155,8 +155,11 @@ async fn a_mixed_run_against_a_running_vault(app: &TestApp) {
     let report = generator::run(BenchOptions {
         mix: Some(Mix::parse("get=4,find=2,check=2,create=1").unwrap()),
         ..options(TargetSpec::External {
-            addr: app.addr.to_string(),
-            token: zeroize::Zeroizing::new(CLAIMS.token.into()),
+            connection: pdvault::cli::ClientArgs {
+                addr: Some(app.addr.to_string()),
+                token: Some(CLAIMS.token.into()),
+                ..pdvault::cli::ClientArgs::default()
+            },
         })
     })
     .await

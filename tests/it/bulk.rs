@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use crate::support::cli::{Ran, cli};
 use crate::support::fixtures::*;
 use crate::support::{ANALYTICS, Backend, CLAIMS, COMPLIANCE, SECURITY, TestApp, authed};
 use pdvault::policy::{PurposeConfig, ReleaseLevel};
@@ -685,21 +686,13 @@ async fn broken_exports_resume_without_duplicates_or_gaps(app: &TestApp) {
 }
 
 /// Runs `pdvault export` (the real binary) against `app` as the analytics caller.
-async fn export_command(app: &TestApp, args: &[&str]) -> std::process::Output {
-    let addr = format!("http://{}", app.addr);
-    let args: Vec<String> = args.iter().map(|&arg| arg.to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"))
-            .arg("export")
-            .args(&args)
-            .env_remove("PDVAULT_TOKEN_FILE")
-            .env("PDVAULT_ADDR", addr)
-            .env("PDVAULT_TOKEN", ANALYTICS.token)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
+async fn export_command(app: &TestApp, args: &[&str]) -> Ran {
+    cli("export")
+        .args(args)
+        .env("PDVAULT_ADDR", format!("http://{}", app.addr))
+        .env("PDVAULT_TOKEN", ANALYTICS.token)
+        .run()
+        .await
 }
 
 async fn the_export_command_writes_a_resumable_csv(app: &TestApp) {
@@ -708,15 +701,11 @@ async fn the_export_command_writes_a_resumable_csv(app: &TestApp) {
     let out = dir.path().join("open-data.csv");
     let out_arg = out.to_str().unwrap();
     let ran = export_command(app, &["--purpose", OPEN_DATA, "--out", out_arg]).await;
+    assert!(ran.ok, "{}", ran.stderr);
     assert!(
-        ran.status.success(),
+        ran.stdout.contains("7 rows exported, 3 suppressed"),
         "{}",
-        String::from_utf8_lossy(&ran.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&ran.stdout).contains("7 rows exported, 3 suppressed"),
-        "{}",
-        String::from_utf8_lossy(&ran.stdout)
+        ran.stdout
     );
     let whole = std::fs::read_to_string(&out).unwrap();
     let lines: Vec<&str> = whole.lines().collect();
@@ -765,15 +754,11 @@ async fn the_export_command_writes_a_resumable_csv(app: &TestApp) {
     .unwrap();
     // Without --resume the command will not overwrite it.
     let refused = export_command(app, &["--purpose", OPEN_DATA, "--out", out_arg]).await;
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--resume"));
+    assert!(!refused.ok);
+    assert!(refused.stderr.contains("--resume"));
     let resumed =
         export_command(app, &["--purpose", OPEN_DATA, "--out", out_arg, "--resume"]).await;
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    assert!(resumed.ok, "{}", resumed.stderr);
     assert_eq!(
         std::fs::read_to_string(&out).unwrap(),
         whole,

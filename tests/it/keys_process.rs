@@ -4,13 +4,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use pdvault::proto::key_management_client::KeyManagementClient;
 use pdvault::proto::vault_client::VaultClient;
 use pdvault::proto::{CreateRecordRequest, GetRecordRequest, Identity, RewrapRecordsRequest};
 use sqlx::{AssertSqlSafe, Connection};
 
+use crate::support::cli::{Ran, cli};
 use crate::support::{authed, connect};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_pdvault");
@@ -112,17 +113,14 @@ impl Deployment {
         panic!("pdvault did not start listening on {addr}");
     }
 
-    fn keys(&self, server: &Server, args: &[&str]) -> Output {
-        Command::new(BINARY)
-            .arg("keys")
-            .arg("--addr")
+    async fn keys(&self, server: &Server, args: &[&str]) -> Ran {
+        cli("keys --addr")
             .arg(format!("http://{}", server.addr))
             .arg("--token-file")
             .arg(self.token_file())
             .args(args)
-            .env_remove("PDVAULT_TOKEN")
-            .output()
-            .expect("pdvault keys runs")
+            .run()
+            .await
     }
 
     async fn drop_database(&self) {
@@ -171,12 +169,8 @@ fn free_port() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+fn text(output: &Ran) -> String {
+    output.text()
 }
 
 async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
@@ -216,11 +210,15 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
         }
     }
 
-    let rotated = deployment.keys(&server, &["rotate", "--expect-active", "1"]);
-    assert!(rotated.status.success(), "{}", text(&rotated));
+    let rotated = deployment
+        .keys(&server, &["rotate", "--expect-active", "1"])
+        .await;
+    assert!(rotated.ok, "{}", text(&rotated));
     assert!(text(&rotated).contains("KEK version 2 is active"));
-    let again = deployment.keys(&server, &["rotate", "--expect-active", "1"]);
-    assert!(again.status.success());
+    let again = deployment
+        .keys(&server, &["rotate", "--expect-active", "1"])
+        .await;
+    assert!(again.ok);
     assert!(text(&again).contains("not rotated"), "{}", text(&again));
 
     // Start a rewrap in small batches, and kill the server as soon as it has reported
@@ -241,8 +239,8 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
     let server = deployment.start().await;
     // Issue 11 E24: the killed job no longer shows RUNNING forever; the restarted instance
     // saw its process gone and marked it INTERRUPTED.
-    let status = deployment.keys(&server, &["status"]);
-    assert!(status.status.success(), "{}", text(&status));
+    let status = deployment.keys(&server, &["status"]).await;
+    assert!(status.ok, "{}", text(&status));
     assert!(
         text(&status)
             .lines()
@@ -251,12 +249,14 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
         text(&status)
     );
     // Retiring now would strand what the killed job did not reach.
-    let refused = deployment.keys(&server, &["retire", "1"]);
-    assert!(!refused.status.success(), "{}", text(&refused));
+    let refused = deployment.keys(&server, &["retire", "1"]).await;
+    assert!(!refused.ok, "{}", text(&refused));
     assert!(text(&refused).contains("still wraps"), "{}", text(&refused));
 
-    let rewrap = deployment.keys(&server, &["rewrap", "--batch-size", "100"]);
-    assert!(rewrap.status.success(), "{}", text(&rewrap));
+    let rewrap = deployment
+        .keys(&server, &["rewrap", "--batch-size", "100"])
+        .await;
+    assert!(rewrap.ok, "{}", text(&rewrap));
     assert!(text(&rewrap).contains("rewrap done"), "{}", text(&rewrap));
 
     // The killed job's batches and the second job's add up to every record exactly once:
@@ -268,8 +268,8 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
         RECORDS as i64
     );
 
-    let status = deployment.keys(&server, &["status"]);
-    assert!(status.status.success());
+    let status = deployment.keys(&server, &["status"]).await;
+    assert!(status.ok);
     let listing = text(&status);
     let v1 = listing
         .lines()
@@ -281,8 +281,8 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
     );
 
     for step in [["retire", "1"], ["destroy", "1"]] {
-        let output = deployment.keys(&server, &step);
-        assert!(output.status.success(), "{}", text(&output));
+        let output = deployment.keys(&server, &step).await;
+        assert!(output.ok, "{}", text(&output));
     }
 
     let mut vault = VaultClient::new(connect(server.addr).await);
@@ -310,13 +310,13 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
             "UPDATE records SET retain_until = 1 WHERE record_id = '{overdue}'"
         ))
         .await;
-    let purge = Command::new(BINARY)
-        .args(["purge", "--addr", &format!("http://{}", server.addr)])
+    let purge = cli("purge --addr")
+        .arg(format!("http://{}", server.addr))
         .arg("--token-file")
         .arg(deployment.token_file())
-        .output()
-        .unwrap();
-    assert!(purge.status.success(), "{}", text(&purge));
+        .run()
+        .await;
+    assert!(purge.ok, "{}", text(&purge));
     assert!(
         text(&purge).contains("purged 1 records"),
         "{}",
@@ -333,29 +333,19 @@ async fn killed_rewrap_resumes_and_cli_drives_the_lifecycle(postgres: bool) {
     );
 
     // Failures exit non-zero: a wrong token, and an unreachable server.
-    let bad = Command::new(BINARY)
-        .args([
-            "keys",
-            "--addr",
-            &format!("http://{}", server.addr),
-            "status",
-        ])
+    let bad = cli("keys --addr")
+        .args([&format!("http://{}", server.addr), "status"])
         .env("PDVAULT_TOKEN", "not-a-token")
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
+        .run()
+        .await;
+    assert!(!bad.ok);
     assert!(text(&bad).contains("Unauthenticated"), "{}", text(&bad));
-    let unreachable = Command::new(BINARY)
-        .args([
-            "keys",
-            "--addr",
-            &format!("http://{}", free_port()),
-            "status",
-        ])
+    let unreachable = cli("keys --addr")
+        .args([&format!("http://{}", free_port()), "status"])
         .env("PDVAULT_TOKEN", "x")
-        .output()
-        .unwrap();
-    assert!(!unreachable.status.success());
+        .run()
+        .await;
+    assert!(!unreachable.ok);
 
     drop(server);
     deployment.drop_database().await;

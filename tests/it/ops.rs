@@ -3,6 +3,7 @@
 //! credential), private files, the read-only `pdvault audit verify`, and rewrap jobs whose
 //! server died.
 
+use crate::support::cli::cli;
 use crate::support::fixtures::reason;
 use crate::support::proxy::{ProxyState, TcpProxy};
 use crate::support::{ANALYTICS, Backend, CLAIMS, LOGIN, TestApp, authed};
@@ -905,25 +906,13 @@ async fn data_files_stay_private_on_postgres() {
 }
 
 /// `pdvault <args>` with `config` as its configuration file; (success, stdout + stderr).
-fn pdvault_cli(config: Option<&std::path::Path>, args: &[&str]) -> (bool, String) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"));
-    command.args(args);
+async fn pdvault_cli(config: Option<&std::path::Path>, args: &[&str]) -> (bool, String) {
+    let mut command = cli("").args(args);
     if let Some(config) = config {
-        command.arg("--config").arg(config);
+        command = command.arg("--config").arg(config);
     }
-    // The test's own PDVAULT_* variables are not meant for this command.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("PDVAULT_") {
-            command.env_remove(key);
-        }
-    }
-    let output = command.output().expect("the pdvault binary runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    let ran = command.run().await;
+    (ran.ok, ran.text())
 }
 
 /// Issue 11 D18 and E22: `pdvault audit verify` reads and never writes (it ran migrations
@@ -951,8 +940,7 @@ async fn audit_verify_reads_only_what_exists(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let config_file = dir.path().join("pdvault.toml");
     std::fs::write(&config_file, toml::to_string(&app.config).unwrap()).unwrap();
-    let verify = |config: &std::path::Path| pdvault_cli(Some(config), &["audit", "verify"]);
-    let (ok, output) = verify(&config_file);
+    let (ok, output) = pdvault_cli(Some(&config_file), &["audit", "verify"]).await;
     assert!(ok, "{output}");
     assert!(output.contains("audit trail verified"), "{output}");
 
@@ -961,7 +949,7 @@ async fn audit_verify_reads_only_what_exists(backend: Backend) {
     app.execute_sql("DELETE FROM _sqlx_migrations WHERE version = 9")
         .await;
     let applied = app.count("SELECT COUNT(*) FROM _sqlx_migrations").await;
-    let (ok, output) = verify(&config_file);
+    let (ok, output) = pdvault_cli(Some(&config_file), &["audit", "verify"]).await;
     assert!(ok, "verify ran a migration: {output}");
     assert_eq!(
         app.count("SELECT COUNT(*) FROM _sqlx_migrations").await,
@@ -981,7 +969,7 @@ async fn audit_verify_reads_only_what_exists(backend: Backend) {
     });
     let mistyped = dir.path().join("mistyped.toml");
     std::fs::write(&mistyped, toml::to_string(&config).unwrap()).unwrap();
-    let (ok, output) = verify(&mistyped);
+    let (ok, output) = pdvault_cli(Some(&mistyped), &["audit", "verify"]).await;
     assert!(!ok, "{output}");
     assert!(output.contains("cannot verify"), "{output}");
     if backend == Backend::Sqlite {
@@ -996,7 +984,7 @@ async fn audit_verify_reads_only_what_exists(backend: Backend) {
     config.audit.checkpoint_sink = "stdout".into();
     let unwitnessed = dir.path().join("unwitnessed.toml");
     std::fs::write(&unwitnessed, toml::to_string(&config).unwrap()).unwrap();
-    let (ok, output) = verify(&unwitnessed);
+    let (ok, output) = pdvault_cli(Some(&unwitnessed), &["audit", "verify"]).await;
     assert!(!ok, "{output}");
     assert!(output.contains("no checkpoints"), "{output}");
 
@@ -1012,9 +1000,9 @@ async fn audit_verify_reads_only_what_exists(backend: Backend) {
         config.audit.checkpoint_sink = "stdout".into();
         let empty_config = dir.path().join("empty.toml");
         std::fs::write(&empty_config, toml::to_string(&config).unwrap()).unwrap();
-        let (ok, output) = pdvault_cli(Some(&empty_config), &["migrate"]);
+        let (ok, output) = pdvault_cli(Some(&empty_config), &["migrate"]).await;
         assert!(ok, "{output}");
-        let (ok, output) = verify(&empty_config);
+        let (ok, output) = pdvault_cli(Some(&empty_config), &["audit", "verify"]).await;
         assert!(!ok, "{output}");
         assert!(output.contains("no audit chains"), "{output}");
     }
@@ -1133,7 +1121,8 @@ async fn rewrap_jobs_of_dead_servers_are_interrupted(backend: Backend) {
             token_file.to_str().unwrap(),
             "status",
         ],
-    );
+    )
+    .await;
     assert!(ok, "{output}");
     assert!(
         output
@@ -1162,9 +1151,9 @@ async fn rewrap_jobs_of_dead_servers_are_interrupted_on_postgres() {
 }
 
 /// Issue 11 E24: `pdvault purge --help` named `keys.rotate`, the wrong grant.
-#[test]
-fn purge_help_names_its_grant() {
-    let (ok, output) = pdvault_cli(None, &["purge", "--help"]);
+#[tokio::test]
+async fn purge_help_names_its_grant() {
+    let (ok, output) = pdvault_cli(None, &["purge", "--help"]).await;
     assert!(ok, "{output}");
     assert!(output.contains("records.purge"), "{output}");
     assert!(!output.contains("keys.rotate"), "{output}");

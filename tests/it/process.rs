@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::support::cli::cli;
 use crate::support::fixtures::{reason, resident_id};
 use crate::support::process::ServerProcess;
 use crate::support::{
@@ -306,19 +307,12 @@ async fn sigkill_under_mixed_load_loses_nothing_acknowledged(database: Option<&s
     let mut server = server;
     server.signal("TERM");
     assert!(server.wait().await.success());
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"))
-        .args(["audit", "verify", "--config"])
+    let verified = cli("audit verify --config")
         .arg(server.config_path())
-        .env_remove("PDVAULT_TEST_SUITE")
-        .env_remove("PDVAULT_TEST_KEK_PROVIDER")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "{text}");
+        .run()
+        .await;
+    let text = verified.text();
+    assert!(verified.ok, "{text}");
     assert!(text.contains("audit trail verified"), "{text}");
 }
 

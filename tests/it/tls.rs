@@ -3,6 +3,7 @@
 //! clients (the real binary) reaching a vault that requires client certificates, and one
 //! that serves plain HTTP/2, with the shared connection flags anywhere on the line.
 
+use crate::support::cli::cli;
 use crate::support::fixtures::reason;
 use crate::support::{ANALYTICS, Backend, CLAIMS, SECURITY, TestApp, authed};
 use pdvault::config::Config;
@@ -270,27 +271,12 @@ fn write_file(path: &std::path::Path, text: &str, mode: u32) {
 /// Runs the `pdvault` binary with the words of `line` as arguments and, of the environment,
 /// only `env` among the PDVAULT_* variables; returns whether it succeeded, and its output.
 async fn pdvault(line: &str, env: &[(&str, &str)]) -> (bool, String) {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pdvault"));
-    command
-        .args(line.split_whitespace())
-        .stdin(std::process::Stdio::null());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("PDVAULT_") {
-            command.env_remove(key);
-        }
-    }
-    command.envs(env.iter().copied());
-    // Bounded, so a client that hangs fails the test instead of holding it.
-    let output = tokio::time::timeout(std::time::Duration::from_secs(60), command.output())
-        .await
-        .expect("the client exits")
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    let ran = env
+        .iter()
+        .fold(cli(line), |command, (key, value)| command.env(key, value))
+        .run()
+        .await;
+    (ran.ok, ran.text())
 }
 
 /// Issue 13: `pdvault keys`, `accounts` and `purge` reach a vault that requires client
@@ -312,6 +298,8 @@ async fn the_clients_reach_a_vault_that_requires_client_certificates() {
         ("exposed.key", operator.key.as_str(), 0o644),
         ("admin.token", setup.app.admin_token.as_str(), 0o600),
         ("security.token", SECURITY.token, 0o600),
+        ("claims.token", CLAIMS.token, 0o600),
+        ("analytics.token", ANALYTICS.token, 0o600),
     ] {
         write_file(&files.path().join(name), text, mode);
     }
@@ -389,11 +377,56 @@ async fn the_clients_reach_a_vault_that_requires_client_certificates() {
     let (ok, out) = pdvault(&line, &[]).await;
     assert!(!ok && out.contains("a token is required"), "{out}");
 
+    // `bench --addr` opens its connections from the same flags: a short run over mTLS, one
+    // seeded record read back, every call accepted.
+    let line = format!(
+        "bench --addr {addr} --duration 1 --warmup 0 {tls} --seed 1 --mix get --connections 2 \
+         --in-flight 2 --json --token-file {}",
+        file("claims.token")
+    );
+    let ran = cli(&line).run().await;
+    assert!(ran.ok, "{}", ran.text());
+    let report: serde_json::Value = serde_json::from_str(&ran.stdout).expect("a JSON report");
+    assert_eq!(report["target"]["kind"], "external", "{report}");
+    assert_eq!(report["seed"]["created"], 1, "{report}");
+    let get = &report["phases"][0]["rpcs"][0]["vault"];
+    assert!(get["requests"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(get["failures"], serde_json::json!({}), "{report}");
+    // Without a client certificate the vault refuses the connection, and bench says so
+    // rather than reporting a run of failed calls.
+    let line = format!(
+        "bench --seed 1 --mix get --duration 1 --warmup 0 --addr {addr} --ca {ca} \
+         --token-file {}",
+        file("claims.token")
+    );
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(
+        !ok && out.contains("no call reached the vault")
+            && out.contains("no client certificate was given (--cert, --key)"),
+        "{out}"
+    );
+    // `export` too: the CSV is written, header first.
+    let csv = file("export.csv");
+    let line = format!(
+        "export --purpose business-analytics --out {csv} --addr {addr} {tls} --token-file {}",
+        file("analytics.token")
+    );
+    let (ok, out) = pdvault(&line, &[]).await;
+    assert!(ok, "{out}");
+    let written = std::fs::read_to_string(&csv).unwrap();
+    assert!(
+        written.starts_with("row_key,name,gender,id_type,id_number,"),
+        "{written}"
+    );
+
     // Refusals exit non-zero: no client certificate, where one is required; a CA that did
     // not sign the vault's certificate; a client key others can read; plaintext to TLS.
     let line = format!("keys status --addr {addr} --ca {ca} --token-file {admin}");
     let (ok, out) = pdvault(&line, &[]).await;
-    assert!(!ok, "{out}");
+    assert!(
+        !ok && out.contains("no client certificate was given (--cert, --key)"),
+        "{out}"
+    );
     let line = format!(
         "keys status --addr {addr} --ca {} --cert {cert} --key {key} --token-file {admin}",
         file("stranger.pem")

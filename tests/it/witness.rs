@@ -11,6 +11,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::cli::{Ran, cli};
 use crate::support::fixtures::*;
 use crate::support::{Backend, CLAIMS, COMPLIANCE, TestApp, authed};
 use pdvault::audit::{AuditEvent, CheckpointError, Problem, Refusal, StoredEvent, VerifyReport};
@@ -79,33 +80,20 @@ async fn database_only_report(app: &TestApp) -> VerifyReport {
 async fn outside_verifier(app: &TestApp) -> (bool, String) {
     let public = app.keyring().audit_signing().public_key_hex();
     let empty = tempfile::tempdir().unwrap();
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pdvault"));
-    command
-        .args(["audit", "verify", "--database-url", &app.database_url])
+    let ran = cli("audit verify --database-url")
+        .arg(&app.database_url)
         .arg("--public-key")
         .arg(&public)
         .arg("--checkpoints")
         .arg(app.witness_path())
-        .current_dir(empty.path());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("PDVAULT_") {
-            command.env_remove(key);
-        }
-    }
-    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
-        .await
-        .expect("the verifier finishes")
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .current_dir(empty.path())
+        .run()
+        .await;
     assert!(
         !Path::new(&empty.path().join("pdvault-data")).exists(),
         "the verifier created nothing"
     );
-    (output.status.success(), text)
+    (ran.ok, ran.text())
 }
 
 /// Detected by the outside verifier, in process and as the real command.
@@ -902,32 +890,17 @@ async fn operator_commands(database: Option<&str>) {
     );
     let mut server = ServerProcess::start(&config, "info").await;
     let config_path = server.config_path();
-    let pdvault = |args: &[&str]| {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"));
-        command.args(args).arg("--config").arg(&config_path);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("PDVAULT_") {
-                command.env_remove(key);
-            }
-        }
-        command.output().unwrap()
-    };
-    let text = |output: &std::process::Output| {
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    };
+    let pdvault = |line: &str| cli(line).arg("--config").arg(&config_path).run();
+    let text = Ran::text;
 
-    let printed = pdvault(&["audit", "public-key"]);
-    assert!(printed.status.success(), "{}", text(&printed));
-    let public = String::from_utf8(printed.stdout).unwrap().trim().to_owned();
+    let printed = pdvault("audit public-key").await;
+    assert!(printed.ok, "{}", text(&printed));
+    let public = printed.stdout.trim().to_owned();
     let keyring = pdvault::keys::Keyring::load(&server.data_dir().join("keyring.json")).unwrap();
     assert_eq!(public, keyring.audit_signing().public_key_hex());
 
-    let refused = pdvault(&["audit", "checkpoint"]);
-    assert!(!refused.status.success());
+    let refused = pdvault("audit checkpoint").await;
+    assert!(!refused.ok);
     assert!(
         text(&refused).contains("in use by another running pdvault process"),
         "{}",
@@ -936,8 +909,8 @@ async fn operator_commands(database: Option<&str>) {
 
     server.signal("TERM");
     assert!(server.wait().await.success());
-    let signed = pdvault(&["audit", "checkpoint"]);
-    assert!(signed.status.success(), "{}", text(&signed));
+    let signed = pdvault("audit checkpoint").await;
+    assert!(signed.ok, "{}", text(&signed));
     // The introduction at start and the final checkpoint at shutdown came before.
     assert!(
         text(&signed).contains("checkpoint 3 of signer sgn_"),
@@ -945,8 +918,8 @@ async fn operator_commands(database: Option<&str>) {
         text(&signed)
     );
 
-    let verified = pdvault(&["audit", "verify"]);
-    assert!(verified.status.success(), "{}", text(&verified));
+    let verified = pdvault("audit verify").await;
+    assert!(verified.ok, "{}", text(&verified));
     assert!(
         text(&verified).contains("3 checkpoint(s) found unchanged"),
         "{}",
@@ -960,26 +933,22 @@ async fn operator_commands(database: Option<&str>) {
         )
     });
     let empty = tempfile::tempdir().unwrap();
-    let outside = std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"))
-        .args(["audit", "verify", "--database-url", &database_url])
-        .args(["--public-key", &public])
+    let outside = cli("audit verify --database-url")
+        .args([&database_url, "--public-key", &public])
         .arg("--checkpoints")
         .arg(&witness)
         .current_dir(empty.path())
-        .env_remove("PDVAULT_CONFIG")
-        .output()
-        .unwrap();
-    assert!(outside.status.success(), "{}", text(&outside));
+        .run()
+        .await;
+    assert!(outside.ok, "{}", text(&outside));
     assert!(text(&outside).contains("audit trail verified"));
 
-    let bad_key = std::process::Command::new(env!("CARGO_BIN_EXE_pdvault"))
-        .args(["audit", "verify", "--database-url", &database_url])
-        .args(["--public-key", "00"])
+    let bad_key = cli("audit verify --database-url")
+        .args([&database_url, "--public-key", "00"])
         .current_dir(empty.path())
-        .env_remove("PDVAULT_CONFIG")
-        .output()
-        .unwrap();
-    assert!(!bad_key.status.success());
+        .run()
+        .await;
+    assert!(!bad_key.ok);
     assert!(
         text(&bad_key).contains("--public-key"),
         "{}",

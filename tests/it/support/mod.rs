@@ -13,6 +13,7 @@
 
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod environment;
 pub mod fixtures;
 pub mod own_process;
