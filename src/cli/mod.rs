@@ -496,6 +496,7 @@ mod tests {
         assert_eq!(cli.client.addr.as_deref(), Some("v:1"));
         let cli = parse("bench --seed 10 --addr v:1 --token-file F").unwrap();
         assert!(matches!(cli.command, Command::Bench(_)));
+        assert_eq!(cli.client.token_file, Some(PathBuf::from("F")));
         let cli = parse("bench --addr v:1 --export business-analytics --server-pid 42").unwrap();
         let Command::Bench(bench) = cli.command else {
             panic!("bench parsed as {:?}", cli.command);
@@ -503,7 +504,6 @@ mod tests {
         assert_eq!(bench.server_pid, Some(42));
         // The pid is only read while an export runs.
         assert!(parse("bench --addr v:1 --server-pid 42").is_err());
-        assert_eq!(cli.client.token_file, Some(PathBuf::from("F")));
         let cli = parse("keys retire 3 --index --token T").unwrap();
         assert_eq!(cli.client.token.as_deref(), Some("T"));
     }
