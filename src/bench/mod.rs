@@ -277,6 +277,8 @@ pub struct BenchOptions {
     pub fields: Vec<String>,
     /// After the phases, one `ExportRecords` over every record under this export purpose.
     pub export: Option<String>,
+    /// The external vault's process id on this machine, whose memory the export samples.
+    pub server_pid: Option<u32>,
 }
 
 impl BenchOptions {
@@ -291,6 +293,13 @@ impl BenchOptions {
         }
         if self.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
             return Err(BenchError::Invalid("--rate must be positive".into()));
+        }
+        if self.server_pid.is_some() && matches!(self.target, TargetSpec::InProcess { .. }) {
+            return Err(BenchError::Invalid(
+                "--server-pid names a vault started elsewhere (--addr); the vault started \
+                 here is measured as this process"
+                    .into(),
+            ));
         }
         if self.rate.is_some() && self.mix.is_none() {
             return Err(BenchError::Invalid("--rate needs --mix".into()));
@@ -451,17 +460,29 @@ async fn drive(options: &BenchOptions, vault: &Server) -> Result<Outcome, BenchE
     }
     result?;
     let export = match &options.export {
-        Some(purpose) => Some(export_all(purpose, vault, &vault_clients[0], &workload).await?),
+        Some(purpose) => Some(
+            export_all(
+                purpose,
+                vault,
+                options.server_pid,
+                &vault_clients[0],
+                &workload,
+            )
+            .await?,
+        ),
         None => None,
     };
     Ok((seed, phases, export))
 }
 
-/// One `ExportRecords` of `purpose`, read to its summary, timed, with the process's resident
-/// memory sampled while it runs.
+/// One `ExportRecords` of `purpose`, read to its summary, timed, with resident memory
+/// sampled while it runs: the vault's own process when `server_pid` names it (a vault
+/// started with `pdvault serve`), else this process when it holds the vault (server and load
+/// generator together, an upper bound), else none.
 async fn export_all(
     purpose: &str,
     vault: &Server,
+    server_pid: Option<u32>,
     client: &VaultClient<Channel>,
     workload: &Workload,
 ) -> Result<report::ExportReport, BenchError> {
@@ -469,13 +490,27 @@ async fn export_all(
     let failed = |status: tonic::Status| {
         BenchError::Io(format!("export failed: {}", code_name(status.code())))
     };
+    let (status_file, rss_of) = match server_pid {
+        Some(pid) => (format!("/proc/{pid}/status"), Some("vault process")),
+        None if vault.audit.is_some() => (
+            "/proc/self/status".to_owned(),
+            Some("server and load generator"),
+        ),
+        None => (String::new(), None),
+    };
+    if rss_of.is_some() && resident_bytes(&status_file).is_none() {
+        return Err(BenchError::Io(format!(
+            "cannot read the resident memory in {status_file}"
+        )));
+    }
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
         let sampling = std::sync::Arc::clone(&sampling);
+        let status_file = status_file.clone();
         tokio::spawn(async move {
             let mut peak = 0u64;
-            while sampling.load(Ordering::Relaxed) {
-                peak = peak.max(resident_bytes().unwrap_or(0));
+            while sampling.load(Ordering::Relaxed) && !status_file.is_empty() {
+                peak = peak.max(resident_bytes(&status_file).unwrap_or(0));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             peak
@@ -506,20 +541,20 @@ async fn export_all(
     let peak = sampler.await.unwrap_or(0);
     let summary =
         summary.ok_or_else(|| BenchError::Io("the export ended without its summary".into()))?;
-    let in_process = vault.audit.is_some();
     Ok(report::ExportReport {
         purpose: purpose.to_owned(),
         rows,
         suppressed: summary.rows_suppressed,
         seconds,
         rows_per_sec: rows as f64 / seconds.max(f64::MIN_POSITIVE),
-        peak_rss_mib: (in_process && peak > 0).then(|| peak as f64 / (1024.0 * 1024.0)),
+        peak_rss_mib: (rss_of.is_some() && peak > 0).then(|| peak as f64 / (1024.0 * 1024.0)),
+        rss_of,
     })
 }
 
-/// `VmRSS` of `/proc/self/status`, in bytes.
-fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// `VmRSS` of a `/proc/<pid>/status` file, in bytes.
+fn resident_bytes(status_file: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(status_file).ok()?;
     let kib: u64 = status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))?
@@ -1333,6 +1368,7 @@ pub async fn command(connection: ClientArgs, args: BenchArgs) -> Result<(), CliE
         purpose: args.purpose,
         fields: args.fields.into_iter().filter(|f| !f.is_empty()).collect(),
         export: args.export,
+        server_pid: args.server_pid,
     };
     let report = run(options)
         .await
@@ -1400,6 +1436,7 @@ mod tests {
             purpose: pdvault::cli::DEFAULT_BENCH_PURPOSE.into(),
             fields: Vec::new(),
             export: None,
+            server_pid: None,
         };
         assert!(options.validate().is_err());
         let creates_only = BenchOptions {
@@ -1407,5 +1444,29 @@ mod tests {
             ..options
         };
         assert!(creates_only.validate().is_ok());
+        // The vault started here is this process: another pid would measure something else.
+        let in_process_pid = BenchOptions {
+            server_pid: Some(std::process::id()),
+            export: Some("business-analytics".into()),
+            ..creates_only
+        };
+        assert!(in_process_pid.validate().is_err());
+        let external_pid = BenchOptions {
+            target: TargetSpec::External {
+                addr: "http://127.0.0.1:1".into(),
+                token: Zeroizing::new("t".into()),
+            },
+            ..in_process_pid
+        };
+        assert!(external_pid.validate().is_ok());
+    }
+
+    #[test]
+    fn resident_memory_is_read_from_a_named_process() {
+        let own = format!("/proc/{}/status", std::process::id());
+        if std::path::Path::new("/proc/self/status").exists() {
+            assert!(resident_bytes(&own).is_some_and(|bytes| bytes > 0));
+        }
+        assert_eq!(resident_bytes("/proc/not-a-process/status"), None);
     }
 }

@@ -335,9 +335,9 @@ impl Report {
                 export.suppressed,
                 export.seconds,
                 export.rows_per_sec,
-                match export.peak_rss_mib {
-                    Some(mib) => format!("peak RSS {mib:.0} MiB (server and load generator)"),
-                    None => "RSS not measured (vault elsewhere)".to_owned(),
+                match (export.peak_rss_mib, export.rss_of) {
+                    (Some(mib), Some(of)) => format!("peak RSS {mib:.0} MiB ({of})"),
+                    _ => "RSS not measured (vault elsewhere; --server-pid names it)".to_owned(),
                 },
             );
         }
@@ -364,8 +364,11 @@ pub struct ExportReport {
     pub seconds: f64,
     pub rows_per_sec: f64,
     /// The most resident memory seen while the export ran, sampled every 100 ms, of the
-    /// one process holding the server and the load generator (`None` for a vault elsewhere).
+    /// process `rss_of` names (`None`: not measured).
     pub peak_rss_mib: Option<f64>,
+    /// Whose memory: "vault process" (`--server-pid`), or "server and load generator" (the
+    /// one process of an in-process run, an upper bound for the vault's).
+    pub rss_of: Option<&'static str>,
 }
 
 fn failures_note(failures: &BTreeMap<String, u64>) -> String {

@@ -191,6 +191,11 @@ pub struct BenchArgs {
     /// (e.g. business-analytics), and the memory it takes.
     #[arg(long)]
     pub export: Option<String>,
+    /// With --addr: the process id of that vault on this machine. --export then samples that
+    /// process's own resident memory (/proc/PID/status); without it, a vault elsewhere's
+    /// memory is not measured.
+    #[arg(long, requires = "export")]
+    pub server_pid: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -499,6 +504,13 @@ mod tests {
         let cli = parse("bench --seed 10 --addr v:1 --token-file F").unwrap();
         assert!(matches!(cli.command, Command::Bench(_)));
         assert_eq!(cli.client.token_file, Some(PathBuf::from("F")));
+        let cli = parse("bench --addr v:1 --export business-analytics --server-pid 42").unwrap();
+        let Command::Bench(bench) = cli.command else {
+            panic!("bench parsed as {:?}", cli.command);
+        };
+        assert_eq!(bench.server_pid, Some(42));
+        // The pid is only read while an export runs.
+        assert!(parse("bench --addr v:1 --server-pid 42").is_err());
         let cli = parse("keys retire 3 --index --token T").unwrap();
         assert_eq!(cli.client.token.as_deref(), Some("T"));
     }

@@ -340,7 +340,7 @@ impl KeyManager {
 
     /// Refuses a KEK version the database says is destroyed, reading the states first when
     /// the cached ones are older than `keys.state_cache_ms`.
-    async fn check_unwrappable(&self, version: u32) -> Result<(), KeyError> {
+    pub async fn check_unwrappable(&self, version: u32) -> Result<(), KeyError> {
         if self.states_stale() {
             let _reading = self.states_read.lock().await;
             if self.states_stale() {

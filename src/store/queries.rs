@@ -65,6 +65,21 @@ pub const SCAN_LIVE_RECORDS: &str = concat!(
      ORDER BY r.record_id, f.field"
 );
 
+/// The records of a page of the export's scan, one row each (SQLite: their fields follow in
+/// `SCAN_FIELDS`, read in the same transaction, so no record's columns repeat on every field
+/// row and no join result is sorted).
+pub const SCAN_LIVE_RECORD_ROWS: &str = concat!(
+    "SELECT r.record_id, r.version, r.created_at, r.updated_at, r.wrapped_key, ",
+    account_columns!(),
+    " FROM records r WHERE r.deleted_at IS NULL AND r.record_id > $1 AND r.created_at <= $2 \
+     ORDER BY r.record_id LIMIT $3"
+);
+
+/// The field rows of a record-id range, in primary-key order; `record_id, field, ciphertext`
+/// by position.
+pub const SCAN_FIELDS: &str = "SELECT record_id, field, ciphertext FROM record_fields \
+     WHERE record_id > $1 AND record_id <= $2 ORDER BY record_id, field";
+
 pub const SELECT_FIELD_NAMES: &str =
     "SELECT field FROM record_fields WHERE record_id = $1 ORDER BY field";
 

@@ -87,23 +87,7 @@ impl RecordRows {
     ) -> Result<(), StoreError> {
         let stored = match &mut self.record {
             Some(stored) => stored,
-            None => {
-                let wrapped_key = row.opt_bytes("wrapped_key")?.ok_or_else(|| {
-                    StoreError::Corrupt("live record without a wrapped key".into())
-                })?;
-                self.record.insert(StoredRecord {
-                    meta: RecordMeta {
-                        record_id: record_id.clone(),
-                        version: row.i64("version")?,
-                        created_at: row.i64("created_at")?,
-                        updated_at: row.i64("updated_at")?,
-                        present_fields: Vec::new(),
-                    },
-                    wrapped_key,
-                    fields: Vec::new(),
-                    account: account(row)?,
-                })
-            }
+            None => self.record.insert(record_columns(record_id.clone(), row)?),
         };
         if let (Some(field), Some(ciphertext)) =
             (row.opt_text("field")?, row.opt_bytes("ciphertext")?)
@@ -116,6 +100,77 @@ impl RecordRows {
 
     pub(crate) fn finish(self) -> Option<StoredRecord> {
         self.record
+    }
+}
+
+/// A live record's own columns (the fields come in rows of their own).
+fn record_columns(record_id: RecordId, row: &impl Columns) -> Result<StoredRecord, StoreError> {
+    let wrapped_key = row
+        .opt_bytes("wrapped_key")?
+        .ok_or_else(|| StoreError::Corrupt("live record without a wrapped key".into()))?;
+    Ok(StoredRecord {
+        meta: RecordMeta {
+            record_id,
+            version: row.i64("version")?,
+            created_at: row.i64("created_at")?,
+            updated_at: row.i64("updated_at")?,
+            present_fields: Vec::new(),
+        },
+        wrapped_key,
+        fields: Vec::new(),
+        account: account(row)?,
+    })
+}
+
+/// A page of the export's scan from two statements: the records (`queries::
+/// SCAN_LIVE_RECORD_ROWS`, one row each, in id order), then the field rows of their id range
+/// (`queries::SCAN_FIELDS`, in (record id, field) order), merged in one walk. Field rows of
+/// records not in the page (deleted, or created after the snapshot) are passed over.
+#[derive(Default)]
+pub(crate) struct ScannedPage {
+    records: Vec<StoredRecord>,
+    /// The record the next field rows may belong to.
+    next: usize,
+}
+
+impl ScannedPage {
+    pub(crate) fn record(&mut self, row: &impl Columns) -> Result<(), StoreError> {
+        let record_id = row.record_id("record_id")?;
+        if self
+            .records
+            .last()
+            .is_some_and(|last| last.meta.record_id.as_str() >= record_id.as_str())
+        {
+            return Err(StoreError::Corrupt("scan out of record-id order".into()));
+        }
+        self.records.push(record_columns(record_id, row)?);
+        Ok(())
+    }
+
+    /// The last record's id: the end of the field rows' range.
+    pub(crate) fn last(&self) -> Option<&RecordId> {
+        self.records.last().map(|stored| &stored.meta.record_id)
+    }
+
+    /// One field row; `record_id` is compared, never kept, so no id is allocated per row.
+    pub(crate) fn field(&mut self, record_id: &str, field: String, ciphertext: Vec<u8>) {
+        while let Some(stored) = self.records.get(self.next) {
+            match stored.meta.record_id.as_str().cmp(record_id) {
+                std::cmp::Ordering::Less => self.next += 1,
+                std::cmp::Ordering::Greater => return,
+                std::cmp::Ordering::Equal => {
+                    if let Some(stored) = self.records.get_mut(self.next) {
+                        stored.meta.present_fields.push(field.clone());
+                        stored.fields.push(SealedField { field, ciphertext });
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn finish(self) -> Vec<StoredRecord> {
+        self.records
     }
 }
 

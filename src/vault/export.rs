@@ -21,6 +21,12 @@
 //! per page of rows (the pages of the scan), each carrying the export's id, k and its counts,
 //! so a small export is one event and every exported person's trail shows the export.
 //!
+//! Throughput (BENCHMARKS.md, "Issue 14 round"): the work is per record (unwrap its key, open
+//! the released fields, generalise and pseudonymise, digest its class), so each page's
+//! records are split over the blocking pool, one chunk per core; and the stages overlap, the
+//! store reading the next page while this one is computed and the previous one's event
+//! commits and its rows are sent. A page's rows still wait for their own event's commit.
+//!
 //! Resuming: every message carries a cursor, sealed (AES-GCM, or SM4-GCM in an SM4
 //! deployment) under a key derived from the keyring and bound to the caller and the purpose:
 //! the export's id, its snapshot instant (records created later are not part of it), the
@@ -32,6 +38,8 @@
 //! id, which is why it is sealed: an export never hands out a record id.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -41,7 +49,7 @@ use crate::domain::FieldName;
 use crate::domain::edge::{MAX_JUSTIFICATION_BYTES, check_text};
 use crate::domain::ids::RecordId;
 use crate::keys::{IndexKeyPair, KeyManager};
-use crate::policy::{Purpose, ReleaseLevel, Rpc};
+use crate::policy::{Policy, Purpose, ReleaseLevel, Rpc};
 use crate::store::{Micros, StoredRecord};
 
 use super::decisions::AuditSubject;
@@ -50,6 +58,8 @@ use super::{CallContext, ReleasedValue, Vault, VaultError, violation};
 
 /// Records per page of the scan, and so at most the rows of one audit event.
 const PAGE: u32 = 500;
+/// At most this many blocking-pool workers compute one page's rows (one per core, up to this).
+const MAX_WORKERS: usize = 8;
 /// Cursors this service issues are far shorter.
 const MAX_CURSOR_BYTES: usize = 512;
 /// Label of the cursor key derived from the keyring's audit key.
@@ -122,6 +132,26 @@ impl CursorKey {
     fn seal(&self, caller: &str, purpose: &str, state: &CursorState) -> Result<String, VaultError> {
         let sealed = self.0.seal_field(caller, purpose, &state.encode())?;
         Ok(data_encoding::BASE64URL_NOPAD.encode(&sealed))
+    }
+
+    /// Seals the cursors of a page's rows at once: one draw of their nonces from the OS
+    /// instead of a system call per row.
+    fn seal_all(
+        &self,
+        caller: &str,
+        purpose: &str,
+        states: &[Vec<u8>],
+    ) -> Result<Vec<String>, VaultError> {
+        let fields: Vec<(&str, &[u8])> = states
+            .iter()
+            .map(|state| (purpose, state.as_slice()))
+            .collect();
+        Ok(self
+            .0
+            .seal_fields(caller, &fields)?
+            .iter()
+            .map(|sealed| data_encoding::BASE64URL_NOPAD.encode(sealed))
+            .collect())
     }
 
     fn open(&self, caller: &str, purpose: &str, cursor: &str) -> Option<CursorState> {
@@ -218,10 +248,28 @@ impl Census {
     }
 }
 
-/// One record as the export sees it: its row (fields at their levels) and its class.
+/// One record as the export sees it: its row (fields at their levels), its class and its
+/// row key (empty in the first pass, which sends nothing).
 struct ExportRow {
     fields: Vec<(FieldName, ReleasedValue)>,
     class: [u8; 16],
+    row_key: String,
+}
+
+/// A row that passed the census check and its class's k, waiting for its page's event.
+struct CheckedRow {
+    record_id: RecordId,
+    row_key: String,
+    fields: Vec<(FieldName, ReleasedValue)>,
+}
+
+/// What delivering any page of one export needs.
+struct PageOf<'a> {
+    ctx: &'a CallContext,
+    export: &'a ExportStream,
+    summary: ExportSummary,
+    released: &'a [(String, String)],
+    sink: &'a mpsc::Sender<Result<ExportItem, VaultError>>,
 }
 
 impl Vault {
@@ -286,7 +334,7 @@ impl Vault {
     /// the scan, memory stays flat). Ends after the summary, on the first error (sent as the
     /// stream's last item), or when the receiver is gone.
     pub async fn run_export(
-        &self,
+        self: &Arc<Self>,
         ctx: &CallContext,
         export: ExportStream,
         sink: mpsc::Sender<Result<ExportItem, VaultError>>,
@@ -300,8 +348,13 @@ impl Vault {
         }
     }
 
+    /// The second pass, as a pipeline of three stages that run at once: page N+2 is read
+    /// from the store while page N+1's rows are computed (on every core) and page N's audit
+    /// event commits and its rows are sent. Each stage waits only for its own work, so the
+    /// export runs at the pace of its slowest stage rather than of their sum; and a page's
+    /// rows are sent only after its event is committed (within `deliver`), never before.
     async fn export(
-        &self,
+        self: &Arc<Self>,
         ctx: &CallContext,
         export: ExportStream,
         sink: &mpsc::Sender<Result<ExportItem, VaultError>>,
@@ -316,13 +369,14 @@ impl Vault {
             // The pseudonyms would change in the middle of the data set.
             return Err(VaultError::ExportChanged);
         }
-        let census = self.census(purpose, &index_keys, &state).await?;
+        let census = self
+            .census(&ctx.policy, purpose, &index_keys, &state)
+            .await?;
         if export.resumed && census.digest != state.digest {
             return Err(VaultError::ExportChanged);
         }
         state.digest = census.digest;
         let summary = census.summary(export.k);
-        let caller = ctx.caller.name.as_str();
         let released: Vec<(String, String)> = FieldName::ALL
             .iter()
             .filter(|field| purpose.level(**field) != ReleaseLevel::None)
@@ -333,61 +387,64 @@ impl Vault {
                 )
             })
             .collect();
+        let page = PageOf {
+            ctx,
+            export: &export,
+            summary,
+            released: &released,
+            sink,
+        };
+        let as_of = state.as_of;
         let mut audited_once = false;
         let mut position = census.done;
         let mut after = resumed_after(&state.after)?;
+        let mut scanned = self
+            .store
+            .scan_live_records(after.as_ref(), as_of, PAGE)
+            .await?;
+        // Rows checked against the census, waiting for their page's event.
+        let mut checked: Vec<CheckedRow> = Vec::new();
         loop {
-            let page = self
-                .store
-                .scan_live_records(after.as_ref(), state.as_of, PAGE)
-                .await?;
-            let Some(last) = page.last() else {
+            audited_once |= !checked.is_empty();
+            let deliver = self.deliver(&page, &mut state, std::mem::take(&mut checked));
+            let Some(last) = scanned.last().map(|stored| stored.meta.record_id.clone()) else {
+                if !deliver.await? {
+                    return Ok(());
+                }
                 break;
             };
-            after = Some(last.meta.record_id.clone());
-            let mut rows = Vec::new();
-            for stored in &page {
-                let Some(row) = self.export_row(purpose, &index_keys, stored, true).await? else {
+            let compute = self.compute_page(
+                &ctx.policy,
+                &purpose.name,
+                &index_keys,
+                std::mem::take(&mut scanned),
+                true,
+            );
+            let next = self.store.scan_live_records(Some(&last), as_of, PAGE);
+            let (delivered, computed, next) = tokio::join!(deliver, compute, next);
+            if !delivered? {
+                // The client went away; its cursor says where it got to.
+                return Ok(());
+            }
+            for (record_id, row) in computed? {
+                let Some(row) = row else {
                     continue;
                 };
                 let expected = census.rows.get(position).copied();
                 position += 1;
-                if expected != Some(row_digest(stored.meta.record_id.as_str(), &row.class)) {
+                if expected != Some(row_digest(record_id.as_str(), &row.class)) {
                     return Err(VaultError::ExportChanged);
                 }
                 if census.classes.get(&row.class).copied().unwrap_or(0) >= u64::from(export.k) {
-                    rows.push((stored.meta.record_id.as_str(), row.fields));
-                }
-            }
-            if rows.is_empty() {
-                continue;
-            }
-            let event = self.export_event(
-                ctx,
-                &export,
-                &state,
-                summary,
-                rows.iter().map(|(id, _)| (*id).to_owned()).collect(),
-                released.clone(),
-            );
-            self.commit_before_answer(event).await?;
-            audited_once = true;
-            for (record_id, fields) in rows {
-                state.after = record_id.to_owned();
-                let item = ExportItem::Row {
-                    row_key: index_keys.pseudonym.pseudonym(
-                        &purpose.name,
-                        ROW_KEY_FIELD,
+                    checked.push(CheckedRow {
                         record_id,
-                    ),
-                    fields,
-                    cursor: self.export_cursors.seal(caller, &purpose.name, &state)?,
-                };
-                if sink.send(Ok(item)).await.is_err() {
-                    // The client went away; its cursor says where it got to.
-                    return Ok(());
+                        row_key: row.row_key,
+                        fields: row.fields,
+                    });
                 }
             }
+            scanned = next?;
+            after = Some(last);
         }
         if position != census.rows.len() {
             return Err(VaultError::ExportChanged);
@@ -399,17 +456,66 @@ impl Vault {
             self.commit_before_answer(event).await?;
         }
         state.after = after.map(RecordId::into_string).unwrap_or_default();
-        let cursor = self.export_cursors.seal(caller, &purpose.name, &state)?;
+        let cursor = self
+            .export_cursors
+            .seal(&ctx.caller.name, &export.purpose, &state)?;
         let _ = sink.send(Ok(ExportItem::Summary { summary, cursor })).await;
         Ok(())
     }
 
-    /// The first pass: rows per class over the whole snapshot, and a digest of which records
-    /// are in which class.
-    async fn census(
+    /// Commits the event naming a page's rows, then sends them, each with the cursor that
+    /// resumes right after it. `false`: the client went away.
+    async fn deliver(
         &self,
+        page: &PageOf<'_>,
+        state: &mut CursorState,
+        rows: Vec<CheckedRow>,
+    ) -> Result<bool, VaultError> {
+        if rows.is_empty() {
+            return Ok(true);
+        }
+        let event = self.export_event(
+            page.ctx,
+            page.export,
+            state,
+            page.summary,
+            rows.iter()
+                .map(|row| row.record_id.as_str().to_owned())
+                .collect(),
+            page.released.to_vec(),
+        );
+        self.commit_before_answer(event).await?;
+        let states: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|row| {
+                state.after.clear();
+                state.after.push_str(row.record_id.as_str());
+                state.encode()
+            })
+            .collect();
+        let cursors =
+            self.export_cursors
+                .seal_all(&page.ctx.caller.name, &page.export.purpose, &states)?;
+        for (row, cursor) in rows.into_iter().zip(cursors) {
+            let item = ExportItem::Row {
+                row_key: row.row_key,
+                fields: row.fields,
+                cursor,
+            };
+            if page.sink.send(Ok(item)).await.is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The first pass: rows per class over the whole snapshot, and a digest of which records
+    /// are in which class. Reading page N+1 overlaps computing page N.
+    async fn census(
+        self: &Arc<Self>,
+        policy: &Arc<Policy>,
         purpose: &Purpose,
-        index_keys: &IndexKeyPair,
+        index_keys: &Arc<IndexKeyPair>,
         state: &CursorState,
     ) -> Result<Census, VaultError> {
         let mut census = Census {
@@ -420,21 +526,25 @@ impl Vault {
         };
         let mut digest = Sha256::new();
         digest.update(b"pdvault.export-census.v1");
-        let mut after: Option<RecordId> = None;
-        loop {
-            let page = self
-                .store
-                .scan_live_records(after.as_ref(), state.as_of, PAGE)
-                .await?;
-            let Some(last) = page.last() else {
-                break;
-            };
-            after = Some(last.meta.record_id.clone());
-            for stored in &page {
-                let Some(row) = self.export_row(purpose, index_keys, stored, false).await? else {
+        let mut scanned = self
+            .store
+            .scan_live_records(None, state.as_of, PAGE)
+            .await?;
+        while let Some(last) = scanned.last().map(|stored| stored.meta.record_id.clone()) {
+            let compute = self.compute_page(
+                policy,
+                &purpose.name,
+                index_keys,
+                std::mem::take(&mut scanned),
+                false,
+            );
+            let next = self.store.scan_live_records(Some(&last), state.as_of, PAGE);
+            let (computed, next) = tokio::join!(compute, next);
+            for (record_id, row) in computed? {
+                let Some(row) = row else {
                     continue;
                 };
-                let record_id = stored.meta.record_id.as_str();
+                let record_id = record_id.as_str();
                 *census.classes.entry(row.class).or_insert(0) += 1;
                 census.rows.push(row_digest(record_id, &row.class));
                 if !state.after.is_empty() && record_id <= state.after.as_str() {
@@ -444,15 +554,76 @@ impl Vault {
                 digest.update(record_id.as_bytes());
                 digest.update(row.class);
             }
+            scanned = next?;
         }
         census.digest = digest.finalize().into();
         Ok(census)
     }
 
+    /// The rows of one scanned page, in scan order, computed on the blocking pool in one
+    /// chunk per core: unwrapping a record's key, opening its fields and generalising or
+    /// pseudonymising them is nearly all of an export's work, and needs nothing shared but
+    /// read-only keys. The key versions' states are checked (re-read when stale) here, once
+    /// per page, so the workers check the fresh cached states.
+    async fn compute_page(
+        self: &Arc<Self>,
+        policy: &Arc<Policy>,
+        purpose: &str,
+        index_keys: &Arc<IndexKeyPair>,
+        mut page: Vec<StoredRecord>,
+        all_fields: bool,
+    ) -> Result<Vec<(RecordId, Option<ExportRow>)>, VaultError> {
+        let mut versions: Vec<u32> = Vec::new();
+        for stored in &page {
+            let version = KeyManager::version_of(&stored.wrapped_key)?;
+            if !versions.contains(&version) {
+                versions.push(version);
+            }
+        }
+        for version in versions {
+            self.keys.check_unwrappable(version).await?;
+        }
+        let workers = std::thread::available_parallelism()
+            .map_or(1, NonZeroUsize::get)
+            .clamp(1, MAX_WORKERS);
+        let chunk = page.len().div_ceil(workers).max(1);
+        let mut handles = Vec::with_capacity(workers);
+        while !page.is_empty() {
+            let rest = page.split_off(chunk.min(page.len()));
+            let records = std::mem::replace(&mut page, rest);
+            let vault = Arc::clone(self);
+            let policy = Arc::clone(policy);
+            let purpose = purpose.to_owned();
+            let index_keys = Arc::clone(index_keys);
+            handles.push(tokio::task::spawn_blocking(move || {
+                let purpose = policy
+                    .purpose(&purpose)
+                    .ok_or(VaultError::PurposeNotGranted)?;
+                records
+                    .into_iter()
+                    .map(|stored| {
+                        let row = vault.export_row(purpose, &index_keys, &stored, all_fields)?;
+                        Ok((stored.meta.record_id, row))
+                    })
+                    .collect::<Result<Vec<_>, VaultError>>()
+            }));
+        }
+        let mut computed = Vec::with_capacity(PAGE as usize);
+        for handle in handles {
+            let rows = handle
+                .await
+                .map_err(|_| VaultError::Internal("an export worker stopped"))??;
+            computed.extend(rows);
+        }
+        Ok(computed)
+    }
+
     /// A record's row and class, or `None` when the account's gates leave it out (a
     /// suspended account, a minor without consent: the gates of a read). `all_fields`:
-    /// every released field (the second pass), or only the quasi-identifiers (the first).
-    async fn export_row(
+    /// every released field and the row key (the second pass), or only the
+    /// quasi-identifiers (the first). Only the fields the purpose releases are opened.
+    /// Synchronous (a blocking-pool worker): the key states were checked by the caller.
+    fn export_row(
         &self,
         purpose: &Purpose,
         index_keys: &IndexKeyPair,
@@ -469,8 +640,7 @@ impl Vault {
         }
         let dek = self
             .keys
-            .unwrap(&stored.wrapped_key, record_id.as_str())
-            .await?;
+            .unwrap_cached_state(&stored.wrapped_key, record_id.as_str())?;
         let mut fields = Vec::new();
         let mut quasi: [Option<String>; QUASI_IDENTIFIERS.len()] = Default::default();
         for sealed in &stored.fields {
@@ -497,9 +667,17 @@ impl Vault {
                 fields.push((field, ReleasedValue { value, level }));
             }
         }
+        let row_key = if all_fields {
+            index_keys
+                .pseudonym
+                .pseudonym(&purpose.name, ROW_KEY_FIELD, record_id.as_str())
+        } else {
+            String::new()
+        };
         Ok(Some(ExportRow {
             fields,
             class: class_of(&quasi),
+            row_key,
         }))
     }
 

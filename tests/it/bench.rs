@@ -31,6 +31,7 @@ fn options(target: TargetSpec) -> BenchOptions {
         purpose: DEFAULT_PURPOSE.into(),
         fields: DEFAULT_FIELDS.iter().map(|f| f.to_string()).collect(),
         export: None,
+        server_pid: None,
     }
 }
 
