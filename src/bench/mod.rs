@@ -1453,8 +1453,11 @@ mod tests {
         assert!(in_process_pid.validate().is_err());
         let external_pid = BenchOptions {
             target: TargetSpec::External {
-                addr: "http://127.0.0.1:1".into(),
-                token: Zeroizing::new("t".into()),
+                connection: ClientArgs {
+                    addr: Some("http://127.0.0.1:1".into()),
+                    token: Some("t".into()),
+                    ..ClientArgs::default()
+                },
             },
             ..in_process_pid
         };
