@@ -446,13 +446,16 @@ pub trait Store: Send + Sync + 'static {
     async fn get_record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>, StoreError>;
 
     /// Up to `limit` live records created at or before `created_before`, whose ids sort
-    /// after `after`, in id order, each read as [`Store::get_record`] reads one: the keyset
-    /// scan of an export.
+    /// after `after`, in id order, each read as [`Store::get_record`] reads one except that
+    /// only the fields named in `fields` are read (in `fields` and `meta.present_fields`;
+    /// a record holding none of them is still returned, with none): the keyset scan of an
+    /// export, whose passes each use a few of a record's fields.
     async fn scan_live_records(
         &self,
         after: Option<&RecordId>,
         created_before: Micros,
         limit: u32,
+        fields: &[&str],
     ) -> Result<Vec<StoredRecord>, StoreError>;
 
     /// Replaces a live record's fields and indexes, with its audit event, atomically.

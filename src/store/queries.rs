@@ -52,8 +52,10 @@ pub const SELECT_LIVE_RECORD: &str = concat!(
 );
 
 /// A page of live records for an export, in record id order after `$1`, created at or
-/// before `$2`, at most `$3`: the keyset scan that keeps an export's memory flat. One
-/// statement per page, so each record comes from one snapshot.
+/// before `$2`, at most `$3`, with only the fields named in the text array `$4`: the keyset
+/// scan that keeps an export's memory flat (PostgreSQL). One statement per page, so each
+/// record comes from one snapshot; the field filter is in the join's condition, so a record
+/// holding none of the fields still has its row.
 pub const SCAN_LIVE_RECORDS: &str = concat!(
     "WITH r AS MATERIALIZED (SELECT r.record_id, r.version, r.created_at, r.updated_at, \
      r.wrapped_key, ",
@@ -61,12 +63,12 @@ pub const SCAN_LIVE_RECORDS: &str = concat!(
     " FROM records r WHERE r.deleted_at IS NULL AND r.record_id > $1 AND r.created_at <= $2 \
      ORDER BY r.record_id LIMIT $3) \
      SELECT r.*, f.field, f.ciphertext \
-     FROM r LEFT JOIN record_fields f ON f.record_id = r.record_id \
+     FROM r LEFT JOIN record_fields f ON f.record_id = r.record_id AND f.field = ANY($4) \
      ORDER BY r.record_id, f.field"
 );
 
 /// The records of a page of the export's scan, one row each (SQLite: their fields follow in
-/// `SCAN_FIELDS`, read in the same transaction, so no record's columns repeat on every field
+/// `scan_fields`, read in the same transaction, so no record's columns repeat on every field
 /// row and no join result is sorted).
 pub const SCAN_LIVE_RECORD_ROWS: &str = concat!(
     "SELECT r.record_id, r.version, r.created_at, r.updated_at, r.wrapped_key, ",
@@ -75,10 +77,16 @@ pub const SCAN_LIVE_RECORD_ROWS: &str = concat!(
      ORDER BY r.record_id LIMIT $3"
 );
 
-/// The field rows of a record-id range, in primary-key order; `record_id, field, ciphertext`
-/// by position.
-pub const SCAN_FIELDS: &str = "SELECT record_id, field, ciphertext FROM record_fields \
-     WHERE record_id > $1 AND record_id <= $2 ORDER BY record_id, field";
+/// The field rows of a record-id range named by one of `n` field names (`$3..`), in
+/// primary-key order; `record_id, field, ciphertext` by position (SQLite). The names are
+/// checked in the key, so the ciphertext of a field the export does not use is never read.
+pub fn scan_fields(n: usize) -> String {
+    format!(
+        "SELECT record_id, field, ciphertext FROM record_fields \
+         WHERE record_id > $1 AND record_id <= $2 AND field IN ({}) ORDER BY record_id, field",
+        placeholders(n, 3)
+    )
+}
 
 pub const SELECT_FIELD_NAMES: &str =
     "SELECT field FROM record_fields WHERE record_id = $1 ORDER BY field";

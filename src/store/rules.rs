@@ -124,7 +124,7 @@ fn record_columns(record_id: RecordId, row: &impl Columns) -> Result<StoredRecor
 
 /// A page of the export's scan from two statements: the records (`queries::
 /// SCAN_LIVE_RECORD_ROWS`, one row each, in id order), then the field rows of their id range
-/// (`queries::SCAN_FIELDS`, in (record id, field) order), merged in one walk. Field rows of
+/// (`queries::scan_fields`, in (record id, field) order), merged in one walk. Field rows of
 /// records not in the page (deleted, or created after the snapshot) are passed over.
 #[derive(Default)]
 pub(crate) struct ScannedPage {

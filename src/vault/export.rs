@@ -398,9 +398,10 @@ impl Vault {
         let mut audited_once = false;
         let mut position = census.done;
         let mut after = resumed_after(&state.after)?;
+        let fields = scanned_fields(purpose, true);
         let mut scanned = self
             .store
-            .scan_live_records(after.as_ref(), as_of, PAGE)
+            .scan_live_records(after.as_ref(), as_of, PAGE, &fields)
             .await?;
         // Rows checked against the census, waiting for their page's event.
         let mut checked: Vec<CheckedRow> = Vec::new();
@@ -420,7 +421,9 @@ impl Vault {
                 std::mem::take(&mut scanned),
                 true,
             );
-            let next = self.store.scan_live_records(Some(&last), as_of, PAGE);
+            let next = self
+                .store
+                .scan_live_records(Some(&last), as_of, PAGE, &fields);
             let (delivered, computed, next) = tokio::join!(deliver, compute, next);
             if !delivered? {
                 // The client went away; its cursor says where it got to.
@@ -526,9 +529,10 @@ impl Vault {
         };
         let mut digest = Sha256::new();
         digest.update(b"pdvault.export-census.v1");
+        let fields = scanned_fields(purpose, false);
         let mut scanned = self
             .store
-            .scan_live_records(None, state.as_of, PAGE)
+            .scan_live_records(None, state.as_of, PAGE, &fields)
             .await?;
         while let Some(last) = scanned.last().map(|stored| stored.meta.record_id.clone()) {
             let compute = self.compute_page(
@@ -538,7 +542,9 @@ impl Vault {
                 std::mem::take(&mut scanned),
                 false,
             );
-            let next = self.store.scan_live_records(Some(&last), state.as_of, PAGE);
+            let next = self
+                .store
+                .scan_live_records(Some(&last), state.as_of, PAGE, &fields);
             let (computed, next) = tokio::join!(compute, next);
             for (record_id, row) in computed? {
                 let Some(row) = row else {
@@ -709,6 +715,22 @@ impl Vault {
         event.released = released;
         event
     }
+}
+
+/// The fields a pass reads from the store, and so the only ones `export_row` may find: every
+/// field the purpose releases (`all_fields`, the second pass), or only the quasi-identifiers
+/// it releases at the level at which they count (the census). The rest of a record's fields
+/// are never read, so neither decoded, copied nor freed.
+fn scanned_fields(purpose: &Purpose, all_fields: bool) -> Vec<&'static str> {
+    FieldName::ALL
+        .iter()
+        .filter(|field| {
+            let level = purpose.level(**field);
+            level != ReleaseLevel::None
+                && (all_fields || QUASI_IDENTIFIERS.contains(&(**field, level)))
+        })
+        .map(|field| field.as_str())
+        .collect()
 }
 
 /// The class of a row: a digest of its quasi-identifiers, each present or absent.

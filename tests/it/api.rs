@@ -595,8 +595,78 @@ async fn check_account_reports_state_without_identity(app: &TestApp) {
     assert_eq!(bad_fields(&status), ["record_id"]);
 }
 
+/// The export's scan reads only the fields it is asked for, on both backends: exactly those
+/// a record holds among them (ciphertexts as a single read gives them), none when asked for
+/// none, and a record holding none of them is still in the page.
+async fn export_scans_read_exactly_the_fields_asked_for(app: &TestApp) {
+    let zhang = create(app, zhang_san()).await.record_id;
+    let li = create(app, li_si()).await.record_id;
+    let store = app.store().await;
+    let scan = |fields: &'static [&'static str]| {
+        let store = std::sync::Arc::clone(&store);
+        async move {
+            store
+                .scan_live_records(None, i64::MAX, 10, fields)
+                .await
+                .unwrap()
+        }
+    };
+    fn of<'p>(page: &'p [StoredRecord], id: &str) -> &'p StoredRecord {
+        let stored = page
+            .iter()
+            .find(|stored| stored.meta.record_id.as_str() == id)
+            .unwrap_or_else(|| panic!("{id} is in the page"));
+        assert_eq!(stored.meta.present_fields, names(stored));
+        stored
+    }
+    fn names(stored: &StoredRecord) -> Vec<String> {
+        stored.fields.iter().map(|f| f.field.clone()).collect()
+    }
+    use pdvault::store::StoredRecord;
+
+    // Li Si has no email and no postal code; his gender comes from his ID number.
+    let page = scan(&["email", "gender", "postal_code"]).await;
+    assert_eq!(page.len(), 2);
+    let zhang_scanned = of(&page, &zhang);
+    assert_eq!(names(zhang_scanned), ["email", "gender", "postal_code"]);
+    assert_eq!(names(of(&page, &li)), ["gender"]);
+    let zhang_read = store
+        .get_record(&pdvault::domain::ids::RecordId::parse("record_id", &zhang).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(zhang_read.fields.len() > 3);
+    for sealed in &zhang_scanned.fields {
+        let read = zhang_read
+            .fields
+            .iter()
+            .find(|read| read.field == sealed.field)
+            .unwrap();
+        assert_eq!(read.ciphertext, sealed.ciphertext);
+    }
+    assert_eq!(zhang_scanned.wrapped_key, zhang_read.wrapped_key);
+
+    // A field neither holds: both records, no fields.
+    let page = scan(&["email"]).await;
+    assert_eq!(names(of(&page, &zhang)), ["email"]);
+    assert!(of(&page, &li).fields.is_empty());
+    let page = scan(&[]).await;
+    assert_eq!(page.len(), 2);
+    assert!(page.iter().all(|stored| stored.fields.is_empty()));
+
+    // Every field name: what a single read gives.
+    let all: Vec<&str> = pdvault::domain::FieldName::ALL
+        .iter()
+        .map(|field| field.as_str())
+        .collect();
+    let all: &'static [&'static str] = Vec::leak(all);
+    let page = scan(all).await;
+    assert_eq!(names(of(&page, &zhang)), names(&zhang_read));
+}
+
 for_each_backend!(
     create_then_get_releases_plaintext_for_a_granted_purpose,
+    export_scans_read_exactly_the_fields_asked_for,
     customer_support_sees_masked_values,
     analytics_gets_pseudonyms_stable_per_purpose_and_generalised_values,
     requested_fields_narrow_the_release,

@@ -270,8 +270,16 @@ impl Store for PostgresStore {
         after: Option<&RecordId>,
         created_before: Micros,
         limit: u32,
+        fields: &[&str],
     ) -> Result<Vec<StoredRecord>, StoreError> {
-        records::scan(&mut *self.conn().await?, after, created_before, limit).await
+        records::scan(
+            &mut *self.conn().await?,
+            after,
+            created_before,
+            limit,
+            fields,
+        )
+        .await
     }
 
     async fn update_record(

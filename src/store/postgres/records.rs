@@ -28,17 +28,20 @@ pub(super) async fn get(
     Ok(record.finish())
 }
 
-/// A page of the export's keyset scan (`Store::scan_live_records`), from one statement.
+/// A page of the export's keyset scan (`Store::scan_live_records`), from one statement,
+/// with only the field rows named in `fields`.
 pub(super) async fn scan(
     conn: &mut PgConnection,
     after: Option<&RecordId>,
     created_before: i64,
     limit: u32,
+    fields: &[&str],
 ) -> Result<Vec<StoredRecord>, StoreError> {
     let rows = sqlx::query(queries::SCAN_LIVE_RECORDS)
         .bind(after.map_or("", RecordId::as_str))
         .bind(created_before)
         .bind(i64::from(limit))
+        .bind(fields)
         .fetch_all(conn)
         .await?;
     let mut records = rules::ScannedRecords::default();

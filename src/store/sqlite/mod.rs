@@ -391,9 +391,11 @@ impl Store for SqliteStore {
         after: Option<&RecordId>,
         created_before: Micros,
         limit: u32,
+        fields: &[&str],
     ) -> Result<Vec<StoredRecord>, StoreError> {
         let after = after.map_or_else(String::new, |id| id.as_str().to_owned());
-        self.read(move |conn| records::scan(conn, &after, created_before, limit))
+        let fields: Vec<String> = fields.iter().map(|field| (*field).to_owned()).collect();
+        self.read(move |conn| records::scan(conn, &after, created_before, limit, &fields))
             .await
     }
 
@@ -858,7 +860,7 @@ mod tests {
         let refused = [
             store.expired_records(10, 10).await.map(|_| ()).unwrap_err(),
             store
-                .scan_live_records(None, 10, 10)
+                .scan_live_records(None, 10, 10, &[])
                 .await
                 .map(|_| ())
                 .unwrap_err(),

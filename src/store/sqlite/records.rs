@@ -27,15 +27,17 @@ pub(super) fn get(
 }
 
 /// A page of the export's keyset scan (`Store::scan_live_records`): the records, then the
-/// field rows of their id range, in one read transaction (one snapshot). Two statements
-/// instead of a join: the export reads every record twice, and the join repeated each
-/// record's columns on each of its field rows, sorted them, and had them decoded by name;
-/// the field rows here are read by position straight from the primary key's order.
+/// field rows of their id range named in `fields`, in one read transaction (one snapshot).
+/// Two statements instead of a join: the export reads every record twice, and the join
+/// repeated each record's columns on each of its field rows, sorted them, and had them
+/// decoded by name; the field rows here are read by position straight from the primary
+/// key's order, and the rows of fields the pass does not use are skipped in the key.
 pub(super) fn scan(
     conn: &Connection,
     after: &str,
     created_before: i64,
     limit: u32,
+    fields: &[String],
 ) -> Result<Vec<StoredRecord>, StoreError> {
     let tx = conn.unchecked_transaction()?;
     let mut page = rules::ScannedPage::default();
@@ -48,9 +50,17 @@ pub(super) fn scan(
     let Some(last) = page.last().map(|id| id.as_str().to_owned()) else {
         return Ok(Vec::new());
     };
-    let mut statement = super::driver::statement(&tx, queries::SCAN_FIELDS)?;
-    let mut fields = statement.query([after, last.as_str()])?;
-    while let Some(row) = fields.next()? {
+    if fields.is_empty() {
+        tx.commit()?;
+        return Ok(page.finish());
+    }
+    let mut statement = super::driver::statement(&tx, &queries::scan_fields(fields.len()))?;
+    let params: Vec<&dyn ToSql> = [&after as &dyn ToSql, &last as &dyn ToSql]
+        .into_iter()
+        .chain(fields.iter().map(|field| field as &dyn ToSql))
+        .collect();
+    let mut rows = statement.query(params.as_slice())?;
+    while let Some(row) = rows.next()? {
         let record_id = row
             .get_ref(0)?
             .as_str()
@@ -59,7 +69,7 @@ pub(super) fn scan(
         let ciphertext: Vec<u8> = row.get(2)?;
         page.field(record_id, field, ciphertext);
     }
-    drop(fields);
+    drop(rows);
     drop(statement);
     tx.commit()?;
     Ok(page.finish())
