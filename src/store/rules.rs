@@ -17,23 +17,76 @@ use super::{
     NewRecord, RecordIndexes, RecordMeta, RewrapJobRow, SealedField, StoreError, StoredRecord,
 };
 
-/// Column access by name, the only thing a driver's row type must provide for decoding.
+/// Column access by name or position, the only thing a driver's row type must provide for
+/// decoding.
 pub(crate) trait Columns {
-    fn i64(&self, name: &str) -> Result<i64, StoreError>;
-    fn opt_i64(&self, name: &str) -> Result<Option<i64>, StoreError>;
-    fn text(&self, name: &str) -> Result<String, StoreError>;
-    fn opt_text(&self, name: &str) -> Result<Option<String>, StoreError>;
-    fn bytes(&self, name: &str) -> Result<Vec<u8>, StoreError>;
-    fn opt_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn i64(&self, column: impl Column) -> Result<i64, StoreError>;
+    fn opt_i64(&self, column: impl Column) -> Result<Option<i64>, StoreError>;
+    fn text(&self, column: impl Column) -> Result<String, StoreError>;
+    fn opt_text(&self, column: impl Column) -> Result<Option<String>, StoreError>;
+    fn bytes(&self, column: impl Column) -> Result<Vec<u8>, StoreError>;
+    fn opt_bytes(&self, column: impl Column) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// A record id column: a value of another shape is a corrupt row, never a panic.
-    fn record_id(&self, name: &str) -> Result<RecordId, StoreError> {
-        stored_id(name, &self.text(name)?, RecordId::parse)
+    fn record_id(&self, column: impl Column) -> Result<RecordId, StoreError> {
+        stored_id(column.name(), &self.text(column)?, RecordId::parse)
     }
 
-    fn job_id(&self, name: &str) -> Result<JobId, StoreError> {
-        stored_id(name, &self.text(name)?, JobId::parse)
+    fn job_id(&self, column: impl Column) -> Result<JobId, StoreError> {
+        stored_id(column.name(), &self.text(column)?, JobId::parse)
     }
+}
+
+/// Which column of a row: a name (`&str`, looked up in the statement's columns on each
+/// access), or an [`At`] (a position the statement fixes, for the rows read in bulk).
+pub(crate) trait Column: Copy {
+    fn name(&self) -> &str;
+    fn position(&self) -> Option<usize>;
+}
+
+impl Column for &str {
+    fn name(&self) -> &str {
+        self
+    }
+    fn position(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// A column by position, with its name (for errors, and for the drivers' debug check that
+/// the statement has that column there).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct At(pub usize, pub &'static str);
+
+impl Column for At {
+    fn name(&self) -> &str {
+        self.1
+    }
+    fn position(&self) -> Option<usize> {
+        Some(self.0)
+    }
+}
+
+/// The columns a live record's statements start with (`queries::SELECT_LIVE_RECORD`,
+/// `SCAN_LIVE_RECORDS`, `SCAN_LIVE_RECORD_ROWS`), in their order: an export decodes two
+/// such rows per record, and a lookup by name compares the statement's column names each
+/// time.
+mod record_at {
+    use super::At;
+    pub(super) const RECORD_ID: At = At(0, "record_id");
+    pub(super) const VERSION: At = At(1, "version");
+    pub(super) const CREATED_AT: At = At(2, "created_at");
+    pub(super) const UPDATED_AT: At = At(3, "updated_at");
+    pub(super) const WRAPPED_KEY: At = At(4, "wrapped_key");
+    /// `queries::account_columns!`, after the record's own.
+    pub(super) const ACCOUNT: [At; 6] = [
+        At(5, "deleted_at"),
+        At(6, "suspended_at"),
+        At(7, "age_gate"),
+        At(8, "index_version"),
+        At(9, "policy_version"),
+        At(10, "active_consents"),
+    ];
 }
 
 /// Decodes an id column. The error names the column and the reason, not the value: a
@@ -53,15 +106,38 @@ pub(crate) fn to_version(value: i64) -> Result<u32, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("key version {value} out of range")))
 }
 
-/// The account-state columns (`queries::account_columns!`).
+/// The account-state columns (`queries::account_columns!`), by name.
 pub(crate) fn account(row: &impl Columns) -> Result<AccountState, StoreError> {
+    account_in(
+        row,
+        [
+            "deleted_at",
+            "suspended_at",
+            "age_gate",
+            "index_version",
+            "policy_version",
+            "active_consents",
+        ],
+    )
+}
+
+/// The account-state columns, found at `columns` (in `queries::account_columns!` order).
+fn account_in(row: &impl Columns, columns: [impl Column; 6]) -> Result<AccountState, StoreError> {
+    let [
+        deleted,
+        suspended,
+        age_gate,
+        index_version,
+        policy_version,
+        active_consents,
+    ] = columns;
     Ok(AccountState {
-        deleted: row.opt_i64("deleted_at")?.is_some(),
-        suspended: row.opt_i64("suspended_at")?.is_some(),
-        age_gate: row.opt_bytes("age_gate")?,
-        index_version: to_version(row.i64("index_version")?)?,
-        policy_version: row.opt_text("policy_version")?,
-        active_consents: row.i64("active_consents")?,
+        deleted: row.opt_i64(deleted)?.is_some(),
+        suspended: row.opt_i64(suspended)?.is_some(),
+        age_gate: row.opt_bytes(age_gate)?,
+        index_version: to_version(row.i64(index_version)?)?,
+        policy_version: row.opt_text(policy_version)?,
+        active_consents: row.i64(active_consents)?,
     })
 }
 
@@ -103,22 +179,23 @@ impl RecordRows {
     }
 }
 
-/// A live record's own columns (the fields come in rows of their own).
+/// A live record's own columns (the fields come in rows of their own), by position
+/// (`record_at`).
 fn record_columns(record_id: RecordId, row: &impl Columns) -> Result<StoredRecord, StoreError> {
     let wrapped_key = row
-        .opt_bytes("wrapped_key")?
+        .opt_bytes(record_at::WRAPPED_KEY)?
         .ok_or_else(|| StoreError::Corrupt("live record without a wrapped key".into()))?;
     Ok(StoredRecord {
         meta: RecordMeta {
             record_id,
-            version: row.i64("version")?,
-            created_at: row.i64("created_at")?,
-            updated_at: row.i64("updated_at")?,
+            version: row.i64(record_at::VERSION)?,
+            created_at: row.i64(record_at::CREATED_AT)?,
+            updated_at: row.i64(record_at::UPDATED_AT)?,
             present_fields: Vec::new(),
         },
         wrapped_key,
         fields: Vec::new(),
-        account: account(row)?,
+        account: account_in(row, record_at::ACCOUNT)?,
     })
 }
 
@@ -135,7 +212,7 @@ pub(crate) struct ScannedPage {
 
 impl ScannedPage {
     pub(crate) fn record(&mut self, row: &impl Columns) -> Result<(), StoreError> {
-        let record_id = row.record_id("record_id")?;
+        let record_id = row.record_id(record_at::RECORD_ID)?;
         if self
             .records
             .last()
@@ -184,7 +261,7 @@ pub(crate) struct ScannedRecords {
 
 impl ScannedRecords {
     pub(crate) fn push(&mut self, row: &impl Columns) -> Result<(), StoreError> {
-        let record_id = row.record_id("record_id")?;
+        let record_id = row.record_id(record_at::RECORD_ID)?;
         if self.current.as_ref().is_none_or(|(id, _)| *id != record_id) {
             self.flush();
             self.current = Some((record_id.clone(), RecordRows::default()));

@@ -647,8 +647,12 @@ impl Vault {
         let dek = self
             .keys
             .unwrap_cached_state(&stored.wrapped_key, record_id.as_str())?;
-        let mut fields = Vec::new();
+        // Sized once: the scan brought only the fields this pass uses.
+        let mut fields = Vec::with_capacity(if all_fields { stored.fields.len() } else { 0 });
+        // The census keeps the quasi-identifiers' values; the second pass keeps where they
+        // are among its released fields, so no value is copied.
         let mut quasi: [Option<String>; QUASI_IDENTIFIERS.len()] = Default::default();
+        let mut quasi_at: [Option<usize>; QUASI_IDENTIFIERS.len()] = Default::default();
         for sealed in &stored.fields {
             let field = FieldName::parse(&sealed.field)
                 .ok_or_else(|| VaultError::Internal("stored field has an unknown name"))?;
@@ -666,13 +670,25 @@ impl Vault {
             else {
                 continue;
             };
-            if let Some(slot) = slot {
-                quasi[slot] = Some(value.clone());
-            }
-            if all_fields {
-                fields.push((field, ReleasedValue { value, level }));
+            match (all_fields, slot) {
+                (true, slot) => {
+                    if let Some(slot) = slot {
+                        quasi_at[slot] = Some(fields.len());
+                    }
+                    fields.push((field, ReleasedValue { value, level }));
+                }
+                (false, Some(slot)) => quasi[slot] = Some(value),
+                (false, None) => {}
             }
         }
+        let class = if all_fields {
+            class_of(&quasi_at.map(|at| {
+                at.and_then(|at| fields.get(at))
+                    .map(|(_, released)| released.value.as_str())
+            }))
+        } else {
+            class_of(&quasi.each_ref().map(Option::as_deref))
+        };
         let row_key = if all_fields {
             index_keys
                 .pseudonym
@@ -682,7 +698,7 @@ impl Vault {
         };
         Ok(Some(ExportRow {
             fields,
-            class: class_of(&quasi),
+            class,
             row_key,
         }))
     }
@@ -734,7 +750,7 @@ fn scanned_fields(purpose: &Purpose, all_fields: bool) -> Vec<&'static str> {
 }
 
 /// The class of a row: a digest of its quasi-identifiers, each present or absent.
-fn class_of(quasi: &[Option<String>]) -> [u8; 16] {
+fn class_of(quasi: &[Option<&str>]) -> [u8; 16] {
     let mut digest = Sha256::new();
     digest.update(b"pdvault.export-class.v1");
     for value in quasi {
@@ -797,11 +813,11 @@ mod tests {
 
     #[test]
     fn classes_tell_absent_from_empty_and_order_matters() {
-        let a = class_of(&[Some("1990".into()), None]);
-        let b = class_of(&[None, Some("1990".into())]);
-        let c = class_of(&[Some(String::new()), None]);
+        let a = class_of(&[Some("1990"), None]);
+        let b = class_of(&[None, Some("1990")]);
+        let c = class_of(&[Some(""), None]);
         assert_ne!(a, b);
         assert_ne!(a, c);
-        assert_eq!(a, class_of(&[Some("1990".into()), None]));
+        assert_eq!(a, class_of(&[Some("1990"), None]));
     }
 }

@@ -25,7 +25,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 pub(crate) use self::audit::Heads;
-use super::rules::{self, CheckpointParams, Columns, CreateSteps};
+use super::rules::{self, CheckpointParams, Column, Columns, CreateSteps};
 use super::{
     AccountEventRow, AccountState, AuditQuery, BatchInsert, BoundCiphertexts, ConsentRow,
     CreateRequestKey, InsertOutcome, JobOwner, KeyAdmin, KeyAdminTx, KeyVersionRow, LookupMatch,
@@ -38,30 +38,47 @@ use crate::domain::ids::{JobId, RecordId};
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 impl Columns for PgRow {
-    fn i64(&self, name: &str) -> Result<i64, StoreError> {
+    fn i64(&self, column: impl Column) -> Result<i64, StoreError> {
         // INTEGER columns (a checkpoint's format) decode as i32 only.
-        match self.try_get::<i64, _>(name) {
+        match get::<i64>(self, column) {
             Ok(value) => Ok(value),
-            Err(_) => Ok(i64::from(self.try_get::<i32, _>(name)?)),
+            Err(_) => Ok(i64::from(get::<i32>(self, column)?)),
         }
     }
-    fn opt_i64(&self, name: &str) -> Result<Option<i64>, StoreError> {
-        match self.try_get::<Option<i64>, _>(name) {
+    fn opt_i64(&self, column: impl Column) -> Result<Option<i64>, StoreError> {
+        match get::<Option<i64>>(self, column) {
             Ok(value) => Ok(value),
-            Err(_) => Ok(self.try_get::<Option<i32>, _>(name)?.map(i64::from)),
+            Err(_) => Ok(get::<Option<i32>>(self, column)?.map(i64::from)),
         }
     }
-    fn text(&self, name: &str) -> Result<String, StoreError> {
-        Ok(self.try_get(name)?)
+    fn text(&self, column: impl Column) -> Result<String, StoreError> {
+        Ok(get(self, column)?)
     }
-    fn opt_text(&self, name: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.try_get(name)?)
+    fn opt_text(&self, column: impl Column) -> Result<Option<String>, StoreError> {
+        Ok(get(self, column)?)
     }
-    fn bytes(&self, name: &str) -> Result<Vec<u8>, StoreError> {
-        Ok(self.try_get(name)?)
+    fn bytes(&self, column: impl Column) -> Result<Vec<u8>, StoreError> {
+        Ok(get(self, column)?)
     }
-    fn opt_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.try_get(name)?)
+    fn opt_bytes(&self, column: impl Column) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(get(self, column)?)
+    }
+}
+
+fn get<'r, T>(row: &'r PgRow, column: impl Column) -> Result<T, sqlx::Error>
+where
+    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    match column.position() {
+        Some(at) => {
+            debug_assert_eq!(
+                row.columns().get(at).map(sqlx::Column::name),
+                Some(column.name()),
+                "a column read by position"
+            );
+            row.try_get(at)
+        }
+        None => row.try_get(column.name()),
     }
 }
 

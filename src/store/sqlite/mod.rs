@@ -35,7 +35,7 @@ use rusqlite::Row;
 
 use self::driver::{Access, Driver, WriteTx};
 pub use self::migrate::MigrationError;
-use super::rules::{self, CheckpointParams, Columns, CreateSteps};
+use super::rules::{self, CheckpointParams, Column, Columns, CreateSteps};
 use super::{
     AccountEventRow, AccountState, AuditQuery, BatchInsert, BoundCiphertexts, ConsentRow,
     CreateRequestKey, InsertOutcome, JobOwner, KeyAdmin, KeyAdminTx, KeyVersionRow, LookupMatch,
@@ -63,24 +63,38 @@ const SELECT_REINDEX_BATCH: &str = "SELECT record_id, version, index_version, \
      ORDER BY record_id LIMIT $3";
 
 impl Columns for Row<'_> {
-    fn i64(&self, name: &str) -> Result<i64, StoreError> {
-        Ok(self.get(name)?)
+    fn i64(&self, column: impl Column) -> Result<i64, StoreError> {
+        get(self, column)
     }
-    fn opt_i64(&self, name: &str) -> Result<Option<i64>, StoreError> {
-        Ok(self.get(name)?)
+    fn opt_i64(&self, column: impl Column) -> Result<Option<i64>, StoreError> {
+        get(self, column)
     }
-    fn text(&self, name: &str) -> Result<String, StoreError> {
-        Ok(self.get(name)?)
+    fn text(&self, column: impl Column) -> Result<String, StoreError> {
+        get(self, column)
     }
-    fn opt_text(&self, name: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.get(name)?)
+    fn opt_text(&self, column: impl Column) -> Result<Option<String>, StoreError> {
+        get(self, column)
     }
-    fn bytes(&self, name: &str) -> Result<Vec<u8>, StoreError> {
-        Ok(self.get(name)?)
+    fn bytes(&self, column: impl Column) -> Result<Vec<u8>, StoreError> {
+        get(self, column)
     }
-    fn opt_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.get(name)?)
+    fn opt_bytes(&self, column: impl Column) -> Result<Option<Vec<u8>>, StoreError> {
+        get(self, column)
     }
+}
+
+fn get<T: rusqlite::types::FromSql>(row: &Row<'_>, column: impl Column) -> Result<T, StoreError> {
+    Ok(match column.position() {
+        Some(at) => {
+            debug_assert_eq!(
+                row.as_ref().column_name(at).ok(),
+                Some(column.name()),
+                "a column read by position"
+            );
+            row.get(at)?
+        }
+        None => row.get(column.name())?,
+    })
 }
 
 /// Reader threads per store: reads block on the disk, so more readers than cores keep the
