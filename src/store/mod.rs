@@ -25,7 +25,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
-use crate::domain::ids::{JobId, RecordId};
+use crate::domain::ids::{AccountEventId, ConsentId, JobId, RecordId};
 
 pub use postgres::PostgresStore;
 pub use sqlite::{MigrationError, SqliteStore};
@@ -217,7 +217,7 @@ pub struct LookupMatch {
 /// One entry of an account's history.
 #[derive(Debug, Clone)]
 pub struct AccountEventRow {
-    pub event_id: String,
+    pub event_id: AccountEventId,
     pub record_id: RecordId,
     pub occurred_at: Micros,
     /// SUSPENDED, REINSTATED, CONSENT_RECORDED or CONSENT_REVOKED.
@@ -227,13 +227,13 @@ pub struct AccountEventRow {
     /// Sealed under the record's data key.
     pub note: Option<Vec<u8>>,
     pub ticket: Option<String>,
-    pub consent_id: Option<String>,
+    pub consent_id: Option<ConsentId>,
 }
 
 /// A guardian's consent for a minor.
 #[derive(Debug, Clone)]
 pub struct ConsentRow {
-    pub consent_id: String,
+    pub consent_id: ConsentId,
     pub record_id: RecordId,
     pub guardian_record_id: Option<RecordId>,
     /// A guardian without a record: their identity sealed under the minor's data key.
@@ -516,15 +516,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Revokes one active consent, or all of them when `consent_id` is `None`; writes one
-    /// history entry per revoked consent (ids `<history.event_id>_<n>`) and the audit event.
+    /// history entry per revoked consent (`history` with a fresh id and the consent's) and
+    /// the audit event.
     async fn revoke_consents(
         &self,
         record_id: &RecordId,
-        consent_id: Option<&str>,
+        consent_id: Option<&ConsentId>,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
         audit: &AuditEvent,
-    ) -> Result<Vec<String>, StoreError>;
+    ) -> Result<Vec<ConsentId>, StoreError>;
 
     /// A record's ciphertexts outside its fields (see [`BoundCiphertexts`]).
     async fn bound_ciphertexts(&self, record_id: &RecordId)

@@ -31,7 +31,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, NaiveDate, Utc};
-use zeroize::Zeroizing;
 
 use crate::audit::{AuditEvent, AuditLog, CheckpointSigner};
 use crate::crypto::{CryptoError, EtagKey};
@@ -454,12 +453,4 @@ impl Vault {
 
 pub(crate) fn non_empty(value: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_owned())
-}
-
-pub(crate) fn random_token() -> Result<String, VaultError> {
-    let mut bytes = Zeroizing::new([0u8; 16]);
-    getrandom::fill(bytes.as_mut()).map_err(|_| VaultError::Crypto(CryptoError::Random))?;
-    Ok(data_encoding::BASE32_NOPAD
-        .encode(bytes.as_ref())
-        .to_lowercase())
 }

@@ -33,7 +33,7 @@ use super::{
     RewrapJobRow, Store, StoreError, StoredRecord, queries,
 };
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
-use crate::domain::ids::{JobId, RecordId};
+use crate::domain::ids::{ConsentId, JobId, RecordId};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -369,11 +369,11 @@ impl Store for PostgresStore {
     async fn revoke_consents(
         &self,
         record_id: &RecordId,
-        consent_id: Option<&str>,
+        consent_id: Option<&ConsentId>,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
         audit: &AuditEvent,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<ConsentId>, StoreError> {
         in_transaction(&self.pool, async |conn| {
             accounts::revoke_consents(
                 conn,

@@ -43,7 +43,7 @@ use super::{
     RewrapJobRow, Store, StoreError, StoredRecord,
 };
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
-use crate::domain::ids::{JobId, RecordId};
+use crate::domain::ids::{AccountEventId, ChainId, ConsentId, JobId, RecordId, SignerId};
 
 // SQLite has a single writer and every write transaction begins IMMEDIATE, holding the
 // write lock from its first statement: the statements PostgreSQL runs with row locks need
@@ -171,17 +171,24 @@ impl SqliteStore {
 }
 
 /// Ids bind as the text they are, so statements take them as any other parameter.
-impl rusqlite::ToSql for RecordId {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        Ok(self.as_str().into())
-    }
+macro_rules! id_to_sql {
+    ($($id:ty),*) => {$(
+        impl rusqlite::ToSql for $id {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+    )*};
 }
 
-impl rusqlite::ToSql for JobId {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        Ok(self.as_str().into())
-    }
-}
+id_to_sql!(
+    RecordId,
+    JobId,
+    AccountEventId,
+    ConsentId,
+    ChainId,
+    SignerId
+);
 
 /// The file a `sqlite:` URL names (`sqlite://path`, `sqlite:path`, with `?mode=rwc` or
 /// `?mode=rw` allowed). In-memory databases are refused: the audit trail must be durable,
@@ -494,19 +501,19 @@ impl Store for SqliteStore {
     async fn revoke_consents(
         &self,
         record_id: &RecordId,
-        consent_id: Option<&str>,
+        consent_id: Option<&ConsentId>,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
         audit: &AuditEvent,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<ConsentId>, StoreError> {
         let (record_id, history, audit) = (record_id.clone(), history.clone(), audit.clone());
-        let consent_id = consent_id.map(str::to_owned);
+        let consent_id = consent_id.cloned();
         let sealed_under = sealed_under.map(<[u8]>::to_vec);
         self.write(move |conn| {
             accounts::revoke_consents(
                 conn,
                 &record_id,
-                consent_id.as_deref(),
+                consent_id.as_ref(),
                 &history,
                 sealed_under.as_deref(),
                 &audit,
@@ -871,6 +878,89 @@ mod tests {
             assert!(what.contains("is not a"), "{what}");
             assert!(!what.contains("1101") && !what.contains("job 7"), "{what}");
         }
+        store.close().await;
+    }
+
+    /// Account-history and consent ids of the shapes the old random-token generator issued
+    /// (`acc_`/`con_` and 26 RFC 4648 base32 characters; a revocation's entries `<id>_<n>`)
+    /// still decode, and an old consent is still revoked by its id, the new history entry
+    /// getting an id from the one generator.
+    #[tokio::test]
+    async fn account_event_and_consent_ids_of_the_old_shapes_still_decode() {
+        const RECORD: &str = "rec_mzxw6ytboi2dcnzrgq3tmojqgq";
+        const CONSENT: &str = "con_mfrggzdfmztwq2lkmfrggzdfmy";
+        const RECORDED: &str = "acc_mzxw6ytboi2dcnzrgq3tmojqga";
+        const REVOKED: &str = "acc_mzxw6ytboi2dcnzrgq3tmojqgb_0";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault.db");
+        let store = SqliteStore::open(&path, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        behind_the_store(
+            &path,
+            "INSERT INTO records (record_id, version, created_at, updated_at, wrapped_key, \
+             kek_version, retain_until) VALUES ('rec_mzxw6ytboi2dcnzrgq3tmojqgq', 1, 1, 1, x'00', 1, 5); \
+             INSERT INTO guardian_consents (consent_id, record_id, relationship, evidence_ref, \
+             policy_version, granted_at, granted_by) VALUES ('con_mfrggzdfmztwq2lkmfrggzdfmy', \
+             'rec_mzxw6ytboi2dcnzrgq3tmojqgq', 'PARENT', 'EV-1', '2025-01', 1, 'app'); \
+             INSERT INTO account_events (event_id, record_id, occurred_at, kind, actor, consent_id) \
+             VALUES ('acc_mzxw6ytboi2dcnzrgq3tmojqga', 'rec_mzxw6ytboi2dcnzrgq3tmojqgq', 1, \
+             'CONSENT_RECORDED', 'app', 'con_mfrggzdfmztwq2lkmfrggzdfmy'), \
+             ('acc_mzxw6ytboi2dcnzrgq3tmojqgb_0', 'rec_mzxw6ytboi2dcnzrgq3tmojqgq', 2, \
+             'SUSPENDED', 'app', NULL)",
+        )
+        .await;
+        let record = RecordId::parse("record_id", RECORD).unwrap();
+        let history = store.list_account_events(&record, 10, None).await.unwrap();
+        let ids: Vec<(&str, Option<&str>)> = history
+            .iter()
+            .map(|row| {
+                (
+                    row.event_id.as_str(),
+                    row.consent_id.as_ref().map(ConsentId::as_str),
+                )
+            })
+            .collect();
+        assert_eq!(ids, [(RECORDED, Some(CONSENT)), (REVOKED, None)]);
+
+        let chain = ChainId::generate();
+        store.register_chain(chain.as_str(), 1, b"g").await.unwrap();
+        let entry = AccountEventRow {
+            event_id: AccountEventId::generate(),
+            record_id: record.clone(),
+            occurred_at: 3,
+            kind: "CONSENT_REVOKED".to_owned(),
+            actor: "app".to_owned(),
+            reason: None,
+            note: None,
+            ticket: None,
+            consent_id: None,
+        };
+        let audit = AuditEvent {
+            event_id: crate::domain::ids::EventId::generate().into_string(),
+            occurred_at: 3,
+            chain_id: chain.into_string(),
+            caller: "app".to_owned(),
+            peer: None,
+            rpc: "RevokeGuardianConsent".to_owned(),
+            record_ids: vec![RECORD.to_owned()],
+            purpose: None,
+            justification: None,
+            released: Vec::new(),
+            outcome: "OK".to_owned(),
+            reason: None,
+            request_id: None,
+            trace_id: None,
+        };
+        let consent = ConsentId::parse("consent_id", CONSENT).unwrap();
+        let revoked = store
+            .revoke_consents(&record, Some(&consent), &entry, None, &audit)
+            .await
+            .unwrap();
+        assert_eq!(revoked, std::slice::from_ref(&consent));
+        let history = store.list_account_events(&record, 10, None).await.unwrap();
+        let last = history.last().unwrap();
+        assert_eq!(last.event_id, entry.event_id);
+        assert_eq!(last.consent_id.as_ref(), Some(&consent));
         store.close().await;
     }
 
