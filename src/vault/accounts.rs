@@ -226,14 +226,14 @@ impl Vault {
     pub(crate) fn seal_age_gate(
         &self,
         index_keys: &IndexKeyPair,
-        record_id: &str,
+        record_id: &RecordId,
         birth: Option<NaiveDate>,
     ) -> Result<Option<Vec<u8>>, VaultError> {
         let Some(birth) = birth else {
             return Ok(None);
         };
         let sealed = index_keys.blind_index.derive_state_key().seal(
-            record_id,
+            record_id.as_str(),
             AGE_GATE_FIELD,
             birth.format("%Y-%m-%d").to_string().as_bytes(),
         )?;
