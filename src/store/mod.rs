@@ -25,7 +25,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
-use crate::domain::ids::{AccountEventId, ConsentId, JobId, RecordId};
+use crate::domain::ids::{AccountEventId, ChainId, ConsentId, JobId, RecordId, SignerId};
 
 pub use postgres::PostgresStore;
 pub use sqlite::{MigrationError, SqliteStore};
@@ -290,7 +290,7 @@ pub struct RecordUpdate {
 /// Filters of an audit listing; `None` matches everything.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
-    pub record_id: Option<String>,
+    pub record_id: Option<RecordId>,
     pub caller: Option<String>,
     pub purpose: Option<String>,
     pub outcome: Option<String>,
@@ -534,10 +534,10 @@ pub trait Store: Send + Sync + 'static {
     /// Removes create request keys stored before `before`; returns how many.
     async fn expire_create_requests(&self, before: Micros) -> Result<u64, StoreError>;
 
-    /// Starts a new audit chain at its genesis hash.
+    /// Starts this process's audit chain at its genesis hash.
     async fn register_chain(
         &self,
-        chain_id: &str,
+        chain_id: &ChainId,
         started_at: Micros,
         genesis: &[u8],
     ) -> Result<(), StoreError>;
@@ -558,7 +558,10 @@ pub trait Store: Send + Sync + 'static {
         after: Option<(Micros, String)>,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
-    /// Every chain known: registered, with events, or expired.
+    /// Every chain known: registered, with events, or expired. Text, not [`ChainId`]s, as
+    /// [`Store::chain_events`] takes: these are what verification walks, and a chain id
+    /// edited in the database must show up as a chain whose hashes do not link (the id is
+    /// in its genesis and every event hash), not as a row that fails to decode.
     async fn chain_ids(&self) -> Result<Vec<String>, StoreError>;
 
     /// Heads of all registered chains.
@@ -577,11 +580,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every checkpoint, both formats, oldest first.
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
 
-    /// The chained checkpoint of `signer` with the highest counter.
-    async fn latest_checkpoint(&self, signer: &str) -> Result<Option<Checkpoint>, StoreError>;
+    /// The chained checkpoint of `signer` (this instance) with the highest counter.
+    async fn latest_checkpoint(&self, signer: &SignerId) -> Result<Option<Checkpoint>, StoreError>;
 
-    /// How many checkpoints `signer` has in the database.
-    async fn count_checkpoints(&self, signer: &str) -> Result<i64, StoreError>;
+    /// How many checkpoints `signer` (this instance) has in the database.
+    async fn count_checkpoints(&self, signer: &SignerId) -> Result<i64, StoreError>;
 
     /// Whether any chained (format-2) checkpoint exists: none means the database predates
     /// them, and the first signer adopts the chains already there.

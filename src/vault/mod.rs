@@ -360,8 +360,8 @@ impl Vault {
         crate::store::JobOwner {
             instance: self
                 .checkpoint_signer()
-                .map(|signer| signer.signer().to_owned()),
-            process: self.audit().chain_id().to_owned(),
+                .map(|signer| signer.signer().to_string()),
+            process: self.audit().chain_id().to_string(),
         }
     }
 
@@ -397,7 +397,7 @@ impl Vault {
         let event = AuditEvent {
             event_id: EventId::generate().into_string(),
             occurred_at: self.now_micros(),
-            chain_id: self.audit.chain_id().to_owned(),
+            chain_id: self.audit.chain_id().to_string(),
             caller: actor.to_owned(),
             peer: None,
             rpc: operation.to_owned(),
@@ -435,7 +435,7 @@ impl Vault {
         AuditEvent {
             event_id: EventId::generate().into_string(),
             occurred_at: self.now_micros(),
-            chain_id: self.audit.chain_id().to_owned(),
+            chain_id: self.audit.chain_id().to_string(),
             caller: ctx.caller.name.clone(),
             peer: ctx.peer.clone(),
             rpc: rpc.to_owned(),

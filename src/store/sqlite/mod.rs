@@ -538,11 +538,11 @@ impl Store for SqliteStore {
 
     async fn register_chain(
         &self,
-        chain_id: &str,
+        chain_id: &ChainId,
         started_at: Micros,
         genesis: &[u8],
     ) -> Result<(), StoreError> {
-        let (chain_id, genesis) = (chain_id.to_owned(), genesis.to_vec());
+        let (chain_id, genesis) = (chain_id.clone(), genesis.to_vec());
         self.write(move |conn| audit::register_chain(conn, &chain_id, started_at, &genesis))
             .await
     }
@@ -598,14 +598,14 @@ impl Store for SqliteStore {
         self.read(audit::checkpoints).await
     }
 
-    async fn latest_checkpoint(&self, signer: &str) -> Result<Option<Checkpoint>, StoreError> {
-        let signer = signer.to_owned();
+    async fn latest_checkpoint(&self, signer: &SignerId) -> Result<Option<Checkpoint>, StoreError> {
+        let signer = signer.clone();
         self.read(move |conn| audit::latest_checkpoint(conn, &signer))
             .await
     }
 
-    async fn count_checkpoints(&self, signer: &str) -> Result<i64, StoreError> {
-        let signer = signer.to_owned();
+    async fn count_checkpoints(&self, signer: &SignerId) -> Result<i64, StoreError> {
+        let signer = signer.clone();
         self.read(move |conn| audit::count_checkpoints(conn, &signer))
             .await
     }
@@ -825,7 +825,7 @@ mod tests {
         let read_only = SqliteStore::open_read_only(&url).await.unwrap();
         assert!(read_only.chain_heads().await.unwrap().is_empty());
         let refused = read_only
-            .register_chain("chn_x", 1, b"g")
+            .register_chain(&ChainId::generate(), 1, b"g")
             .await
             .unwrap_err();
         assert!(refused.to_string().contains("read-only"), "{refused}");
@@ -923,7 +923,7 @@ mod tests {
         assert_eq!(ids, [(RECORDED, Some(CONSENT)), (REVOKED, None)]);
 
         let chain = ChainId::generate();
-        store.register_chain(chain.as_str(), 1, b"g").await.unwrap();
+        store.register_chain(&chain, 1, b"g").await.unwrap();
         let entry = AccountEventRow {
             event_id: AccountEventId::generate(),
             record_id: record.clone(),
@@ -1018,10 +1018,12 @@ mod tests {
         store.migrate().await.unwrap();
         // Queued together, they share a group commit: the duplicate chain fails, the other
         // two are written.
+        let chain_a = ChainId::parse("chain_id", "chn_aaaaaaaaaaaaaaaa").unwrap();
+        let chain_b = ChainId::parse("chain_id", "chn_bbbbbbbbbbbbbbbb").unwrap();
         let (a, b, c) = tokio::join!(
-            store.register_chain("chn_a", 1, b"genesis"),
-            store.register_chain("chn_a", 2, b"genesis"),
-            store.register_chain("chn_b", 3, b"genesis"),
+            store.register_chain(&chain_a, 1, b"genesis"),
+            store.register_chain(&chain_a, 2, b"genesis"),
+            store.register_chain(&chain_b, 3, b"genesis"),
         );
         let failures = [&a, &b].iter().filter(|r| r.is_err()).count();
         assert_eq!(failures, 1, "{a:?} {b:?}");
@@ -1034,7 +1036,7 @@ mod tests {
         assert!(refused.is_refused_data(), "{refused:?}");
         let heads = store.chain_heads().await.unwrap();
         let ids: Vec<&str> = heads.iter().map(|h| h.chain_id.as_str()).collect();
-        assert_eq!(ids, ["chn_a", "chn_b"]);
+        assert_eq!(ids, [chain_a.as_str(), chain_b.as_str()]);
         store.close().await;
     }
 
@@ -1060,7 +1062,10 @@ mod tests {
         tx.insert(1, "ACTIVE", "local", 1).await.unwrap();
         drop(tx);
         // The writer rolled it back and serves other writes again.
-        store.register_chain("chn_a", 1, b"g").await.unwrap();
+        store
+            .register_chain(&ChainId::generate(), 1, b"g")
+            .await
+            .unwrap();
         assert_eq!(store.active_key_version("kek").await.unwrap(), None);
         let mut tx = store.key_admin("kek").await.unwrap();
         tx.insert(1, "ACTIVE", "local", 1).await.unwrap();
