@@ -15,10 +15,9 @@
 //! New ids are a prefix (`rec_`, `evt_`, `chn_`, `sgn_`, `rwj_`, `acc_`, `con_`) and 26
 //! lowercase Crockford base32 characters: the text form of a ULID, here of a UUIDv7 (RFC
 //! 9562) built by the `uuid` crate from the Unix millisecond and 74 bits from the OS
-//! generator. Crockford's
-//! alphabet is in ASCII order, so ids sort by creation time as text (to the millisecond;
-//! ids of one millisecond are in random order), and the indexes they key grow at their
-//! right edge instead of taking every insert at a random leaf.
+//! generator. Crockford's alphabet is in ASCII order, so ids sort by creation time as text
+//! (to the millisecond; ids of one millisecond are in random order), and the indexes they
+//! key grow at their right edge instead of taking every insert at a random leaf.
 //!
 //! Ids issued before (the database and clients keep them for years) still parse: record ids
 //! are `rec_` and 26 RFC 4648 base32 characters (128 random bits), chain and signer ids their
