@@ -516,8 +516,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Revokes one active consent, or all of them when `consent_id` is `None`; writes one
-    /// history entry per revoked consent (`history` with a fresh id and the consent's) and
-    /// the audit event.
+    /// history entry per revoked consent (`history` naming the consent, the first under its
+    /// id, each further one under a fresh id) and the audit event.
     async fn revoke_consents(
         &self,
         record_id: &RecordId,
