@@ -10,7 +10,7 @@ use crate::domain::Violation;
 use crate::domain::audit_chain::{
     AuditEvent, ChainHead, Checkpoint, CheckpointLink, ExpiryMarker, StoredEvent,
 };
-use crate::domain::ids::{JobId, RecordId};
+use crate::domain::ids::{AccountEventId, ConsentId, JobId, RecordId};
 
 use super::{
     AccountEventRow, AccountState, CreateRequestKey, InsertOutcome, KeyVersionRow, LookupMatch,
@@ -209,7 +209,7 @@ impl ScannedRecords {
 
 pub(crate) fn account_event(row: &impl Columns) -> Result<AccountEventRow, StoreError> {
     Ok(AccountEventRow {
-        event_id: row.text("event_id")?,
+        event_id: stored_id("event_id", &row.text("event_id")?, AccountEventId::parse)?,
         record_id: row.record_id("record_id")?,
         occurred_at: row.i64("occurred_at")?,
         kind: row.text("kind")?,
@@ -217,7 +217,10 @@ pub(crate) fn account_event(row: &impl Columns) -> Result<AccountEventRow, Store
         reason: row.opt_text("reason")?,
         note: row.opt_bytes("note")?,
         ticket: row.opt_text("ticket")?,
-        consent_id: row.opt_text("consent_id")?,
+        consent_id: row
+            .opt_text("consent_id")?
+            .map(|raw| stored_id("consent_id", &raw, ConsentId::parse))
+            .transpose()?,
     })
 }
 
@@ -576,16 +579,21 @@ pub(crate) fn rekey_refusal(state: Option<AccountState>) -> StoreError {
     }
 }
 
-/// The history entries of a revocation: one per revoked consent, ids `<event_id>_<n>`.
+/// The history entries of a revocation: one per revoked consent, each with an id of its own
+/// (`history`'s is the first's). Before, they were `<event_id>_<n>`; those still decode.
 pub(crate) fn revocation_entries(
     history: &AccountEventRow,
-    revoked: &[String],
+    revoked: &[ConsentId],
 ) -> Vec<AccountEventRow> {
     revoked
         .iter()
         .enumerate()
         .map(|(n, consent)| AccountEventRow {
-            event_id: format!("{}_{n}", history.event_id),
+            event_id: if n == 0 {
+                history.event_id.clone()
+            } else {
+                AccountEventId::generate()
+            },
             consent_id: Some(consent.clone()),
             ..history.clone()
         })

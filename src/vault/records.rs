@@ -584,7 +584,7 @@ impl Vault {
                 .collect(),
             computed_for: live.iter().map(|(v, _)| *v).collect(),
         };
-        let age_gate = self.seal_age_gate(active, record_id.as_str(), identity.date_of_birth())?;
+        let age_gate = self.seal_age_gate(active, record_id, identity.date_of_birth())?;
         Ok((indexes, age_gate))
     }
 

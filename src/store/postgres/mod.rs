@@ -33,7 +33,7 @@ use super::{
     RewrapJobRow, Store, StoreError, StoredRecord, queries,
 };
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
-use crate::domain::ids::{JobId, RecordId};
+use crate::domain::ids::{ChainId, ConsentId, JobId, RecordId, SignerId};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -369,11 +369,11 @@ impl Store for PostgresStore {
     async fn revoke_consents(
         &self,
         record_id: &RecordId,
-        consent_id: Option<&str>,
+        consent_id: Option<&ConsentId>,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
         audit: &AuditEvent,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<ConsentId>, StoreError> {
         in_transaction(&self.pool, async |conn| {
             accounts::revoke_consents(
                 conn,
@@ -402,7 +402,7 @@ impl Store for PostgresStore {
 
     async fn register_chain(
         &self,
-        chain_id: &str,
+        chain_id: &ChainId,
         started_at: Micros,
         genesis: &[u8],
     ) -> Result<(), StoreError> {
@@ -462,11 +462,11 @@ impl Store for PostgresStore {
         audit::checkpoints(&mut *self.conn().await?).await
     }
 
-    async fn latest_checkpoint(&self, signer: &str) -> Result<Option<Checkpoint>, StoreError> {
+    async fn latest_checkpoint(&self, signer: &SignerId) -> Result<Option<Checkpoint>, StoreError> {
         audit::latest_checkpoint(&mut *self.conn().await?, signer).await
     }
 
-    async fn count_checkpoints(&self, signer: &str) -> Result<i64, StoreError> {
+    async fn count_checkpoints(&self, signer: &SignerId) -> Result<i64, StoreError> {
         audit::count_checkpoints(&mut *self.conn().await?, signer).await
     }
 
