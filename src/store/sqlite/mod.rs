@@ -375,15 +375,27 @@ impl Store for SqliteStore {
     async fn insert_records(
         &self,
         items: Vec<BatchInsert>,
+        audit: AuditEvent,
     ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
         // One job: the writer runs it whole in one group transaction.
-        self.write(move |conn| records::insert_all(conn, &items))
+        self.write(move |conn| records::insert_all(conn, &items, audit))
             .await
     }
 
     async fn get_record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>, StoreError> {
         let record_id = record_id.clone();
         self.read(move |conn| records::get(conn, &record_id)).await
+    }
+
+    async fn get_records(
+        &self,
+        record_ids: &[RecordId],
+        fields: &[&'static str],
+    ) -> Result<Vec<Option<StoredRecord>>, StoreError> {
+        let record_ids = record_ids.to_vec();
+        let fields = fields.to_vec();
+        self.read(move |conn| records::get_all(conn, &record_ids, &fields))
+            .await
     }
 
     async fn scan_live_records(
