@@ -59,11 +59,17 @@ pub const SELECT_LIVE_RECORD: &str = concat!(
      FROM r LEFT JOIN record_fields f ON f.record_id = r.record_id ORDER BY f.field"
 );
 
+/// Most ids one [`select_live_records`] binds: a larger batch (`limits.max_batch_size` has
+/// no upper bound) is read in several statements, far below SQLite's 32 766 and
+/// PostgreSQL's 65 535 bound parameters.
+pub const IDS_PER_STATEMENT: usize = 1000;
+
 /// The live records among `n` ids (`$1..$n`), with those of their fields named by the next
 /// `fields` parameters (none when `fields` is 0): a batch read's records from ONE statement
 /// instead of one per record, without the rows of fields the read would not open. Each
 /// record comes from the statement's one snapshot, as from [`SELECT_LIVE_RECORD`].
 pub fn select_live_records(n: usize, fields: usize) -> String {
+    debug_assert!(n <= IDS_PER_STATEMENT);
     let wanted = if fields == 0 {
         "FALSE".to_owned()
     } else {

@@ -28,12 +28,20 @@ pub(super) async fn get(
     Ok(record.finish())
 }
 
-/// A batch read's records (`Store::get_records`), from one statement.
+/// A batch read's records (`Store::get_records`), from one statement per
+/// [`queries::IDS_PER_STATEMENT`] ids.
 pub(super) async fn get_all(
     conn: &mut PgConnection,
     record_ids: &[RecordId],
     fields: &[&str],
 ) -> Result<Vec<Option<StoredRecord>>, StoreError> {
+    if record_ids.len() > queries::IDS_PER_STATEMENT {
+        let mut found = Vec::with_capacity(record_ids.len());
+        for chunk in record_ids.chunks(queries::IDS_PER_STATEMENT) {
+            found.extend(Box::pin(get_all(&mut *conn, chunk, fields)).await?);
+        }
+        return Ok(found);
+    }
     if record_ids.is_empty() {
         return Ok(Vec::new());
     }

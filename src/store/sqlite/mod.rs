@@ -837,6 +837,21 @@ mod tests {
         assert!(read_only.migrate().await.is_err());
     }
 
+    /// A batch read of more ids than SQLite binds in one statement (32 766) is read in
+    /// chunks (`queries::IDS_PER_STATEMENT`): one result per id, no error.
+    #[tokio::test]
+    async fn batch_reads_beyond_the_parameter_limit_are_chunked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("vault.db"), 1)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let ids: Vec<RecordId> = (0..33_000).map(|_| RecordId::generate().unwrap()).collect();
+        let found = store.get_records(&ids, &["name"]).await.unwrap();
+        assert_eq!(found.len(), ids.len());
+        assert!(found.iter().all(Option::is_none));
+    }
+
     /// Runs `sql` on a connection of the test's own, off the runtime's threads.
     async fn behind_the_store(path: &Path, sql: &'static str) {
         let path = path.to_owned();

@@ -26,12 +26,20 @@ pub(super) fn get(
     Ok(record.finish())
 }
 
-/// A batch read's records (`Store::get_records`), from one statement.
+/// A batch read's records (`Store::get_records`), from one statement per
+/// [`queries::IDS_PER_STATEMENT`] ids.
 pub(super) fn get_all(
     conn: &Connection,
     record_ids: &[RecordId],
     fields: &[&str],
 ) -> Result<Vec<Option<StoredRecord>>, StoreError> {
+    if record_ids.len() > queries::IDS_PER_STATEMENT {
+        let mut found = Vec::with_capacity(record_ids.len());
+        for chunk in record_ids.chunks(queries::IDS_PER_STATEMENT) {
+            found.extend(get_all(conn, chunk, fields)?);
+        }
+        return Ok(found);
+    }
     if record_ids.is_empty() {
         return Ok(Vec::new());
     }
