@@ -164,12 +164,12 @@ pub struct RecordMeta {
     pub present_fields: Vec<String>,
 }
 
-/// One create of a batch ([`Store::insert_records`]): what [`Store::insert_record`] takes.
+/// One create of a batch ([`Store::insert_records`]), or the record and request key a
+/// single create hands [`Store::insert_record`].
 #[derive(Debug)]
 pub struct BatchInsert {
     pub record: NewRecord,
     pub request: Option<CreateRequestKey>,
-    pub audit: AuditEvent,
 }
 
 #[derive(Debug)]
@@ -432,18 +432,31 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<InsertOutcome, StoreError>;
 
     /// Inserts a batch's records in ONE transaction (one commit), in order, each with its
-    /// request key and audit event under its own savepoint, with the decisions of
+    /// request key under its own savepoint, with the decisions of
     /// [`Store::insert_record`]: an item refused (a duplicate document, an earlier item's
     /// included; a stale key or index version) rolls back alone and is its `Err`; an item
-    /// repeating an earlier item's request key replays it. The outer `Err`: the transaction
-    /// did not commit, and nothing of the batch was written.
+    /// repeating an earlier item's request key replays it. The batch's creates are audited
+    /// by ONE event, `audit` with its `record_ids` set to the records inserted (in item
+    /// order), appended in the same transaction after the items (none when nothing was
+    /// inserted): each person's trail shows it, as it shows a batch read's. The outer
+    /// `Err`: the transaction did not commit, and nothing of the batch was written.
     async fn insert_records(
         &self,
         items: Vec<BatchInsert>,
+        audit: AuditEvent,
     ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError>;
 
     /// A live record, or `None` when it never existed or was deleted.
     async fn get_record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>, StoreError>;
+
+    /// [`Store::get_record`] of each of `record_ids` (distinct), in their order, read by one
+    /// statement, with only the fields named in `fields` (a batch read's records: the fields
+    /// it would not open are not read, and `meta.present_fields` lists only those read).
+    async fn get_records(
+        &self,
+        record_ids: &[RecordId],
+        fields: &[&'static str],
+    ) -> Result<Vec<Option<StoredRecord>>, StoreError>;
 
     /// Up to `limit` live records created at or before `created_before`, whose ids sort
     /// after `after`, in id order, each read as [`Store::get_record`] reads one: the keyset

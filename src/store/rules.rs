@@ -207,6 +207,45 @@ impl ScannedRecords {
     }
 }
 
+/// Gathers the rows of `queries::select_live_records` into one slot per requested id, in
+/// request order (`None`: no live record). A row is matched to its id by text: the ids were
+/// parsed once, by the caller, and each record's columns repeat on each of its field rows.
+pub(crate) struct RequestedRecords<'a> {
+    ids: &'a [RecordId],
+    slots: std::collections::HashMap<&'a str, (usize, RecordRows)>,
+}
+
+impl<'a> RequestedRecords<'a> {
+    pub(crate) fn new(ids: &'a [RecordId]) -> Self {
+        RequestedRecords {
+            ids,
+            slots: ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id.as_str(), (i, RecordRows::default())))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn push(&mut self, row: &impl Columns) -> Result<(), StoreError> {
+        let record_id = row.text("record_id")?;
+        let Some((i, record)) = self.slots.get_mut(record_id.as_str()) else {
+            return Err(StoreError::Corrupt(
+                "a batch read returned a record it did not ask for".into(),
+            ));
+        };
+        record.push(&self.ids[*i], row)
+    }
+
+    pub(crate) fn finish(self) -> Vec<Option<StoredRecord>> {
+        let mut found: Vec<Option<StoredRecord>> = self.ids.iter().map(|_| None).collect();
+        for (_, (i, record)) in self.slots {
+            found[i] = record.finish();
+        }
+        found
+    }
+}
+
 pub(crate) fn account_event(row: &impl Columns) -> Result<AccountEventRow, StoreError> {
     Ok(AccountEventRow {
         event_id: stored_id("event_id", &row.text("event_id")?, AccountEventId::parse)?,
@@ -530,6 +569,23 @@ pub(crate) async fn create(
         }
         Err(refused) => Err(refused),
     }
+}
+
+/// A batch create's one audit event: `audit` naming the records its items inserted, in item
+/// order (replays and refusals wrote nothing new: a refusal has its own event, written by
+/// the vault); `None` when no item inserted one.
+pub(crate) fn batch_event(
+    mut audit: AuditEvent,
+    outcomes: &[Result<InsertOutcome, StoreError>],
+) -> Option<AuditEvent> {
+    audit.record_ids = outcomes
+        .iter()
+        .filter_map(|outcome| match outcome {
+            Ok(InsertOutcome::Inserted(meta)) => Some(meta.record_id.to_string()),
+            _ => None,
+        })
+        .collect();
+    (!audit.record_ids.is_empty()).then_some(audit)
 }
 
 /// The metadata a create answers with once `record` is written.

@@ -251,9 +251,10 @@ impl Store for PostgresStore {
     async fn insert_records(
         &self,
         items: Vec<BatchInsert>,
+        audit: AuditEvent,
     ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let outcomes = records::insert_all(&mut tx, &items, &self.heads).await?;
+        let outcomes = records::insert_all(&mut tx, &items, audit, &self.heads).await?;
         // Whatever fails here, nothing of the batch was written.
         tx.commit()
             .await
@@ -263,6 +264,14 @@ impl Store for PostgresStore {
 
     async fn get_record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>, StoreError> {
         records::get(&mut *self.conn().await?, record_id).await
+    }
+
+    async fn get_records(
+        &self,
+        record_ids: &[RecordId],
+        fields: &[&'static str],
+    ) -> Result<Vec<Option<StoredRecord>>, StoreError> {
+        records::get_all(&mut *self.conn().await?, record_ids, fields).await
     }
 
     async fn scan_live_records(

@@ -382,15 +382,27 @@ impl Store for SqliteStore {
     async fn insert_records(
         &self,
         items: Vec<BatchInsert>,
+        audit: AuditEvent,
     ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
         // One job: the writer runs it whole in one group transaction.
-        self.write(move |conn| records::insert_all(conn, &items))
+        self.write(move |conn| records::insert_all(conn, &items, audit))
             .await
     }
 
     async fn get_record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>, StoreError> {
         let record_id = record_id.clone();
         self.read(move |conn| records::get(conn, &record_id)).await
+    }
+
+    async fn get_records(
+        &self,
+        record_ids: &[RecordId],
+        fields: &[&'static str],
+    ) -> Result<Vec<Option<StoredRecord>>, StoreError> {
+        let record_ids = record_ids.to_vec();
+        let fields = fields.to_vec();
+        self.read(move |conn| records::get_all(conn, &record_ids, &fields))
+            .await
     }
 
     async fn scan_live_records(
@@ -830,6 +842,21 @@ mod tests {
             .unwrap_err();
         assert!(refused.to_string().contains("read-only"), "{refused}");
         assert!(read_only.migrate().await.is_err());
+    }
+
+    /// A batch read of more ids than SQLite binds in one statement (32 766) is read in
+    /// chunks (`queries::IDS_PER_STATEMENT`): one result per id, no error.
+    #[tokio::test]
+    async fn batch_reads_beyond_the_parameter_limit_are_chunked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("vault.db"), 1)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let ids: Vec<RecordId> = (0..33_000).map(|_| RecordId::generate().unwrap()).collect();
+        let found = store.get_records(&ids, &["name"]).await.unwrap();
+        assert_eq!(found.len(), ids.len());
+        assert!(found.iter().all(Option::is_none));
     }
 
     /// Runs `sql` on a connection of the test's own, off the runtime's threads.
