@@ -41,9 +41,10 @@ fn event(chain_id: &str, i: usize) -> AuditEvent {
 }
 
 async fn one_flush_per_event(store: &dyn Store) -> f64 {
-    let chain = "chn_sequential";
+    let chain_id = pdvault::domain::ids::ChainId::generate();
+    let chain = chain_id.as_str();
     store
-        .register_chain(chain, 0, &genesis(chain))
+        .register_chain(&chain_id, 0, &genesis(chain))
         .await
         .unwrap();
     let started = Instant::now();
@@ -61,7 +62,7 @@ async fn group_commit(store: Arc<dyn Store>) -> (f64, (u64, u64, u64, u64)) {
             let log = log.clone();
             tokio::spawn(async move {
                 for i in 0..EVENTS_PER_WRITER {
-                    let mut e = event(log.chain_id(), w * EVENTS_PER_WRITER + i);
+                    let mut e = event(log.chain_id().as_str(), w * EVENTS_PER_WRITER + i);
                     e.event_id = format!("evt_group_{w}_{i}");
                     log.record(e).await.unwrap();
                 }

@@ -104,7 +104,7 @@ struct Job {
 /// Handle to this process's audit chain and its group-commit writer.
 #[derive(Clone)]
 pub struct AuditLog {
-    chain_id: Arc<str>,
+    chain_id: ChainId,
     jobs: mpsc::Sender<Job>,
     stats: Arc<BatchStats>,
     closing: Arc<tokio::sync::watch::Sender<bool>>,
@@ -128,18 +128,18 @@ impl AuditLog {
         now_micros: i64,
         tasks: &crate::tasks::Tasks,
     ) -> Result<(AuditLog, tokio::task::JoinHandle<()>), StoreError> {
-        let chain_id = ChainId::generate().into_string();
+        let chain_id = ChainId::generate();
         store
-            .register_chain(&chain_id, now_micros, &genesis(&chain_id))
+            .register_chain(&chain_id, now_micros, &genesis(chain_id.as_str()))
             .await?;
         let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
         let stats = Arc::new(BatchStats::default());
         let (closing, closed) = tokio::sync::watch::channel(false);
         let writer = tasks.spawn(run_writer(store, queue, closed, Arc::clone(&stats)));
-        tracing::info!(chain_id, "audit chain started");
+        tracing::info!(chain_id = chain_id.as_str(), "audit chain started");
         Ok((
             AuditLog {
-                chain_id: chain_id.into(),
+                chain_id,
                 jobs,
                 stats,
                 closing: Arc::new(closing),
@@ -148,7 +148,7 @@ impl AuditLog {
         ))
     }
 
-    pub fn chain_id(&self) -> &str {
+    pub fn chain_id(&self) -> &ChainId {
         &self.chain_id
     }
 

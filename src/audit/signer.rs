@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{AuditPublicKey, AuditSigningKey};
-use crate::domain::ids::SignerId;
+use crate::domain::ids::{ChainId, SignerId};
 // Declared with the metrics that report it, which sit below audit (audit records its
 // batches and checkpoints through them).
 use crate::store::{Micros, Store, StoreError};
@@ -188,7 +188,8 @@ struct Status {
 
 /// One instance's signer. See the module header.
 pub struct CheckpointSigner {
-    signer: String,
+    /// Parsed from the state file when it opens; the file keeps the text.
+    signer: SignerId,
     state_path: PathBuf,
     sink: CheckpointSink,
     interval: Duration,
@@ -239,8 +240,14 @@ impl CheckpointSigner {
             tracing::info!(signer = state.signer, path = %state_path.display(), "new checkpoint signer");
             state
         };
+        let signer = SignerId::parse("signer", &state.signer).map_err(|refused| {
+            CheckpointError::StateMalformed {
+                path: state_path.to_owned(),
+                reason: format!("the signer id {}", refused.reason),
+            }
+        })?;
         Ok(CheckpointSigner {
-            signer: state.signer.clone(),
+            signer,
             state_path: state_path.to_owned(),
             sink,
             interval,
@@ -255,7 +262,7 @@ impl CheckpointSigner {
     }
 
     /// This instance's signer id (`sgn_…`).
-    pub fn signer(&self) -> &str {
+    pub fn signer(&self) -> &SignerId {
         &self.signer
     }
 
@@ -266,9 +273,9 @@ impl CheckpointSigner {
 
     /// Makes `chain_id` the chain this process appends to; the next checkpoint introduces
     /// it at its origin.
-    pub async fn start_chain(&self, chain_id: &str) {
+    pub async fn start_chain(&self, chain_id: &ChainId) {
         let mut signing = self.signing.lock().await;
-        signing.current = Some(chain_id.to_owned());
+        signing.current = Some(chain_id.to_string());
     }
 
     /// Checks that the database continues from what this signer signed last, then signs,
@@ -290,9 +297,9 @@ impl CheckpointSigner {
             Ok(checkpoint) => {
                 status.last_checkpoint = Some(Instant::now());
                 status.alarm = None;
-                crate::telemetry::metrics::record_checkpoint_signed(&self.signer);
+                crate::telemetry::metrics::record_checkpoint_signed(self.signer.as_str());
                 tracing::debug!(
-                    signer = self.signer,
+                    signer = self.signer.as_str(),
                     counter = checkpoint.link.as_ref().map_or(0, |l| l.counter),
                     heads = checkpoint.heads.len(),
                     "audit checkpoint signed"
@@ -301,18 +308,18 @@ impl CheckpointSigner {
             Err(CheckpointError::Refused(refusal)) => {
                 status.alarm = Some(refusal.to_string());
                 crate::telemetry::metrics::record_checkpoint_refused(
-                    &self.signer,
+                    self.signer.as_str(),
                     refusal.reason(),
                 );
                 tracing::error!(
-                    signer = self.signer,
+                    signer = self.signer.as_str(),
                     reason = refusal.reason(),
                     %refusal,
                     "AUDIT ALARM: refusing to sign a checkpoint; the audit trail in the database does not continue from what this instance signed"
                 );
             }
             Err(error) => {
-                tracing::error!(signer = self.signer, %error, "audit checkpoint failed");
+                tracing::error!(signer = self.signer.as_str(), %error, "audit checkpoint failed");
             }
         }
         outcome
@@ -323,7 +330,7 @@ impl CheckpointSigner {
         let status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let age = status.last_checkpoint.unwrap_or(self.opened).elapsed();
         SignerHealth {
-            signer: self.signer.clone(),
+            signer: self.signer.to_string(),
             age,
             stale: age > self.interval.saturating_mul(2),
             alarm: status.alarm.clone(),
@@ -364,12 +371,12 @@ impl CheckpointSigner {
         } = check_chains(signing, store, &public, adopt, close_current).await?;
 
         let link = CheckpointLink {
-            signer: self.signer.clone(),
+            signer: self.signer.to_string(),
             counter: last.map_or(0, |(counter, _)| counter) + 1,
             key_id: key_id.clone(),
             prev: match last {
                 Some((_, hash)) => hash.to_vec(),
-                None => checkpoint_genesis(&self.signer).to_vec(),
+                None => checkpoint_genesis(self.signer.as_str()).to_vec(),
             },
             closed: closing,
         };
@@ -476,7 +483,7 @@ impl CheckpointSigner {
     ) -> Result<Option<(i64, Hash)>, CheckpointError> {
         let counter = signed.link.as_ref().map_or(0, |l| l.counter);
         tracing::warn!(
-            signer = self.signer,
+            signer = self.signer.as_str(),
             counter,
             "the database lacks this signer's newest checkpoint, never recorded as stored; witnessing and storing it again"
         );
@@ -517,9 +524,9 @@ impl CheckpointSigner {
         match outcome {
             Ok(()) => status.witness_failure = None,
             Err(error) => {
-                crate::telemetry::metrics::record_witness_failure(&self.signer);
+                crate::telemetry::metrics::record_witness_failure(self.signer.as_str());
                 tracing::error!(
-                    signer = self.signer,
+                    signer = self.signer.as_str(),
                     sink = %self.sink,
                     %error,
                     "AUDIT ALARM: cannot append the checkpoint to the witness sink"
@@ -775,4 +782,38 @@ fn write_state(path: &Path, state: &SignerState) -> Result<(), CheckpointError> 
             .map_err(io)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_with_signer(dir: &Path, signer: &str) -> Result<CheckpointSigner, CheckpointError> {
+        let path = dir.join("audit-signer.json");
+        let state = format!(r#"{{"format":{STATE_FORMAT},"signer":"{signer}"}}"#);
+        std::fs::write(&path, state).unwrap();
+        let sink = CheckpointSink::File(dir.join("witness.jsonl"));
+        CheckpointSigner::open(&path, sink, Duration::from_secs(60))
+    }
+
+    /// The state file's signer id is parsed once, when it opens: an id of an earlier shape
+    /// is this instance's id as it was; anything else is a malformed file, not a signer.
+    #[test]
+    fn the_state_files_signer_id_is_parsed_when_it_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = "sgn_3zawz46qpzy26trc";
+        let signer = open_with_signer(dir.path(), old).unwrap();
+        assert_eq!(signer.signer().as_str(), old);
+        drop(signer);
+        let new = SignerId::generate();
+        let signer = open_with_signer(dir.path(), new.as_str()).unwrap();
+        assert_eq!(signer.signer(), &new);
+        drop(signer);
+        let refused = open_with_signer(dir.path(), "sgn_x").err().unwrap();
+        assert!(
+            matches!(&refused, CheckpointError::StateMalformed { reason, .. }
+                if reason.contains("signer id")),
+            "{refused:?}"
+        );
+    }
 }

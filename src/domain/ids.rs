@@ -1,5 +1,6 @@
-//! The vault's identifiers: record, audit event, audit chain, checkpoint signer and rewrap
-//! job ids, each a type of its own, and the one generator that makes them.
+//! The vault's identifiers: record, audit event, audit chain, checkpoint signer, rewrap job,
+//! account-history entry and consent ids, each a type of its own, and the one generator
+//! that makes them.
 //!
 //! An id is a string everywhere it travels (protobuf, SQL, the trail, logs), so a bare
 //! `&str` would let a purpose name, a placeholder or an identity value sent in the wrong
@@ -11,19 +12,22 @@
 //!
 //! # Shapes
 //!
-//! New ids are a prefix (`rec_`, `evt_`, `chn_`, `sgn_`, `rwj_`) and 26 lowercase Crockford
-//! base32 characters: the text form of a ULID, here of a UUIDv7 (RFC 9562) built by the
-//! `uuid` crate from the Unix millisecond and 74 bits from the OS generator. Crockford's
-//! alphabet is in ASCII order, so ids sort by creation time as text (to the millisecond;
-//! ids of one millisecond are in random order), and the indexes they key grow at their
-//! right edge instead of taking every insert at a random leaf.
+//! New ids are a prefix (`rec_`, `evt_`, `chn_`, `sgn_`, `rwj_`, `acc_`, `con_`) and 26
+//! lowercase Crockford base32 characters: the text form of a ULID, here of a UUIDv7 (RFC
+//! 9562) built by the `uuid` crate from the Unix millisecond and 74 bits from the OS
+//! generator. Crockford's alphabet is in ASCII order, so ids sort by creation time as text
+//! (to the millisecond; ids of one millisecond are in random order), and the indexes they
+//! key grow at their right edge instead of taking every insert at a random leaf.
 //!
 //! Ids issued before (the database and clients keep them for years) still parse: record ids
 //! are `rec_` and 26 RFC 4648 base32 characters (128 random bits), chain and signer ids their
 //! prefix and 16 of them (80 bits), event and job ids their prefix, 13 hex digits
 //! (microseconds) and 26 base32 characters (or `n` and a counter, the fallback of a failed
-//! generator). The two alphabets overlap, so an old id can look like a new one; nothing
-//! depends on telling them apart.
+//! generator), account-history entry and consent ids their prefix and 26 RFC 4648 base32
+//! characters (128 random bits), an account-history entry of a revocation also `_` and the
+//! consent's position (`acc_…_0`: one entry per revoked consent, derived from the call's id).
+//! The two alphabets overlap, so an old id can look like a new one; nothing depends on
+//! telling them apart.
 //!
 //! What a new id reveals: the millisecond it was made. For records that is the creation
 //! time, which a caller allowed to read the record already gets as `Record.create_time`, an
@@ -34,9 +38,14 @@
 //!
 //! Not ids here: a create's `request_id` and the `x-request-id` header are chosen by the
 //! caller (an idempotency key, a correlation id), so they have no shape the vault could
-//! check beyond what `edge` checks of all free text; and the ids of account-history entries
-//! (`acc_`) and consents (`con_`) are still random tokens of their own, outside any index
-//! that time order would help.
+//! check beyond what `edge` checks of all free text.
+//!
+//! Account-history entries (`AccountEventId`) and consents (`ConsentId`) have types of their
+//! own rather than reusing `EventId`: they are rows of other tables (`account_events`,
+//! `guardian_consents`) that no audit query reaches, a consent id is sent back by callers
+//! (`RevokeGuardianConsent.consent_id`) where an audit event id must be refused, and the
+//! ids stored so far carry `acc_`/`con_`. Each revoked consent's history entry gets an id of
+//! its own from the generator, no longer the call's id with a suffix.
 //!
 //! Pure apart from the clock and the OS generator the generator reads. Violation reasons
 //! are static text that never repeats the input.
@@ -72,6 +81,9 @@ enum Legacy {
     Random80,
     /// Microseconds in hex, then 128 random bits or a fallback counter (event and job ids).
     MicrosThenRandom,
+    /// 128 random bits, RFC 4648 base32, and for a revocation's entries `_` and a position
+    /// (account-history entry ids).
+    Random128Derived,
 }
 
 fn is_rfc4648_lower(b: u8) -> bool {
@@ -104,6 +116,12 @@ fn is_legacy_body(body: &str, legacy: Legacy) -> bool {
                 .bytes()
                 .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
                 && (random || counter)
+        }
+        Legacy::Random128Derived => {
+            let (base, position) = body.split_once('_').unwrap_or((body, "0"));
+            is_legacy_body(base, Legacy::Random128)
+                && (1..=OLD_COUNTER_MAX_LEN).contains(&position.len())
+                && position.bytes().all(|b| b.is_ascii_digit())
         }
     }
 }
@@ -259,6 +277,24 @@ id_type!(
     "a job id"
 );
 
+id_type!(
+    /// An account-history entry's id (a suspension, reinstatement, consent recorded or
+    /// revoked).
+    AccountEventId,
+    "acc_",
+    Legacy::Random128Derived,
+    "an account event id"
+);
+
+id_type!(
+    /// A guardian consent's id. Also bound into the associated data of an inline guardian's
+    /// sealed identity (`guardian.<consent id>`), so its text never changes once issued.
+    ConsentId,
+    "con_",
+    Legacy::Random128,
+    "a consent id"
+);
+
 impl RecordId {
     /// A fresh id: time-ordered, 74 bits from the OS generator, never derived from identity.
     /// Fails when the OS generator does (a record id must be unguessable, so nothing stands
@@ -292,6 +328,20 @@ impl JobId {
     }
 }
 
+impl AccountEventId {
+    pub fn generate() -> AccountEventId {
+        AccountEventId(fresh_unique(AccountEventId::PREFIX))
+    }
+}
+
+impl ConsentId {
+    /// Uniqueness, not secrecy: a consent id is returned to the caller and authorizes
+    /// nothing (revoking needs the grant and the record).
+    pub fn generate() -> ConsentId {
+        ConsentId(fresh_unique(ConsentId::PREFIX))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +353,10 @@ mod tests {
     const OLD_CHAIN: &str = "chn_mfrggzdfmztwq2lk";
     const OLD_SIGNER: &str = "sgn_mfrggzdfmztwq2lk";
     const OLD_JOB: &str = "rwj_0061f2c3a4b5cgezdgnbvgy3tqojqgezdgnbvgy";
+    // `acc_`/`con_` and `random_token`'s 26 characters; a revocation's entries add `_<n>`.
+    const OLD_ACCOUNT_EVENT: &str = "acc_mzxw6ytboi2dcnzrgq3tmojqgq";
+    const OLD_REVOCATION_ENTRY: &str = "acc_mzxw6ytboi2dcnzrgq3tmojqgq_12";
+    const OLD_CONSENT: &str = "con_mzxw6ytboi2dcnzrgq3tmojqgq";
 
     #[test]
     fn old_shapes_still_parse() {
@@ -315,6 +369,49 @@ mod tests {
         assert!(ChainId::parse("chain_id", OLD_CHAIN).is_ok());
         assert!(SignerId::parse("signer_id", OLD_SIGNER).is_ok());
         assert!(JobId::parse("job_id", OLD_JOB).is_ok());
+        for old in [OLD_ACCOUNT_EVENT, OLD_REVOCATION_ENTRY] {
+            assert_eq!(
+                AccountEventId::parse("event_id", old).unwrap().as_str(),
+                old
+            );
+        }
+        assert_eq!(
+            ConsentId::parse("consent_id", OLD_CONSENT)
+                .unwrap()
+                .as_str(),
+            OLD_CONSENT
+        );
+    }
+
+    #[test]
+    fn account_event_and_consent_ids_keep_to_their_shapes() {
+        let entry = AccountEventId::generate();
+        assert!(entry.as_str().starts_with("acc_"));
+        assert_eq!(
+            AccountEventId::parse("event_id", entry.as_str()).unwrap(),
+            entry
+        );
+        let consent = ConsentId::generate();
+        assert!(consent.as_str().starts_with("con_"));
+        assert_eq!(
+            ConsentId::parse("consent_id", consent.as_str()).unwrap(),
+            consent
+        );
+        // Only an old entry takes a position; a consent id never did.
+        assert!(AccountEventId::parse("event_id", &format!("{entry}_0")).is_err());
+        assert!(ConsentId::parse("consent_id", &format!("{OLD_CONSENT}_0")).is_err());
+        for wrong in [
+            "acc_mzxw6ytboi2dcnzrgq3tmojqgq_",
+            "acc_mzxw6ytboi2dcnzrgq3tmojqgq_x",
+            "acc_mzxw6ytboi2dcnzrgq3tmojqgq_1_2",
+            "acc_mzxw6ytboi2dcnzrgq3tmojqg_1",
+        ] {
+            assert!(AccountEventId::parse("event_id", wrong).is_err(), "{wrong}");
+        }
+        let violation = ConsentId::parse("consent_id", OLD_ACCOUNT_EVENT).unwrap_err();
+        assert_eq!(violation.field, "consent_id");
+        assert!(AccountEventId::parse("event_id", OLD_CONSENT).is_err());
+        assert!(ConsentId::parse("consent_id", OLD_RECORD).is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use super::status::to_status;
 use super::{call_context, checked, encode_page_token, paging, timestamp, violation};
 use crate::domain::Violation;
+use crate::domain::ids::ConsentId;
 use crate::proto;
 use crate::vault::accounts::{AccountAction, AccountHistoryEntry, SuspensionReason};
 use crate::vault::{AuditSubject, Vault};
@@ -96,7 +97,7 @@ impl proto::account_security_server::AccountSecurity for AccountSecurityService 
             .map_err(to_status)?;
         let next_page_token = match entries.last() {
             Some(last) if entries.len() == limit as usize => {
-                encode_page_token(last.row.occurred_at, &last.row.event_id)
+                encode_page_token(last.row.occurred_at, last.row.event_id.as_str())
             }
             _ => String::new(),
         };
@@ -137,13 +138,16 @@ fn event_message(entry: AccountHistoryEntry) -> proto::AccountEvent {
         .and_then(|r| proto::SuspensionReason::from_str_name(&format!("SUSPENSION_REASON_{r}")))
         .unwrap_or(proto::SuspensionReason::Unspecified);
     proto::AccountEvent {
-        event_id: row.event_id,
+        event_id: row.event_id.into_string(),
         kind: kind as i32,
         time: Some(timestamp(row.occurred_at)),
         actor: row.actor,
         reason: reason as i32,
         note: entry.note.unwrap_or_default(),
         ticket: row.ticket.unwrap_or_default(),
-        consent_id: row.consent_id.unwrap_or_default(),
+        consent_id: row
+            .consent_id
+            .map(ConsentId::into_string)
+            .unwrap_or_default(),
     }
 }

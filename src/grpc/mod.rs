@@ -32,7 +32,7 @@ pub use account::AccountSecurityService;
 pub use audit::AuditService;
 
 use crate::domain::edge::MAX_JUSTIFICATION_BYTES;
-use crate::domain::ids::RecordId;
+use crate::domain::ids::{ConsentId, RecordId};
 use crate::domain::{Gender, IdType, IdentityInput, Violation};
 use crate::policy::{Caller, CertificateMatch, Policy};
 use crate::proto;
@@ -426,7 +426,7 @@ impl proto::vault_server::Vault for VaultService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(proto::GuardianConsent {
-            consent_id: consent.consent_id,
+            consent_id: consent.consent_id.into_string(),
             record_id: consent.record_id.into_string(),
             relationship: request.relationship,
             evidence_ref: consent.evidence_ref,
@@ -457,7 +457,10 @@ impl proto::vault_server::Vault for VaultService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(proto::RevokeGuardianConsentResponse {
-            revoked_consent_ids,
+            revoked_consent_ids: revoked_consent_ids
+                .into_iter()
+                .map(ConsentId::into_string)
+                .collect(),
         }))
     }
 }

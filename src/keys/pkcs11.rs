@@ -470,7 +470,7 @@ fn session_lost(error: &Pkcs11Error) -> bool {
 }
 
 /// How often a listing of the token's KEKs is taken again when reading one object failed.
-const LISTING_ATTEMPTS: u32 = 5;
+const LISTING_ATTEMPTS: u32 = 8;
 
 /// Where one pass of a KEK listing failed: the search itself, or reading an object it found
 /// (which another session may have changed since).
@@ -632,9 +632,12 @@ impl Pkcs11Module {
             .map_err(ListError::Search)?;
         let mut versions = Vec::new();
         for object in objects {
-            let attributes = session
-                .get_attributes(object, &[AttributeType::Label])
-                .map_err(ListError::ObjectRead)?;
+            let attributes = match session.get_attributes(object, &[AttributeType::Label]) {
+                Ok(attributes) => attributes,
+                // Destroyed since the search: whoever's it was, it is no KEK now.
+                Err(Pkcs11Error::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
+                Err(error) => return Err(ListError::ObjectRead(error)),
+            };
             for attribute in attributes {
                 if let Attribute::Label(label) = attribute {
                     let version = std::str::from_utf8(&label)
@@ -703,12 +706,12 @@ impl KekModule for Pkcs11Module {
         let mut versions = self.call(0, |session| {
             // The search covers every secret key of a token that other deployments and
             // instances share, and it is not atomic with the reads of each object's label
-            // that follow: an object destroyed in between, or its handle reused by a new
-            // one, fails its read (SoftHSM2 answers with whatever code the half-changed
-            // object gives: CKR_OBJECT_HANDLE_INVALID, CKR_GENERAL_ERROR,
-            // CKR_ATTRIBUTE_VALUE_INVALID, a length that changed between the two reads).
-            // So a listing that fails on one object is taken again from the search; only
-            // a failure that persists is the module's.
+            // that follow. An object destroyed in between is skipped
+            // (CKR_OBJECT_HANDLE_INVALID). One changing under the read, its handle reused
+            // by a new object, fails it with whatever code the half-changed object gives
+            // (SoftHSM2: CKR_GENERAL_ERROR, CKR_ATTRIBUTE_VALUE_INVALID, a length that
+            // changed between the two reads of the attribute): such a listing is taken
+            // again from the search, and only a failure that persists is the module's.
             let mut attempt = 1;
             loop {
                 match self.list_versions(session) {

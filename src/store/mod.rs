@@ -25,7 +25,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
-use crate::domain::ids::{JobId, RecordId};
+use crate::domain::ids::{AccountEventId, ChainId, ConsentId, JobId, RecordId, SignerId};
 
 pub use postgres::PostgresStore;
 pub use sqlite::{MigrationError, SqliteStore};
@@ -164,12 +164,12 @@ pub struct RecordMeta {
     pub present_fields: Vec<String>,
 }
 
-/// One create of a batch ([`Store::insert_records`]): what [`Store::insert_record`] takes.
+/// One create of a batch ([`Store::insert_records`]), or the record and request key a
+/// single create hands [`Store::insert_record`].
 #[derive(Debug)]
 pub struct BatchInsert {
     pub record: NewRecord,
     pub request: Option<CreateRequestKey>,
-    pub audit: AuditEvent,
 }
 
 #[derive(Debug)]
@@ -217,7 +217,7 @@ pub struct LookupMatch {
 /// One entry of an account's history.
 #[derive(Debug, Clone)]
 pub struct AccountEventRow {
-    pub event_id: String,
+    pub event_id: AccountEventId,
     pub record_id: RecordId,
     pub occurred_at: Micros,
     /// SUSPENDED, REINSTATED, CONSENT_RECORDED or CONSENT_REVOKED.
@@ -227,13 +227,13 @@ pub struct AccountEventRow {
     /// Sealed under the record's data key.
     pub note: Option<Vec<u8>>,
     pub ticket: Option<String>,
-    pub consent_id: Option<String>,
+    pub consent_id: Option<ConsentId>,
 }
 
 /// A guardian's consent for a minor.
 #[derive(Debug, Clone)]
 pub struct ConsentRow {
-    pub consent_id: String,
+    pub consent_id: ConsentId,
     pub record_id: RecordId,
     pub guardian_record_id: Option<RecordId>,
     /// A guardian without a record: their identity sealed under the minor's data key.
@@ -290,7 +290,7 @@ pub struct RecordUpdate {
 /// Filters of an audit listing; `None` matches everything.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
-    pub record_id: Option<String>,
+    pub record_id: Option<RecordId>,
     pub caller: Option<String>,
     pub purpose: Option<String>,
     pub outcome: Option<String>,
@@ -432,18 +432,31 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<InsertOutcome, StoreError>;
 
     /// Inserts a batch's records in ONE transaction (one commit), in order, each with its
-    /// request key and audit event under its own savepoint, with the decisions of
+    /// request key under its own savepoint, with the decisions of
     /// [`Store::insert_record`]: an item refused (a duplicate document, an earlier item's
     /// included; a stale key or index version) rolls back alone and is its `Err`; an item
-    /// repeating an earlier item's request key replays it. The outer `Err`: the transaction
-    /// did not commit, and nothing of the batch was written.
+    /// repeating an earlier item's request key replays it. The batch's creates are audited
+    /// by ONE event, `audit` with its `record_ids` set to the records inserted (in item
+    /// order), appended in the same transaction after the items (none when nothing was
+    /// inserted): each person's trail shows it, as it shows a batch read's. The outer
+    /// `Err`: the transaction did not commit, and nothing of the batch was written.
     async fn insert_records(
         &self,
         items: Vec<BatchInsert>,
+        audit: AuditEvent,
     ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError>;
 
     /// A live record, or `None` when it never existed or was deleted.
     async fn get_record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>, StoreError>;
+
+    /// [`Store::get_record`] of each of `record_ids` (distinct), in their order, read by one
+    /// statement, with only the fields named in `fields` (a batch read's records: the fields
+    /// it would not open are not read, and `meta.present_fields` lists only those read).
+    async fn get_records(
+        &self,
+        record_ids: &[RecordId],
+        fields: &[&'static str],
+    ) -> Result<Vec<Option<StoredRecord>>, StoreError>;
 
     /// Up to `limit` live records created at or before `created_before`, whose ids sort
     /// after `after`, in id order, each read as [`Store::get_record`] reads one except that
@@ -519,15 +532,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Revokes one active consent, or all of them when `consent_id` is `None`; writes one
-    /// history entry per revoked consent (ids `<history.event_id>_<n>`) and the audit event.
+    /// history entry per revoked consent (`history` naming the consent, the first under its
+    /// id, each further one under a fresh id) and the audit event.
     async fn revoke_consents(
         &self,
         record_id: &RecordId,
-        consent_id: Option<&str>,
+        consent_id: Option<&ConsentId>,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
         audit: &AuditEvent,
-    ) -> Result<Vec<String>, StoreError>;
+    ) -> Result<Vec<ConsentId>, StoreError>;
 
     /// A record's ciphertexts outside its fields (see [`BoundCiphertexts`]).
     async fn bound_ciphertexts(&self, record_id: &RecordId)
@@ -536,10 +550,10 @@ pub trait Store: Send + Sync + 'static {
     /// Removes create request keys stored before `before`; returns how many.
     async fn expire_create_requests(&self, before: Micros) -> Result<u64, StoreError>;
 
-    /// Starts a new audit chain at its genesis hash.
+    /// Starts this process's audit chain at its genesis hash.
     async fn register_chain(
         &self,
-        chain_id: &str,
+        chain_id: &ChainId,
         started_at: Micros,
         genesis: &[u8],
     ) -> Result<(), StoreError>;
@@ -560,7 +574,10 @@ pub trait Store: Send + Sync + 'static {
         after: Option<(Micros, String)>,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
-    /// Every chain known: registered, with events, or expired.
+    /// Every chain known: registered, with events, or expired. Text, not [`ChainId`]s, as
+    /// [`Store::chain_events`] takes: these are what verification walks, and a chain id
+    /// edited in the database must show up as a chain whose hashes do not link (the id is
+    /// in its genesis and every event hash), not as a row that fails to decode.
     async fn chain_ids(&self) -> Result<Vec<String>, StoreError>;
 
     /// Heads of all registered chains.
@@ -579,11 +596,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every checkpoint, both formats, oldest first.
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
 
-    /// The chained checkpoint of `signer` with the highest counter.
-    async fn latest_checkpoint(&self, signer: &str) -> Result<Option<Checkpoint>, StoreError>;
+    /// The chained checkpoint of `signer` (this instance) with the highest counter.
+    async fn latest_checkpoint(&self, signer: &SignerId) -> Result<Option<Checkpoint>, StoreError>;
 
-    /// How many checkpoints `signer` has in the database.
-    async fn count_checkpoints(&self, signer: &str) -> Result<i64, StoreError>;
+    /// How many checkpoints `signer` (this instance) has in the database.
+    async fn count_checkpoints(&self, signer: &SignerId) -> Result<i64, StoreError>;
 
     /// Whether any chained (format-2) checkpoint exists: none means the database predates
     /// them, and the first signer adopts the chains already there.

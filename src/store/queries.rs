@@ -35,8 +35,16 @@ macro_rules! account_columns {
     };
 }
 
-pub const INSERT_FIELD: &str =
-    "INSERT INTO record_fields (record_id, field, ciphertext) VALUES ($1, $2, $3)";
+/// `n` fields of record `$1` in one statement: `($1, $2, $3), ($1, $4, $5), ...`.
+pub fn insert_fields(n: usize) -> String {
+    let rows: Vec<String> = (0..n)
+        .map(|i| format!("($1, ${}, ${})", 2 + 2 * i, 3 + 2 * i))
+        .collect();
+    format!(
+        "INSERT INTO record_fields (record_id, field, ciphertext) VALUES {}",
+        rows.join(", ")
+    )
+}
 
 pub const DELETE_FIELDS: &str = "DELETE FROM record_fields WHERE record_id = $1";
 
@@ -50,6 +58,34 @@ pub const SELECT_LIVE_RECORD: &str = concat!(
      SELECT r.*, f.field, f.ciphertext \
      FROM r LEFT JOIN record_fields f ON f.record_id = r.record_id ORDER BY f.field"
 );
+
+/// Most ids one [`select_live_records`] binds: a larger batch (`limits.max_batch_size` has
+/// no upper bound) is read in several statements, far below SQLite's 32 766 and
+/// PostgreSQL's 65 535 bound parameters.
+pub const IDS_PER_STATEMENT: usize = 1000;
+
+/// The live records among `n` ids (`$1..$n`), with those of their fields named by the next
+/// `fields` parameters (none when `fields` is 0): a batch read's records from ONE statement
+/// instead of one per record, without the rows of fields the read would not open. Each
+/// record comes from the statement's one snapshot, as from [`SELECT_LIVE_RECORD`].
+pub fn select_live_records(n: usize, fields: usize) -> String {
+    debug_assert!(n <= IDS_PER_STATEMENT);
+    let wanted = if fields == 0 {
+        "FALSE".to_owned()
+    } else {
+        format!("f.field IN ({})", placeholders(fields, n + 1))
+    };
+    format!(
+        "WITH r AS MATERIALIZED (SELECT r.record_id, r.version, r.created_at, r.updated_at, \
+         r.wrapped_key, {} FROM records r \
+         WHERE r.record_id IN ({}) AND r.deleted_at IS NULL) \
+         SELECT r.*, f.field, f.ciphertext \
+         FROM r LEFT JOIN record_fields f ON f.record_id = r.record_id AND {wanted} \
+         ORDER BY r.record_id, f.field",
+        account_columns!(),
+        placeholders(n.max(1), 1)
+    )
+}
 
 /// A page of live records for an export, in record id order after `$1`, created at or
 /// before `$2`, at most `$3`, with only the fields named in the text array `$4`: the keyset

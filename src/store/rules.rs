@@ -10,7 +10,7 @@ use crate::domain::Violation;
 use crate::domain::audit_chain::{
     AuditEvent, ChainHead, Checkpoint, CheckpointLink, ExpiryMarker, StoredEvent,
 };
-use crate::domain::ids::{JobId, RecordId};
+use crate::domain::ids::{AccountEventId, ConsentId, JobId, RecordId};
 
 use super::{
     AccountEventRow, AccountState, CreateRequestKey, InsertOutcome, KeyVersionRow, LookupMatch,
@@ -284,9 +284,48 @@ impl ScannedRecords {
     }
 }
 
+/// Gathers the rows of `queries::select_live_records` into one slot per requested id, in
+/// request order (`None`: no live record). A row is matched to its id by text: the ids were
+/// parsed once, by the caller, and each record's columns repeat on each of its field rows.
+pub(crate) struct RequestedRecords<'a> {
+    ids: &'a [RecordId],
+    slots: std::collections::HashMap<&'a str, (usize, RecordRows)>,
+}
+
+impl<'a> RequestedRecords<'a> {
+    pub(crate) fn new(ids: &'a [RecordId]) -> Self {
+        RequestedRecords {
+            ids,
+            slots: ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id.as_str(), (i, RecordRows::default())))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn push(&mut self, row: &impl Columns) -> Result<(), StoreError> {
+        let record_id = row.text("record_id")?;
+        let Some((i, record)) = self.slots.get_mut(record_id.as_str()) else {
+            return Err(StoreError::Corrupt(
+                "a batch read returned a record it did not ask for".into(),
+            ));
+        };
+        record.push(&self.ids[*i], row)
+    }
+
+    pub(crate) fn finish(self) -> Vec<Option<StoredRecord>> {
+        let mut found: Vec<Option<StoredRecord>> = self.ids.iter().map(|_| None).collect();
+        for (_, (i, record)) in self.slots {
+            found[i] = record.finish();
+        }
+        found
+    }
+}
+
 pub(crate) fn account_event(row: &impl Columns) -> Result<AccountEventRow, StoreError> {
     Ok(AccountEventRow {
-        event_id: row.text("event_id")?,
+        event_id: stored_id("event_id", &row.text("event_id")?, AccountEventId::parse)?,
         record_id: row.record_id("record_id")?,
         occurred_at: row.i64("occurred_at")?,
         kind: row.text("kind")?,
@@ -294,7 +333,10 @@ pub(crate) fn account_event(row: &impl Columns) -> Result<AccountEventRow, Store
         reason: row.opt_text("reason")?,
         note: row.opt_bytes("note")?,
         ticket: row.opt_text("ticket")?,
-        consent_id: row.opt_text("consent_id")?,
+        consent_id: row
+            .opt_text("consent_id")?
+            .map(|raw| stored_id("consent_id", &raw, ConsentId::parse))
+            .transpose()?,
     })
 }
 
@@ -606,6 +648,23 @@ pub(crate) async fn create(
     }
 }
 
+/// A batch create's one audit event: `audit` naming the records its items inserted, in item
+/// order (replays and refusals wrote nothing new: a refusal has its own event, written by
+/// the vault); `None` when no item inserted one.
+pub(crate) fn batch_event(
+    mut audit: AuditEvent,
+    outcomes: &[Result<InsertOutcome, StoreError>],
+) -> Option<AuditEvent> {
+    audit.record_ids = outcomes
+        .iter()
+        .filter_map(|outcome| match outcome {
+            Ok(InsertOutcome::Inserted(meta)) => Some(meta.record_id.to_string()),
+            _ => None,
+        })
+        .collect();
+    (!audit.record_ids.is_empty()).then_some(audit)
+}
+
 /// The metadata a create answers with once `record` is written.
 pub(crate) fn inserted_meta(record: &NewRecord) -> RecordMeta {
     RecordMeta {
@@ -653,16 +712,21 @@ pub(crate) fn rekey_refusal(state: Option<AccountState>) -> StoreError {
     }
 }
 
-/// The history entries of a revocation: one per revoked consent, ids `<event_id>_<n>`.
+/// The history entries of a revocation: one per revoked consent, each with an id of its own
+/// (`history`'s is the first's). Before, they were `<event_id>_<n>`; those still decode.
 pub(crate) fn revocation_entries(
     history: &AccountEventRow,
-    revoked: &[String],
+    revoked: &[ConsentId],
 ) -> Vec<AccountEventRow> {
     revoked
         .iter()
         .enumerate()
         .map(|(n, consent)| AccountEventRow {
-            event_id: format!("{}_{n}", history.event_id),
+            event_id: if n == 0 {
+                history.event_id.clone()
+            } else {
+                AccountEventId::generate()
+            },
             consent_id: Some(consent.clone()),
             ..history.clone()
         })

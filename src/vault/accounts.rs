@@ -36,13 +36,12 @@ use crate::domain::edge::{
     FreeText, MAX_NOTE_BYTES, MAX_POLICY_VERSION_BYTES, MAX_REFERENCE_BYTES,
     MIN_JUSTIFICATION_CHARS, RecordId,
 };
+use crate::domain::ids::{AccountEventId, ConsentId};
 use crate::domain::{FieldName, Identity, IdentityInput};
 use crate::keys::IndexKeyPair;
 use crate::policy::{Grant, PolicyError, Purpose, ReleaseLevel, Rpc};
 use crate::store::{AccountEventRow, AccountState, ConsentRow, Micros};
-use crate::vault::{
-    AuditSubject, CallContext, Vault, VaultError, non_empty, random_token, violation,
-};
+use crate::vault::{AuditSubject, CallContext, Vault, VaultError, non_empty, violation};
 /// Associated-data name of the sealed birth date.
 pub(crate) const AGE_GATE_FIELD: &str = "state.date_of_birth";
 
@@ -227,14 +226,14 @@ impl Vault {
     pub(crate) fn seal_age_gate(
         &self,
         index_keys: &IndexKeyPair,
-        record_id: &str,
+        record_id: &RecordId,
         birth: Option<NaiveDate>,
     ) -> Result<Option<Vec<u8>>, VaultError> {
         let Some(birth) = birth else {
             return Ok(None);
         };
         let sealed = index_keys.blind_index.derive_state_key().seal(
-            record_id,
+            record_id.as_str(),
             AGE_GATE_FIELD,
             birth.format("%Y-%m-%d").to_string().as_bytes(),
         )?;
@@ -399,7 +398,7 @@ impl Vault {
         let now = self.now_micros();
         let reason = action.reason.map(|r| r.as_str().to_owned());
         let history = AccountEventRow {
-            event_id: format!("acc_{}", random_token()?),
+            event_id: AccountEventId::generate(),
             record_id: record_id.clone(),
             occurred_at: now,
             kind: if suspend { "SUSPENDED" } else { "REINSTATED" }.to_owned(),
@@ -564,7 +563,7 @@ impl Vault {
         if !self.is_minor(record_id, &minor.account)? {
             return Err(VaultError::NotAMinor);
         }
-        let consent_id = format!("con_{}", random_token()?);
+        let consent_id = ConsentId::generate();
         let (guardian_record_id, guardian_sealed) = match (request.guardian, guardian_record) {
             (_, Some(guardian_id)) => {
                 self.check_guardian_record(record_id, &guardian_id).await?;
@@ -593,7 +592,7 @@ impl Vault {
             granted_by: ctx.caller.name.clone(),
         };
         let history = AccountEventRow {
-            event_id: format!("acc_{}", random_token()?),
+            event_id: AccountEventId::generate(),
             record_id: record_id.clone(),
             occurred_at: now,
             kind: "CONSENT_RECORDED".into(),
@@ -656,7 +655,7 @@ impl Vault {
         &self,
         minor_id: &RecordId,
         minor_wrapped_key: &[u8],
-        consent_id: &str,
+        consent_id: &ConsentId,
         input: IdentityInput,
     ) -> Result<Vec<u8>, VaultError> {
         let guardian = Identity::parse(input, self.today()).map_err(|violations| {
@@ -708,7 +707,11 @@ impl Vault {
             .keys
             .unwrap(minor_wrapped_key, minor_id.as_str())
             .await?;
-        Ok(dek.seal_field(minor_id.as_str(), &guardian_field(consent_id), &plaintext)?)
+        Ok(dek.seal_field(
+            minor_id.as_str(),
+            &guardian_field(consent_id.as_str()),
+            &plaintext,
+        )?)
     }
 
     pub async fn revoke_guardian_consent(
@@ -717,7 +720,7 @@ impl Vault {
         record_id: &str,
         consent_id: Option<&str>,
         note: &str,
-    ) -> Result<Vec<String>, VaultError> {
+    ) -> Result<Vec<ConsentId>, VaultError> {
         let subject = AuditSubject::new(Rpc::RevokeGuardianConsent.as_str()).record(record_id);
         let result = self.revoke(ctx, record_id, consent_id, note).await;
         self.audited(ctx, subject, result).await
@@ -729,16 +732,16 @@ impl Vault {
         record_id: &str,
         consent_id: Option<&str>,
         note: &str,
-    ) -> Result<Vec<String>, VaultError> {
+    ) -> Result<Vec<ConsentId>, VaultError> {
         let record_id = &RecordId::parse("record_id", record_id)?;
         let note = FreeText::parse("note", note, MAX_NOTE_BYTES)?;
-        if let Some(id) = consent_id {
-            FreeText::parse("consent_id", id, MAX_REFERENCE_BYTES)?;
-        }
+        let consent_id = consent_id
+            .map(|raw| ConsentId::parse("consent_id", raw))
+            .transpose()?;
         self.authorize(ctx, Rpc::RevokeGuardianConsent)?;
         let sealed = self.seal_note(record_id, note.as_str()).await?;
         let history = AccountEventRow {
-            event_id: format!("acc_{}", random_token()?),
+            event_id: AccountEventId::generate(),
             record_id: record_id.clone(),
             occurred_at: self.now_micros(),
             kind: "CONSENT_REVOKED".into(),
@@ -759,7 +762,7 @@ impl Vault {
             .store
             .revoke_consents(
                 record_id,
-                consent_id,
+                consent_id.as_ref(),
                 &history,
                 sealed.under.as_deref(),
                 &audit,

@@ -14,8 +14,10 @@
 //!   releases' event fails, every release of the call becomes `AUDIT_UNAVAILABLE`.
 //! - A batch create checks and seals every item as the single create does (`records.rs`),
 //!   then hands them all to the store as ONE transaction (one commit;
-//!   [`crate::store::Store::insert_records`]): each item, with its audit event, under its
-//!   own savepoint, in request order. Items are independent: a refused item (bad input,
+//!   [`crate::store::Store::insert_records`]): each item under its own savepoint, in
+//!   request order, then ONE audit event naming every record the batch created (each
+//!   person's trail shows it, as for a batch read), in the same commit; refused items are
+//!   audited each with its reason, as a refused single create. Items are independent: a refused item (bad input,
 //!   duplicate document) rolls back alone; an item that repeats an earlier item's document
 //!   or request id meets that item's row in the same transaction, so "the first wins" (the
 //!   second is `DUPLICATE_IDENTITY`, or a replay of the same request) is decided by the
@@ -30,7 +32,7 @@ use futures_util::future::join_all;
 
 use crate::domain::edge::{MAX_JUSTIFICATION_BYTES, RecordId, audit_record_id};
 use crate::domain::{FieldName, IdentityInput, Violation};
-use crate::policy::{Purpose, Rpc};
+use crate::policy::{Purpose, ReleaseLevel, Rpc};
 use crate::store::{RecordMeta, StoreError};
 
 use super::decisions::{AuditSubject, may_keep_text, refusal_reason};
@@ -81,13 +83,7 @@ impl Vault {
             Ok((purpose, justification, wanted))
         })();
         let (purpose, justification, wanted) = self.audited(ctx, subject, checked).await?;
-        let released = join_all(
-            record_ids
-                .iter()
-                .enumerate()
-                .map(|(i, raw)| self.release_item(i, raw, purpose, wanted.as_ref())),
-        )
-        .await;
+        let released = self.release_all(record_ids, purpose, wanted.as_ref()).await;
         // One event for every release of the call (naming each released record, so each
         // person's trail shows it), and one per refused record with its own reason.
         let released_ids: Vec<String> = released
@@ -144,15 +140,62 @@ impl Vault {
             .collect())
     }
 
-    async fn release_item(
+    /// Each id's release, in order: the well-formed ids' records read by one store call
+    /// (one statement), then each through the gates of a single read.
+    async fn release_all(
         &self,
-        index: usize,
-        raw: &str,
+        record_ids: &[String],
         purpose: &Purpose,
         wanted: Option<&BTreeSet<FieldName>>,
-    ) -> Result<Release, VaultError> {
-        let record_id = RecordId::parse(&format!("record_ids[{index}]"), raw)?;
-        self.open_release(&record_id, purpose, wanted).await
+    ) -> Vec<Result<Release, VaultError>> {
+        let parsed: Vec<Result<RecordId, VaultError>> = record_ids
+            .iter()
+            .enumerate()
+            .map(|(i, raw)| Ok(RecordId::parse(&format!("record_ids[{i}]"), raw)?))
+            .collect();
+        let valid: Vec<RecordId> = parsed
+            .iter()
+            .filter_map(|id| id.as_ref().ok())
+            .cloned()
+            .collect();
+        // Only the fields a release could open: the purpose releases them and the call asks
+        // for them (`release_stored` skips every other field).
+        let fields: Vec<&'static str> = FieldName::ALL
+            .iter()
+            .filter(|field| purpose.level(**field) != ReleaseLevel::None)
+            .filter(|field| wanted.is_none_or(|w| w.contains(field)))
+            .map(|field| field.as_str())
+            .collect();
+        let mut stored = match self.store.get_records(&valid, &fields).await {
+            Ok(stored) => stored.into_iter(),
+            Err(error) => {
+                // One read failed for every record of it alike: logged once, each well-formed
+                // id answers that storage is unavailable.
+                tracing::error!(%error, "a batch read's records could not be read");
+                return parsed
+                    .into_iter()
+                    .map(|id| {
+                        id.and_then(|_| {
+                            Err(VaultError::Storage(StoreError::Unavailable(
+                                "the batch's records could not be read".into(),
+                            )))
+                        })
+                    })
+                    .collect();
+            }
+        };
+        let mut released = Vec::with_capacity(parsed.len());
+        for id in parsed {
+            released.push(match id {
+                Ok(record_id) => {
+                    let record = stored.next().flatten();
+                    self.release_stored(&record_id, record, purpose, wanted)
+                        .await
+                }
+                Err(error) => Err(error),
+            });
+        }
+        released
     }
 
     /// Creates each item, independently: one result per item, in order. `Err` of the whole
@@ -227,7 +270,16 @@ impl Vault {
             if writes.is_empty() {
                 return;
             }
-            let outcomes = match self.store.insert_records(writes).await {
+            // One event for the write's creates: the store names in it the records it
+            // inserted (each person's trail shows it), in the same commit.
+            let audit = self.event(
+                ctx,
+                Rpc::BatchCreateRecords.as_str(),
+                Vec::new(),
+                "OK",
+                None,
+            );
+            let outcomes = match self.store.insert_records(writes, audit).await {
                 Ok(outcomes) => outcomes,
                 Err(error) => {
                     // Nothing of the batch was written: every item it carried fails alike.

@@ -31,7 +31,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, NaiveDate, Utc};
-use zeroize::Zeroizing;
 
 use crate::audit::{AuditEvent, AuditLog, CheckpointSigner};
 use crate::crypto::{CryptoError, EtagKey};
@@ -403,8 +402,8 @@ impl Vault {
         crate::store::JobOwner {
             instance: self
                 .checkpoint_signer()
-                .map(|signer| signer.signer().to_owned()),
-            process: self.audit().chain_id().to_owned(),
+                .map(|signer| signer.signer().to_string()),
+            process: self.audit().chain_id().to_string(),
         }
     }
 
@@ -440,7 +439,7 @@ impl Vault {
         let event = AuditEvent {
             event_id: EventId::generate().into_string(),
             occurred_at: self.now_micros(),
-            chain_id: self.audit.chain_id().to_owned(),
+            chain_id: self.audit.chain_id().to_string(),
             caller: actor.to_owned(),
             peer: None,
             rpc: operation.to_owned(),
@@ -478,7 +477,7 @@ impl Vault {
         AuditEvent {
             event_id: EventId::generate().into_string(),
             occurred_at: self.now_micros(),
-            chain_id: self.audit.chain_id().to_owned(),
+            chain_id: self.audit.chain_id().to_string(),
             caller: ctx.caller.name.clone(),
             peer: ctx.peer.clone(),
             rpc: rpc.to_owned(),
@@ -496,12 +495,4 @@ impl Vault {
 
 pub(crate) fn non_empty(value: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_owned())
-}
-
-pub(crate) fn random_token() -> Result<String, VaultError> {
-    let mut bytes = Zeroizing::new([0u8; 16]);
-    getrandom::fill(bytes.as_mut()).map_err(|_| VaultError::Crypto(CryptoError::Random))?;
-    Ok(data_encoding::BASE32_NOPAD
-        .encode(bytes.as_ref())
-        .to_lowercase())
 }

@@ -31,7 +31,7 @@ use crate::domain::{
 use crate::policy::{Grant, Purpose, ReleaseLevel, Rpc};
 use crate::store::{
     BatchInsert, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordIndexes,
-    RecordMeta, RecordUpdate, SealedField, StoreError,
+    RecordMeta, RecordUpdate, SealedField, StoreError, StoredRecord,
 };
 
 use super::decisions::AuditSubject;
@@ -84,14 +84,17 @@ impl Vault {
     ) -> Result<RecordMeta, VaultError> {
         let create =
             self.seal_create(ctx, rpc, input, request_id, policy_version, retention_days)?;
+        let audit = self.event(
+            ctx,
+            rpc.as_str(),
+            vec![create.record_id.to_string()],
+            "OK",
+            None,
+        );
         let mut attempts = 0;
         let outcome = loop {
             attempts += 1;
-            let BatchInsert {
-                record,
-                request,
-                audit,
-            } = self.store_form(ctx, &create)?;
+            let BatchInsert { record, request } = self.store_form(ctx, &create)?;
             match self.store.insert_record(record, request, &audit).await {
                 // Another instance rotated a key: learn its new version and write again.
                 Err(
@@ -142,7 +145,6 @@ impl Vault {
                 retention_days,
             )
             .map_err(super::lifecycle::retention_violation)?;
-        let audit = self.event(ctx, rpc.as_str(), vec![record_id.to_string()], "OK", None);
         Ok(SealedCreate {
             identity,
             dek,
@@ -152,7 +154,6 @@ impl Vault {
             retain_until,
             request_id,
             policy_version,
-            audit,
         })
     }
 
@@ -187,7 +188,6 @@ impl Vault {
                 record_id: create.record_id.clone(),
             },
             request,
-            audit: create.audit.clone(),
         })
     }
 
@@ -272,11 +272,20 @@ impl Vault {
         purpose: &Purpose,
         wanted: Option<&BTreeSet<FieldName>>,
     ) -> Result<Release, VaultError> {
-        let stored = self
-            .store
-            .get_record(record_id)
-            .await?
-            .ok_or(VaultError::NotFound)?;
+        let stored = self.store.get_record(record_id).await?;
+        self.release_stored(record_id, stored, purpose, wanted)
+            .await
+    }
+
+    /// [`Vault::open_release`] of a record already read (`None`: no live record).
+    pub(super) async fn release_stored(
+        &self,
+        record_id: &RecordId,
+        stored: Option<StoredRecord>,
+        purpose: &Purpose,
+        wanted: Option<&BTreeSet<FieldName>>,
+    ) -> Result<Release, VaultError> {
+        let stored = stored.ok_or(VaultError::NotFound)?;
         self.check_release_allowed(record_id, purpose, &stored.account)?;
         let dek = self
             .keys
@@ -584,7 +593,7 @@ impl Vault {
                 .collect(),
             computed_for: live.iter().map(|(v, _)| *v).collect(),
         };
-        let age_gate = self.seal_age_gate(active, record_id.as_str(), identity.date_of_birth())?;
+        let age_gate = self.seal_age_gate(active, record_id, identity.date_of_birth())?;
         Ok((indexes, age_gate))
     }
 
@@ -721,7 +730,6 @@ pub(super) struct SealedCreate {
     retain_until: Option<i64>,
     request_id: Option<String>,
     policy_version: Option<String>,
-    audit: AuditEvent,
 }
 
 /// What a create answers once the store decided: the record, or why not.

@@ -87,7 +87,7 @@ impl Vault {
                 .store
                 .list_disclosures(&record_id, &purposes, limit, after)
                 .await?;
-            self.audit_read(ctx, "ListDisclosures", Some(record_id.into_string()))
+            self.audit_read(ctx, "ListDisclosures", Some(record_id))
                 .await?;
             Ok(events)
         }
@@ -127,9 +127,10 @@ impl Vault {
         &self,
         ctx: &CallContext,
         rpc: &str,
-        record_id: Option<String>,
+        record_id: Option<RecordId>,
     ) -> Result<(), VaultError> {
-        let event = self.event(ctx, rpc, record_id.into_iter().collect(), "OK", None);
+        let record_ids = record_id.into_iter().map(RecordId::into_string).collect();
+        let event = self.event(ctx, rpc, record_ids, "OK", None);
         self.audit
             .record(event)
             .await
@@ -140,6 +141,13 @@ impl Vault {
 /// The store query of checked filters; every bad filter is named at once.
 fn audit_query(filters: AuditFilters) -> Result<AuditQuery, VaultError> {
     let mut violations = Vec::new();
+    let record_id = match optional(&filters.record_id, |raw| RecordId::parse("record_id", raw)) {
+        Ok(record_id) => record_id,
+        Err(refused) => {
+            violations.push(refused);
+            None
+        }
+    };
     let mut keep = |result: Result<Option<String>, Violation>| match result {
         Ok(value) => value,
         Err(refused) => {
@@ -147,9 +155,6 @@ fn audit_query(filters: AuditFilters) -> Result<AuditQuery, VaultError> {
             None
         }
     };
-    let record_id = keep(optional(&filters.record_id, |raw| {
-        RecordId::parse("record_id", raw).map(RecordId::into_string)
-    }));
     let caller = keep(optional(&filters.caller, |raw| {
         check_text("caller", raw, MAX_FILTER_BYTES).map(|()| raw.to_owned())
     }));
@@ -186,10 +191,10 @@ fn audit_query(filters: AuditFilters) -> Result<AuditQuery, VaultError> {
     })
 }
 
-fn optional(
+fn optional<T>(
     raw: &str,
-    check: impl FnOnce(&str) -> Result<String, Violation>,
-) -> Result<Option<String>, Violation> {
+    check: impl FnOnce(&str) -> Result<T, Violation>,
+) -> Result<Option<T>, Violation> {
     if raw.is_empty() {
         Ok(None)
     } else {

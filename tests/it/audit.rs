@@ -420,9 +420,13 @@ fn synthetic_event(chain_id: &str, i: usize, caller: &str, occurred_at: i64) -> 
 async fn the_breach_question_is_answered_from_an_index(app: &TestApp) {
     // A large trail: 30 000 releases by 30 callers over 30 000 seconds.
     let store = app.store().await;
-    let chain = "chn_breach_test";
+    let chain = "chn_breachtestaaaaaa";
     store
-        .register_chain(chain, 0, &pdvault::audit::genesis(chain))
+        .register_chain(
+            &pdvault::domain::ids::ChainId::parse("chain_id", chain).unwrap(),
+            0,
+            &pdvault::audit::genesis(chain),
+        )
         .await
         .unwrap();
     let second = 1_000_000i64;
@@ -522,9 +526,13 @@ async fn retention_removes_old_segments_and_verification_still_passes(app: &Test
 /// chain must link across the statement boundaries exactly as one row at a time would.
 async fn a_large_batch_links_across_statement_chunks(app: &TestApp) {
     let store = app.store().await;
-    let chain = "chn_batchchunks";
+    let chain = "chn_batchchunksaaaaa";
     store
-        .register_chain(chain, 0, &pdvault::audit::genesis(chain))
+        .register_chain(
+            &pdvault::domain::ids::ChainId::parse("chain_id", chain).unwrap(),
+            0,
+            &pdvault::audit::genesis(chain),
+        )
         .await
         .unwrap();
     let event = |i: usize| AuditEvent {

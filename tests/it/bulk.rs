@@ -821,12 +821,60 @@ async fn exports_refuse_changes_non_export_purposes_and_other_callers(app: &Test
     assert_eq!(reason(&status), "PURPOSE_NOT_GRANTED");
 }
 
+/// A batch create is audited by ONE event naming every record it created, in request order,
+/// and no other: each created person's trail shows that event (and a refused item's
+/// would-be record is in no event).
+async fn batch_creates_are_audited_by_one_event_naming_each_created_record(app: &TestApp) {
+    use batch_create_record_result::Result as R;
+    let twin = person("孙八", "19750505", "131");
+    let results = batch_create(
+        app,
+        vec![
+            create_request(person("周九", "19760606", "141"), ""),
+            create_request(twin.clone(), ""),
+            create_request(twin, ""),
+            create_request(person("吴十", "19770707", "151"), ""),
+        ],
+    )
+    .await;
+    assert!(
+        matches!(&results[2], R::Error(status) if item_reason(status) == "DUPLICATE_IDENTITY"),
+        "{results:?}"
+    );
+    let created: Vec<String> = results
+        .iter()
+        .filter_map(|result| match result {
+            R::Record(record) => Some(record.record_id.clone()),
+            R::Error(_) => None,
+        })
+        .collect();
+    assert_eq!(created.len(), 3, "{results:?}");
+    let mut event_ids = HashSet::new();
+    for record_id in &created {
+        let events: Vec<_> = trail(app, record_id)
+            .await
+            .into_iter()
+            .filter(|e| e.rpc == "BatchCreateRecords")
+            .collect();
+        assert_eq!(events.len(), 1, "{record_id}");
+        assert_eq!(events[0].outcome, "OK");
+        assert_eq!(events[0].caller, CLAIMS.name);
+        assert_eq!(
+            events[0].record_ids, created,
+            "names exactly the created records"
+        );
+        event_ids.insert(events[0].event_id.clone());
+    }
+    assert_eq!(event_ids.len(), 1, "one event for the whole batch");
+}
+
 for_each_backend_with!(
     spawn,
     mixed_batch_reads_give_one_audited_result_per_id,
     batch_reads_are_checked_once_for_the_whole_call,
     batch_creates_keep_items_independent,
     batch_creates_commit_once,
+    batch_creates_are_audited_by_one_event_naming_each_created_record,
     exports_suppress_small_classes_exactly,
     broken_exports_resume_without_duplicates_or_gaps,
     the_export_command_writes_a_resumable_csv,

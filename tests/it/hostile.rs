@@ -224,7 +224,7 @@ async fn a1_the_audit_writer_fails_only_the_events_the_store_refuses(app: &TestA
     let (log, writer) = AuditLog::start(store.clone(), 1_780_000_000_000_000)
         .await
         .unwrap();
-    let chain = log.chain_id().to_owned();
+    let chain = log.chain_id().to_string();
     log.record(event(&chain, "evt_taken", "writer"))
         .await
         .unwrap();

@@ -227,7 +227,7 @@ async fn audit_events_accepted_before_shutdown_are_committed(backend: Backend) {
         .collect();
     // Straight to the writer too, as a job's events go: accepted, not yet committed.
     let audit = app.vault.audit().clone();
-    let chain = audit.chain_id().to_owned();
+    let chain = audit.chain_id().to_string();
     let direct: Vec<_> = (0..RECORDS)
         .map(|i| {
             let audit = audit.clone();

@@ -30,7 +30,7 @@ async fn history(app: &TestApp) -> String {
         }
         app.checkpoint().await.unwrap();
     }
-    let chain = app.vault.audit().chain_id().to_owned();
+    let chain = app.vault.audit().chain_id().to_string();
     let report = outside_report(app).await;
     assert!(report.ok(), "{:?}", report.problems);
     assert_eq!(report.witnessed, 4);
@@ -39,7 +39,7 @@ async fn history(app: &TestApp) -> String {
 }
 
 fn signer(app: &TestApp) -> String {
-    app.vault.checkpoint_signer().unwrap().signer().to_owned()
+    app.vault.checkpoint_signer().unwrap().signer().to_string()
 }
 
 async fn head_seq(app: &TestApp, chain: &str) -> i64 {
@@ -544,7 +544,7 @@ async fn events_appended_to_a_closed_chain_are_detected(app: TestApp) -> TestApp
         old_signer,
         "the same instance, the same signer"
     );
-    assert_ne!(app.vault.audit().chain_id(), old_chain);
+    assert_ne!(app.vault.audit().chain_id().as_str(), old_chain);
     let report = outside_report(&app).await;
     assert!(report.ok(), "{:?}", report.problems);
     // One more event on the old chain, properly linked.
@@ -610,10 +610,14 @@ async fn format_1_checkpoints_keep_verifying_and_an_upgraded_database_is_adopted
 
     // Back to a database as an older version left it: format-1 checkpoints only, one chain
     // that no checkpoint names (its process died before checkpointing), no signer state.
-    let orphan = "chn_beforeupgrade0000";
+    let orphan = "chn_beforeupgradeaaa";
     app.store()
         .await
-        .register_chain(orphan, 0, &pdvault::audit::genesis(orphan))
+        .register_chain(
+            &pdvault::domain::ids::ChainId::parse("chain_id", orphan).unwrap(),
+            0,
+            &pdvault::audit::genesis(orphan),
+        )
         .await
         .unwrap();
     let event = AuditEvent {

@@ -1,7 +1,7 @@
 //! PostgreSQL SQL of the accounts-and-consents aggregate: suspensions, account history,
 //! guardian consents and the ciphertexts bound to a record outside its fields.
 
-use crate::domain::ids::RecordId;
+use crate::domain::ids::{ConsentId, RecordId};
 use sqlx::PgConnection;
 
 use super::audit::append;
@@ -37,7 +37,7 @@ async fn insert_history(
     event: &AccountEventRow,
 ) -> Result<(), StoreError> {
     sqlx::query(queries::INSERT_ACCOUNT_EVENT)
-        .bind(&event.event_id)
+        .bind(event.event_id.as_str())
         .bind(event.record_id.as_str())
         .bind(event.occurred_at)
         .bind(&event.kind)
@@ -45,7 +45,7 @@ async fn insert_history(
         .bind(&event.reason)
         .bind(&event.note)
         .bind(&event.ticket)
-        .bind(&event.consent_id)
+        .bind(event.consent_id.as_ref().map(ConsentId::as_str))
         .execute(conn)
         .await?;
     Ok(())
@@ -110,7 +110,7 @@ pub(super) async fn insert_consent(
         return Err(StoreError::VersionConflict);
     }
     sqlx::query(queries::INSERT_CONSENT)
-        .bind(&consent.consent_id)
+        .bind(consent.consent_id.as_str())
         .bind(consent.record_id.as_str())
         .bind(consent.guardian_record_id.as_ref().map(RecordId::as_str))
         .bind(&consent.guardian_sealed)
@@ -128,22 +128,26 @@ pub(super) async fn insert_consent(
 pub(super) async fn revoke_consents(
     conn: &mut PgConnection,
     record_id: &RecordId,
-    consent_id: Option<&str>,
+    consent_id: Option<&ConsentId>,
     history: &AccountEventRow,
     sealed_under: Option<&[u8]>,
     audit: &AuditEvent,
     heads: &super::Heads,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<Vec<ConsentId>, StoreError> {
     if !record_key_is(conn, record_id, sealed_under).await? {
         return Err(StoreError::VersionConflict);
     }
     let revoked: Vec<String> = sqlx::query_scalar(queries::REVOKE_CONSENTS)
         .bind(record_id.as_str())
-        .bind(consent_id)
+        .bind(consent_id.map(ConsentId::as_str))
         .bind(history.occurred_at)
         .bind(&history.actor)
         .fetch_all(&mut *conn)
         .await?;
+    let revoked = revoked
+        .iter()
+        .map(|raw| rules::stored_id("consent_id", raw, ConsentId::parse))
+        .collect::<Result<Vec<_>, _>>()?;
     if revoked.is_empty() {
         return Ok(revoked);
     }

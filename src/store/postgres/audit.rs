@@ -11,7 +11,7 @@
 //! cold or stale after a rollback), the statement writes nothing; the head is then read
 //! under a row lock and the batch linked and written again.
 
-use crate::domain::ids::RecordId;
+use crate::domain::ids::{ChainId, RecordId, SignerId};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -23,7 +23,8 @@ use crate::store::{AuditQuery, StoreError, queries};
 
 /// The head (sequence, hash) of each chain as this process last wrote it. A hint only: the
 /// append's compare-and-swap decides, so a stale entry costs one more round trip, never a
-/// wrong link.
+/// wrong link. Keyed by the chain id's text as the appended events carry it: an
+/// [`AuditEvent`] holds the text that is hashed (see `domain::audit_chain`).
 #[derive(Debug, Default)]
 pub(crate) struct Heads(Mutex<HashMap<String, (i64, Vec<u8>)>>);
 
@@ -189,12 +190,12 @@ async fn try_append(
 
 pub(super) async fn register_chain(
     conn: &mut PgConnection,
-    chain_id: &str,
+    chain_id: &ChainId,
     started_at: i64,
     genesis: &[u8],
 ) -> Result<(), StoreError> {
     sqlx::query(queries::REGISTER_CHAIN)
-        .bind(chain_id)
+        .bind(chain_id.as_str())
         .bind(started_at)
         .bind(genesis)
         .execute(conn)
@@ -228,7 +229,7 @@ pub(super) async fn list(
                 queries::list_audit_events()
             };
             sqlx::query(AssertSqlSafe(sql))
-                .bind(&query.record_id)
+                .bind(query.record_id.as_ref().map(RecordId::as_str))
                 .bind(&query.caller)
                 .bind(&query.purpose)
                 .bind(&query.outcome)
@@ -321,10 +322,10 @@ pub(super) async fn checkpoints(conn: &mut PgConnection) -> Result<Vec<Checkpoin
 
 pub(super) async fn latest_checkpoint(
     conn: &mut PgConnection,
-    signer: &str,
+    signer: &SignerId,
 ) -> Result<Option<Checkpoint>, StoreError> {
     let row = sqlx::query(AssertSqlSafe(queries::latest_signer_checkpoint()))
-        .bind(signer)
+        .bind(signer.as_str())
         .fetch_optional(conn)
         .await?;
     row.as_ref().map(rules::checkpoint).transpose()
@@ -332,10 +333,10 @@ pub(super) async fn latest_checkpoint(
 
 pub(super) async fn count_checkpoints(
     conn: &mut PgConnection,
-    signer: &str,
+    signer: &SignerId,
 ) -> Result<i64, StoreError> {
     Ok(sqlx::query_scalar(queries::COUNT_SIGNER_CHECKPOINTS)
-        .bind(signer)
+        .bind(signer.as_str())
         .fetch_one(conn)
         .await?)
 }

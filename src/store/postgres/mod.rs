@@ -33,7 +33,7 @@ use super::{
     RewrapJobRow, Store, StoreError, StoredRecord, queries,
 };
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
-use crate::domain::ids::{JobId, RecordId};
+use crate::domain::ids::{ChainId, ConsentId, JobId, RecordId, SignerId};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -268,9 +268,10 @@ impl Store for PostgresStore {
     async fn insert_records(
         &self,
         items: Vec<BatchInsert>,
+        audit: AuditEvent,
     ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let outcomes = records::insert_all(&mut tx, &items, &self.heads).await?;
+        let outcomes = records::insert_all(&mut tx, &items, audit, &self.heads).await?;
         // Whatever fails here, nothing of the batch was written.
         tx.commit()
             .await
@@ -280,6 +281,14 @@ impl Store for PostgresStore {
 
     async fn get_record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>, StoreError> {
         records::get(&mut *self.conn().await?, record_id).await
+    }
+
+    async fn get_records(
+        &self,
+        record_ids: &[RecordId],
+        fields: &[&'static str],
+    ) -> Result<Vec<Option<StoredRecord>>, StoreError> {
+        records::get_all(&mut *self.conn().await?, record_ids, fields).await
     }
 
     async fn scan_live_records(
@@ -394,11 +403,11 @@ impl Store for PostgresStore {
     async fn revoke_consents(
         &self,
         record_id: &RecordId,
-        consent_id: Option<&str>,
+        consent_id: Option<&ConsentId>,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
         audit: &AuditEvent,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<ConsentId>, StoreError> {
         in_transaction(&self.pool, async |conn| {
             accounts::revoke_consents(
                 conn,
@@ -427,7 +436,7 @@ impl Store for PostgresStore {
 
     async fn register_chain(
         &self,
-        chain_id: &str,
+        chain_id: &ChainId,
         started_at: Micros,
         genesis: &[u8],
     ) -> Result<(), StoreError> {
@@ -487,11 +496,11 @@ impl Store for PostgresStore {
         audit::checkpoints(&mut *self.conn().await?).await
     }
 
-    async fn latest_checkpoint(&self, signer: &str) -> Result<Option<Checkpoint>, StoreError> {
+    async fn latest_checkpoint(&self, signer: &SignerId) -> Result<Option<Checkpoint>, StoreError> {
         audit::latest_checkpoint(&mut *self.conn().await?, signer).await
     }
 
-    async fn count_checkpoints(&self, signer: &str) -> Result<i64, StoreError> {
+    async fn count_checkpoints(&self, signer: &SignerId) -> Result<i64, StoreError> {
         audit::count_checkpoints(&mut *self.conn().await?, signer).await
     }
 

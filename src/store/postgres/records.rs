@@ -28,6 +28,42 @@ pub(super) async fn get(
     Ok(record.finish())
 }
 
+/// A batch read's records (`Store::get_records`), from one statement per
+/// [`queries::IDS_PER_STATEMENT`] ids.
+pub(super) async fn get_all(
+    conn: &mut PgConnection,
+    record_ids: &[RecordId],
+    fields: &[&str],
+) -> Result<Vec<Option<StoredRecord>>, StoreError> {
+    if record_ids.len() > queries::IDS_PER_STATEMENT {
+        let mut found = Vec::with_capacity(record_ids.len());
+        for chunk in record_ids.chunks(queries::IDS_PER_STATEMENT) {
+            found.extend(Box::pin(get_all(&mut *conn, chunk, fields)).await?);
+        }
+        return Ok(found);
+    }
+    if record_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Placeholders only: the ids and field names are bound.
+    let mut query = sqlx::query(AssertSqlSafe(queries::select_live_records(
+        record_ids.len(),
+        fields.len(),
+    )));
+    for record_id in record_ids {
+        query = query.bind(record_id.as_str());
+    }
+    for field in fields {
+        query = query.bind(*field);
+    }
+    let rows = query.fetch_all(conn).await?;
+    let mut records = rules::RequestedRecords::new(record_ids);
+    for row in &rows {
+        records.push(row)?;
+    }
+    Ok(records.finish())
+}
+
 /// A page of the export's keyset scan (`Store::scan_live_records`), from one statement,
 /// with only the field rows named in `fields`.
 pub(super) async fn scan(
@@ -141,19 +177,23 @@ async fn replace_fields(
     insert_fields(conn, record_id, fields).await
 }
 
+/// A record's fields in ONE statement (a multi-row insert): a statement per field was
+/// most of a create's round trips.
 async fn insert_fields(
     conn: &mut PgConnection,
     record_id: &RecordId,
     fields: &[SealedField],
 ) -> Result<(), sqlx::Error> {
-    for field in fields {
-        sqlx::query(queries::INSERT_FIELD)
-            .bind(record_id.as_str())
-            .bind(&field.field)
-            .bind(&field.ciphertext)
-            .execute(&mut *conn)
-            .await?;
+    if fields.is_empty() {
+        return Ok(());
     }
+    // Placeholders only: the values are bound.
+    let mut query =
+        sqlx::query(AssertSqlSafe(queries::insert_fields(fields.len()))).bind(record_id.as_str());
+    for field in fields {
+        query = query.bind(&field.field).bind(&field.ciphertext);
+    }
+    query.execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -175,6 +215,17 @@ pub(super) async fn insert(
     request: Option<&CreateRequestKey>,
     audit: &AuditEvent,
     heads: &super::Heads,
+) -> Result<(), StoreError> {
+    write_record(conn, record, request).await?;
+    append(conn, std::slice::from_ref(audit), heads).await
+}
+
+/// A create's rows without its audit event (the caller appends it: one per single create,
+/// one per batch).
+async fn write_record(
+    conn: &mut PgConnection,
+    record: &NewRecord,
+    request: Option<&CreateRequestKey>,
 ) -> Result<(), StoreError> {
     if !kek_active(conn, record.kek_version).await? {
         return Err(StoreError::StaleKeyVersion(record.kek_version));
@@ -215,17 +266,20 @@ pub(super) async fn insert(
             .await
             .map_err(duplicate_as_refusal)?;
     }
-    append(conn, std::slice::from_ref(audit), heads).await
+    Ok(())
 }
 
 /// A batch's creates in the caller's transaction, in order, each under its own savepoint
 /// (a refusal aborts only its savepoint). The decisions are those of a single create
 /// (`rules::create`), read in the transaction, which sees the batch's earlier items: a
 /// later item with an earlier one's document is the duplicate, one with its request key
-/// the replay. `Err`: a savepoint could not be taken or ended (the transaction is lost).
+/// the replay. Then the batch's one audit event, naming the records inserted
+/// (`rules::batch_event`). `Err`: a savepoint could not be taken or ended, or the event not
+/// appended (the transaction is lost: nothing is written unaudited).
 pub(super) async fn insert_all(
     conn: &mut PgConnection,
     items: &[BatchInsert],
+    audit: AuditEvent,
     heads: &super::Heads,
 ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
     let mut outcomes = Vec::with_capacity(items.len());
@@ -236,14 +290,7 @@ pub(super) async fn insert_all(
             {
                 return Ok(outcome);
             }
-            insert(
-                conn,
-                &item.record,
-                item.request.as_ref(),
-                &item.audit,
-                heads,
-            )
-            .await?;
+            write_record(conn, &item.record, item.request.as_ref()).await?;
             Ok(InsertOutcome::Inserted(rules::inserted_meta(&item.record)))
         })
         .await?;
@@ -260,6 +307,9 @@ pub(super) async fn insert_all(
             (other, _) => other,
         };
         outcomes.push(outcome);
+    }
+    if let Some(event) = rules::batch_event(audit, &outcomes) {
+        append(conn, std::slice::from_ref(&event), heads).await?;
     }
     Ok(outcomes)
 }

@@ -1,7 +1,7 @@
 //! SQLite SQL of the accounts-and-consents aggregate: suspensions, account history,
 //! guardian consents and the ciphertexts bound to a record outside its fields.
 
-use crate::domain::ids::RecordId;
+use crate::domain::ids::{ConsentId, RecordId};
 use rusqlite::Connection;
 
 use super::audit::append;
@@ -122,15 +122,15 @@ pub(super) fn insert_consent(
 pub(super) fn revoke_consents(
     conn: &Connection,
     record_id: &RecordId,
-    consent_id: Option<&str>,
+    consent_id: Option<&ConsentId>,
     history: &AccountEventRow,
     sealed_under: Option<&[u8]>,
     audit: &AuditEvent,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<Vec<ConsentId>, StoreError> {
     if !record_key_is(conn, record_id, sealed_under)? {
         return Err(StoreError::VersionConflict);
     }
-    let revoked: Vec<String> = rows(
+    let revoked: Vec<ConsentId> = rows(
         conn,
         queries::REVOKE_CONSENTS,
         &[
@@ -139,7 +139,7 @@ pub(super) fn revoke_consents(
             &history.occurred_at,
             &history.actor,
         ],
-        |row| Ok(row.get(0)?),
+        |row| rules::stored_id("consent_id", &row.get::<_, String>(0)?, ConsentId::parse),
     )?;
     if revoked.is_empty() {
         return Ok(revoked);

@@ -14,6 +14,7 @@ use rusqlite::{Connection, ToSql};
 
 use super::driver::{execute, first, rows, scalar};
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
+use crate::domain::ids::{ChainId, SignerId};
 use crate::store::rules::{self, CheckpointParams};
 use crate::store::{AuditQuery, StoreError, queries};
 
@@ -213,7 +214,7 @@ fn seal_tails(conn: &Connection) -> Result<(), StoreError> {
 
 pub(super) fn register_chain(
     conn: &Connection,
-    chain_id: &str,
+    chain_id: &ChainId,
     started_at: i64,
     genesis: &[u8],
 ) -> Result<(), StoreError> {
@@ -371,7 +372,7 @@ pub(super) fn checkpoints(conn: &Connection) -> Result<Vec<Checkpoint>, StoreErr
 
 pub(super) fn latest_checkpoint(
     conn: &Connection,
-    signer: &str,
+    signer: &SignerId,
 ) -> Result<Option<Checkpoint>, StoreError> {
     first(
         conn,
@@ -381,7 +382,7 @@ pub(super) fn latest_checkpoint(
     )
 }
 
-pub(super) fn count_checkpoints(conn: &Connection, signer: &str) -> Result<i64, StoreError> {
+pub(super) fn count_checkpoints(conn: &Connection, signer: &SignerId) -> Result<i64, StoreError> {
     scalar(conn, queries::COUNT_SIGNER_CHECKPOINTS, &[&signer])
 }
 
@@ -435,6 +436,14 @@ mod tests {
     const REC_A: &str = "rec_aaaaaaaaaaaaaaaaaaaaaaaaaa";
     const REC_B: &str = "rec_bbbbbbbbbbbbbbbbbbbbbbbbbb";
     const REC_C: &str = "rec_cccccccccccccccccccccccccc";
+
+    // Chain ids of the shape `register_chain` takes; the trail itself holds them as text.
+    const CHAIN_A: &str = "chn_aaaaaaaaaaaaaaaa";
+    const CHAIN_B: &str = "chn_bbbbbbbbbbbbbbbb";
+
+    fn chain_id(raw: &str) -> crate::domain::ids::ChainId {
+        crate::domain::ids::ChainId::parse("chain_id", raw).unwrap()
+    }
 
     fn record_id(raw: &str) -> crate::domain::ids::RecordId {
         crate::domain::ids::RecordId::parse("record_id", raw).unwrap()
@@ -497,7 +506,7 @@ mod tests {
         let mut after = None;
         loop {
             let query = AuditQuery {
-                record_id: Some(record.to_owned()),
+                record_id: Some(record_id(record)),
                 caller: None,
                 purpose: None,
                 outcome: None,
@@ -539,12 +548,15 @@ mod tests {
     #[tokio::test]
     async fn a_persons_listing_spans_sealed_blocks_and_unsealed_tails() {
         let (_dir, store) = store().await;
-        store.register_chain("chn_a", 1, GENESIS).await.unwrap();
+        store
+            .register_chain(&chain_id(CHAIN_A), 1, GENESIS)
+            .await
+            .unwrap();
         let a_end = SEAL_EVERY + 700;
-        append(&store, "chn_a", 0, a_end, 97).await;
+        append(&store, CHAIN_A, 0, a_end, 97).await;
         // One block sealed by an append, the rest of chain a still a tail.
         assert_eq!(count(&store, "SELECT count(*) FROM audit_blocks").await, 1);
-        let chains = [("chn_a", 0..a_end)];
+        let chains = [(CHAIN_A, 0..a_end)];
         for record in [REC_A, REC_B, REC_C] {
             assert_eq!(
                 listing(&store, record, 1000).await,
@@ -552,11 +564,14 @@ mod tests {
             );
         }
         // A new chain seals the old chain's tail; its own events stay a tail.
-        store.register_chain("chn_b", 2, GENESIS).await.unwrap();
+        store
+            .register_chain(&chain_id(CHAIN_B), 2, GENESIS)
+            .await
+            .unwrap();
         assert_eq!(count(&store, "SELECT count(*) FROM audit_blocks").await, 2);
-        append(&store, "chn_b", 0, 300, 50).await;
-        let chains = [("chn_a", 0..a_end), ("chn_b", 0..300)];
-        for record in [REC_A, REC_B, REC_C, "rec_none"] {
+        append(&store, CHAIN_B, 0, 300, 50).await;
+        let chains = [(CHAIN_A, 0..a_end), (CHAIN_B, 0..300)];
+        for record in [REC_A, REC_B, REC_C, "rec_nnnnnnnnnnnnnnnnnnnnnnnnnn"] {
             let want = expected(&chains, record);
             assert_eq!(listing(&store, record, 1000).await, want, "{record}");
             // Page by page across the blocks and tails.
@@ -583,7 +598,7 @@ mod tests {
         assert_eq!(got, want);
         // Whole chains walk in order, with nothing out of place.
         assert!(store.chain_ids().await.is_ok());
-        let walked = store.chain_events("chn_a", 10, 5).await.unwrap();
+        let walked = store.chain_events(CHAIN_A, 10, 5).await.unwrap();
         let seqs: Vec<i64> = walked.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![11, 12, 13, 14, 15]);
         assert!(
@@ -599,13 +614,16 @@ mod tests {
     #[tokio::test]
     async fn retention_cuts_through_a_block() {
         let (_dir, store) = store().await;
-        store.register_chain("chn_a", 1, GENESIS).await.unwrap();
+        store
+            .register_chain(&chain_id(CHAIN_A), 1, GENESIS)
+            .await
+            .unwrap();
         let end = SEAL_EVERY + 200;
-        append(&store, "chn_a", 0, end, 256).await;
+        append(&store, CHAIN_A, 0, end, 256).await;
         // seq = n + 1: cut in the middle of the sealed block.
         let cut = 1000;
         let marker = ExpiryMarker {
-            chain_id: "chn_a".to_owned(),
+            chain_id: CHAIN_A.to_owned(),
             up_to_seq: cut,
             hash: vec![1; 32],
             expired_at: 5,
@@ -613,7 +631,7 @@ mod tests {
         };
         let deleted = store.expire_chain_prefix(&marker).await.unwrap();
         assert_eq!(deleted, cut as u64);
-        let chains = [("chn_a", cut..end)];
+        let chains = [(CHAIN_A, cut..end)];
         for record in [REC_A, REC_C] {
             assert_eq!(
                 listing(&store, record, 500).await,
@@ -636,8 +654,11 @@ mod tests {
     #[tokio::test]
     async fn an_event_out_of_its_place_fails_verification() {
         let (_dir, store) = store().await;
-        store.register_chain("chn_a", 1, GENESIS).await.unwrap();
-        append(&store, "chn_a", 0, 3, 3).await;
+        store
+            .register_chain(&chain_id(CHAIN_A), 1, GENESIS)
+            .await
+            .unwrap();
+        append(&store, CHAIN_A, 0, 3, 3).await;
         assert!(store.chain_ids().await.is_ok());
         // Someone with the file drops the trigger that moves events to their place, then
         // writes an event of chain a where no chain walk looks.
@@ -670,7 +691,10 @@ mod tests {
     #[tokio::test]
     async fn a_group_commit_of_ten_events_writes_few_pages() {
         let (dir, store) = store().await;
-        store.register_chain("chn_a", 1, GENESIS).await.unwrap();
+        store
+            .register_chain(&chain_id(CHAIN_A), 1, GENESIS)
+            .await
+            .unwrap();
         // Spread the events over many people, as reads are.
         let people = |n: i64| {
             format!(
@@ -683,7 +707,7 @@ mod tests {
         let batch = |from: i64| -> Vec<AuditEvent> {
             (from..from + 10)
                 .map(|n| {
-                    let mut e = event("chn_a", n);
+                    let mut e = event(CHAIN_A, n);
                     e.record_ids = vec![people(n)];
                     e.peer = Some("127.0.0.1:50000".to_owned());
                     e.trace_id = Some(format!("{:032x}", n));

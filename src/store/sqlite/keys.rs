@@ -37,13 +37,65 @@ pub(super) fn index_refusal(
     record_id: &str,
     indexes: &RecordIndexes,
 ) -> Result<Option<StoreError>, StoreError> {
-    if !index_active(conn, indexes.version)? {
+    index_refusal_in(conn, record_id, indexes, &mut VersionChecks::default())
+}
+
+/// The key-version checks of one writer job, each read once: the writer holds SQLite's one
+/// write lock for the whole job, and key administration runs in jobs of its own, so what
+/// the job's first write read stays true for its later ones (a batch create's hundred
+/// items read the key versions once instead of three times each).
+#[derive(Default)]
+pub(super) struct VersionChecks {
+    kek: Vec<(u32, bool)>,
+    index: Vec<(u32, bool)>,
+    live_index: Option<Vec<i64>>,
+}
+
+impl VersionChecks {
+    pub(super) fn kek_active(
+        &mut self,
+        conn: &Connection,
+        version: u32,
+    ) -> Result<bool, StoreError> {
+        if let Some((_, active)) = self.kek.iter().find(|(v, _)| *v == version) {
+            return Ok(*active);
+        }
+        let active = kek_active(conn, version)?;
+        self.kek.push((version, active));
+        Ok(active)
+    }
+
+    fn index_active(&mut self, conn: &Connection, version: u32) -> Result<bool, StoreError> {
+        if let Some((_, active)) = self.index.iter().find(|(v, _)| *v == version) {
+            return Ok(*active);
+        }
+        let active = index_active(conn, version)?;
+        self.index.push((version, active));
+        Ok(active)
+    }
+
+    fn live_index(&mut self, conn: &Connection) -> Result<&[i64], StoreError> {
+        if self.live_index.is_none() {
+            let live = rows(conn, queries::SELECT_LIVE_INDEX_VERSIONS, &[], |row| {
+                Ok(row.get(0)?)
+            })?;
+            self.live_index = Some(live);
+        }
+        Ok(self.live_index.as_deref().unwrap_or_default())
+    }
+}
+
+/// [`index_refusal`] with the job's [`VersionChecks`].
+pub(super) fn index_refusal_in(
+    conn: &Connection,
+    record_id: &str,
+    indexes: &RecordIndexes,
+    checks: &mut VersionChecks,
+) -> Result<Option<StoreError>, StoreError> {
+    if !checks.index_active(conn, indexes.version)? {
         return Ok(Some(StoreError::StaleIndexVersion(indexes.version)));
     }
-    let live: Vec<i64> = rows(conn, queries::SELECT_LIVE_INDEX_VERSIONS, &[], |row| {
-        Ok(row.get(0)?)
-    })?;
-    if let Some(refused) = rules::index_versions_refusal(indexes, &live) {
+    if let Some(refused) = rules::index_versions_refusal(indexes, checks.live_index(conn)?) {
         return Ok(Some(refused));
     }
     if indexes.document.is_none() || indexes.document_elsewhere.is_empty() {

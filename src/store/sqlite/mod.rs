@@ -43,7 +43,7 @@ use super::{
     RewrapJobRow, Store, StoreError, StoredRecord,
 };
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
-use crate::domain::ids::{JobId, RecordId};
+use crate::domain::ids::{AccountEventId, ChainId, ConsentId, JobId, RecordId, SignerId};
 
 // SQLite has a single writer and every write transaction begins IMMEDIATE, holding the
 // write lock from its first statement: the statements PostgreSQL runs with row locks need
@@ -185,17 +185,24 @@ impl SqliteStore {
 }
 
 /// Ids bind as the text they are, so statements take them as any other parameter.
-impl rusqlite::ToSql for RecordId {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        Ok(self.as_str().into())
-    }
+macro_rules! id_to_sql {
+    ($($id:ty),*) => {$(
+        impl rusqlite::ToSql for $id {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+    )*};
 }
 
-impl rusqlite::ToSql for JobId {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        Ok(self.as_str().into())
-    }
-}
+id_to_sql!(
+    RecordId,
+    JobId,
+    AccountEventId,
+    ConsentId,
+    ChainId,
+    SignerId
+);
 
 /// The file a `sqlite:` URL names (`sqlite://path`, `sqlite:path`, with `?mode=rwc` or
 /// `?mode=rw` allowed). In-memory databases are refused: the audit trail must be durable,
@@ -389,15 +396,27 @@ impl Store for SqliteStore {
     async fn insert_records(
         &self,
         items: Vec<BatchInsert>,
+        audit: AuditEvent,
     ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
         // One job: the writer runs it whole in one group transaction.
-        self.write(move |conn| records::insert_all(conn, &items))
+        self.write(move |conn| records::insert_all(conn, &items, audit))
             .await
     }
 
     async fn get_record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>, StoreError> {
         let record_id = record_id.clone();
         self.read(move |conn| records::get(conn, &record_id)).await
+    }
+
+    async fn get_records(
+        &self,
+        record_ids: &[RecordId],
+        fields: &[&'static str],
+    ) -> Result<Vec<Option<StoredRecord>>, StoreError> {
+        let record_ids = record_ids.to_vec();
+        let fields = fields.to_vec();
+        self.read(move |conn| records::get_all(conn, &record_ids, &fields))
+            .await
     }
 
     async fn scan_live_records(
@@ -510,19 +529,19 @@ impl Store for SqliteStore {
     async fn revoke_consents(
         &self,
         record_id: &RecordId,
-        consent_id: Option<&str>,
+        consent_id: Option<&ConsentId>,
         history: &AccountEventRow,
         sealed_under: Option<&[u8]>,
         audit: &AuditEvent,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<ConsentId>, StoreError> {
         let (record_id, history, audit) = (record_id.clone(), history.clone(), audit.clone());
-        let consent_id = consent_id.map(str::to_owned);
+        let consent_id = consent_id.cloned();
         let sealed_under = sealed_under.map(<[u8]>::to_vec);
         self.write(move |conn| {
             accounts::revoke_consents(
                 conn,
                 &record_id,
-                consent_id.as_deref(),
+                consent_id.as_ref(),
                 &history,
                 sealed_under.as_deref(),
                 &audit,
@@ -547,11 +566,11 @@ impl Store for SqliteStore {
 
     async fn register_chain(
         &self,
-        chain_id: &str,
+        chain_id: &ChainId,
         started_at: Micros,
         genesis: &[u8],
     ) -> Result<(), StoreError> {
-        let (chain_id, genesis) = (chain_id.to_owned(), genesis.to_vec());
+        let (chain_id, genesis) = (chain_id.clone(), genesis.to_vec());
         self.write(move |conn| audit::register_chain(conn, &chain_id, started_at, &genesis))
             .await
     }
@@ -607,14 +626,14 @@ impl Store for SqliteStore {
         self.read(audit::checkpoints).await
     }
 
-    async fn latest_checkpoint(&self, signer: &str) -> Result<Option<Checkpoint>, StoreError> {
-        let signer = signer.to_owned();
+    async fn latest_checkpoint(&self, signer: &SignerId) -> Result<Option<Checkpoint>, StoreError> {
+        let signer = signer.clone();
         self.read(move |conn| audit::latest_checkpoint(conn, &signer))
             .await
     }
 
-    async fn count_checkpoints(&self, signer: &str) -> Result<i64, StoreError> {
-        let signer = signer.to_owned();
+    async fn count_checkpoints(&self, signer: &SignerId) -> Result<i64, StoreError> {
+        let signer = signer.clone();
         self.read(move |conn| audit::count_checkpoints(conn, &signer))
             .await
     }
@@ -834,11 +853,26 @@ mod tests {
         let read_only = SqliteStore::open_read_only(&url).await.unwrap();
         assert!(read_only.chain_heads().await.unwrap().is_empty());
         let refused = read_only
-            .register_chain("chn_x", 1, b"g")
+            .register_chain(&ChainId::generate(), 1, b"g")
             .await
             .unwrap_err();
         assert!(refused.to_string().contains("read-only"), "{refused}");
         assert!(read_only.migrate().await.is_err());
+    }
+
+    /// A batch read of more ids than SQLite binds in one statement (32 766) is read in
+    /// chunks (`queries::IDS_PER_STATEMENT`): one result per id, no error.
+    #[tokio::test]
+    async fn batch_reads_beyond_the_parameter_limit_are_chunked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("vault.db"), 1)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let ids: Vec<RecordId> = (0..33_000).map(|_| RecordId::generate().unwrap()).collect();
+        let found = store.get_records(&ids, &["name"]).await.unwrap();
+        assert_eq!(found.len(), ids.len());
+        assert!(found.iter().all(Option::is_none));
     }
 
     /// Runs `sql` on a connection of the test's own, off the runtime's threads.
@@ -887,6 +921,89 @@ mod tests {
             assert!(what.contains("is not a"), "{what}");
             assert!(!what.contains("1101") && !what.contains("job 7"), "{what}");
         }
+        store.close().await;
+    }
+
+    /// Account-history and consent ids of the shapes the old random-token generator issued
+    /// (`acc_`/`con_` and 26 RFC 4648 base32 characters; a revocation's entries `<id>_<n>`)
+    /// still decode, and an old consent is still revoked by its id, the new history entry
+    /// getting an id from the one generator.
+    #[tokio::test]
+    async fn account_event_and_consent_ids_of_the_old_shapes_still_decode() {
+        const RECORD: &str = "rec_mzxw6ytboi2dcnzrgq3tmojqgq";
+        const CONSENT: &str = "con_mfrggzdfmztwq2lkmfrggzdfmy";
+        const RECORDED: &str = "acc_mzxw6ytboi2dcnzrgq3tmojqga";
+        const REVOKED: &str = "acc_mzxw6ytboi2dcnzrgq3tmojqgb_0";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault.db");
+        let store = SqliteStore::open(&path, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        behind_the_store(
+            &path,
+            "INSERT INTO records (record_id, version, created_at, updated_at, wrapped_key, \
+             kek_version, retain_until) VALUES ('rec_mzxw6ytboi2dcnzrgq3tmojqgq', 1, 1, 1, x'00', 1, 5); \
+             INSERT INTO guardian_consents (consent_id, record_id, relationship, evidence_ref, \
+             policy_version, granted_at, granted_by) VALUES ('con_mfrggzdfmztwq2lkmfrggzdfmy', \
+             'rec_mzxw6ytboi2dcnzrgq3tmojqgq', 'PARENT', 'EV-1', '2025-01', 1, 'app'); \
+             INSERT INTO account_events (event_id, record_id, occurred_at, kind, actor, consent_id) \
+             VALUES ('acc_mzxw6ytboi2dcnzrgq3tmojqga', 'rec_mzxw6ytboi2dcnzrgq3tmojqgq', 1, \
+             'CONSENT_RECORDED', 'app', 'con_mfrggzdfmztwq2lkmfrggzdfmy'), \
+             ('acc_mzxw6ytboi2dcnzrgq3tmojqgb_0', 'rec_mzxw6ytboi2dcnzrgq3tmojqgq', 2, \
+             'SUSPENDED', 'app', NULL)",
+        )
+        .await;
+        let record = RecordId::parse("record_id", RECORD).unwrap();
+        let history = store.list_account_events(&record, 10, None).await.unwrap();
+        let ids: Vec<(&str, Option<&str>)> = history
+            .iter()
+            .map(|row| {
+                (
+                    row.event_id.as_str(),
+                    row.consent_id.as_ref().map(ConsentId::as_str),
+                )
+            })
+            .collect();
+        assert_eq!(ids, [(RECORDED, Some(CONSENT)), (REVOKED, None)]);
+
+        let chain = ChainId::generate();
+        store.register_chain(&chain, 1, b"g").await.unwrap();
+        let entry = AccountEventRow {
+            event_id: AccountEventId::generate(),
+            record_id: record.clone(),
+            occurred_at: 3,
+            kind: "CONSENT_REVOKED".to_owned(),
+            actor: "app".to_owned(),
+            reason: None,
+            note: None,
+            ticket: None,
+            consent_id: None,
+        };
+        let audit = AuditEvent {
+            event_id: crate::domain::ids::EventId::generate().into_string(),
+            occurred_at: 3,
+            chain_id: chain.into_string(),
+            caller: "app".to_owned(),
+            peer: None,
+            rpc: "RevokeGuardianConsent".to_owned(),
+            record_ids: vec![RECORD.to_owned()],
+            purpose: None,
+            justification: None,
+            released: Vec::new(),
+            outcome: "OK".to_owned(),
+            reason: None,
+            request_id: None,
+            trace_id: None,
+        };
+        let consent = ConsentId::parse("consent_id", CONSENT).unwrap();
+        let revoked = store
+            .revoke_consents(&record, Some(&consent), &entry, None, &audit)
+            .await
+            .unwrap();
+        assert_eq!(revoked, std::slice::from_ref(&consent));
+        let history = store.list_account_events(&record, 10, None).await.unwrap();
+        let last = history.last().unwrap();
+        assert_eq!(last.event_id, entry.event_id);
+        assert_eq!(last.consent_id.as_ref(), Some(&consent));
         store.close().await;
     }
 
@@ -944,10 +1061,12 @@ mod tests {
         store.migrate().await.unwrap();
         // Queued together, they share a group commit: the duplicate chain fails, the other
         // two are written.
+        let chain_a = ChainId::parse("chain_id", "chn_aaaaaaaaaaaaaaaa").unwrap();
+        let chain_b = ChainId::parse("chain_id", "chn_bbbbbbbbbbbbbbbb").unwrap();
         let (a, b, c) = tokio::join!(
-            store.register_chain("chn_a", 1, b"genesis"),
-            store.register_chain("chn_a", 2, b"genesis"),
-            store.register_chain("chn_b", 3, b"genesis"),
+            store.register_chain(&chain_a, 1, b"genesis"),
+            store.register_chain(&chain_a, 2, b"genesis"),
+            store.register_chain(&chain_b, 3, b"genesis"),
         );
         let failures = [&a, &b].iter().filter(|r| r.is_err()).count();
         assert_eq!(failures, 1, "{a:?} {b:?}");
@@ -960,7 +1079,7 @@ mod tests {
         assert!(refused.is_refused_data(), "{refused:?}");
         let heads = store.chain_heads().await.unwrap();
         let ids: Vec<&str> = heads.iter().map(|h| h.chain_id.as_str()).collect();
-        assert_eq!(ids, ["chn_a", "chn_b"]);
+        assert_eq!(ids, [chain_a.as_str(), chain_b.as_str()]);
         store.close().await;
     }
 
@@ -986,7 +1105,10 @@ mod tests {
         tx.insert(1, "ACTIVE", "local", 1).await.unwrap();
         drop(tx);
         // The writer rolled it back and serves other writes again.
-        store.register_chain("chn_a", 1, b"g").await.unwrap();
+        store
+            .register_chain(&ChainId::generate(), 1, b"g")
+            .await
+            .unwrap();
         assert_eq!(store.active_key_version("kek").await.unwrap(), None);
         let mut tx = store.key_admin("kek").await.unwrap();
         tx.insert(1, "ACTIVE", "local", 1).await.unwrap();

@@ -7,7 +7,7 @@ use rusqlite::{Connection, ToSql};
 
 use super::audit::append;
 use super::driver::{execute, first, rows, scalar};
-use super::keys::{index_refusal, kek_active};
+use super::keys::{VersionChecks, index_refusal, index_refusal_in, kek_active};
 use crate::domain::audit_chain::AuditEvent;
 use crate::store::rules::{self, Columns, RecordRows};
 use crate::store::{
@@ -24,6 +24,35 @@ pub(super) fn get(
         record.push(record_id, row)
     })?;
     Ok(record.finish())
+}
+
+/// A batch read's records (`Store::get_records`), from one statement per
+/// [`queries::IDS_PER_STATEMENT`] ids.
+pub(super) fn get_all(
+    conn: &Connection,
+    record_ids: &[RecordId],
+    fields: &[&str],
+) -> Result<Vec<Option<StoredRecord>>, StoreError> {
+    if record_ids.len() > queries::IDS_PER_STATEMENT {
+        let mut found = Vec::with_capacity(record_ids.len());
+        for chunk in record_ids.chunks(queries::IDS_PER_STATEMENT) {
+            found.extend(get_all(conn, chunk, fields)?);
+        }
+        return Ok(found);
+    }
+    if record_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut records = rules::RequestedRecords::new(record_ids);
+    let mut params: Vec<&dyn ToSql> = record_ids.iter().map(|id| id as &dyn ToSql).collect();
+    params.extend(fields.iter().map(|field| field as &dyn ToSql));
+    rows(
+        conn,
+        &queries::select_live_records(record_ids.len(), fields.len()),
+        &params,
+        |row| records.push(row),
+    )?;
+    Ok(records.finish())
 }
 
 /// A page of the export's keyset scan (`Store::scan_live_records`): the records, then the
@@ -159,18 +188,23 @@ fn replace_fields(
     insert_fields(conn, record_id, fields)
 }
 
+/// A record's fields in ONE statement (a multi-row insert, prepared once per field count):
+/// a create writes up to ten fields, and a statement per field was most of its statements.
 fn insert_fields(
     conn: &Connection,
     record_id: &RecordId,
     fields: &[SealedField],
 ) -> Result<(), StoreError> {
-    for field in fields {
-        execute(
-            conn,
-            queries::INSERT_FIELD,
-            &[&record_id, &field.field, &field.ciphertext],
-        )?;
+    if fields.is_empty() {
+        return Ok(());
     }
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(1 + 2 * fields.len());
+    params.push(record_id);
+    for field in fields {
+        params.push(&field.field);
+        params.push(&field.ciphertext);
+    }
+    execute(conn, &queries::insert_fields(fields.len()), &params)?;
     Ok(())
 }
 
@@ -181,11 +215,25 @@ pub(super) fn insert(
     request: Option<&CreateRequestKey>,
     audit: &AuditEvent,
 ) -> Result<(), StoreError> {
+    write_record(conn, record, request, &mut VersionChecks::default())?;
+    append(conn, std::slice::from_ref(audit))
+}
+
+/// A create's rows without its audit event (the caller appends it: one per single create,
+/// one per batch), checked against the key versions of `checks`.
+fn write_record(
+    conn: &Connection,
+    record: &NewRecord,
+    request: Option<&CreateRequestKey>,
+    checks: &mut VersionChecks,
+) -> Result<(), StoreError> {
     // The write lock is held from BEGIN IMMEDIATE: these reads cannot go stale before commit.
-    if !kek_active(conn, record.kek_version)? {
+    if !checks.kek_active(conn, record.kek_version)? {
         return Err(StoreError::StaleKeyVersion(record.kek_version));
     }
-    if let Some(refused) = index_refusal(conn, record.record_id.as_str(), &record.indexes)? {
+    if let Some(refused) =
+        index_refusal_in(conn, record.record_id.as_str(), &record.indexes, checks)?
+    {
         return Err(refused);
     }
     let indexes = &record.indexes;
@@ -229,21 +277,24 @@ pub(super) fn insert(
                 ],
             )?;
         }
-        append(conn, std::slice::from_ref(audit))
+        Ok(())
     })();
     inserted.map_err(duplicate_as_refusal)
 }
 
 /// A batch's creates, in one writer job (so in one transaction and one commit), in order,
-/// each under its own savepoint. The decisions are those of a single create
+/// each under its own savepoint, then the batch's one audit event naming the records
+/// inserted (`rules::batch_event`). The decisions are those of a single create
 /// (`rules::create`), read on the writer's connection, which sees the batch's earlier
 /// items: a later item with an earlier one's document is the duplicate, one with its
-/// request key the replay. `Err`: a savepoint could not be taken or ended (the whole job
-/// rolls back).
+/// request key the replay. `Err`: a savepoint could not be taken or ended, or the event
+/// not appended (the whole job rolls back: nothing is written unaudited).
 pub(super) fn insert_all(
     conn: &Connection,
     items: &[BatchInsert],
+    audit: AuditEvent,
 ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
+    let mut checks = VersionChecks::default();
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
         let first = in_savepoint(conn, || {
@@ -252,7 +303,7 @@ pub(super) fn insert_all(
             {
                 return Ok(outcome);
             }
-            insert(conn, &item.record, item.request.as_ref(), &item.audit)?;
+            write_record(conn, &item.record, item.request.as_ref(), &mut checks)?;
             Ok(InsertOutcome::Inserted(rules::inserted_meta(&item.record)))
         })?;
         // A duplicate that is this request's own earlier attempt is its replay.
@@ -264,6 +315,9 @@ pub(super) fn insert_all(
         };
         outcomes.push(outcome);
     }
+    if let Some(event) = rules::batch_event(audit, &outcomes) {
+        append(conn, std::slice::from_ref(&event))?;
+    }
     Ok(outcomes)
 }
 
@@ -273,13 +327,13 @@ fn in_savepoint<T>(
     conn: &Connection,
     body: impl FnOnce() -> Result<T, StoreError>,
 ) -> Result<Result<T, StoreError>, StoreError> {
-    conn.execute_batch("SAVEPOINT batch_item")?;
+    // Prepared once per connection (`execute`), not parsed again for each item.
+    execute(conn, "SAVEPOINT batch_item", &[])?;
     let outcome = body();
-    conn.execute_batch(if outcome.is_ok() {
-        "RELEASE batch_item"
-    } else {
-        "ROLLBACK TO batch_item; RELEASE batch_item"
-    })?;
+    if outcome.is_err() {
+        execute(conn, "ROLLBACK TO batch_item", &[])?;
+    }
+    execute(conn, "RELEASE batch_item", &[])?;
     Ok(outcome)
 }
 
