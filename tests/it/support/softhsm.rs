@@ -73,37 +73,22 @@ pub fn config(deployment: &str) -> Pkcs11Config {
 /// test token, once the deployment is over. Every test of a process shares the token, and
 /// SoftHSM2 looks through all of a token's objects on every search: left behind, a whole
 /// pass's KEKs slow every later test's key operations.
+///
+/// Through a provider of the deployment's own, so the destruction takes its turn with every
+/// other vault's module calls in this process (the provider serialises them): a session of
+/// the test's own destroying objects in the middle of another vault's KEK listing made
+/// SoftHSM2 answer that listing wrongly now and then (an object read failing, or a search
+/// that missed a live KEK), which the vault cannot tell from a module fault.
 pub fn destroy_deployment_objects(config: &Pkcs11Config) {
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-    use cryptoki::object::{Attribute, AttributeType, ObjectClass};
-    use cryptoki::session::UserType;
-    use cryptoki::types::AuthPin;
-
-    let module = Pkcs11::new(&config.module).unwrap();
-    // The vault in this process initialised the library already.
-    let _ = module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-    let slot = module
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|slot| module.get_token_info(*slot).unwrap().label().trim_end() == config.token_label)
-        .expect("the test token");
-    let session = module.open_rw_session(slot).unwrap();
-    // Already logged in when another vault of this process holds a session.
-    let _ = session.login(UserType::User, Some(&AuthPin::from("1234".to_owned())));
-    let prefix = config.key_label_prefix.as_bytes();
-    for object in session
-        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
-        .unwrap()
+    use pdvault::keys::KekProvider;
+    let provider = pdvault::keys::pkcs11::Pkcs11KekProvider::open(config)
+        .expect("the test token opens for the clean-up");
+    for version in provider
+        .versions()
+        .expect("the deployment's KEKs are listed")
     {
-        let ours = session
-            .get_attributes(object, &[AttributeType::Label])
-            .unwrap_or_default()
-            .into_iter()
-            .any(|attribute| matches!(attribute, Attribute::Label(label) if label.starts_with(prefix)));
-        if ours {
-            // Another process-wide search may have raced it away; nothing else destroys ours.
-            let _ = session.destroy_object(object);
-        }
+        provider
+            .destroy(version)
+            .expect("the deployment's KEK is destroyed");
     }
 }
