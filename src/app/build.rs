@@ -14,6 +14,7 @@ use crate::audit::{CheckpointError, CheckpointSigner, CheckpointSink};
 use crate::config::Config;
 use crate::crypto::Suite;
 use crate::grpc::tls::TlsError;
+use crate::keys::manager::KEK_KIND;
 use crate::keys::pkcs11::Pkcs11KekProvider;
 use crate::keys::{
     KekProvider, KeyError, KeyManager, Keyring, KeyringError, LocalKekProvider, write_private_file,
@@ -150,6 +151,14 @@ pub async fn open_keys(
                 .ok_or(StartupError::MissingPkcs11)?;
             let provider = Pkcs11KekProvider::open(pkcs11)?;
             if provider.versions()?.is_empty() {
+                // A first start, unless the database already names KEK versions: then
+                // the module lost them (or answered a listing wrongly), and generating
+                // version 1 would replace, so destroy, a KEK of that name. Refused, never
+                // re-provisioned.
+                let recorded = store.key_versions(KEK_KIND).await?;
+                if let Some(newest) = recorded.iter().map(|row| row.version).max() {
+                    return Err(KeyError::MaterialMissing { version: newest }.into());
+                }
                 drop(keks);
                 provider.provision(1)?;
             }

@@ -711,3 +711,30 @@ fn rw_token_session(config: &pdvault::config::Pkcs11Config) -> Session {
     let _ = session.login(UserType::User, Some(&AuthPin::from("1234".to_owned())));
     session
 }
+
+/// A restart that finds none of the deployment's KEKs in the module while its database
+/// names KEK versions is refused naming the newest, and creates nothing: generating a
+/// "first" KEK there would replace (destroy) one of the same name if the module's answer
+/// was wrong, and would never open the records the lost one wrapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_missing_the_recorded_keks_is_refused_and_provisions_nothing() {
+    let _turn = TOKEN.lock().await;
+    let Some(mut app) =
+        TestApp::spawn_with(Backend::Sqlite, |c| c.keys.provider = "pkcs11".into()).await
+    else {
+        return;
+    };
+    create(&app, 1).await;
+    app.halt().await;
+    let pkcs11 = app.config.keys.pkcs11.clone().unwrap();
+    softhsm::destroy_deployment_objects(&pkcs11);
+    match pdvault::app::Application::build(app.config.clone()).await {
+        Err(pdvault::app::StartupError::Keys(pdvault::keys::KeyError::MaterialMissing {
+            version,
+        })) => assert_eq!(version, 1),
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("started without the KEK its records are wrapped under"),
+    }
+    let session = token_session(&pkcs11);
+    assert_eq!(kek_objects(&session, &pkcs11.key_label_prefix, 1), 0);
+}
