@@ -645,9 +645,20 @@ fn write_hsm_golden_vectors() {
 /// prefix) and then reads each one's label; an object destroyed in between, its handle
 /// perhaps already reused by a new one, is not one of the listing's KEKs. Other processes
 /// (vault instances of other deployments) change the token in production the way this
-/// test's own session does here, outside the provider's serialisation of its calls.
+/// test's own session does here, outside the provider's serialisation of its calls. In a
+/// process of its own, so with a token of its own: the churn must not reach the other
+/// tests' vaults.
 #[test]
 fn listing_kek_versions_survives_other_objects_coming_and_going() {
+    if crate::support::own_process::run_here(
+        module_path!(),
+        "listing_kek_versions_survives_other_objects_coming_and_going",
+    ) {
+        listing_survives_churn();
+    }
+}
+
+fn listing_survives_churn() {
     use pdvault::keys::KekProvider;
     use pdvault::keys::pkcs11::Pkcs11KekProvider;
     use std::sync::atomic::{AtomicBool, Ordering};
