@@ -70,7 +70,8 @@ async fn email(app: &TestApp, id: &str) -> String {
         .clone()
 }
 
-/// A session of the test's own on the token, to look at what the vault left there.
+/// A read-write session of the test's own on the token: to look at what the vault left
+/// there, or to change the token behind the vault's back.
 fn token_session(config: &pdvault::config::Pkcs11Config) -> Session {
     let module = Pkcs11::new(&config.module).unwrap();
     // The vault in this process initialised the library already.
@@ -81,7 +82,7 @@ fn token_session(config: &pdvault::config::Pkcs11Config) -> Session {
         .into_iter()
         .find(|slot| module.get_token_info(*slot).unwrap().label().trim_end() == config.token_label)
         .unwrap();
-    let session = module.open_ro_session(slot).unwrap();
+    let session = module.open_rw_session(slot).unwrap();
     let _ = session.login(UserType::User, Some(&AuthPin::from("1234".to_owned())));
     session
 }
@@ -457,16 +458,7 @@ fn provider_with_imported_kek(
     config.key_label_prefix = prefix.to_owned();
     // Opening the provider first initialises the library and logs the application in.
     let provider = pdvault::keys::pkcs11::Pkcs11KekProvider::open(&config).unwrap();
-    let module = Pkcs11::new(&config.module).unwrap();
-    let _ = module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-    let slot = module
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|slot| module.get_token_info(*slot).unwrap().label().trim_end() == config.token_label)
-        .unwrap();
-    let session = module.open_rw_session(slot).unwrap();
-    let _ = session.login(UserType::User, Some(&AuthPin::from("1234".to_owned())));
+    let session = token_session(&config);
     let mut template = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(cryptoki::object::KeyType::AES),
@@ -671,7 +663,7 @@ fn listing_survives_churn() {
     let done = AtomicBool::new(false);
     std::thread::scope(|scope| {
         scope.spawn(|| {
-            let churn = rw_token_session(&config);
+            let churn = token_session(&config);
             let mut round = 0u64;
             while !done.load(Ordering::Relaxed) {
                 // Labels of varying length, so a reused handle's label changes size.
@@ -706,21 +698,6 @@ fn listing_survives_churn() {
     });
     assert_eq!(provider.versions().unwrap(), vec![1]);
     provider.destroy(1).unwrap();
-}
-
-/// A read-write session of the test's own on the token.
-fn rw_token_session(config: &pdvault::config::Pkcs11Config) -> Session {
-    let module = Pkcs11::new(&config.module).unwrap();
-    let _ = module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-    let slot = module
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|slot| module.get_token_info(*slot).unwrap().label().trim_end() == config.token_label)
-        .unwrap();
-    let session = module.open_rw_session(slot).unwrap();
-    let _ = session.login(UserType::User, Some(&AuthPin::from("1234".to_owned())));
-    session
 }
 
 /// A restart that finds none of the deployment's KEKs in the module while its database
