@@ -7,8 +7,10 @@
 //! mainland China, so anything that is not a valid mainland mobile or landline is rejected.
 
 use std::fmt;
+use std::sync::LazyLock;
 
 use email_address::EmailAddress;
+use phonenumber::metadata::{Descriptor, Descriptors};
 use phonenumber::{Type, country, metadata::DATABASE};
 
 use super::{Reason, clean_text};
@@ -52,7 +54,10 @@ impl PhoneNumber {
         // zeros. A mainland number has none once its trunk 0 is gone, and then the type
         // computed here decides it: the library's pattern tables (most of a create's CPU,
         // BENCHMARKS.md) are walked once instead of twice.
-        let kind = parsed.number_type(&DATABASE);
+        let kind = match MAINLAND_TYPES.as_ref() {
+            Some(types) => types.number_type(&parsed.national().value().to_string()),
+            None => parsed.number_type(&DATABASE),
+        };
         let valid = if parsed.national().zeros() == 0 {
             kind != Type::Unknown
         } else {
@@ -94,6 +99,112 @@ impl PhoneNumber {
 impl fmt::Debug for PhoneNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("PhoneNumber(<redacted>)")
+    }
+}
+
+/// The mainland's number types, decided as the library's `number_type` decides them: the
+/// same CN descriptors from its metadata, in the same order, matched by the same rule
+/// (possible length, then a match starting at the first digit), over regexes compiled once
+/// here. The library looks each pattern up in one mutex-guarded LRU cache keyed by the
+/// pattern's text on every match, which made the type check about a tenth of a batch
+/// create's CPU (BENCHMARKS.md). `None` (a pattern this build of `regex` cannot compile):
+/// the library decides, as before.
+static MAINLAND_TYPES: LazyLock<Option<MainlandTypes>> = LazyLock::new(MainlandTypes::load);
+
+struct MainlandTypes {
+    general: Matcher,
+    /// Checked in this order before the fixed-line and mobile ones, as the library does.
+    special: Vec<(Type, Matcher)>,
+    fixed_line: Option<Matcher>,
+    mobile: Option<Matcher>,
+    /// The library calls a number FixedLineOrMobile when both descriptors have one pattern.
+    same_fixed_and_mobile: bool,
+}
+
+struct Matcher {
+    regex: regex::Regex,
+    possible_length: Vec<u16>,
+}
+
+impl Matcher {
+    fn compile(descriptor: &Descriptor) -> Option<Matcher> {
+        let regex = regex::RegexBuilder::new(descriptor.national_number().as_str())
+            .ignore_whitespace(true)
+            .build()
+            .ok()?;
+        Some(Matcher {
+            regex,
+            possible_length: descriptor.possible_length().to_vec(),
+        })
+    }
+
+    /// `phonenumber::metadata::Descriptor::is_match`, without the cache.
+    fn is_match(&self, value: &str) -> bool {
+        let length_ok = self.possible_length.is_empty()
+            || u16::try_from(value.len()).is_ok_and(|len| self.possible_length.contains(&len));
+        length_ok
+            && self
+                .regex
+                .find(value)
+                .is_some_and(|found| found.start() == 0)
+    }
+}
+
+impl MainlandTypes {
+    fn load() -> Option<MainlandTypes> {
+        let metadata = DATABASE.by_id("CN")?;
+        let descriptors: &Descriptors = metadata.descriptors();
+        let optional = |descriptor: Option<&Descriptor>| match descriptor {
+            Some(descriptor) => Matcher::compile(descriptor).map(Some),
+            None => Some(None),
+        };
+        let mut special = Vec::new();
+        for (kind, descriptor) in [
+            (Type::PremiumRate, descriptors.premium_rate()),
+            (Type::TollFree, descriptors.toll_free()),
+            (Type::SharedCost, descriptors.shared_cost()),
+            (Type::Voip, descriptors.voip()),
+            (Type::PersonalNumber, descriptors.personal_number()),
+            (Type::Pager, descriptors.pager()),
+            (Type::Uan, descriptors.uan()),
+            (Type::Voicemail, descriptors.voicemail()),
+        ] {
+            if let Some(matcher) = optional(descriptor)? {
+                special.push((kind, matcher));
+            }
+        }
+        let pattern = |d: Option<&Descriptor>| d.map(|d| d.national_number().as_str().to_owned());
+        Some(MainlandTypes {
+            general: Matcher::compile(descriptors.general())?,
+            special,
+            fixed_line: optional(descriptors.fixed_line())?,
+            mobile: optional(descriptors.mobile())?,
+            same_fixed_and_mobile: pattern(descriptors.fixed_line())
+                == pattern(descriptors.mobile()),
+        })
+    }
+
+    /// `phonenumber::validator::number_type` for a mainland national number.
+    fn number_type(&self, national: &str) -> Type {
+        let matches =
+            |matcher: &Option<Matcher>| matcher.as_ref().is_some_and(|m| m.is_match(national));
+        if !self.general.is_match(national) {
+            return Type::Unknown;
+        }
+        if let Some((kind, _)) = self.special.iter().find(|(_, m)| m.is_match(national)) {
+            return *kind;
+        }
+        if matches(&self.fixed_line) {
+            return if self.same_fixed_and_mobile || matches(&self.mobile) {
+                Type::FixedLineOrMobile
+            } else {
+                Type::FixedLine
+            };
+        }
+        if matches(&self.mobile) {
+            return Type::Mobile;
+        }
+        Type::Unknown
     }
 }
 
@@ -226,6 +337,55 @@ mod tests {
 
     fn phone(raw: &str) -> Result<(String, bool), Reason> {
         PhoneNumber::parse_reason(raw).map(|p| (p.e164().to_owned(), p.is_mobile()))
+    }
+
+    /// The compiled mainland types decide exactly as the library's own `number_type`, over
+    /// every two-digit start of 7 to 12 digit national numbers and a spread of the rest:
+    /// mobiles by their 3-digit prefixes, landlines by area code, service numbers.
+    #[test]
+    fn compiled_mainland_types_agree_with_the_library() {
+        let Some(types) = MAINLAND_TYPES.as_ref() else {
+            panic!("the CN descriptors must compile");
+        };
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next_digit = || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            char::from(b'0' + u8::try_from((state >> 33) % 10).unwrap_or(0))
+        };
+        let mut checked = 0;
+        let mut kinds = std::collections::HashSet::new();
+        for prefix in 10..100u32 {
+            for length in 7..=12 {
+                for _ in 0..40 {
+                    let mut national = prefix.to_string();
+                    while national.len() < length {
+                        national.push(next_digit());
+                    }
+                    let Ok(parsed) =
+                        phonenumber::parse(Some(country::Id::CN), format!("+86{national}"))
+                    else {
+                        continue;
+                    };
+                    if parsed.country().id() != Some(country::Id::CN) {
+                        continue;
+                    }
+                    let value = parsed.national().value().to_string();
+                    let library = parsed.number_type(&DATABASE);
+                    assert_eq!(types.number_type(&value), library, "{national}");
+                    kinds.insert(format!("{library:?}"));
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 10_000, "only {checked} numbers compared");
+        for kind in ["Mobile", "FixedLine", "Unknown"] {
+            assert!(
+                kinds.contains(kind),
+                "no {kind} number among those compared: {kinds:?}"
+            );
+        }
     }
 
     #[test]
