@@ -35,7 +35,8 @@ macro_rules! account_columns {
     };
 }
 
-/// `n` fields of record `$1` in one statement: `($1, $2, $3), ($1, $4, $5), ...`.
+/// `n` fields of record `$1` in one statement: `($1, $2, $3), ($1, $4, $5), ...` (one
+/// round trip on PostgreSQL).
 pub fn insert_fields(n: usize) -> String {
     let rows: Vec<String> = (0..n)
         .map(|i| format!("($1, ${}, ${})", 2 + 2 * i, 3 + 2 * i))
@@ -45,6 +46,12 @@ pub fn insert_fields(n: usize) -> String {
         rows.join(", ")
     )
 }
+
+/// One field row: on SQLite, where a statement costs no round trip, a single-row INSERT
+/// needs no statement journal, which a multi-row one (a multi-write statement inside a
+/// transaction) fills with a copy of every page it touches.
+pub const INSERT_FIELD: &str =
+    "INSERT INTO record_fields (record_id, field, ciphertext) VALUES ($1, $2, $3)";
 
 pub const DELETE_FIELDS: &str = "DELETE FROM record_fields WHERE record_id = $1";
 

@@ -188,23 +188,22 @@ fn replace_fields(
     insert_fields(conn, record_id, fields)
 }
 
-/// A record's fields in ONE statement (a multi-row insert, prepared once per field count):
-/// a create writes up to ten fields, and a statement per field was most of its statements.
+/// A record's fields, a row per statement of one prepared single-row INSERT: a multi-row
+/// INSERT inside the job's transaction is a multi-write statement, and SQLite copies every
+/// page it touches into a statement journal in case a later row fails (a quarter of the
+/// writer's time in a batch create, BENCHMARKS.md).
 fn insert_fields(
     conn: &Connection,
     record_id: &RecordId,
     fields: &[SealedField],
 ) -> Result<(), StoreError> {
-    if fields.is_empty() {
-        return Ok(());
-    }
-    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(1 + 2 * fields.len());
-    params.push(record_id);
     for field in fields {
-        params.push(&field.field);
-        params.push(&field.ciphertext);
+        execute(
+            conn,
+            queries::INSERT_FIELD,
+            &[record_id, &field.field, &field.ciphertext],
+        )?;
     }
-    execute(conn, &queries::insert_fields(fields.len()), &params)?;
     Ok(())
 }
 
@@ -215,80 +214,98 @@ pub(super) fn insert(
     request: Option<&CreateRequestKey>,
     audit: &AuditEvent,
 ) -> Result<(), StoreError> {
-    write_record(conn, record, request, &mut VersionChecks::default())?;
+    write_record(conn, record, request, &mut VersionChecks::default())??;
     append(conn, std::slice::from_ref(audit))
 }
 
 /// A create's rows without its audit event (the caller appends it: one per single create,
 /// one per batch), checked against the key versions of `checks`.
+///
+/// The inner `Err` is a refusal, and nothing of this record is written: the checks come
+/// first, and the one refusal only a write can see (the live-document index's uniqueness)
+/// is the record row's own INSERT, the record's first write, which SQLite undoes alone when
+/// it fails. The outer `Err` means the record may be half written, so the caller's job must
+/// roll back: a batch then fails whole rather than commit a record without its fields.
+/// This is what lets a batch write its items without a savepoint each (a savepoint per item
+/// copied every page each item touched into the statement journal: 18 % of the writer's
+/// time in a batch create, BENCHMARKS.md).
 fn write_record(
     conn: &Connection,
     record: &NewRecord,
     request: Option<&CreateRequestKey>,
     checks: &mut VersionChecks,
-) -> Result<(), StoreError> {
+) -> Result<Result<(), StoreError>, StoreError> {
     // The write lock is held from BEGIN IMMEDIATE: these reads cannot go stale before commit.
     if !checks.kek_active(conn, record.kek_version)? {
-        return Err(StoreError::StaleKeyVersion(record.kek_version));
+        return Ok(Err(StoreError::StaleKeyVersion(record.kek_version)));
     }
     if let Some(refused) =
         index_refusal_in(conn, record.record_id.as_str(), &record.indexes, checks)?
     {
-        return Err(refused);
+        return Ok(Err(refused));
     }
     let indexes = &record.indexes;
-    let inserted = (|| -> Result<(), StoreError> {
+    let inserted = execute(
+        conn,
+        queries::INSERT_RECORD,
+        &[
+            &record.record_id,
+            &record.created_at,
+            &record.wrapped_key,
+            &i64::from(record.kek_version),
+            &indexes.document,
+            &indexes.phone,
+            &record.age_gate,
+            &record.policy_version,
+            &record.retain_until,
+            &i64::from(indexes.version),
+        ],
+    );
+    if let Err(error) = inserted {
+        return match duplicate_as_refusal(error) {
+            refused @ StoreError::DuplicateDocument => Ok(Err(refused)),
+            other => Err(other),
+        };
+    }
+    // From here on a failure leaves the record half written: it is the job's (outer) error.
+    // A concurrent retry's request row is a refusal only for the single create, whose job
+    // then rolls back whole; a batch reads its request keys first (`replayed`) on the one
+    // writer, so no other row can be in the way.
+    insert_fields(conn, &record.record_id, &record.fields)?;
+    if let Some(request) = request {
         execute(
             conn,
-            queries::INSERT_RECORD,
+            queries::DELETE_EXPIRED_CREATE_REQUEST,
             &[
-                &record.record_id,
-                &record.created_at,
-                &record.wrapped_key,
-                &i64::from(record.kek_version),
-                &indexes.document,
-                &indexes.phone,
-                &record.age_gate,
-                &record.policy_version,
-                &record.retain_until,
-                &i64::from(indexes.version),
+                &request.caller,
+                &request.request_id,
+                &request.expired_before,
             ],
         )?;
-        insert_fields(conn, &record.record_id, &record.fields)?;
-        if let Some(request) = request {
-            execute(
-                conn,
-                queries::DELETE_EXPIRED_CREATE_REQUEST,
-                &[
-                    &request.caller,
-                    &request.request_id,
-                    &request.expired_before,
-                ],
-            )?;
-            execute(
-                conn,
-                queries::INSERT_CREATE_REQUEST,
-                &[
-                    &request.caller,
-                    &request.request_id,
-                    &record.record_id,
-                    &request.fingerprint,
-                    &record.created_at,
-                ],
-            )?;
-        }
-        Ok(())
-    })();
-    inserted.map_err(duplicate_as_refusal)
+        execute(
+            conn,
+            queries::INSERT_CREATE_REQUEST,
+            &[
+                &request.caller,
+                &request.request_id,
+                &record.record_id,
+                &request.fingerprint,
+                &record.created_at,
+            ],
+        )
+        .map_err(duplicate_as_refusal)?;
+    }
+    Ok(Ok(()))
 }
 
 /// A batch's creates, in one writer job (so in one transaction and one commit), in order,
-/// each under its own savepoint, then the batch's one audit event naming the records
-/// inserted (`rules::batch_event`). The decisions are those of a single create
-/// (`rules::create`), read on the writer's connection, which sees the batch's earlier
-/// items: a later item with an earlier one's document is the duplicate, one with its
-/// request key the replay. `Err`: a savepoint could not be taken or ended, or the event
-/// not appended (the whole job rolls back: nothing is written unaudited).
+/// then the batch's one audit event naming the records inserted (`rules::batch_event`).
+/// The decisions are those of a single create (`rules::create`), read on the writer's
+/// connection, which sees the batch's earlier items: a later item with an earlier one's
+/// document is the duplicate, one with its request key the replay. A refused item writes
+/// nothing (`write_record`), so the items need no savepoint of their own. `Err`: an item
+/// could not be written whole, or the event not appended (the whole job rolls back:
+/// nothing is written unaudited, no record is left half written).
 pub(super) fn insert_all(
     conn: &Connection,
     items: &[BatchInsert],
@@ -297,44 +314,20 @@ pub(super) fn insert_all(
     let mut checks = VersionChecks::default();
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
-        let first = in_savepoint(conn, || {
-            if let Some(request) = &item.request
-                && let Some(outcome) = replayed(conn, request)?
-            {
-                return Ok(outcome);
-            }
-            write_record(conn, &item.record, item.request.as_ref(), &mut checks)?;
-            Ok(InsertOutcome::Inserted(rules::inserted_meta(&item.record)))
-        })?;
-        // A duplicate that is this request's own earlier attempt is its replay.
-        let outcome = match (first, &item.request) {
-            (Err(StoreError::DuplicateDocument), Some(request)) => in_savepoint(conn, || {
-                replayed(conn, request)?.ok_or(StoreError::DuplicateDocument)
-            })?,
-            (other, _) => other,
-        };
+        if let Some(request) = &item.request
+            && let Some(outcome) = replayed(conn, request)?
+        {
+            outcomes.push(Ok(outcome));
+            continue;
+        }
+        let outcome = write_record(conn, &item.record, item.request.as_ref(), &mut checks)?
+            .map(|()| InsertOutcome::Inserted(rules::inserted_meta(&item.record)));
         outcomes.push(outcome);
     }
     if let Some(event) = rules::batch_event(audit, &outcomes) {
         append(conn, std::slice::from_ref(&event))?;
     }
     Ok(outcomes)
-}
-
-/// Runs `body` under a savepoint of the job's transaction, rolled back when it fails. The
-/// outer `Err`: the savepoint itself failed.
-fn in_savepoint<T>(
-    conn: &Connection,
-    body: impl FnOnce() -> Result<T, StoreError>,
-) -> Result<Result<T, StoreError>, StoreError> {
-    // Prepared once per connection (`execute`), not parsed again for each item.
-    execute(conn, "SAVEPOINT batch_item", &[])?;
-    let outcome = body();
-    if outcome.is_err() {
-        execute(conn, "ROLLBACK TO batch_item", &[])?;
-    }
-    execute(conn, "RELEASE batch_item", &[])?;
-    Ok(outcome)
 }
 
 /// The live-document index (or a concurrent retry's request row) already holds it.
