@@ -340,8 +340,9 @@ mod tests {
     }
 
     /// The compiled mainland types decide exactly as the library's own `number_type`, over
-    /// every two-digit start of 7 to 12 digit national numbers and a spread of the rest:
-    /// mobiles by their 3-digit prefixes, landlines by area code, service numbers.
+    /// national numbers of 7 to 12 digits with every two-digit start (10 to 99) and 40
+    /// pseudo-random tails each: mobiles, landlines of every area-code shape, service
+    /// numbers and invalid ones.
     #[test]
     fn compiled_mainland_types_agree_with_the_library() {
         let Some(types) = MAINLAND_TYPES.as_ref() else {
