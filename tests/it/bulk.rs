@@ -464,6 +464,80 @@ async fn batch_creates_commit_once(app: &TestApp) {
     assert_eq!(records().await, 6);
 }
 
+/// A storage failure after an item's record row is written (here a trigger refusing its
+/// field rows) never leaves a record without its fields, nor fields without their record.
+/// On SQLite the items share the job's savepoint, so the whole batch fails and nothing of it
+/// is written; on PostgreSQL each item has its own savepoint, so only that item fails.
+async fn batch_create_failing_after_a_record_row_writes_no_half_record(app: &TestApp) {
+    use batch_create_record_result::Result as R;
+    app.execute_sql(match app.backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER fields_refused BEFORE INSERT ON record_fields \
+                 WHEN (SELECT policy_version FROM records WHERE record_id = NEW.record_id) \
+                     = 'refuse-fields' \
+                 BEGIN SELECT RAISE(ABORT, 'fields refused'); END;"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION fields_refused() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN \
+                     IF (SELECT policy_version FROM records WHERE record_id = NEW.record_id) \
+                         = 'refuse-fields' THEN RAISE EXCEPTION 'fields refused'; END IF; \
+                     RETURN NEW; \
+                 END $$; \
+             CREATE TRIGGER fields_refused BEFORE INSERT ON record_fields \
+                 FOR EACH ROW EXECUTE FUNCTION fields_refused();"
+        }
+    })
+    .await;
+    let mut refused = create_request(person("庚", "19870707", "077"), "");
+    refused.policy_version = "refuse-fields".into();
+    let results = batch_create(
+        app,
+        vec![
+            create_request(person("辛", "19880808", "088"), "import-3"),
+            refused,
+            create_request(person("壬", "19890909", "099"), ""),
+        ],
+    )
+    .await;
+    assert_eq!(results.len(), 3);
+    let R::Error(status) = &results[1] else {
+        panic!("an item whose fields could not be written was answered as created")
+    };
+    assert_eq!(status.code, Code::Unavailable as i32, "{status:?}");
+    let created = results
+        .iter()
+        .filter(|result| matches!(result, R::Record(_)))
+        .count();
+    let expected = match app.backend {
+        Backend::Sqlite => 0,
+        Backend::Postgres => 2,
+    };
+    assert_eq!(created, expected, "{results:?}");
+    assert_eq!(
+        app.count("SELECT count(*) FROM records").await,
+        i64::try_from(expected).unwrap_or(i64::MAX)
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM records r WHERE NOT EXISTS \
+             (SELECT 1 FROM record_fields f WHERE f.record_id = r.record_id)"
+        )
+        .await,
+        0,
+        "a record was left without its fields"
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM record_fields f WHERE NOT EXISTS \
+             (SELECT 1 FROM records r WHERE r.record_id = f.record_id)"
+        )
+        .await,
+        0,
+        "field rows were left without their record"
+    );
+}
+
 /// An export as the client sees it: rows (row key, fields) with their cursors, and the
 /// summary.
 struct Exported {
@@ -874,6 +948,7 @@ for_each_backend_with!(
     batch_reads_are_checked_once_for_the_whole_call,
     batch_creates_keep_items_independent,
     batch_creates_commit_once,
+    batch_create_failing_after_a_record_row_writes_no_half_record,
     batch_creates_are_audited_by_one_event_naming_each_created_record,
     exports_suppress_small_classes_exactly,
     broken_exports_resume_without_duplicates_or_gaps,
