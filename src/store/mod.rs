@@ -432,9 +432,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<InsertOutcome, StoreError>;
 
     /// Inserts a batch's records in ONE transaction (one commit), in order, each with its
-    /// request key under its own savepoint, with the decisions of
-    /// [`Store::insert_record`]: an item refused (a duplicate document, an earlier item's
-    /// included; a stale key or index version) rolls back alone and is its `Err`; an item
+    /// request key, with the decisions of [`Store::insert_record`]: an item refused (a
+    /// duplicate document, an earlier item's included; a stale key or index version) writes
+    /// nothing and is its `Err` (PostgreSQL: each item under its own savepoint; SQLite: every
+    /// check before the item's first write, ARCHITECTURE.md); an item
     /// repeating an earlier item's request key replays it. The batch's creates are audited
     /// by ONE event, `audit` with its `record_ids` set to the records inserted (in item
     /// order), appended in the same transaction after the items (none when nothing was

@@ -14,11 +14,11 @@
 //!   releases' event fails, every release of the call becomes `AUDIT_UNAVAILABLE`.
 //! - A batch create checks and seals every item as the single create does (`records.rs`),
 //!   then hands them all to the store as ONE transaction (one commit;
-//!   [`crate::store::Store::insert_records`]): each item under its own savepoint, in
-//!   request order, then ONE audit event naming every record the batch created (each
-//!   person's trail shows it, as for a batch read), in the same commit; refused items are
-//!   audited each with its reason, as a refused single create. Items are independent: a refused item (bad input,
-//!   duplicate document) rolls back alone; an item that repeats an earlier item's document
+//!   [`crate::store::Store::insert_records`]): the items in request order, then ONE audit
+//!   event naming every record the batch created (each person's trail shows it, as for a
+//!   batch read), in the same commit; refused items are audited each with its reason, as a
+//!   refused single create. Items are independent: a refused item (bad input, duplicate
+//!   document) writes nothing and the others commit; an item that repeats an earlier item's document
 //!   or request id meets that item's row in the same transaction, so "the first wins" (the
 //!   second is `DUPLICATE_IDENTITY`, or a replay of the same request) is decided by the
 //!   database, as between two calls. Items refused because another instance rotated a key

@@ -57,21 +57,11 @@ impl VersionChecks {
         conn: &Connection,
         version: u32,
     ) -> Result<bool, StoreError> {
-        if let Some((_, active)) = self.kek.iter().find(|(v, _)| *v == version) {
-            return Ok(*active);
-        }
-        let active = kek_active(conn, version)?;
-        self.kek.push((version, active));
-        Ok(active)
+        remembered(&mut self.kek, version, || kek_active(conn, version))
     }
 
     fn index_active(&mut self, conn: &Connection, version: u32) -> Result<bool, StoreError> {
-        if let Some((_, active)) = self.index.iter().find(|(v, _)| *v == version) {
-            return Ok(*active);
-        }
-        let active = index_active(conn, version)?;
-        self.index.push((version, active));
-        Ok(active)
+        remembered(&mut self.index, version, || index_active(conn, version))
     }
 
     fn live_index(&mut self, conn: &Connection) -> Result<&[i64], StoreError> {
@@ -83,6 +73,20 @@ impl VersionChecks {
         }
         Ok(self.live_index.as_deref().unwrap_or_default())
     }
+}
+
+/// Whether `version` is active, read once per job (`read`) and then from `seen`.
+fn remembered(
+    seen: &mut Vec<(u32, bool)>,
+    version: u32,
+    read: impl FnOnce() -> Result<bool, StoreError>,
+) -> Result<bool, StoreError> {
+    if let Some((_, active)) = seen.iter().find(|(v, _)| *v == version) {
+        return Ok(*active);
+    }
+    let active = read()?;
+    seen.push((version, active));
+    Ok(active)
 }
 
 /// [`index_refusal`] with the job's [`VersionChecks`].
