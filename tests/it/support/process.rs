@@ -179,12 +179,32 @@ impl ServerProcess {
         }
     }
 
-    /// Waits for the process to exit and returns its status.
+    /// Waits for the process to exit, and for its log to be read to the end (the exit can
+    /// be seen before the capture has read the last lines), and returns its status.
     pub async fn wait(&mut self) -> ExitStatus {
-        tokio::time::timeout(PATIENCE, self.child.wait())
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
             .await
             .expect("the server exits")
-            .unwrap()
+            .unwrap();
+        let drained = async {
+            loop {
+                let notified = self.new_line.notified();
+                if self
+                    .logs
+                    .lock()
+                    .unwrap()
+                    .last()
+                    .is_some_and(String::is_empty)
+                {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, drained)
+            .await
+            .expect("the server's log reaches its end");
+        status
     }
 
     pub fn admin_token(&self) -> String {
