@@ -15,6 +15,7 @@
 //! uniqueness, idempotency and optimistic concurrency are enforced by the database, so
 //! instances sharing one PostgreSQL agree.
 
+mod field_set;
 mod postgres;
 mod queries;
 mod rules;
@@ -452,7 +453,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// [`Store::get_record`] of each of `record_ids` (distinct), in their order, read by one
     /// statement, with only the fields named in `fields` (a batch read's records: the fields
-    /// it would not open are not read, and `meta.present_fields` lists only those read).
+    /// it would not open are not decoded or copied, and `meta.present_fields` lists only
+    /// those returned).
     async fn get_records(
         &self,
         record_ids: &[RecordId],
@@ -461,7 +463,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` live records created at or before `created_before`, whose ids sort
     /// after `after`, in id order, each read as [`Store::get_record`] reads one except that
-    /// only the fields named in `fields` are read (in `fields` and `meta.present_fields`;
+    /// only the fields named in `fields` are returned (in `fields` and `meta.present_fields`;
     /// a record holding none of them is still returned, with none): the keyset scan of an
     /// export, whose passes each use a few of a record's fields.
     async fn scan_live_records(

@@ -35,35 +35,33 @@ macro_rules! account_columns {
     };
 }
 
-/// `n` fields of record `$1` in one statement: `($1, $2, $3), ($1, $4, $5), ...` (one
-/// round trip on PostgreSQL).
-pub fn insert_fields(n: usize) -> String {
-    let rows: Vec<String> = (0..n)
-        .map(|i| format!("($1, ${}, ${})", 2 + 2 * i, 3 + 2 * i))
-        .collect();
-    format!(
-        "INSERT INTO record_fields (record_id, field, ciphertext) VALUES {}",
-        rows.join(", ")
-    )
+/// A record's sealed fields, one row (`store::field_set`).
+pub const INSERT_FIELDS: &str = "INSERT INTO sealed_fields (record_id, fields) VALUES ($1, $2)";
+
+/// An update's or a re-key's fields, replacing the set a create wrote (or a migrated record
+/// without one).
+pub const UPSERT_FIELDS: &str = "INSERT INTO sealed_fields (record_id, fields) VALUES ($1, $2) \
+     ON CONFLICT (record_id) DO UPDATE SET fields = excluded.fields";
+
+pub const DELETE_FIELDS: &str = "DELETE FROM sealed_fields WHERE record_id = $1";
+
+/// The columns every read of live records returns, in `rules::record_at`'s order: the
+/// record's own, its account state, and its sealed fields (one value, NULL for none).
+macro_rules! live_record_columns {
+    () => {
+        concat!(
+            "r.record_id, r.version, r.created_at, r.updated_at, r.wrapped_key, ",
+            account_columns!(),
+            ", f.fields FROM records r LEFT JOIN sealed_fields f ON f.record_id = r.record_id"
+        )
+    };
 }
 
-/// One field row: on SQLite, where a statement costs no round trip, a single-row INSERT
-/// needs no statement journal, which a multi-row one (a multi-write statement inside a
-/// transaction) fills with a copy of every page it touches.
-pub const INSERT_FIELD: &str =
-    "INSERT INTO record_fields (record_id, field, ciphertext) VALUES ($1, $2, $3)";
-
-pub const DELETE_FIELDS: &str = "DELETE FROM record_fields WHERE record_id = $1";
-
-/// One statement, so the metadata and the fields come from the same snapshot. The record's
-/// row (with its consent count) is computed once, not once per field row.
+/// One statement, one row: the metadata and the fields come from the same snapshot.
 pub const SELECT_LIVE_RECORD: &str = concat!(
-    "WITH r AS MATERIALIZED (SELECT r.record_id, r.version, r.created_at, r.updated_at, \
-     r.wrapped_key, ",
-    account_columns!(),
-    " FROM records r WHERE r.record_id = $1 AND r.deleted_at IS NULL) \
-     SELECT r.*, f.field, f.ciphertext \
-     FROM r LEFT JOIN record_fields f ON f.record_id = r.record_id ORDER BY f.field"
+    "SELECT ",
+    live_record_columns!(),
+    " WHERE r.record_id = $1 AND r.deleted_at IS NULL"
 );
 
 /// Most ids one [`select_live_records`] binds: a larger batch (`limits.max_batch_size` has
@@ -71,68 +69,30 @@ pub const SELECT_LIVE_RECORD: &str = concat!(
 /// PostgreSQL's 65 535 bound parameters.
 pub const IDS_PER_STATEMENT: usize = 1000;
 
-/// The live records among `n` ids (`$1..$n`), with those of their fields named by the next
-/// `fields` parameters (none when `fields` is 0): a batch read's records from ONE statement
-/// instead of one per record, without the rows of fields the read would not open. Each
-/// record comes from the statement's one snapshot, as from [`SELECT_LIVE_RECORD`].
-pub fn select_live_records(n: usize, fields: usize) -> String {
+/// The live records among `n` ids (`$1..$n`), a row each: a batch read's records from ONE
+/// statement instead of one per record, each from the statement's one snapshot, as from
+/// [`SELECT_LIVE_RECORD`].
+pub fn select_live_records(n: usize) -> String {
     debug_assert!(n <= IDS_PER_STATEMENT);
-    let wanted = if fields == 0 {
-        "FALSE".to_owned()
-    } else {
-        format!("f.field IN ({})", placeholders(fields, n + 1))
-    };
     format!(
-        "WITH r AS MATERIALIZED (SELECT r.record_id, r.version, r.created_at, r.updated_at, \
-         r.wrapped_key, {} FROM records r \
-         WHERE r.record_id IN ({}) AND r.deleted_at IS NULL) \
-         SELECT r.*, f.field, f.ciphertext \
-         FROM r LEFT JOIN record_fields f ON f.record_id = r.record_id AND {wanted} \
-         ORDER BY r.record_id, f.field",
-        account_columns!(),
+        "SELECT {} WHERE r.record_id IN ({}) AND r.deleted_at IS NULL",
+        live_record_columns!(),
         placeholders(n.max(1), 1)
     )
 }
 
 /// A page of live records for an export, in record id order after `$1`, created at or
-/// before `$2`, at most `$3`, with only the fields named in the text array `$4`: the keyset
-/// scan that keeps an export's memory flat (PostgreSQL). One statement per page, so each
-/// record comes from one snapshot; the field filter is in the join's condition, so a record
-/// holding none of the fields still has its row.
+/// before `$2`, at most `$3`, a row each: the keyset scan that keeps an export's memory
+/// flat. One statement per page, so each record comes from one snapshot.
 pub const SCAN_LIVE_RECORDS: &str = concat!(
-    "WITH r AS MATERIALIZED (SELECT r.record_id, r.version, r.created_at, r.updated_at, \
-     r.wrapped_key, ",
-    account_columns!(),
-    " FROM records r WHERE r.deleted_at IS NULL AND r.record_id > $1 AND r.created_at <= $2 \
-     ORDER BY r.record_id LIMIT $3) \
-     SELECT r.*, f.field, f.ciphertext \
-     FROM r LEFT JOIN record_fields f ON f.record_id = r.record_id AND f.field = ANY($4) \
-     ORDER BY r.record_id, f.field"
-);
-
-/// The records of a page of the export's scan, one row each (SQLite: their fields follow in
-/// `scan_fields`, read in the same transaction, so no record's columns repeat on every field
-/// row and no join result is sorted).
-pub const SCAN_LIVE_RECORD_ROWS: &str = concat!(
-    "SELECT r.record_id, r.version, r.created_at, r.updated_at, r.wrapped_key, ",
-    account_columns!(),
-    " FROM records r WHERE r.deleted_at IS NULL AND r.record_id > $1 AND r.created_at <= $2 \
+    "SELECT ",
+    live_record_columns!(),
+    " WHERE r.deleted_at IS NULL AND r.record_id > $1 AND r.created_at <= $2 \
      ORDER BY r.record_id LIMIT $3"
 );
 
-/// The field rows of a record-id range named by one of `n` field names (`$3..`), in
-/// primary-key order; `record_id, field, ciphertext` by position (SQLite). The names are
-/// checked in the key, so the ciphertext of a field the export does not use is never read.
-pub fn scan_fields(n: usize) -> String {
-    format!(
-        "SELECT record_id, field, ciphertext FROM record_fields \
-         WHERE record_id > $1 AND record_id <= $2 AND field IN ({}) ORDER BY record_id, field",
-        placeholders(n, 3)
-    )
-}
-
-pub const SELECT_FIELD_NAMES: &str =
-    "SELECT field FROM record_fields WHERE record_id = $1 ORDER BY field";
+/// A record's sealed fields (`store::field_set`); no row: none.
+pub const SELECT_FIELDS: &str = "SELECT fields FROM sealed_fields WHERE record_id = $1";
 
 pub const SELECT_META: &str =
     "SELECT version, created_at, updated_at FROM records WHERE record_id = $1";
@@ -416,10 +376,6 @@ pub const COUNT_UNDER_INDEX_VERSION: &str =
 
 pub const COUNT_INDEX_OLDER_THAN: &str =
     "SELECT COUNT(*) FROM records WHERE index_version < $1 AND deleted_at IS NULL";
-
-/// The fields a re-index computes indexes from.
-pub const SELECT_INDEXED_FIELDS: &str = "SELECT field, ciphertext FROM record_fields \
-     WHERE record_id = $1 AND field IN ('id_type', 'id_number', 'phone') ORDER BY field";
 
 /// Compare-and-swap on the record's version and index version: a record updated, re-keyed
 /// or deleted since the batch read it keeps what its writer gave it.

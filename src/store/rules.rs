@@ -12,6 +12,7 @@ use crate::domain::audit_chain::{
 };
 use crate::domain::ids::{AccountEventId, ConsentId, JobId, RecordId};
 
+use super::field_set;
 use super::{
     AccountEventRow, AccountState, CreateRequestKey, InsertOutcome, KeyVersionRow, LookupMatch,
     NewRecord, RecordIndexes, RecordMeta, RewrapJobRow, SealedField, StoreError, StoredRecord,
@@ -67,10 +68,9 @@ impl Column for At {
     }
 }
 
-/// The columns a live record's statements start with (`queries::SELECT_LIVE_RECORD`,
-/// `SCAN_LIVE_RECORDS`, `SCAN_LIVE_RECORD_ROWS`), in their order: an export decodes two
-/// such rows per record, and a lookup by name compares the statement's column names each
-/// time.
+/// The columns of a live record's statements (`queries::live_record_columns!`), in their
+/// order: an export decodes a million such rows, and a lookup by name compares the
+/// statement's column names each time.
 mod record_at {
     use super::At;
     pub(super) const RECORD_ID: At = At(0, "record_id");
@@ -87,6 +87,8 @@ mod record_at {
         At(9, "policy_version"),
         At(10, "active_consents"),
     ];
+    /// The sealed fields, one value (`store::field_set`).
+    pub(super) const FIELDS: At = At(11, "fields");
 }
 
 /// Decodes an id column. The error names the column and the reason, not the value: a
@@ -148,102 +150,90 @@ pub(crate) fn lookup_match(row: &impl Columns) -> Result<LookupMatch, StoreError
     })
 }
 
-/// Gathers the rows of `queries::SELECT_LIVE_RECORD` (the record's columns repeated on each
-/// of its field rows) into one record.
-#[derive(Default)]
-pub(crate) struct RecordRows {
-    record: Option<StoredRecord>,
-}
-
-impl RecordRows {
-    pub(crate) fn push(
-        &mut self,
-        record_id: &RecordId,
-        row: &impl Columns,
-    ) -> Result<(), StoreError> {
-        let stored = match &mut self.record {
-            Some(stored) => stored,
-            None => self.record.insert(record_columns(record_id.clone(), row)?),
-        };
-        if let (Some(field), Some(ciphertext)) =
-            (row.opt_text("field")?, row.opt_bytes("ciphertext")?)
-        {
-            stored.meta.present_fields.push(field.clone());
-            stored.fields.push(SealedField { field, ciphertext });
-        }
-        Ok(())
-    }
-
-    pub(crate) fn finish(self) -> Option<StoredRecord> {
-        self.record
-    }
-}
-
-/// A live record's own columns (the fields come in rows of their own), by position
-/// (`record_at`).
-fn record_columns(record_id: RecordId, row: &impl Columns) -> Result<StoredRecord, StoreError> {
+/// A live record from its one row (`queries::SELECT_LIVE_RECORD`, `select_live_records`,
+/// `SCAN_LIVE_RECORDS`), with those of its sealed fields that `keep` accepts (and only
+/// those named as present), decoded by position (`record_at`).
+pub(crate) fn live_record(
+    row: &impl Columns,
+    keep: impl FnMut(&str) -> bool,
+) -> Result<StoredRecord, StoreError> {
+    let record_id = row.record_id(record_at::RECORD_ID)?;
     let wrapped_key = row
         .opt_bytes(record_at::WRAPPED_KEY)?
         .ok_or_else(|| StoreError::Corrupt("live record without a wrapped key".into()))?;
+    let fields = match row.opt_bytes(record_at::FIELDS)? {
+        Some(encoded) => field_set::decode(&encoded, keep)?,
+        None => Vec::new(),
+    };
     Ok(StoredRecord {
         meta: RecordMeta {
             record_id,
             version: row.i64(record_at::VERSION)?,
             created_at: row.i64(record_at::CREATED_AT)?,
             updated_at: row.i64(record_at::UPDATED_AT)?,
-            present_fields: Vec::new(),
+            present_fields: fields.iter().map(|field| field.field.clone()).collect(),
         },
         wrapped_key,
-        fields: Vec::new(),
+        fields,
         account: account_in(row, record_at::ACCOUNT)?,
     })
 }
 
-/// A page of the export's scan from two statements: the records (`queries::
-/// SCAN_LIVE_RECORD_ROWS`, one row each, in id order), then the field rows of their id range
-/// (`queries::scan_fields`, in (record id, field) order), merged in one walk. Field rows of
-/// records not in the page (deleted, or created after the snapshot) are passed over.
-#[derive(Default)]
-pub(crate) struct ScannedPage {
-    records: Vec<StoredRecord>,
-    /// The record the next field rows may belong to.
-    next: usize,
+/// Places the rows of `queries::select_live_records` (a row per live record, in no order)
+/// in one slot per requested id, in request order (`None`: no live record).
+pub(crate) struct RequestedRecords<'a> {
+    ids: &'a [RecordId],
+    slots: Vec<Option<StoredRecord>>,
+    positions: std::collections::HashMap<&'a str, usize>,
 }
 
-impl ScannedPage {
-    pub(crate) fn record(&mut self, row: &impl Columns) -> Result<(), StoreError> {
-        let record_id = row.record_id(record_at::RECORD_ID)?;
-        if self
-            .records
-            .last()
-            .is_some_and(|last| last.meta.record_id.as_str() >= record_id.as_str())
-        {
-            return Err(StoreError::Corrupt("scan out of record-id order".into()));
+impl<'a> RequestedRecords<'a> {
+    pub(crate) fn new(ids: &'a [RecordId]) -> Self {
+        RequestedRecords {
+            ids,
+            slots: ids.iter().map(|_| None).collect(),
+            positions: ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id.as_str(), i))
+                .collect(),
         }
-        self.records.push(record_columns(record_id, row)?);
+    }
+
+    pub(crate) fn push(&mut self, record: StoredRecord) -> Result<(), StoreError> {
+        let Some(&i) = self.positions.get(record.meta.record_id.as_str()) else {
+            return Err(StoreError::Corrupt(
+                "a batch read returned a record it did not ask for".into(),
+            ));
+        };
+        debug_assert_eq!(self.ids[i], record.meta.record_id);
+        self.slots[i] = Some(record);
         Ok(())
     }
 
-    /// The last record's id: the end of the field rows' range.
-    pub(crate) fn last(&self) -> Option<&RecordId> {
-        self.records.last().map(|stored| &stored.meta.record_id)
+    pub(crate) fn finish(self) -> Vec<Option<StoredRecord>> {
+        self.slots
     }
+}
 
-    /// One field row; `record_id` is compared, never kept, so no id is allocated per row.
-    pub(crate) fn field(&mut self, record_id: &str, field: String, ciphertext: Vec<u8>) {
-        while let Some(stored) = self.records.get(self.next) {
-            match stored.meta.record_id.as_str().cmp(record_id) {
-                std::cmp::Ordering::Less => self.next += 1,
-                std::cmp::Ordering::Greater => return,
-                std::cmp::Ordering::Equal => {
-                    if let Some(stored) = self.records.get_mut(self.next) {
-                        stored.meta.present_fields.push(field.clone());
-                        stored.fields.push(SealedField { field, ciphertext });
-                    }
-                    return;
-                }
-            }
+/// The records of an export page (`queries::SCAN_LIVE_RECORDS`), checked to come in
+/// strictly increasing id order: the cursor a page hands out is its last id.
+#[derive(Default)]
+pub(crate) struct ScannedPage {
+    records: Vec<StoredRecord>,
+}
+
+impl ScannedPage {
+    pub(crate) fn push(&mut self, record: StoredRecord) -> Result<(), StoreError> {
+        if self
+            .records
+            .last()
+            .is_some_and(|last| last.meta.record_id.as_str() >= record.meta.record_id.as_str())
+        {
+            return Err(StoreError::Corrupt("scan out of record-id order".into()));
         }
+        self.records.push(record);
+        Ok(())
     }
 
     pub(crate) fn finish(self) -> Vec<StoredRecord> {
@@ -251,75 +241,26 @@ impl ScannedPage {
     }
 }
 
-/// Gathers the rows of `queries::SCAN_LIVE_RECORDS` (records in id order, each record's
-/// columns repeated on each of its field rows) into records.
-#[derive(Default)]
-pub(crate) struct ScannedRecords {
-    records: Vec<StoredRecord>,
-    current: Option<(RecordId, RecordRows)>,
-}
-
-impl ScannedRecords {
-    pub(crate) fn push(&mut self, row: &impl Columns) -> Result<(), StoreError> {
-        let record_id = row.record_id(record_at::RECORD_ID)?;
-        if self.current.as_ref().is_none_or(|(id, _)| *id != record_id) {
-            self.flush();
-            self.current = Some((record_id.clone(), RecordRows::default()));
-        }
-        if let Some((id, record)) = &mut self.current {
-            record.push(id, row)?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) {
-        if let Some(record) = self.current.take().and_then(|(_, rows)| rows.finish()) {
-            self.records.push(record);
-        }
-    }
-
-    pub(crate) fn finish(mut self) -> Vec<StoredRecord> {
-        self.flush();
-        self.records
+/// The sealed fields of a record among `wanted`, from `queries::SELECT_FIELDS`'s one
+/// value (`None`: no row, no fields).
+pub(crate) fn stored_fields(
+    encoded: Option<Vec<u8>>,
+    wanted: &[&str],
+) -> Result<Vec<SealedField>, StoreError> {
+    match encoded {
+        Some(encoded) => field_set::decode(&encoded, |name| wanted.contains(&name)),
+        None => Ok(Vec::new()),
     }
 }
 
-/// Gathers the rows of `queries::select_live_records` into one slot per requested id, in
-/// request order (`None`: no live record). A row is matched to its id by text: the ids were
-/// parsed once, by the caller, and each record's columns repeat on each of its field rows.
-pub(crate) struct RequestedRecords<'a> {
-    ids: &'a [RecordId],
-    slots: std::collections::HashMap<&'a str, (usize, RecordRows)>,
-}
+/// The fields a re-index computes blind indexes and the age gate from.
+pub(crate) const INDEXED_FIELDS: [&str; 3] = ["id_number", "id_type", "phone"];
 
-impl<'a> RequestedRecords<'a> {
-    pub(crate) fn new(ids: &'a [RecordId]) -> Self {
-        RequestedRecords {
-            ids,
-            slots: ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| (id.as_str(), (i, RecordRows::default())))
-                .collect(),
-        }
-    }
-
-    pub(crate) fn push(&mut self, row: &impl Columns) -> Result<(), StoreError> {
-        let record_id = row.text("record_id")?;
-        let Some((i, record)) = self.slots.get_mut(record_id.as_str()) else {
-            return Err(StoreError::Corrupt(
-                "a batch read returned a record it did not ask for".into(),
-            ));
-        };
-        record.push(&self.ids[*i], row)
-    }
-
-    pub(crate) fn finish(self) -> Vec<Option<StoredRecord>> {
-        let mut found: Vec<Option<StoredRecord>> = self.ids.iter().map(|_| None).collect();
-        for (_, (i, record)) in self.slots {
-            found[i] = record.finish();
-        }
-        found
+/// The names of a record's fields, from `queries::SELECT_FIELDS`'s one value.
+pub(crate) fn stored_field_names(encoded: Option<Vec<u8>>) -> Result<Vec<String>, StoreError> {
+    match encoded {
+        Some(encoded) => field_set::names(&encoded),
+        None => Ok(Vec::new()),
     }
 }
 

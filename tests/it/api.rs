@@ -2,7 +2,7 @@
 //! over gRPC, once per backend (SQLite and PostgreSQL).
 
 use crate::support::fixtures::*;
-use crate::support::{ANALYTICS, CLAIMS, COMPLIANCE, LOGIN, TestApp, authed};
+use crate::support::{ANALYTICS, Backend, CLAIMS, COMPLIANCE, LOGIN, TestApp, authed};
 use pdvault::proto::{
     self, CheckAccountRequest, CreateRecordRequest, DeleteRecordRequest, DocumentKey,
     FindRecordsRequest, GetRecordRequest, Identity, UpdateRecordRequest, find_records_request,
@@ -471,7 +471,7 @@ async fn deletion_shreds_the_record(app: &TestApp) {
     let id = &record.record_id;
     let leftovers = app
         .count(&format!(
-            "SELECT (SELECT COUNT(*) FROM record_fields WHERE record_id = '{id}') \
+            "SELECT (SELECT COUNT(*) FROM sealed_fields WHERE record_id = '{id}') \
                   + (SELECT COUNT(*) FROM records WHERE record_id = '{id}' \
                      AND (wrapped_key IS NOT NULL OR document_index IS NOT NULL \
                           OR phone_index IS NOT NULL))"
@@ -496,14 +496,10 @@ async fn ciphertext_moved_between_records_fails_closed(app: &TestApp) {
     let zhang = create(app, zhang_san()).await;
     let li = create(app, li_si()).await;
     // An attacker with database access copies 张's name ciphertext over 李's.
-    app.execute_sql(&format!(
-        "UPDATE record_fields SET ciphertext = \
-           (SELECT ciphertext FROM record_fields WHERE record_id = '{zhang}' AND field = 'name') \
-         WHERE record_id = '{li}' AND field = 'name'",
-        zhang = zhang.record_id,
-        li = li.record_id
-    ))
-    .await;
+    let zhang_name = field_of(&app.sealed_fields(&zhang.record_id).await, "name");
+    let mut li_fields = app.sealed_fields(&li.record_id).await;
+    set_field(&mut li_fields, "name", zhang_name);
+    app.set_sealed_fields(&li.record_id, &li_fields).await;
     let status = get(app, CLAIMS.token, &li.record_id, "service-delivery", "")
         .await
         .unwrap_err();
@@ -511,17 +507,66 @@ async fn ciphertext_moved_between_records_fails_closed(app: &TestApp) {
     assert!(!status.message().contains("张"));
 
     // Moving a ciphertext to another field of the same record fails the same way.
-    app.execute_sql(&format!(
-        "UPDATE record_fields SET ciphertext = \
-           (SELECT ciphertext FROM record_fields WHERE record_id = '{zhang}' AND field = 'email') \
-         WHERE record_id = '{zhang}' AND field = 'address'",
-        zhang = zhang.record_id
-    ))
-    .await;
+    let mut zhang_fields = app.sealed_fields(&zhang.record_id).await;
+    let email = field_of(&zhang_fields, "email");
+    set_field(&mut zhang_fields, "address", email);
+    app.set_sealed_fields(&zhang.record_id, &zhang_fields).await;
     let status = get(app, CLAIMS.token, &zhang.record_id, "service-delivery", "")
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::DataLoss);
+}
+
+/// Migration 0012 moves a record's field rows into its one sealed-fields row, building the
+/// documented format in SQL: here the table of field rows is put back as the migrations
+/// before it left it, filled from a record the vault wrote, and the migration's own file
+/// run over it must give back the same bytes, which the vault then reads as before.
+async fn the_sealed_fields_migration_keeps_every_ciphertext(app: &TestApp) {
+    let record = create(app, zhang_san()).await;
+    let id = &record.record_id;
+    let before = get(app, CLAIMS.token, id, "service-delivery", "")
+        .await
+        .unwrap();
+    let stored = app.sealed_fields(id).await;
+    assert!(stored.len() >= 8, "{stored:?}");
+    let (blob, migration) = match app.backend {
+        Backend::Sqlite => (
+            "BLOB",
+            include_str!("../../migrations/sqlite/0012_sealed_fields.sql"),
+        ),
+        Backend::Postgres => (
+            "BYTEA",
+            include_str!("../../migrations/postgres/0012_sealed_fields.sql"),
+        ),
+    };
+    let rows: Vec<String> = stored
+        .iter()
+        .map(|(field, ciphertext)| format!("('{id}', '{field}', {})", app.hex_literal(ciphertext)))
+        .collect();
+    app.execute_sql(&format!(
+        "DROP TABLE sealed_fields; \
+         CREATE TABLE record_fields (record_id TEXT NOT NULL REFERENCES records (record_id), \
+             field TEXT NOT NULL, ciphertext {blob} NOT NULL, PRIMARY KEY (record_id, field)); \
+         INSERT INTO record_fields (record_id, field, ciphertext) VALUES {};",
+        rows.join(", ")
+    ))
+    .await;
+    app.execute_sql(migration).await;
+    assert_eq!(app.sealed_fields(id).await, stored);
+    let after = get(app, CLAIMS.token, id, "service-delivery", "")
+        .await
+        .unwrap();
+    assert_eq!(after.fields, before.fields);
+}
+
+fn field_of(fields: &[(String, Vec<u8>)], name: &str) -> Vec<u8> {
+    let found = fields.iter().find(|(field, _)| field == name);
+    found.expect("the record holds the field").1.clone()
+}
+
+fn set_field(fields: &mut [(String, Vec<u8>)], name: &str, ciphertext: Vec<u8>) {
+    let found = fields.iter_mut().find(|(field, _)| field == name);
+    found.expect("the record holds the field").1 = ciphertext;
 }
 
 async fn no_identity_value_reaches_the_database(app: &TestApp) {
@@ -681,6 +726,7 @@ for_each_backend!(
     find_matches_exactly_by_blind_index,
     deletion_shreds_the_record,
     ciphertext_moved_between_records_fails_closed,
+    the_sealed_fields_migration_keeps_every_ciphertext,
     no_identity_value_reaches_the_database,
     check_account_reports_state_without_identity,
 );

@@ -465,14 +465,14 @@ async fn batch_creates_commit_once(app: &TestApp) {
 }
 
 /// A storage failure after an item's record row is written (here a trigger refusing its
-/// field rows) never leaves a record without its fields, nor fields without their record.
+/// sealed fields) never leaves a record without its fields, nor fields without their record.
 /// On SQLite the items share the job's savepoint, so the whole batch fails and nothing of it
 /// is written; on PostgreSQL each item has its own savepoint, so only that item fails.
 async fn batch_create_failing_after_a_record_row_writes_no_half_record(app: &TestApp) {
     use batch_create_record_result::Result as R;
     app.execute_sql(match app.backend {
         Backend::Sqlite => {
-            "CREATE TRIGGER fields_refused BEFORE INSERT ON record_fields \
+            "CREATE TRIGGER fields_refused BEFORE INSERT ON sealed_fields \
                  WHEN (SELECT policy_version FROM records WHERE record_id = NEW.record_id) \
                      = 'refuse-fields' \
                  BEGIN SELECT RAISE(ABORT, 'fields refused'); END;"
@@ -484,7 +484,7 @@ async fn batch_create_failing_after_a_record_row_writes_no_half_record(app: &Tes
                          = 'refuse-fields' THEN RAISE EXCEPTION 'fields refused'; END IF; \
                      RETURN NEW; \
                  END $$; \
-             CREATE TRIGGER fields_refused BEFORE INSERT ON record_fields \
+             CREATE TRIGGER fields_refused BEFORE INSERT ON sealed_fields \
                  FOR EACH ROW EXECUTE FUNCTION fields_refused();"
         }
     })
@@ -521,7 +521,7 @@ async fn batch_create_failing_after_a_record_row_writes_no_half_record(app: &Tes
     assert_eq!(
         app.count(
             "SELECT count(*) FROM records r WHERE NOT EXISTS \
-             (SELECT 1 FROM record_fields f WHERE f.record_id = r.record_id)"
+             (SELECT 1 FROM sealed_fields f WHERE f.record_id = r.record_id)"
         )
         .await,
         0,
@@ -529,12 +529,12 @@ async fn batch_create_failing_after_a_record_row_writes_no_half_record(app: &Tes
     );
     assert_eq!(
         app.count(
-            "SELECT count(*) FROM record_fields f WHERE NOT EXISTS \
+            "SELECT count(*) FROM sealed_fields f WHERE NOT EXISTS \
              (SELECT 1 FROM records r WHERE r.record_id = f.record_id)"
         )
         .await,
         0,
-        "field rows were left without their record"
+        "sealed fields were left without their record"
     );
 }
 

@@ -584,14 +584,6 @@ async fn find_other(app: &TestApp, id_number: &str) -> Vec<String> {
     .await
 }
 
-fn hex_literal(app: &TestApp, bytes: &[u8]) -> String {
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    match app.backend {
-        crate::support::Backend::Sqlite => format!("X'{hex}'"),
-        crate::support::Backend::Postgres => format!("'\\x{hex}'::bytea"),
-    }
-}
-
 /// Identity text is normalised to NFC: a name spelled with a combining accent and the same
 /// name precomposed get one pseudonym, a document number typed either way finds the same
 /// record and is its duplicate. A record stored before normalisation (its number sealed and
@@ -656,15 +648,16 @@ async fn equivalent_spellings_are_one_value(app: &TestApp) {
         .unwrap()
         .blind_index
         .document("OTHER", legacy_number);
-    app.execute_sql(&format!(
-        "UPDATE record_fields SET ciphertext = {} \
-         WHERE record_id = '{legacy}' AND field = 'id_number'",
-        hex_literal(app, &sealed)
-    ))
-    .await;
+    let mut fields = app.sealed_fields(&legacy).await;
+    for (name, ciphertext) in &mut fields {
+        if name == "id_number" {
+            *ciphertext = sealed.clone();
+        }
+    }
+    app.set_sealed_fields(&legacy, &fields).await;
     app.execute_sql(&format!(
         "UPDATE records SET document_index = {} WHERE record_id = '{legacy}'",
-        hex_literal(app, &index)
+        app.hex_literal(&index)
     ))
     .await;
     assert!(

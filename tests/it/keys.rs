@@ -904,7 +904,7 @@ async fn retention_deadlines_and_the_purge(backend: Backend) {
         );
         assert_eq!(
             app.count(&format!(
-                "SELECT COUNT(*) FROM record_fields WHERE record_id = '{id}'"
+                "SELECT COUNT(*) FROM sealed_fields WHERE record_id = '{id}'"
             ))
             .await,
             0

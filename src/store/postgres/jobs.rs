@@ -9,8 +9,7 @@ use sqlx::{PgConnection, Row};
 use super::keys::{index_active, kek_active};
 use crate::store::rules;
 use crate::store::{
-    JobOwner, ReindexFn, ReindexRow, RewrapBatch, RewrapFn, RewrapJobRow, SealedField, StoreError,
-    queries,
+    JobOwner, ReindexFn, ReindexRow, RewrapBatch, RewrapFn, RewrapJobRow, StoreError, queries,
 };
 
 const SELECT_REWRAP_BATCH: &str = "SELECT record_id, wrapped_key FROM records \
@@ -211,18 +210,15 @@ pub(super) async fn reindex(
         let version: i64 = row.try_get("version")?;
         let index_version: i64 = row.try_get("index_version")?;
         let wrapped_key: Option<Vec<u8>> = row.try_get("wrapped_key")?;
-        let fields: Vec<(String, Vec<u8>)> = sqlx::query_as(queries::SELECT_INDEXED_FIELDS)
+        let encoded: Option<Vec<u8>> = sqlx::query_scalar(queries::SELECT_FIELDS)
             .bind(record_id.as_str())
-            .fetch_all(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await?;
         let input = ReindexRow {
             record_id: record_id.clone(),
             index_version: rules::to_version(index_version)?,
             wrapped_key: wrapped_key.unwrap_or_default(),
-            fields: fields
-                .into_iter()
-                .map(|(field, ciphertext)| SealedField { field, ciphertext })
-                .collect(),
+            fields: rules::stored_fields(encoded, &rules::INDEXED_FIELDS)?,
             age_gate: row.try_get("age_gate")?,
         };
         match reindex(&input) {

@@ -7,7 +7,8 @@ use sqlx::{AssertSqlSafe, PgConnection, Row};
 use super::audit::append;
 use super::keys::{index_refusal, kek_active};
 use crate::domain::audit_chain::AuditEvent;
-use crate::store::rules::{self, RecordRows};
+use crate::store::field_set;
+use crate::store::rules;
 use crate::store::{
     AccountState, BatchInsert, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordMeta,
     RecordRekey, RecordUpdate, SealedField, StoreError, StoredRecord, queries,
@@ -17,15 +18,13 @@ pub(super) async fn get(
     conn: &mut PgConnection,
     record_id: &RecordId,
 ) -> Result<Option<StoredRecord>, StoreError> {
-    let rows = sqlx::query(queries::SELECT_LIVE_RECORD)
+    let row = sqlx::query(queries::SELECT_LIVE_RECORD)
         .bind(record_id.as_str())
-        .fetch_all(conn)
+        .fetch_optional(conn)
         .await?;
-    let mut record = RecordRows::default();
-    for row in &rows {
-        record.push(record_id, row)?;
-    }
-    Ok(record.finish())
+    row.as_ref()
+        .map(|row| rules::live_record(row, |_| true))
+        .transpose()
 }
 
 /// A batch read's records (`Store::get_records`), from one statement per
@@ -45,27 +44,23 @@ pub(super) async fn get_all(
     if record_ids.is_empty() {
         return Ok(Vec::new());
     }
-    // Placeholders only: the ids and field names are bound.
+    // Placeholders only: the ids are bound.
     let mut query = sqlx::query(AssertSqlSafe(queries::select_live_records(
         record_ids.len(),
-        fields.len(),
     )));
     for record_id in record_ids {
         query = query.bind(record_id.as_str());
     }
-    for field in fields {
-        query = query.bind(*field);
-    }
     let rows = query.fetch_all(conn).await?;
     let mut records = rules::RequestedRecords::new(record_ids);
     for row in &rows {
-        records.push(row)?;
+        records.push(rules::live_record(row, |name| fields.contains(&name))?)?;
     }
     Ok(records.finish())
 }
 
-/// A page of the export's keyset scan (`Store::scan_live_records`), from one statement,
-/// with only the field rows named in `fields`.
+/// A page of the export's keyset scan (`Store::scan_live_records`), from one statement;
+/// of each record's sealed fields only those named in `fields` are decoded.
 pub(super) async fn scan(
     conn: &mut PgConnection,
     after: Option<&RecordId>,
@@ -77,14 +72,13 @@ pub(super) async fn scan(
         .bind(after.map_or("", RecordId::as_str))
         .bind(created_before)
         .bind(i64::from(limit))
-        .bind(fields)
         .fetch_all(conn)
         .await?;
-    let mut records = rules::ScannedRecords::default();
+    let mut page = rules::ScannedPage::default();
     for row in &rows {
-        records.push(row)?;
+        page.push(rules::live_record(row, |name| fields.contains(&name))?)?;
     }
-    Ok(records.finish())
+    Ok(page.finish())
 }
 
 pub(super) async fn account_state(
@@ -127,10 +121,11 @@ async fn meta(
     else {
         return Ok(None);
     };
-    let present_fields: Vec<String> = sqlx::query_scalar(queries::SELECT_FIELD_NAMES)
+    let encoded: Option<Vec<u8>> = sqlx::query_scalar(queries::SELECT_FIELDS)
         .bind(record_id.as_str())
-        .fetch_all(&mut *conn)
+        .fetch_optional(&mut *conn)
         .await?;
+    let present_fields = rules::stored_field_names(encoded)?;
     Ok(Some(RecordMeta {
         record_id: record_id.to_owned(),
         version: row.try_get("version")?,
@@ -165,35 +160,17 @@ pub(super) async fn replayed(
     .map(Some)
 }
 
+/// An update's or a re-key's fields, in place of the record's set.
 async fn replace_fields(
     conn: &mut PgConnection,
     record_id: &RecordId,
     fields: &[SealedField],
-) -> Result<(), sqlx::Error> {
-    sqlx::query(queries::DELETE_FIELDS)
+) -> Result<(), StoreError> {
+    sqlx::query(queries::UPSERT_FIELDS)
         .bind(record_id.as_str())
+        .bind(field_set::encode(fields)?)
         .execute(&mut *conn)
         .await?;
-    insert_fields(conn, record_id, fields).await
-}
-
-/// A record's fields in ONE statement (a multi-row insert): a statement per field was
-/// most of a create's round trips.
-async fn insert_fields(
-    conn: &mut PgConnection,
-    record_id: &RecordId,
-    fields: &[SealedField],
-) -> Result<(), sqlx::Error> {
-    if fields.is_empty() {
-        return Ok(());
-    }
-    // Placeholders only: the values are bound.
-    let mut query =
-        sqlx::query(AssertSqlSafe(queries::insert_fields(fields.len()))).bind(record_id.as_str());
-    for field in fields {
-        query = query.bind(&field.field).bind(&field.ciphertext);
-    }
-    query.execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -227,6 +204,7 @@ async fn write_record(
     record: &NewRecord,
     request: Option<&CreateRequestKey>,
 ) -> Result<(), StoreError> {
+    let fields = field_set::encode(&record.fields)?;
     if !kek_active(conn, record.kek_version).await? {
         return Err(StoreError::StaleKeyVersion(record.kek_version));
     }
@@ -248,7 +226,11 @@ async fn write_record(
         .execute(&mut *conn)
         .await
         .map_err(duplicate_as_refusal)?;
-    insert_fields(conn, &record.record_id, &record.fields).await?;
+    sqlx::query(queries::INSERT_FIELDS)
+        .bind(record.record_id.as_str())
+        .bind(fields)
+        .execute(&mut *conn)
+        .await?;
     if let Some(request) = request {
         sqlx::query(queries::DELETE_EXPIRED_CREATE_REQUEST)
             .bind(&request.caller)

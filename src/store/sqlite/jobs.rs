@@ -15,7 +15,7 @@ use super::driver::{execute, first, rows, scalar};
 use super::keys::{index_active, kek_active};
 use crate::store::rules::{self, Columns};
 use crate::store::{
-    JobOwner, ReindexRow, Reindexed, RewrapBatch, RewrapJobRow, SealedField, StoreError, queries,
+    JobOwner, ReindexRow, Reindexed, RewrapBatch, RewrapJobRow, StoreError, queries,
 };
 
 pub(super) fn start(
@@ -167,17 +167,10 @@ pub(super) fn select_reindex(
     selected
         .into_iter()
         .map(|(mut row, version)| {
-            row.fields = rows(
-                conn,
-                queries::SELECT_INDEXED_FIELDS,
-                &[&row.record_id],
-                |f| {
-                    Ok(SealedField {
-                        field: f.get(0)?,
-                        ciphertext: f.get(1)?,
-                    })
-                },
-            )?;
+            let encoded = first(conn, queries::SELECT_FIELDS, &[&row.record_id], |f| {
+                Ok(f.get(0)?)
+            })?;
+            row.fields = rules::stored_fields(encoded, &rules::INDEXED_FIELDS)?;
             Ok((row, version))
         })
         .collect()

@@ -9,7 +9,8 @@ use super::audit::append;
 use super::driver::{execute, first, rows, scalar};
 use super::keys::{VersionChecks, index_refusal, index_refusal_in, kek_active};
 use crate::domain::audit_chain::AuditEvent;
-use crate::store::rules::{self, Columns, RecordRows};
+use crate::store::field_set;
+use crate::store::rules::{self, Columns};
 use crate::store::{
     AccountState, BatchInsert, CreateRequestKey, InsertOutcome, LookupMatch, NewRecord, RecordMeta,
     RecordRekey, RecordUpdate, SealedField, StoreError, StoredRecord, queries,
@@ -19,11 +20,9 @@ pub(super) fn get(
     conn: &Connection,
     record_id: &RecordId,
 ) -> Result<Option<StoredRecord>, StoreError> {
-    let mut record = RecordRows::default();
-    rows(conn, queries::SELECT_LIVE_RECORD, &[&record_id], |row| {
-        record.push(record_id, row)
-    })?;
-    Ok(record.finish())
+    first(conn, queries::SELECT_LIVE_RECORD, &[&record_id], |row| {
+        rules::live_record(row, |_| true)
+    })
 }
 
 /// A batch read's records (`Store::get_records`), from one statement per
@@ -44,23 +43,19 @@ pub(super) fn get_all(
         return Ok(Vec::new());
     }
     let mut records = rules::RequestedRecords::new(record_ids);
-    let mut params: Vec<&dyn ToSql> = record_ids.iter().map(|id| id as &dyn ToSql).collect();
-    params.extend(fields.iter().map(|field| field as &dyn ToSql));
+    let params: Vec<&dyn ToSql> = record_ids.iter().map(|id| id as &dyn ToSql).collect();
     rows(
         conn,
-        &queries::select_live_records(record_ids.len(), fields.len()),
+        &queries::select_live_records(record_ids.len()),
         &params,
-        |row| records.push(row),
+        |row| records.push(rules::live_record(row, |name| fields.contains(&name))?),
     )?;
     Ok(records.finish())
 }
 
-/// A page of the export's keyset scan (`Store::scan_live_records`): the records, then the
-/// field rows of their id range named in `fields`, in one read transaction (one snapshot).
-/// Two statements instead of a join: the export reads every record twice, and the join
-/// repeated each record's columns on each of its field rows, sorted them, and had them
-/// decoded by name; the field rows here are read by position straight from the primary
-/// key's order, and the rows of fields the pass does not use are skipped in the key.
+/// A page of the export's keyset scan (`Store::scan_live_records`): one statement, so one
+/// snapshot; each record's row carries its sealed fields, of which only those the pass uses
+/// are decoded.
 pub(super) fn scan(
     conn: &Connection,
     after: &str,
@@ -68,39 +63,17 @@ pub(super) fn scan(
     limit: u32,
     fields: &[String],
 ) -> Result<Vec<StoredRecord>, StoreError> {
-    let tx = conn.unchecked_transaction()?;
     let mut page = rules::ScannedPage::default();
     rows(
-        &tx,
-        queries::SCAN_LIVE_RECORD_ROWS,
+        conn,
+        queries::SCAN_LIVE_RECORDS,
         &[&after, &created_before, &i64::from(limit)],
-        |row| page.record(row),
+        |row| {
+            page.push(rules::live_record(row, |name| {
+                fields.iter().any(|f| f == name)
+            })?)
+        },
     )?;
-    let Some(last) = page.last().map(|id| id.as_str().to_owned()) else {
-        return Ok(Vec::new());
-    };
-    if fields.is_empty() {
-        tx.commit()?;
-        return Ok(page.finish());
-    }
-    let mut statement = super::driver::statement(&tx, &queries::scan_fields(fields.len()))?;
-    let params: Vec<&dyn ToSql> = [&after as &dyn ToSql, &last as &dyn ToSql]
-        .into_iter()
-        .chain(fields.iter().map(|field| field as &dyn ToSql))
-        .collect();
-    let mut rows = statement.query(params.as_slice())?;
-    while let Some(row) = rows.next()? {
-        let record_id = row
-            .get_ref(0)?
-            .as_str()
-            .map_err(|_| StoreError::Corrupt("column record_id: not text".into()))?;
-        let field: String = row.get(1)?;
-        let ciphertext: Vec<u8> = row.get(2)?;
-        page.field(record_id, field, ciphertext);
-    }
-    drop(rows);
-    drop(statement);
-    tx.commit()?;
     Ok(page.finish())
 }
 
@@ -138,9 +111,10 @@ fn meta(conn: &Connection, record_id: &RecordId) -> Result<Option<RecordMeta>, S
     else {
         return Ok(None);
     };
-    let present_fields = rows(conn, queries::SELECT_FIELD_NAMES, &[&record_id], |row| {
-        Ok(row.get(0)?)
-    })?;
+    let present_fields =
+        rules::stored_field_names(first(conn, queries::SELECT_FIELDS, &[&record_id], |row| {
+            Ok(row.get(0)?)
+        })?)?;
     Ok(Some(RecordMeta {
         record_id: record_id.to_owned(),
         version,
@@ -179,31 +153,14 @@ pub(super) fn replayed(
     rules::replay(request, deleted_at, fingerprint, || meta).map(Some)
 }
 
+/// An update's or a re-key's fields, in place of the record's set.
 fn replace_fields(
     conn: &Connection,
     record_id: &RecordId,
     fields: &[SealedField],
 ) -> Result<(), StoreError> {
-    execute(conn, queries::DELETE_FIELDS, &[&record_id])?;
-    insert_fields(conn, record_id, fields)
-}
-
-/// A record's fields, a row per statement of one prepared single-row INSERT: a multi-row
-/// INSERT inside the job's transaction is a multi-write statement, and SQLite copies every
-/// page it touches into a statement journal in case a later row fails (a quarter of the
-/// writer's time in a batch create, BENCHMARKS.md).
-fn insert_fields(
-    conn: &Connection,
-    record_id: &RecordId,
-    fields: &[SealedField],
-) -> Result<(), StoreError> {
-    for field in fields {
-        execute(
-            conn,
-            queries::INSERT_FIELD,
-            &[record_id, &field.field, &field.ciphertext],
-        )?;
-    }
+    let encoded = field_set::encode(fields)?;
+    execute(conn, queries::UPSERT_FIELDS, &[record_id, &encoded])?;
     Ok(())
 }
 
@@ -235,6 +192,10 @@ fn write_record(
     request: Option<&CreateRequestKey>,
     checks: &mut VersionChecks,
 ) -> Result<Result<(), StoreError>, StoreError> {
+    let fields = match field_set::encode(&record.fields) {
+        Ok(fields) => fields,
+        Err(refused) => return Ok(Err(refused)),
+    };
     // The write lock is held from BEGIN IMMEDIATE: these reads cannot go stale before commit.
     if !checks.kek_active(conn, record.kek_version)? {
         return Ok(Err(StoreError::StaleKeyVersion(record.kek_version)));
@@ -271,7 +232,7 @@ fn write_record(
     // A concurrent retry's request row is a refusal only for the single create, whose job
     // then rolls back whole; a batch reads its request keys first (`replayed`) on the one
     // writer, so no other row can be in the way.
-    insert_fields(conn, &record.record_id, &record.fields)?;
+    execute(conn, queries::INSERT_FIELDS, &[&record.record_id, &fields])?;
     if let Some(request) = request {
         execute(
             conn,

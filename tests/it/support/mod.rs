@@ -448,6 +448,59 @@ impl TestApp {
         }
     }
 
+    /// A blob as a literal of this backend's SQL.
+    pub fn hex_literal(&self, bytes: &[u8]) -> String {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        match self.backend {
+            Backend::Sqlite => format!("X'{hex}'"),
+            Backend::Postgres => format!("'\\x{hex}'::bytea"),
+        }
+    }
+
+    /// A record's sealed fields as stored, (name, ciphertext) in name order, read straight
+    /// from `sealed_fields` and parsed here by the documented format (ARCHITECTURE.md:
+    /// version byte 1, then per field a 1-byte name length, the name, a 4-byte big-endian
+    /// ciphertext length, the ciphertext), not by the vault's own code.
+    pub async fn sealed_fields(&self, record_id: &str) -> Vec<(String, Vec<u8>)> {
+        let stored = self
+            .bytes(&format!(
+                "SELECT fields FROM sealed_fields WHERE record_id = '{record_id}'"
+            ))
+            .await;
+        assert_eq!(stored.first(), Some(&1), "format version 1");
+        let mut rest = &stored[1..];
+        let mut fields = Vec::new();
+        while let Some((&name_len, after)) = rest.split_first() {
+            let (name, after) = after.split_at(usize::from(name_len));
+            let (len, after) = after.split_at(4);
+            let len = u32::from_be_bytes(len.try_into().unwrap()) as usize;
+            let (ciphertext, after) = after.split_at(len);
+            fields.push((
+                String::from_utf8(name.to_vec()).unwrap(),
+                ciphertext.to_vec(),
+            ));
+            rest = after;
+        }
+        fields
+    }
+
+    /// Overwrites a record's stored fields, bypassing the vault (as an attacker with
+    /// database access would), in the documented format; `fields` in name order.
+    pub async fn set_sealed_fields(&self, record_id: &str, fields: &[(String, Vec<u8>)]) {
+        let mut stored = vec![1u8];
+        for (name, ciphertext) in fields {
+            stored.push(u8::try_from(name.len()).unwrap());
+            stored.extend_from_slice(name.as_bytes());
+            stored.extend_from_slice(&u32::try_from(ciphertext.len()).unwrap().to_be_bytes());
+            stored.extend_from_slice(ciphertext);
+        }
+        self.execute_sql(&format!(
+            "UPDATE sealed_fields SET fields = {} WHERE record_id = '{record_id}'",
+            self.hex_literal(&stored)
+        ))
+        .await;
+    }
+
     /// The database's plan for `sql`, as text.
     pub async fn query_plan(&self, sql: &str) -> String {
         use sqlx::Row;
