@@ -21,10 +21,29 @@ pub const FORGET_CREATE_REQUESTS: &str =
 pub const INSERT_CREATE_REQUEST: &str = "INSERT INTO create_requests \
      (caller, request_id, record_id, fingerprint, created_at) VALUES ($1, $2, $3, $4, $5)";
 
-pub const INSERT_RECORD: &str = "INSERT INTO records \
-     (record_id, version, created_at, updated_at, wrapped_key, kek_version, document_index, \
-      phone_index, age_gate, policy_version, retain_until, index_version) \
-     VALUES ($1, 1, $2, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+/// A record's row (`INSERT` and its conflict clause).
+macro_rules! insert_record {
+    ($insert:literal) => {
+        concat!(
+            $insert,
+            " INTO records \
+             (record_id, version, created_at, updated_at, wrapped_key, kek_version, \
+              document_index, phone_index, age_gate, policy_version, retain_until, \
+              index_version) \
+             VALUES ($1, 1, $2, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        )
+    };
+}
+
+pub const INSERT_RECORD: &str = insert_record!("INSERT");
+
+/// SQLite's form of [`INSERT_RECORD`]. With the default conflict clause (ABORT) an insert
+/// into a table with several indexes runs under a statement journal, a copy of every page
+/// it touches (a fifth of a create's record-row insert on the writer, BENCHMARKS.md). FAIL
+/// needs none, and loses nothing here: SQLite checks every uniqueness constraint before it
+/// writes any B-tree, so a refused row has written nothing; any other failure fails the
+/// caller's job, which rolls back (`sqlite::records::write_record`).
+pub const INSERT_RECORD_OR_FAIL: &str = insert_record!("INSERT OR FAIL");
 
 /// The account-state columns of `records r`, as [`super::AccountState`] decodes them.
 macro_rules! account_columns {
@@ -90,6 +109,22 @@ pub const SCAN_LIVE_RECORDS: &str = concat!(
     " WHERE r.deleted_at IS NULL AND r.record_id > $1 AND r.created_at <= $2 \
      ORDER BY r.record_id LIMIT $3"
 );
+
+/// An export page's records as [`SCAN_LIVE_RECORDS`] returns them but with `fields` NULL
+/// (SQLite: their sets follow from [`SCAN_FIELD_SETS`] in the same read transaction, a
+/// range scan in key order instead of a lookup per record).
+pub const SCAN_LIVE_RECORD_ROWS: &str = concat!(
+    "SELECT r.record_id, r.version, r.created_at, r.updated_at, r.wrapped_key, ",
+    account_columns!(),
+    ", NULL AS fields FROM records r \
+     WHERE r.deleted_at IS NULL AND r.record_id > $1 AND r.created_at <= $2 \
+     ORDER BY r.record_id LIMIT $3"
+);
+
+/// The sealed-field sets of a record-id range, in key order; `record_id, fields` by
+/// position (SQLite).
+pub const SCAN_FIELD_SETS: &str = "SELECT record_id, fields FROM sealed_fields \
+     WHERE record_id > $1 AND record_id <= $2 ORDER BY record_id";
 
 /// A record's sealed fields (`store::field_set`); no row: none.
 pub const SELECT_FIELDS: &str = "SELECT fields FROM sealed_fields WHERE record_id = $1";

@@ -221,6 +221,8 @@ impl<'a> RequestedRecords<'a> {
 #[derive(Default)]
 pub(crate) struct ScannedPage {
     records: Vec<StoredRecord>,
+    /// The record the next sealed-field set may belong to.
+    next: usize,
 }
 
 impl ScannedPage {
@@ -233,6 +235,37 @@ impl ScannedPage {
             return Err(StoreError::Corrupt("scan out of record-id order".into()));
         }
         self.records.push(record);
+        Ok(())
+    }
+
+    /// The last record's id: the end of the range whose sealed fields follow (SQLite).
+    pub(crate) fn last(&self) -> Option<&RecordId> {
+        self.records.last().map(|stored| &stored.meta.record_id)
+    }
+
+    /// The sealed-field set of `record_id`, from a range scan in id order after the page's
+    /// records were pushed without theirs; sets of records not in the page (deleted, or
+    /// created after the export's snapshot) are passed over. The id is compared, never
+    /// kept, and the set is decoded from the row's bytes where they lie.
+    pub(crate) fn fields(
+        &mut self,
+        record_id: &str,
+        encoded: &[u8],
+        keep: impl FnMut(&str) -> bool,
+    ) -> Result<(), StoreError> {
+        while let Some(stored) = self.records.get_mut(self.next) {
+            match stored.meta.record_id.as_str().cmp(record_id) {
+                std::cmp::Ordering::Less => self.next += 1,
+                std::cmp::Ordering::Greater => return Ok(()),
+                std::cmp::Ordering::Equal => {
+                    stored.fields = field_set::decode(encoded, keep)?;
+                    stored.meta.present_fields =
+                        stored.fields.iter().map(|f| f.field.clone()).collect();
+                    self.next += 1;
+                    return Ok(());
+                }
+            }
+        }
         Ok(())
     }
 
