@@ -131,7 +131,7 @@ impl Application {
             &infrastructure,
         )
         .await?;
-        signer.start_chain(audit.chain_id()).await;
+        signer.start_chains(audit.chains()).await;
         // A refusal or failure here is an alarm (logged, in health and metrics), not a
         // reason to stay down: the database's administrators must not be able to stop the
         // vault by tampering with the trail.

@@ -101,10 +101,18 @@ struct Job {
     done: oneshot::Sender<Vec<Result<(), AuditError>>>,
 }
 
-/// Handle to this process's audit chain and its group-commit writer.
+/// Handle to this process's audit chains and its group-commit writer.
+///
+/// Which chain an event joins is decided where it is appended: the writer's flushes append
+/// to the process's own chain ([`AuditLog::chain_id`]: every event handed to
+/// [`AuditLog::record_all`] is put on it), a write's transaction to one of the write chains
+/// ([`AuditLog::write_chain`], drawn in turn). More than one only where the store asks for
+/// it (`Store::write_chains`); with one, both are the process's own.
 #[derive(Clone)]
 pub struct AuditLog {
     chain_id: ChainId,
+    write_chains: Arc<[ChainId]>,
+    next_write: Arc<std::sync::atomic::AtomicUsize>,
     jobs: mpsc::Sender<Job>,
     stats: Arc<BatchStats>,
     closing: Arc<tokio::sync::watch::Sender<bool>>,
@@ -128,18 +136,29 @@ impl AuditLog {
         now_micros: i64,
         tasks: &crate::tasks::Tasks,
     ) -> Result<(AuditLog, tokio::task::JoinHandle<()>), StoreError> {
-        let chain_id = ChainId::generate();
-        store
-            .register_chain(&chain_id, now_micros, &genesis(chain_id.as_str()))
-            .await?;
+        let mut write_chains = Vec::with_capacity(store.write_chains().max(1));
+        for _ in 0..store.write_chains().max(1) {
+            let chain_id = ChainId::generate();
+            store
+                .register_chain(&chain_id, now_micros, &genesis(chain_id.as_str()))
+                .await?;
+            write_chains.push(chain_id);
+        }
+        let chain_id = write_chains[0].clone();
         let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
         let stats = Arc::new(BatchStats::default());
         let (closing, closed) = tokio::sync::watch::channel(false);
         let writer = tasks.spawn(run_writer(store, queue, closed, Arc::clone(&stats)));
-        tracing::info!(chain_id = chain_id.as_str(), "audit chain started");
+        tracing::info!(
+            chain_id = chain_id.as_str(),
+            write_chains = write_chains.len(),
+            "audit chain started"
+        );
         Ok((
             AuditLog {
                 chain_id,
+                write_chains: write_chains.into(),
+                next_write: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
                 jobs,
                 stats,
                 closing: Arc::new(closing),
@@ -150,6 +169,24 @@ impl AuditLog {
 
     pub fn chain_id(&self) -> &ChainId {
         &self.chain_id
+    }
+
+    /// Every chain this process appends to, its own first.
+    pub fn chains(&self) -> &[ChainId] {
+        &self.write_chains
+    }
+
+    /// The chain for the next write's event, in turn over [`AuditLog::chains`] after the
+    /// process's own (which the writer's flushes hold) when there are others.
+    pub fn write_chain(&self) -> &ChainId {
+        let pool = match self.write_chains.split_first() {
+            Some((_, others)) if !others.is_empty() => others,
+            _ => &self.write_chains[..],
+        };
+        let next = self
+            .next_write
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &pool[next % pool.len()]
     }
 
     pub fn stats(&self) -> &BatchStats {
@@ -177,8 +214,15 @@ impl AuditLog {
     /// Returns once every one of `events` is committed, or why it could not be, one outcome
     /// per event in order. The events go to the writer as one job, so they share one group
     /// commit (a batch call's releases pay for one flush, not one each).
-    pub async fn record_all(&self, events: Vec<AuditEvent>) -> Vec<Result<(), AuditError>> {
+    pub async fn record_all(&self, mut events: Vec<AuditEvent>) -> Vec<Result<(), AuditError>> {
         let count = events.len();
+        // The writer flushes to the process's own chain, whichever chain an event was
+        // drawn for (it is linked, so bound to its chain, only when appended).
+        for event in &mut events {
+            if event.chain_id != self.chain_id.as_str() {
+                event.chain_id = self.chain_id.to_string();
+            }
+        }
         let stopped = || (0..count).map(|_| Err(AuditError::Stopped)).collect();
         if count == 0 {
             return Vec::new();

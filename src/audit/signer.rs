@@ -174,9 +174,9 @@ struct VouchedChain {
 
 struct Signing {
     state: SignerState,
-    /// The chain this process appends to, if it appends at all (`pdvault audit checkpoint`
+    /// The chains this process appends to, if it appends at all (`pdvault audit checkpoint`
     /// does not).
-    current: Option<String>,
+    current: Vec<String>,
 }
 
 #[derive(Default)]
@@ -254,7 +254,7 @@ impl CheckpointSigner {
             opened: Instant::now(),
             signing: tokio::sync::Mutex::new(Signing {
                 state,
-                current: None,
+                current: Vec::new(),
             }),
             status: Mutex::new(Status::default()),
             lock: Mutex::new(Some(lock)),
@@ -271,16 +271,16 @@ impl CheckpointSigner {
         self.sink.file()
     }
 
-    /// Makes `chain_id` the chain this process appends to; the next checkpoint introduces
-    /// it at its origin.
-    pub async fn start_chain(&self, chain_id: &ChainId) {
+    /// Makes `chains` the chains this process appends to; the next checkpoint introduces
+    /// each at its origin, and the one at shutdown closes them all.
+    pub async fn start_chains(&self, chains: &[ChainId]) {
         let mut signing = self.signing.lock().await;
-        signing.current = Some(chain_id.to_string());
+        signing.current = chains.iter().map(ToString::to_string).collect();
     }
 
     /// Checks that the database continues from what this signer signed last, then signs,
     /// persists, witnesses and stores the next checkpoint. `close_current` makes the
-    /// current chain's head final (at shutdown, once the audit writer has drained).
+    /// current chains' heads final (at shutdown, once the audit writer has drained).
     pub async fn checkpoint(
         &self,
         store: &dyn Store,
@@ -547,8 +547,8 @@ struct Vouched {
 
 /// Checks every open chain the signer vouches for against the database (see
 /// [`continues_from`]) and that closed ones have not moved, and decides what to sign: the
-/// current chain always, another chain when its head moved, and the chains to close (the
-/// current one at shutdown; one an earlier process of this instance left open, since
+/// current chains always, another chain when its head moved, and the chains to close (the
+/// current ones at shutdown; one an earlier process of this instance left open, since
 /// nothing will append to it again).
 async fn check_chains(
     signing: &Signing,
@@ -570,7 +570,7 @@ async fn check_chains(
         .map(|marker| (marker.chain_id.clone(), marker))
         .collect();
     let mut chains = signing.state.chains.clone();
-    if let Some(current) = &signing.current {
+    for current in &signing.current {
         chains
             .entry(current.clone())
             .or_insert_with(|| VouchedChain {
@@ -614,7 +614,7 @@ async fn check_chains(
             continue;
         }
         continues_from(store, public, vouched, head, markers.get(chain_id)).await?;
-        let is_current = signing.current.as_deref() == Some(chain_id.as_str());
+        let is_current = signing.current.contains(chain_id);
         let close = if is_current {
             close_current
         } else {

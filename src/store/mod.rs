@@ -553,6 +553,14 @@ pub trait Store: Send + Sync + 'static {
     /// Removes create request keys stored before `before`; returns how many.
     async fn expire_create_requests(&self, before: Micros) -> Result<u64, StoreError>;
 
+    /// How many audit chains a process spreads the events of its writes over. A write's
+    /// event is appended inside the write's own transaction, which on PostgreSQL holds the
+    /// chain's head row until it commits: on one chain every write of the process waits for
+    /// the commit of the one before it. SQLite's one writer commits them together anyway.
+    fn write_chains(&self) -> usize {
+        1
+    }
+
     /// Starts this process's audit chain at its genesis hash.
     async fn register_chain(
         &self,

@@ -477,7 +477,9 @@ impl Vault {
         AuditEvent {
             event_id: EventId::generate().into_string(),
             occurred_at: self.now_micros(),
-            chain_id: self.audit.chain_id().to_string(),
+            // A write appends it in its own transaction, on one of the process's write
+            // chains; handed to the audit writer it joins the process's own chain instead.
+            chain_id: self.audit.write_chain().to_string(),
             caller: ctx.caller.name.clone(),
             peer: ctx.peer.clone(),
             rpc: rpc.to_owned(),

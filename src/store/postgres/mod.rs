@@ -35,6 +35,12 @@ use super::{
 use crate::domain::audit_chain::{AuditEvent, ChainHead, Checkpoint, ExpiryMarker, StoredEvent};
 use crate::domain::ids::{ChainId, ConsentId, JobId, RecordId, SignerId};
 
+/// The audit chains a process's writes spread over (`Store::write_chains`): as many writes
+/// commit at once as there are chains, up to the pool's connections (measured in
+/// BENCHMARKS.md, "PostgreSQL creates, one chain each"). Each process adds this many chains
+/// to the trail; a checkpoint signs each chain's head.
+const WRITE_CHAINS: usize = 8;
+
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 impl Columns for PgRow {
@@ -432,6 +438,10 @@ impl Store for PostgresStore {
 
     async fn expire_create_requests(&self, before: Micros) -> Result<u64, StoreError> {
         records::expire_create_requests(&mut *self.conn().await?, before).await
+    }
+
+    fn write_chains(&self) -> usize {
+        WRITE_CHAINS
     }
 
     async fn register_chain(
