@@ -136,8 +136,9 @@ impl AuditLog {
         now_micros: i64,
         tasks: &crate::tasks::Tasks,
     ) -> Result<(AuditLog, tokio::task::JoinHandle<()>), StoreError> {
-        let mut write_chains = Vec::with_capacity(store.write_chains().max(1));
-        for _ in 0..store.write_chains().max(1) {
+        let count = store.write_chains().max(1);
+        let mut write_chains = Vec::with_capacity(count);
+        for _ in 0..count {
             let chain_id = ChainId::generate();
             store
                 .register_chain(&chain_id, now_micros, &genesis(chain_id.as_str()))

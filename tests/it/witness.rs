@@ -539,6 +539,32 @@ async fn a_checkpoint_witnessed_but_not_stored_is_stored_again(app: &TestApp) {
     assert_eq!(report.witnessed, 6);
 }
 
+/// Appends one more event to `chain` behind the vault's back, a copy of its last one,
+/// properly linked, and moves the chain's head to it (as a forger with database access
+/// would after the chain was closed).
+async fn append_linked_event(app: &TestApp, chain: &str) {
+    let before = events(app, chain).await;
+    let tail = before.last().unwrap();
+    let mut extra = tail.clone();
+    extra.event.event_id = "evt_appended_after_close".into();
+    let hash = pdvault::audit::link(&extra.event, tail.seq + 1, &tail.hash).to_vec();
+    app.execute_sql(&format!(
+        "INSERT INTO audit_events (chain_id, seq, event_id, occurred_at, caller, peer, rpc, \
+           record_id, record_ids, purpose, justification, released, plaintext, outcome, \
+           reason, request_id, trace_id, prev_hash, hash) \
+         SELECT chain_id, seq + 1, 'evt_appended_after_close', occurred_at, caller, peer, rpc, \
+           record_id, record_ids, purpose, justification, released, plaintext, outcome, reason, \
+           request_id, trace_id, {}, {} \
+         FROM audit_events WHERE chain_id = '{chain}' AND seq = {}; \
+         UPDATE audit_chains SET head_seq = head_seq + 1, head_hash = {} WHERE chain_id = '{chain}';",
+        blob(app, &tail.hash),
+        blob(app, &hash),
+        tail.seq,
+        blob(app, &hash),
+    ))
+    .await;
+}
+
 /// A restarted instance closes its previous chain: events appended to it afterwards are
 /// detected, and the instance refuses to sign on top of them.
 async fn events_appended_to_a_closed_chain_are_detected(app: TestApp) -> TestApp {
@@ -553,27 +579,7 @@ async fn events_appended_to_a_closed_chain_are_detected(app: TestApp) -> TestApp
     assert_ne!(app.vault.audit().chain_id().as_str(), old_chain);
     let report = outside_report(&app).await;
     assert!(report.ok(), "{:?}", report.problems);
-    // One more event on the old chain, properly linked.
-    let before = events(&app, &old_chain).await;
-    let mut extra = before.last().unwrap().clone();
-    extra.event.event_id = "evt_appended_after_close".into();
-    let last = before.last().unwrap();
-    let hash = pdvault::audit::link(&extra.event, last.seq + 1, &last.hash).to_vec();
-    app.execute_sql(&format!(
-        "INSERT INTO audit_events (chain_id, seq, event_id, occurred_at, caller, peer, rpc, \
-           record_id, record_ids, purpose, justification, released, plaintext, outcome, \
-           reason, request_id, trace_id, prev_hash, hash) \
-         SELECT chain_id, seq + 1, 'evt_appended_after_close', occurred_at, caller, peer, rpc, \
-           record_id, record_ids, purpose, justification, released, plaintext, outcome, reason, \
-           request_id, trace_id, {}, {} \
-         FROM audit_events WHERE chain_id = '{old_chain}' AND seq = {}; \
-         UPDATE audit_chains SET head_seq = head_seq + 1, head_hash = {} WHERE chain_id = '{old_chain}';",
-        blob(&app, &last.hash),
-        blob(&app, &hash),
-        last.seq,
-        blob(&app, &hash),
-    ))
-    .await;
+    append_linked_event(&app, &old_chain).await;
     assert_detected(
         &app,
         &[&|p| matches!(p, Problem::AfterClose { chain_id, .. } if *chain_id == old_chain)],
@@ -625,26 +631,7 @@ async fn every_chain_of_a_process_is_closed_at_shutdown(app: TestApp) -> TestApp
     let app = app.restart().await;
     let report = outside_report(&app).await;
     assert!(report.ok(), "{:?}", report.problems);
-    let before = events(&app, &last).await;
-    let tail = before.last().unwrap();
-    let mut extra = tail.clone();
-    extra.event.event_id = "evt_appended_after_close".into();
-    let hash = pdvault::audit::link(&extra.event, tail.seq + 1, &tail.hash).to_vec();
-    app.execute_sql(&format!(
-        "INSERT INTO audit_events (chain_id, seq, event_id, occurred_at, caller, peer, rpc, \
-           record_id, record_ids, purpose, justification, released, plaintext, outcome, \
-           reason, request_id, trace_id, prev_hash, hash) \
-         SELECT chain_id, seq + 1, 'evt_appended_after_close', occurred_at, caller, peer, rpc, \
-           record_id, record_ids, purpose, justification, released, plaintext, outcome, reason, \
-           request_id, trace_id, {}, {} \
-         FROM audit_events WHERE chain_id = '{last}' AND seq = {}; \
-         UPDATE audit_chains SET head_seq = head_seq + 1, head_hash = {} WHERE chain_id = '{last}';",
-        blob(&app, &tail.hash),
-        blob(&app, &hash),
-        tail.seq,
-        blob(&app, &hash),
-    ))
-    .await;
+    append_linked_event(&app, &last).await;
     assert_detected(
         &app,
         &[&|p| matches!(p, Problem::AfterClose { chain_id, .. } if *chain_id == last)],

@@ -664,14 +664,21 @@ mod tests {
         Ok(())
     }
 
-    /// A job alone in its group runs without a savepoint: when it fails after writing, the
-    /// group's transaction rolls back, so nothing of it stays; a job after it is kept.
-    #[tokio::test]
-    async fn a_lone_job_that_fails_after_writing_leaves_nothing() -> Result<(), StoreError> {
+    /// A writer and one reader on a new file in a directory of its own (kept while the
+    /// returned guard lives).
+    fn temp_driver() -> Result<(tempfile::TempDir, Driver), StoreError> {
         let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let path = dir.path().join("t.db");
         drop(Connection::open(&path)?);
         let driver = Driver::open(&path, Access::ReadWrite, 1)?;
+        Ok((dir, driver))
+    }
+
+    /// A job alone in its group runs without a savepoint: when it fails after writing, the
+    /// group's transaction rolls back, so nothing of it stays; a job after it is kept.
+    #[tokio::test]
+    async fn a_lone_job_that_fails_after_writing_leaves_nothing() -> Result<(), StoreError> {
+        let (_dir, driver) = temp_driver()?;
         driver
             .write(|conn| execute(conn, "CREATE TABLE t (v INTEGER NOT NULL)", &[]))
             .await?;
@@ -701,10 +708,7 @@ mod tests {
     /// journal) leaves no entry in the table or in any of its indexes.
     #[tokio::test]
     async fn a_record_row_refused_under_fail_writes_no_index_entry() -> Result<(), StoreError> {
-        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let path = dir.path().join("t.db");
-        drop(Connection::open(&path)?);
-        let driver = Driver::open(&path, Access::ReadWrite, 1)?;
+        let (_dir, driver) = temp_driver()?;
         driver.exclusive(super::super::migrate::run).await?;
         let insert = |id: &'static str, document: u8, phone: u8| {
             driver.write(move |conn| {
